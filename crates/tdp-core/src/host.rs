@@ -1,0 +1,134 @@
+//! The traits the core needs from its environment, and nothing about who provides them.
+//!
+//! A backend implements [`TableMemory`], [`HostTranslate`], [`TlbFlush`], [`MmuYield`] and
+//! [`MmuEvents`]; [`Host`] is their sum, implemented automatically. `tdp-mock` implements them in
+//! software, a bare-metal hypervisor over its frame allocator and INVEPT, like `x86_64`'s `Mapper`
+//! implemented by `OffsetPageTable`.
+//!
+//! Keeps (with the backend's help): I2, no table page read after it is freed: pages removed from a live
+//! tree go to [`TableMemory::free_table_deferred`], and are reused only after every [`TableMemory::WalkGuard`]
+//! that existed at that call has been dropped.
+
+use crate::addr::{AsId, Gfn, Level, Pfn};
+use crate::memslot::Memslot;
+use crate::spte::Spte;
+use crate::sync::AtomicU64;
+
+/// One 4 KiB paging-structure page: 512 entries that hardware and lockless walkers read concurrently.
+pub type Table = [AtomicU64; 512];
+
+/// The backend could not provide a table page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no table page could be allocated")]
+pub struct AllocError;
+
+/// Memory for paging-structure pages.
+pub trait TableMemory {
+    /// Held by every walker of the tables for the duration of a walk (KVM's `rcu_read_lock`). Pages
+    /// freed with [`TableMemory::free_table_deferred`] are not reused while a guard that existed at the
+    /// time of the free is alive.
+    type WalkGuard<'a>
+    where
+        Self: 'a;
+
+    /// Allocates a table page with every entry set to `fill` (the format's non-present value).
+    ///
+    /// # Errors
+    /// [`AllocError`] when no page is available; nothing was allocated.
+    fn alloc_table(&self, fill: Spte) -> Result<Pfn, AllocError>;
+
+    /// The entries of the table page in frame `pfn`. The core only passes frames it got from
+    /// [`TableMemory::alloc_table`] and has not yet freed, or read from an SPTE under a walk guard.
+    fn table(&self, pfn: Pfn) -> &Table;
+
+    /// Frees a page that was reachable from a live tree: it must stay readable (its contents are
+    /// frozen SPTEs) until every walk guard alive now has been dropped.
+    fn free_table_deferred(&self, pfn: Pfn);
+
+    /// Frees a page no walker has ever seen (an unused cache page). May be reused at once.
+    fn free_table_now(&self, pfn: Pfn);
+
+    /// Enters a walk: tables seen through this guard stay allocated until it drops.
+    fn begin_walk(&self) -> Self::WalkGuard<'_>;
+}
+
+/// What the host knows about the page backing one guest frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostPage {
+    /// The host frame backing the gfn asked about (not rounded to `level`).
+    pub pfn: Pfn,
+    /// The host maps it writable.
+    pub writable: bool,
+    /// The level at which the host itself maps it (L2 for a transparent huge page, ...). The core only
+    /// maps a gfn huge when the host does.
+    pub level: Level,
+}
+
+/// Why the host could not translate a gfn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostFaultError {
+    /// The host has no page behind this gfn of the memslot (KVM's `KVM_PFN_ERR_FAULT`).
+    #[error("the host has no page behind {gfn:?}")]
+    NoPage {
+        /// The gfn asked about.
+        gfn: Gfn,
+    },
+    /// A write was asked for and the host page cannot be made writable.
+    #[error("the host page behind {gfn:?} cannot be written")]
+    ReadOnly {
+        /// The gfn asked about.
+        gfn: Gfn,
+    },
+}
+
+/// Translation from guest frames to host frames (KVM's `__kvm_faultin_pfn` and host mapping level).
+pub trait HostTranslate {
+    /// The host page behind `gfn`, which lies in `slot`. `write` says the guest access is a write, so
+    /// the host should make the page writable if it can (break copy-on-write).
+    ///
+    /// # Errors
+    /// [`HostFaultError`] when there is no page, or no writable page for a write.
+    fn translate(&self, slot: &Memslot, gfn: Gfn, write: bool) -> Result<HostPage, HostFaultError>;
+}
+
+/// TLB invalidation on every vCPU of the VM (KVM's `kvm_flush_remote_tlbs*`). A flush must be complete
+/// when the call returns: no vCPU uses a translation cached before it.
+pub trait TlbFlush {
+    /// Flushes every cached translation.
+    fn flush_all(&self);
+    /// Flushes translations of `pages` frames from `start` in `as_id`. The default flushes everything.
+    fn flush_range(&self, as_id: AsId, start: Gfn, pages: u64) {
+        let _ = (as_id, start, pages);
+        self.flush_all();
+    }
+}
+
+/// The "should I yield now?" hint for long walks. Yielding follows KVM's forward-progress rule: a walk
+/// never yields twice at the same gfn.
+pub trait MmuYield {
+    /// Whether a long walk should drop the lock now. The default never yields.
+    fn should_yield(&self) -> bool {
+        false
+    }
+    /// Called with the MMU lock and the walk guard dropped, when a walk yields.
+    fn yield_now(&self) {}
+}
+
+/// Trace events (KVM's `kvm_tdp_mmu_spte_changed` and friends). Every method defaults to nothing, so a
+/// backend that does not trace pays nothing.
+pub trait MmuEvents {
+    /// An SPTE changed from `old` to `new`.
+    fn spte_changed(&self, as_id: AsId, gfn: Gfn, level: Level, old: Spte, new: Spte) {
+        let _ = (as_id, gfn, level, old, new);
+    }
+    /// A table page was linked into a tree or removed from it.
+    fn table_linked(&self, pfn: Pfn, level: Level, linked: bool) {
+        let _ = (pfn, level, linked);
+    }
+}
+
+/// Everything the MMU needs from its environment.
+pub trait Host: TableMemory + HostTranslate + TlbFlush + MmuYield + MmuEvents {}
+
+impl<T: TableMemory + HostTranslate + TlbFlush + MmuYield + MmuEvents> Host for T {}

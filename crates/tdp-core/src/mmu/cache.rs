@@ -1,0 +1,108 @@
+//! The per-vCPU cache of table pages, filled before the MMU lock is taken (KVM's
+//! `kvm_mmu_memory_cache`), so that a fault never allocates halfway through an update.
+
+use crate::addr::Pfn;
+use crate::host::{AllocError, TableMemory};
+use crate::spte::Spte;
+
+/// How many pages a cache holds at most: enough for two faults in a 5-level tree.
+pub const PAGE_CACHE_CAPACITY: usize = 10;
+
+/// Table pages set aside for one vCPU, each already filled with the non-present value.
+///
+/// Pages in the cache belong to it until [`PageCache::release`] returns them to the host; a cache
+/// dropped without release leaks its pages (the mock's checker counts them).
+///
+/// ```
+/// use tdp_core::host::TableMemory;
+/// use tdp_core::mmu::PageCache;
+/// use tdp_core::spte::SpteFormat;
+/// let host = tdp_mock::MockHost::new(tdp_mock::HostConfig::default());
+/// let mut cache = PageCache::new();
+/// cache.topup(&host, SpteFormat::EPT_AD.nonpresent(), 4).unwrap();
+/// assert!(cache.len() >= 4);
+/// cache.release(&host);
+/// assert!(cache.is_empty());
+/// ```
+#[derive(Debug)]
+pub struct PageCache {
+    pages: [Pfn; PAGE_CACHE_CAPACITY],
+    len: usize,
+}
+
+impl Default for PageCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PageCache {
+    /// An empty cache.
+    #[must_use]
+    pub const fn new() -> Self {
+        PageCache { pages: [Pfn(0); PAGE_CACHE_CAPACITY], len: 0 }
+    }
+    /// Pages held.
+    #[must_use]
+    pub const fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether no page is held.
+    #[must_use]
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The frames held (for checkers).
+    #[must_use]
+    pub fn pages(&self) -> &[Pfn] {
+        &self.pages[..self.len]
+    }
+
+    /// Ensures at least `min` pages; when below, fills to capacity (as KVM does, to allocate in bursts).
+    ///
+    /// # Errors
+    /// [`AllocError`] when the host runs out before `min` is reached; pages allocated so far stay.
+    pub fn topup<M: TableMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        fill: Spte,
+        min: usize,
+    ) -> Result<(), AllocError> {
+        if self.len >= min {
+            return Ok(());
+        }
+        while self.len < PAGE_CACHE_CAPACITY {
+            match mem.alloc_table(fill) {
+                Ok(pfn) => {
+                    self.pages[self.len] = pfn;
+                    self.len += 1;
+                }
+                Err(e) if self.len < min => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns every page to the host.
+    pub fn release<M: TableMemory + ?Sized>(&mut self, mem: &M) {
+        while let Some(pfn) = self.take() {
+            mem.free_table_now(pfn);
+        }
+    }
+
+    pub(crate) fn take(&mut self) -> Option<Pfn> {
+        self.len = self.len.checked_sub(1)?;
+        Some(self.pages[self.len])
+    }
+
+    /// Puts back a page that was never published, after its entries were reset to the fill value.
+    pub(crate) fn put_back(&mut self, pfn: Pfn) -> Result<(), Pfn> {
+        if self.len == PAGE_CACHE_CAPACITY {
+            return Err(pfn);
+        }
+        self.pages[self.len] = pfn;
+        self.len += 1;
+        Ok(())
+    }
+}

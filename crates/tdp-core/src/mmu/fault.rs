@@ -1,0 +1,313 @@
+//! The page-fault handler (KVM's `kvm_tdp_mmu_page_fault` / `kvm_tdp_mmu_map`), under the read side of
+//! the MMU lock.
+//!
+//! A fault maps the gfn at the largest level that the memslot's alignment, the host's own mapping level
+//! and the format allow (4 KiB in dirty-logged slots). On the way down it links missing tables and
+//! splits huge leaves that are too big, each with one compare-exchange; losing a race returns
+//! [`FaultOutcome::Retry`] and the vCPU re-executes, exactly as hardware and KVM do.
+//!
+//! Keeps: I1: a leaf is writable only when the memslot is writable and the host page is; a gfn without a
+//! memslot gets an MMIO SPTE (or nothing), never a frame.
+
+use crate::addr::{Gfn, Level, Pfn};
+use crate::fault::{AccessKind, Fault, FaultKind};
+use crate::host::{AllocError, Host, HostFaultError};
+use crate::iter::TdpIter;
+use crate::memslot::Memslot;
+use crate::spte::{LeafAttrs, LeafWrite, MemType, Spte, SpteCheckError};
+use crate::sync::Ordering;
+
+use super::cache::PageCache;
+use super::root::RootRef;
+use super::stats::Stats;
+use super::{Mmu, SharedMmu};
+
+/// What a handled fault asks the vCPU to do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// A mapping was installed; re-execute the access.
+    Fixed,
+    /// The mapping was already there (another vCPU won, or the TLB was stale); re-execute.
+    Spurious,
+    /// A race was lost; nothing this fault did is visible; re-execute.
+    Retry,
+    /// The vCPU's root was invalidated: put it, load a new one, re-execute.
+    ReloadRoot,
+    /// The access cannot be satisfied by a mapping; the VMM emulates it.
+    Emulate(EmulateReason),
+}
+
+/// Why a fault is handed back for emulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmulateReason {
+    /// No memslot covers the gfn: an MMIO access.
+    Mmio,
+    /// A write to a read-only memslot (KVM exits to the VMM as MMIO).
+    ReadOnlySlot,
+}
+
+/// A fault that could not be handled. The tables are consistent after every one of these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FaultError {
+    /// Topping up the page cache failed; nothing changed.
+    #[error("no table page for the fault: {0}")]
+    Alloc(#[from] AllocError),
+    /// The cache holds fewer pages than a fault may need (the caller skipped the top-up); nothing changed.
+    #[error("the page cache holds {have} pages, a fault may need {need}")]
+    CacheTooSmall {
+        /// Pages in the cache.
+        have: usize,
+        /// Pages a fault may need.
+        need: usize,
+    },
+    /// The host could not provide the page.
+    #[error("host translation failed: {0}")]
+    Host(#[from] HostFaultError),
+    /// A misconfiguration exit on an SPTE the MMU did not make: a bug, reported with the entry.
+    #[error("EPT misconfiguration / reserved-bit fault at {gfn:?} on {spte:?}: {cause}")]
+    Misconfig {
+        /// The faulting gfn.
+        gfn: Gfn,
+        /// The entry that hardware rejected.
+        spte: Spte,
+        /// What is wrong with it.
+        cause: SpteCheckError,
+    },
+}
+
+impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
+    /// Handles `fault` taken by a vCPU running on `root`, allocating tables from `cache`.
+    ///
+    /// Flushes the TLBs itself when it replaces a table with a huge leaf; otherwise it only adds
+    /// permissions, which needs no flush.
+    ///
+    /// # Errors
+    /// [`FaultError`]; no SPTE is left half-changed by any of them.
+    pub fn page_fault(
+        &self,
+        cache: &mut PageCache,
+        root: &RootRef,
+        fault: Fault,
+    ) -> Result<FaultOutcome, FaultError> {
+        let mmu = self.mmu;
+        let outcome = self.page_fault_inner(cache, root, fault)?;
+        let counter = match outcome {
+            FaultOutcome::Fixed => &mmu.stats.faults_fixed,
+            FaultOutcome::Spurious => &mmu.stats.faults_spurious,
+            FaultOutcome::Retry | FaultOutcome::ReloadRoot => &mmu.stats.faults_retried,
+            FaultOutcome::Emulate(_) => &mmu.stats.faults_emulated,
+        };
+        Stats::bump(counter);
+        Ok(outcome)
+    }
+
+    fn page_fault_inner(
+        &self,
+        cache: &mut PageCache,
+        root: &RootRef,
+        fault: Fault,
+    ) -> Result<FaultOutcome, FaultError> {
+        let mmu = self.mmu;
+        let need = mmu.pages_per_fault() - 1;
+        if cache.len() < need {
+            return Err(FaultError::CacheTooSmall { have: cache.len(), need });
+        }
+        if !mmu.root_is_valid(root) {
+            return Ok(FaultOutcome::ReloadRoot);
+        }
+        let gfn = fault.gpa.gfn();
+        if gfn >= self.slots.max_gfn() {
+            // Beyond what the tables can map: nothing to cache, the access is emulated every time.
+            return Ok(FaultOutcome::Emulate(EmulateReason::Mmio));
+        }
+        if fault.kind == FaultKind::Misconfig
+            && let Some(outcome) = self.mmio_fault(root, gfn)?
+        {
+            return Ok(outcome);
+        }
+        let Some(slot) = self.slots.find(root.as_id(), gfn) else {
+            let Some(mmio) = mmu.format().mmio(gfn, self.slots.generation()) else {
+                return Ok(FaultOutcome::Emulate(EmulateReason::Mmio));
+            };
+            return Ok(match self.map(cache, root, gfn, Level::L1, mmio) {
+                FaultOutcome::Fixed => {
+                    Stats::bump(&mmu.stats.mmio_sptes_created);
+                    FaultOutcome::Emulate(EmulateReason::Mmio)
+                }
+                FaultOutcome::Spurious => FaultOutcome::Emulate(EmulateReason::Mmio),
+                other => other,
+            });
+        };
+        let write = fault.access == AccessKind::Write;
+        if write && !slot.is_writable() {
+            return Ok(FaultOutcome::Emulate(EmulateReason::ReadOnlySlot));
+        }
+        let host = mmu.host.translate(slot, gfn, write)?;
+        if write && !host.writable {
+            return Err(HostFaultError::ReadOnly { gfn }.into());
+        }
+        let level = self.goal_level(slot, gfn, host.pfn, host.level);
+        let attrs = LeafAttrs {
+            write: match (slot.is_writable(), host.writable) {
+                (true, true) => LeafWrite::Writable,
+                (_, host_writable) => LeafWrite::ReadOnly { host_writable },
+            },
+            exec: true,
+            memtype: MemType::WriteBack,
+            accessed: true,
+        };
+        let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
+        let leaf = mmu.format().leaf(pfn, level, attrs);
+        Ok(self.map(cache, root, gfn, level, leaf))
+    }
+
+    /// The largest level at which `gfn` may be mapped (KVM's `kvm_mmu_hugepage_adjust`).
+    fn goal_level(&self, slot: &Memslot, gfn: Gfn, pfn: Pfn, host_level: Level) -> Level {
+        if slot.is_dirty_logged() {
+            return Level::L1;
+        }
+        let mut level = host_level.min(self.mmu.format().max_leaf_level());
+        while level > Level::L1 {
+            let mask = level.pages() - 1;
+            if slot.allows_huge(gfn, level) && (pfn.0 ^ gfn.0) & mask == 0 {
+                break;
+            }
+            level = level.lower().unwrap_or(Level::L1);
+        }
+        level
+    }
+
+    /// An EPT misconfiguration / NPF-RSVD exit: emulate if it hit a current MMIO SPTE. `None` sends a
+    /// stale MMIO SPTE down the normal path, which replaces it.
+    fn mmio_fault(&self, root: &RootRef, gfn: Gfn) -> Result<Option<FaultOutcome>, FaultError> {
+        let mmu = self.mmu;
+        let fmt = mmu.format();
+        let mut it =
+            TdpIter::new(&mmu.host, fmt, root.pfn(), mmu.config.root_level, Level::L1, gfn, Gfn(gfn.0 + 1));
+        while it.valid() {
+            let spte = it.old_spte;
+            if fmt.is_mmio(spte) {
+                if fmt.mmio_generation_matches(spte, self.slots.generation()) && fmt.mmio_gfn(spte) == gfn {
+                    return Ok(Some(FaultOutcome::Emulate(EmulateReason::Mmio)));
+                }
+                return Ok(None);
+            }
+            if let Err(cause) = fmt.check(spte, it.level()) {
+                return Err(FaultError::Misconfig { gfn, spte, cause });
+            }
+            it.next();
+        }
+        // The MMIO SPTE went away after the exit (zapped or replaced): just re-execute.
+        Ok(Some(FaultOutcome::Retry))
+    }
+
+    /// Walks from `root` to `goal` for `gfn`, linking or splitting tables, and installs `new` there
+    /// (KVM's `kvm_tdp_mmu_map`).
+    fn map(&self, cache: &mut PageCache, root: &RootRef, gfn: Gfn, goal: Level, new: Spte) -> FaultOutcome {
+        let mmu = self.mmu;
+        let fmt = mmu.format();
+        let as_id = root.as_id();
+        let mut it =
+            TdpIter::new(&mmu.host, fmt, root.pfn(), mmu.config.root_level, goal, gfn, Gfn(gfn.0 + 1));
+        while it.valid() && it.level() > goal {
+            let old = it.old_spte;
+            if fmt.is_frozen(old) {
+                return FaultOutcome::Retry;
+            }
+            if !old.is_table(it.level())
+                && let Err(outcome) = self.link_table(cache, as_id, &mut it)
+            {
+                return outcome;
+            }
+            // Steps down into the table, reading the entry again.
+            it.next();
+        }
+        if !it.valid() || it.level() != goal {
+            return FaultOutcome::Retry;
+        }
+        let old = it.old_spte;
+        if fmt.is_frozen(old) {
+            return FaultOutcome::Retry;
+        }
+        if old == new {
+            return FaultOutcome::Spurious;
+        }
+        if mmu.set_spte_atomic(as_id, &mut it, new).is_err() {
+            return FaultOutcome::Retry;
+        }
+        // Replacing a table with a huge leaf freed the subtree: drop the paging-structure caches and
+        // leaves that pointed into it. A leaf that changed frame or lost rights is likewise stale. A leaf
+        // that only gained rights needs no flush: hardware re-walks on a permission fault.
+        let stale = old.is_present()
+            && (old.is_table(goal) || old.pfn() != new.pfn() || !fmt.access(new).contains(fmt.access(old)));
+        if stale {
+            crate::flush::Flush::range(as_id, it.gfn(), goal.pages()).run(&mmu.host);
+        }
+        FaultOutcome::Fixed
+    }
+
+    /// Replaces the iterator's entry (non-present, or a huge leaf bigger than wanted) with a new table
+    /// from `cache`. `Err` carries the outcome to return.
+    fn link_table(
+        &self,
+        cache: &mut PageCache,
+        as_id: crate::addr::AsId,
+        it: &mut TdpIter<'_, H>,
+    ) -> Result<(), FaultOutcome> {
+        let mmu = self.mmu;
+        let fmt = mmu.format();
+        let old = it.old_spte;
+        let level = it.level();
+        let Some(child) = cache.take() else {
+            return Err(FaultOutcome::Retry);
+        };
+        let table = mmu.host.table(child);
+        let splitting = old.is_present();
+        if splitting {
+            // The page is private until the compare-exchange publishes it (Release), so Relaxed stores.
+            for (i, entry) in table.iter().enumerate() {
+                let index = crate::addr::PtIndex::new(i).expect("a table has 512 entries");
+                entry.store(fmt.split_child(old, level, index).0, Ordering::Relaxed);
+            }
+        }
+        if mmu.set_spte_atomic(as_id, it, fmt.nonleaf(child)).is_err() {
+            // Never published: reset and keep it for the next fault.
+            if splitting {
+                for entry in table {
+                    entry.store(fmt.nonpresent().0, Ordering::Relaxed);
+                }
+            }
+            if let Err(pfn) = cache.put_back(child) {
+                mmu.host.free_table_now(pfn);
+            }
+            return Err(FaultOutcome::Retry);
+        }
+        if splitting {
+            let child_level = level.lower().expect("only huge leaves are split");
+            mmu.stats.add_leaves(child_level, 512);
+            Stats::bump(&mmu.stats.huge_splits);
+        }
+        Ok(())
+    }
+}
+
+impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
+    /// The leaf currently mapping `gfn` in `root` and its level, if any (for checkers and tests).
+    pub fn lookup(&self, root: &RootRef, gfn: Gfn) -> Option<(Spte, Level)> {
+        let fmt = self.format();
+        let mut it =
+            TdpIter::new(&self.host, fmt, root.pfn(), self.config.root_level, Level::L1, gfn, Gfn(gfn.0 + 1));
+        while it.valid() {
+            let spte = it.old_spte;
+            if spte.is_present() && spte.is_leaf(it.level()) {
+                return Some((spte, it.level()));
+            }
+            if !spte.is_present() {
+                return None;
+            }
+            it.next();
+        }
+        None
+    }
+}

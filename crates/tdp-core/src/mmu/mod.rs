@@ -1,0 +1,292 @@
+//! The TDP MMU: roots, the page-fault handler, zapping, and the bookkeeping behind every SPTE change.
+//!
+//! [`Mmu`] owns the host backend, the memslots and the root list. Its reader/writer lock is a
+//! `lock_api` lock the host chooses (`spin` by default, so it works in `no_std`). The lock mode is in the
+//! types: [`Mmu::read`] gives a [`SharedMmu`] whose operations (faults, zapping invalid roots) change SPTEs
+//! only with compare-exchange and retry, [`Mmu::write`] an [`ExclusiveMmu`] for memslot changes, zaps
+//! and teardown.
+//!
+//! Keeps: I1 (a leaf never allows more than its memslot: [`SharedMmu::page_fault`]), I2 (tables removed
+//! from a tree are frozen entry by entry and freed deferred: `spte_ops`), I3 (every operation that can
+//! leave a stale translation flushes or returns a [`Flush`]).
+
+mod cache;
+mod fault;
+mod root;
+mod spte_ops;
+mod stats;
+mod zap;
+
+pub use cache::PageCache;
+pub use fault::{EmulateReason, FaultError, FaultOutcome};
+pub use root::{RootInfo, RootRef};
+pub use stats::MmuStats;
+
+use alloc::vec::Vec;
+
+use lock_api::{RawRwLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::addr::SlotId;
+use crate::addr::{AsId, Gfn, Level, PAGE_SHIFT};
+use crate::flush::Flush;
+use crate::host::{AllocError, Host};
+use crate::memslot::{Memslot, MemslotSet, SlotError, SlotFlags};
+use crate::spte::SpteFormat;
+
+use root::RootList;
+use stats::Stats;
+
+/// How the MMU builds its tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmuConfig {
+    /// The SPTE format (EPT or NPT and their options).
+    pub format: SpteFormat,
+    /// The root level: L4 for 4-level walks, L5 for 5-level.
+    pub root_level: Level,
+}
+
+impl MmuConfig {
+    /// 4-level EPT with A/D bits and 1 GiB pages.
+    pub const EPT: MmuConfig = MmuConfig { format: SpteFormat::EPT_AD, root_level: Level::L4 };
+    /// 4-level NPT with 1 GiB pages.
+    pub const NPT: MmuConfig = MmuConfig { format: SpteFormat::NPT, root_level: Level::L4 };
+
+    /// One past the largest gfn the tables can map: the tree's reach, capped at 52 physical address bits.
+    #[must_use]
+    pub const fn max_gfn(&self) -> Gfn {
+        let tree_bits = self.root_level.shift_in_frames() + 9;
+        let phys_bits = 52 - PAGE_SHIFT;
+        Gfn(1 << if tree_bits < phys_bits { tree_bits } else { phys_bits })
+    }
+}
+
+/// An invalid [`MmuConfig`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Only 4- and 5-level trees exist.
+    #[error("root level {0:?} is not L4 or L5")]
+    RootLevel(Level),
+}
+
+/// The MMU of one VM. `R` is the raw reader/writer lock behind the MMU lock.
+///
+/// ```
+/// use tdp_core::addr::{AsId, Gfn, Gpa, SlotId};
+/// use tdp_core::fault::{AccessKind, Fault, FaultKind};
+/// use tdp_core::memslot::{Memslot, SlotFlags};
+/// use tdp_core::mmu::{FaultOutcome, Mmu, MmuConfig, PageCache};
+/// use tdp_mock::{HostConfig, MockHost};
+///
+/// let host = MockHost::new(HostConfig::default());
+/// let ram = host.guest_ram_base();
+/// let mmu: Mmu<MockHost> = Mmu::new(host, MmuConfig::EPT).unwrap();
+/// mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(0), Gfn(0), 512, ram, SlotFlags::empty()))?;
+///
+/// let mut cache = PageCache::new();
+/// let root = mmu.load_root(&mut cache, AsId(0)).unwrap();
+/// let fault = Fault { as_id: AsId(0), gpa: Gpa(0x3000), access: AccessKind::Write,
+///                     kind: FaultKind::Violation { present: false } };
+/// assert_eq!(mmu.handle_fault(&mut cache, &root, fault), Ok(FaultOutcome::Fixed));
+/// assert_eq!(mmu.handle_fault(&mut cache, &root, fault), Ok(FaultOutcome::Spurious));
+/// assert_eq!(mmu.stats().leaves[1], 1, "one 2 MiB leaf: the slot is 2 MiB-aligned and the host maps it so");
+/// mmu.put_root(root);
+/// cache.release(mmu.host());
+/// # Ok::<(), tdp_core::memslot::SlotError>(())
+/// ```
+pub struct Mmu<H: Host, R: RawRwLock = spin::RwLock<()>> {
+    host: H,
+    config: MmuConfig,
+    lock: RwLock<R, MemslotSet>,
+    roots: RootList,
+    stats: Stats,
+}
+
+impl<H: Host, R: RawRwLock> Mmu<H, R> {
+    /// An MMU with no memslots and no roots.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for a root level other than L4 or L5.
+    pub fn new(host: H, config: MmuConfig) -> Result<Self, ConfigError> {
+        if !matches!(config.root_level, Level::L4 | Level::L5) {
+            return Err(ConfigError::RootLevel(config.root_level));
+        }
+        Ok(Mmu {
+            host,
+            config,
+            lock: RwLock::new(MemslotSet::new(config.max_gfn())),
+            roots: RootList::new(),
+            stats: Stats::new(),
+        })
+    }
+
+    /// The host backend.
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+    /// The configuration.
+    pub fn config(&self) -> &MmuConfig {
+        &self.config
+    }
+    /// The SPTE format.
+    pub fn format(&self) -> &SpteFormat {
+        &self.config.format
+    }
+    /// Counters: leaves per level, linked tables, fault outcomes.
+    pub fn stats(&self) -> MmuStats {
+        self.stats.snapshot()
+    }
+    /// Every root, valid or not, with its reference count.
+    pub fn roots(&self) -> Vec<RootInfo> {
+        self.roots.snapshot()
+    }
+
+    /// Takes the MMU lock for read: faults and other compare-exchange paths.
+    pub fn read(&self) -> SharedMmu<'_, H, R> {
+        SharedMmu { mmu: self, slots: self.lock.read() }
+    }
+    /// Takes the MMU lock for write: memslot changes, zaps, root invalidation.
+    pub fn write(&self) -> ExclusiveMmu<'_, H, R> {
+        ExclusiveMmu { mmu: self, slots: self.lock.write() }
+    }
+
+    /// Fills `cache` so that one fault can complete without allocating under the lock (KVM's
+    /// `mmu_topup_memory_caches`).
+    ///
+    /// # Errors
+    /// [`AllocError`] when the host has no pages; the cache keeps what it had.
+    pub fn topup(&self, cache: &mut PageCache) -> Result<(), AllocError> {
+        cache.topup(&self.host, self.config.format.nonpresent(), self.pages_per_fault())
+    }
+
+    /// The vCPU's root for `as_id`: an existing valid root, or a new one built from `cache`. Tops up
+    /// `cache` first. The reference must be returned with [`Mmu::put_root`].
+    ///
+    /// # Errors
+    /// [`AllocError`] when a new root is needed and no page can be had.
+    pub fn load_root(&self, cache: &mut PageCache, as_id: AsId) -> Result<RootRef, AllocError> {
+        self.topup(cache)?;
+        let _shared = self.lock.read();
+        self.roots.get_or_create(as_id, || cache.take().ok_or(AllocError))
+    }
+
+    /// Drops a vCPU's reference to a root. The last reference to an invalidated, zapped root frees it.
+    pub fn put_root(&self, root: RootRef) {
+        if let Some(pfn) = self.roots.put(root) {
+            // No vCPU uses the root any more and its tree was zapped when it was invalidated; hardware
+            // may still walk it until the vCPUs' next flush, which the deferral covers.
+            self.host.free_table_deferred(pfn);
+        }
+    }
+
+    /// Whether `root` is still valid; an invalid root must be put and reloaded.
+    pub fn root_is_valid(&self, root: &RootRef) -> bool {
+        self.roots.is_valid(root)
+    }
+
+    /// Tops up `cache`, takes the lock for read and handles `fault` (see [`SharedMmu::page_fault`]).
+    ///
+    /// # Errors
+    /// As [`SharedMmu::page_fault`], plus [`FaultError::Alloc`] when the top-up fails (nothing changed).
+    pub fn handle_fault(
+        &self,
+        cache: &mut PageCache,
+        root: &RootRef,
+        fault: crate::fault::Fault,
+    ) -> Result<FaultOutcome, FaultError> {
+        self.topup(cache)?;
+        self.read().page_fault(cache, root, fault)
+    }
+
+    /// Table pages one fault may need: a table per level below the root, plus a root.
+    fn pages_per_fault(&self) -> usize {
+        self.config.root_level.number() as usize
+    }
+}
+
+impl<H: Host, R: RawRwLock> Drop for Mmu<H, R> {
+    fn drop(&mut self) {
+        let mut exclusive = self.write();
+        exclusive.zap_all().ignore(); // The VM is gone: no vCPU runs, nothing is cached that matters.
+        drop(exclusive);
+        for pfn in self.roots.drain() {
+            self.host.free_table_deferred(pfn);
+        }
+    }
+}
+
+/// The MMU with its lock held for read.
+pub struct SharedMmu<'a, H: Host, R: RawRwLock> {
+    mmu: &'a Mmu<H, R>,
+    slots: RwLockReadGuard<'a, R, MemslotSet>,
+}
+
+/// The MMU with its lock held for write.
+pub struct ExclusiveMmu<'a, H: Host, R: RawRwLock> {
+    mmu: &'a Mmu<H, R>,
+    slots: RwLockWriteGuard<'a, R, MemslotSet>,
+}
+
+impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
+    /// The memslots.
+    pub fn memslots(&self) -> &MemslotSet {
+        &self.slots
+    }
+}
+
+impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
+    /// The memslots.
+    pub fn memslots(&self) -> &MemslotSet {
+        &self.slots
+    }
+
+    /// Adds a memslot. Cached MMIO SPTEs for its gfns go stale with the generation bump, so no flush is
+    /// owed (hardware never caches a misconfigured or non-present translation).
+    ///
+    /// # Errors
+    /// [`SlotError`]; nothing changed.
+    pub fn insert_memslot(&mut self, slot: Memslot) -> Result<(), SlotError> {
+        self.slots.insert(slot)?;
+        self.after_generation_bump();
+        Ok(())
+    }
+
+    /// Removes a memslot and zaps its gfns in every root of its address space.
+    ///
+    /// # Errors
+    /// [`SlotError::NotFound`]; nothing changed.
+    pub fn delete_memslot(&mut self, as_id: AsId, id: SlotId) -> Result<Flush, SlotError> {
+        let slot = self.slots.remove(as_id, id)?;
+        let flush = self.zap_gfn_range(as_id, slot.base_gfn, slot.end_gfn());
+        self.after_generation_bump();
+        Ok(flush)
+    }
+
+    /// Changes a slot's flags. Only [`SlotFlags::LOG_DIRTY`] may change, as in KVM.
+    ///
+    /// # Errors
+    /// [`SlotError::NotFound`], or [`SlotError::ReadOnlyChange`] when the read-only flag would change.
+    pub fn set_memslot_flags(
+        &mut self,
+        as_id: AsId,
+        id: SlotId,
+        flags: SlotFlags,
+    ) -> Result<Flush, SlotError> {
+        let old = self.slots.get(as_id, id).ok_or(SlotError::NotFound { as_id, id })?;
+        if old.flags.contains(SlotFlags::READONLY) != flags.contains(SlotFlags::READONLY) {
+            return Err(SlotError::ReadOnlyChange { as_id, id });
+        }
+        self.slots.set_flags(as_id, id, flags)?;
+        self.after_generation_bump();
+        Ok(Flush::none())
+    }
+
+    /// KVM zaps every MMIO SPTE when the generation's low bits wrap, since an old SPTE could match
+    /// again; here every root is invalidated and the TLBs flushed.
+    fn after_generation_bump(&mut self) {
+        let mask = (1u64 << crate::spte::MMIO_GEN_BITS) - 1;
+        if self.slots.generation() & mask == 0 {
+            self.invalidate_roots(None).run(&self.mmu.host);
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Changing SPTEs: the compare-exchange setter for the shared lock, the exclusive setter for the write
+//! lock, and `handle_changed_spte`, the bookkeeping every change goes through.
+//!
+//! Keeps: I2. When a non-leaf SPTE stops pointing to its table, the table is removed: each of its
+//! entries is frozen (exchanged with the frozen value, so a racing compare-exchange on it fails and its
+//! writer retries), each child is handled in turn (recursively for subtables), and the page goes to
+//! [`TableMemory::free_table_deferred`](crate::host::TableMemory::free_table_deferred).
+
+use crate::addr::{AsId, Gfn, Level, Pfn};
+use crate::host::Host;
+use crate::iter::TdpIter;
+use crate::spte::Spte;
+use crate::sync::Ordering;
+
+use super::Mmu;
+
+/// Which side of the MMU lock the caller holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LockMode {
+    /// Read side: other writers race; every write is a compare-exchange or an exchange.
+    Shared,
+    /// Write side: only hardware (A/D bits) and the lockless fast path race.
+    Exclusive,
+}
+
+/// Another writer changed the entry first; the iterator's `old_spte` now holds the current value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Busy;
+
+impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
+    /// Sets the iterator's entry from `it.old_spte` to `new` with compare-exchange (KVM's
+    /// `tdp_mmu_set_spte_atomic`). Caller holds the lock for read.
+    ///
+    /// On success `it.old_spte` becomes `new` and the change has been handled. On failure nothing
+    /// changed except that `it.old_spte` holds the value that won.
+    pub(super) fn set_spte_atomic(
+        &self,
+        as_id: AsId,
+        it: &mut TdpIter<'_, H>,
+        new: Spte,
+    ) -> Result<(), Busy> {
+        let old = it.old_spte;
+        debug_assert!(!self.format().is_frozen(old), "a frozen SPTE belongs to another writer");
+        // Release publishes a new child table's entries to walkers that Acquire-load this SPTE; Acquire on
+        // failure makes the winner's value (and its child table) visible to our retry.
+        match it.entry().compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                it.old_spte = new;
+                self.handle_changed_spte(as_id, it.gfn(), old, new, it.level(), LockMode::Shared);
+                Ok(())
+            }
+            Err(current) => {
+                it.old_spte = Spte(current);
+                Err(Busy)
+            }
+        }
+    }
+
+    /// Sets the iterator's entry to `new` under the write lock (KVM's `tdp_mmu_iter_set_spte`). Uses an
+    /// exchange when hardware or the fast path could change the old value meanwhile, a plain store
+    /// otherwise. Returns the value replaced.
+    pub(super) fn set_spte_exclusive(&self, as_id: AsId, it: &mut TdpIter<'_, H>, new: Spte) -> Spte {
+        let old = self.write_spte_exclusive(it.entry(), it.old_spte, new);
+        it.old_spte = new;
+        self.handle_changed_spte(as_id, it.gfn(), old, new, it.level(), LockMode::Exclusive);
+        old
+    }
+
+    fn write_spte_exclusive(&self, entry: &crate::sync::AtomicU64, old: Spte, new: Spte) -> Spte {
+        if self.needs_atomic_update(old) {
+            // Pairs with hardware's locked A/D update: the exchange returns the bits it set.
+            Spte(entry.swap(new.0, Ordering::AcqRel))
+        } else {
+            // Release publishes a new child table's entries, as in `set_spte_atomic`.
+            entry.store(new.0, Ordering::Release);
+            old
+        }
+    }
+
+    /// KVM's `spte_needs_atomic_update`: whether something besides lock holders may write `old`.
+    fn needs_atomic_update(&self, old: Spte) -> bool {
+        let fmt = self.format();
+        if !old.is_present() {
+            return false;
+        }
+        // The fast path may make a write-protected, MMU-writable SPTE writable without the lock.
+        if !old.is_writable() && fmt.is_mmu_writable(old) {
+            return true;
+        }
+        // Hardware sets A (and D on writes) with a locked operation when they are clear.
+        fmt.has_accessed_dirty() && (!fmt.is_accessed(old) || (old.is_writable() && !fmt.is_dirty(old)))
+    }
+
+    /// The bookkeeping for one SPTE change at `level` mapping `gfn` (KVM's `handle_changed_spte`):
+    /// statistics, trace event, invariant check, and removal of a table that is no longer linked.
+    pub(super) fn handle_changed_spte(
+        &self,
+        as_id: AsId,
+        gfn: Gfn,
+        old: Spte,
+        new: Spte,
+        level: Level,
+        mode: LockMode,
+    ) {
+        let fmt = self.format();
+        if old == new {
+            return;
+        }
+        #[cfg(debug_assertions)]
+        if let Err(e) = fmt.check(new, level) {
+            panic!("SPTE change at {gfn:?} {level:?} in {as_id:?}: {e}");
+        }
+        self.host.spte_changed(as_id, gfn, level, old, new);
+        let was_leaf = old.is_present() && old.is_leaf(level);
+        let is_leaf = new.is_present() && new.is_leaf(level);
+        debug_assert!(
+            !(was_leaf && is_leaf) || old.pfn() == new.pfn() || !old.is_present(),
+            "a present leaf changed frame without being zapped first: {old:?} -> {new:?}"
+        );
+        if was_leaf {
+            self.stats.add_leaves(level, -1);
+        }
+        if is_leaf {
+            self.stats.add_leaves(level, 1);
+        }
+        if let Some(child) = fmt.child_table(old, level)
+            && fmt.child_table(new, level) != Some(child)
+        {
+            let child_level = level.lower().expect("a table entry is above level 1");
+            self.remove_table(as_id, child, child_level, gfn, mode);
+        }
+        if let Some(child) = fmt.child_table(new, level)
+            && fmt.child_table(old, level) != Some(child)
+        {
+            self.stats.add_tables(1);
+            self.host.table_linked(child, level, true);
+        }
+    }
+
+    /// Freezes every entry of the unlinked table `pfn` (whose entries are at `level` and start at
+    /// `base`), handles each child, and frees the page deferred (KVM's `handle_removed_pt`).
+    fn remove_table(&self, as_id: AsId, pfn: Pfn, level: Level, base: Gfn, mode: LockMode) {
+        let fmt = self.format();
+        let frozen = fmt.frozen();
+        self.stats.add_tables(-1);
+        self.host.table_linked(pfn, level, false);
+        let table = self.host.table(pfn);
+        for (i, entry) in table.iter().enumerate() {
+            let gfn = Gfn(base.0 + i as u64 * level.pages());
+            let old = match mode {
+                LockMode::Shared => loop {
+                    // A writer that saw this table before it was unlinked may still own an entry (frozen
+                    // it for a zap-then-flush); wait for its final value. Exchanging in the frozen value
+                    // makes every later compare-exchange on the entry fail.
+                    let old = Spte(entry.swap(frozen.0, Ordering::AcqRel));
+                    if !fmt.is_frozen(old) {
+                        break old;
+                    }
+                    core::hint::spin_loop();
+                },
+                LockMode::Exclusive => {
+                    let old = Spte(entry.load(Ordering::Acquire));
+                    if !old.is_present() {
+                        continue;
+                    }
+                    self.write_spte_exclusive(entry, old, frozen)
+                }
+            };
+            self.handle_changed_spte(as_id, gfn, old, frozen, level, mode);
+        }
+        self.host.free_table_deferred(pfn);
+    }
+}

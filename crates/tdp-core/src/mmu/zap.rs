@@ -1,0 +1,146 @@
+//! Zapping: removing leaves in a gfn range, tearing down whole trees, and invalidating roots (KVM's
+//! `tdp_mmu_zap_leafs`, `tdp_mmu_zap_root`, `kvm_tdp_mmu_invalidate_roots` and
+//! `kvm_tdp_mmu_zap_invalidated_roots`).
+//!
+//! Long walks yield when the host asks, after flushing what they have zapped so far (a vCPU must not
+//! keep using a zapped translation while the lock is dropped), and restart at the first unfinished gfn.
+//!
+//! Keeps: I3. Zapping leaves of a live root returns the [`Flush`] the caller owes; zapping an invalid
+//! root owes none, because [`ExclusiveMmu::invalidate_roots`] already returned a full flush and no vCPU
+//! can create new translations through an invalid root.
+
+use lock_api::{RawRwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::addr::{AsId, Gfn, Pfn};
+use crate::flush::Flush;
+use crate::host::Host;
+use crate::iter::TdpIter;
+
+use super::spte_ops::LockMode;
+use super::{ExclusiveMmu, Mmu, SharedMmu};
+
+impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
+    /// Zaps every leaf that maps a gfn in `[start, end)` in every root of `as_id`, valid or not (the
+    /// MMU-notifier path). A huge leaf that overlaps the range is zapped whole.
+    ///
+    /// Tables stay linked (they are reused by the next faults). The caller owes the returned flush.
+    pub fn zap_gfn_range(&mut self, as_id: AsId, start: Gfn, end: Gfn) -> Flush {
+        let mmu = self.mmu;
+        let mut flush = Flush::none();
+        for (root, _) in mmu.roots.acquire_all(Some(as_id)) {
+            flush = self.zap_leafs(root, as_id, start, end, flush);
+            mmu.release_root(root);
+        }
+        flush
+    }
+
+    /// Tears down the contents of every root (VM teardown, or "zap all" before a reset). Roots stay
+    /// allocated; faults rebuild their trees. The caller owes a full flush.
+    pub fn zap_all(&mut self) -> Flush {
+        let mmu = self.mmu;
+        let mut any = false;
+        for (root, as_id) in mmu.roots.acquire_all(None) {
+            let slots = &mut self.slots;
+            any |= mmu.zap_root(root, as_id, LockMode::Exclusive, &mut || {
+                RwLockWriteGuard::unlocked(slots, || mmu.host.yield_now());
+            });
+            mmu.release_root(root);
+        }
+        if any { Flush::all() } else { Flush::none() }
+    }
+
+    /// Marks the roots of `as_id` (or of every address space) invalid, so that each vCPU reloads a new
+    /// root at its next fault (KVM's fast zap). Their trees are zapped later, under the read lock, by
+    /// [`SharedMmu::zap_invalidated_roots`]. The returned full flush must be run before that zap: then
+    /// no vCPU holds a translation from an invalid root.
+    pub fn invalidate_roots(&mut self, as_id: Option<AsId>) -> Flush {
+        if self.mmu.roots.invalidate(as_id) > 0 { Flush::all() } else { Flush::none() }
+    }
+
+    fn zap_leafs(&mut self, root: Pfn, as_id: AsId, start: Gfn, end: Gfn, mut flush: Flush) -> Flush {
+        let mmu = self.mmu;
+        let fmt = mmu.format();
+        let nonpresent = fmt.nonpresent();
+        let root_level = mmu.config.root_level;
+        let mut it = TdpIter::new(&mmu.host, fmt, root, root_level, crate::addr::Level::L1, start, end);
+        while it.valid() {
+            if it.may_yield() && mmu.host.should_yield() {
+                // Nothing zapped so far may stay cached while other threads run.
+                flush.run(&mmu.host);
+                flush = Flush::none();
+                let slots = &mut self.slots;
+                it.yield_with(|| RwLockWriteGuard::unlocked(slots, || mmu.host.yield_now()));
+                continue;
+            }
+            let old = it.old_spte;
+            if old.is_present() && old.is_leaf(it.level()) {
+                mmu.set_spte_exclusive(as_id, &mut it, nonpresent);
+                flush = flush.merge(Flush::range(as_id, it.gfn(), it.level().pages()));
+            }
+            it.next();
+        }
+        flush
+    }
+}
+
+impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
+    /// Zaps the trees of invalidated roots and drops the list's reference to each; a root nobody else
+    /// references is freed. Runs under the read lock, concurrently with faults on valid roots.
+    ///
+    /// No flush is owed: see [`ExclusiveMmu::invalidate_roots`].
+    pub fn zap_invalidated_roots(&mut self) {
+        let mmu = self.mmu;
+        while let Some((root, as_id)) = mmu.roots.take_invalid() {
+            let slots = &mut self.slots;
+            mmu.zap_root(root, as_id, LockMode::Shared, &mut || {
+                RwLockReadGuard::unlocked(slots, || mmu.host.yield_now());
+            });
+            mmu.release_root(root);
+        }
+    }
+}
+
+impl<H: Host, R: RawRwLock> Mmu<H, R> {
+    /// Zaps every entry of the root table at `root`, freeing the whole tree below it. `relock` drops and
+    /// retakes the MMU lock when the host asks to yield. Returns whether anything was present.
+    fn zap_root(&self, root: Pfn, as_id: AsId, mode: LockMode, relock: &mut dyn FnMut()) -> bool {
+        let fmt = self.format();
+        let nonpresent = fmt.nonpresent();
+        let level = self.config.root_level;
+        let end = self.config.max_gfn();
+        let mut any = false;
+        let mut it = TdpIter::new(&self.host, fmt, root, level, level, Gfn(0), end);
+        while it.valid() {
+            if it.may_yield() && self.host.should_yield() {
+                it.yield_with(&mut *relock);
+                continue;
+            }
+            let old = it.old_spte;
+            if !old.is_present() && !fmt.is_mmio(old) {
+                it.next();
+                continue;
+            }
+            any |= old.is_present();
+            match mode {
+                LockMode::Exclusive => {
+                    self.set_spte_exclusive(as_id, &mut it, nonpresent);
+                }
+                LockMode::Shared => {
+                    if self.set_spte_atomic(as_id, &mut it, nonpresent).is_err() {
+                        // Lost to another writer: look at the entry again before moving on.
+                        continue;
+                    }
+                }
+            }
+            it.next();
+        }
+        any
+    }
+
+    /// Gives back a reference taken by `acquire_all` / `take_invalid`; frees the root if it was the last.
+    fn release_root(&self, root: Pfn) {
+        if let Some(pfn) = self.roots.release(root) {
+            self.host.free_table_deferred(pfn);
+        }
+    }
+}

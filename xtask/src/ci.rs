@@ -1,0 +1,112 @@
+//! The CI pipeline: every step, in order, with a header per step; the first failure stops the run and
+//! names its step. There are deliberately no switches to skip steps: what CI runs is what
+//! `cargo xtask ci` runs on a developer's machine.
+//!
+//! The house rules (tidy) are a `#[test]` in `xtask/tests/tidy.rs`, so they run in the `test` step.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::{cmd, install, nostd};
+
+/// Proptest cases per property when the caller did not set `PROPTEST_CASES`: half of proptest's default
+/// of 256, to keep the test step within CI's time budget on two cores. Export `PROPTEST_CASES` to change.
+pub const DEFAULT_PROPTEST_CASES: &str = "128";
+
+/// One CI step.
+pub struct Step {
+    /// Short name, used in headers and in the failure message.
+    pub name: &'static str,
+    /// What the step runs, for the header and `--help`.
+    pub what: &'static str,
+    run: fn() -> Result<()>,
+}
+
+/// Every CI step, in the order `cargo xtask ci` runs them.
+pub const STEPS: &[Step] = &[
+    Step {
+        name: "install",
+        what: "rustup component add rustfmt clippy (only those missing)",
+        run: install::ensure_rust_components,
+    },
+    Step { name: "fmt", what: "cargo fmt --all -- --check (and the no_std proof crate)", run: fmt_check },
+    Step {
+        name: "clippy",
+        what: "cargo clippy --workspace --all-targets -- -D warnings (and the no_std proof crate)",
+        run: clippy,
+    },
+    Step { name: "test", what: "cargo test --workspace (includes the tidy test)", run: test },
+    Step { name: "doc", what: "RUSTDOCFLAGS='-D warnings' cargo doc --workspace --no-deps", run: doc },
+    Step {
+        name: "nostd",
+        what: "build xtask/nostd-proof, check it is a static ELF, run it, require exit 0",
+        run: nostd::prove,
+    },
+];
+
+/// Runs every step in [`STEPS`] in order, stopping at the first failure.
+///
+/// # Errors
+/// The first failing step, named, with the failure as its cause.
+pub fn run_all() -> Result<()> {
+    let started = Instant::now();
+    let total = STEPS.len();
+    for (i, step) in STEPS.iter().enumerate() {
+        let n = i + 1;
+        println!("\n==> ci step {n}/{total}: {} ({})", step.name, step.what);
+        let step_started = Instant::now();
+        (step.run)().with_context(|| format!("ci step {n}/{total} `{}` failed", step.name))?;
+        println!("==> ci step {n}/{total}: {} ok in {:.1?}", step.name, step_started.elapsed());
+    }
+    println!("\n==> ci: all {total} steps passed in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// Formats the workspace and the proof crate in place (`cargo xtask fmt`).
+///
+/// # Errors
+/// If `cargo fmt` fails.
+pub fn fmt_write() -> Result<()> {
+    cmd::run(cmd::cargo().args(["fmt", "--all"]))?;
+    cmd::run(nostd::proof_cargo().arg("fmt"))
+}
+
+fn fmt_check() -> Result<()> {
+    cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
+    cmd::run(nostd::proof_cargo().args(["fmt", "--", "--check"]))
+}
+
+fn clippy() -> Result<()> {
+    cmd::run(cmd::cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    cmd::run(
+        nostd::proof_cargo()
+            .args(["clippy", "--release", "--target-dir"])
+            .arg(nostd::target_dir())
+            .args(["--", "-D", "warnings"]),
+    )
+}
+
+fn test() -> Result<()> {
+    let mut cargo = cmd::cargo();
+    cargo.args(["test", "--workspace"]);
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        cargo.env("PROPTEST_CASES", DEFAULT_PROPTEST_CASES);
+    }
+    cmd::run(&mut cargo)
+}
+
+fn doc() -> Result<()> {
+    cmd::run(cmd::cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ci_runs_every_habit16_step_in_order() {
+        let names: Vec<&str> = STEPS.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["install", "fmt", "clippy", "test", "doc", "nostd"]);
+    }
+}

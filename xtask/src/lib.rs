@@ -1,0 +1,20 @@
+//! `xtask`: the project's task runner, as a library the `cargo xtask` binary and the tidy test share.
+//!
+//! Every task a developer or CI runs goes through `cargo xtask` (an alias in `.cargo/config.toml`), so CI
+//! is one cargo command that anyone can run locally; `.ci/run` only changes to the repository root and calls
+//! `cargo xtask ci`. Map of the modules:
+//! - [`ci`]: the ordered CI steps and the step runner that fails fast and names the failing step.
+//! - [`cmd`]: running child commands with their command line echoed, and finding the repository root.
+//! - [`install`]: idempotent installation of rustup components and Debian packages.
+//! - [`nostd`]: building and running the `no_std` proof binary in `xtask/nostd-proof`.
+//! - [`elf`]: reading an ELF header to prove a binary is a static executable.
+//! - [`tidy`]: the house rules (module headers, banned test attributes, SAFETY comments) as a checker
+//!   that `tests/tidy.rs` runs over the tree.
+#![forbid(unsafe_code)]
+
+pub mod ci;
+pub mod cmd;
+pub mod elf;
+pub mod install;
+pub mod nostd;
+pub mod tidy;
