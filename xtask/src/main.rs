@@ -28,6 +28,13 @@ enum Task {
     Nostd,
     /// Format the workspace and the no_std proof crate in place.
     Fmt,
+    /// Measure tdp beside its peers and limits in one run; print the table and write
+    /// target/bench/summary.json (a list of {name, ours, peer, unit, ratio}).
+    Bench {
+        /// Fewer repetitions: finishes in under three minutes.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -35,6 +42,7 @@ fn main() -> Result<()> {
         Task::Ci => xtask::ci::run_all(),
         Task::Nostd => xtask::nostd::prove(),
         Task::Fmt => xtask::ci::fmt_write(),
+        Task::Bench { quick } => xtask::bench::run(quick),
     }
 }
 

@@ -24,11 +24,13 @@ macro_rules! frame_newtype {
         impl $name {
             /// The frame `n` pages after this one.
             #[must_use]
+            #[inline]
             pub const fn add(self, n: u64) -> Self {
                 Self(self.0 + n)
             }
             /// The raw frame number.
             #[must_use]
+            #[inline]
             pub const fn raw(self) -> u64 {
                 self.0
             }
@@ -68,21 +70,25 @@ frame_newtype!(
 impl Gfn {
     /// The guest-physical address of the frame's first byte.
     #[must_use]
+    #[inline]
     pub const fn gpa(self) -> Gpa {
         Gpa(self.0 << PAGE_SHIFT)
     }
     /// This gfn rounded down to the first gfn mapped by one entry at `level`.
     #[must_use]
+    #[inline]
     pub const fn align_down(self, level: Level) -> Gfn {
         Gfn(self.0 & !(level.pages() - 1))
     }
     /// Whether this gfn is the first of an entry at `level`.
     #[must_use]
+    #[inline]
     pub const fn is_aligned(self, level: Level) -> bool {
         self.0 & (level.pages() - 1) == 0
     }
     /// The index of the entry that maps this gfn in a table at `level`.
     #[must_use]
+    #[inline]
     pub const fn index_at(self, level: Level) -> PtIndex {
         PtIndex(((self.0 >> level.shift_in_frames()) & 0x1ff) as u16)
     }
@@ -91,6 +97,7 @@ impl Gfn {
 impl Pfn {
     /// The host-physical address of the frame's first byte.
     #[must_use]
+    #[inline]
     pub const fn hpa(self) -> u64 {
         self.0 << PAGE_SHIFT
     }
@@ -104,11 +111,13 @@ pub struct Gpa(pub u64);
 impl Gpa {
     /// The frame that holds this address.
     #[must_use]
+    #[inline]
     pub const fn gfn(self) -> Gfn {
         Gfn(self.0 >> PAGE_SHIFT)
     }
     /// The byte offset within the frame.
     #[must_use]
+    #[inline]
     pub const fn page_offset(self) -> u64 {
         self.0 & (PAGE_SIZE - 1)
     }
@@ -161,36 +170,43 @@ impl Level {
     }
     /// The level's number, 1..=5.
     #[must_use]
+    #[inline]
     pub const fn number(self) -> u8 {
         self as u8
     }
     /// 0-based position (level 1 is 0), for per-level arrays.
     #[must_use]
+    #[inline]
     pub const fn idx(self) -> usize {
         self as usize - 1
     }
     /// The next level down, or `None` at level 1.
     #[must_use]
+    #[inline]
     pub const fn lower(self) -> Option<Level> {
         Level::new(self as u8 - 1)
     }
     /// The next level up, or `None` at level 5.
     #[must_use]
+    #[inline]
     pub const fn higher(self) -> Option<Level> {
         Level::new(self as u8 + 1)
     }
     /// How far to shift a gfn right to reach this level's index bits.
     #[must_use]
+    #[inline]
     pub const fn shift_in_frames(self) -> u32 {
         (self as u32 - 1) * BITS_PER_LEVEL
     }
     /// 4 KiB frames mapped by one entry at this level.
     #[must_use]
+    #[inline]
     pub const fn pages(self) -> u64 {
         1 << self.shift_in_frames()
     }
     /// Bytes mapped by one entry at this level.
     #[must_use]
+    #[inline]
     pub const fn page_size(self) -> u64 {
         self.pages() << PAGE_SHIFT
     }
@@ -208,6 +224,7 @@ impl PtIndex {
     }
     /// The index as a `usize`, always below 512.
     #[must_use]
+    #[inline]
     pub const fn get(self) -> usize {
         self.0 as usize
     }
@@ -246,21 +263,25 @@ impl RingSlot {
     }
     /// Wraps a raw value read from ring memory (any value; validation happens at use).
     #[must_use]
+    #[inline]
     pub const fn from_raw(raw: u32) -> RingSlot {
         RingSlot(raw)
     }
     /// The raw ABI value.
     #[must_use]
+    #[inline]
     pub const fn raw(self) -> u32 {
         self.0
     }
     /// The address-space half.
     #[must_use]
+    #[inline]
     pub const fn as_id(self) -> AsId {
         AsId((self.0 >> 16) as u16)
     }
     /// The slot-id half.
     #[must_use]
+    #[inline]
     pub const fn id(self) -> SlotId {
         SlotId(self.0 as u16)
     }

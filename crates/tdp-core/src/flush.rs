@@ -31,10 +31,12 @@ enum FlushKind {
 
 impl Flush {
     /// Nothing to flush.
+    #[inline]
     pub const fn none() -> Flush {
         Flush(FlushKind::None)
     }
     /// Flush translations of `pages` 4 KiB frames from `start` in address space `as_id`.
+    #[inline]
     pub const fn range(as_id: AsId, start: Gfn, pages: u64) -> Flush {
         if pages == 0 {
             return Flush::none();
@@ -42,21 +44,25 @@ impl Flush {
         Flush(FlushKind::Range { as_id, start, end: Gfn(start.0.saturating_add(pages)) })
     }
     /// Flush every translation of every vCPU.
+    #[inline]
     pub const fn all() -> Flush {
         Flush(FlushKind::All)
     }
     /// Whether nothing needs flushing.
     #[must_use]
+    #[inline]
     pub const fn is_none(&self) -> bool {
         matches!(self.0, FlushKind::None)
     }
     /// Whether everything must be flushed.
     #[must_use]
+    #[inline]
     pub const fn is_all(&self) -> bool {
         matches!(self.0, FlushKind::All)
     }
     /// One request covering both. Two ranges in one address space become their hull; ranges in
     /// different address spaces become a full flush.
+    #[inline]
     pub fn merge(self, other: Flush) -> Flush {
         match (self.0, other.0) {
             (FlushKind::None, _) => other,
@@ -69,6 +75,7 @@ impl Flush {
         }
     }
     /// Runs the flush on `tlb` (a no-op for [`Flush::none`]).
+    #[inline]
     pub fn run<T: TlbFlush + ?Sized>(self, tlb: &T) {
         match self.0 {
             FlushKind::None => {}
@@ -77,5 +84,6 @@ impl Flush {
         }
     }
     /// Drops the request on purpose. Call sites say in a comment why no stale translation can remain.
+    #[inline]
     pub fn ignore(self) {}
 }

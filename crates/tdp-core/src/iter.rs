@@ -96,31 +96,37 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
 
     /// Whether the iterator points at an entry inside the range.
     #[must_use]
+    #[inline]
     pub fn valid(&self) -> bool {
         self.valid && self.gfn < self.end
     }
     /// The first gfn mapped by the current entry.
     #[must_use]
+    #[inline]
     pub fn gfn(&self) -> Gfn {
         self.gfn
     }
     /// The current entry's level.
     #[must_use]
+    #[inline]
     pub fn level(&self) -> Level {
         self.level
     }
     /// The current entry.
     #[must_use]
+    #[inline]
     pub fn entry(&self) -> &'a AtomicU64 {
         let table = self.path[self.level.idx()].expect("the current level's table is on the path");
         &self.mem.table(table)[self.gfn.index_at(self.level).get()]
     }
     /// The frame of the table holding the current entry.
     #[must_use]
+    #[inline]
     pub fn table_pfn(&self) -> Pfn {
         self.path[self.level.idx()].expect("the current level's table is on the path")
     }
     /// Reads the current entry again into [`TdpIter::old_spte`] and returns it.
+    #[inline]
     pub fn refresh(&mut self) -> Spte {
         // Acquire pairs with the Release of the compare-exchange that linked a table here: a walker that
         // sees the new non-leaf also sees the child table's initialised entries. (Free on x86.)
@@ -129,6 +135,7 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
     }
 
     /// Goes back to the root and walks down again to `next_last_level_gfn`.
+    #[inline]
     pub fn restart(&mut self) {
         self.level = self.root_level;
         self.gfn = self.next_last_level_gfn.align_down(self.level);
@@ -140,6 +147,7 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
 
     /// Moves to the next entry in pre-order: into the current entry's table (if it is one and the level
     /// is above `min_level`), else to the next entry at this level, else up.
+    #[inline]
     pub fn next(&mut self) {
         if self.try_step_down() {
             return;
@@ -156,6 +164,7 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
     }
 
     /// Skips the rest of the current entry's subtree (its children are not visited).
+    #[inline]
     pub fn skip_children(&mut self) {
         loop {
             if self.try_step_side() {
@@ -170,12 +179,14 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
 
     /// Whether a yield is allowed here by the forward-progress rule.
     #[must_use]
+    #[inline]
     pub fn may_yield(&self) -> bool {
         self.yielded_gfn != Some(self.next_last_level_gfn)
     }
 
     /// Drops the walk guard, runs `f` (which drops and retakes the MMU lock), takes a new guard and
     /// restarts from the root at the first unfinished gfn. Call only when [`TdpIter::may_yield`].
+    #[inline]
     pub fn yield_with<R>(&mut self, f: impl FnOnce() -> R) -> R {
         debug_assert!(
             self.may_yield(),
@@ -195,6 +206,7 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
         gfn.0 < top
     }
 
+    #[inline]
     fn try_step_down(&mut self) -> bool {
         if self.level <= self.min_level {
             return false;
@@ -214,6 +226,7 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
         true
     }
 
+    #[inline]
     fn try_step_side(&mut self) -> bool {
         if self.gfn.index_at(self.level).get() == 511 {
             return false;
@@ -224,6 +237,7 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
         true
     }
 
+    #[inline]
     fn try_step_up(&mut self) -> bool {
         let Some(higher) = self.level.higher().filter(|l| *l <= self.root_level) else {
             return false;

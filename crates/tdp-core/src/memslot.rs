@@ -66,37 +66,44 @@ impl Memslot {
     }
     /// One past the last gfn.
     #[must_use]
+    #[inline]
     pub const fn end_gfn(&self) -> Gfn {
         Gfn(self.base_gfn.0 + self.pages)
     }
     /// Whether `gfn` lies in the slot.
     #[must_use]
+    #[inline]
     pub const fn contains(&self, gfn: Gfn) -> bool {
         gfn.0 >= self.base_gfn.0 && gfn.0 < self.base_gfn.0 + self.pages
     }
     /// The host address of `gfn`'s page. Meaningful only for a gfn in the slot.
     #[must_use]
+    #[inline]
     pub const fn host_addr(&self, gfn: Gfn) -> u64 {
         self.host_base + (gfn.0 - self.base_gfn.0) * PAGE_SIZE
     }
     /// The page index of `gfn` within the slot (the dirty ring's `offset`).
     #[must_use]
+    #[inline]
     pub const fn offset_of(&self, gfn: Gfn) -> u64 {
         gfn.0 - self.base_gfn.0
     }
     /// Whether the guest may write the slot.
     #[must_use]
+    #[inline]
     pub const fn is_writable(&self) -> bool {
         !self.flags.contains(SlotFlags::READONLY)
     }
     /// Whether dirty logging is on.
     #[must_use]
+    #[inline]
     pub const fn is_dirty_logged(&self) -> bool {
         self.flags.contains(SlotFlags::LOG_DIRTY)
     }
     /// Whether the slot allows one leaf at `level` to map `gfn`: the whole huge page lies inside the slot
     /// and the host address is aligned like the gfn (KVM's `lpage_info` disallow rules).
     #[must_use]
+    #[inline]
     pub const fn allows_huge(&self, gfn: Gfn, level: Level) -> bool {
         let pages = level.pages();
         let start = gfn.0 & !(pages - 1);
@@ -209,23 +216,27 @@ impl MemslotSet {
 
     /// Counts updates; MMIO SPTEs are tagged with its low bits.
     #[must_use]
+    #[inline]
     pub const fn generation(&self) -> u64 {
         self.generation
     }
 
     /// One past the largest gfn a slot may reach.
     #[must_use]
+    #[inline]
     pub const fn max_gfn(&self) -> Gfn {
         self.max_gfn
     }
 
     /// All slots, sorted by (address space, base gfn).
+    #[inline]
     pub fn iter(&self) -> core::slice::Iter<'_, Memslot> {
         self.slots.iter()
     }
 
     /// The slot containing `gfn` in `as_id`.
     #[must_use]
+    #[inline]
     pub fn find(&self, as_id: AsId, gfn: Gfn) -> Option<&Memslot> {
         // The first slot that sorts after (as_id, gfn); the candidate is the one before it.
         let after = self.slots.partition_point(|s| (s.as_id, s.base_gfn) <= (as_id, gfn));
@@ -235,6 +246,7 @@ impl MemslotSet {
 
     /// The slot with `id` in `as_id`.
     #[must_use]
+    #[inline]
     pub fn get(&self, as_id: AsId, id: SlotId) -> Option<&Memslot> {
         self.slots.iter().find(|s| s.as_id == as_id && s.id == id)
     }
@@ -244,6 +256,7 @@ impl MemslotSet {
     ///
     /// # Errors
     /// The first rule the slot breaks; see [`SlotError`].
+    #[inline]
     pub fn validate(&self, slot: &Memslot, replacing: bool) -> Result<(), SlotError> {
         let id = slot.id;
         if slot.as_id.0 >= AsId::MAX_COUNT {
@@ -279,6 +292,7 @@ impl MemslotSet {
     ///
     /// # Errors
     /// See [`MemslotSet::validate`]; [`SlotError::NoMemory`] if the list cannot grow. The set is unchanged.
+    #[inline]
     pub fn insert(&mut self, slot: Memslot) -> Result<(), SlotError> {
         self.validate(&slot, false)?;
         self.slots.try_reserve(1).map_err(|_| SlotError::NoMemory)?;
@@ -292,6 +306,7 @@ impl MemslotSet {
     ///
     /// # Errors
     /// [`SlotError::NotFound`]; the set is unchanged.
+    #[inline]
     pub fn remove(&mut self, as_id: AsId, id: SlotId) -> Result<Memslot, SlotError> {
         let at = self
             .slots
@@ -307,6 +322,7 @@ impl MemslotSet {
     ///
     /// # Errors
     /// [`SlotError::NotFound`]; the set is unchanged.
+    #[inline]
     pub fn set_flags(&mut self, as_id: AsId, id: SlotId, flags: SlotFlags) -> Result<Memslot, SlotError> {
         let slot = self
             .slots

@@ -203,36 +203,43 @@ pub struct Spte(pub u64);
 impl Spte {
     /// The raw bits.
     #[must_use]
+    #[inline]
     pub const fn bits(self) -> u64 {
         self.0
     }
     /// A present SPTE (leaf or non-leaf); MMIO, frozen and non-present values are not present.
     #[must_use]
+    #[inline]
     pub const fn is_present(self) -> bool {
         self.0 & MMU_PRESENT != 0
     }
     /// The page-size bit (bit 7 in both formats).
     #[must_use]
+    #[inline]
     pub const fn is_large(self) -> bool {
         self.0 & EptBits::PAGE_SIZE.bits() != 0
     }
     /// Whether a present SPTE at `level` maps a page (rather than pointing to a table).
     #[must_use]
+    #[inline]
     pub const fn is_leaf(self, level: Level) -> bool {
         matches!(level, Level::L1) || self.is_large()
     }
     /// Whether a present SPTE at `level` points to a lower-level table.
     #[must_use]
+    #[inline]
     pub const fn is_table(self, level: Level) -> bool {
         self.is_present() && !self.is_leaf(level)
     }
     /// The hardware writable bit (bit 1 in both formats).
     #[must_use]
+    #[inline]
     pub const fn is_writable(self) -> bool {
         self.0 & EptBits::WRITE.bits() != 0
     }
     /// The frame in bits 51:12: the mapped page of a leaf, the next table of a non-leaf.
     #[must_use]
+    #[inline]
     pub const fn pfn(self) -> Pfn {
         Pfn((self.0 & PFN_MASK) >> PAGE_SHIFT)
     }
@@ -327,6 +334,7 @@ impl SpteFormat {
     /// # Panics
     /// If `opts.max_leaf_level` is not L1, L2 or L3 (a const-evaluation error for constants).
     #[must_use]
+    #[inline]
     pub const fn ept(opts: EptOptions) -> SpteFormat {
         assert!(
             matches!(opts.max_leaf_level, Level::L1 | Level::L2 | Level::L3),
@@ -361,6 +369,7 @@ impl SpteFormat {
     /// # Panics
     /// If `opts.max_leaf_level` is not L1, L2 or L3.
     #[must_use]
+    #[inline]
     pub const fn npt(opts: NptOptions) -> SpteFormat {
         assert!(
             matches!(opts.max_leaf_level, Level::L1 | Level::L2 | Level::L3),
@@ -393,71 +402,85 @@ impl SpteFormat {
 
     /// Which hardware this format is for.
     #[must_use]
+    #[inline]
     pub const fn kind(&self) -> TdpKind {
         self.kind
     }
     /// The largest level at which a leaf may be installed.
     #[must_use]
+    #[inline]
     pub const fn max_leaf_level(&self) -> Level {
         self.max_leaf_level
     }
     /// Whether hardware sets accessed/dirty bits (EPT with A/D enabled, or NPT).
     #[must_use]
+    #[inline]
     pub const fn has_accessed_dirty(&self) -> bool {
         self.accessed_mask != 0
     }
     /// Whether MMIO SPTEs can be cached (KVM's `enable_mmio_caching`).
     #[must_use]
+    #[inline]
     pub const fn has_mmio_caching(&self) -> bool {
         self.mmio_mask != 0
     }
     /// The non-present value: what a zapped entry and a fresh table hold.
     #[must_use]
+    #[inline]
     pub const fn nonpresent(&self) -> Spte {
         Spte(self.nonpresent)
     }
     /// The frozen value: a writer owns this entry for the moment; others must not write it, and retry.
     #[must_use]
+    #[inline]
     pub const fn frozen(&self) -> Spte {
         Spte(self.nonpresent | FROZEN_BITS)
     }
     /// Whether `spte` is the frozen value.
     #[must_use]
+    #[inline]
     pub const fn is_frozen(&self, spte: Spte) -> bool {
         spte.0 == self.frozen().0
     }
     /// Whether `spte` is an MMIO SPTE.
     #[must_use]
+    #[inline]
     pub const fn is_mmio(&self, spte: Spte) -> bool {
         self.mmio_mask != 0 && spte.0 & self.mmio_mask == self.mmio_value
     }
     /// The host-writable software bit.
     #[must_use]
+    #[inline]
     pub const fn is_host_writable(&self, spte: Spte) -> bool {
         spte.0 & self.host_writable_mask != 0
     }
     /// The MMU-writable software bit.
     #[must_use]
+    #[inline]
     pub const fn is_mmu_writable(&self, spte: Spte) -> bool {
         spte.0 & self.mmu_writable_mask != 0
     }
     /// Whether instruction fetches are allowed (EPT: X set; NPT: NX clear).
     #[must_use]
+    #[inline]
     pub const fn is_executable(&self, spte: Spte) -> bool {
         spte.0 & (self.x_mask | self.nx_mask) == self.x_mask
     }
     /// The accessed bit (always false without A/D).
     #[must_use]
+    #[inline]
     pub const fn is_accessed(&self, spte: Spte) -> bool {
         spte.0 & self.accessed_mask != 0
     }
     /// The dirty bit (always false without A/D).
     #[must_use]
+    #[inline]
     pub const fn is_dirty(&self, spte: Spte) -> bool {
         spte.0 & self.dirty_mask != 0
     }
     /// What a present leaf allows.
     #[must_use]
+    #[inline]
     pub fn access(&self, spte: Spte) -> Access {
         let mut access = Access::empty();
         if spte.0 & self.present_mask != 0 {
@@ -473,6 +496,7 @@ impl SpteFormat {
     }
     /// The table a present non-leaf SPTE at `level` points to, or `None` for leaves and non-present values.
     #[must_use]
+    #[inline]
     pub const fn child_table(&self, spte: Spte, level: Level) -> Option<Pfn> {
         if spte.is_table(level) { Some(spte.pfn()) } else { None }
     }
@@ -482,6 +506,7 @@ impl SpteFormat {
     /// # Panics
     /// In debug builds, if `level` is above [`SpteFormat::max_leaf_level`] or `pfn` is misaligned.
     #[must_use]
+    #[inline]
     pub fn leaf(&self, pfn: Pfn, level: Level, attrs: LeafAttrs) -> Spte {
         debug_assert!(level <= self.max_leaf_level, "leaf at {level:?} above the format's largest page");
         debug_assert!(pfn.0 & (level.pages() - 1) == 0, "{pfn:?} misaligned for {level:?}");
@@ -511,6 +536,7 @@ impl SpteFormat {
 
     /// A non-leaf SPTE pointing to the table in frame `child`, granting everything (the leaves decide).
     #[must_use]
+    #[inline]
     pub const fn nonleaf(&self, child: Pfn) -> Spte {
         Spte(
             MMU_PRESENT
@@ -530,6 +556,7 @@ impl SpteFormat {
     /// # Panics
     /// If `huge_level` is L1.
     #[must_use]
+    #[inline]
     pub fn split_child(&self, huge: Spte, huge_level: Level, index: crate::addr::PtIndex) -> Spte {
         let child_level = huge_level.lower().expect("a 4K leaf cannot be split");
         let pfn = huge.pfn().add(index.get() as u64 * child_level.pages());
@@ -543,6 +570,7 @@ impl SpteFormat {
     /// An MMIO SPTE for `gfn`, tagged with the low bits of memslot `generation`. `None` when the format
     /// has no MMIO caching or `gfn` does not fit below the reserved bit.
     #[must_use]
+    #[inline]
     pub const fn mmio(&self, gfn: Gfn, generation: u64) -> Option<Spte> {
         if !self.has_mmio_caching() || gfn.0 >= (1 << (51 - PAGE_SHIFT)) {
             return None;
@@ -553,16 +581,19 @@ impl SpteFormat {
     }
     /// The gfn an MMIO SPTE was made for.
     #[must_use]
+    #[inline]
     pub const fn mmio_gfn(&self, spte: Spte) -> Gfn {
         Gfn((spte.0 & PFN_MASK & !self.mmio_mask) >> PAGE_SHIFT)
     }
     /// The generation bits of an MMIO SPTE.
     #[must_use]
+    #[inline]
     pub const fn mmio_generation(&self, spte: Spte) -> u64 {
         ((spte.0 & MMIO_GEN_LOW_MASK) >> 3) | ((spte.0 & MMIO_GEN_HIGH_MASK) >> 52 << 8)
     }
     /// Whether an MMIO SPTE was made under memslot `generation`.
     #[must_use]
+    #[inline]
     pub const fn mmio_generation_matches(&self, spte: Spte, generation: u64) -> bool {
         self.mmio_generation(spte) == generation & ((1 << MMIO_GEN_BITS) - 1)
     }
@@ -572,6 +603,7 @@ impl SpteFormat {
     ///
     /// # Errors
     /// The first rule `spte` breaks.
+    #[inline]
     pub fn check(&self, spte: Spte, level: Level) -> Result<(), SpteCheckError> {
         if !spte.is_present() {
             return Ok(());

@@ -28,6 +28,34 @@ pub const PAGE_CACHE_CAPACITY: usize = 10;
 pub struct PageCache {
     pages: [Pfn; PAGE_CACHE_CAPACITY],
     len: usize,
+    /// What the faults handled with this cache came to (KVM's per-vCPU `pf_*` statistics).
+    pub counters: FaultCounters,
+}
+
+/// Fault outcomes counted per vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounters {
+    /// Faults that installed a mapping.
+    pub fixed: u64,
+    /// Faults that found the mapping already there.
+    pub spurious: u64,
+    /// Faults that lost a race (or met an invalid root) and asked the vCPU to retry.
+    pub retried: u64,
+    /// Faults handed back for emulation (MMIO, read-only slots).
+    pub emulated: u64,
+}
+
+impl FaultCounters {
+    pub(crate) fn count(&mut self, outcome: super::FaultOutcome) {
+        use super::FaultOutcome as O;
+        let counter = match outcome {
+            O::Fixed => &mut self.fixed,
+            O::Spurious => &mut self.spurious,
+            O::Retry | O::ReloadRoot => &mut self.retried,
+            O::Emulate(_) => &mut self.emulated,
+        };
+        *counter += 1;
+    }
 }
 
 impl Default for PageCache {
@@ -40,7 +68,11 @@ impl PageCache {
     /// An empty cache.
     #[must_use]
     pub const fn new() -> Self {
-        PageCache { pages: [Pfn(0); PAGE_CACHE_CAPACITY], len: 0 }
+        PageCache {
+            pages: [Pfn(0); PAGE_CACHE_CAPACITY],
+            len: 0,
+            counters: FaultCounters { fixed: 0, spurious: 0, retried: 0, emulated: 0 },
+        }
     }
     /// Pages held.
     #[must_use]

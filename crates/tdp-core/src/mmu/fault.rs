@@ -9,13 +9,14 @@
 //! Keeps: I1: a leaf is writable only when the memslot is writable and the host page is; a gfn without a
 //! memslot gets an MMIO SPTE (or nothing), never a frame.
 
-use crate::addr::{Gfn, Level, Pfn};
+use crate::addr::{AsId, Gfn, Level, Pfn, PtIndex};
 use crate::fault::{AccessKind, Fault, FaultKind};
+use crate::flush::Flush;
 use crate::host::{AllocError, Host, HostFaultError};
 use crate::iter::TdpIter;
 use crate::memslot::Memslot;
 use crate::spte::{LeafAttrs, LeafWrite, MemType, Spte, SpteCheckError};
-use crate::sync::Ordering;
+use crate::sync::{AtomicU64, Ordering};
 
 use super::cache::PageCache;
 use super::root::RootRef;
@@ -90,15 +91,9 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         root: &RootRef,
         fault: Fault,
     ) -> Result<FaultOutcome, FaultError> {
-        let mmu = self.mmu;
         let outcome = self.page_fault_inner(cache, root, fault)?;
-        let counter = match outcome {
-            FaultOutcome::Fixed => &mmu.stats.faults_fixed,
-            FaultOutcome::Spurious => &mmu.stats.faults_spurious,
-            FaultOutcome::Retry | FaultOutcome::ReloadRoot => &mmu.stats.faults_retried,
-            FaultOutcome::Emulate(_) => &mmu.stats.faults_emulated,
-        };
-        Stats::bump(counter);
+        // Per-vCPU counters, as KVM's `vcpu->stat.pf_*`: no shared cache line on the fault path.
+        cache.counters.count(outcome);
         Ok(outcome)
     }
 
@@ -203,62 +198,85 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
     }
 
     /// Walks from `root` to `goal` for `gfn`, linking or splitting tables, and installs `new` there
-    /// (KVM's `kvm_tdp_mmu_map`).
+    /// (KVM's `kvm_tdp_mmu_map`). A single-gfn walk needs none of the range iterator's machinery, so it
+    /// is written flat: one load per level, one compare-exchange per change.
     fn map(&self, cache: &mut PageCache, root: &RootRef, gfn: Gfn, goal: Level, new: Spte) -> FaultOutcome {
         let mmu = self.mmu;
         let fmt = mmu.format();
         let as_id = root.as_id();
-        let mut it =
-            TdpIter::new(&mmu.host, fmt, root.pfn(), mmu.config.root_level, goal, gfn, Gfn(gfn.0 + 1));
-        while it.valid() && it.level() > goal {
-            let old = it.old_spte;
+        // Keeps every table this walk can reach allocated until it returns.
+        let _walk = mmu.host.begin_walk();
+        let mut table = mmu.host.table(root.pfn());
+        let mut level = mmu.config.root_level;
+        loop {
+            let entry = &table[gfn.index_at(level).get()];
+            // Acquire pairs with the Release of the compare-exchange that linked a child table here.
+            let old = Spte(entry.load(Ordering::Acquire));
             if fmt.is_frozen(old) {
                 return FaultOutcome::Retry;
             }
-            if !old.is_table(it.level())
-                && let Err(outcome) = self.link_table(cache, as_id, &mut it)
-            {
-                return outcome;
+            let entry_gfn = gfn.align_down(level);
+            if level == goal {
+                return self.install(as_id, entry, old, new, entry_gfn, level);
             }
-            // Steps down into the table, reading the entry again.
-            it.next();
+            let Some(lower) = level.lower() else {
+                return FaultOutcome::Retry;
+            };
+            let child = match fmt.child_table(old, level) {
+                Some(child) => child,
+                None => match self.link_table(cache, as_id, entry, old, entry_gfn, level) {
+                    Ok(child) => child,
+                    Err(outcome) => return outcome,
+                },
+            };
+            table = mmu.host.table(child);
+            level = lower;
         }
-        if !it.valid() || it.level() != goal {
-            return FaultOutcome::Retry;
-        }
-        let old = it.old_spte;
-        if fmt.is_frozen(old) {
-            return FaultOutcome::Retry;
-        }
+    }
+
+    /// Installs `new` in `entry` (the goal level), flushing if the old value was a table or a leaf with
+    /// more rights or another frame.
+    fn install(
+        &self,
+        as_id: AsId,
+        entry: &AtomicU64,
+        old: Spte,
+        new: Spte,
+        gfn: Gfn,
+        level: Level,
+    ) -> FaultOutcome {
+        let mmu = self.mmu;
+        let fmt = mmu.format();
         if old == new {
             return FaultOutcome::Spurious;
         }
-        if mmu.set_spte_atomic(as_id, &mut it, new).is_err() {
+        if mmu.cmpxchg_spte(as_id, entry, old, new, gfn, level).is_err() {
             return FaultOutcome::Retry;
         }
         // Replacing a table with a huge leaf freed the subtree: drop the paging-structure caches and
         // leaves that pointed into it. A leaf that changed frame or lost rights is likewise stale. A leaf
         // that only gained rights needs no flush: hardware re-walks on a permission fault.
         let stale = old.is_present()
-            && (old.is_table(goal) || old.pfn() != new.pfn() || !fmt.access(new).contains(fmt.access(old)));
+            && (old.is_table(level) || old.pfn() != new.pfn() || !fmt.access(new).contains(fmt.access(old)));
         if stale {
-            crate::flush::Flush::range(as_id, it.gfn(), goal.pages()).run(&mmu.host);
+            Flush::range(as_id, gfn, level.pages()).run(&mmu.host);
         }
         FaultOutcome::Fixed
     }
 
-    /// Replaces the iterator's entry (non-present, or a huge leaf bigger than wanted) with a new table
-    /// from `cache`. `Err` carries the outcome to return.
+    /// Replaces `entry` (holding `old`: non-present, or a huge leaf bigger than wanted) with a new table
+    /// from `cache` and returns the table. `Err` carries the outcome to return.
     fn link_table(
         &self,
         cache: &mut PageCache,
-        as_id: crate::addr::AsId,
-        it: &mut TdpIter<'_, H>,
-    ) -> Result<(), FaultOutcome> {
+        as_id: AsId,
+        entry: &AtomicU64,
+        old: Spte,
+        gfn: Gfn,
+        level: Level,
+    ) -> Result<Pfn, FaultOutcome> {
         let mmu = self.mmu;
         let fmt = mmu.format();
-        let old = it.old_spte;
-        let level = it.level();
         let Some(child) = cache.take() else {
             return Err(FaultOutcome::Retry);
         };
@@ -266,16 +284,16 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         let splitting = old.is_present();
         if splitting {
             // The page is private until the compare-exchange publishes it (Release), so Relaxed stores.
-            for (i, entry) in table.iter().enumerate() {
-                let index = crate::addr::PtIndex::new(i).expect("a table has 512 entries");
-                entry.store(fmt.split_child(old, level, index).0, Ordering::Relaxed);
+            for (i, e) in table.iter().enumerate() {
+                let index = PtIndex::new(i).expect("a table has 512 entries");
+                e.store(fmt.split_child(old, level, index).0, Ordering::Relaxed);
             }
         }
-        if mmu.set_spte_atomic(as_id, it, fmt.nonleaf(child)).is_err() {
+        if mmu.cmpxchg_spte(as_id, entry, old, fmt.nonleaf(child), gfn, level).is_err() {
             // Never published: reset and keep it for the next fault.
             if splitting {
-                for entry in table {
-                    entry.store(fmt.nonpresent().0, Ordering::Relaxed);
+                for e in table {
+                    e.store(fmt.nonpresent().0, Ordering::Relaxed);
                 }
             }
             if let Err(pfn) = cache.put_back(child) {
@@ -288,7 +306,7 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
             mmu.stats.add_leaves(child_level, 512);
             Stats::bump(&mmu.stats.huge_splits);
         }
-        Ok(())
+        Ok(child)
     }
 }
 

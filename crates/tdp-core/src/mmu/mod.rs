@@ -17,7 +17,7 @@ mod spte_ops;
 mod stats;
 mod zap;
 
-pub use cache::PageCache;
+pub use cache::{FaultCounters, PAGE_CACHE_CAPACITY, PageCache};
 pub use fault::{EmulateReason, FaultError, FaultOutcome};
 pub use root::{RootInfo, RootRef};
 pub use stats::MmuStats;
@@ -132,7 +132,8 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     pub fn format(&self) -> &SpteFormat {
         &self.config.format
     }
-    /// Counters: leaves per level, linked tables, fault outcomes.
+    /// Counters: leaves per level, linked tables, splits, MMIO SPTEs. Fault outcomes are counted per vCPU
+    /// in [`PageCache::counters`].
     pub fn stats(&self) -> MmuStats {
         self.stats.snapshot()
     }
@@ -181,7 +182,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
 
     /// Whether `root` is still valid; an invalid root must be put and reloaded.
     pub fn root_is_valid(&self, root: &RootRef) -> bool {
-        self.roots.is_valid(root)
+        root.is_valid()
     }
 
     /// Tops up `cache`, takes the lock for read and handles `fault` (see [`SharedMmu::page_fault`]).

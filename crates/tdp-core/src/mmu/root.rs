@@ -5,17 +5,21 @@
 //! zapping an invalid root's tree drops the list's reference; the last reference frees the root page.
 //! So a root page is never freed while a vCPU can still load it into its EPTP/nCR3 (I2).
 
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::addr::{AsId, Pfn};
 use crate::host::AllocError;
+use crate::sync::{AtomicBool, Ordering};
 
 /// A vCPU's counted reference to a root. It is not `Clone`: every reference is returned exactly once
 /// with [`super::Mmu::put_root`].
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct RootRef {
     pfn: Pfn,
     as_id: AsId,
+    /// Shared with the list entry, so a fault checks validity without taking the list's lock.
+    valid: Arc<AtomicBool>,
 }
 
 impl RootRef {
@@ -28,6 +32,12 @@ impl RootRef {
     #[must_use]
     pub fn as_id(&self) -> AsId {
         self.as_id
+    }
+    /// Whether the root is still valid. Invalidation happens under the MMU write lock and faults read
+    /// this under the read lock, so the lock orders them and a Relaxed load is enough.
+    #[inline]
+    pub(super) fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Relaxed)
     }
 }
 
@@ -47,6 +57,7 @@ pub struct RootInfo {
 #[derive(Debug)]
 struct Entry {
     info: RootInfo,
+    valid: Arc<AtomicBool>,
     /// The list still holds its reference; cleared by whoever zaps the invalid root.
     list_ref: bool,
 }
@@ -74,16 +85,14 @@ impl RootList {
         let mut entries = self.entries.lock();
         if let Some(e) = entries.iter_mut().find(|e| e.info.valid && e.info.as_id == as_id) {
             e.info.refcount += 1;
-            return Ok(RootRef { pfn: e.info.pfn, as_id });
+            return Ok(RootRef { pfn: e.info.pfn, as_id, valid: e.valid.clone() });
         }
         entries.try_reserve(1).map_err(|_| AllocError)?;
         let pfn = alloc()?;
-        entries.push(Entry { info: RootInfo { pfn, as_id, valid: true, refcount: 2 }, list_ref: true });
-        Ok(RootRef { pfn, as_id })
-    }
-
-    pub(super) fn is_valid(&self, root: &RootRef) -> bool {
-        self.entries.lock().iter().any(|e| e.info.pfn == root.pfn && e.info.valid)
+        let valid = Arc::new(AtomicBool::new(true));
+        let info = RootInfo { pfn, as_id, valid: true, refcount: 2 };
+        entries.push(Entry { info, valid: valid.clone(), list_ref: true });
+        Ok(RootRef { pfn, as_id, valid })
     }
 
     /// Drops one reference; returns the root's frame when it was the last.
@@ -108,6 +117,7 @@ impl RootList {
         for e in self.entries.lock().iter_mut().filter(|e| as_id.is_none_or(|a| a == e.info.as_id)) {
             n += usize::from(e.info.valid);
             e.info.valid = false;
+            e.valid.store(false, Ordering::Relaxed);
         }
         n
     }

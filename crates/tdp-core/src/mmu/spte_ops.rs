@@ -10,7 +10,7 @@ use crate::addr::{AsId, Gfn, Level, Pfn};
 use crate::host::Host;
 use crate::iter::TdpIter;
 use crate::spte::Spte;
-use crate::sync::Ordering;
+use crate::sync::{AtomicU64, Ordering};
 
 use super::Mmu;
 
@@ -39,20 +39,39 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         it: &mut TdpIter<'_, H>,
         new: Spte,
     ) -> Result<(), Busy> {
-        let old = it.old_spte;
-        debug_assert!(!self.format().is_frozen(old), "a frozen SPTE belongs to another writer");
-        // Release publishes a new child table's entries to walkers that Acquire-load this SPTE; Acquire on
-        // failure makes the winner's value (and its child table) visible to our retry.
-        match it.entry().compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {
+        match self.cmpxchg_spte(as_id, it.entry(), it.old_spte, new, it.gfn(), it.level()) {
+            Ok(()) => {
                 it.old_spte = new;
-                self.handle_changed_spte(as_id, it.gfn(), old, new, it.level(), LockMode::Shared);
                 Ok(())
             }
             Err(current) => {
-                it.old_spte = Spte(current);
+                it.old_spte = current;
                 Err(Busy)
             }
+        }
+    }
+
+    /// Changes `entry` (at `level`, mapping from `gfn`) from `old` to `new` with compare-exchange and
+    /// handles the change; on failure returns the value that won and changes nothing.
+    #[inline]
+    pub(super) fn cmpxchg_spte(
+        &self,
+        as_id: AsId,
+        entry: &AtomicU64,
+        old: Spte,
+        new: Spte,
+        gfn: Gfn,
+        level: Level,
+    ) -> Result<(), Spte> {
+        debug_assert!(!self.format().is_frozen(old), "a frozen SPTE belongs to another writer");
+        // Release publishes a new child table's entries to walkers that Acquire-load this SPTE; Acquire on
+        // failure makes the winner's value (and its child table) visible to our retry.
+        match entry.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                self.handle_changed_spte(as_id, gfn, old, new, level, LockMode::Shared);
+                Ok(())
+            }
+            Err(current) => Err(Spte(current)),
         }
     }
 
@@ -66,7 +85,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         old
     }
 
-    fn write_spte_exclusive(&self, entry: &crate::sync::AtomicU64, old: Spte, new: Spte) -> Spte {
+    fn write_spte_exclusive(&self, entry: &AtomicU64, old: Spte, new: Spte) -> Spte {
         if self.needs_atomic_update(old) {
             // Pairs with hardware's locked A/D update: the exchange returns the bits it set.
             Spte(entry.swap(new.0, Ordering::AcqRel))
@@ -93,6 +112,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
 
     /// The bookkeeping for one SPTE change at `level` mapping `gfn` (KVM's `handle_changed_spte`):
     /// statistics, trace event, invariant check, and removal of a table that is no longer linked.
+    #[inline(always)]
     pub(super) fn handle_changed_spte(
         &self,
         as_id: AsId,
@@ -102,15 +122,26 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         level: Level,
         mode: LockMode,
     ) {
-        let fmt = self.format();
         if old == new {
             return;
         }
         #[cfg(debug_assertions)]
-        if let Err(e) = fmt.check(new, level) {
+        if let Err(e) = self.format().check(new, level) {
             panic!("SPTE change at {gfn:?} {level:?} in {as_id:?}: {e}");
         }
         self.host.spte_changed(as_id, gfn, level, old, new);
+        // The fault path's common case, kept short: a leaf appears where nothing was.
+        if !old.is_present() && new.is_present() && new.is_leaf(level) {
+            self.stats.add_leaves(level, 1);
+            return;
+        }
+        self.handle_changed_slow(as_id, gfn, old, new, level, mode);
+    }
+
+    /// Everything but the common case of [`Mmu::handle_changed_spte`].
+    #[inline(never)]
+    fn handle_changed_slow(&self, as_id: AsId, gfn: Gfn, old: Spte, new: Spte, level: Level, mode: LockMode) {
+        let fmt = self.format();
         let was_leaf = old.is_present() && old.is_leaf(level);
         let is_leaf = new.is_present() && new.is_leaf(level);
         debug_assert!(

@@ -1,4 +1,5 @@
-//! Counters the MMU keeps (KVM's `pages_4k/2m/1g` and `pf_*` statistics), read as a snapshot.
+//! Counters the MMU keeps (KVM's `pages_4k/2m/1g` statistics), read as a snapshot. Fault outcomes are
+//! counted per vCPU, in the page cache.
 
 use crate::addr::Level;
 use crate::sync::{AtomicU64, Ordering};
@@ -10,14 +11,6 @@ pub struct MmuStats {
     pub leaves: [u64; 3],
     /// Non-root table pages linked into trees.
     pub tables: u64,
-    /// Faults that installed a mapping.
-    pub faults_fixed: u64,
-    /// Faults that found the mapping already there.
-    pub faults_spurious: u64,
-    /// Faults that lost a race and asked the vCPU to retry.
-    pub faults_retried: u64,
-    /// Faults handed back for emulation (MMIO, read-only slots).
-    pub faults_emulated: u64,
     /// MMIO SPTEs installed.
     pub mmio_sptes_created: u64,
     /// Huge leaves split into tables.
@@ -27,10 +20,6 @@ pub struct MmuStats {
 pub(super) struct Stats {
     leaves: [AtomicU64; 3],
     tables: AtomicU64,
-    pub(super) faults_fixed: AtomicU64,
-    pub(super) faults_spurious: AtomicU64,
-    pub(super) faults_retried: AtomicU64,
-    pub(super) faults_emulated: AtomicU64,
     pub(super) mmio_sptes_created: AtomicU64,
     pub(super) huge_splits: AtomicU64,
 }
@@ -41,15 +30,12 @@ impl Stats {
         Stats {
             leaves: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             tables: AtomicU64::new(0),
-            faults_fixed: AtomicU64::new(0),
-            faults_spurious: AtomicU64::new(0),
-            faults_retried: AtomicU64::new(0),
-            faults_emulated: AtomicU64::new(0),
             mmio_sptes_created: AtomicU64::new(0),
             huge_splits: AtomicU64::new(0),
         }
     }
 
+    #[inline]
     pub(super) fn add_leaves(&self, level: Level, n: i64) {
         if let Some(c) = self.leaves.get(level.idx()) {
             c.fetch_add(n as u64, Ordering::Relaxed);
@@ -69,10 +55,6 @@ impl Stats {
         MmuStats {
             leaves: [get(&self.leaves[0]), get(&self.leaves[1]), get(&self.leaves[2])],
             tables: get(&self.tables),
-            faults_fixed: get(&self.faults_fixed),
-            faults_spurious: get(&self.faults_spurious),
-            faults_retried: get(&self.faults_retried),
-            faults_emulated: get(&self.faults_emulated),
             mmio_sptes_created: get(&self.mmio_sptes_created),
             huge_splits: get(&self.huge_splits),
         }

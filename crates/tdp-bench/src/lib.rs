@@ -1,0 +1,24 @@
+//! `tdp-bench`: the benchmarks of `tdp-core` against peers and limits, measured in one run.
+//!
+//! The `tdp-bench` binary (run by `cargo xtask bench [--quick]`) prints a table `name | ours | peer |
+//! unit | ratio` and writes the same rows to `target/bench/summary.json`. The Criterion bench
+//! `benches/fault.rs` covers the 4 KiB fault against `x86_64`'s `map_to` for those who prefer Criterion.
+//! What each row measures, and why its peer or limit is a fair one, is in `docs/benchmarks.md`.
+//!
+//! Modules:
+//! - [`host`]: a lean single-threaded backend for `tdp-core` (arena of table pages, identity-style
+//!   translation, counting TLB flush).
+//! - [`ours`]: an MMU with one memslot and a vCPU's root, driven through the public API.
+//! - [`peer`]: `x86_64`'s `OffsetPageTable` over userspace memory, and the write / atomic sweeps.
+//! - [`floor`]: the design floor of a 4 KiB fault (read lock, atomic walk, compare-exchanges), a limit.
+//! - [`timing`]: medians of interleaved rounds.
+//! - [`suite`]: the comparisons.
+//! - [`report`]: rows, the table, the JSON file, the metadata accounting and the targets.
+
+pub mod floor;
+pub mod host;
+pub mod ours;
+pub mod peer;
+pub mod report;
+pub mod suite;
+pub mod timing;

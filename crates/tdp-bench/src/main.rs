@@ -1,0 +1,77 @@
+//! `tdp-bench`: runs every comparison of the benchmark suite in one process, prints the table and the
+//! targets, and writes `target/bench/summary.json` (see `docs/benchmarks.md`). Build it in release mode:
+//! `cargo run --release -p tdp-bench -- [--quick]`, or `cargo xtask bench [--quick]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use clap::builder::PossibleValuesParser;
+use tdp_bench::report;
+use tdp_bench::suite::{self, Config};
+
+/// Benchmarks tdp-core against x86_64's OffsetPageTable and memory-sweep limits.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Fewer repetitions (5 instead of 31) and fewer 2 MiB faults per repetition.
+    #[arg(long)]
+    quick: bool,
+    /// Override the number of recorded repetitions per comparison.
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Run only these groups (comma-separated): fault_4k, fault_2m, zap_range, zap_all, metadata.
+    #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(suite::GROUPS))]
+    only: Vec<String>,
+    /// Where to write the JSON summary [default: <workspace>/target/bench/summary.json].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn default_out() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let workspace = manifest.ancestors().nth(2).map_or(manifest.clone(), PathBuf::from);
+    workspace.join("target").join("bench").join("summary.json")
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let start = Instant::now();
+    let mut cfg = if args.quick { Config::QUICK } else { Config::FULL };
+    if let Some(reps) = args.reps {
+        cfg.reps = reps.max(1);
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("warning: tdp-bench built without optimizations; figures mean nothing (use --release)");
+    }
+    let mode = if args.quick { "quick" } else { "full" };
+    eprintln!("tdp-bench: {mode} run, {} rounds per comparison (median), {} warm-up", cfg.reps, cfg.warmup);
+    let outcome = suite::run(
+        &cfg,
+        |group| args.only.is_empty() || args.only.iter().any(|g| g == group),
+        |what| eprintln!("  measuring {what} ..."),
+    );
+
+    println!();
+    print!("{}", report::table(&outcome.rows));
+    println!();
+    for note in &outcome.notes {
+        println!("note: {note}");
+    }
+    for line in report::targets(&outcome.rows) {
+        println!("{line}");
+    }
+    let out = args.out.unwrap_or_else(default_out);
+    if let Err(e) = report::write_json(&outcome.rows, &out) {
+        eprintln!("tdp-bench: cannot write {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "wrote {} ({} rows) in {:.1} s",
+        out.display(),
+        outcome.rows.len(),
+        start.elapsed().as_secs_f64()
+    );
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,87 @@
+//! Our side of each benchmark: a `tdp_core::mmu::Mmu` on a [`BenchHost`], one memslot, one vCPU's root
+//! and page cache, driven only through `tdp-core`'s public API.
+
+use std::hint::black_box;
+
+use tdp_core::addr::{AsId, Gfn, Level, SlotId};
+use tdp_core::fault::{AccessKind, Fault, FaultKind};
+use tdp_core::memslot::{Memslot, SlotFlags};
+use tdp_core::mmu::{FaultOutcome, Mmu, MmuConfig, PageCache, RootRef};
+
+use crate::host::{Arena, BenchHost};
+
+/// Where guest RAM sits in the host: 1 TiB, aligned for every page size.
+pub const GUEST_RAM_HOST_BASE: u64 = 1 << 40;
+
+/// A fresh 4-level EPT MMU with one writable memslot of `pages` 4 KiB pages at gfn 0, and a loaded root.
+///
+/// Dropping it returns the root and the cache pages and drops the MMU, which tears its tree down; after
+/// that [`Arena::reset`] finds every page free.
+pub struct OurTree<'a> {
+    mmu: Mmu<BenchHost<'a>>,
+    cache: PageCache,
+    root: Option<RootRef>,
+}
+
+impl<'a> OurTree<'a> {
+    /// Builds the MMU on `arena`; the host maps guest memory at `host_level`.
+    ///
+    /// # Panics
+    /// If the slot is refused or the arena has no page for the root.
+    #[must_use]
+    pub fn new(arena: &'a Arena, host_level: Level, pages: u64) -> Self {
+        let mmu = Mmu::new(BenchHost::new(arena, host_level), MmuConfig::EPT).expect("EPT config is valid");
+        let slot = Memslot::new(AsId(0), SlotId(0), Gfn(0), pages, GUEST_RAM_HOST_BASE, SlotFlags::empty());
+        mmu.write().insert_memslot(slot).expect("the benchmark slot is valid");
+        let mut cache = PageCache::new();
+        let root = mmu.load_root(&mut cache, AsId(0)).expect("the arena has a page for the root");
+        OurTree { mmu, cache, root: Some(root) }
+    }
+
+    /// The MMU.
+    #[must_use]
+    pub fn mmu(&self) -> &Mmu<BenchHost<'a>> {
+        &self.mmu
+    }
+
+    /// Handles a write fault (EPT violation, nothing present) at each of `count` gfns `0, step, 2*step,
+    /// ...`, the way a vCPU's exit handler calls the MMU. Returns how many were not `Fixed` (0 when the
+    /// table started empty).
+    pub fn fault_each(&mut self, count: u64, step: u64) -> u64 {
+        let root = self.root.as_ref().expect("the root is held until drop");
+        let mut not_fixed = 0;
+        for i in 0..count {
+            let fault = Fault {
+                as_id: AsId(0),
+                gpa: Gfn(i * step).gpa(),
+                access: AccessKind::Write,
+                kind: FaultKind::Violation { present: false },
+            };
+            let outcome = self.mmu.handle_fault(&mut self.cache, root, black_box(fault));
+            not_fixed += u64::from(outcome != Ok(FaultOutcome::Fixed));
+        }
+        not_fixed
+    }
+
+    /// Zaps the leaves mapping `[0, pages)` under the write lock and runs the flush it owes (the
+    /// MMU-notifier path), flushing before the lock drops as KVM does. Tables stay linked.
+    pub fn zap_range(&mut self, pages: u64) {
+        let mut exclusive = self.mmu.write();
+        exclusive.zap_gfn_range(AsId(0), Gfn(0), Gfn(pages)).run(self.mmu.host());
+    }
+
+    /// Tears the whole tree down below the root ("zap all") and runs the flush it owes.
+    pub fn zap_all(&mut self) {
+        let mut exclusive = self.mmu.write();
+        exclusive.zap_all().run(self.mmu.host());
+    }
+}
+
+impl Drop for OurTree<'_> {
+    fn drop(&mut self) {
+        if let Some(root) = self.root.take() {
+            self.mmu.put_root(root);
+        }
+        self.cache.release(self.mmu.host());
+    }
+}
