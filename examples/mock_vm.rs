@@ -21,8 +21,8 @@ const MIB2: u64 = 512;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let host_config =
         HostConfig { table_capacity: 16 * 1024, host_level: Level::L3, ..HostConfig::default() };
-    let machine = Machine::new(MmuConfig::EPT, host_config);
-    let ram = machine.host.guest_ram_base();
+    let machine = Machine::new(MmuConfig::EPT, host_config)?;
+    let ram = machine.host().guest_ram_base();
     let slots = [
         // 1 GiB + 2 MiB + 12 pages at gfn 0: one 1 GiB leaf, one 2 MiB leaf, twelve 4 KiB leaves.
         Memslot::new(AsId(0), SlotId(0), Gfn(0), GIB + MIB2 + 12, ram, SlotFlags::empty()),
@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Memslot::new(AsId(0), SlotId(2), Gfn(8 * GIB), 32 * MIB2, ram + 5 * GIB * 4096, SlotFlags::READONLY),
     ];
     for slot in slots {
-        machine.mmu.write().insert_memslot(slot)?;
+        machine.mmu().write().insert_memslot(slot)?;
     }
     println!("memslots:");
     for s in &slots {
@@ -61,25 +61,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .iter_mut()
             .enumerate()
             .map(|(i, vcpu)| {
-                let mmu = Arc::clone(&machine.mmu);
+                let mmu = Arc::clone(machine.mmu());
                 scope.spawn(move || touch_half(&mmu, vcpu, &slots, i))
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("vCPU thread")).sum::<Result<u64, String>>()
     })?;
     let elapsed = started.elapsed();
-    let stats = machine.mmu.stats();
+    let fixed: u64 = vcpus.iter().map(|v| v.cache().counters.fixed).sum();
+    let spurious: u64 = vcpus.iter().map(|v| v.cache().counters.spurious).sum();
+    let retried: u64 = vcpus.iter().map(|v| v.cache().counters.retried).sum();
     println!(
         "\nfaulted in {} pages ({:.2} GiB) on 2 vCPUs in {elapsed:.2?}",
         touched,
         touched as f64 / GIB as f64
     );
-    report(&machine.mmu);
+    report(machine.mmu());
     println!(
         "  faults: {} fixed, {} spurious, {} retried; {:.0} ns per touched page",
-        stats.faults_fixed,
-        stats.faults_spurious,
-        stats.faults_retried,
+        fixed,
+        spurious,
+        retried,
         elapsed.as_nanos() as f64 / touched as f64
     );
     check_all(&machine, &vcpus, &slots)?;
@@ -87,35 +89,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // An access with no memslot is MMIO: the first installs an MMIO SPTE, the second hits it.
     let mmio = Gpa(16 * GIB * 4096);
     for round in ["first", "second"] {
-        let result = vcpus[0].access(&machine.mmu, mmio, AccessKind::Read)?;
+        let result = vcpus[0].access(machine.mmu(), mmio, AccessKind::Read)?;
         println!("{round} MMIO read at {mmio:?}: {result:?}");
     }
-    let ro = vcpus[1].access(&machine.mmu, Gfn(8 * GIB).gpa(), AccessKind::Write)?;
+    let ro = vcpus[1].access(machine.mmu(), Gfn(8 * GIB).gpa(), AccessKind::Write)?;
     println!("write to the read-only slot: {ro:?}");
     assert_eq!(ro, AccessResult::Emulated(EmulateReason::ReadOnlySlot));
 
     // Zap the middle GiB of slot 1 (its 4 KiB leaves) and fault one page back in.
     let (start, end) = (Gfn(4 * GIB + GIB / 2), Gfn(4 * GIB + GIB / 2 + GIB));
     let started = Instant::now();
-    machine.mmu.write().zap_gfn_range(AsId(0), start, end).run(machine.mmu.host());
+    machine.mmu().write().zap_gfn_range(AsId(0), start, end).run(machine.mmu().host());
     println!("\nzapped gfns {start:?}..{end:?} in {:.2?}", started.elapsed());
-    report(&machine.mmu);
-    let back = vcpus[0].access(&machine.mmu, start.gpa(), AccessKind::Write)?;
+    report(machine.mmu());
+    let back = vcpus[0].access(machine.mmu(), start.gpa(), AccessKind::Write)?;
     println!("refault at {start:?}: {back:?}");
     check_all(&machine, &vcpus, &slots)?;
 
     // Tear everything down: vCPUs drop their roots, the roots are invalidated and zapped.
     for vcpu in &mut vcpus {
-        vcpu.release(&machine.mmu);
+        vcpu.release(machine.mmu());
     }
     let started = Instant::now();
-    machine.mmu.write().invalidate_roots(None).run(machine.mmu.host());
-    machine.mmu.read().zap_invalidated_roots();
-    machine.host.reclaim();
+    machine.mmu().write().invalidate_roots(None).run(machine.mmu().host());
+    machine.mmu().read().zap_invalidated_roots();
+    machine.host().reclaim();
     println!("\ntore down every root in {:.2?}", started.elapsed());
-    report(&machine.mmu);
-    check_tables(&machine.mmu, &[]).map_err(|v| format!("I2 after teardown: {v:?}"))?;
-    println!("  table pages still allocated: {}", machine.host.alloc_stats().live);
+    report(machine.mmu());
+    check_tables(machine.mmu(), &[]).map_err(|v| format!("I2 after teardown: {v:?}"))?;
+    println!("  table pages still allocated: {}", machine.host().alloc_stats().live);
     println!("\nall invariant checks passed");
     Ok(())
 }
@@ -148,8 +150,8 @@ fn report(mmu: &Mmu<MockHost>) {
 }
 
 fn check_all(machine: &Machine, vcpus: &[Vcpu], slots: &[Memslot]) -> Result<(), String> {
-    let mmu = &machine.mmu;
-    let cache: Vec<_> = vcpus.iter().flat_map(|v| v.cache_pages().to_vec()).collect();
+    let mmu = machine.mmu();
+    let cache: Vec<_> = vcpus.iter().flat_map(|v| v.cache().pages().to_vec()).collect();
     let tables = check_tables(mmu, &cache).map_err(|v| format!("I2: {v:?}"))?;
     let root = vcpus[0].root().ok_or("vCPU 0 has no root")?;
     let leaves = check_translations(mmu, root, slots).map_err(|v| format!("I1: {v:?}"))?;

@@ -83,6 +83,11 @@ pub enum HostFaultError {
 }
 
 /// Translation from guest frames to host frames (KVM's `__kvm_faultin_pfn` and host mapping level).
+///
+/// It is called under the read side of the MMU lock, so it must not block for long. In exchange, a host
+/// that changes a mapping and then zaps the gfns under the write lock (an MMU-notifier path) cannot
+/// race with a fault that translated the old mapping: the fault installs before the zap or translates
+/// after it. This is what KVM's `mmu_invalidate_seq` achieves for translations taken without the lock.
 pub trait HostTranslate {
     /// The host page behind `gfn`, which lies in `slot`. `write` says the guest access is a write, so
     /// the host should make the page writable if it can (break copy-on-write).

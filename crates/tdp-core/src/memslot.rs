@@ -68,13 +68,13 @@ impl Memslot {
     #[must_use]
     #[inline]
     pub const fn end_gfn(&self) -> Gfn {
-        Gfn(self.base_gfn.0 + self.pages)
+        Gfn(self.base_gfn.0.saturating_add(self.pages))
     }
     /// Whether `gfn` lies in the slot.
     #[must_use]
     #[inline]
     pub const fn contains(&self, gfn: Gfn) -> bool {
-        gfn.0 >= self.base_gfn.0 && gfn.0 < self.base_gfn.0 + self.pages
+        gfn.0 >= self.base_gfn.0 && gfn.0 - self.base_gfn.0 < self.pages
     }
     /// The host address of `gfn`'s page. Meaningful only for a gfn in the slot.
     #[must_use]
@@ -341,7 +341,7 @@ mod tests {
     use super::*;
 
     fn slot(id: u16, base: u64, pages: u64) -> Memslot {
-        Memslot::new(AsId(0), SlotId(id), Gfn(base), pages, base * PAGE_SIZE, SlotFlags::empty())
+        Memslot::new(AsId(0), SlotId(id), Gfn(base), pages, base.wrapping_mul(PAGE_SIZE), SlotFlags::empty())
     }
 
     #[test]

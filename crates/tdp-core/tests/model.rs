@@ -80,14 +80,14 @@ struct World {
 impl World {
     fn new(config: MmuConfig, host_level: Level) -> Self {
         let host = HostConfig { host_level, table_capacity: 8192, ..HostConfig::default() };
-        let machine = Machine::new(config, host);
+        let machine = Machine::new(config, host).expect("valid MMU config");
         let vcpus = vec![machine.new_vcpu(AsId(0)), machine.new_vcpu(AsId(0)), machine.new_vcpu(AsId(1))];
         World { machine, vcpus, reference: Reference::default() }
     }
 
     fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
-        let mmu = &self.machine.mmu;
-        let host = &self.machine.host;
+        let mmu = self.machine.mmu();
+        let host = self.machine.host();
         match *op {
             Op::Insert { as_id, id, base, pages, readonly, host_shift } => {
                 let flags = if readonly { SlotFlags::READONLY } else { SlotFlags::empty() };
@@ -151,8 +151,8 @@ impl World {
     }
 
     fn check(&self) -> Result<(), TestCaseError> {
-        let mmu = &self.machine.mmu;
-        let cache_pages: Vec<_> = self.vcpus.iter().flat_map(|v| v.cache_pages().to_vec()).collect();
+        let mmu = self.machine.mmu();
+        let cache_pages: Vec<_> = self.vcpus.iter().flat_map(|v| v.cache().pages().to_vec()).collect();
         if let Err(v) = check_tables(mmu, &cache_pages) {
             return Err(TestCaseError::fail(format!("I2: {v:?}")));
         }
@@ -172,7 +172,7 @@ impl World {
     }
 
     fn finish(mut self) -> Result<(), TestCaseError> {
-        let mmu = self.machine.mmu.clone();
+        let mmu = self.machine.mmu().clone();
         for v in &mut self.vcpus {
             v.release(&mmu);
         }
@@ -218,5 +218,64 @@ proptest! {
     #[test]
     fn i1_i2_i3_hold_with_five_level_tables(ops in prop::collection::vec(op(), 1..30)) {
         run(MmuConfig { format: SpteFormat::EPT_AD, root_level: Level::L5 }, Level::L3, &ops)?;
+    }
+}
+
+/// The harness above must fail when the MMU's promises are broken; these two runs break one each.
+mod broken_variants {
+    use super::*;
+    use tdp_core::iter::TdpIter;
+
+    fn rw_slot(readonly: bool) -> Op {
+        Op::Insert { as_id: 0, id: 0, base: 0, pages: 512, readonly, host_shift: 0 }
+    }
+
+    #[test]
+    fn i3_a_missing_flush_is_caught() {
+        let ops = [
+            rw_slot(false),
+            Op::Access { vcpu: 0, gfn: 5, kind: AccessKind::Write },
+            Op::Zap { as_id: 0, start: 0, len: 512 },
+        ];
+        // Sound: the zap's flush reaches the TLBs.
+        run(MmuConfig::EPT, Level::L2, &ops).expect("the sound MMU passes");
+        // Broken: the host loses every flush the core asks for; vCPU 0 keeps the zapped translation.
+        let mut world = World::new(MmuConfig::EPT, Level::L2);
+        world.machine.host().set_drop_flushes(true);
+        let mut failure = None;
+        for op in &ops {
+            world.apply(op).expect("the ops themselves succeed");
+            if let Err(e) = world.check() {
+                failure = Some(e.to_string());
+                break;
+            }
+        }
+        let failure = failure.expect("a dropped flush must be reported");
+        assert!(failure.contains("I3"), "{failure}");
+    }
+
+    #[test]
+    fn i1_a_permission_above_the_slot_is_caught() {
+        let mut world = World::new(MmuConfig::NPT, Level::L2);
+        world.apply(&rw_slot(true)).expect("insert");
+        world.apply(&Op::Access { vcpu: 0, gfn: 5, kind: AccessKind::Read }).expect("read");
+        world.check().expect("the sound MMU passes");
+        // Break it: make the read-only slot's leaf writable, as a fault handler that ignored the slot's
+        // flags would (W with both software bits, so the SPTE itself is well-formed and only I1 is broken).
+        let mmu = world.machine.mmu();
+        let root = world.vcpus[0].root().expect("vCPU 0 has a root");
+        let fmt = *mmu.format();
+        let mut it = TdpIter::new(mmu.host(), &fmt, root.pfn(), Level::L4, Level::L1, Gfn(5), Gfn(6));
+        while it.valid() && !(it.old_spte.is_present() && it.old_spte.is_leaf(it.level())) {
+            it.next();
+        }
+        assert!(it.valid(), "the read mapped gfn 5");
+        let writable = tdp_core::spte::NptBits::WRITE.bits()
+            | tdp_core::spte::NPT_HOST_WRITABLE
+            | tdp_core::spte::NPT_MMU_WRITABLE;
+        it.entry().fetch_or(writable, std::sync::atomic::Ordering::SeqCst);
+        drop(it);
+        let failure = world.check().expect_err("a writable leaf in a read-only slot must be reported");
+        assert!(failure.to_string().contains("I1"), "{failure}");
     }
 }

@@ -1,1 +1,35 @@
-//! Placeholder being written.
+//! `tdp-mock`: a software model of the hardware and host under `tdp-core`, to run the whole MMU
+//! deterministically in tests and doc examples.
+//!
+//! Map of the modules:
+//! - [`host`]: [`MockHost`], which implements every `tdp-core` host trait: a table-page arena with
+//!   poisoning and RCU-like deferred free (I2), guest RAM and host translation, TLB-flush fan-out.
+//! - [`walker`]: the hardware page walker, decoding raw EPT / NPT entries with its own constants
+//!   transcribed from the Intel SDM and AMD APM, independent of `tdp_core::spte` (I1, I2).
+//! - [`tlb`]: a vCPU's TLB, the state the I3 checker audits.
+//! - [`vcpu`] and [`machine`]: simulated vCPUs running the hardware loop (TLB, walk, exit, fault
+//!   handler) on a shared `Mmu<MockHost>`.
+//! - [`checker`]: the invariant checkers `check_tables` (I2), `check_translations` (I1) and
+//!   `check_tlbs` (I3).
+#![forbid(unsafe_code)]
+
+pub mod checker;
+pub mod host;
+pub mod machine;
+pub mod tlb;
+pub mod vcpu;
+pub mod walker;
+
+pub use checker::{TableReport, Violation, check_tables, check_tlbs, check_translations};
+pub use host::{
+    AllocStats, FlushStats, GUEST_RAM_BASE_PFN, HostConfig, MockHost, POISON, PageState, TABLE_BASE_PFN,
+};
+pub use machine::Machine;
+pub use tlb::{TLB_CAPACITY, Tlb, TlbEntry};
+pub use vcpu::{AccessResult, Vcpu, VcpuError};
+pub use walker::{Hardware, WalkMode, WalkOutcome, walk};
+
+/// Locks `m`, ignoring poisoning: a test thread that panicked must not hide the state from the checkers.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

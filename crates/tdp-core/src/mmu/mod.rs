@@ -283,7 +283,8 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     }
 
     /// KVM zaps every MMIO SPTE when the generation's low bits wrap, since an old SPTE could match
-    /// again; here every root is invalidated and the TLBs flushed.
+    /// again; here every root is invalidated and the TLBs flushed. The old trees are freed by the next
+    /// [`SharedMmu::zap_invalidated_roots`], which the caller runs (see [`ExclusiveMmu::invalidate_roots`]).
     fn after_generation_bump(&mut self) {
         let mask = (1u64 << crate::spte::MMIO_GEN_BITS) - 1;
         if self.slots.generation() & mask == 0 {

@@ -51,8 +51,12 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
 
     /// Marks the roots of `as_id` (or of every address space) invalid, so that each vCPU reloads a new
     /// root at its next fault (KVM's fast zap). Their trees are zapped later, under the read lock, by
-    /// [`SharedMmu::zap_invalidated_roots`]. The returned full flush must be run before that zap: then
-    /// no vCPU holds a translation from an invalid root.
+    /// [`SharedMmu::zap_invalidated_roots`], which the caller must run (a worker, or the next vCPU).
+    ///
+    /// Contract, as with KVM's `KVM_REQ_MMU_FREE_OBSOLETE_ROOTS`: the caller runs the returned full flush
+    /// and makes every vCPU check [`Mmu::root_is_valid`] before it next enters the guest, reloading an
+    /// invalid root; then no vCPU holds or creates a translation through an invalid root, and zapping
+    /// one owes no flush.
     pub fn invalidate_roots(&mut self, as_id: Option<AsId>) -> Flush {
         if self.mmu.roots.invalidate(as_id) > 0 { Flush::all() } else { Flush::none() }
     }
@@ -102,16 +106,25 @@ impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// Zaps every entry of the root table at `root`, freeing the whole tree below it. `relock` drops and
-    /// retakes the MMU lock when the host asks to yield. Returns whether anything was present.
+    /// retakes the MMU lock when the host asks to yield. Returns whether anything was present; the
+    /// caller owes a full flush for it (except what was flushed before a yield, in exclusive mode).
+    /// In shared mode the root is invalid and its flush was owed by the invalidation.
     fn zap_root(&self, root: Pfn, as_id: AsId, mode: LockMode, relock: &mut dyn FnMut()) -> bool {
         let fmt = self.format();
         let nonpresent = fmt.nonpresent();
         let level = self.config.root_level;
         let end = self.config.max_gfn();
         let mut any = false;
+        // Zapped since the last flush. Under the write lock, what is zapped must be flushed before the
+        // lock is dropped: others would see the entries non-present and owe no flush for them.
+        let mut unflushed = false;
         let mut it = TdpIter::new(&self.host, fmt, root, level, level, Gfn(0), end);
         while it.valid() {
             if it.may_yield() && self.host.should_yield() {
+                if mode == LockMode::Exclusive && unflushed {
+                    Flush::all().run(&self.host);
+                    unflushed = false;
+                }
                 it.yield_with(&mut *relock);
                 continue;
             }
@@ -121,6 +134,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
                 continue;
             }
             any |= old.is_present();
+            unflushed |= old.is_present();
             match mode {
                 LockMode::Exclusive => {
                     self.set_spte_exclusive(as_id, &mut it, nonpresent);

@@ -1,0 +1,115 @@
+//! The `tdp-core` host traits for [`MockHost`]: table memory over the arena, translation of memslot
+//! gfns to guest-RAM frames, flushes fanned out to the registered vCPU TLBs (or dropped, for broken
+//! variants), the yield hint with its test hook, and event counters.
+//!
+//! Checks: I2 through the arena (`table` and the frees panic with "I2 violation:" on misuse); I1's host
+//! side (a read-only host page is never reported writable, and no huge host mapping covers it).
+
+use std::sync::atomic::Ordering;
+
+use tdp_core::addr::{AsId, Gfn, Level, PAGE_SHIFT, Pfn};
+use tdp_core::host::{
+    AllocError, HostFaultError, HostPage, HostTranslate, MmuEvents, MmuYield, Table, TableMemory, TlbFlush,
+};
+use tdp_core::memslot::Memslot;
+use tdp_core::spte::Spte;
+
+use super::{MockHost, MockWalkGuard};
+use crate::lock;
+
+impl TableMemory for MockHost {
+    type WalkGuard<'a> = MockWalkGuard<'a>;
+
+    fn alloc_table(&self, fill: Spte) -> Result<Pfn, AllocError> {
+        self.0.arena.alloc(fill.0).ok_or(AllocError)
+    }
+
+    /// # Panics
+    /// "I2 violation: ..." when `pfn` is not an arena page or the page is free.
+    fn table(&self, pfn: Pfn) -> &Table {
+        self.jitter();
+        self.0.arena.table(pfn)
+    }
+
+    /// # Panics
+    /// "I2 violation: ..." when the page is not live (double free).
+    fn free_table_deferred(&self, pfn: Pfn) {
+        self.0.arena.free_deferred(pfn);
+    }
+
+    /// # Panics
+    /// "I2 violation: ..." when the page is not live (double free).
+    fn free_table_now(&self, pfn: Pfn) {
+        self.0.arena.free_now(pfn);
+    }
+
+    fn begin_walk(&self) -> MockWalkGuard<'_> {
+        self.0.arena.begin_walk();
+        MockWalkGuard { host: self }
+    }
+}
+
+impl HostTranslate for MockHost {
+    fn translate(&self, slot: &Memslot, gfn: Gfn, write: bool) -> Result<HostPage, HostFaultError> {
+        // The mock has no copy-on-write to break: a write asks for nothing a read would not get.
+        let _ = write;
+        if !slot.contains(gfn) {
+            return Err(HostFaultError::NoPage { gfn });
+        }
+        let pfn = Pfn(slot.host_addr(gfn) >> PAGE_SHIFT);
+        let level = self.host_level(pfn).ok_or(HostFaultError::NoPage { gfn })?;
+        Ok(HostPage { pfn, writable: !self.is_host_readonly(pfn), level })
+    }
+}
+
+impl TlbFlush for MockHost {
+    fn flush_all(&self) {
+        self.0.flushes_all.fetch_add(1, Ordering::Relaxed);
+        if self.flushes_applied() {
+            self.tlbs().iter().for_each(|t| t.flush_all());
+        }
+    }
+
+    fn flush_range(&self, as_id: AsId, start: Gfn, pages: u64) {
+        // TLB entries are tagged by root, not address space: flushing the range in every root is a
+        // superset of what was asked.
+        let _ = as_id;
+        self.0.flushes_range.fetch_add(1, Ordering::Relaxed);
+        if self.flushes_applied() {
+            self.tlbs().iter().for_each(|t| t.flush_range(start, pages));
+        }
+    }
+}
+
+impl MmuYield for MockHost {
+    fn should_yield(&self) -> bool {
+        match self.0.config.yield_every {
+            Some(n) if n > 0 => (self.0.yield_calls.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(n),
+            _ => false,
+        }
+    }
+
+    fn yield_now(&self) {
+        self.0.yields.fetch_add(1, Ordering::Relaxed);
+        // Cloned out first: the hook may yield again (and so re-enter here) through the MMU.
+        let hook = lock(&self.0.yield_hook).clone();
+        match hook {
+            Some(hook) => hook(),
+            None => std::thread::yield_now(),
+        }
+    }
+}
+
+impl MmuEvents for MockHost {
+    fn spte_changed(&self, as_id: AsId, gfn: Gfn, level: Level, old: Spte, new: Spte) {
+        let _ = (as_id, gfn, level, old, new);
+        self.0.events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn table_linked(&self, pfn: Pfn, level: Level, linked: bool) {
+        let _ = (pfn, level);
+        if !linked {
+            self.0.tables_unlinked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! [`Vcpu`]: a simulated virtual CPU running the hardware loop on a shared `Mmu<MockHost>`: TLB lookup,
+//! page walk, exit, the core's fault handler, re-execution. It plays both the processor and the part of
+//! the hypervisor that reacts to exits (root loads with a TLB flush of the new root, as KVM's
+//! `kvm_mmu_load` does).
+//!
+//! Checks: I2 at run time (a walk that reaches a freed table is an error, never a read of poison), and
+//! forward progress (an access that needs more than [`MAX_ROUNDS`] exits is reported as a livelock).
+
+use std::sync::Arc;
+
+use tdp_core::addr::{AsId, Gpa, Level, PAGE_SIZE, Pfn};
+use tdp_core::fault::{AccessKind, DecodeError, Fault};
+use tdp_core::host::AllocError;
+use tdp_core::mmu::{EmulateReason, FaultError, FaultOutcome, Mmu, PageCache, RootRef};
+use tdp_core::spte::{Access, TdpKind};
+
+use crate::host::MockHost;
+use crate::tlb::Tlb;
+use crate::walker::{Hardware, WalkMode, WalkOutcome, access_right, npf_reserved_code, walk};
+
+/// Exits one access may take before it is reported as [`VcpuError::Livelock`].
+pub const MAX_ROUNDS: usize = 64;
+
+/// How an access completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessResult {
+    /// The access retired through a translation.
+    Done {
+        /// The 4 KiB host frame accessed.
+        pfn: Pfn,
+        /// The rights of the translation used.
+        rights: Access,
+        /// The translation came from the TLB (no walk).
+        from_tlb: bool,
+    },
+    /// The fault handler asked for emulation (MMIO, or a write to a read-only slot).
+    Emulated(EmulateReason),
+}
+
+/// Why an access could not complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VcpuError {
+    /// No table page for the vCPU's root.
+    #[error("no table page for a root: {0}")]
+    Root(#[from] AllocError),
+    /// The fault handler failed.
+    #[error("the fault handler failed: {0}")]
+    Fault(#[from] FaultError),
+    /// The walker produced exit data the core cannot decode (a bug in the mock).
+    #[error("exit data could not be decoded: {0}")]
+    Decode(#[from] DecodeError),
+    /// The walk reached a freed table page: an I2 violation.
+    #[error("I2 violation: the walk reached freed table page {pfn:?}")]
+    FreedTable {
+        /// The freed frame.
+        pfn: Pfn,
+    },
+    /// The access took more than [`MAX_ROUNDS`] exits.
+    #[error("no forward progress at {gpa:?} after {MAX_ROUNDS} exits")]
+    Livelock {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// A data helper ([`Vcpu::read_u64`], [`Vcpu::write_u64`]) hit an access that needs emulation.
+    #[error("the access at {gpa:?} needs emulation ({reason:?})")]
+    Emulate {
+        /// The address.
+        gpa: Gpa,
+        /// Why.
+        reason: EmulateReason,
+    },
+    /// A data helper was given an address that is not 8-byte aligned.
+    #[error("{gpa:?} is not 8-byte aligned")]
+    Unaligned {
+        /// The address.
+        gpa: Gpa,
+    },
+}
+
+/// A walk that did not translate: the exit it causes.
+enum Exit {
+    /// The root was invalidated: reload before walking (no exit; KVM's request at VM entry).
+    Reload,
+    Violation(u64),
+    Misconfig,
+    FreedTable(Pfn),
+}
+
+/// A simulated vCPU. It is `Send`: tests run vCPUs on threads over an `Arc<Mmu<MockHost>>`.
+///
+/// Before it is dropped, [`Vcpu::release`] must return its root reference and page cache; a vCPU
+/// dropped without it leaks pages, which `check_tables` reports.
+#[derive(Debug)]
+pub struct Vcpu {
+    id: u32,
+    as_id: AsId,
+    root: Option<RootRef>,
+    cache: PageCache,
+    tlb: Arc<Tlb>,
+    hw: Hardware,
+    root_level: Level,
+}
+
+impl Vcpu {
+    /// A vCPU of `mmu`'s VM in address space `as_id`, with its TLB registered with the host.
+    pub fn new(id: u32, as_id: AsId, mmu: &Mmu<MockHost>) -> Vcpu {
+        let tlb = Arc::new(Tlb::new());
+        mmu.host().register_tlb(Arc::clone(&tlb));
+        Vcpu {
+            id,
+            as_id,
+            root: None,
+            cache: PageCache::new(),
+            tlb,
+            hw: Hardware::for_config(mmu.config()),
+            root_level: mmu.config().root_level,
+        }
+    }
+
+    /// The vCPU's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+    /// The address space it runs in.
+    pub fn as_id(&self) -> AsId {
+        self.as_id
+    }
+    /// Its current root, once one is loaded.
+    pub fn root(&self) -> Option<&RootRef> {
+        self.root.as_ref()
+    }
+    /// Its page cache.
+    pub fn cache(&self) -> &PageCache {
+        &self.cache
+    }
+    /// Its TLB.
+    pub fn tlb(&self) -> &Tlb {
+        &self.tlb
+    }
+    /// The hardware it simulates.
+    pub fn hardware(&self) -> Hardware {
+        self.hw
+    }
+
+    /// Performs one guest access to `gpa`: TLB, walk, and as many exits and fault-handler calls as the
+    /// access needs. A root is loaded first if the vCPU has none or its root was invalidated (KVM's
+    /// `KVM_REQ_MMU_FREE_OBSOLETE_ROOTS` at VM entry).
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gfn, Gpa, SlotId};
+    /// use tdp_core::fault::AccessKind;
+    /// use tdp_core::memslot::SlotFlags;
+    /// use tdp_core::mmu::{EmulateReason, MmuConfig};
+    /// use tdp_mock::{AccessResult, HostConfig, Machine};
+    ///
+    /// let m = Machine::new(MmuConfig::EPT, HostConfig::default())?;
+    /// m.mmu().write().insert_memslot(m.ram_slot(AsId(0), SlotId(0), Gfn(0), 1024, SlotFlags::empty()))?;
+    /// let mut vcpu = m.new_vcpu(AsId(0));
+    /// let first = vcpu.access(m.mmu(), Gpa(0x1008), AccessKind::Write)?;
+    /// assert!(matches!(first, AccessResult::Done { from_tlb: false, .. }));
+    /// let again = vcpu.access(m.mmu(), Gpa(0x1010), AccessKind::Read)?;
+    /// assert!(matches!(again, AccessResult::Done { from_tlb: true, .. }));
+    /// let mmio = vcpu.access(m.mmu(), Gpa(0x1000_0000), AccessKind::Read)?;
+    /// assert_eq!(mmio, AccessResult::Emulated(EmulateReason::Mmio));
+    /// vcpu.release(m.mmu());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`VcpuError`]: the fault handler's error, a root that cannot be allocated, a walk into a freed
+    /// table, or no progress after [`MAX_ROUNDS`] exits. The tables are consistent after each.
+    pub fn access(
+        &mut self,
+        mmu: &Mmu<MockHost>,
+        gpa: Gpa,
+        access: AccessKind,
+    ) -> Result<AccessResult, VcpuError> {
+        let need = access_right(access);
+        let gfn = gpa.gfn();
+        let mut root = self.entry_root(mmu)?;
+        for _ in 0..MAX_ROUNDS {
+            let (hw, level) = (self.hw, self.root_level);
+            let current = self.root.as_ref().expect("entry_root loaded a root");
+            let outcome = self.tlb.with_locked(|tlb| {
+                // Checked under the TLB lock, which every flush takes: a flush that follows an
+                // invalidation waits for this round, as KVM's kick waits for the vCPU to leave guest
+                // mode, and a round after the flush sees the root invalid and reloads.
+                if !mmu.root_is_valid(current) {
+                    return Err(Exit::Reload);
+                }
+                if let Some((pfn, rights)) = tlb.lookup(root, gfn)
+                    && rights.contains(need)
+                {
+                    return Ok(AccessResult::Done { pfn, rights, from_tlb: true });
+                }
+                match walk(mmu.host(), hw, root, level, gpa, access, WalkMode::Access) {
+                    WalkOutcome::Translated { pfn, level, rights } => {
+                        let first = Pfn(pfn.0 - (gfn.0 - gfn.align_down(level).0));
+                        tlb.insert(root, gfn, level, first, rights);
+                        Ok(AccessResult::Done { pfn, rights, from_tlb: false })
+                    }
+                    WalkOutcome::Violation { exit } => Err(Exit::Violation(exit)),
+                    WalkOutcome::Misconfig => Err(Exit::Misconfig),
+                    WalkOutcome::FreedTable { pfn } => Err(Exit::FreedTable(pfn)),
+                }
+            });
+            let fault = match outcome {
+                Ok(done) => return Ok(done),
+                Err(Exit::Reload) => {
+                    root = self.reload_root(mmu)?;
+                    continue;
+                }
+                Err(Exit::FreedTable(pfn)) => return Err(VcpuError::FreedTable { pfn }),
+                Err(Exit::Violation(exit)) => {
+                    // Hardware drops the faulting address's translations when it reports the exit.
+                    self.tlb.invalidate_gfn(gfn);
+                    match self.hw.kind {
+                        TdpKind::Ept => Fault::from_ept_violation(self.as_id, gpa, exit)?,
+                        TdpKind::Npt => Fault::from_npf(self.as_id, gpa, exit)?,
+                    }
+                }
+                Err(Exit::Misconfig) => match self.hw.kind {
+                    TdpKind::Ept => Fault::from_ept_misconfig(self.as_id, gpa),
+                    TdpKind::Npt => Fault::from_npf(self.as_id, gpa, npf_reserved_code(access))?,
+                },
+            };
+            let current = self.root.as_ref().expect("entry_root loaded a root");
+            match mmu.handle_fault(&mut self.cache, current, fault)? {
+                FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry => {}
+                FaultOutcome::ReloadRoot => root = self.reload_root(mmu)?,
+                FaultOutcome::Emulate(reason) => return Ok(AccessResult::Emulated(reason)),
+            }
+        }
+        Err(VcpuError::Livelock { gpa })
+    }
+
+    /// Writes `value` at `gpa` (8-byte aligned) through an access, returning the frame written.
+    ///
+    /// # Errors
+    /// As [`Vcpu::access`]; [`VcpuError::Emulate`] when the access needs emulation (nothing written);
+    /// [`VcpuError::Unaligned`].
+    pub fn write_u64(&mut self, mmu: &Mmu<MockHost>, gpa: Gpa, value: u64) -> Result<Pfn, VcpuError> {
+        let pfn = self.data_access(mmu, gpa, AccessKind::Write)?;
+        mmu.host().write_u64(pfn, gpa.page_offset(), value);
+        Ok(pfn)
+    }
+
+    /// Reads the `u64` at `gpa` (8-byte aligned) through an access.
+    ///
+    /// # Errors
+    /// As [`Vcpu::write_u64`].
+    pub fn read_u64(&mut self, mmu: &Mmu<MockHost>, gpa: Gpa) -> Result<u64, VcpuError> {
+        let pfn = self.data_access(mmu, gpa, AccessKind::Read)?;
+        Ok(mmu.host().read_u64(pfn, gpa.page_offset()))
+    }
+
+    /// Returns the root reference and the page cache to the MMU. The vCPU may run again afterwards.
+    pub fn release(&mut self, mmu: &Mmu<MockHost>) {
+        if let Some(root) = self.root.take() {
+            mmu.put_root(root);
+        }
+        self.cache.release(mmu.host());
+    }
+
+    fn data_access(&mut self, mmu: &Mmu<MockHost>, gpa: Gpa, access: AccessKind) -> Result<Pfn, VcpuError> {
+        if !gpa.0.is_multiple_of(8) || gpa.page_offset() > PAGE_SIZE - 8 {
+            return Err(VcpuError::Unaligned { gpa });
+        }
+        match self.access(mmu, gpa, access)? {
+            AccessResult::Done { pfn, .. } => Ok(pfn),
+            AccessResult::Emulated(reason) => Err(VcpuError::Emulate { gpa, reason }),
+        }
+    }
+
+    /// The root to run on at VM entry: the current one if still valid, else a fresh one.
+    fn entry_root(&mut self, mmu: &Mmu<MockHost>) -> Result<Pfn, VcpuError> {
+        match &self.root {
+            Some(root) if mmu.root_is_valid(root) => Ok(root.pfn()),
+            _ => self.reload_root(mmu),
+        }
+    }
+
+    /// Puts the current root (if any) and loads one, flushing the TLB entries tagged with either: the
+    /// old root's are unreachable once it is no longer loaded, and a root frame may be reused while
+    /// hardware still holds translations from its previous life (KVM flushes on every root load).
+    fn reload_root(&mut self, mmu: &Mmu<MockHost>) -> Result<Pfn, VcpuError> {
+        if let Some(old) = self.root.take() {
+            self.tlb.flush_root(old.pfn());
+            mmu.put_root(old);
+        }
+        let root = mmu.load_root(&mut self.cache, self.as_id)?;
+        let pfn = root.pfn();
+        self.tlb.flush_root(pfn);
+        self.root = Some(root);
+        Ok(pfn)
+    }
+}
