@@ -3,7 +3,7 @@
 //! Every task a developer or CI runs goes through `cargo xtask` (an alias in `.cargo/config.toml`), so CI
 //! is one cargo command that anyone can run locally; `.ci/run` only changes to the repository root and calls
 //! `cargo xtask ci`. Map of the modules:
-//! - [`bench`]: `cargo xtask bench`, the one-run benchmark of tdp beside its peers.
+//! - [`bench`](mod@bench): `cargo xtask bench`, the one-run benchmark of tdp beside its peers.
 //! - [`ci`]: the ordered CI steps and the step runner that fails fast and names the failing step.
 //! - [`cmd`]: running child commands with their command line echoed, and finding the repository root.
 //! - [`install`]: idempotent installation of rustup components and Debian packages.
