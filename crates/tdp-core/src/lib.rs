@@ -16,6 +16,8 @@
 //! - [`spte`]: the SPTE newtype and the EPT / NPT formats, as data.
 //! - [`iter`]: the pre-order table iterator with KVM's yield-and-restart rule.
 //! - [`memslot`]: memslots, their validation and lookup.
+//! - [`dirty_ring`]: KVM's dirty ring, producer and consumer, over any memory.
+//! - [`dirty_bitmap`]: KVM's per-memslot dirty bitmap, get-and-clear and manual-protect.
 //! - [`host`]: the traits the environment implements.
 //! - [`flush`]: must-use TLB flush requests.
 //! - [`fault`]: fault input decoded from EPT-violation qualifications and NPF error codes.
@@ -26,6 +28,8 @@
 extern crate alloc;
 
 pub mod addr;
+pub mod dirty_bitmap;
+pub mod dirty_ring;
 pub mod fault;
 pub mod flush;
 pub mod host;

@@ -1,0 +1,1 @@
+//! The dirty bitmap (being written): KVM's per-memslot dirty log.
