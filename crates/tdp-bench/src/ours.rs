@@ -57,7 +57,7 @@ impl<'a> OurTree<'a> {
                 access: AccessKind::Write,
                 kind: FaultKind::Violation { present: false },
             };
-            let outcome = self.mmu.handle_fault(&mut self.cache, root, black_box(fault));
+            let outcome = self.mmu.handle_fault(&mut self.cache, root, black_box(fault), &mut ());
             not_fixed += u64::from(outcome != Ok(FaultOutcome::Fixed));
         }
         not_fixed

@@ -133,6 +133,21 @@ pub trait MmuEvents {
     }
 }
 
+/// Where `mark_page_dirty` goes (KVM's `mark_page_dirty_in_slot`): the faulting vCPU's dirty ring, or
+/// the memslot's dirty bitmap. It is passed to each fault, because a ring belongs to one vCPU.
+///
+/// The MMU calls it only for dirty-logged slots: when a fault installs a writable SPTE, and when the
+/// fast path makes a write-protected one writable again. A VM that never logs passes `&mut ()`.
+pub trait DirtySink {
+    /// `gfn` of `slot` is being written.
+    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn);
+}
+
+/// No dirty logging: marks go nowhere.
+impl DirtySink for () {
+    fn mark_dirty(&mut self, _slot: &Memslot, _gfn: Gfn) {}
+}
+
 /// Everything the MMU needs from its environment.
 pub trait Host: TableMemory + HostTranslate + TlbFlush + MmuYield + MmuEvents {}
 

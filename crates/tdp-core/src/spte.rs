@@ -163,8 +163,13 @@ pub enum LeafWrite {
     /// Write-protected for dirty logging: W clear, MMU-writable and host-writable set, so the fast path
     /// may make it writable again without the MMU lock.
     WriteProtected,
-    /// Writable: W, MMU-writable and host-writable all set.
+    /// Writable: W, MMU-writable and host-writable all set, and D set (with A/D bits) since the fault
+    /// installing it is a write or soon will be.
     Writable,
+    /// Writable with D clear: for a read fault in a dirty-logged slot when hardware has A/D bits, so
+    /// that the first write sets D (and logs to PML) instead of going unrecorded. Without A/D bits it is
+    /// the same as [`LeafWrite::Writable`].
+    WritableClean,
 }
 
 /// Everything besides the frame and level that goes into a new leaf SPTE.
@@ -530,6 +535,9 @@ impl SpteFormat {
             LeafWrite::Writable => {
                 self.host_writable_mask | self.mmu_writable_mask | EptBits::WRITE.bits() | self.dirty_mask
             }
+            LeafWrite::WritableClean => {
+                self.host_writable_mask | self.mmu_writable_mask | EptBits::WRITE.bits()
+            }
         };
         Spte(spte)
     }
@@ -547,6 +555,27 @@ impl SpteFormat {
                 | self.accessed_mask
                 | (child.hpa() & PFN_MASK),
         )
+    }
+
+    /// `spte` without the hardware W bit; MMU-writable stays, so the fast path may restore W (dirty-log
+    /// write protection, KVM's `wrprot_gfn_range`).
+    #[must_use]
+    #[inline]
+    pub const fn write_protected(&self, spte: Spte) -> Spte {
+        Spte(spte.0 & !EptBits::WRITE.bits())
+    }
+    /// `spte` with D clear (KVM's `clear_dirty_gfn_range` with A/D bits): hardware sets it, and logs
+    /// the gfn to PML, at the next write.
+    #[must_use]
+    #[inline]
+    pub const fn cleaned(&self, spte: Spte) -> Spte {
+        Spte(spte.0 & !self.dirty_mask)
+    }
+    /// A write-protected, MMU-writable `spte` made writable again (and dirty), as the fast path does.
+    #[must_use]
+    #[inline]
+    pub const fn made_writable(&self, spte: Spte) -> Spte {
+        Spte(spte.0 | EptBits::WRITE.bits() | self.dirty_mask)
     }
 
     /// The SPTE at `index` of the table that replaces huge leaf `huge` at `huge_level` (KVM's

@@ -61,7 +61,7 @@ fn i2_a_failed_topup_at_every_allocation_point_changes_nothing() {
             let live_before = host.alloc_stats().live;
             host.set_alloc_budget(Some(budget));
             let mut cache = PageCache::new();
-            let result = mmu.handle_fault(&mut cache, &root, write_fault(0x12345));
+            let result = mmu.handle_fault(&mut cache, &root, write_fault(0x12345), &mut ());
             host.set_alloc_budget(None);
             match result {
                 Err(FaultError::Alloc(_)) => {
@@ -107,7 +107,7 @@ fn i2_a_cache_too_small_for_the_walk_is_refused_before_any_change() {
     host.set_alloc_budget(None);
     assert_eq!(cache.len(), 1);
     let before = snapshot(&mmu);
-    let result = mmu.read().page_fault(&mut cache, &root, write_fault(7));
+    let result = mmu.read().page_fault(&mut cache, &root, write_fault(7), &mut ());
     assert_eq!(result, Err(FaultError::CacheTooSmall { have: cache.len(), need: 3 }));
     assert_eq!(snapshot(&mmu), before);
     check_tables(&mmu, cache.pages()).expect("consistent");
@@ -123,7 +123,7 @@ fn i2_splitting_a_huge_page_under_allocation_failure_keeps_the_huge_leaf() {
     let (mmu, host) = machine(Level::L3);
     let mut cache = PageCache::new();
     let root = mmu.load_root(&mut cache, AsId(0)).expect("room");
-    assert_eq!(mmu.handle_fault(&mut cache, &root, write_fault(5)), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.handle_fault(&mut cache, &root, write_fault(5), &mut ()), Ok(FaultOutcome::Fixed));
     assert_eq!(mmu.stats().leaves, [0, 0, 1], "one 1 GiB leaf");
     cache.release(mmu.host());
     // Dirty logging forces 4K mappings: the next fault must split 1G -> 2M -> 4K (two tables).
@@ -133,12 +133,15 @@ fn i2_splitting_a_huge_page_under_allocation_failure_keeps_the_huge_leaf() {
         .run(mmu.host());
     let before = snapshot(&mmu);
     host.set_alloc_budget(Some(2));
-    assert!(matches!(mmu.handle_fault(&mut cache, &root, write_fault(5)), Err(FaultError::Alloc(_))));
+    assert!(matches!(
+        mmu.handle_fault(&mut cache, &root, write_fault(5), &mut ()),
+        Err(FaultError::Alloc(_))
+    ));
     host.set_alloc_budget(None);
     assert_eq!(snapshot(&mmu), before);
     assert_eq!(mmu.stats().leaves, [0, 0, 1]);
     // The split children keep the huge leaf's rights, so the 4K leaf the fault wants is already there.
-    assert_eq!(mmu.handle_fault(&mut cache, &root, write_fault(5)), Ok(FaultOutcome::Spurious));
+    assert_eq!(mmu.handle_fault(&mut cache, &root, write_fault(5), &mut ()), Ok(FaultOutcome::Spurious));
     assert_eq!(mmu.stats().leaves, [512, 511, 0], "split into 511 2M leaves and 512 4K leaves");
     assert_eq!(mmu.stats().huge_splits, 2);
     check_tables(&mmu, cache.pages()).expect("consistent after the split");

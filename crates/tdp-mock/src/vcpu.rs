@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tdp_core::addr::{AsId, Gpa, Level, PAGE_SIZE, Pfn};
 use tdp_core::fault::{AccessKind, DecodeError, Fault};
 use tdp_core::host::AllocError;
+use tdp_core::host::DirtySink;
 use tdp_core::mmu::{EmulateReason, FaultError, FaultOutcome, Mmu, PageCache, RootRef};
 use tdp_core::spte::{Access, TdpKind};
 
@@ -91,7 +92,6 @@ enum Exit {
 ///
 /// Before it is dropped, [`Vcpu::release`] must return its root reference and page cache; a vCPU
 /// dropped without it leaks pages, which `check_tables` reports.
-#[derive(Debug)]
 pub struct Vcpu {
     id: u32,
     as_id: AsId,
@@ -100,6 +100,20 @@ pub struct Vcpu {
     tlb: Arc<Tlb>,
     hw: Hardware,
     root_level: Level,
+    /// Where the fault handler's dirty marks go (this vCPU's ring, or the VM's bitmaps); none by default.
+    dirty: Box<dyn DirtySink + Send>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("id", &self.id)
+            .field("as_id", &self.as_id)
+            .field("root", &self.root)
+            .field("cache", &self.cache)
+            .field("hw", &self.hw)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Vcpu {
@@ -115,7 +129,13 @@ impl Vcpu {
             tlb,
             hw: Hardware::for_config(mmu.config()),
             root_level: mmu.config().root_level,
+            dirty: Box::new(()),
         }
+    }
+
+    /// Sends the dirty marks of this vCPU's faults to `sink` (a dirty ring producer, a bitmap set).
+    pub fn set_dirty_sink(&mut self, sink: Box<dyn DirtySink + Send>) {
+        self.dirty = sink;
     }
 
     /// The vCPU's id.
@@ -226,7 +246,7 @@ impl Vcpu {
                 },
             };
             let current = self.root.as_ref().expect("entry_root loaded a root");
-            match mmu.handle_fault(&mut self.cache, current, fault)? {
+            match mmu.handle_fault(&mut self.cache, current, fault, &mut *self.dirty)? {
                 FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry => {}
                 FaultOutcome::ReloadRoot => root = self.reload_root(mmu)?,
                 FaultOutcome::Emulate(reason) => return Ok(AccessResult::Emulated(reason)),

@@ -12,7 +12,7 @@
 use crate::addr::{AsId, Gfn, Level, Pfn, PtIndex};
 use crate::fault::{AccessKind, Fault, FaultKind};
 use crate::flush::Flush;
-use crate::host::{AllocError, Host, HostFaultError};
+use crate::host::{AllocError, DirtySink, Host, HostFaultError};
 use crate::iter::TdpIter;
 use crate::memslot::Memslot;
 use crate::spte::{LeafAttrs, LeafWrite, MemType, Spte, SpteCheckError};
@@ -90,8 +90,9 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         cache: &mut PageCache,
         root: &RootRef,
         fault: Fault,
+        dirty: &mut dyn DirtySink,
     ) -> Result<FaultOutcome, FaultError> {
-        let outcome = self.page_fault_inner(cache, root, fault)?;
+        let outcome = self.page_fault_inner(cache, root, fault, dirty)?;
         // Per-vCPU counters, as KVM's `vcpu->stat.pf_*`: no shared cache line on the fault path.
         cache.counters.count(outcome);
         Ok(outcome)
@@ -102,6 +103,7 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         cache: &mut PageCache,
         root: &RootRef,
         fault: Fault,
+        dirty: &mut dyn DirtySink,
     ) -> Result<FaultOutcome, FaultError> {
         let mmu = self.mmu;
         let need = mmu.pages_per_fault() - 1;
@@ -138,14 +140,25 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         if write && !slot.is_writable() {
             return Ok(FaultOutcome::Emulate(EmulateReason::ReadOnlySlot));
         }
+        if write
+            && fault.kind == (FaultKind::Violation { present: true })
+            && let Some(outcome) = self.fast_write_fault(root, slot, gfn, dirty)
+        {
+            return Ok(outcome);
+        }
         let host = mmu.host.translate(slot, gfn, write)?;
         if write && !host.writable {
             return Err(HostFaultError::ReadOnly { gfn }.into());
         }
         let level = self.goal_level(slot, gfn, host.pfn, host.level);
+        let logged = slot.is_dirty_logged();
         let attrs = LeafAttrs {
             write: match (slot.is_writable(), host.writable) {
-                (true, true) => LeafWrite::Writable,
+                (true, true) if write || !logged => LeafWrite::Writable,
+                // A read in a logged slot must leave the first write visible: to the fast path
+                // (write-protected) or, with PML, to hardware's D bit and log (clean).
+                (true, true) if mmu.config.pml => LeafWrite::WritableClean,
+                (true, true) => LeafWrite::WriteProtected,
                 (_, host_writable) => LeafWrite::ReadOnly { host_writable },
             },
             exec: true,
@@ -154,7 +167,11 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         };
         let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
         let leaf = mmu.format().leaf(pfn, level, attrs);
-        Ok(self.map(cache, root, gfn, level, leaf))
+        let outcome = self.map(cache, root, gfn, level, leaf);
+        if logged && attrs.write == LeafWrite::Writable && outcome == FaultOutcome::Fixed {
+            dirty.mark_dirty(slot, gfn);
+        }
+        Ok(outcome)
     }
 
     /// The largest level at which `gfn` may be mapped (KVM's `kvm_mmu_hugepage_adjust`).
@@ -313,19 +330,8 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
 impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
     /// The leaf currently mapping `gfn` in `root` and its level, if any (for checkers and tests).
     pub fn lookup(&self, root: &RootRef, gfn: Gfn) -> Option<(Spte, Level)> {
-        let fmt = self.format();
-        let mut it =
-            TdpIter::new(&self.host, fmt, root.pfn(), self.config.root_level, Level::L1, gfn, Gfn(gfn.0 + 1));
-        while it.valid() {
-            let spte = it.old_spte;
-            if spte.is_present() && spte.is_leaf(it.level()) {
-                return Some((spte, it.level()));
-            }
-            if !spte.is_present() {
-                return None;
-            }
-            it.next();
-        }
-        None
+        let _walk = self.host.begin_walk();
+        let (_, level, spte) = self.walk_to_leaf(root.pfn(), gfn);
+        (spte.is_present() && spte.is_leaf(level)).then_some((spte, level))
     }
 }

@@ -11,6 +11,8 @@
 //! leave a stale translation flushes or returns a [`Flush`]).
 
 mod cache;
+mod dirty_log;
+mod fast_path;
 mod fault;
 mod root;
 mod spte_ops;
@@ -43,13 +45,20 @@ pub struct MmuConfig {
     pub format: SpteFormat,
     /// The root level: L4 for 4-level walks, L5 for 5-level.
     pub root_level: Level,
+    /// Hardware logs written GPAs (Intel Page-Modification Logging) and the backend drains the log into
+    /// the dirty sink. Dirty logging then clears D bits instead of W bits (KVM's
+    /// `cpu_dirty_log_size != 0`). Needs a format with A/D bits. AMD has no PML: NPT logs by
+    /// write protection even though it has A/D bits.
+    pub pml: bool,
 }
 
 impl MmuConfig {
     /// 4-level EPT with A/D bits and 1 GiB pages.
-    pub const EPT: MmuConfig = MmuConfig { format: SpteFormat::EPT_AD, root_level: Level::L4 };
+    pub const EPT: MmuConfig = MmuConfig { format: SpteFormat::EPT_AD, root_level: Level::L4, pml: false };
+    /// 4-level EPT with A/D bits, 1 GiB pages and PML.
+    pub const EPT_PML: MmuConfig = MmuConfig { format: SpteFormat::EPT_AD, root_level: Level::L4, pml: true };
     /// 4-level NPT with 1 GiB pages.
-    pub const NPT: MmuConfig = MmuConfig { format: SpteFormat::NPT, root_level: Level::L4 };
+    pub const NPT: MmuConfig = MmuConfig { format: SpteFormat::NPT, root_level: Level::L4, pml: false };
 
     /// One past the largest gfn the tables can map: the tree's reach, capped at 52 physical address bits.
     #[must_use]
@@ -67,6 +76,9 @@ pub enum ConfigError {
     /// Only 4- and 5-level trees exist.
     #[error("root level {0:?} is not L4 or L5")]
     RootLevel(Level),
+    /// PML sets dirty state through D bits, which the format does not have.
+    #[error("PML needs a format with accessed/dirty bits")]
+    PmlWithoutAccessedDirty,
 }
 
 /// The MMU of one VM. `R` is the raw reader/writer lock behind the MMU lock.
@@ -87,8 +99,8 @@ pub enum ConfigError {
 /// let root = mmu.load_root(&mut cache, AsId(0)).unwrap();
 /// let fault = Fault { as_id: AsId(0), gpa: Gpa(0x3000), access: AccessKind::Write,
 ///                     kind: FaultKind::Violation { present: false } };
-/// assert_eq!(mmu.handle_fault(&mut cache, &root, fault), Ok(FaultOutcome::Fixed));
-/// assert_eq!(mmu.handle_fault(&mut cache, &root, fault), Ok(FaultOutcome::Spurious));
+/// assert_eq!(mmu.handle_fault(&mut cache, &root, fault, &mut ()), Ok(FaultOutcome::Fixed));
+/// assert_eq!(mmu.handle_fault(&mut cache, &root, fault, &mut ()), Ok(FaultOutcome::Spurious));
 /// assert_eq!(mmu.stats().leaves[1], 1, "one 2 MiB leaf: the slot is 2 MiB-aligned and the host maps it so");
 /// mmu.put_root(root);
 /// cache.release(mmu.host());
@@ -110,6 +122,9 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     pub fn new(host: H, config: MmuConfig) -> Result<Self, ConfigError> {
         if !matches!(config.root_level, Level::L4 | Level::L5) {
             return Err(ConfigError::RootLevel(config.root_level));
+        }
+        if config.pml && !config.format.has_accessed_dirty() {
+            return Err(ConfigError::PmlWithoutAccessedDirty);
         }
         Ok(Mmu {
             host,
@@ -194,9 +209,10 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         cache: &mut PageCache,
         root: &RootRef,
         fault: crate::fault::Fault,
+        dirty: &mut dyn crate::host::DirtySink,
     ) -> Result<FaultOutcome, FaultError> {
         self.topup(cache)?;
-        self.read().page_fault(cache, root, fault)
+        self.read().page_fault(cache, root, fault, dirty)
     }
 
     /// Table pages one fault may need: a table per level below the root, plus a root.
@@ -263,7 +279,10 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         Ok(flush)
     }
 
-    /// Changes a slot's flags. Only [`SlotFlags::LOG_DIRTY`] may change, as in KVM.
+    /// Changes a slot's flags. Only [`SlotFlags::LOG_DIRTY`] may change, as in KVM. Turning logging on
+    /// write-protects the slot's leaves (or, with A/D bits, cleans its 4 KiB leaves and write-protects
+    /// its huge ones); turning it off zaps the tables that huge leaves can replace. The caller owes the
+    /// returned flush; for logging it must run before the first harvest.
     ///
     /// # Errors
     /// [`SlotError::NotFound`], or [`SlotError::ReadOnlyChange`] when the read-only flag would change.
@@ -273,13 +292,18 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         id: SlotId,
         flags: SlotFlags,
     ) -> Result<Flush, SlotError> {
-        let old = self.slots.get(as_id, id).ok_or(SlotError::NotFound { as_id, id })?;
+        let old = *self.slots.get(as_id, id).ok_or(SlotError::NotFound { as_id, id })?;
         if old.flags.contains(SlotFlags::READONLY) != flags.contains(SlotFlags::READONLY) {
             return Err(SlotError::ReadOnlyChange { as_id, id });
         }
         self.slots.set_flags(as_id, id, flags)?;
         self.after_generation_bump();
-        Ok(Flush::none())
+        let new = Memslot { flags, ..old };
+        Ok(match (old.is_dirty_logged(), new.is_dirty_logged()) {
+            (false, true) => self.start_dirty_logging(&new),
+            (true, false) => self.stop_dirty_logging(&new),
+            _ => Flush::none(),
+        })
     }
 
     /// KVM zaps every MMIO SPTE when the generation's low bits wrap, since an old SPTE could match

@@ -85,7 +85,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         old
     }
 
-    fn write_spte_exclusive(&self, entry: &AtomicU64, old: Spte, new: Spte) -> Spte {
+    pub(super) fn write_spte_exclusive(&self, entry: &AtomicU64, old: Spte, new: Spte) -> Spte {
         if self.needs_atomic_update(old) {
             // Pairs with hardware's locked A/D update: the exchange returns the bits it set.
             Spte(entry.swap(new.0, Ordering::AcqRel))

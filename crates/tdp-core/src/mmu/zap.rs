@@ -152,7 +152,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     }
 
     /// Gives back a reference taken by `acquire_all` / `take_invalid`; frees the root if it was the last.
-    fn release_root(&self, root: Pfn) {
+    pub(super) fn release_root(&self, root: Pfn) {
         if let Some(pfn) = self.roots.release(root) {
             self.host.free_table_deferred(pfn);
         }

@@ -82,10 +82,12 @@ fn spte_w_implies_mmu_w_implies_host_w() {
             LeafWrite::ReadOnly { host_writable: true },
             LeafWrite::WriteProtected,
             LeafWrite::Writable,
+            LeafWrite::WritableClean,
         ] {
             let leaf = fmt.leaf(Pfn(0x200), Level::L2, attrs(write, true));
             assert_eq!(fmt.check(leaf, Level::L2), Ok(()), "{fmt:?} {write:?}");
-            assert_eq!(leaf.is_writable(), write == LeafWrite::Writable);
+            assert_eq!(leaf.is_writable(), matches!(write, LeafWrite::Writable | LeafWrite::WritableClean));
+            assert_eq!(fmt.is_dirty(leaf), write == LeafWrite::Writable && fmt.has_accessed_dirty());
         }
         let writable = fmt.leaf(Pfn(1), Level::L1, attrs(LeafWrite::Writable, true));
         let w_without_mmu_w = Spte(writable.0 & !fmt.mmu_writable_mask);
@@ -169,4 +171,18 @@ fn nonpresent_and_frozen_values_are_not_present_to_hardware() {
     assert_eq!(ept.nonpresent().0, 1 << 63, "KVM's SHADOW_NONPRESENT_VALUE");
     assert_eq!(ept.frozen().0 & 0b111, 0, "EPT entries with R=W=X=0 are not present");
     assert_eq!(SpteFormat::NPT.frozen().0 & 1, 0, "NPT entries with P=0 are not present");
+}
+
+#[test]
+fn dirty_log_transitions_keep_the_writable_invariant() {
+    for fmt in [SpteFormat::EPT_AD, SpteFormat::EPT_NO_AD, SpteFormat::NPT] {
+        let leaf = fmt.leaf(Pfn(7), Level::L1, attrs(LeafWrite::Writable, true));
+        let wp = fmt.write_protected(leaf);
+        assert!(!wp.is_writable() && fmt.is_mmu_writable(wp) && fmt.check(wp, Level::L1).is_ok());
+        let back = fmt.made_writable(wp);
+        assert_eq!(back, leaf, "the fast path restores exactly the writable leaf");
+        let clean = fmt.cleaned(leaf);
+        assert!(clean.is_writable() && !fmt.is_dirty(clean));
+        assert_eq!(clean, fmt.leaf(Pfn(7), Level::L1, attrs(LeafWrite::WritableClean, true)));
+    }
 }

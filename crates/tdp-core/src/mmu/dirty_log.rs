@@ -1,0 +1,238 @@
+//! Dirty logging in the MMU: the pass that starts logging a memslot, eager splitting of its huge pages,
+//! re-protection of harvested pages (ring reset, bitmap clear), and the pass that stops logging.
+//!
+//! How a write gets recorded depends on the hardware ([`super::MmuConfig::pml`]):
+//! - with PML (Intel, EPT A/D bits): 4 KiB leaves keep W and lose D; hardware sets D at the next write and
+//!   logs the GPA to the PML buffer, which the backend drains into the ring or bitmap;
+//! - without (no A/D bits, or AMD, which has no PML): every leaf loses W (keeping MMU-writable); the next
+//!   write faults and the fast path restores W together with a dirty mark.
+//!
+//! Huge leaves lose W in both cases, so their next write faults and splits: logged slots are mapped at
+//! 4 KiB, one dirty mark per page.
+//!
+//! Keeps: I4. Every operation here returns the [`Flush`] the caller owes: a TLB entry that still allows a
+//! write without fault (or with D already set) would let a write go unrecorded.
+
+use lock_api::{RawRwLock, RwLockWriteGuard};
+
+use crate::addr::{AsId, Gfn, Level, PtIndex, SlotId};
+use crate::flush::Flush;
+use crate::host::{AllocError, Host};
+use crate::iter::TdpIter;
+use crate::memslot::Memslot;
+use crate::spte::Spte;
+use crate::sync::Ordering;
+
+use super::cache::PageCache;
+use super::spte_ops::LockMode;
+use super::stats::Stats;
+use super::{ExclusiveMmu, Mmu};
+
+impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
+    /// Re-protects the pages of slot `id` named by `mask` (bit `i` is page `base_offset + i` of the
+    /// slot), after they were harvested (KVM's `kvm_arch_mmu_enable_log_dirty_pt_masked`): 4 KiB leaves
+    /// lose D with PML or W without; huge leaves lose W. Offsets outside the slot are ignored, so a
+    /// batch built from consumer-writable ring memory cannot reach beyond its slot (I5).
+    ///
+    /// The caller owes the returned flush before it reads the pages' contents.
+    pub fn reprotect_dirty(&mut self, as_id: AsId, id: SlotId, base_offset: u64, mask: u64) -> Flush {
+        let Some(slot) = self.slots.get(as_id, id).copied() else {
+            return Flush::none();
+        };
+        let mmu = self.mmu;
+        let fmt = mmu.format();
+        let mut flush = Flush::none();
+        for (root, _) in mmu.roots.acquire_all(Some(as_id)) {
+            let _walk = mmu.host.begin_walk();
+            let mut bits = mask;
+            while bits != 0 {
+                let bit = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let Some(offset) = base_offset.checked_add(bit).filter(|o| *o < slot.pages) else {
+                    continue;
+                };
+                let gfn = Gfn(slot.base_gfn.0 + offset);
+                let (entry, level, old) = mmu.walk_to_leaf(root, gfn);
+                if !old.is_present() || !old.is_leaf(level) {
+                    continue;
+                }
+                let new = if level == Level::L1 && mmu.config.pml {
+                    fmt.cleaned(old)
+                } else {
+                    fmt.write_protected(old)
+                };
+                if new == old {
+                    continue;
+                }
+                let base = gfn.align_down(level);
+                let old = mmu.write_spte_exclusive(entry, old, new);
+                mmu.handle_changed_spte(as_id, base, old, new, level, LockMode::Exclusive);
+                flush = flush.merge(Flush::range(as_id, base, level.pages()));
+            }
+            mmu.release_root(root);
+        }
+        flush
+    }
+
+    /// The pass that starts dirty logging on `slot` (KVM's `kvm_mmu_slot_remove_write_access` /
+    /// `kvm_mmu_slot_leaf_clear_dirty`): touches only the leaves that must change.
+    pub(super) fn start_dirty_logging(&mut self, slot: &Memslot) -> Flush {
+        let mmu = self.mmu;
+        let fmt = *mmu.format();
+        let mut flush = Flush::none();
+        for (root, _) in mmu.roots.acquire_all(Some(slot.as_id)) {
+            let mut it = TdpIter::new(
+                &mmu.host,
+                &fmt,
+                root,
+                mmu.config.root_level,
+                Level::L1,
+                slot.base_gfn,
+                slot.end_gfn(),
+            );
+            while it.valid() {
+                if it.may_yield() && mmu.host.should_yield() {
+                    flush.run(&mmu.host);
+                    flush = Flush::none();
+                    let slots = &mut self.slots;
+                    it.yield_with(|| RwLockWriteGuard::unlocked(slots, || mmu.host.yield_now()));
+                    continue;
+                }
+                let old = it.old_spte;
+                let level = it.level();
+                if old.is_present() && old.is_leaf(level) {
+                    let new = if level == Level::L1 && mmu.config.pml {
+                        fmt.cleaned(old)
+                    } else {
+                        fmt.write_protected(old)
+                    };
+                    if new != old {
+                        mmu.set_spte_exclusive(slot.as_id, &mut it, new);
+                        flush = flush.merge(Flush::range(slot.as_id, it.gfn(), level.pages()));
+                    }
+                }
+                it.next();
+            }
+            mmu.release_root(root);
+        }
+        flush
+    }
+
+    /// The pass that stops dirty logging on `slot` (KVM's `kvm_mmu_zap_collapsible_sptes`): zaps every
+    /// table that a huge leaf could replace, so that the next faults map huge pages again.
+    pub(super) fn stop_dirty_logging(&mut self, slot: &Memslot) -> Flush {
+        let mmu = self.mmu;
+        let fmt = *mmu.format();
+        let nonpresent = fmt.nonpresent();
+        let mut flush = Flush::none();
+        for (root, _) in mmu.roots.acquire_all(Some(slot.as_id)) {
+            let mut it = TdpIter::new(
+                &mmu.host,
+                &fmt,
+                root,
+                mmu.config.root_level,
+                Level::L2,
+                slot.base_gfn,
+                slot.end_gfn(),
+            );
+            while it.valid() {
+                let level = it.level();
+                if it.old_spte.is_table(level)
+                    && level <= fmt.max_leaf_level()
+                    && self.could_be_huge(slot, it.gfn(), level)
+                {
+                    mmu.set_spte_exclusive(slot.as_id, &mut it, nonpresent);
+                    flush = flush.merge(Flush::range(slot.as_id, it.gfn(), level.pages()));
+                }
+                it.next();
+            }
+            mmu.release_root(root);
+        }
+        flush
+    }
+
+    /// Whether a fault in `slot` could map the `level` entry at `gfn` with one huge leaf.
+    fn could_be_huge(&self, slot: &Memslot, gfn: Gfn, level: Level) -> bool {
+        let first = gfn.max(slot.base_gfn);
+        slot.allows_huge(first, level)
+            && self.mmu.host.translate(slot, first, false).is_ok_and(|h| h.level >= level)
+    }
+
+    /// Splits every huge leaf of slot `id` down to 4 KiB now, instead of at the first write (KVM's eager
+    /// page splitting): the vCPUs then take no split faults while logging. Table pages come from `cache`;
+    /// when it runs dry the lock is dropped to refill it, so no allocation happens under the lock.
+    /// Splitting keeps every translation, so no flush is owed.
+    ///
+    /// # Errors
+    /// [`AllocError`] when the cache cannot be refilled; what was split so far stays split (consistent).
+    pub fn split_huge_pages(
+        &mut self,
+        as_id: AsId,
+        id: SlotId,
+        cache: &mut PageCache,
+    ) -> Result<(), AllocError> {
+        let Some(slot) = self.slots.get(as_id, id).copied() else {
+            return Ok(());
+        };
+        let mmu = self.mmu;
+        let fmt = *mmu.format();
+        let fill = fmt.nonpresent();
+        for (root, _) in mmu.roots.acquire_all(Some(as_id)) {
+            let mut it = TdpIter::new(
+                &mmu.host,
+                &fmt,
+                root,
+                mmu.config.root_level,
+                Level::L2,
+                slot.base_gfn,
+                slot.end_gfn(),
+            );
+            let mut result = Ok(());
+            while it.valid() {
+                let level = it.level();
+                let old = it.old_spte;
+                if !(old.is_present() && old.is_leaf(level) && level > Level::L1) {
+                    it.next();
+                    continue;
+                }
+                let Some(child) = cache.take() else {
+                    if !it.may_yield() {
+                        result = Err(AllocError);
+                        break;
+                    }
+                    let slots = &mut self.slots;
+                    result = it
+                        .yield_with(|| RwLockWriteGuard::unlocked(slots, || cache.topup(&mmu.host, fill, 1)));
+                    if result.is_err() {
+                        break;
+                    }
+                    continue;
+                };
+                mmu.split_into(as_id, &mut it, old, child);
+                // Step into the new table: at 2 MiB its entries are huge leaves again, split in turn.
+                it.next();
+            }
+            mmu.release_root(root);
+            result?;
+        }
+        Ok(())
+    }
+}
+
+impl<H: Host, R: RawRwLock> Mmu<H, R> {
+    /// Replaces the huge leaf `old` at the iterator with table `child`, filled with its split children,
+    /// under the write lock.
+    fn split_into(&self, as_id: AsId, it: &mut TdpIter<'_, H>, old: Spte, child: crate::addr::Pfn) {
+        let fmt = self.format();
+        let level = it.level();
+        for (i, entry) in self.host.table(child).iter().enumerate() {
+            let index = PtIndex::new(i).expect("a table has 512 entries");
+            // Private until the store below publishes it (Release in `set_spte_exclusive`).
+            entry.store(fmt.split_child(old, level, index).0, Ordering::Relaxed);
+        }
+        self.set_spte_exclusive(as_id, it, fmt.nonleaf(child));
+        let child_level = level.lower().expect("only huge leaves are split");
+        self.stats.add_leaves(child_level, 512);
+        Stats::bump(&self.stats.huge_splits);
+    }
+}

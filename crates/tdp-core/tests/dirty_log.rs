@@ -1,0 +1,219 @@
+//! MMU dirty logging on the mock: which faults mark pages dirty, the fast path, the passes that start and
+//! stop logging, re-protection after a harvest, eager splitting, and a random-write check that nothing
+//! written after logging starts is missing from the next harvest (I4, write-protection method).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use tdp_core::addr::{AsId, Gfn, Level, SlotId};
+use tdp_core::fault::AccessKind;
+use tdp_core::host::DirtySink;
+use tdp_core::memslot::{Memslot, SlotFlags};
+use tdp_core::mmu::{MmuConfig, PageCache};
+use tdp_core::spte::SpteFormat;
+use tdp_mock::{HostConfig, Machine, Vcpu, check_tables, check_tlbs, check_translations};
+
+/// Records every dirty mark, shared between the vCPUs and the test.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<(SlotId, u64)>>>);
+
+impl DirtySink for Recorder {
+    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn) {
+        self.0.lock().expect("recorder").push((slot.id, slot.offset_of(gfn)));
+    }
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<(SlotId, u64)> {
+        std::mem::take(&mut *self.0.lock().expect("recorder"))
+    }
+}
+
+const SLOT_PAGES: u64 = 4 * 512 + 37; // 8 MiB and a ragged end
+
+struct Vm {
+    machine: Machine,
+    vcpus: Vec<Vcpu>,
+    marks: Recorder,
+    slot: Memslot,
+}
+
+impl Vm {
+    fn new(config: MmuConfig) -> Vm {
+        let machine = Machine::new(config, HostConfig { host_level: Level::L2, ..HostConfig::default() })
+            .expect("valid config");
+        let slot = machine.ram_slot(AsId(0), SlotId(3), Gfn(0x200), SLOT_PAGES, SlotFlags::empty());
+        machine.mmu().write().insert_memslot(slot).expect("slot");
+        let marks = Recorder::default();
+        let vcpus = (0..2)
+            .map(|_| {
+                let mut v = machine.new_vcpu(AsId(0));
+                v.set_dirty_sink(Box::new(marks.clone()));
+                v
+            })
+            .collect();
+        Vm { machine, vcpus, marks, slot }
+    }
+
+    fn access(&mut self, vcpu: usize, offset: u64, kind: AccessKind) {
+        let gpa = Gfn(self.slot.base_gfn.0 + offset).gpa();
+        self.vcpus[vcpu].access(self.machine.mmu(), gpa, kind).expect("access succeeds");
+    }
+
+    fn set_logging(&self, on: bool) {
+        let flags = if on { SlotFlags::LOG_DIRTY } else { SlotFlags::empty() };
+        let mmu = self.machine.mmu();
+        mmu.write().set_memslot_flags(AsId(0), self.slot.id, flags).expect("slot exists").run(mmu.host());
+    }
+
+    /// Harvests the marks (as a ring or bitmap consumer would) and re-protects them, with the flush.
+    fn harvest(&self) -> BTreeSet<u64> {
+        let marks: BTreeSet<u64> = self.marks.take().into_iter().map(|(_, off)| off).collect();
+        let mmu = self.machine.mmu();
+        let mut w = mmu.write();
+        for &off in &marks {
+            w.reprotect_dirty(AsId(0), self.slot.id, off & !63, 1 << (off & 63)).run(mmu.host());
+        }
+        marks
+    }
+
+    fn check(&self) {
+        let mmu = self.machine.mmu();
+        let caches: Vec<_> = self.vcpus.iter().flat_map(|v| v.cache().pages().to_vec()).collect();
+        check_tables(mmu, &caches).expect("I2");
+        let root = self.vcpus[0].root().expect("root");
+        check_translations(mmu, root, &[self.slot]).expect("I1");
+        let tlbs: Vec<_> = self.vcpus.iter().map(|v| v.tlb()).collect();
+        check_tlbs(mmu, &tlbs).expect("I3");
+    }
+
+    fn leaves(&self) -> [u64; 3] {
+        self.machine.mmu().stats().leaves
+    }
+}
+
+const WRITE_PROTECT_CONFIGS: [MmuConfig; 3] = [
+    MmuConfig::EPT,
+    MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false },
+    MmuConfig::NPT,
+];
+
+#[test]
+fn i4_writes_in_a_logged_slot_are_marked_once_per_harvest() {
+    for config in WRITE_PROTECT_CONFIGS {
+        let mut vm = Vm::new(config);
+        vm.set_logging(true);
+        vm.access(0, 5, AccessKind::Read);
+        assert!(vm.marks.take().is_empty(), "a read marks nothing");
+        vm.access(0, 5, AccessKind::Write);
+        vm.access(1, 5, AccessKind::Write);
+        vm.access(0, 9, AccessKind::Write);
+        assert_eq!(vm.harvest(), BTreeSet::from([5, 9]));
+        vm.check();
+        // Re-protected: the next writes are marked again, the pages read are not.
+        vm.access(1, 9, AccessKind::Write);
+        vm.access(0, 5, AccessKind::Read);
+        assert_eq!(vm.harvest(), BTreeSet::from([9]), "{config:?}");
+        assert!(vm.vcpus[0].cache().counters.fixed + vm.vcpus[1].cache().counters.fixed >= 4);
+        vm.check();
+    }
+}
+
+#[test]
+fn starting_logging_write_protects_and_splits_huge_pages_on_demand() {
+    for config in WRITE_PROTECT_CONFIGS {
+        let mut vm = Vm::new(config);
+        vm.access(0, 0x1ff, AccessKind::Write);
+        assert_eq!(vm.leaves(), [0, 1, 0], "a 2 MiB leaf before logging");
+        vm.set_logging(true);
+        assert!(vm.marks.take().is_empty());
+        vm.check();
+        vm.access(1, 0x1ff, AccessKind::Write);
+        assert_eq!(vm.leaves(), [512, 0, 0], "the write split the huge leaf");
+        assert_eq!(vm.harvest(), BTreeSet::from([0x1ff]));
+        vm.check();
+        // Stopping logging zaps the table; the next fault maps 2 MiB again.
+        vm.set_logging(false);
+        assert_eq!(vm.leaves(), [0, 0, 0]);
+        vm.access(0, 0x1ff, AccessKind::Write);
+        assert_eq!(vm.leaves(), [0, 1, 0], "{config:?}: huge mappings come back");
+        assert!(vm.marks.take().is_empty(), "no marks once logging is off");
+        vm.check();
+    }
+}
+
+#[test]
+fn eager_splitting_maps_a_logged_slot_at_4k_without_faults() {
+    for config in WRITE_PROTECT_CONFIGS {
+        let mut vm = Vm::new(config);
+        for off in (0..SLOT_PAGES).step_by(512) {
+            vm.access(0, off, AccessKind::Write);
+        }
+        let huge = vm.leaves()[1];
+        assert_eq!(huge, 4, "four whole 2 MiB pages");
+        vm.set_logging(true);
+        let mmu = Arc::clone(vm.machine.mmu());
+        let mut cache = PageCache::new();
+        mmu.write().split_huge_pages(AsId(0), vm.slot.id, &mut cache).expect("pages for the split");
+        cache.release(mmu.host());
+        let leaves = vm.leaves();
+        assert_eq!(leaves[1], 0, "no huge leaf left");
+        assert!(leaves[0] >= huge * 512);
+        vm.check();
+        let splits_before = mmu.stats().huge_splits;
+        vm.access(1, 700, AccessKind::Write);
+        assert_eq!(mmu.stats().huge_splits, splits_before, "the write needed no split");
+        assert_eq!(vm.harvest(), BTreeSet::from([700]));
+        vm.check();
+    }
+}
+
+#[test]
+fn i4_random_writes_are_all_reported_by_the_next_harvest() {
+    for config in WRITE_PROTECT_CONFIGS {
+        let mut vm = Vm::new(config);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        // Some mappings exist before logging starts, huge and small.
+        for _ in 0..200 {
+            let off = next() % SLOT_PAGES;
+            vm.access((next() % 2) as usize, off, AccessKind::Write);
+        }
+        vm.set_logging(true);
+        vm.marks.take();
+        for round in 0..20 {
+            let mut written = BTreeSet::new();
+            for _ in 0..300 {
+                let off = next() % SLOT_PAGES;
+                let kind = if next() % 3 == 0 { AccessKind::Read } else { AccessKind::Write };
+                vm.access((next() % 2) as usize, off, kind);
+                if kind == AccessKind::Write {
+                    written.insert(off);
+                }
+            }
+            if round == 10 {
+                // Splitting eagerly mid-run changes nothing about what is reported.
+                let mmu = vm.machine.mmu();
+                let mut cache = PageCache::new();
+                mmu.write().split_huge_pages(AsId(0), vm.slot.id, &mut cache).expect("pages");
+                cache.release(mmu.host());
+            }
+            let reported = vm.harvest();
+            let missing: Vec<_> = written.difference(&reported).collect();
+            assert!(missing.is_empty(), "{config:?} round {round}: written but not reported: {missing:?}");
+            assert!(reported.is_subset(&written), "{config:?}: reported pages nobody wrote this round");
+            vm.check();
+        }
+    }
+}
+
+#[test]
+fn pml_configs_need_accessed_dirty_bits() {
+    let bad = MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: true };
+    assert!(Machine::new(bad, HostConfig::default()).is_err());
+}
