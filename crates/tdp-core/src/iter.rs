@@ -12,7 +12,7 @@
 //! yield still sees the walk advance by at least one entry per yield.
 
 use crate::addr::{Gfn, Level, Pfn};
-use crate::host::TableMemory;
+use crate::host::{Table, TableMemory};
 use crate::spte::{Spte, SpteFormat};
 use crate::sync::{AtomicU64, Ordering};
 
@@ -45,8 +45,9 @@ pub struct TdpIter<'a, M: TableMemory + ?Sized> {
     /// Keeps every table reachable from `root` allocated while the walk runs; `None` only inside
     /// [`TdpIter::yield_with`].
     guard: Option<M::WalkGuard<'a>>,
-    /// The tables on the path from the root to the current entry, indexed by level.
-    path: [Option<Pfn>; 5],
+    /// The tables on the path from the root to the current entry, indexed by level: their frames, and
+    /// their entries resolved once (so reading an entry is an index, not a backend lookup).
+    path: [Option<(Pfn, &'a Table)>; 5],
     root_level: Level,
     min_level: Level,
     /// The first 4 KiB gfn the walk has not finished; restarts resume here.
@@ -74,7 +75,7 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
         end: Gfn,
     ) -> Self {
         let mut path = [None; 5];
-        path[root_level.idx()] = Some(root);
+        path[root_level.idx()] = Some((root, mem.table(root)));
         let mut it = TdpIter {
             mem,
             format,
@@ -116,14 +117,14 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
     #[must_use]
     #[inline]
     pub fn entry(&self) -> &'a AtomicU64 {
-        let table = self.path[self.level.idx()].expect("the current level's table is on the path");
-        &self.mem.table(table)[self.gfn.index_at(self.level).get()]
+        let (_, table) = self.path[self.level.idx()].expect("the current level's table is on the path");
+        &table[self.gfn.index_at(self.level).get()]
     }
     /// The frame of the table holding the current entry.
     #[must_use]
     #[inline]
     pub fn table_pfn(&self) -> Pfn {
-        self.path[self.level.idx()].expect("the current level's table is on the path")
+        self.path[self.level.idx()].expect("the current level's table is on the path").0
     }
     /// Reads the current entry again into [`TdpIter::old_spte`] and returns it.
     #[inline]
@@ -177,6 +178,15 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
         }
     }
 
+    /// Moves to the last entry of the current table, so that [`TdpIter::next`] leaves it. For callers that
+    /// processed the whole table themselves.
+    pub fn finish_table(&mut self) {
+        let first = self.gfn.align_down(self.level.higher().unwrap_or(self.level));
+        self.gfn = Gfn(first.0 + 511 * self.level.pages());
+        self.next_last_level_gfn = self.gfn;
+        self.refresh();
+    }
+
     /// Whether a yield is allowed here by the forward-progress rule.
     #[must_use]
     #[inline]
@@ -220,7 +230,7 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
             return false;
         };
         self.level = lower;
-        self.path[lower.idx()] = Some(child);
+        self.path[lower.idx()] = Some((child, self.mem.table(child)));
         self.gfn = self.next_last_level_gfn.align_down(lower);
         self.refresh();
         true

@@ -140,8 +140,8 @@ fn i2_splitting_a_huge_page_under_allocation_failure_keeps_the_huge_leaf() {
     host.set_alloc_budget(None);
     assert_eq!(snapshot(&mmu), before);
     assert_eq!(mmu.stats().leaves, [0, 0, 1]);
-    // The split children keep the huge leaf's rights, so the 4K leaf the fault wants is already there.
-    assert_eq!(mmu.handle_fault(&mut cache, &root, write_fault(5), &mut ()), Ok(FaultOutcome::Spurious));
+    // Logging write-protected the huge leaf: the write splits it and makes its 4K page writable.
+    assert_eq!(mmu.handle_fault(&mut cache, &root, write_fault(5), &mut ()), Ok(FaultOutcome::Fixed));
     assert_eq!(mmu.stats().leaves, [512, 511, 0], "split into 511 2M leaves and 512 4K leaves");
     assert_eq!(mmu.stats().huge_splits, 2);
     check_tables(&mmu, cache.pages()).expect("consistent after the split");

@@ -11,10 +11,12 @@
 
 use lock_api::{RawRwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::addr::{AsId, Gfn, Pfn};
+use crate::addr::{AsId, Gfn, Level, Pfn};
 use crate::flush::Flush;
 use crate::host::Host;
 use crate::iter::TdpIter;
+use crate::spte::Spte;
+use crate::sync::Ordering;
 
 use super::spte_ops::LockMode;
 use super::{ExclusiveMmu, Mmu, SharedMmu};
@@ -66,7 +68,7 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         let fmt = mmu.format();
         let nonpresent = fmt.nonpresent();
         let root_level = mmu.config.root_level;
-        let mut it = TdpIter::new(&mmu.host, fmt, root, root_level, crate::addr::Level::L1, start, end);
+        let mut it = TdpIter::new(&mmu.host, fmt, root, root_level, Level::L1, start, end);
         while it.valid() {
             if it.may_yield() && mmu.host.should_yield() {
                 // Nothing zapped so far may stay cached while other threads run.
@@ -76,10 +78,20 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                 it.yield_with(|| RwLockWriteGuard::unlocked(slots, || mmu.host.yield_now()));
                 continue;
             }
+            let level = it.level();
+            if level == Level::L1 && it.gfn().is_aligned(Level::L2) && it.gfn().0 + 512 <= end.0 {
+                // A whole table of 4 KiB entries in range: one tight loop, one flush for the table.
+                if mmu.zap_leaf_table(as_id, it.table_pfn(), it.gfn()) {
+                    flush = flush.merge(Flush::range(as_id, it.gfn(), Level::L2.pages()));
+                }
+                it.finish_table();
+                it.next();
+                continue;
+            }
             let old = it.old_spte;
-            if old.is_present() && old.is_leaf(it.level()) {
+            if old.is_present() && old.is_leaf(level) {
                 mmu.set_spte_exclusive(as_id, &mut it, nonpresent);
-                flush = flush.merge(Flush::range(as_id, it.gfn(), it.level().pages()));
+                flush = flush.merge(Flush::range(as_id, it.gfn(), level.pages()));
             }
             it.next();
         }
@@ -147,6 +159,32 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
                 }
             }
             it.next();
+        }
+        any
+    }
+
+    /// Zaps every present entry of the 4 KiB-level table `table` (whose first gfn is `base`) under the
+    /// write lock; returns whether any was present.
+    fn zap_leaf_table(&self, as_id: AsId, table: Pfn, base: Gfn) -> bool {
+        let nonpresent = self.format().nonpresent();
+        let mut any = false;
+        for (i, entry) in self.host.table(table).iter().enumerate() {
+            // Relaxed: the write lock excludes other writers; what hardware A/D updates could race is
+            // caught by the exchange in `write_spte_exclusive`.
+            let old = Spte(entry.load(Ordering::Relaxed));
+            if !old.is_present() {
+                continue;
+            }
+            any = true;
+            let old = self.write_spte_exclusive(entry, old, nonpresent);
+            self.handle_changed_spte(
+                as_id,
+                Gfn(base.0 + i as u64),
+                old,
+                nonpresent,
+                Level::L1,
+                LockMode::Exclusive,
+            );
         }
         any
     }
