@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::{cmd, install, nostd};
+use crate::{cmd, fuzz, install, nostd};
 
 /// Proptest cases per property when the caller did not set `PROPTEST_CASES`: half of proptest's default
 /// of 256, to keep the test step within CI's time budget on two cores. Export `PROPTEST_CASES` to change.
@@ -37,11 +37,21 @@ pub const STEPS: &[Step] = &[
         run: clippy,
     },
     Step { name: "test", what: "cargo test --workspace (includes the tidy test)", run: test },
+    Step {
+        name: "loom",
+        what: "RUSTFLAGS='--cfg loom' cargo test -p tdp-core --test loom_ring --release --target-dir target/loom",
+        run: loom,
+    },
     Step { name: "doc", what: "RUSTDOCFLAGS='-D warnings' cargo doc --workspace --no-deps", run: doc },
     Step {
         name: "nostd",
         what: "build xtask/nostd-proof, check it is a static ELF, run it, require exit 0",
         run: nostd::prove,
+    },
+    Step {
+        name: "fuzz",
+        what: "every cargo-fuzz target of crates/tdp-core/fuzz for 20 s (installs cargo-fuzz if missing)",
+        run: fuzz::smoke,
     },
 ];
 
@@ -96,6 +106,16 @@ fn test() -> Result<()> {
     cmd::run(&mut cargo)
 }
 
+/// The loom models of the dirty ring protocol (`crates/tdp-core/tests/loom_ring.rs`), run on the shipped
+/// code: `--cfg loom` swaps `tdp_core::sync` to loom's atomics. Release mode, because loom runs every
+/// model hundreds of times; a separate target directory, because `--cfg loom` changes the flags of every
+/// crate and would otherwise throw away the normal build.
+fn loom() -> Result<()> {
+    let mut cargo = cmd::cargo();
+    cargo.args(["test", "-p", "tdp-core", "--test", "loom_ring", "--release"]);
+    cmd::run(cargo.args(["--target-dir", "target/loom"]).env("RUSTFLAGS", "--cfg loom"))
+}
+
 fn doc() -> Result<()> {
     cmd::run(cmd::cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))
 }
@@ -107,6 +127,6 @@ mod tests {
     #[test]
     fn ci_runs_every_habit16_step_in_order() {
         let names: Vec<&str> = STEPS.iter().map(|s| s.name).collect();
-        assert_eq!(names, ["install", "fmt", "clippy", "test", "doc", "nostd"]);
+        assert_eq!(names, ["install", "fmt", "clippy", "test", "loom", "doc", "nostd", "fuzz"]);
     }
 }

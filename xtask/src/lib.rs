@@ -9,6 +9,8 @@
 //! - [`install`]: idempotent installation of rustup components and Debian packages.
 //! - [`nostd`]: building and running the `no_std` proof binary in `xtask/nostd-proof`.
 //! - [`elf`]: reading an ELF header to prove a binary is a static executable.
+//! - [`fuzz`]: `cargo xtask fuzz` and CI's fuzz smoke: installing cargo-fuzz and running the targets of
+//!   `crates/tdp-core/fuzz` with their output kept under `target/`.
 //! - [`tidy`]: the house rules (module headers, banned test attributes, SAFETY comments) as a checker
 //!   that `tests/tidy.rs` runs over the tree.
 #![forbid(unsafe_code)]
@@ -17,6 +19,7 @@ pub mod bench;
 pub mod ci;
 pub mod cmd;
 pub mod elf;
+pub mod fuzz;
 pub mod install;
 pub mod nostd;
 pub mod tidy;

@@ -18,8 +18,9 @@ enum Task {
     ///
     /// Steps: install (rustfmt and clippy, only if missing); fmt (cargo fmt --check); clippy
     /// (-D warnings, all targets); test (cargo test --workspace, which includes the tidy house rules;
-    /// PROPTEST_CASES defaults to 128 unless set); doc (cargo doc with -D warnings); nostd (build, check and
-    /// run the no_std proof binary). Nothing can be skipped: CI runs exactly this.
+    /// PROPTEST_CASES defaults to 128 unless set); loom (the dirty ring's loom models: --cfg loom, release,
+    /// target/loom); doc (cargo doc with -D warnings); nostd (build, check and run the no_std proof binary);
+    /// fuzz (every fuzz target for a short smoke run). Nothing can be skipped: CI runs exactly this.
     Ci,
     /// Build the no_std proof binary (xtask/nostd-proof), check it is a static executable, and run it.
     ///
@@ -35,6 +36,21 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Run the cargo-fuzz targets of crates/tdp-core/fuzz (installs cargo-fuzz if it is missing).
+    ///
+    /// Corpus, crash inputs and the build go under target/ (fuzz-corpus/, fuzz-artifacts/, fuzz/). A
+    /// crash, a hang (one input running over 10 s) or a leak fails the run and prints the input's path.
+    Fuzz {
+        /// A target name, or `all` for every target.
+        #[arg(long, default_value = "all")]
+        target: xtask::fuzz::Targets,
+        /// Seconds of fuzzing per target (building not counted).
+        #[arg(long, default_value_t = xtask::fuzz::DEFAULT_SECONDS, value_parser = xtask::fuzz::parse_seconds)]
+        seconds: u64,
+        /// `none` (bounds checks and debug assertions only: tdp-core has no unsafe code) or `address`.
+        #[arg(long, default_value_t)]
+        sanitizer: xtask::fuzz::Sanitizer,
+    },
 }
 
 fn main() -> Result<()> {
@@ -43,6 +59,7 @@ fn main() -> Result<()> {
         Task::Nostd => xtask::nostd::prove(),
         Task::Fmt => xtask::ci::fmt_write(),
         Task::Bench { quick } => xtask::bench::run(quick),
+        Task::Fuzz { target, seconds, sanitizer } => xtask::fuzz::run(&target, seconds, sanitizer),
     }
 }
 
@@ -54,6 +71,24 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn fuzz_arguments_default_to_all_targets_for_a_minute_each() {
+        use xtask::fuzz::{Sanitizer, Targets};
+        let parse = |args: &[&str]| match Cli::try_parse_from(["cargo xtask", "fuzz"].iter().chain(args)) {
+            Ok(Cli { task: Task::Fuzz { target, seconds, sanitizer } }) => Ok((target, seconds, sanitizer)),
+            Ok(_) => panic!("`fuzz` parsed as another task"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(parse(&[]).unwrap(), (Targets::All, 60, Sanitizer::None));
+        let args = ["--target", "bitmap_clear", "--seconds", "5", "--sanitizer", "address"];
+        assert_eq!(parse(&args).unwrap(), (Targets::One("bitmap_clear".into()), 5, Sanitizer::Address));
+        for bad in
+            [&["--seconds", "0"][..], &["--seconds", "soon"], &["--target", "../x"], &["--sanitizer", "msan"]]
+        {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

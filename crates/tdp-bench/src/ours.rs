@@ -13,7 +13,8 @@ use crate::host::{Arena, BenchHost};
 /// Where guest RAM sits in the host: 1 TiB, aligned for every page size.
 pub const GUEST_RAM_HOST_BASE: u64 = 1 << 40;
 
-/// A fresh 4-level EPT MMU with one writable memslot of `pages` 4 KiB pages at gfn 0, and a loaded root.
+/// A fresh MMU (4-level EPT with A/D bits unless built [`OurTree::with_config`]) with one writable memslot
+/// of `pages` 4 KiB pages at gfn 0, and a loaded root.
 ///
 /// Dropping it returns the root and the cache pages and drops the MMU, which tears its tree down; after
 /// that [`Arena::reset`] finds every page free.
@@ -30,7 +31,16 @@ impl<'a> OurTree<'a> {
     /// If the slot is refused or the arena has no page for the root.
     #[must_use]
     pub fn new(arena: &'a Arena, host_level: Level, pages: u64) -> Self {
-        let mmu = Mmu::new(BenchHost::new(arena, host_level), MmuConfig::EPT).expect("EPT config is valid");
+        OurTree::with_config(arena, host_level, pages, MmuConfig::EPT)
+    }
+
+    /// As [`OurTree::new`], with the MMU built for `config` (EPT without A/D bits, with PML, ...).
+    ///
+    /// # Panics
+    /// If `config` is invalid, the slot is refused or the arena has no page for the root.
+    #[must_use]
+    pub fn with_config(arena: &'a Arena, host_level: Level, pages: u64, config: MmuConfig) -> Self {
+        let mmu = Mmu::new(BenchHost::new(arena, host_level), config).expect("a valid MMU config");
         let slot = Memslot::new(AsId(0), SlotId(0), Gfn(0), pages, GUEST_RAM_HOST_BASE, SlotFlags::empty());
         mmu.write().insert_memslot(slot).expect("the benchmark slot is valid");
         let mut cache = PageCache::new();
@@ -42,6 +52,25 @@ impl<'a> OurTree<'a> {
     #[must_use]
     pub fn mmu(&self) -> &Mmu<BenchHost<'a>> {
         &self.mmu
+    }
+
+    /// The vCPU's root.
+    #[must_use]
+    pub fn root(&self) -> &RootRef {
+        self.root.as_ref().expect("the root is held until drop")
+    }
+
+    /// Turns dirty logging of the slot on or off (`set_memslot_flags` under the write lock) and runs the
+    /// flush it returns before the lock drops. Turning it on is the enable-logging pass: every leaf of
+    /// the slot is write-protected, or cleaned with PML.
+    ///
+    /// # Panics
+    /// If the MMU refuses the change (it cannot: the slot exists and stays writable).
+    pub fn set_logging(&mut self, on: bool) {
+        let flags = if on { SlotFlags::LOG_DIRTY } else { SlotFlags::empty() };
+        let mut exclusive = self.mmu.write();
+        let flush = exclusive.set_memslot_flags(AsId(0), SlotId(0), flags).expect("the bench slot exists");
+        flush.run(self.mmu.host());
     }
 
     /// Handles a write fault (EPT violation, nothing present) at each of `count` gfns `0, step, 2*step,

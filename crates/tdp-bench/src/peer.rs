@@ -1,5 +1,6 @@
 //! The peers and limits: the `x86_64` crate's `OffsetPageTable` building and tearing down the same
-//! mappings in userspace memory, and two sweeps over as many table bytes as the zap touches.
+//! mappings in userspace memory, and sweeps over as many table bytes as a zap or a protection pass
+//! touches (a plain and an atomic one for each).
 //!
 //! The peer's page tables are ordinary memory in one `Box<[PageTable]>`: "physical" address `i * 4096`
 //! is frame `i` of the box, so the physical-memory offset is the box's address. The tables are never
@@ -184,6 +185,27 @@ pub fn atomic_swap_sweep(entries: &[AtomicU64], seed: u64) -> u64 {
     black_box(acc)
 }
 
+/// The plain limit of a protection pass: clears `mask` in every entry with ordinary loads and stores,
+/// as a pass that needs no atomics could (the compiler vectorises it). The buffer escapes, so no pass is
+/// elided, even one that finds the bits already clear.
+pub fn plain_clear_sweep(entries: &mut [u64], mask: u64) {
+    for entry in entries.iter_mut() {
+        *entry &= !mask;
+    }
+    black_box(entries);
+}
+
+/// The atomic limit of a protection pass: one locked read-modify-write per entry (`lock and`, KVM's
+/// `clear_bit` on an SPTE that hardware may update), whatever the entry holds.
+pub fn atomic_clear_sweep(entries: &[AtomicU64], mask: u64) {
+    for entry in entries {
+        // The result is unused, so x86 gets `lock and` rather than a compare-exchange loop. Relaxed: the
+        // pass publishes nothing; a lock prefix is a full barrier on x86 whatever the ordering.
+        entry.fetch_and(!mask, Ordering::Relaxed);
+    }
+    black_box(entries);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +232,11 @@ mod tests {
         let atomic: Vec<AtomicU64> = (0..8).map(|_| AtomicU64::new(0)).collect();
         atomic_swap_sweep(&atomic, 1);
         assert_eq!(atomic[5].load(Ordering::Relaxed), 4);
+        plain[..2].copy_from_slice(&[0b111, 0b101]);
+        plain_clear_sweep(&mut plain, 0b10);
+        assert_eq!(plain[..2], [0b101, 0b101]);
+        atomic[0].store(0b111, Ordering::Relaxed);
+        atomic_clear_sweep(&atomic, 0b10);
+        assert_eq!(atomic[0].load(Ordering::Relaxed), 0b101);
     }
 }

@@ -138,6 +138,12 @@ pub trait MmuEvents {
 ///
 /// The MMU calls it only for dirty-logged slots: when a fault installs a writable SPTE, and when the
 /// fast path makes a write-protected one writable again. A VM that never logs passes `&mut ()`.
+///
+/// With PML ([`crate::mmu::MmuConfig::pml`]) hardware records the other writes; the backend drains each
+/// vCPU's log into the same sink, keeping only gfns of slots that are logged now, on every exit and
+/// before every harvest (KVM's `kvm_flush_pml_buffers`). A sink backed by a dirty ring records a
+/// soft-full push itself and makes the vCPU exit before it next enters the guest (KVM's
+/// `KVM_REQ_DIRTY_RING_SOFT_FULL`); the ring's reserve covers the marks one exit can produce.
 pub trait DirtySink {
     /// `gfn` of `slot` is being written.
     fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn);

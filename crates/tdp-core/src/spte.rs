@@ -511,7 +511,7 @@ impl SpteFormat {
     /// # Panics
     /// In debug builds, if `level` is above [`SpteFormat::max_leaf_level`] or `pfn` is misaligned.
     #[must_use]
-    #[inline]
+    #[inline(always)] // callers pass constant attributes, which then fold away
     pub fn leaf(&self, pfn: Pfn, level: Level, attrs: LeafAttrs) -> Spte {
         debug_assert!(level <= self.max_leaf_level, "leaf at {level:?} above the format's largest page");
         debug_assert!(pfn.0 & (level.pages() - 1) == 0, "{pfn:?} misaligned for {level:?}");

@@ -1,10 +1,17 @@
 //! [`Tlb`]: one vCPU's cache of guest-physical translations, tagged by root (EPTP / nCR3), as hardware
 //! keeps them between flushes.
 //!
+//! An entry also remembers whether the leaf's dirty flag was set when it was filled (a write walk sets
+//! it). As on real hardware, a write through an entry that is not marked dirty does not retire from the
+//! TLB: the processor walks again to set the flag (Intel SDM Vol. 3C, "Accessed and Dirty Flags for
+//! EPT" and, for ordinary paging, Vol. 3A "Caching Translation Information"; AMD APM Vol. 2, "Nested
+//! Paging"). This is what makes a write after a re-protection visible to Page-Modification Logging.
+//!
 //! Checks nothing itself; it is the state the I3 checker (`check_tlbs`) compares with the current
-//! tables. A fill happens under the TLB's lock together with the walk that produced it (see
-//! [`crate::vcpu`]), so a flush, which takes the same lock, never misses a translation that was being
-//! filled when it started: as with real hardware, a flush is complete when it returns.
+//! tables (including a dirty mark the current leaf no longer carries). A fill happens under the TLB's
+//! lock together with the walk that produced it (see [`crate::vcpu`]), so a flush, which takes the same
+//! lock, never misses a translation that was being filled when it started: as with real hardware, a
+//! flush is complete when it returns.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,6 +30,9 @@ pub struct TlbEntry {
     pub level: Level,
     /// What the walk allowed.
     pub rights: Access,
+    /// The leaf's dirty flag was set when the entry was filled, so writes may use the entry without a
+    /// walk. Only meaningful on hardware that sets A/D flags; writes through an entry without it walk.
+    pub dirty: bool,
 }
 
 /// A vCPU's TLB: translations keyed by (root frame, level-aligned gfn, level).
@@ -62,15 +72,17 @@ const EXACT_FLUSH_PAGES: u64 = 1 << 12;
 const LEAF_LEVELS: [Level; 3] = [Level::L1, Level::L2, Level::L3];
 
 impl TlbMap {
-    pub(crate) fn lookup(&self, root: Pfn, gfn: Gfn) -> Option<(Pfn, Access)> {
+    /// The exact frame for `gfn` and the entry that translates it (smallest page first).
+    pub(crate) fn lookup(&self, root: Pfn, gfn: Gfn) -> Option<(Pfn, TlbEntry)> {
         LEAF_LEVELS.iter().find_map(|&level| {
             let base = gfn.align_down(level);
             let e = self.entries.get(&(root, base, level))?;
-            Some((e.pfn.add(gfn.0 - base.0), e.rights))
+            Some((e.pfn.add(gfn.0 - base.0), *e))
         })
     }
 
-    pub(crate) fn insert(&mut self, root: Pfn, gfn: Gfn, level: Level, first_frame: Pfn, rights: Access) {
+    pub(crate) fn insert(&mut self, root: Pfn, gfn: Gfn, entry: TlbEntry) {
+        let level = entry.level;
         let base = gfn.align_down(level);
         if self.entries.len() >= TLB_CAPACITY
             && let Some(&victim) = self.entries.keys().next()
@@ -80,7 +92,7 @@ impl TlbMap {
         if !self.roots.contains(&root) {
             self.roots.push(root);
         }
-        self.entries.insert((root, base, level), TlbEntry { pfn: first_frame, level, rights });
+        self.entries.insert((root, base, level), entry);
     }
 
     fn flush_range(&mut self, start: Gfn, pages: u64) {
@@ -115,12 +127,23 @@ impl Tlb {
 
     /// The exact 4 KiB frame and rights cached for `gfn` under `root`, if any.
     pub fn lookup(&self, root: Pfn, gfn: Gfn) -> Option<(Pfn, Access)> {
+        lock(&self.map).lookup(root, gfn).map(|(pfn, e)| (pfn, e.rights))
+    }
+
+    /// The exact 4 KiB frame cached for `gfn` under `root` and the entry it comes from, if any.
+    pub fn lookup_entry(&self, root: Pfn, gfn: Gfn) -> Option<(Pfn, TlbEntry)> {
         lock(&self.map).lookup(root, gfn)
     }
 
-    /// Caches a translation of the `level` page containing `gfn`, whose first frame is `first_frame`.
+    /// Caches a translation of the `level` page containing `gfn`, whose first frame is `first_frame`,
+    /// not marked dirty.
     pub fn insert(&self, root: Pfn, gfn: Gfn, level: Level, first_frame: Pfn, rights: Access) {
-        lock(&self.map).insert(root, gfn, level, first_frame, rights);
+        self.insert_entry(root, gfn, TlbEntry { pfn: first_frame, level, rights, dirty: false });
+    }
+
+    /// Caches `entry` for the `entry.level` page containing `gfn` (`entry.pfn` is its first frame).
+    pub fn insert_entry(&self, root: Pfn, gfn: Gfn, entry: TlbEntry) {
+        lock(&self.map).insert(root, gfn, entry);
     }
 
     /// Drops every entry covering `gfn`, in every root: what hardware does for the faulting address

@@ -3,8 +3,15 @@
 //! the hypervisor that reacts to exits (root loads with a TLB flush of the new root, as KVM's
 //! `kvm_mmu_load` does).
 //!
-//! Checks: I2 at run time (a walk that reaches a freed table is an error, never a read of poison), and
-//! forward progress (an access that needs more than [`MAX_ROUNDS`] exits is reported as a livelock).
+//! With PML (`MmuConfig::pml`), the vCPU owns a [`Pml`] that its walks fill, and plays KVM's part in
+//! draining it (`vmx_flush_pml_buffer`): on a log-full exit, on every exit before the fault handler
+//! runs (KVM flushes the log in `vmx_handle_exit`), and on demand ([`Vcpu::flush_pml`], what KVM's kick
+//! before a dirty-log read achieves). Drained GPAs become marks in the vCPU's [`DirtySink`].
+//!
+//! Checks: I2 at run time (a walk that reaches a freed table is an error, never a read of poison),
+//! forward progress (an access that needs more than [`MAX_ROUNDS`] exits is reported as a livelock),
+//! and I4's hardware half: a write retires from the TLB only through an entry marked dirty, and an
+//! access that cannot be logged (log full) does not retire until the log is drained.
 
 use std::sync::Arc;
 
@@ -16,8 +23,9 @@ use tdp_core::mmu::{EmulateReason, FaultError, FaultOutcome, Mmu, PageCache, Roo
 use tdp_core::spte::{Access, TdpKind};
 
 use crate::host::MockHost;
-use crate::tlb::Tlb;
-use crate::walker::{Hardware, WalkMode, WalkOutcome, access_right, npf_reserved_code, walk};
+use crate::pml::{DrainedGpa, Pml};
+use crate::tlb::{Tlb, TlbEntry};
+use crate::walker::{Hardware, WalkOutcome, access_right, npf_reserved_code, walk_access};
 
 /// Exits one access may take before it is reported as [`VcpuError::Livelock`].
 pub const MAX_ROUNDS: usize = 64;
@@ -86,6 +94,8 @@ enum Exit {
     Violation(u64),
     Misconfig,
     FreedTable(Pfn),
+    /// A page-modification log-full exit: drain the log and re-execute.
+    PmlFull,
 }
 
 /// A simulated vCPU. It is `Send`: tests run vCPUs on threads over an `Arc<Mmu<MockHost>>`.
@@ -100,8 +110,11 @@ pub struct Vcpu {
     tlb: Arc<Tlb>,
     hw: Hardware,
     root_level: Level,
-    /// Where the fault handler's dirty marks go (this vCPU's ring, or the VM's bitmaps); none by default.
+    /// Where the fault handler's dirty marks and the drained PML entries go (this vCPU's ring, or the
+    /// VM's bitmaps); none by default.
     dirty: Box<dyn DirtySink + Send>,
+    /// The page-modification log, when the MMU is configured for PML.
+    pml: Option<Pml>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -112,12 +125,14 @@ impl std::fmt::Debug for Vcpu {
             .field("root", &self.root)
             .field("cache", &self.cache)
             .field("hw", &self.hw)
+            .field("pml", &self.pml)
             .finish_non_exhaustive()
     }
 }
 
 impl Vcpu {
-    /// A vCPU of `mmu`'s VM in address space `as_id`, with its TLB registered with the host.
+    /// A vCPU of `mmu`'s VM in address space `as_id`, with its TLB registered with the host, and an
+    /// empty page-modification log when `mmu` is configured for PML on EPT (AMD has none).
     pub fn new(id: u32, as_id: AsId, mmu: &Mmu<MockHost>) -> Vcpu {
         let tlb = Arc::new(Tlb::new());
         mmu.host().register_tlb(Arc::clone(&tlb));
@@ -130,10 +145,14 @@ impl Vcpu {
             hw: Hardware::for_config(mmu.config()),
             root_level: mmu.config().root_level,
             dirty: Box::new(()),
+            // Only Intel logs: the AMD APM (rev. 3.41) has no page-modification log, so an NPT MMU
+            // configured for PML gets none, and the writes it leaves to a log are lost (as on hardware).
+            pml: (mmu.config().pml && mmu.config().format.kind() == TdpKind::Ept).then(Pml::new),
         }
     }
 
-    /// Sends the dirty marks of this vCPU's faults to `sink` (a dirty ring producer, a bitmap set).
+    /// Sends the dirty marks of this vCPU's faults and drained PML entries to `sink` (a dirty ring
+    /// producer, a bitmap set). Drain the log first ([`Vcpu::flush_pml`]) if it should go to the old one.
     pub fn set_dirty_sink(&mut self, sink: Box<dyn DirtySink + Send>) {
         self.dirty = sink;
     }
@@ -161,6 +180,44 @@ impl Vcpu {
     /// The hardware it simulates.
     pub fn hardware(&self) -> Hardware {
         self.hw
+    }
+    /// Its page-modification log (`None` without PML).
+    pub fn pml(&self) -> Option<&Pml> {
+        self.pml.as_ref()
+    }
+
+    /// Drains the page-modification log into the dirty sink (KVM's `vmx_flush_pml_buffer`, which runs on
+    /// every exit and, through a kick, before every dirty-log read): each GPA in a dirty-logged memslot
+    /// of the vCPU's address space becomes a mark; GPAs without a slot, or in a slot that is no longer
+    /// logged, are dropped and counted in [`Pml::stats`]. Returns the marks made. Without PML it does
+    /// nothing.
+    ///
+    /// A harvest must follow this on every vCPU: writes whose GPAs still sit in a log are not in the
+    /// sink yet. It takes the MMU lock for read, so the caller must not hold an MMU guard.
+    pub fn flush_pml(&mut self, mmu: &Mmu<MockHost>) -> usize {
+        let Some(pml) = self.pml.as_mut() else {
+            return 0;
+        };
+        if pml.is_empty() {
+            return 0;
+        }
+        let gpas = pml.drain();
+        let shared = mmu.read();
+        let mut marked = 0;
+        for gpa in gpas {
+            let gfn = gpa.gfn();
+            let outcome = match shared.memslots().find(self.as_id, gfn) {
+                Some(slot) if slot.is_dirty_logged() => {
+                    self.dirty.mark_dirty(slot, gfn);
+                    marked += 1;
+                    DrainedGpa::Marked
+                }
+                Some(_) => DrainedGpa::NotLogged,
+                None => DrainedGpa::NoSlot,
+            };
+            pml.count_drained(outcome);
+        }
+        marked
     }
 
     /// Performs one guest access to `gpa`: TLB, walk, and as many exits and fault-handler calls as the
@@ -202,6 +259,7 @@ impl Vcpu {
         for _ in 0..MAX_ROUNDS {
             let (hw, level) = (self.hw, self.root_level);
             let current = self.root.as_ref().expect("entry_root loaded a root");
+            let pml = &mut self.pml;
             let outcome = self.tlb.with_locked(|tlb| {
                 // Checked under the TLB lock, which every flush takes: a flush that follows an
                 // invalidation waits for this round, as KVM's kick waits for the vCPU to leave guest
@@ -209,19 +267,23 @@ impl Vcpu {
                 if !mmu.root_is_valid(current) {
                     return Err(Exit::Reload);
                 }
-                if let Some((pfn, rights)) = tlb.lookup(root, gfn)
-                    && rights.contains(need)
+                if let Some((pfn, cached)) = tlb.lookup(root, gfn)
+                    && cached.rights.contains(need)
+                    && (access != AccessKind::Write || cached.dirty || !hw.sets_accessed_dirty())
                 {
-                    return Ok(AccessResult::Done { pfn, rights, from_tlb: true });
+                    // A write through an entry not marked dirty walks again to set D, as hardware does.
+                    return Ok(AccessResult::Done { pfn, rights: cached.rights, from_tlb: true });
                 }
-                match walk(mmu.host(), hw, root, level, gpa, access, WalkMode::Access) {
+                let walked = walk_access(mmu.host(), hw, root, level, gpa, access, pml.as_mut());
+                match walked.outcome {
                     WalkOutcome::Translated { pfn, level, rights } => {
                         let first = Pfn(pfn.0 - (gfn.0 - gfn.align_down(level).0));
-                        tlb.insert(root, gfn, level, first, rights);
+                        tlb.insert(root, gfn, TlbEntry { pfn: first, level, rights, dirty: walked.dirty });
                         Ok(AccessResult::Done { pfn, rights, from_tlb: false })
                     }
                     WalkOutcome::Violation { exit } => Err(Exit::Violation(exit)),
                     WalkOutcome::Misconfig => Err(Exit::Misconfig),
+                    WalkOutcome::PmlFull => Err(Exit::PmlFull),
                     WalkOutcome::FreedTable { pfn } => Err(Exit::FreedTable(pfn)),
                 }
             });
@@ -232,6 +294,15 @@ impl Vcpu {
                     continue;
                 }
                 Err(Exit::FreedTable(pfn)) => return Err(VcpuError::FreedTable { pfn }),
+                Err(Exit::PmlFull) => {
+                    // KVM's handle_pml_full does nothing itself: the flush in vmx_handle_exit emptied
+                    // the log, and re-executing the access logs it.
+                    if let Some(pml) = self.pml.as_mut() {
+                        pml.count_full_exit();
+                    }
+                    self.flush_pml(mmu);
+                    continue;
+                }
                 Err(Exit::Violation(exit)) => {
                     // Hardware drops the faulting address's translations when it reports the exit.
                     self.tlb.invalidate_gfn(gfn);
@@ -245,6 +316,8 @@ impl Vcpu {
                     TdpKind::Npt => Fault::from_npf(self.as_id, gpa, npf_reserved_code(access))?,
                 },
             };
+            // Every exit drains the log before the exit is handled (KVM's vmx_handle_exit).
+            self.flush_pml(mmu);
             let current = self.root.as_ref().expect("entry_root loaded a root");
             match mmu.handle_fault(&mut self.cache, current, fault, &mut *self.dirty)? {
                 FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry => {}

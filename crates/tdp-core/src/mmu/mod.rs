@@ -79,6 +79,9 @@ pub enum ConfigError {
     /// PML sets dirty state through D bits, which the format does not have.
     #[error("PML needs a format with accessed/dirty bits")]
     PmlWithoutAccessedDirty,
+    /// Page-Modification Logging is an Intel feature; AMD's nested paging has no such log.
+    #[error("PML exists only with EPT")]
+    PmlNeedsEpt,
 }
 
 /// The MMU of one VM. `R` is the raw reader/writer lock behind the MMU lock.
@@ -122,6 +125,9 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     pub fn new(host: H, config: MmuConfig) -> Result<Self, ConfigError> {
         if !matches!(config.root_level, Level::L4 | Level::L5) {
             return Err(ConfigError::RootLevel(config.root_level));
+        }
+        if config.pml && config.format.kind() != crate::spte::TdpKind::Ept {
+            return Err(ConfigError::PmlNeedsEpt);
         }
         if config.pml && !config.format.has_accessed_dirty() {
             return Err(ConfigError::PmlWithoutAccessedDirty);

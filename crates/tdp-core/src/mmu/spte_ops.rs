@@ -135,6 +135,11 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
             self.stats.add_leaves(level, 1);
             return;
         }
+        // Dirty logging's case: a leaf changes only its rights or A/D bits; nothing to count.
+        if old.is_present() && old.is_leaf(level) && new.is_present() && new.is_leaf(level) {
+            debug_assert_eq!(old.pfn(), new.pfn(), "a present leaf changed frame without being zapped first");
+            return;
+        }
         self.handle_changed_slow(as_id, gfn, old, new, level, mode);
     }
 

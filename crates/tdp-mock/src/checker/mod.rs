@@ -1,16 +1,19 @@
 //! Invariant checkers over a quiescent `Mmu<MockHost>`: [`check_tables`] (I2: every table reachable
 //! once, live, unfrozen, well-formed, counted, nothing leaked), [`check_translations`] (I1: every leaf
 //! agrees with the test's reference memslots and with the hardware walker) and [`check_tlbs`] (I3: no
-//! vCPU caches a translation the current tables do not grant).
+//! vCPU caches a translation the current tables do not grant), and [`DirtyShadow`] (I4: every page
+//! whose contents changed since the last harvest is in the next one).
 //!
 //! Each checker takes the MMU lock for write while it looks, so faults cannot change the tables under
 //! it; do not call one while holding an MMU guard. They return every violation found, each naming its
 //! invariant ([`Violation::invariant`]) and carrying the values.
 
+mod dirty;
 mod tables;
 mod tlbs;
 mod translations;
 
+pub use dirty::{DirtyPage, DirtyShadow};
 pub use tables::{TableReport, check_tables};
 pub use tlbs::check_tlbs;
 pub use translations::{check_translations, check_translations_in};
@@ -33,6 +36,8 @@ pub enum Invariant {
     I2,
     /// TLB: no cached translation beyond the current tables.
     I3,
+    /// Dirty completeness: every write after logging starts is in the next harvest.
+    I4,
 }
 
 /// One broken invariant, with the values that show it.
@@ -217,6 +222,31 @@ pub enum Violation {
         /// What a walk of the current tables gives.
         current: WalkOutcome,
     },
+    /// A TLB entry is marked dirty but the current leaf has D clear: writes through it would retire
+    /// without setting D (unlogged by PML), because a flush was missed after D was cleared.
+    #[error("I3: TLB entry {cached:?} for {gfn:?} under root {root:?} is dirty; the leaf at {at:?} is clean")]
+    StaleDirtyTlb {
+        /// The root the entry is tagged with.
+        root: Pfn,
+        /// The entry's first gfn.
+        gfn: Gfn,
+        /// The gfn whose leaf has D clear.
+        at: Gfn,
+        /// The entry.
+        cached: TlbEntry,
+    },
+    /// A page changed since the last harvest and the new harvest does not report it.
+    #[error(
+        "I4: page {offset:#x} of slot {slot:?} ({gfn:?}) changed since the last harvest, not in this one"
+    )]
+    UnreportedWrite {
+        /// The slot.
+        slot: SlotId,
+        /// The page's offset in the slot.
+        offset: u64,
+        /// Its gfn.
+        gfn: Gfn,
+    },
     /// A TLB entry is tagged with a root the MMU no longer has.
     #[error("I3: TLB entry {cached:?} for {gfn:?} is tagged with root {root:?}, which is gone")]
     TlbRootGone {
@@ -251,7 +281,8 @@ impl Violation {
             | TableCount { .. }
             | Leak { .. }
             | CachePageLinked { .. } => Invariant::I2,
-            StaleTlb { .. } | TlbRootGone { .. } => Invariant::I3,
+            StaleTlb { .. } | StaleDirtyTlb { .. } | TlbRootGone { .. } => Invariant::I3,
+            UnreportedWrite { .. } => Invariant::I4,
         }
     }
 }

@@ -1,6 +1,9 @@
 //! [`check_tlbs`]: the I3 checker. Every translation a vCPU's TLB caches must still be granted by the
 //! current tables of its root: same frames, rights at least the cached ones. A cached translation of a
-//! gfn that is now unmapped, or of a root the MMU no longer has, is stale.
+//! gfn that is now unmapped, or of a root the MMU no longer has, is stale. On hardware that sets A/D
+//! flags, an entry marked dirty whose current leaf has D clear is stale too: writes through it would
+//! retire without setting D, so neither PML nor a D-bit scan would see them (a flush was missed after
+//! D was cleared; this is where I3 protects I4).
 
 use tdp_core::addr::{Gfn, Level, Pfn};
 use tdp_core::fault::AccessKind;
@@ -9,7 +12,7 @@ use tdp_core::mmu::Mmu;
 use super::Violation;
 use crate::host::MockHost;
 use crate::tlb::{Tlb, TlbEntry};
-use crate::walker::{Hardware, WalkMode, WalkOutcome, next_page, walk};
+use crate::walker::{Hardware, Tree, WalkMode, WalkOutcome, next_page, walk_detail};
 
 /// Checks I3 for every entry of every TLB in `tlbs` against the current tables. Returns how many
 /// entries were checked. Call it after an operation has returned and its flush (if the caller owed
@@ -76,22 +79,25 @@ impl EntryCheck<'_> {
     /// cached one, else one per current leaf. Stops at the first disagreement.
     fn run(&self) -> Option<Violation> {
         let end = self.gfn.0 + self.level.pages();
+        let tree = Tree { root: self.root, level: self.root_level };
         let mut at = self.gfn;
         while at.0 < end {
-            let current = walk(
-                self.host,
-                self.hw,
-                self.root,
-                self.root_level,
-                at.gpa(),
-                AccessKind::Read,
-                WalkMode::Peek,
-            );
+            let walked =
+                walk_detail(self.host, self.hw, tree, at.gpa(), AccessKind::Read, WalkMode::Peek, None);
+            let current = walked.outcome;
             let WalkOutcome::Translated { pfn, level, rights } = current else {
                 return Some(self.stale(at, current));
             };
             if pfn != self.cached.pfn.add(at.0 - self.gfn.0) || !rights.contains(self.cached.rights) {
                 return Some(self.stale(at, current));
+            }
+            if self.cached.dirty && self.hw.sets_accessed_dirty() && !walked.dirty {
+                return Some(Violation::StaleDirtyTlb {
+                    root: self.root,
+                    gfn: self.gfn,
+                    at,
+                    cached: self.cached,
+                });
             }
             at = next_page(at, level);
         }

@@ -3,11 +3,18 @@
 //! exit qualification, EPT misconfiguration, nested page fault with its error code), and setting
 //! accessed/dirty flags with locked compare-exchanges.
 //!
+//! With a [`Pml`] ([`walk_access`]), it is also Intel's Page-Modification Logging: a write that sets a
+//! leaf's dirty flag from 0 to 1 logs its GPA, and an access that must set an accessed or dirty flag
+//! while the log is full ends in [`WalkOutcome::PmlFull`] with nothing set.
+//!
 //! Checks: I1 (entries are decoded by [`decode`] from the manuals, independently of the core's
-//! `SpteFormat`) and I2 (every table frame is checked against the host's page state before it is read;
-//! a free page ends the walk with [`WalkOutcome::FreedTable`] instead of reading poison). The whole walk
+//! `SpteFormat`), I2 (every table frame is checked against the host's page state before it is read;
+//! a free page ends the walk with [`WalkOutcome::FreedTable`] instead of reading poison) and I4 at the
+//! hardware level (every D 0->1 transition the walk makes is logged when PML is on, and the walk
+//! reports the leaf's D state so that a TLB entry serves writes only while D is set). The whole walk
 //! holds a walk guard, as hardware walks are covered by the RCU-like deferral of frees.
 
+mod accessed_dirty;
 pub mod decode;
 
 use std::sync::atomic::Ordering;
@@ -19,6 +26,8 @@ use tdp_core::mmu::MmuConfig;
 use tdp_core::spte::{Access, TdpKind};
 
 use crate::host::{MockHost, PageState};
+use crate::pml::Pml;
+use accessed_dirty::{AdUpdate, Used, set_accessed_dirty};
 use decode::{Entry, Rights};
 
 /// What the simulated processor supports: the parts of IA32_VMX_EPT_VPID_CAP / CPUID the walk depends on.
@@ -90,6 +99,10 @@ pub enum WalkOutcome {
     },
     /// An EPT misconfiguration, or a nested page fault with RSVD (error code: [`npf_reserved_code`]).
     Misconfig,
+    /// A page-modification log-full event (only in [`walk_access`] with a [`Pml`]): the access needed an
+    /// accessed or dirty flag set while the PML index was outside 0..=511. No flag was set and the
+    /// access did not happen; the VM exit has basic reason [`crate::pml::EXIT_REASON_PML_FULL`].
+    PmlFull,
     /// The walk reached a table frame that is free (or not a table page at all): an I2 violation.
     FreedTable {
         /// The frame.
@@ -143,54 +156,128 @@ pub fn walk(
     access: AccessKind,
     mode: WalkMode,
 ) -> WalkOutcome {
+    walk_detail(host, hw, Tree { root, level: root_level }, gpa, access, mode, None).outcome
+}
+
+/// A walk for a guest access, with what the rest of the processor needs from it besides the outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AccessWalk {
+    /// How the walk ended.
+    pub outcome: WalkOutcome,
+    /// The leaf's dirty flag is set after the walk (the walk set it for a write, or found it set): a
+    /// TLB entry filled from this walk may serve writes without walking again. False when the walk did
+    /// not translate, and on hardware that does not set A/D flags.
+    pub dirty: bool,
+    /// The 4 KiB-aligned GPA the walk wrote to the page-modification log, if it did.
+    pub logged: Option<Gpa>,
+}
+
+/// The processor's walk for a guest access (mode [`WalkMode::Access`]), with Page-Modification
+/// Logging when `pml` is given: a write that sets the leaf's D flag from 0 to 1 logs `gpa` (bits 11:0
+/// clear), and an access that must set an A or D flag while the log is full ends in
+/// [`WalkOutcome::PmlFull`] having set nothing. Whether the processor has PML is the caller's choice
+/// ([`crate::Vcpu`] passes a log only on EPT).
+///
+/// ```
+/// use std::sync::atomic::Ordering;
+/// use tdp_core::addr::{Gpa, Level};
+/// use tdp_core::fault::AccessKind;
+/// use tdp_core::host::TableMemory;
+/// use tdp_core::mmu::MmuConfig;
+/// use tdp_core::spte::Spte;
+/// use tdp_mock::pml::Pml;
+/// use tdp_mock::walker::decode::ept;
+/// use tdp_mock::{walk_access, Hardware, HostConfig, MockHost, WalkOutcome};
+///
+/// let host = MockHost::new(HostConfig::default());
+/// let nonpresent = Spte(1 << 63);
+/// let [l4, l3, l2] = [(); 3].map(|_| host.alloc_table(nonpresent).unwrap());
+/// let table = ept::R | ept::W | ept::X | ept::A;
+/// host.table(l4)[0].store(table | l3.hpa(), Ordering::SeqCst);
+/// host.table(l3)[0].store(table | l2.hpa(), Ordering::SeqCst);
+/// // A clean, accessed 2 MiB write-back leaf for GPAs 0..2 MiB at host address 1 GiB.
+/// host.table(l2)[0].store(table | ept::PS | (6 << 3) | 0x4000_0000, Ordering::SeqCst);
+/// let hw = Hardware::for_config(&MmuConfig::EPT_PML);
+/// let mut pml = Pml::new();
+/// let w = walk_access(&host, hw, l4, Level::L4, Gpa(0x3008), AccessKind::Write, Some(&mut pml));
+/// assert!(matches!(w.outcome, WalkOutcome::Translated { .. }));
+/// assert_eq!((w.dirty, w.logged), (true, Some(Gpa(0x3000))));
+/// // D is set now: a write elsewhere in the 2 MiB page logs nothing (Bochs shows the same).
+/// let again = walk_access(&host, hw, l4, Level::L4, Gpa(0x5000), AccessKind::Write, Some(&mut pml));
+/// assert_eq!((again.dirty, again.logged), (true, None));
+/// assert_eq!(pml.entries(), [Gpa(0x3000)]);
+/// # Ok::<(), tdp_core::host::AllocError>(())
+/// ```
+pub fn walk_access(
+    host: &MockHost,
+    hw: Hardware,
+    root: Pfn,
+    root_level: Level,
+    gpa: Gpa,
+    access: AccessKind,
+    pml: Option<&mut Pml>,
+) -> AccessWalk {
+    walk_detail(host, hw, Tree { root, level: root_level }, gpa, access, WalkMode::Access, pml)
+}
+
+/// The tree a walk starts from: its root table and the root's level (the EPTP / nCR3 in use).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tree {
+    pub(crate) root: Pfn,
+    pub(crate) level: Level,
+}
+
+/// Every walk goes through here; `pml` only matters in [`WalkMode::Access`].
+pub(crate) fn walk_detail(
+    host: &MockHost,
+    hw: Hardware,
+    tree: Tree,
+    gpa: Gpa,
+    access: AccessKind,
+    mode: WalkMode,
+    mut pml: Option<&mut Pml>,
+) -> AccessWalk {
     let _guard = host.begin_walk();
     loop {
-        if let Some(outcome) = walk_once(host, &hw, root, root_level, gpa, access, mode) {
+        if let Some(outcome) = walk_once(host, &hw, tree, gpa, access, mode, pml.as_deref_mut()) {
             return outcome;
         }
         // An entry changed under the A/D update: walk again, as the processor's locked update does.
     }
 }
 
-/// One entry the walk used, for the A/D update.
-#[derive(Clone, Copy, Debug, Default)]
-struct Used {
-    table: Pfn,
-    index: usize,
-    value: u64,
-}
-
 /// One walk; `None` when an A/D update lost a race and the walk must restart.
 fn walk_once(
     host: &MockHost,
     hw: &Hardware,
-    root: Pfn,
-    root_level: Level,
+    tree: Tree,
     gpa: Gpa,
     access: AccessKind,
     mode: WalkMode,
-) -> Option<WalkOutcome> {
+    pml: Option<&mut Pml>,
+) -> Option<AccessWalk> {
+    let done = |outcome| Some(AccessWalk { outcome, dirty: false, logged: None });
     let gfn = gpa.gfn();
-    let reach = root_level.shift_in_frames() + 9;
+    let reach = tree.level.shift_in_frames() + 9;
     if gfn.0 >> reach != 0 {
         // Beyond the guest-physical address width of the tree: nothing can map it.
-        return Some(WalkOutcome::Violation { exit: not_present_exit(hw, access) });
+        return done(WalkOutcome::Violation { exit: not_present_exit(hw, access) });
     }
     let mut used = [Used::default(); 5];
     let mut depth = 0;
     let mut rights = Rights::ALL;
-    let mut table = root;
-    let mut level = root_level;
+    let mut table = tree.root;
+    let mut level = tree.level;
     let (frame, leaf_level) = loop {
         let index = gfn.index_at(level).get();
         let Some(value) = read_entry(host, table, index) else {
-            return Some(WalkOutcome::FreedTable { pfn: table });
+            return done(WalkOutcome::FreedTable { pfn: table });
         };
         used[depth] = Used { table, index, value };
         depth += 1;
         match decode::decode(hw, value, level) {
-            Entry::NotPresent => return Some(WalkOutcome::Violation { exit: not_present_exit(hw, access) }),
-            Entry::Reserved => return Some(WalkOutcome::Misconfig),
+            Entry::NotPresent => return done(WalkOutcome::Violation { exit: not_present_exit(hw, access) }),
+            Entry::Reserved => return done(WalkOutcome::Misconfig),
             Entry::Leaf { frame, rights: r } => {
                 rights = rights.and(r);
                 break (frame, level);
@@ -203,16 +290,25 @@ fn walk_once(
         }
     };
     if let Some(exit) = permission_exit(hw, rights, access) {
-        return Some(WalkOutcome::Violation { exit });
+        return done(WalkOutcome::Violation { exit });
     }
-    if mode == WalkMode::Access
-        && hw.sets_accessed_dirty()
-        && !set_accessed_dirty(host, hw.kind, &used[..depth], access == AccessKind::Write)
-    {
-        return None;
-    }
+    let used = &used[..depth];
+    let (dirty, logged) = if !hw.sets_accessed_dirty() {
+        (false, None)
+    } else if mode == WalkMode::Access {
+        match set_accessed_dirty(host, hw.kind, used, access == AccessKind::Write, gpa, pml) {
+            AdUpdate::Raced => return None,
+            AdUpdate::PmlFull => return done(WalkOutcome::PmlFull),
+            AdUpdate::Done { dirty, logged } => (dirty, logged),
+        }
+    } else {
+        let (_, d) = decode::accessed_dirty_bits(hw.kind);
+        (used[depth - 1].value & d != 0, None)
+    };
     let offset = gfn.0 - gfn.align_down(leaf_level).0;
-    Some(WalkOutcome::Translated { pfn: Pfn(frame + offset), level: leaf_level, rights: rights.access })
+    let outcome =
+        WalkOutcome::Translated { pfn: Pfn(frame + offset), level: leaf_level, rights: rights.access };
+    Some(AccessWalk { outcome, dirty, logged })
 }
 
 /// Reads entry `index` of the table in `pfn`, or `None` if the page is free or not a table page.
@@ -278,30 +374,6 @@ fn npf_access_bits(access: AccessKind) -> u64 {
         AccessKind::Exec => npf_code::FETCH,
     };
     npf_code::USER | npf_code::FINAL_TRANSLATION | kind
-}
-
-/// Sets A in every entry used and D in the leaf for a write, each with a compare-exchange of the exact
-/// value the walk read. Returns false when an entry changed meanwhile (the walk restarts).
-fn set_accessed_dirty(host: &MockHost, kind: TdpKind, used: &[Used], write: bool) -> bool {
-    let (accessed, dirty) = decode::accessed_dirty_bits(kind);
-    let last = used.len().saturating_sub(1);
-    for (i, u) in used.iter().enumerate() {
-        let mut new = u.value | accessed;
-        if i == last && write {
-            new |= dirty;
-        }
-        if new == u.value {
-            continue;
-        }
-        let Some(table) = host.arena_table(u.table) else {
-            return false;
-        };
-        // AcqRel/Acquire like a locked RMW: pairs with the core's exchanges of the same entry.
-        if table[u.index].compare_exchange(u.value, new, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            return false;
-        }
-    }
-    true
 }
 
 /// The first gfn after the page of `level` that holds `gfn`.

@@ -1,1 +1,0 @@
-//! The dirty bitmap (being written): KVM's per-memslot dirty log.

@@ -1,1 +1,0 @@
-//! The dirty ring (being written): KVM's per-vCPU ring of dirtied guest frames, both halves.
