@@ -12,11 +12,13 @@ use tdp_core::host::TableMemory;
 use tdp_core::spte::SpteFormat;
 
 use crate::floor::{self, FloorShared};
+use crate::harvest::{self, Series};
 use crate::host::{Arena, BenchHost};
 use crate::ours::OurTree;
 use crate::peer::{PeerArena, atomic_swap_sweep, plain_write_sweep};
 use crate::report::{FAULT_4K, METADATA, METADATA_TARGET_BYTES, Metadata, Row};
 use crate::timing::{Rounds, ns_per_op};
+use crate::{logging, ring};
 
 /// 4 KiB pages in 1 GiB.
 pub const PAGES_1G: u64 = 1 << 18;
@@ -51,18 +53,22 @@ pub struct Outcome {
     pub rows: Vec<Row>,
     /// Human-readable side figures.
     pub notes: Vec<String>,
+    /// The harvest-cost figures, for the plot, when the `harvest` group ran.
+    pub harvest: Option<Series>,
 }
 
 /// Table pages an MMU needs to map `pages` 4 KiB pages from gfn 0 at `level`, plus a root, the tables
 /// above, and more than a page cache's worth of slack (a cache holds at most 10).
-fn arena_pages(pages: u64, level: Level) -> usize {
+#[must_use]
+pub fn arena_pages(pages: u64, level: Level) -> usize {
     let leaves_per_table = PAGES_2M * level.pages();
     let bottom = pages.div_ceil(leaves_per_table) as usize;
     bottom + bottom.div_ceil(512) + 4 + 16
 }
 
 /// The groups of comparisons, by the name `--only` takes.
-pub const GROUPS: [&str; 5] = ["fault_4k", "fault_2m", "zap_range", "zap_all", "metadata"];
+pub const GROUPS: [&str; 8] =
+    ["fault_4k", "fault_2m", "zap_range", "zap_all", "metadata", "ring", "enable_logging", "harvest"];
 
 /// One group of comparisons.
 type Measure = fn(&Config, &mut Outcome);
@@ -74,12 +80,18 @@ type Measure = fn(&Config, &mut Outcome);
 /// figures would be meaningless.
 pub fn run(cfg: &Config, only: impl Fn(&str) -> bool, mut progress: impl FnMut(&str)) -> Outcome {
     let mut out = Outcome::default();
-    let groups: [(&str, &str, Measure); 5] = [
+    let groups: [(&str, &str, Measure); GROUPS.len()] = [
         ("fault_4k", "4 KiB faults in a fresh table vs x86_64 map_to", fault_4k),
         ("fault_2m", "2 MiB faults vs x86_64 map_to (2 MiB pages)", fault_2m),
         ("zap_range", "zap of 1 GiB of 4 KiB leaves vs x86_64 unmap and sweeps", zap_range),
         ("zap_all", "zap_all teardown of a 1 GiB tree vs x86_64 unmap + clean_up", zap_all),
         ("metadata", "metadata per table page", |_, out| metadata(out)),
+        ("ring", "dirty ring push + harvest + reset vs rtrb push + pop", ring::measure),
+        ("enable_logging", "enable-logging pass over 1 and 16 GiB of 4 KiB leaves vs sweeps", logging::measure),
+        ("harvest", "harvest of 1000 dirty pages vs memory size: ring vs bitmap", |cfg, out| {
+            let series = harvest::measure(cfg, out);
+            out.harvest = Some(series);
+        }),
     ];
     for (name, what, measure) in groups {
         if only(name) {

@@ -145,13 +145,25 @@ pub trait MmuEvents {
 /// soft-full push itself and makes the vCPU exit before it next enters the guest (KVM's
 /// `KVM_REQ_DIRTY_RING_SOFT_FULL`); the ring's reserve covers the marks one exit can produce.
 pub trait DirtySink {
-    /// `gfn` of `slot` is being written.
-    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn);
+    /// `gfn` of `slot` is being written; `source` says which path saw it.
+    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn, source: DirtySource);
 }
 
 /// No dirty logging: marks go nowhere.
 impl DirtySink for () {
-    fn mark_dirty(&mut self, _slot: &Memslot, _gfn: Gfn) {}
+    fn mark_dirty(&mut self, _slot: &Memslot, _gfn: Gfn, _source: DirtySource) {}
+}
+
+/// Which path produced a dirty mark. Every write in a logged slot reaches the sink through exactly one
+/// of them; the sink may count them (per-path dirty rates) but must record all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DirtySource {
+    /// A fault installed a writable 4 KiB leaf.
+    Fault,
+    /// The fast path made a write-protected leaf writable again.
+    FastPath,
+    /// The backend drained a hardware log (Intel PML) of writes that set D bits.
+    HardwareLog,
 }
 
 /// Everything the MMU needs from its environment.

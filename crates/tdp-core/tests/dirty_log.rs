@@ -7,19 +7,22 @@ use std::sync::{Arc, Mutex};
 
 use tdp_core::addr::{AsId, Gfn, Level, SlotId};
 use tdp_core::fault::AccessKind;
-use tdp_core::host::DirtySink;
+use tdp_core::host::{DirtySink, DirtySource};
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{MmuConfig, PageCache};
 use tdp_core::spte::SpteFormat;
 use tdp_mock::{HostConfig, Machine, Vcpu, check_tables, check_tlbs, check_translations};
 
 /// Records every dirty mark, shared between the vCPUs and the test.
+/// A broken variant can make it drop every mark of one path.
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<(SlotId, u64)>>>);
+struct Recorder(Arc<Mutex<Vec<(SlotId, u64)>>>, Option<DirtySource>);
 
 impl DirtySink for Recorder {
-    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn) {
-        self.0.lock().expect("recorder").push((slot.id, slot.offset_of(gfn)));
+    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn, source: DirtySource) {
+        if self.1 != Some(source) {
+            self.0.lock().expect("recorder").push((slot.id, slot.offset_of(gfn)));
+        }
     }
 }
 
@@ -40,11 +43,16 @@ struct Vm {
 
 impl Vm {
     fn new(config: MmuConfig) -> Vm {
+        Vm::dropping(config, None)
+    }
+
+    /// A VM whose recorder loses every mark from `dropped` (a broken variant).
+    fn dropping(config: MmuConfig, dropped: Option<DirtySource>) -> Vm {
         let machine = Machine::new(config, HostConfig { host_level: Level::L2, ..HostConfig::default() })
             .expect("valid config");
         let slot = machine.ram_slot(AsId(0), SlotId(3), Gfn(0x200), SLOT_PAGES, SlotFlags::empty());
         machine.mmu().write().insert_memslot(slot).expect("slot");
-        let marks = Recorder::default();
+        let marks = Recorder(Arc::default(), dropped);
         let vcpus = (0..2)
             .map(|_| {
                 let mut v = machine.new_vcpu(AsId(0));
@@ -66,8 +74,12 @@ impl Vm {
         mmu.write().set_memslot_flags(AsId(0), self.slot.id, flags).expect("slot exists").run(mmu.host());
     }
 
-    /// Harvests the marks (as a ring or bitmap consumer would) and re-protects them, with the flush.
-    fn harvest(&self) -> BTreeSet<u64> {
+    /// Harvests the marks (as a ring or bitmap consumer would, after draining every vCPU's PML) and
+    /// re-protects them, with the flush.
+    fn harvest(&mut self) -> BTreeSet<u64> {
+        for v in &mut self.vcpus {
+            v.flush_pml(self.machine.mmu());
+        }
         let marks: BTreeSet<u64> = self.marks.take().into_iter().map(|(_, off)| off).collect();
         let mmu = self.machine.mmu();
         let mut w = mmu.write();
@@ -168,47 +180,75 @@ fn eager_splitting_maps_a_logged_slot_at_4k_without_faults() {
     }
 }
 
+/// Random reads and writes on two vCPUs across 20 harvests, logging started over existing huge and
+/// small mappings, an eager split halfway. Returns the first round whose harvest missed a written page.
+fn random_run(config: MmuConfig, dropped: Option<DirtySource>) -> Result<(), String> {
+    let mut vm = Vm::dropping(config, dropped);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..200 {
+        let off = next() % SLOT_PAGES;
+        vm.access((next() % 2) as usize, off, AccessKind::Write);
+    }
+    vm.set_logging(true);
+    vm.harvest();
+    for round in 0..20 {
+        let mut written = BTreeSet::new();
+        for _ in 0..300 {
+            let off = next() % SLOT_PAGES;
+            let kind = if next() % 3 == 0 { AccessKind::Read } else { AccessKind::Write };
+            vm.access((next() % 2) as usize, off, kind);
+            if kind == AccessKind::Write {
+                written.insert(off);
+            }
+        }
+        if round == 10 {
+            // Splitting eagerly mid-run changes nothing about what is reported.
+            let mmu = Arc::clone(vm.machine.mmu());
+            let mut cache = PageCache::new();
+            mmu.write().split_huge_pages(AsId(0), vm.slot.id, &mut cache).expect("pages");
+            cache.release(mmu.host());
+        }
+        let reported = vm.harvest();
+        let missing: Vec<_> = written.difference(&reported).collect();
+        if !missing.is_empty() {
+            return Err(format!("round {round}: written but not reported: {missing:?}"));
+        }
+        assert!(reported.is_subset(&written), "{config:?}: reported pages nobody wrote this round");
+        vm.check();
+    }
+    Ok(())
+}
+
 #[test]
 fn i4_random_writes_are_all_reported_by_the_next_harvest() {
-    for config in WRITE_PROTECT_CONFIGS {
-        let mut vm = Vm::new(config);
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        // Some mappings exist before logging starts, huge and small.
-        for _ in 0..200 {
-            let off = next() % SLOT_PAGES;
-            vm.access((next() % 2) as usize, off, AccessKind::Write);
+    for config in WRITE_PROTECT_CONFIGS.into_iter().chain([MmuConfig::EPT_PML]) {
+        if let Err(e) = random_run(config, None) {
+            panic!("{config:?}: {e}");
         }
-        vm.set_logging(true);
-        vm.marks.take();
-        for round in 0..20 {
-            let mut written = BTreeSet::new();
-            for _ in 0..300 {
-                let off = next() % SLOT_PAGES;
-                let kind = if next() % 3 == 0 { AccessKind::Read } else { AccessKind::Write };
-                vm.access((next() % 2) as usize, off, kind);
-                if kind == AccessKind::Write {
-                    written.insert(off);
-                }
-            }
-            if round == 10 {
-                // Splitting eagerly mid-run changes nothing about what is reported.
-                let mmu = vm.machine.mmu();
-                let mut cache = PageCache::new();
-                mmu.write().split_huge_pages(AsId(0), vm.slot.id, &mut cache).expect("pages");
-                cache.release(mmu.host());
-            }
-            let reported = vm.harvest();
-            let missing: Vec<_> = written.difference(&reported).collect();
-            assert!(missing.is_empty(), "{config:?} round {round}: written but not reported: {missing:?}");
-            assert!(reported.is_subset(&written), "{config:?}: reported pages nobody wrote this round");
-            vm.check();
-        }
+    }
+}
+
+/// Each path that marks pages is needed: losing the marks of any one of them loses writes, and the
+/// harvest check sees it. (Write protection marks through faults and the fast path; PML through faults
+/// and the hardware log.)
+#[test]
+fn i4_dropping_the_marks_of_any_one_path_is_caught() {
+    let cases = [
+        (MmuConfig::EPT, DirtySource::Fault),
+        (MmuConfig::EPT, DirtySource::FastPath),
+        (MmuConfig::NPT, DirtySource::FastPath),
+        (MmuConfig::EPT_PML, DirtySource::Fault),
+        (MmuConfig::EPT_PML, DirtySource::HardwareLog),
+    ];
+    for (config, dropped) in cases {
+        let result = random_run(config, Some(dropped));
+        assert!(result.is_err(), "{config:?} without {dropped:?} marks still reported every write");
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tdp_core::addr::{AsId, Gpa, Level, PAGE_SIZE, Pfn};
 use tdp_core::fault::{AccessKind, DecodeError, Fault};
 use tdp_core::host::AllocError;
-use tdp_core::host::DirtySink;
+use tdp_core::host::{DirtySink, DirtySource};
 use tdp_core::mmu::{EmulateReason, FaultError, FaultOutcome, Mmu, PageCache, RootRef};
 use tdp_core::spte::{Access, TdpKind};
 
@@ -208,7 +208,7 @@ impl Vcpu {
             let gfn = gpa.gfn();
             let outcome = match shared.memslots().find(self.as_id, gfn) {
                 Some(slot) if slot.is_dirty_logged() => {
-                    self.dirty.mark_dirty(slot, gfn);
+                    self.dirty.mark_dirty(slot, gfn, DirtySource::HardwareLog);
                     marked += 1;
                     DrainedGpa::Marked
                 }

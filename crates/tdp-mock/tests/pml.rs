@@ -30,7 +30,7 @@ use tdp_mock::{AccessResult, Hardware, HostConfig, Violation, WalkOutcome, check
 struct Recorder(Arc<Mutex<Vec<DirtyPage>>>);
 
 impl DirtySink for Recorder {
-    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn) {
+    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn, _source: tdp_core::host::DirtySource) {
         self.0.lock().expect("recorder").push((slot.id, slot.offset_of(gfn)));
     }
 }

@@ -10,7 +10,7 @@
 //! so that one write does not make 512 or 262144 pages writable unrecorded).
 
 use crate::addr::{Gfn, Level, Pfn};
-use crate::host::{DirtySink, Host};
+use crate::host::{DirtySink, DirtySource, Host};
 use crate::memslot::Memslot;
 use crate::spte::Spte;
 use crate::sync::{AtomicU64, Ordering};
@@ -55,7 +55,7 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
             if entry.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                 mmu.host.spte_changed(root.as_id(), gfn.align_down(level), level, old, new);
                 if slot.is_dirty_logged() {
-                    dirty.mark_dirty(slot, gfn);
+                    dirty.mark_dirty(slot, gfn, DirtySource::FastPath);
                 }
                 return Some(FaultOutcome::Fixed);
             }

@@ -12,7 +12,7 @@
 use crate::addr::{AsId, Gfn, Level, Pfn, PtIndex};
 use crate::fault::{AccessKind, Fault, FaultKind};
 use crate::flush::Flush;
-use crate::host::{AllocError, DirtySink, Host, HostFaultError};
+use crate::host::{AllocError, DirtySink, DirtySource, Host, HostFaultError};
 use crate::iter::TdpIter;
 use crate::memslot::Memslot;
 use crate::spte::{LeafAttrs, LeafWrite, MemType, Spte, SpteCheckError};
@@ -169,7 +169,7 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         let leaf = mmu.format().leaf(pfn, level, attrs);
         let outcome = self.map(cache, root, gfn, level, leaf);
         if logged && attrs.write == LeafWrite::Writable && outcome == FaultOutcome::Fixed {
-            dirty.mark_dirty(slot, gfn);
+            dirty.mark_dirty(slot, gfn, DirtySource::Fault);
         }
         Ok(outcome)
     }

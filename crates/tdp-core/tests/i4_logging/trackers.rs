@@ -193,7 +193,7 @@ struct Sink {
 }
 
 impl DirtySink for Sink {
-    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn) {
+    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn, _source: tdp_core::host::DirtySource) {
         let offset = slot.offset_of(gfn);
         match &*self.marks.0 {
             Inner::Recorder(list) => list.lock().expect("recorder").push((slot.id, offset)),
