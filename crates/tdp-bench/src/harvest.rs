@@ -18,7 +18,9 @@
 
 use tdp_core::addr::{AsId, Gfn, RingSlot, SlotId};
 use tdp_core::dirty_bitmap::DirtyBitmap;
-use tdp_core::dirty_ring::{DirtyEntry, DirtyGfn, DirtyRingConsumer, DirtyRingProducer, PML_ENTRIES, RingConfig};
+use tdp_core::dirty_ring::{
+    DirtyEntry, DirtyGfn, DirtyRingConsumer, DirtyRingProducer, PML_ENTRIES, RingConfig,
+};
 use tdp_core::flush::Flush;
 use tdp_core::memslot::{Memslot, MemslotSet, SlotFlags};
 
@@ -145,12 +147,24 @@ impl Sized {
     }
 }
 
-/// The figures of one run, for the plot: per size, µs per harvest for the ring, the bitmap and the
-/// bitmap with manual protect.
+/// The figures of one size, µs per harvest.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Point {
+    /// Memory size in GiB.
+    pub gib: u64,
+    /// The dirty ring: harvest + reset.
+    pub ring: f64,
+    /// The bitmap: `get_and_clear`.
+    pub bitmap: f64,
+    /// The bitmap with manual protect: `get` + `clear`.
+    pub manual: f64,
+}
+
+/// The figures of one run, for the plot: one point per size, in increasing size.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Series {
-    /// `(GiB, ring, bitmap, bitmap manual)`.
-    pub points: Vec<(u64, f64, f64, f64)>,
+    /// The points.
+    pub points: Vec<Point>,
 }
 
 /// Measures every size, its three ways interleaved; pushes the rows and a note, returns the plot data.
@@ -173,14 +187,14 @@ pub fn measure(cfg: &Config, out: &mut Outcome) -> Series {
         if crossover.is_none() && ring < classic {
             crossover = Some(gib);
         }
-        series.points.push((gib, ring, classic, manual));
+        series.points.push(Point { gib, ring, bitmap: classic, manual });
     }
-    let spread: Vec<String> = series.points.iter().map(|p| format!("{}g {:.2}", p.0, p.1)).collect();
+    let by_size: Vec<String> = series.points.iter().map(|p| format!("{}g {:.2}", p.gib, p.ring)).collect();
     out.notes.push(format!(
         "harvest of {DIRTY} dirty pages: the ring is faster than the bitmap from {} on; ring us/harvest by \
          size: {}",
         crossover.map_or_else(|| "no size measured".to_owned(), |g| format!("{g} GiB")),
-        spread.join(", ")
+        by_size.join(", ")
     ));
     series
 }

@@ -3,6 +3,7 @@
 //! The `tdp-bench` binary (run by `cargo xtask bench [--quick]`) prints a table `name | ours | peer |
 //! unit | ratio` and writes the same rows to `target/bench/summary.json`. The Criterion bench
 //! `benches/fault.rs` covers the 4 KiB fault against `x86_64`'s `map_to` for those who prefer Criterion.
+//! A run that includes the `harvest` group also draws `docs/img/harvest_vs_memory.svg`.
 //! What each row measures, and why its peer or limit is a fair one, is in `docs/benchmarks.md`.
 //!
 //! Modules:
@@ -11,14 +12,24 @@
 //! - [`ours`]: an MMU with one memslot and a vCPU's root, driven through the public API.
 //! - [`peer`]: `x86_64`'s `OffsetPageTable` over userspace memory, and the write / atomic sweeps.
 //! - [`floor`]: the design floor of a 4 KiB fault (read lock, atomic walk, compare-exchanges), a limit.
+//! - [`ring`]: dirty-ring push + harvest + reset throughput beside the `rtrb` SPSC queue.
+//! - [`logging`]: the enable-logging pass over 1 and 16 GiB of 4 KiB leaves beside two sweeps.
+//! - [`harvest`]: harvest cost against memory size at 1000 dirty pages, ring against bitmap.
+//! - [`plot`]: the SVG plot of the harvest figures.
 //! - [`timing`]: medians of interleaved rounds.
 //! - [`suite`]: the comparisons.
 //! - [`report`]: rows, the table, the JSON file, the metadata accounting and the targets.
+//! - [`targets`]: the dirty-tracking targets, judged from the rows.
 
 pub mod floor;
+pub mod harvest;
 pub mod host;
+pub mod logging;
 pub mod ours;
 pub mod peer;
+pub mod plot;
 pub mod report;
+pub mod ring;
 pub mod suite;
+pub mod targets;
 pub mod timing;

@@ -17,7 +17,7 @@ use tdp_core::spte::{EptBits, SpteFormat};
 
 use crate::host::Arena;
 use crate::ours::OurTree;
-use crate::peer::{atomic_clear_sweep, plain_clear_sweep};
+use crate::peer::{atomic_clear_sweep, plain_clear_sweep, scalar_clear_sweep};
 use crate::report::Row;
 use crate::suite::{Config, Outcome, PAGES_1G, arena_pages};
 use crate::timing::{Rounds, ns_per_op};
@@ -33,8 +33,14 @@ pub const VARIANTS: [(&str, MmuConfig); 3] = [
 /// Guest sizes measured, in GiB.
 pub const SIZES_GIB: [u64; 2] = [1, 16];
 
-/// Contenders per round: per variant the first and the second pass, then the two sweeps.
-const CONTENDERS: usize = 2 * VARIANTS.len() + 2;
+/// Contenders per round: per variant the first and the second pass, then the plain, atomic and scalar
+/// sweeps.
+const CONTENDERS: usize = 2 * VARIANTS.len() + 3;
+
+/// Where the sweeps are among the contenders.
+const PLAIN: usize = CONTENDERS - 3;
+const ATOMIC: usize = CONTENDERS - 2;
+const SCALAR: usize = CONTENDERS - 1;
 
 /// Table pages of a 4-level tree mapping `pages` 4 KiB pages from gfn 0: leaf tables, the tables above
 /// them and the root. The sweeps cover as many entries (512 per table).
@@ -111,15 +117,18 @@ pub fn measure(cfg: &Config, out: &mut Outcome) {
                 [r[2 * i], r[2 * i + 1]] = passes(&arena, pages, *config);
             }
             let per_leaf = pages * sweeps;
-            (r[CONTENDERS - 2], ()) = ns_per_op(per_leaf, || {
+            (r[PLAIN], ()) = ns_per_op(per_leaf, || {
                 (0..sweeps).for_each(|_| plain_clear_sweep(&mut plain[..n], bit));
             });
-            (r[CONTENDERS - 1], ()) = ns_per_op(per_leaf, || {
+            (r[ATOMIC], ()) = ns_per_op(per_leaf, || {
                 (0..sweeps).for_each(|_| atomic_clear_sweep(&atomic[..n], bit));
+            });
+            (r[SCALAR], ()) = ns_per_op(per_leaf, || {
+                (0..sweeps).for_each(|_| scalar_clear_sweep(&atomic[..n], bit));
             });
             r
         });
-        let (plain_ns, atomic_ns) = (rounds.median(CONTENDERS - 2), rounds.median(CONTENDERS - 1));
+        let (plain_ns, atomic_ns) = (rounds.median(PLAIN), rounds.median(ATOMIC));
         let mut second = Vec::new();
         for (i, (suffix, _)) in VARIANTS.iter().enumerate() {
             let what = format!("enable_logging_{gib}g_4k{suffix}");
@@ -131,10 +140,11 @@ pub fn measure(cfg: &Config, out: &mut Outcome) {
         }
         out.notes.push(format!(
             "enable logging {gib} GiB ({pages} leaves, {reps} rounds, sweeps over {} MiB of tables): atomic / \
-             plain sweep = {:.1}x; a second pass over already protected leaves (no store, no flush), \
-             ns/spte: {}",
+             plain sweep = {:.1}x; scalar (unvectorised) sweep {:.2} ns/spte; a second pass over already \
+             protected leaves (no store, no flush), ns/spte: {}",
             (n * 8) >> 20,
             atomic_ns / plain_ns,
+            rounds.median(SCALAR),
             second.join(", ")
         ));
     }

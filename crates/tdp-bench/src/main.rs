@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use clap::Parser;
 use clap::builder::PossibleValuesParser;
-use tdp_bench::report;
 use tdp_bench::suite::{self, Config};
+use tdp_bench::{plot, report};
 
-/// Benchmarks tdp-core against x86_64's OffsetPageTable and memory-sweep limits.
+/// Benchmarks tdp-core against x86_64's OffsetPageTable, the rtrb queue and memory-sweep limits.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -21,18 +21,30 @@ struct Args {
     /// Override the number of recorded repetitions per comparison.
     #[arg(long)]
     reps: Option<usize>,
-    /// Run only these groups (comma-separated): fault_4k, fault_2m, zap_range, zap_all, metadata.
+    /// Run only these groups (comma-separated): fault_4k, fault_2m, zap_range, zap_all, metadata, ring,
+    /// enable_logging, harvest.
     #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(suite::GROUPS))]
     only: Vec<String>,
     /// Where to write the JSON summary [default: <workspace>/target/bench/summary.json].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Where to draw the harvest-cost plot when the harvest group runs
+    /// [default: <workspace>/docs/img/harvest_vs_memory.svg].
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+fn workspace() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.ancestors().nth(2).map_or(manifest.clone(), PathBuf::from)
 }
 
 fn default_out() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let workspace = manifest.ancestors().nth(2).map_or(manifest.clone(), PathBuf::from);
-    workspace.join("target").join("bench").join("summary.json")
+    workspace().join("target").join("bench").join("summary.json")
+}
+
+fn default_plot() -> PathBuf {
+    workspace().join("docs").join("img").join("harvest_vs_memory.svg")
 }
 
 fn main() -> ExitCode {
@@ -66,6 +78,14 @@ fn main() -> ExitCode {
     if let Err(e) = report::write_json(&outcome.rows, &out) {
         eprintln!("tdp-bench: cannot write {}: {e}", out.display());
         return ExitCode::FAILURE;
+    }
+    if let Some(series) = &outcome.harvest {
+        let plot = args.plot.unwrap_or_else(default_plot);
+        if let Err(e) = plot::harvest_vs_memory(series, &plot) {
+            eprintln!("tdp-bench: cannot draw {}: {e}", plot.display());
+            return ExitCode::FAILURE;
+        }
+        println!("drew {}", plot.display());
     }
     println!(
         "wrote {} ({} rows) in {:.1} s",

@@ -195,6 +195,17 @@ pub fn plain_clear_sweep(entries: &mut [u64], mask: u64) {
     black_box(entries);
 }
 
+/// The plain limit for tables made of atomics: the same clearing pass with relaxed atomic loads and stores,
+/// which compile to ordinary `mov`s but, unlike [`plain_clear_sweep`], are never vectorised: one load and
+/// one store per entry, as `tdp-core`'s write-locked passes do.
+pub fn scalar_clear_sweep(entries: &[AtomicU64], mask: u64) {
+    for entry in entries {
+        // Relaxed load and store: plain moves on x86, no lock prefix.
+        entry.store(entry.load(Ordering::Relaxed) & !mask, Ordering::Relaxed);
+    }
+    black_box(entries);
+}
+
 /// The atomic limit of a protection pass: one locked read-modify-write per entry (`lock and`, KVM's
 /// `clear_bit` on an SPTE that hardware may update), whatever the entry holds.
 pub fn atomic_clear_sweep(entries: &[AtomicU64], mask: u64) {
@@ -238,5 +249,8 @@ mod tests {
         atomic[0].store(0b111, Ordering::Relaxed);
         atomic_clear_sweep(&atomic, 0b10);
         assert_eq!(atomic[0].load(Ordering::Relaxed), 0b101);
+        atomic[1].store(0b110, Ordering::Relaxed);
+        scalar_clear_sweep(&atomic, 0b100);
+        assert_eq!(atomic[1].load(Ordering::Relaxed), 0b010);
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::harvest::{DIRTY, Series};
+use crate::harvest::{DIRTY, Point, Series};
 
 /// Picture size in pixels.
 const SIZE: (u32, u32) = (800, 500);
@@ -24,17 +24,18 @@ pub fn harvest_vs_memory(series: &Series, path: &Path) -> io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let ys = points.iter().flat_map(|p| [p.1, p.2, p.3]);
+    let ys = points.iter().flat_map(|p| [p.ring, p.bitmap, p.manual]);
     let (lo, hi) = ys.fold((f64::MAX, f64::MIN), |(lo, hi), y| (lo.min(y), hi.max(y)));
-    let x_range = (first.0 as f64 / 1.3)..(last.0 as f64 * 1.3);
+    let x_range = (first.gib as f64 / 1.3)..(last.gib as f64 * 1.3);
     let y_range = (lo / 2.0).max(1e-3)..(hi * 2.0);
     draw(points, x_range, y_range, path).map_err(|e| io::Error::other(e.to_string()))
 }
 
-type Points = [(u64, f64, f64, f64)];
+/// Which figure of a point a line shows.
+type YOf = fn(&Point) -> f64;
 
 fn draw(
-    points: &Points,
+    points: &[Point],
     x: std::ops::Range<f64>,
     y: std::ops::Range<f64>,
     path: &Path,
@@ -54,13 +55,13 @@ fn draw(
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| format!("{v}"))
         .draw()?;
-    let lines: [(&str, RGBColor, fn(&(u64, f64, f64, f64)) -> f64); 3] = [
-        ("dirty ring: harvest + reset", RGBColor(0, 114, 178), |p| p.1),
-        ("bitmap: get_and_clear", RGBColor(213, 94, 0), |p| p.2),
-        ("bitmap, manual protect: get + clear", RGBColor(0, 158, 115), |p| p.3),
+    let lines: [(&str, RGBColor, YOf); 3] = [
+        ("dirty ring: harvest + reset", RGBColor(0, 114, 178), |p| p.ring),
+        ("bitmap: get_and_clear", RGBColor(213, 94, 0), |p| p.bitmap),
+        ("bitmap, manual protect: get + clear", RGBColor(0, 158, 115), |p| p.manual),
     ];
     for (label, color, y_of) in lines {
-        let data = points.iter().map(|p| (p.0 as f64, y_of(p)));
+        let data = points.iter().map(|p| (p.gib as f64, y_of(p)));
         chart
             .draw_series(LineSeries::new(data, color.stroke_width(2)).point_size(4))?
             .label(label)
@@ -82,7 +83,9 @@ mod tests {
 
     #[test]
     fn plot_is_an_svg_with_the_three_series() {
-        let series = Series { points: vec![(1, 5.0, 2.0, 3.0), (4, 5.1, 6.0, 9.0), (16, 5.0, 20.0, 30.0)] };
+        let point = |gib, ring, bitmap, manual| Point { gib, ring, bitmap, manual };
+        let points = vec![point(1, 5.0, 2.0, 3.0), point(4, 5.1, 6.0, 9.0), point(16, 5.0, 20.0, 30.0)];
+        let series = Series { points };
         let dir = std::env::temp_dir().join(format!("tdp-bench-plot-{}", std::process::id()));
         let path = dir.join("h.svg");
         harvest_vs_memory(&series, &path).unwrap();

@@ -173,6 +173,7 @@ pub fn targets(rows: &[Row]) -> Vec<String> {
             r.ours
         ));
     }
+    out.extend(crate::targets::lines(rows));
     out
 }
 

@@ -87,7 +87,7 @@ pub fn run(cfg: &Config, only: impl Fn(&str) -> bool, mut progress: impl FnMut(&
         ("zap_all", "zap_all teardown of a 1 GiB tree vs x86_64 unmap + clean_up", zap_all),
         ("metadata", "metadata per table page", |_, out| metadata(out)),
         ("ring", "dirty ring push + harvest + reset vs rtrb push + pop", ring::measure),
-        ("enable_logging", "enable-logging pass over 1 and 16 GiB of 4 KiB leaves vs sweeps", logging::measure),
+        ("enable_logging", "enable-logging pass over 1, 16 GiB of 4K leaves vs sweeps", logging::measure),
         ("harvest", "harvest of 1000 dirty pages vs memory size: ring vs bitmap", |cfg, out| {
             let series = harvest::measure(cfg, out);
             out.harvest = Some(series);
