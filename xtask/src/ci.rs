@@ -30,7 +30,11 @@ pub const STEPS: &[Step] = &[
         what: "rustup component add rustfmt clippy (only those missing)",
         run: install::ensure_rust_components,
     },
-    Step { name: "fmt", what: "cargo fmt --all -- --check (and the no_std proof crate)", run: fmt_check },
+    Step {
+        name: "fmt",
+        what: "cargo fmt --all -- --check (and the no_std proof and fuzz crates)",
+        run: fmt_check,
+    },
     Step {
         name: "clippy",
         what: "cargo clippy --workspace --all-targets -- -D warnings (and the no_std proof crate)",
@@ -79,11 +83,20 @@ pub fn run_all() -> Result<()> {
 /// If `cargo fmt` fails.
 pub fn fmt_write() -> Result<()> {
     cmd::run(cmd::cargo().args(["fmt", "--all"]))?;
+    cmd::run(cmd::cargo().args(["fmt", "--manifest-path", "crates/tdp-core/fuzz/Cargo.toml"]))?;
     cmd::run(nostd::proof_cargo().arg("fmt"))
 }
 
 fn fmt_check() -> Result<()> {
     cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // The fuzz crate is its own workspace, outside `--all`.
+    cmd::run(cmd::cargo().args([
+        "fmt",
+        "--manifest-path",
+        "crates/tdp-core/fuzz/Cargo.toml",
+        "--",
+        "--check",
+    ]))?;
     cmd::run(nostd::proof_cargo().args(["fmt", "--", "--check"]))
 }
 

@@ -101,6 +101,23 @@ impl Coalescer {
 
     /// The memslot of the pending batch if it is `slot`: lets the caller validate the next entry without
     /// looking the slot up again.
+    /// Sets the bit of page `offset` of `slot` in the pending batch if the page is in the slot and
+    /// in the batch's 64-page window; the common case of a reset, without copying the memslot.
+    #[inline]
+    pub(super) fn try_extend(&mut self, slot: RingSlot, offset: u64) -> bool {
+        if let Some(b) = &mut self.pending
+            && b.slot() == slot
+            && offset < b.memslot.pages
+            && let Some(delta) = offset.checked_sub(b.offset)
+            && delta < u64::from(u64::BITS)
+        {
+            b.mask |= 1 << delta;
+            return true;
+        }
+        false
+    }
+
+    #[inline]
     pub(super) fn pending_memslot(&self, slot: RingSlot) -> Option<&Memslot> {
         self.pending.as_ref().filter(|b| b.slot() == slot).map(|b| &b.memslot)
     }
@@ -111,6 +128,7 @@ impl Coalescer {
     /// The rules are KVM's: a page of the same slot at most 63 pages above the batch's first page sets
     /// its bit; one at most 63 pages below rebases the batch downwards if no set bit is shifted out of
     /// the mask; anything else closes the batch and starts a new one.
+    #[inline]
     pub(super) fn add(&mut self, memslot: &Memslot, offset: u64) -> Option<ReprotectBatch> {
         if let Some(batch) = &mut self.pending
             && batch.slot() == RingSlot::new(memslot.as_id, memslot.id)

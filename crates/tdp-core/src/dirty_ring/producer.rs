@@ -212,6 +212,9 @@ impl<'a> DirtyRingProducer<'a> {
             entry.flags.store(0, Ordering::Release);
             self.reset_index = self.reset_index.wrapping_add(1);
             stats.reset += 1;
+            if batch.try_extend(slot, offset) {
+                continue;
+            }
             let memslot = match batch.pending_memslot(slot) {
                 Some(pending) => Some(*pending),
                 None if slot.as_id().0 < AsId::MAX_COUNT => target.memslot(slot),

@@ -100,6 +100,17 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                 }
                 let old = it.old_spte;
                 let level = it.level();
+                if level == Level::L1
+                    && it.gfn().is_aligned(Level::L2)
+                    && it.gfn().0 + 512 <= slot.end_gfn().0
+                {
+                    if mmu.protect_leaf_table(slot.as_id, it.table_pfn(), it.gfn()) {
+                        flush = flush.merge(Flush::range(slot.as_id, it.gfn(), Level::L2.pages()));
+                    }
+                    it.finish_table();
+                    it.next();
+                    continue;
+                }
                 if old.is_present() && old.is_leaf(level) {
                     let new = if level == Level::L1 && mmu.config.pml {
                         fmt.cleaned(old)
@@ -220,6 +231,30 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
 }
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
+    /// Protects (or, with PML, cleans) every present leaf of the 4 KiB table `table`, whose first gfn is
+    /// `base`, in one loop: the enable-logging pass's common case. Returns whether any leaf changed.
+    fn protect_leaf_table(&self, as_id: AsId, table: crate::addr::Pfn, base: Gfn) -> bool {
+        let fmt = self.format();
+        let pml = self.config.pml;
+        let mut any = false;
+        for (i, entry) in self.host.table(table).iter().enumerate() {
+            // Relaxed: the write lock excludes other writers; what hardware or the fast path could
+            // change meanwhile is caught by the exchange in `write_spte_exclusive`.
+            let old = Spte(entry.load(Ordering::Relaxed));
+            if !old.is_present() {
+                continue;
+            }
+            let new = if pml { fmt.cleaned(old) } else { fmt.write_protected(old) };
+            if new == old {
+                continue;
+            }
+            any = true;
+            let old = self.write_spte_exclusive(entry, old, new);
+            self.handle_changed_spte(as_id, Gfn(base.0 + i as u64), old, new, Level::L1, LockMode::Exclusive);
+        }
+        any
+    }
+
     /// Replaces the huge leaf `old` at the iterator with table `child`, filled with its split children,
     /// under the write lock.
     fn split_into(&self, as_id: AsId, it: &mut TdpIter<'_, H>, old: Spte, child: crate::addr::Pfn) {
