@@ -229,22 +229,25 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
             let entry = &table[gfn.index_at(level).get()];
             // Acquire pairs with the Release of the compare-exchange that linked a child table here.
             let old = Spte(entry.load(Ordering::Acquire));
-            if fmt.is_frozen(old) {
-                return FaultOutcome::Retry;
-            }
-            let entry_gfn = gfn.align_down(level);
             if level == goal {
-                return self.install(as_id, entry, old, new, entry_gfn, level);
+                if fmt.is_frozen(old) {
+                    return FaultOutcome::Retry;
+                }
+                return self.install(as_id, entry, old, new, gfn.align_down(level), level);
             }
-            let Some(lower) = level.lower() else {
+            // Above the goal (so at level 2 or more) a present entry is a table unless PS says leaf.
+            let child = if old.is_present() && !old.is_large() {
+                old.pfn()
+            } else if fmt.is_frozen(old) {
                 return FaultOutcome::Retry;
-            };
-            let child = match fmt.child_table(old, level) {
-                Some(child) => child,
-                None => match self.link_table(cache, as_id, entry, old, entry_gfn, level) {
+            } else {
+                match self.link_table(cache, as_id, entry, old, gfn.align_down(level), level) {
                     Ok(child) => child,
                     Err(outcome) => return outcome,
-                },
+                }
+            };
+            let Some(lower) = level.lower() else {
+                return FaultOutcome::Retry;
             };
             table = mmu.host.table(child);
             level = lower;
