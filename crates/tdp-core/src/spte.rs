@@ -417,6 +417,18 @@ impl SpteFormat {
     pub const fn max_leaf_level(&self) -> Level {
         self.max_leaf_level
     }
+    /// The accessed bit's mask (0 without A/D bits).
+    #[must_use]
+    #[inline]
+    pub const fn accessed_mask(&self) -> u64 {
+        self.accessed_mask
+    }
+    /// The dirty bit's mask (0 without A/D bits).
+    #[must_use]
+    #[inline]
+    pub const fn dirty_mask(&self) -> u64 {
+        self.dirty_mask
+    }
     /// Whether hardware sets accessed/dirty bits (EPT with A/D enabled, or NPT).
     #[must_use]
     #[inline]

@@ -20,7 +20,10 @@ use crate::flush::Flush;
 use crate::host::{AllocError, Host};
 use crate::iter::TdpIter;
 use crate::memslot::Memslot;
-use crate::spte::Spte;
+use crate::spte::{EptBits, MMU_PRESENT, Spte};
+
+/// The hardware W bit, bit 1 in both formats.
+const WRITE_BIT: u64 = EptBits::WRITE.bits();
 use crate::sync::Ordering;
 
 use super::cache::PageCache;
@@ -234,23 +237,34 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// Protects (or, with PML, cleans) every present leaf of the 4 KiB table `table`, whose first gfn is
     /// `base`, in one loop: the enable-logging pass's common case. Returns whether any leaf changed.
     fn protect_leaf_table(&self, as_id: AsId, table: crate::addr::Pfn, base: Gfn) -> bool {
-        let fmt = self.format();
-        let pml = self.config.pml;
+        // Everything the loop needs, in registers: the bit to clear (D with PML, else W) and what
+        // decides whether hardware could write the entry while we do.
+        let fmt = *self.format();
+        let clear = if self.config.pml { fmt.dirty_mask() } else { WRITE_BIT };
+        let accessed = fmt.accessed_mask();
+        let dirty = fmt.dirty_mask();
         let mut any = false;
         for (i, entry) in self.host.table(table).iter().enumerate() {
-            // Relaxed: the write lock excludes other writers; what hardware or the fast path could
-            // change meanwhile is caught by the exchange in `write_spte_exclusive`.
-            let old = Spte(entry.load(Ordering::Relaxed));
-            if !old.is_present() {
+            // Relaxed: the write lock excludes every other writer but hardware's A/D updates, which the
+            // exchange below covers; the lock's release publishes the stores.
+            let old = entry.load(Ordering::Relaxed);
+            if old & MMU_PRESENT == 0 || old & clear == 0 {
                 continue;
             }
-            let new = if pml { fmt.cleaned(old) } else { fmt.write_protected(old) };
-            if new == old {
-                continue;
-            }
+            let new = old & !clear;
+            // Hardware sets A, or D on a writable entry, with a locked update when the bit is clear
+            // (KVM's `spte_needs_atomic_update`); the fast path cannot run under the write lock.
+            let racy = old & accessed == 0 && accessed != 0
+                || (old & WRITE_BIT != 0 && old & dirty == 0 && dirty != 0);
+            let old = if racy {
+                entry.swap(new, Ordering::AcqRel)
+            } else {
+                entry.store(new, Ordering::Relaxed);
+                old
+            };
             any = true;
-            let old = self.write_spte_exclusive(entry, old, new);
-            self.handle_changed_spte(as_id, Gfn(base.0 + i as u64), old, new, Level::L1, LockMode::Exclusive);
+            // A leaf that stays a leaf: no statistics change, only the event.
+            self.host.spte_changed(as_id, Gfn(base.0 + i as u64), Level::L1, Spte(old), Spte(new));
         }
         any
     }
