@@ -84,21 +84,9 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         let fmt = *mmu.format();
         let mut flush = Flush::none();
         for (root, _) in mmu.roots.acquire_all(Some(slot.as_id)) {
-            let mut it = TdpIter::new(
-                &mmu.host,
-                &fmt,
-                root,
-                mmu.config.root_level,
-                Level::L1,
-                slot.base_gfn,
-                slot.end_gfn(),
-            );
+            let mut it = mmu.slot_iter(root, slot, Level::L1);
             while it.valid() {
-                if it.may_yield() && mmu.host.should_yield() {
-                    flush.run(&mmu.host);
-                    flush = Flush::none();
-                    let slots = &mut self.slots;
-                    it.yield_with(|| RwLockWriteGuard::unlocked(slots, || mmu.host.yield_now()));
+                if self.cond_resched(&mut it, &mut flush) {
                     continue;
                 }
                 let old = it.old_spte;
@@ -140,15 +128,7 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         let nonpresent = fmt.nonpresent();
         let mut flush = Flush::none();
         for (root, _) in mmu.roots.acquire_all(Some(slot.as_id)) {
-            let mut it = TdpIter::new(
-                &mmu.host,
-                &fmt,
-                root,
-                mmu.config.root_level,
-                Level::L2,
-                slot.base_gfn,
-                slot.end_gfn(),
-            );
+            let mut it = mmu.slot_iter(root, slot, Level::L2);
             while it.valid() {
                 let level = it.level();
                 if it.old_spte.is_table(level)
@@ -192,15 +172,7 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         let fmt = *mmu.format();
         let fill = fmt.nonpresent();
         for (root, _) in mmu.roots.acquire_all(Some(as_id)) {
-            let mut it = TdpIter::new(
-                &mmu.host,
-                &fmt,
-                root,
-                mmu.config.root_level,
-                Level::L2,
-                slot.base_gfn,
-                slot.end_gfn(),
-            );
+            let mut it = mmu.slot_iter(root, &slot, Level::L2);
             let mut result = Ok(());
             while it.valid() {
                 let level = it.level();
@@ -234,6 +206,19 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
 }
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
+    /// A walk of `slot`'s gfns in the tree at `root`, down to `min_level`.
+    fn slot_iter(&self, root: crate::addr::Pfn, slot: &Memslot, min_level: Level) -> TdpIter<'_, H> {
+        TdpIter::new(
+            &self.host,
+            &self.config.format,
+            root,
+            self.config.root_level,
+            min_level,
+            slot.base_gfn,
+            slot.end_gfn(),
+        )
+    }
+
     /// Protects (or, with PML, cleans) every present leaf of the 4 KiB table `table`, whose first gfn is
     /// `base`, in one loop: the enable-logging pass's common case. Returns whether any leaf changed.
     fn protect_leaf_table(&self, as_id: AsId, table: crate::addr::Pfn, base: Gfn) -> bool {

@@ -63,6 +63,21 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         if self.mmu.roots.invalidate(as_id) > 0 { Flush::all() } else { Flush::none() }
     }
 
+    /// KVM's `tdp_mmu_iter_cond_resched` under the write lock: when the host wants the CPU and the
+    /// forward-progress rule allows, runs `flush` (nothing zapped or protected so far may stay cached
+    /// while others hold the lock), drops and retakes the lock, and restarts the walk. Returns whether
+    /// it yielded.
+    pub(super) fn cond_resched(&mut self, it: &mut TdpIter<'_, H>, flush: &mut Flush) -> bool {
+        let mmu = self.mmu;
+        if !(it.may_yield() && mmu.host.should_yield()) {
+            return false;
+        }
+        core::mem::replace(flush, Flush::none()).run(&mmu.host);
+        let slots = &mut self.slots;
+        it.yield_with(|| RwLockWriteGuard::unlocked(slots, || mmu.host.yield_now()));
+        true
+    }
+
     fn zap_leafs(&mut self, root: Pfn, as_id: AsId, start: Gfn, end: Gfn, mut flush: Flush) -> Flush {
         let mmu = self.mmu;
         let fmt = mmu.format();
@@ -70,12 +85,7 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         let root_level = mmu.config.root_level;
         let mut it = TdpIter::new(&mmu.host, fmt, root, root_level, Level::L1, start, end);
         while it.valid() {
-            if it.may_yield() && mmu.host.should_yield() {
-                // Nothing zapped so far may stay cached while other threads run.
-                flush.run(&mmu.host);
-                flush = Flush::none();
-                let slots = &mut self.slots;
-                it.yield_with(|| RwLockWriteGuard::unlocked(slots, || mmu.host.yield_now()));
+            if self.cond_resched(&mut it, &mut flush) {
                 continue;
             }
             let level = it.level();
