@@ -1,6 +1,6 @@
 //! The house rules of STYLE.md as a checker over source text: every module opens with a `//!` header;
-//! no test is hidden (`#[ignore]`, `#[should_panic]`, `ignore`/`should_panic` doctests); no `todo!()` or
-//! `unimplemented!()`; every `unsafe` block has a `// SAFETY:` comment just above it.
+//! no test is hidden (`#[ignore]`, `#[should_panic]`, `ignore`/`should_panic` doctests); no `todo!` or
+//! `unimplemented!` calls; every `unsafe` block has a `// SAFETY:` comment just above it.
 //!
 //! The checks are line-based, not a parser: the attribute and macro rules skip comment lines (prose may
 //! name what it forbids), and the SAFETY rule looks at the 3 lines above the block or, for a longer
