@@ -257,3 +257,44 @@ fn pml_configs_need_accessed_dirty_bits() {
     let bad = MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: true };
     assert!(Machine::new(bad, HostConfig::default()).is_err());
 }
+
+/// The MMU as a dirty-ring reset target: harvested pages are re-protected (their next write is marked
+/// again), and entries a hostile consumer pointed outside their slot are counted, never re-protected.
+#[test]
+fn i4_i5_ring_reset_through_the_mmu_reprotects_harvested_pages_only() {
+    use tdp_core::addr::RingSlot;
+    use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, RingConfig};
+    for config in WRITE_PROTECT_CONFIGS.into_iter().chain([MmuConfig::EPT_PML]) {
+        let mut vm = Vm::new(config);
+        vm.set_logging(true);
+        for off in [3, 4, 700] {
+            vm.access(0, off, AccessKind::Write);
+        }
+        for v in &mut vm.vcpus {
+            v.flush_pml(vm.machine.mmu());
+        }
+        let cfg = RingConfig::new(256, 0).expect("valid size");
+        let ring: Vec<DirtyGfn> = (0..256).map(|_| DirtyGfn::default()).collect();
+        let mut producer = DirtyRingProducer::new(&ring, cfg).expect("ring");
+        let slot = RingSlot::new(AsId(0), vm.slot.id);
+        for (_, off) in vm.marks.take() {
+            let _ = producer.push(slot, off).expect("room");
+        }
+        let _ = producer.push(slot, SLOT_PAGES + 5).expect("room"); // outside the slot
+        let _ = producer.push(RingSlot::new(AsId(1), SlotId(9)), 0).expect("room"); // no such slot
+        let mut harvested = Vec::new();
+        DirtyRingConsumer::new(&ring, cfg).expect("ring").harvest(usize::MAX, |e| harvested.push(e.offset));
+        assert_eq!(harvested.len(), 5);
+        let mmu = Arc::clone(vm.machine.mmu());
+        let (stats, flush) = mmu.write().reset_dirty_ring(&mut producer);
+        flush.run(mmu.host());
+        assert_eq!((stats.reset, stats.invalid), (5, 2), "{config:?}");
+        assert!(producer.is_empty());
+        vm.check();
+        // Re-protected: writing the harvested pages again marks them again.
+        for off in [3, 700] {
+            vm.access(1, off, AccessKind::Write);
+        }
+        assert_eq!(vm.harvest(), BTreeSet::from([3, 700]), "{config:?}");
+    }
+}

@@ -15,7 +15,8 @@
 
 use lock_api::{RawRwLock, RwLockWriteGuard};
 
-use crate::addr::{AsId, Gfn, Level, PtIndex, SlotId};
+use crate::addr::{AsId, Gfn, Level, PtIndex, RingSlot, SlotId};
+use crate::dirty_ring::{DirtyRingProducer, ReprotectBatch, ResetStats, ResetTarget};
 use crate::flush::Flush;
 use crate::host::{AllocError, Host};
 use crate::iter::TdpIter;
@@ -75,6 +76,42 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
             mmu.release_root(root);
         }
         flush
+    }
+
+    /// KVM's `KVM_RESET_DIRTY_RINGS` for one vCPU's ring: frees the entries its consumer harvested and
+    /// re-protects their pages ([`ExclusiveMmu::reprotect_dirty`] per coalesced batch). Entries naming
+    /// no memslot, or pages outside theirs, are counted and skipped: the ring memory is
+    /// consumer-writable (I5). Returns the reset's statistics and the flush the caller owes before the
+    /// VMM reads the pages.
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gfn, RingSlot, SlotId};
+    /// use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, RingConfig};
+    /// use tdp_core::memslot::{Memslot, SlotFlags};
+    /// use tdp_core::mmu::{Mmu, MmuConfig};
+    /// use tdp_mock::{HostConfig, MockHost};
+    ///
+    /// let host = MockHost::new(HostConfig::default());
+    /// let ram = host.guest_ram_base();
+    /// let mmu: Mmu<MockHost> = Mmu::new(host, MmuConfig::EPT).unwrap();
+    /// mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(1), Gfn(0), 512, ram, SlotFlags::LOG_DIRTY))?;
+    ///
+    /// let cfg = RingConfig::new(256, 0).unwrap();
+    /// let ring: Vec<DirtyGfn> = (0..256).map(|_| DirtyGfn::default()).collect();
+    /// let mut producer = DirtyRingProducer::new(&ring, cfg).unwrap();
+    /// let _ = producer.push(RingSlot::new(AsId(0), SlotId(1)), 7).unwrap();
+    /// let _ = producer.push(RingSlot::new(AsId(0), SlotId(1)), 9999).unwrap(); // beyond the slot
+    /// DirtyRingConsumer::new(&ring, cfg).unwrap().harvest(usize::MAX, |_| {});
+    ///
+    /// let (stats, flush) = mmu.write().reset_dirty_ring(&mut producer);
+    /// flush.run(mmu.host());
+    /// assert_eq!((stats.reset, stats.invalid), (2, 1));
+    /// # Ok::<(), tdp_core::memslot::SlotError>(())
+    /// ```
+    pub fn reset_dirty_ring(&mut self, ring: &mut DirtyRingProducer<'_>) -> (ResetStats, Flush) {
+        let mut target = MmuResetTarget { mmu: self, flush: Flush::none() };
+        let stats = ring.reset(&mut target);
+        (stats, target.flush)
     }
 
     /// The pass that starts dirty logging on `slot` (KVM's `kvm_mmu_slot_remove_write_access` /
@@ -268,5 +305,23 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         let child_level = level.lower().expect("only huge leaves are split");
         self.stats.add_leaves(child_level, 512);
         Stats::bump(&self.stats.huge_splits);
+    }
+}
+
+/// The MMU, with its write lock held, as the target of a dirty-ring reset.
+struct MmuResetTarget<'m, 'a, H: Host, R: RawRwLock> {
+    mmu: &'m mut ExclusiveMmu<'a, H, R>,
+    flush: Flush,
+}
+
+impl<H: Host, R: RawRwLock> ResetTarget for MmuResetTarget<'_, '_, H, R> {
+    fn memslot(&self, slot: RingSlot) -> Option<Memslot> {
+        self.mmu.memslots().get(slot.as_id(), slot.id()).copied()
+    }
+
+    fn reprotect(&mut self, batch: ReprotectBatch) {
+        let slot = batch.slot();
+        let flush = self.mmu.reprotect_dirty(slot.as_id(), slot.id(), batch.offset(), batch.mask());
+        self.flush = self.flush.merge(flush);
     }
 }
