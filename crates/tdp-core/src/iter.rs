@@ -164,20 +164,6 @@ impl<'a, M: TableMemory + ?Sized> TdpIter<'a, M> {
         }
     }
 
-    /// Skips the rest of the current entry's subtree (its children are not visited).
-    #[inline]
-    pub fn skip_children(&mut self) {
-        loop {
-            if self.try_step_side() {
-                return;
-            }
-            if !self.try_step_up() {
-                self.valid = false;
-                return;
-            }
-        }
-    }
-
     /// Moves to the last entry of the current table, so that [`TdpIter::next`] leaves it. For callers that
     /// processed the whole table themselves.
     pub fn finish_table(&mut self) {

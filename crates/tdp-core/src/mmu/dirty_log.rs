@@ -15,7 +15,7 @@
 
 use lock_api::{RawRwLock, RwLockWriteGuard};
 
-use crate::addr::{AsId, Gfn, Level, PtIndex, RingSlot, SlotId};
+use crate::addr::{AsId, Gfn, Level, RingSlot, SlotId};
 use crate::dirty_ring::{DirtyRingProducer, ReprotectBatch, ResetStats, ResetTarget};
 use crate::flush::Flush;
 use crate::host::{AllocError, Host};
@@ -29,7 +29,6 @@ use crate::sync::Ordering;
 
 use super::cache::PageCache;
 use super::spte_ops::LockMode;
-use super::stats::Stats;
 use super::{ExclusiveMmu, Mmu};
 
 impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
@@ -294,17 +293,10 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// Replaces the huge leaf `old` at the iterator with table `child`, filled with its split children,
     /// under the write lock.
     fn split_into(&self, as_id: AsId, it: &mut TdpIter<'_, H>, old: Spte, child: crate::addr::Pfn) {
-        let fmt = self.format();
         let level = it.level();
-        for (i, entry) in self.host.table(child).iter().enumerate() {
-            let index = PtIndex::new(i).expect("a table has 512 entries");
-            // Private until the store below publishes it (Release in `set_spte_exclusive`).
-            entry.store(fmt.split_child(old, level, index).0, Ordering::Relaxed);
-        }
-        self.set_spte_exclusive(as_id, it, fmt.nonleaf(child));
-        let child_level = level.lower().expect("only huge leaves are split");
-        self.stats.add_leaves(child_level, 512);
-        Stats::bump(&self.stats.huge_splits);
+        self.fill_split_children(child, old, level);
+        self.set_spte_exclusive(as_id, it, self.format().nonleaf(child));
+        self.count_split(level);
     }
 }
 

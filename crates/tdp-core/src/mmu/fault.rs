@@ -9,7 +9,7 @@
 //! Keeps: I1: a leaf is writable only when the memslot is writable and the host page is; a gfn without a
 //! memslot gets an MMIO SPTE (or nothing), never a frame.
 
-use crate::addr::{AsId, Gfn, Level, Pfn, PtIndex};
+use crate::addr::{AsId, Gfn, Level, Pfn};
 use crate::fault::{AccessKind, Fault, FaultKind};
 use crate::flush::Flush;
 use crate::host::{AllocError, DirtySink, DirtySource, Host, HostFaultError};
@@ -303,11 +303,7 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         let table = mmu.host.table(child);
         let splitting = old.is_present();
         if splitting {
-            // The page is private until the compare-exchange publishes it (Release), so Relaxed stores.
-            for (i, e) in table.iter().enumerate() {
-                let index = PtIndex::new(i).expect("a table has 512 entries");
-                e.store(fmt.split_child(old, level, index).0, Ordering::Relaxed);
-            }
+            mmu.fill_split_children(child, old, level);
         }
         if mmu.cmpxchg_spte(as_id, entry, old, fmt.nonleaf(child), gfn, level).is_err() {
             // Never published: reset and keep it for the next fault.
@@ -322,9 +318,7 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
             return Err(FaultOutcome::Retry);
         }
         if splitting {
-            let child_level = level.lower().expect("only huge leaves are split");
-            mmu.stats.add_leaves(child_level, 512);
-            Stats::bump(&mmu.stats.huge_splits);
+            mmu.count_split(level);
         }
         Ok(child)
     }

@@ -206,4 +206,23 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         }
         self.host.free_table_deferred(pfn);
     }
+
+    /// Fills the private table `child` with the children of huge leaf `huge` at `level` (KVM's
+    /// `make_small_spte` for each index). Relaxed stores: the page is published later by the store or
+    /// compare-exchange that links it, with Release.
+    pub(super) fn fill_split_children(&self, child: Pfn, huge: Spte, level: Level) {
+        let fmt = self.format();
+        for (i, entry) in self.host.table(child).iter().enumerate() {
+            let index = crate::addr::PtIndex::new(i).expect("a table has 512 entries");
+            entry.store(fmt.split_child(huge, level, index).0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a huge leaf at `level` split into a linked table: its 512 children appear one level down
+    /// (the leaf itself and the new table were counted when the SPTE changed).
+    pub(super) fn count_split(&self, level: Level) {
+        let child_level = level.lower().expect("only huge leaves are split");
+        self.stats.add_leaves(child_level, 512);
+        super::stats::Stats::bump(&self.stats.huge_splits);
+    }
 }
