@@ -1,0 +1,3 @@
+//! The `tdp` command (being built).
+
+fn main() {}

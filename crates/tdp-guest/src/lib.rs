@@ -1,0 +1,1 @@
+//! tdp-guest (being built).

@@ -1,0 +1,1 @@
+//! tdp-kvm (being built).

@@ -1,0 +1,2 @@
+#![no_std]
+//! tdp-vmx (being built).
