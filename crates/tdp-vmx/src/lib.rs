@@ -1,2 +1,4 @@
 #![no_std]
 //! tdp-vmx (being built).
+
+pub mod scenario;

@@ -1,0 +1,1 @@
+//! The shared Bochs / tdp-mock test scenario (being built).
