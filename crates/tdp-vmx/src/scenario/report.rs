@@ -1,0 +1,138 @@
+//! The machine-readable result line both runners print: `TDP-RESULT ` followed by one JSON object.
+//!
+//! Written with `core::fmt` so the bare-metal kernel can print it over its serial port; `cargo xtask
+//! bochs` parses it (with serde) from the Bochs run and from the mock run and compares the two.
+
+use core::fmt::{self, Write};
+
+use super::{Check, Mapping, Observed};
+
+/// The prefix of the result line.
+pub const RESULT_PREFIX: &str = "TDP-RESULT ";
+
+/// Who ran the scenario and on what.
+#[derive(Clone, Copy, Debug)]
+pub struct RunInfo<'a> {
+    /// `bochs` or `mock`.
+    pub runner: &'a str,
+    /// The CPU model (Bochs's name; the mock runs the configuration that model gets).
+    pub model: &'a str,
+    /// The MMU configuration: `EPT_PML` or `EPT` (write protection).
+    pub mmu: &'a str,
+    /// Hardware features the run used, e.g. `["ept", "ept_ad", "pml", "ept_2m"]`.
+    pub features: &'a [&'a str],
+    /// Whether the hypervisor was built to corrupt EPT entries (the must-fail variant).
+    pub broken: bool,
+}
+
+/// Writes the result line (with a trailing newline) for `info`, `seen` and its `checks`.
+///
+/// ```
+/// use tdp_vmx::scenario::report::{RunInfo, write_result_line};
+/// use tdp_vmx::scenario::{Observed, SCENARIO};
+///
+/// let seen = Observed::default();
+/// let checks = SCENARIO.evaluate(&seen);
+/// let info = RunInfo { runner: "mock", model: "m", mmu: "EPT", features: &["ept"], broken: false };
+/// let mut line = String::new();
+/// write_result_line(&mut line, &info, &seen, &checks)?;
+/// assert!(line.starts_with("TDP-RESULT {\"runner\":\"mock\""));
+/// assert!(line.trim_end().ends_with("\"verdict\":\"fail\"}"), "an empty run fails: {line}");
+/// # Ok::<(), std::fmt::Error>(())
+/// ```
+///
+/// # Errors
+/// What `out` returns.
+pub fn write_result_line(
+    out: &mut impl Write,
+    info: &RunInfo<'_>,
+    seen: &Observed,
+    checks: &[Check],
+) -> fmt::Result {
+    out.write_str(RESULT_PREFIX)?;
+    write!(out, "{{\"runner\":")?;
+    json_str(out, info.runner)?;
+    write!(out, ",\"model\":")?;
+    json_str(out, info.model)?;
+    write!(out, ",\"mmu\":")?;
+    json_str(out, info.mmu)?;
+    write!(out, ",\"broken\":{},\"features\":[", info.broken)?;
+    for (i, f) in info.features.iter().enumerate() {
+        sep(out, i)?;
+        json_str(out, f)?;
+    }
+    write!(
+        out,
+        "],\"steps_completed\":{},\"ept_violations\":{},\"ept_misconfigs\":{},\"flushes\":{},\"invepts\":{},\
+         \"mmio_reads\":{},\"ring_lost\":{},\"guest_error\":",
+        seen.steps_completed,
+        seen.ept_violations,
+        seen.ept_misconfigs,
+        seen.flushes,
+        seen.invepts,
+        seen.mmio_reads,
+        seen.ring_lost
+    )?;
+    match &seen.guest_error {
+        Some(e) => json_str(out, e)?,
+        None => out.write_str("null")?,
+    }
+    out.write_str(",\"mmio_writes\":[")?;
+    for (i, (gpa, value)) in seen.mmio_writes.iter().enumerate() {
+        sep(out, i)?;
+        write!(out, "[{gpa},{value}]")?;
+    }
+    out.write_str("],\"harvests\":[")?;
+    for (i, set) in seen.harvests.iter().enumerate() {
+        sep(out, i)?;
+        out.write_char('[')?;
+        for (j, gfn) in set.iter().enumerate() {
+            sep(out, j)?;
+            write!(out, "{gfn}")?;
+        }
+        out.write_char(']')?;
+    }
+    out.write_str("],\"translations\":[")?;
+    for (i, t) in seen.translations.iter().enumerate() {
+        sep(out, i)?;
+        write!(out, "{{\"gfn\":{},", t.gfn)?;
+        match t.kind {
+            Mapping::NotPresent => out.write_str("\"kind\":\"none\"}")?,
+            Mapping::Mmio => out.write_str("\"kind\":\"mmio\"}")?,
+            Mapping::Leaf { slot, page, level, rwx } => write!(
+                out,
+                "\"kind\":\"leaf\",\"slot\":{slot},\"page\":{page},\"level\":{level},\"rwx\":{rwx}}}"
+            )?,
+        }
+    }
+    out.write_str("],\"checks\":[")?;
+    for (i, c) in checks.iter().enumerate() {
+        sep(out, i)?;
+        out.write_str("{\"name\":")?;
+        json_str(out, c.name)?;
+        write!(out, ",\"ok\":{},\"detail\":", c.ok)?;
+        json_str(out, &c.detail)?;
+        out.write_char('}')?;
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    let verdict = if failed == 0 && !checks.is_empty() { "pass" } else { "fail" };
+    writeln!(out, "],\"passed\":{},\"failed\":{failed},\"verdict\":\"{verdict}\"}}", checks.len() - failed)
+}
+
+fn sep(out: &mut impl Write, i: usize) -> fmt::Result {
+    if i > 0 { out.write_char(',') } else { Ok(()) }
+}
+
+/// Writes `s` as a JSON string: quotes, backslashes and control characters escaped.
+fn json_str(out: &mut impl Write, s: &str) -> fmt::Result {
+    out.write_char('"')?;
+    for c in s.chars() {
+        match c {
+            '"' => out.write_str("\\\"")?,
+            '\\' => out.write_str("\\\\")?,
+            c if (c as u32) < 0x20 => write!(out, "\\u{:04x}", c as u32)?,
+            c => out.write_char(c)?,
+        }
+    }
+    out.write_char('"')
+}
