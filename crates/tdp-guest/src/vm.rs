@@ -1,0 +1,400 @@
+//! `GuestVm`: a KVM VM with the two memslots, the page tables, GDT and program in place, created in steps
+//! so the caller can enable VM capabilities (dirty ring, manual dirty-log protect) between the VM's
+//! creation and its vCPUs'.
+
+use std::sync::Arc;
+
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::error::{GuestError, Result, ioctl};
+use crate::layout::{
+    CODE_PAGE, CODE_SLOT, CONTROL_PAGE, DATA_GPA, DATA_SLOT, GDT_PAGE, GuestSpec, Layout, PAGE_SIZE,
+    TSS_OFFSET,
+};
+use crate::memory::MmapRegion;
+use crate::program::{self, CTL_ITERATION, CTL_VCPU_BLOCK_SIZE, CTL_VCPU_BLOCKS, block};
+use crate::vcpu::{self, GuestVcpu};
+use crate::workload::{Pattern, Workload};
+use crate::{gdt, paging};
+
+/// Counters the guest keeps in its vCPU block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuStats {
+    /// Batches completed.
+    pub batches: u64,
+    /// Page writes completed (a page written twice counts twice).
+    pub writes: u64,
+}
+
+/// A VM whose vCPUs run the crate's CPL3 program over a data memslot.
+///
+/// Build it in steps: [`GuestVm::new`] creates the VM and both memslots; the caller may then use
+/// [`GuestVm::vm_fd`] to enable capabilities that must precede vCPU creation (`KVM_CAP_DIRTY_LOG_RING`)
+/// or memslot logging (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with `INITIALLY_SET` applies when logging is
+/// switched on, so create the spec without logging and call [`GuestVm::set_dirty_logging`] after the
+/// capability); then [`GuestVm::create_vcpus`] returns the vCPUs, each movable to its own thread.
+///
+/// ```
+/// use tdp_guest::{GuestExit, GuestSpec, GuestVm, Pattern, Workload};
+/// let mut vm = match GuestVm::new(GuestSpec::new(64 + 3, 1)) {
+///     Ok(vm) => vm,
+///     Err(e) => {
+///         eprintln!("SKIPPED: {e}");
+///         return Ok(());
+///     }
+/// };
+/// vm.set_workload(0, &Workload::new(0, 67, 16, Pattern::Sequential))?;
+/// vm.set_iteration(5);
+/// let mut vcpus = vm.create_vcpus()?;
+/// assert!(matches!(vcpus[0].run()?, GuestExit::BatchDone { tag: 0 }));
+/// // The first batch wrote iteration 5 into pages 0..16 (and the vCPU's tag after it).
+/// assert_eq!(vm.page_iteration(15)?, 5);
+/// assert_eq!(vm.page_iteration(16)?, 0);
+/// assert_eq!(vm.vcpu_stats(0)?.writes, 16);
+/// # Ok::<(), tdp_guest::GuestError>(())
+/// ```
+#[derive(Debug)]
+pub struct GuestVm {
+    // Field order is drop order: the VM fd closes before the memory it maps is unmapped.
+    vm: VmFd,
+    kvm: Kvm,
+    spec: GuestSpec,
+    layout: Layout,
+    data_logging: bool,
+    vcpus_created: bool,
+    code: Arc<MmapRegion>,
+    data: Arc<MmapRegion>,
+}
+
+impl GuestVm {
+    /// Opens `/dev/kvm` and builds the VM for `spec` (see [`GuestVm::with_kvm`]).
+    ///
+    /// # Errors
+    /// [`GuestError::OpenKvm`] when `/dev/kvm` cannot be opened, and the errors of [`GuestVm::with_kvm`].
+    pub fn new(spec: GuestSpec) -> Result<Self> {
+        Self::with_kvm(Kvm::new().map_err(GuestError::OpenKvm)?, spec)
+    }
+
+    /// Builds the VM on an open `Kvm`: creates it, maps and fills the code slot (page tables, GDT, TSS,
+    /// program, control page with iteration 1 and every vCPU's default workload: an equal share of the
+    /// data slot, random pattern, 64-page batches), maps the data slot, and registers both memslots.
+    ///
+    /// # Errors
+    /// [`GuestError::InvalidSpec`] for a bad spec; [`GuestError::Mmap`] when memory cannot be mapped;
+    /// [`GuestError::Ioctl`] naming `KVM_CREATE_VM` or `KVM_SET_USER_MEMORY_REGION` and the slot.
+    /// Nothing is left behind on error (the VM and mappings are dropped).
+    pub fn with_kvm(kvm: Kvm, spec: GuestSpec) -> Result<Self> {
+        let layout = Layout::new(&spec)?;
+        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        let code = Arc::new(MmapRegion::new(bytes(layout.code_slot_bytes())?)?);
+        let data = Arc::new(MmapRegion::new(bytes(layout.data_slot_bytes())?)?);
+        let this = Self {
+            vm,
+            kvm,
+            spec,
+            layout,
+            data_logging: spec.dirty_logging(),
+            vcpus_created: false,
+            code,
+            data,
+        };
+        this.fill_code_slot()?;
+        this.register(CODE_SLOT, false)?;
+        this.register(DATA_SLOT, this.data_logging)?;
+        this.set_iteration(1);
+        for i in 0..spec.vcpus() {
+            let w = Workload::share(spec.data_pages(), spec.vcpus() as u64, i as u64, 64, Pattern::Random)
+                .with_seed(0x9e37_79b9_7f4a_7c15 ^ ((i as u64 + 1) << 32));
+            let w = Workload { batch: w.batch.min(w.pages), ..w };
+            this.set_workload(i, &w)?;
+        }
+        Ok(this)
+    }
+
+    /// The `/dev/kvm` handle (for capability checks).
+    #[must_use]
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM fd, e.g. to enable `KVM_CAP_DIRTY_LOG_RING` before [`GuestVm::create_vcpus`], or to call
+    /// `KVM_GET_DIRTY_LOG` on [`DATA_SLOT`].
+    #[must_use]
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The spec the VM was built from.
+    #[must_use]
+    pub fn spec(&self) -> &GuestSpec {
+        &self.spec
+    }
+
+    /// The computed guest-physical layout.
+    #[must_use]
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Memslot id of the data slot ([`DATA_SLOT`]).
+    #[must_use]
+    pub fn data_slot(&self) -> u32 {
+        DATA_SLOT
+    }
+
+    /// Guest-physical address of data page 0 ([`DATA_GPA`]).
+    #[must_use]
+    pub fn data_gpa(&self) -> u64 {
+        DATA_GPA
+    }
+
+    /// Pages in the data slot.
+    #[must_use]
+    pub fn data_pages(&self) -> u64 {
+        self.layout.data_pages
+    }
+
+    /// Host address of data page 0 (the slot is one contiguous mapping of `data_pages() * 4096` bytes).
+    #[must_use]
+    pub fn data_host_addr(&self) -> u64 {
+        self.data.host_addr()
+    }
+
+    /// Whether the data slot is registered with `KVM_MEM_LOG_DIRTY_PAGES`.
+    #[must_use]
+    pub fn dirty_logging(&self) -> bool {
+        self.data_logging
+    }
+
+    /// Re-registers the data slot with or without `KVM_MEM_LOG_DIRTY_PAGES` (same address and size: KVM
+    /// allows changing only the flags of a live slot). Turning logging on write-protects the slot in KVM
+    /// (and, with manual protect and `INITIALLY_SET`, starts with every page reported dirty); turning it
+    /// off frees the slot's bitmap.
+    ///
+    /// # Errors
+    /// [`GuestError::Ioctl`] naming `KVM_SET_USER_MEMORY_REGION`; the previous registration stays.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<()> {
+        self.register(DATA_SLOT, on)?;
+        self.data_logging = on;
+        Ok(())
+    }
+
+    /// Creates the spec's vCPUs (once): each gets the host's supported CPUID, long-mode segment and
+    /// control registers with CPL3 code and data segments, and RIP at the program, RDI at the control
+    /// page and RSI at its block.
+    ///
+    /// # Errors
+    /// [`GuestError::VcpusAlreadyCreated`] on a second call; [`GuestError::Ioctl`] naming
+    /// `KVM_CREATE_VCPU`, `KVM_GET_SUPPORTED_CPUID`, `KVM_SET_CPUID2`, `KVM_SET_SREGS` or `KVM_SET_REGS`.
+    pub fn create_vcpus(&mut self) -> Result<Vec<GuestVcpu>> {
+        if self.vcpus_created {
+            return Err(GuestError::VcpusAlreadyCreated);
+        }
+        self.vcpus_created = true;
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        (0..self.spec.vcpus())
+            .map(|i| {
+                let fd = self.vm.create_vcpu(i as u64).map_err(ioctl("KVM_CREATE_VCPU"))?;
+                fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+                vcpu::set_initial_state(&fd, i)?;
+                Ok(GuestVcpu::new(fd, i, Arc::clone(&self.code), Arc::clone(&self.data)))
+            })
+            .collect()
+    }
+
+    /// Sets the iteration number the guest writes from its next batch on.
+    pub fn set_iteration(&self, iteration: u64) {
+        let stored = self.code.store(control_offset(CTL_ITERATION), iteration);
+        debug_assert!(stored, "the control page is inside the code slot");
+    }
+
+    /// The iteration number in the control page.
+    #[must_use]
+    pub fn iteration(&self) -> u64 {
+        self.code.load(control_offset(CTL_ITERATION)).unwrap_or(0)
+    }
+
+    /// Validates `w` and writes it into vCPU `vcpu`'s block; the guest picks it up at its next batch.
+    /// The generator is reseeded and the sequential cursor restarts at the range's first page.
+    ///
+    /// # Errors
+    /// [`GuestError::NoSuchVcpu`] or [`GuestError::InvalidWorkload`]; the block is unchanged then.
+    pub fn set_workload(&self, vcpu: usize, w: &Workload) -> Result<()> {
+        let base = self.block(vcpu)?;
+        w.validate(vcpu, self.layout.data_pages)?;
+        let (pattern, hot_pages, threshold) = match w.pattern {
+            Pattern::Sequential => (block::PATTERN_SEQUENTIAL, 1, 0),
+            Pattern::Random => (block::PATTERN_RANDOM, 1, 0),
+            Pattern::Hot { hot_pages, percent } => {
+                (block::PATTERN_HOT, hot_pages, Workload::hot_threshold(percent))
+            }
+        };
+        let flags = if w.write_tag { block::FLAG_WRITE_TAG } else { 0 };
+        for (field, value) in [
+            (block::PATTERN, pattern),
+            (block::BASE, DATA_GPA + w.first_page * PAGE_SIZE),
+            (block::PAGES, w.pages),
+            (block::BATCH, w.batch),
+            (block::HOT_PAGES, hot_pages),
+            (block::HOT_THRESHOLD, threshold),
+            (block::RNG, w.effective_seed()),
+            (block::CURSOR, 0),
+            (block::TAG, vcpu as u64),
+            (block::FLAGS, flags),
+        ] {
+            let stored = self.code.store(base + field, value);
+            debug_assert!(stored, "vCPU blocks are inside the control page");
+        }
+        Ok(())
+    }
+
+    /// The guest's counters for vCPU `vcpu`.
+    ///
+    /// # Errors
+    /// [`GuestError::NoSuchVcpu`].
+    pub fn vcpu_stats(&self, vcpu: usize) -> Result<VcpuStats> {
+        let base = self.block(vcpu)?;
+        Ok(VcpuStats {
+            batches: self.code.load(base + block::BATCHES).unwrap_or(0),
+            writes: self.code.load(base + block::WRITES).unwrap_or(0),
+        })
+    }
+
+    /// Word `word` (0..512) of data page `page`.
+    ///
+    /// # Errors
+    /// [`GuestError::PageOutOfRange`] when `page` is beyond the slot or `word` beyond the page.
+    pub fn data_word(&self, page: u64, word: u64) -> Result<u64> {
+        let out_of_range = GuestError::PageOutOfRange { page, pages: self.layout.data_pages };
+        if page >= self.layout.data_pages || word >= PAGE_SIZE / 8 {
+            return Err(out_of_range);
+        }
+        self.data.load(page * PAGE_SIZE + word * 8).ok_or(out_of_range)
+    }
+
+    /// The iteration number stored at the start of data page `page` (0 if never written).
+    ///
+    /// # Errors
+    /// [`GuestError::PageOutOfRange`].
+    pub fn page_iteration(&self, page: u64) -> Result<u64> {
+        self.data_word(page, 0)
+    }
+
+    /// The tag stored after the iteration number in data page `page`.
+    ///
+    /// # Errors
+    /// [`GuestError::PageOutOfRange`].
+    pub fn page_tag(&self, page: u64) -> Result<u64> {
+        self.data_word(page, 1)
+    }
+
+    /// Copies data page `page` into `buf` (4096 bytes).
+    ///
+    /// # Errors
+    /// [`GuestError::BadPageBuffer`] or [`GuestError::PageOutOfRange`].
+    pub fn copy_data_page(&self, page: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_page_io(page, buf.len())?;
+        if self.data.copy_out(page * PAGE_SIZE, buf) { Ok(()) } else { Err(self.out_of_range(page)) }
+    }
+
+    /// Overwrites data page `page` with `buf` (4096 bytes), e.g. for a migration destination.
+    ///
+    /// # Errors
+    /// [`GuestError::BadPageBuffer`] or [`GuestError::PageOutOfRange`].
+    pub fn write_data_page(&self, page: u64, buf: &[u8]) -> Result<()> {
+        self.check_page_io(page, buf.len())?;
+        if self.data.copy_in(page * PAGE_SIZE, buf) { Ok(()) } else { Err(self.out_of_range(page)) }
+    }
+
+    fn check_page_io(&self, page: u64, len: usize) -> Result<()> {
+        if len != PAGE_SIZE as usize {
+            return Err(GuestError::BadPageBuffer { len });
+        }
+        if page >= self.layout.data_pages {
+            return Err(self.out_of_range(page));
+        }
+        Ok(())
+    }
+
+    fn out_of_range(&self, page: u64) -> GuestError {
+        GuestError::PageOutOfRange { page, pages: self.layout.data_pages }
+    }
+
+    fn block(&self, vcpu: usize) -> Result<u64> {
+        if vcpu >= self.spec.vcpus() {
+            return Err(GuestError::NoSuchVcpu { index: vcpu, count: self.spec.vcpus() });
+        }
+        Ok(control_offset(CTL_VCPU_BLOCKS + vcpu as u64 * CTL_VCPU_BLOCK_SIZE))
+    }
+
+    /// Writes tables, GDT, TSS and program into the code slot.
+    fn fill_code_slot(&self) -> Result<()> {
+        let mut image = vec![0u64; (self.layout.code_slot_bytes() / 8) as usize];
+        paging::build_page_tables(&self.layout, &mut image);
+        let gdt_base = Layout::code_gpa(GDT_PAGE);
+        for (i, d) in gdt::gdt(gdt_base + TSS_OFFSET).iter().enumerate() {
+            image[(gdt_base / 8) as usize + i] = *d;
+        }
+        // The TSS itself stays zero: the guest never changes privilege level, so no stack is loaded from it.
+        let code_gpa = Layout::code_gpa(CODE_PAGE);
+        let mut code = program::assemble(code_gpa)?;
+        if code.len() > PAGE_SIZE as usize {
+            return Err(GuestError::CodeTooLarge { len: code.len(), max: PAGE_SIZE as usize });
+        }
+        code.resize(code.len().next_multiple_of(8), 0x90);
+        for (i, chunk) in code.chunks_exact(8).enumerate() {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            image[(code_gpa / 8) as usize + i] = u64::from_le_bytes(word);
+        }
+        for (i, word) in image.iter().enumerate() {
+            if *word != 0 {
+                let stored = self.code.store(i as u64 * 8, *word);
+                debug_assert!(stored, "the image is the size of the code slot");
+            }
+        }
+        Ok(())
+    }
+
+    fn register(&self, slot: u32, log_dirty: bool) -> Result<()> {
+        let (region, gpa, op) = match slot {
+            CODE_SLOT => (&self.code, 0, "KVM_SET_USER_MEMORY_REGION (code slot 0)"),
+            _ => (&self.data, DATA_GPA, "KVM_SET_USER_MEMORY_REGION (data slot 1)"),
+        };
+        let region_desc = kvm_userspace_memory_region {
+            slot,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: gpa,
+            memory_size: region.len() as u64,
+            userspace_addr: region.host_addr(),
+        };
+        // SAFETY: the host range is a live mapping owned by an `Arc<MmapRegion>` that this VM and every
+        // vCPU created from it hold until they are dropped (and `vm` is dropped first), so KVM never maps
+        // memory the process has freed; the slots do not overlap (code below 4 GiB, data from 4 GiB).
+        unsafe { self.vm.set_user_memory_region(region_desc) }.map_err(ioctl(op))
+    }
+}
+
+/// Byte offset of `offset` within the control page, from the start of the code slot.
+const fn control_offset(offset: u64) -> u64 {
+    CONTROL_PAGE * PAGE_SIZE + offset
+}
+
+fn bytes(n: u64) -> Result<usize> {
+    usize::try_from(n)
+        .map_err(|_| GuestError::InvalidSpec { what: "slot larger than the address space", value: n })
+}
+
+/// Guest address of vCPU `index`'s block in the control page.
+pub(crate) const fn block_gva(index: usize) -> u64 {
+    control_offset(CTL_VCPU_BLOCKS + index as u64 * CTL_VCPU_BLOCK_SIZE)
+}
+
+/// Guest address of the control page.
+pub(crate) const fn control_gva() -> u64 {
+    control_offset(0)
+}
