@@ -1,0 +1,241 @@
+//! Opening KVM, probing and enabling the dirty ring and manual dirty-log protection.
+//!
+//! KVM's rules (`virt/kvm/kvm_main.c`, `kvm_vm_ioctl_enable_dirty_log_ring`): the ring size is given in
+//! bytes, a power of two, at least one page and above the reserve, at most 65536 entries (`E2BIG`), set
+//! once, and only before the VM's first vCPU (`EINVAL`). `KVM_CHECK_EXTENSION` on the VM answers the most
+//! bytes it offers. The ACQ_REL flavour (223) has the same ABI with acquire/release ordering on the
+//! flags, which our consumer always uses, so it is preferred.
+//!
+//! Keeps: I5 (sizes are validated here, with the values, before KVM sees them).
+
+use kvm_bindings::{
+    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use tdp_core::dirty_ring::{PML_ENTRIES, RESERVED_ENTRIES, RingConfig};
+
+use crate::error::{Errno, Error, Result};
+use crate::sys;
+
+/// The path of KVM's device node.
+pub const KVM_PATH: &str = "/dev/kvm";
+
+/// Opens `/dev/kvm` with errors that say what is wrong (absent, or not permitted).
+///
+/// # Errors
+/// [`Error::NoKvm`] if the device does not exist, [`Error::KvmPermissionDenied`] if it cannot be opened
+/// for lack of rights, [`Error::Os`] otherwise.
+///
+/// ```
+/// match tdp_kvm::open_kvm() {
+///     Ok(kvm) => assert!(kvm.get_api_version() >= 12),
+///     Err(e) => println!("SKIPPED: {e}"),
+/// }
+/// ```
+pub fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::NoKvm { path: KVM_PATH.to_owned() },
+        libc::EACCES | libc::EPERM => Error::KvmPermissionDenied { path: KVM_PATH.to_owned() },
+        errno => Error::Os { op: "open /dev/kvm", errno: Errno(errno) },
+    })
+}
+
+/// Which dirty-ring capability a host offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingCap {
+    /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` (223, Linux 6.1+): flags are published and consumed with
+    /// acquire/release ordering. Preferred.
+    AcqRel,
+    /// `KVM_CAP_DIRTY_LOG_RING` (192, Linux 5.11+), the original x86-only flavour.
+    Legacy,
+}
+
+impl RingCap {
+    /// The capability number.
+    #[must_use]
+    pub const fn number(self) -> u32 {
+        match self {
+            RingCap::AcqRel => KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+            RingCap::Legacy => KVM_CAP_DIRTY_LOG_RING,
+        }
+    }
+    /// The capability name.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            RingCap::AcqRel => "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+            RingCap::Legacy => "KVM_CAP_DIRTY_LOG_RING",
+        }
+    }
+}
+
+/// What a VM offers for the dirty ring: the capability to enable and the largest ring in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingSupport {
+    /// The capability [`enable_dirty_ring`] will enable.
+    pub cap: RingCap,
+    /// `KVM_CHECK_EXTENSION`'s answer: the largest ring size, in bytes.
+    pub max_bytes: u64,
+}
+
+impl RingSupport {
+    /// The largest ring in entries (16 bytes each).
+    #[must_use]
+    pub const fn max_entries(&self) -> u64 {
+        self.max_bytes / 16
+    }
+}
+
+/// Asks the VM which dirty ring it offers: `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` if present, else
+/// `KVM_CAP_DIRTY_LOG_RING`.
+///
+/// # Errors
+/// [`Error::NoDirtyRing`] if neither is offered; [`Error::Ioctl`] if `KVM_CHECK_EXTENSION` fails.
+///
+/// ```
+/// # fn main() -> Result<(), tdp_kvm::Error> {
+/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = kvm.create_vm().map_err(|e| tdp_kvm::Error::Os { op: "KVM_CREATE_VM", errno: tdp_kvm::Errno(e.errno()) })?;
+/// match tdp_kvm::probe_dirty_ring(&vm) {
+///     Ok(s) => println!("{} offers up to {} entries", s.cap.name(), s.max_entries()),
+///     Err(tdp_kvm::Error::NoDirtyRing) => println!("no dirty ring: use the bitmap"),
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(()) }
+/// ```
+pub fn probe_dirty_ring(vm: &VmFd) -> Result<RingSupport> {
+    for cap in [RingCap::AcqRel, RingCap::Legacy] {
+        let max = sys::check_extension(sys::borrow(vm), cap.number())?;
+        if max > 0 {
+            return Ok(RingSupport { cap, max_bytes: u64::from(max.unsigned_abs()) });
+        }
+    }
+    Err(Error::NoDirtyRing)
+}
+
+/// Checks a ring of `entries` entries against KVM's rules and the host's maximum, without enabling it.
+/// The returned geometry assumes no CPU dirty log (PML) drains into the ring (`reserved` = 64), as on
+/// `kvm_pvm` and AMD hosts; on an Intel host with PML, KVM's reserve is 576 and its soft limit lower.
+///
+/// # Errors
+/// [`Error::BadRingSize`] (with the rule), [`Error::RingLargerThanOffered`].
+///
+/// ```
+/// use tdp_kvm::{Error, RingCap, RingSupport, check_ring_size};
+/// let host = RingSupport { cap: RingCap::AcqRel, max_bytes: 1 << 20 };
+/// assert_eq!(check_ring_size(&host, 4096)?.soft_limit(), 4096 - 64);
+/// assert!(matches!(check_ring_size(&host, 1000), Err(Error::BadRingSize { bytes: 16000, .. })));
+/// assert!(matches!(check_ring_size(&host, 128), Err(Error::BadRingSize { .. }))); // below one page
+/// let small = RingSupport { cap: RingCap::Legacy, max_bytes: 65536 };
+/// assert!(matches!(check_ring_size(&small, 8192), Err(Error::RingLargerThanOffered { .. })));
+/// # Ok::<(), Error>(())
+/// ```
+pub fn check_ring_size(support: &RingSupport, entries: u32) -> Result<RingConfig> {
+    let bytes = u64::from(entries) * 16;
+    let cfg = RingConfig::new(entries, 0).map_err(|source| Error::BadRingSize { bytes, source })?;
+    if bytes > support.max_bytes {
+        return Err(Error::RingLargerThanOffered { bytes, max_bytes: support.max_bytes });
+    }
+    Ok(cfg)
+}
+
+/// Enables a dirty ring of `entries` entries per vCPU on a VM that has no vCPU yet, with the best
+/// capability offered, and returns its geometry for [`DirtyRing::map`](crate::DirtyRing::map).
+///
+/// # Errors
+/// [`Error::NoDirtyRing`]; [`Error::BadRingSize`] / [`Error::RingLargerThanOffered`] (checked before the
+/// ioctl); [`Error::RingAfterVcpus`] when KVM answers `EINVAL` to a valid size (vCPUs exist already, or a
+/// ring is already enabled); [`Error::Ioctl`] for any other errno. On error nothing was enabled.
+///
+/// ```
+/// # fn main() -> Result<(), tdp_kvm::Error> {
+/// use tdp_kvm::{Errno, Error};
+/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = kvm.create_vm().map_err(|e| Error::Os { op: "KVM_CREATE_VM", errno: Errno(e.errno()) })?;
+/// let (support, cfg) = match tdp_kvm::enable_dirty_ring(&vm, 4096) {
+///     Ok(x) => x,
+///     Err(Error::NoDirtyRing) => { println!("SKIPPED: no dirty ring on this host"); return Ok(()) }
+///     Err(e) => return Err(e),
+/// };
+/// assert_eq!(cfg.entries(), 4096);
+/// // Once vCPUs exist, a second enable is refused with a clear error.
+/// let _vcpu = vm.create_vcpu(0).map_err(|e| Error::Os { op: "KVM_CREATE_VCPU", errno: Errno(e.errno()) })?;
+/// assert!(matches!(tdp_kvm::enable_dirty_ring(&vm, 4096), Err(Error::RingAfterVcpus { .. })));
+/// # let _ = support; Ok(()) }
+/// ```
+pub fn enable_dirty_ring(vm: &VmFd, entries: u32) -> Result<(RingSupport, RingConfig)> {
+    let support = probe_dirty_ring(vm)?;
+    let cfg = check_ring_size(&support, entries)?;
+    let bytes = u64::from(cfg.bytes());
+    match sys::enable_cap(sys::borrow(vm), support.cap.number(), bytes) {
+        Ok(()) => Ok((support, cfg)),
+        Err(Errno(libc::EINVAL)) => {
+            let pml_min = (RESERVED_ENTRIES + PML_ENTRIES) * 16;
+            let pml_note = if bytes <= u64::from(pml_min) {
+                ", or the host drains PML into the ring and needs more than 576 entries"
+            } else {
+                ""
+            };
+            Err(Error::RingAfterVcpus { bytes, pml_note })
+        }
+        Err(Errno(libc::E2BIG)) => Err(Error::RingLargerThanOffered { bytes, max_bytes: support.max_bytes }),
+        Err(errno) => Err(Error::Ioctl { ioctl: "KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)", errno }),
+    }
+}
+
+/// Whether the VM offers `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, and with which flags
+/// (`KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` = 1, `KVM_DIRTY_LOG_INITIALLY_SET` = 2).
+///
+/// # Errors
+/// [`Error::Ioctl`] if `KVM_CHECK_EXTENSION` fails.
+///
+/// ```
+/// # fn main() -> Result<(), tdp_kvm::Error> {
+/// use tdp_kvm::{Errno, Error};
+/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = kvm.create_vm().map_err(|e| Error::Os { op: "KVM_CREATE_VM", errno: Errno(e.errno()) })?;
+/// let flags = tdp_kvm::probe_manual_protect(&vm)?;
+/// println!("manual protect flags offered: {flags:#x}");
+/// # Ok(()) }
+/// ```
+pub fn probe_manual_protect(vm: &VmFd) -> Result<u64> {
+    let answer = sys::check_extension(sys::borrow(vm), KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)?;
+    Ok(u64::from(answer.unsigned_abs()))
+}
+
+/// Enables manual dirty-log protection: `KVM_GET_DIRTY_LOG` then only copies the bitmap, and
+/// `KVM_CLEAR_DIRTY_LOG` clears and re-protects chosen pages. With `initially_set`, every page of a slot
+/// starts dirty when logging is enabled (no write-protect pass at enable time).
+///
+/// # Errors
+/// [`Error::CapabilityMissing`] if the capability (or `INITIALLY_SET`, when asked) is not offered;
+/// [`Error::Ioctl`] if KVM refuses.
+///
+/// ```
+/// # fn main() -> Result<(), tdp_kvm::Error> {
+/// use tdp_kvm::{Errno, Error};
+/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = kvm.create_vm().map_err(|e| Error::Os { op: "KVM_CREATE_VM", errno: Errno(e.errno()) })?;
+/// match tdp_kvm::enable_manual_protect(&vm, true) {
+///     Ok(()) | Err(Error::CapabilityMissing { .. }) => {}
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(()) }
+/// ```
+pub fn enable_manual_protect(vm: &VmFd, initially_set: bool) -> Result<()> {
+    let offered = probe_manual_protect(vm)?;
+    let missing = |name| Error::CapabilityMissing { name, number: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 };
+    if offered & u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE) == 0 {
+        return Err(missing("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"));
+    }
+    let mut flags = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+    if initially_set {
+        if offered & u64::from(KVM_DIRTY_LOG_INITIALLY_SET) == 0 {
+            return Err(missing("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with KVM_DIRTY_LOG_INITIALLY_SET"));
+        }
+        flags |= u64::from(KVM_DIRTY_LOG_INITIALLY_SET);
+    }
+    sys::enable_cap(sys::borrow(vm), KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)
+        .map_err(|errno| Error::Ioctl { ioctl: "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)", errno })
+}
