@@ -213,6 +213,16 @@ pub enum Error {
         /// The vCPU's index in the tracker.
         vcpu: usize,
     },
+    /// The vCPU fd maps no dirty ring of this size: the VM has no ring, or a smaller one than the
+    /// configuration given (its pages past the ring would raise `SIGBUS` when read).
+    #[error(
+        "the vCPU has no dirty ring of {entries} entries (the vm has no ring, or a smaller one: use the \
+         configuration enable_dirty_ring returned)"
+    )]
+    RingNotMapped {
+        /// The entries the configuration claimed.
+        entries: u32,
+    },
     /// `mmap` (or `mprotect`) failed.
     #[error("mmap of {what} failed: {errno}")]
     Mmap {

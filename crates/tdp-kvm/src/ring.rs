@@ -49,7 +49,8 @@ impl DirtyRing {
     /// ring stays valid after the `VcpuFd` is dropped: the mapping holds its own reference to the file.
     ///
     /// # Errors
-    /// [`Error::Mmap`] if the kernel refuses the mapping (no ring enabled on the VM gives `EINVAL`).
+    /// [`Error::RingNotMapped`] if the VM has no dirty ring or a smaller one than `cfg` says;
+    /// [`Error::Mmap`] if the kernel refuses the mapping.
     pub fn map(vcpu: &VcpuFd, cfg: RingConfig) -> Result<Self> {
         DirtyRing::map_fd(sys::borrow(vcpu), cfg)
     }
@@ -58,6 +59,14 @@ impl DirtyRing {
         let len = cfg.bytes() as usize;
         let offset = i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * sys::page_size() as i64;
         let map = Mapping::shared(fd, len, offset, "the vCPU's dirty ring")?;
+        // mmap succeeds whatever the VM's ring size; a page past the ring faults with SIGBUS on first
+        // access. Probe the last byte through the kernel (which gets EFAULT instead) so a VM without a
+        // ring, or a smaller one than `cfg`, is refused here rather than crashing a later harvest.
+        // SAFETY: `len - 1` is inside the mapping we just made; no reference is formed.
+        let last = unsafe { map.as_ptr().add(len - 1) };
+        if !sys::probe_readable(last)? {
+            return Err(Error::RingNotMapped { entries: cfg.entries() });
+        }
         Ok(DirtyRing { map, cfg, fetch_index: 0 })
     }
 

@@ -157,3 +157,25 @@ pub(crate) fn borrow<T: AsRawFd>(owner: &T) -> BorrowedFd<'_> {
     // is tied to `&owner`, so the fd stays open for its whole life.
     unsafe { BorrowedFd::borrow_raw(owner.as_raw_fd()) }
 }
+
+/// Whether the byte at `ptr` can be read, asked of the kernel so that a page whose fault handler answers
+/// `SIGBUS` (a vCPU fd mapped past its dirty ring) yields `EFAULT` here instead of killing the process.
+/// The kernel reads the byte into a pipe (`write`), whose copy-in fails cleanly on such a page.
+pub(crate) fn probe_readable(ptr: *const u8) -> Result<bool, Error> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the 2-element array we pass.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(Error::Os { op: "pipe2 (probing the ring mapping)", errno: last_errno() });
+    }
+    // SAFETY: both fds were just created by the kernel for us and are owned by nothing else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: `write` reads one byte from `ptr` inside the kernel; an unreadable page makes it fail with
+    // EFAULT rather than fault in this process. No Rust reference to the byte is created.
+    let n = unsafe { libc::write(w.as_raw_fd(), ptr.cast(), 1) };
+    drop((r, w));
+    match n {
+        1 => Ok(true),
+        _ if last_errno() == Errno(libc::EFAULT) => Ok(false),
+        _ => Err(Error::Os { op: "write to a pipe (probing the ring mapping)", errno: last_errno() }),
+    }
+}
