@@ -27,7 +27,7 @@ type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 /// 16 MiB + 3 pages: like dirty_log_test's 1 GiB + 3 pages, the slot ends inside a 64-page bitmap word.
 const DATA_PAGES: u64 = 4096 + 3;
 /// Iterations per mode (each: run, park, collect, verify every page).
-const ITERATIONS: u64 = 24;
+const ITERATIONS: u64 = 48;
 /// Batches each vCPU completes per iteration before the host parks it.
 const BATCHES_PER_ITERATION: u64 = 6;
 /// Pages per batch.
@@ -52,6 +52,8 @@ struct Report {
     ring_full_hook: [u64; 2],
     /// Ring-full exits the tracker counted, per vCPU.
     ring_full_tracker: Vec<u64>,
+    /// Collections made while the vCPUs ran.
+    live_collects: u64,
     /// Entries harvested and reset (tracker totals).
     harvested: u64,
     reset: u64,
@@ -110,8 +112,13 @@ fn vcpu_thread(
 }
 
 /// Waits until both vCPUs have finished `BATCHES_PER_ITERATION` more batches than at `start`, or one of
-/// them has stopped (its error is reported when it is joined).
-fn wait_for_batches(vm: &GuestVm, gate: &BatchGate, start: [u64; 2]) -> Result<(), String> {
+/// them has stopped (its error is reported when it is joined), calling `poll` between looks.
+fn wait_for_batches(
+    vm: &GuestVm,
+    gate: &BatchGate,
+    start: [u64; 2],
+    mut poll: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
     let deadline = Instant::now() + PHASE_DEADLINE;
     loop {
         let done = (0..2).all(|i| {
@@ -123,6 +130,7 @@ fn wait_for_batches(vm: &GuestVm, gate: &BatchGate, start: [u64; 2]) -> Result<(
         if Instant::now() > deadline {
             return Err(format!("vCPUs made no progress in {PHASE_DEADLINE:?}"));
         }
+        poll()?;
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -177,10 +185,44 @@ fn verify(
     Ok(count)
 }
 
+/// Proves [`verify`] has teeth on real data: the same collection with one reported page dropped must be
+/// caught as a lost write, and with one unwritten page added as a page that should not be dirty.
+fn check_the_checker(vm: &GuestVm, sets: &DirtySets, iteration: u64, last: &[u64]) -> Result<(), String> {
+    let set = sets
+        .iter()
+        .find(|s| s.slot().raw() == DATA_SLOT && !s.is_empty())
+        .ok_or_else(|| format!("iteration {iteration}: nothing reported"))?;
+    let victim = set.offsets().next().unwrap_or(0);
+    let mut fewer = DirtySets::default();
+    let dst = fewer.add_slot(set.slot(), set.guest_base(), set.pages());
+    for offset in set.offsets().filter(|&o| o != victim) {
+        dst.insert(offset);
+    }
+    match verify(vm, &fewer, iteration, false, &mut last.to_vec()) {
+        Err(e) if e.contains("lost") => {}
+        other => return Err(format!("dropping page {victim} from the result was not caught: {other:?}")),
+    }
+    let clean = (0..DATA_PAGES)
+        .find(|&p| !set.contains(p))
+        .ok_or_else(|| format!("iteration {iteration}: every page reported"))?;
+    let mut more = sets.clone();
+    more.insert(set.slot(), clean);
+    match verify(vm, &more, iteration, false, &mut last.to_vec()) {
+        Err(e) if e.contains("reported dirty but holds") => Ok(()),
+        other => Err(format!("reporting unwritten page {clean} was not caught: {other:?}")),
+    }
+}
+
 /// The whole run for one mode; `None` when skipped.
+///
+/// With `live`, the host also collects while the vCPUs run (racing ring-full harvests on the vCPU
+/// threads, and guest writes between `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG`), and verifies the
+/// union of an iteration's collections: every page in it was written during the iteration (the previous
+/// iteration's pages were all collected while parked), so the checks stay exact.
 fn run_mode(
     mode: Mode,
     pattern: Pattern,
+    live: bool,
 ) -> Result<Option<Report>, Box<dyn std::error::Error + Send + Sync>> {
     let mut vm = match GuestVm::new(GuestSpec::new(DATA_PAGES, 2)) {
         Ok(vm) => vm,
@@ -221,12 +263,24 @@ fn run_mode(
         let host = (|| -> Result<(), String> {
             for iteration in 1..=ITERATIONS {
                 let start = [0, 1].map(|i| vm.vcpu_stats(i).map(|s| s.batches).unwrap_or(0));
-                wait_for_batches(&vm, &gate, start)?;
+                let mut sets = DirtySets::default();
+                wait_for_batches(&vm, &gate, start, || {
+                    if live {
+                        tracker.collect_into(&mut sets).map_err(|e| format!("live collect: {e}"))?;
+                        report.live_collects += 1;
+                    }
+                    Ok(())
+                })?;
                 if !gate.pause_all(PHASE_DEADLINE) {
                     return Err(format!("iteration {iteration}: vCPUs did not park"));
                 }
-                let sets = tracker.collect().map_err(|e| format!("iteration {iteration}: collect: {e}"))?;
+                tracker
+                    .collect_into(&mut sets)
+                    .map_err(|e| format!("iteration {iteration}: collect: {e}"))?;
                 let first = initially_set && iteration == 1;
+                if iteration == 2 {
+                    check_the_checker(&vm, &sets, iteration, &last)?;
+                }
                 report.reported.push(verify(&vm, &sets, iteration, first, &mut last)?);
                 if let TrackingMode::Ring(_) = tracker.mode() {
                     let stats = tracker.stats().map_err(|e| e.to_string())?;
@@ -263,9 +317,10 @@ fn run_mode(
     report.harvested = stats.harvested;
     report.reset = stats.reset_entries;
     eprintln!(
-        "{mode:?} {pattern:?}: {} collections, pages reported per collection {:?}, ring-full exits {:?}, \
-         harvested {}, reset {}",
+        "{mode:?} {pattern:?} live={live}: {} iterations ({} live collects), pages reported per iteration {:?}, \
+         ring-full exits {:?}, harvested {}, reset {}",
         report.reported.len(),
+        report.live_collects,
         report.reported,
         report.ring_full_tracker,
         report.harvested,
@@ -283,14 +338,14 @@ fn assert_non_trivial(report: &Report) {
 
 #[test]
 fn i4_get_and_clear_bitmap_reports_every_guest_write() -> TestResult {
-    let Some(report) = run_mode(Mode::GetAndClear, Pattern::Random)? else { return Ok(()) };
+    let Some(report) = run_mode(Mode::GetAndClear, Pattern::Random, false)? else { return Ok(()) };
     assert_non_trivial(&report);
     Ok(())
 }
 
 #[test]
 fn i4_clear_log_reports_every_guest_write() -> TestResult {
-    let Some(report) = run_mode(Mode::ClearLog { initially_set: false }, Pattern::Random)? else {
+    let Some(report) = run_mode(Mode::ClearLog { initially_set: false }, Pattern::Random, false)? else {
         return Ok(());
     };
     assert_non_trivial(&report);
@@ -299,7 +354,7 @@ fn i4_clear_log_reports_every_guest_write() -> TestResult {
 
 #[test]
 fn i4_clear_log_initially_set_reports_everything_first_then_every_write() -> TestResult {
-    let Some(report) = run_mode(Mode::ClearLog { initially_set: true }, Pattern::Random)? else {
+    let Some(report) = run_mode(Mode::ClearLog { initially_set: true }, Pattern::Random, false)? else {
         return Ok(());
     };
     assert_non_trivial(&report);
@@ -312,7 +367,7 @@ fn i4_clear_log_initially_set_reports_everything_first_then_every_write() -> Tes
 /// must happen on both vCPUs in most iterations, and be harvested on the vCPU threads.
 #[test]
 fn i4_dirty_ring_with_ring_full_exits_loses_nothing() -> TestResult {
-    let Some(report) = run_mode(Mode::Ring { entries: 256 }, Pattern::Random)? else { return Ok(()) };
+    let Some(report) = run_mode(Mode::Ring { entries: 256 }, Pattern::Random, false)? else { return Ok(()) };
     assert_non_trivial(&report);
     assert_ring_full_exits(&report);
     Ok(())
@@ -323,7 +378,7 @@ fn i4_dirty_ring_with_ring_full_exits_loses_nothing() -> TestResult {
 #[test]
 fn i4_dirty_ring_hot_set_redirtied_pages_are_reported_again() -> TestResult {
     let pattern = Pattern::Hot { hot_pages: 300, percent: 80 };
-    let Some(report) = run_mode(Mode::Ring { entries: 256 }, pattern)? else { return Ok(()) };
+    let Some(report) = run_mode(Mode::Ring { entries: 256 }, pattern, false)? else { return Ok(()) };
     assert_eq!(report.reported.len() as u64, ITERATIONS);
     assert!(report.reported.iter().all(|&n| n >= 250), "too few dirty pages: {:?}", report.reported);
     assert_ring_full_exits(&report);
@@ -339,4 +394,28 @@ fn assert_ring_full_exits(report: &Report) {
     assert_eq!(report.harvested, report.reset, "every harvested entry was reset, once");
     let reported: u64 = report.reported.iter().sum();
     assert!(report.harvested >= reported, "harvested {} entries for {reported} pages", report.harvested);
+}
+
+/// Collects race the vCPUs: ring-full harvests on the vCPU threads against the host's collects, which
+/// share the pending set and the ring locks. The union of an iteration's collections must still be exact.
+#[test]
+fn i4_dirty_ring_collects_racing_ring_full_exits_lose_nothing() -> TestResult {
+    let Some(report) = run_mode(Mode::Ring { entries: 256 }, Pattern::Random, true)? else { return Ok(()) };
+    assert_non_trivial(&report);
+    assert_ring_full_exits(&report);
+    assert!(report.live_collects > 0, "no collect raced the vCPUs");
+    Ok(())
+}
+
+/// Clear-log collects while the guest writes: a page dirtied between `KVM_GET_DIRTY_LOG` and
+/// `KVM_CLEAR_DIRTY_LOG` must survive the clear and be reported by a later collect.
+#[test]
+fn i4_clear_log_collects_racing_guest_writes_lose_nothing() -> TestResult {
+    let mode = Mode::ClearLog { initially_set: false };
+    let Some(report) = run_mode(mode, Pattern::Hot { hot_pages: 200, percent: 50 }, true)? else {
+        return Ok(());
+    };
+    assert_non_trivial(&report);
+    assert!(report.live_collects > 0, "no collect raced the vCPUs");
+    Ok(())
 }
