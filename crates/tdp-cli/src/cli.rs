@@ -1,0 +1,239 @@
+//! The command line: `tdp migrate`, `tdp receive`, `tdp dirty-rate`, their arguments (parsed and
+//! range-checked with messages that name the argument) and the code that runs each command and prints
+//! its report (text, or one JSON object with `--json`).
+//!
+//! Exit codes: 0 success; 1 the command failed (migration error, digest mismatch, guest failure);
+//! 2 bad arguments.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::Backend;
+use crate::guest::{GuestConfig, Mode, Pattern};
+use crate::units::{
+    MIB, PAGE_SIZE, Rate, UnitError, check_range, human_bytes, parse_addr, parse_rate, parse_size,
+};
+
+/// The smallest guest: 16 pages.
+pub const MIN_MEMORY: u64 = 16 * PAGE_SIZE;
+/// The largest KVM guest this command builds (the loopback destination holds a second copy).
+pub const MAX_MEMORY: u64 = 8 << 30;
+/// Default KVM guest memory.
+pub const DEFAULT_MEMORY: u64 = 256 * MIB;
+/// Default mock guest memory (the model is far slower than hardware).
+pub const DEFAULT_MOCK_MEMORY: u64 = 32 * MIB;
+
+/// `tdp`: live-migrate a guest's memory with KVM's dirty ring or dirty bitmap, measure dirty rates.
+#[derive(Debug, Parser)]
+#[command(name = "tdp", version, about, long_about = None)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest that dirties memory and live-migrate it by pre-copy to a destination over TCP.
+    Migrate(MigrateArgs),
+    /// Be a migration destination: accept one migration and verify it.
+    Receive(ReceiveArgs),
+    /// Measure a guest's dirty rate per vCPU over a window.
+    DirtyRate(DirtyRateArgs),
+}
+
+/// What guest to run.
+#[derive(Debug, Clone, Args)]
+pub struct GuestArgs {
+    /// Guest memory, e.g. 256M or 1G [default: 256M on KVM, 32M on the mock].
+    #[arg(long, value_parser = size_arg)]
+    pub memory: Option<u64>,
+    /// vCPUs (1 to 31).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=31))]
+    pub vcpus: u16,
+    /// How the guest picks the pages it writes.
+    #[arg(long, value_enum, default_value = "random")]
+    pub pattern: Pattern,
+    /// The guest's dirty rate over all vCPUs: e.g. 64MiB/s or 20000pages/s; `max` for as fast as it can.
+    #[arg(long, default_value = "64MiB/s", value_parser = rate_or_max)]
+    pub dirty_rate: Rate,
+    /// How dirty pages are tracked: the dirty ring, the bitmap (get-and-clear) or the bitmap with clear-log.
+    #[arg(long, value_enum, default_value = "ring")]
+    pub mode: Mode,
+    /// Dirty ring entries per vCPU (a power of two, 512 to 65536).
+    #[arg(long, default_value_t = 4096)]
+    pub ring_entries: u32,
+    /// Which machine runs the guest: KVM when usable else the mock (auto), KVM only, or the mock.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Backend,
+}
+
+/// `tdp migrate`.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The guest.
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Send to a running `tdp receive` at HOST:PORT instead of a loopback receiver started here.
+    #[arg(long, value_parser = dest_arg)]
+    pub to: Option<std::net::SocketAddr>,
+    /// The most pre-copy rounds after the bulk copy before stop-and-copy is forced.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub max_rounds: u32,
+    /// The downtime target in ms: stop-and-copy once the pages left can be sent within it.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub downtime_ms: u64,
+    /// Throttle vCPUs whose dirtying outruns the link (QEMU's dirty-limit).
+    #[arg(long, value_enum, default_value = "on")]
+    pub dirty_limit: OnOff,
+    /// A fixed per-vCPU dirty quota for the throttle (e.g. 4MiB/s) instead of the computed one.
+    #[arg(long, value_parser = rate_arg)]
+    pub vcpu_dirty_limit: Option<Rate>,
+    /// Limit the link to this rate (e.g. 100MiB/s), as QEMU's max-bandwidth.
+    #[arg(long, value_parser = rate_arg)]
+    pub bandwidth: Option<Rate>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tdp receive`.
+#[derive(Debug, Clone, Args)]
+pub struct ReceiveArgs {
+    /// Address to listen on, HOST:PORT (port 0: any free port; the bound address is printed on stderr).
+    #[arg(long, value_parser = listen_arg)]
+    pub listen: std::net::SocketAddr,
+    /// The most guest memory to accept.
+    #[arg(long, default_value = "16G", value_parser = size_arg)]
+    pub max_memory: u64,
+    /// Seconds to wait for the source's next message.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout_s: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Test hook: exit abruptly after acknowledging this many rounds, as a killed destination would.
+    #[arg(long, hide = true)]
+    pub exit_after_rounds: Option<u32>,
+}
+
+/// `tdp dirty-rate`.
+#[derive(Debug, Clone, Args)]
+pub struct DirtyRateArgs {
+    /// The guest.
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// The measuring window in ms.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub window_ms: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// On or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+fn size_arg(s: &str) -> Result<u64, UnitError> {
+    parse_size("size", s)
+}
+fn rate_arg(s: &str) -> Result<Rate, UnitError> {
+    let r = parse_rate("rate", s)?;
+    if r.pages_per_sec == 0 {
+        return Err(UnitError::Range {
+            what: "rate",
+            value: s.to_owned(),
+            why: "must be at least one page (4 KiB) per second".into(),
+        });
+    }
+    Ok(r)
+}
+fn rate_or_max(s: &str) -> Result<Rate, UnitError> {
+    if matches!(s.trim().to_ascii_lowercase().as_str(), "max" | "unlimited") {
+        return Ok(Rate { pages_per_sec: 0 });
+    }
+    rate_arg(s)
+}
+fn dest_arg(s: &str) -> Result<std::net::SocketAddr, UnitError> {
+    parse_addr("destination", s, false)
+}
+fn listen_arg(s: &str) -> Result<std::net::SocketAddr, UnitError> {
+    parse_addr("listen address", s, true)
+}
+
+impl GuestArgs {
+    /// The guest configuration for KVM and for the mock (which defaults to less memory), after the
+    /// range checks clap cannot express.
+    ///
+    /// ```
+    /// use clap::Parser;
+    /// use tdp_cli::cli::{Cli, Command};
+    /// let cli = Cli::try_parse_from(["tdp", "dirty-rate", "--memory", "64M", "--vcpus", "3"]).unwrap();
+    /// let Command::DirtyRate(args) = cli.command else { unreachable!() };
+    /// let (kvm, mock) = args.guest.configs().unwrap();
+    /// assert_eq!((kvm.memory, kvm.vcpus, mock.memory), (64 << 20, 3, 64 << 20));
+    /// ```
+    ///
+    /// # Errors
+    /// [`UnitError::Range`] for memory outside 64 KiB..=8 GiB (1 GiB on the mock), a memory size not a
+    /// multiple of 4 KiB, or a bad ring size.
+    pub fn configs(&self) -> Result<(GuestConfig, GuestConfig), UnitError> {
+        let memory = self.memory.unwrap_or(DEFAULT_MEMORY);
+        check_range("--memory", memory, MIN_MEMORY, MAX_MEMORY, human_bytes)?;
+        if memory % PAGE_SIZE != 0 {
+            return Err(UnitError::Range {
+                what: "--memory",
+                value: human_bytes(memory),
+                why: "must be a multiple of 4 KiB".into(),
+            });
+        }
+        let mock_memory = self.memory.unwrap_or(DEFAULT_MOCK_MEMORY);
+        if self.backend == Backend::Mock || self.memory.is_some() {
+            check_range(
+                "--memory (on the mock)",
+                mock_memory,
+                MIN_MEMORY,
+                crate::mock::MAX_MOCK_MEMORY,
+                human_bytes,
+            )?;
+        }
+        let e = self.ring_entries;
+        if !e.is_power_of_two() || !(512..=65536).contains(&e) {
+            return Err(UnitError::Range {
+                what: "--ring-entries",
+                value: e.to_string(),
+                why: "must be a power of two from 512 to 65536".into(),
+            });
+        }
+        let cfg = GuestConfig {
+            memory,
+            vcpus: usize::from(self.vcpus),
+            pattern: self.pattern,
+            rate_pages: self.dirty_rate.pages_per_sec,
+            mode: self.mode,
+            ring_entries: e,
+        };
+        Ok((cfg, GuestConfig { memory: mock_memory.min(crate::mock::MAX_MOCK_MEMORY), ..cfg }))
+    }
+}
+
+impl MigrateArgs {
+    /// The convergence policy.
+    #[must_use]
+    pub fn policy(&self) -> crate::converge::Policy {
+        crate::converge::Policy {
+            max_rounds: self.max_rounds,
+            downtime_target: Duration::from_millis(self.downtime_ms),
+            dirty_limit: self.dirty_limit == OnOff::On,
+            vcpu_quota: self.vcpu_dirty_limit.map(|r| r.pages_per_sec),
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Running each command: start the guest (KVM or the mock), the destination (a loopback receiver on a
+//! thread unless `--to` names one), the migration or the measurement, and print the report. Each
+//! function returns the process exit code; every failure is printed as one `error:` line naming what
+//! failed, with the state it left (for a migration: whether the source guest still runs).
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use crate::backend;
+use crate::cli::{DirtyRateArgs, MigrateArgs, ReceiveArgs};
+use crate::guest::Guest;
+use crate::link::Link;
+use crate::migrate::{MigrationFailure, migrate};
+use crate::output::{self, Bar, GuestSummary, MigrateJson};
+use crate::receiver::{self, ReceiverConfig};
+
+/// Exit code: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: the command failed.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code: bad arguments.
+pub const EXIT_USAGE: i32 = 2;
+
+fn usage(e: impl std::fmt::Display) -> i32 {
+    eprintln!("error: {e}");
+    EXIT_USAGE
+}
+
+fn summary(guest: &dyn Guest, fallback: Option<String>, cfg: &crate::guest::GuestConfig) -> GuestSummary {
+    GuestSummary {
+        backend: guest.backend(),
+        fallback,
+        machine: guest.describe(),
+        memory: guest.pages() * crate::units::PAGE_SIZE,
+        vcpus: guest.vcpus(),
+        pattern: cfg.pattern,
+        target_dirty_pages_per_sec: cfg.rate_pages,
+        mode: cfg.mode,
+        throttle_point: guest.throttle_point(),
+    }
+}
+
+/// `tdp migrate`.
+pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
+    let (kvm_cfg, mock_cfg) = match args.guest.configs() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    let started = match backend::start(args.guest.backend, kvm_cfg, mock_cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot start the source guest: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let mut guest = started.guest;
+    let cfg = if guest.backend() == "mock" { mock_cfg } else { kvm_cfg };
+    let summary = summary(guest.as_ref(), started.fallback, &cfg);
+    if !args.json {
+        if let Some(f) = &summary.fallback {
+            println!("note: {f}");
+        }
+        println!("{}", summary.line(&cfg));
+    }
+
+    // The destination: a loopback receiver on a thread, or the one named by --to.
+    let bandwidth = args.bandwidth.map(|r| r.pages_per_sec * crate::units::PAGE_SIZE);
+    let (addr, local) = match args.to {
+        Some(addr) => (addr, None),
+        None => {
+            let rcfg = ReceiverConfig {
+                max_memory: crate::cli::MAX_MEMORY,
+                exit_after_rounds: None,
+                idle_timeout: Duration::from_secs(60),
+            };
+            match receiver::spawn_loopback(rcfg) {
+                Ok((addr, handle)) => (addr, Some(handle)),
+                Err(e) => {
+                    eprintln!("error: cannot start the loopback receiver: {e}");
+                    return EXIT_FAILED;
+                }
+            }
+        }
+    };
+    if !args.json {
+        let how = if local.is_some() { " (loopback receiver started by this command)" } else { "" };
+        println!("destination: {addr}{how}");
+    }
+
+    let mut bar = Bar::new(args.json);
+    let result = match Link::connect(addr, bandwidth) {
+        Ok(mut link) => migrate(guest.as_mut(), &mut link, args.policy(), &mut bar),
+        Err(e) => Err(MigrationFailure {
+            error: e.into(),
+            rounds_done: 0,
+            pending_pages: guest.pages(),
+            guest_running: guest.is_running(),
+            dirtied_after: 0,
+        }),
+    };
+    let notes = bar.finish();
+    let dest = addr.to_string();
+    let code = match result {
+        Ok(report) => {
+            let shutdown = guest.shutdown();
+            let receiver_result = local.map(|h| h.join());
+            if args.json {
+                print_migrate_json(&summary, &dest, receiver_result.is_some(), Some(&report), None);
+            } else {
+                for n in &notes {
+                    println!("{n}");
+                }
+                print!("{}", output::migration_text(&report));
+                if let Some(Ok(Ok(r))) = &receiver_result {
+                    println!(
+                        "destination: received {} pages in {} rounds into {} pages of memory",
+                        r.pages_received, r.rounds, r.pages
+                    );
+                }
+            }
+            if let Some(Ok(Err(e))) = &receiver_result {
+                eprintln!("error: the loopback receiver failed after the migration: {e}");
+            }
+            if let Err(e) = shutdown {
+                eprintln!("error: stopping the source guest after the migration: {e}");
+                return EXIT_FAILED;
+            }
+            if report.verified { EXIT_OK } else { EXIT_FAILED }
+        }
+        Err(f) => {
+            let msg = format!("migration failed: {}", f.error);
+            if args.json {
+                print_migrate_json(&summary, &dest, local.is_some(), None, Some((&msg, &f)));
+            } else {
+                for n in &notes {
+                    println!("{n}");
+                }
+            }
+            eprintln!("error: {msg}");
+            if f.guest_running {
+                eprintln!(
+                    "the source guest is still running: its {} vCPUs were resumed and wrote {} pages in the 200 ms after the failure; {} dirty pages are kept pending for another attempt (after {} completed rounds)",
+                    guest.vcpus(),
+                    f.dirtied_after,
+                    f.pending_pages,
+                    f.rounds_done
+                );
+            } else {
+                eprintln!(
+                    "the source guest is NOT running after the failure ({} pages pending)",
+                    f.pending_pages
+                );
+            }
+            let _ = guest.shutdown();
+            // A loopback receiver would see the source's Error frame and end; it is not waited for.
+            drop(local);
+            EXIT_FAILED
+        }
+    };
+    code
+}
+
+fn print_migrate_json(
+    summary: &GuestSummary,
+    dest: &str,
+    loopback: bool,
+    report: Option<&crate::migrate::MigrationReport>,
+    failure: Option<(&str, &MigrationFailure)>,
+) {
+    output::print_json(&MigrateJson {
+        guest: summary,
+        destination: dest.to_owned(),
+        loopback_receiver: loopback,
+        report,
+        error: failure.map(|(m, _)| m.to_owned()),
+        guest_running: failure.map(|(_, f)| f.guest_running),
+        pending_pages: failure.map(|(_, f)| f.pending_pages),
+    });
+}
+
+/// `tdp receive`.
+pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
+    let listener = match TcpListener::bind(args.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", args.listen);
+            return EXIT_FAILED;
+        }
+    };
+    match listener.local_addr() {
+        Ok(a) => eprintln!("tdp receive: listening on {a}"),
+        Err(e) => {
+            eprintln!("error: cannot read the bound address: {e}");
+            return EXIT_FAILED;
+        }
+    }
+    let cfg = ReceiverConfig {
+        max_memory: args.max_memory,
+        exit_after_rounds: args.exit_after_rounds,
+        idle_timeout: Duration::from_secs(args.idle_timeout_s),
+    };
+    match receiver::accept_and_serve(&listener, cfg) {
+        Ok(r) => {
+            if args.json {
+                output::print_json(&r);
+            } else {
+                println!(
+                    "received {} pages ({}) from {} in {} rounds, {} ms; digest {}; source verdict: {}",
+                    r.pages_received,
+                    crate::units::human_bytes(r.pages * crate::units::PAGE_SIZE),
+                    r.peer,
+                    r.rounds,
+                    r.elapsed_ms,
+                    r.digest,
+                    if r.matched { "memory identical" } else { "MISMATCH" }
+                );
+            }
+            if r.matched { EXIT_OK } else { EXIT_FAILED }
+        }
+        Err(e) => {
+            eprintln!("error: receiving failed: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// `tdp dirty-rate`.
+pub fn dirty_rate_cmd(args: &DirtyRateArgs) -> i32 {
+    let (kvm_cfg, mock_cfg) = match args.guest.configs() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    let mut started = match backend::start(args.guest.backend, kvm_cfg, mock_cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot start the guest: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let cfg = if started.guest.backend() == "mock" { mock_cfg } else { kvm_cfg };
+    let summary = summary(started.guest.as_ref(), started.fallback.take(), &cfg);
+    let report =
+        crate::dirty_rate::measure(started.guest.as_mut(), cfg.mode, Duration::from_millis(args.window_ms));
+    let shutdown = started.guest.shutdown();
+    match report {
+        Ok(r) => {
+            if args.json {
+                #[derive(serde::Serialize)]
+                struct Out<'a> {
+                    guest: &'a GuestSummary,
+                    #[serde(flatten)]
+                    rate: &'a crate::dirty_rate::DirtyRateReport,
+                }
+                output::print_json(&Out { guest: &summary, rate: &r });
+            } else {
+                if let Some(f) = &summary.fallback {
+                    println!("note: {f}");
+                }
+                println!("{}", summary.line(&cfg));
+                print!("{}", output::dirty_rate_text(&r));
+            }
+            match shutdown {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("error: stopping the guest: {e}");
+                    EXIT_FAILED
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("error: measuring the dirty rate: {e}");
+            EXIT_FAILED
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! [`KvmGuest`]: a real KVM guest as a [`Guest`]: a `tdp-guest` VM whose vCPUs run its CPL3 program over
+//! the data memslot, tracked by a `tdp-kvm` [`DirtyTracker`] (dirty ring, get-and-clear bitmap, or
+//! clear-log bitmap), each vCPU on its own thread through a [`VcpuRunner`] that harvests its ring at
+//! `KVM_EXIT_DIRTY_RING_FULL` and calls the throttle there. Between batches (the guest's `OUT`) a vCPU
+//! thread parks when the migration pauses the guest, paces itself to the workload's rate and, with the
+//! bitmap, applies the throttle.
+//!
+//! What migrates is the data memslot (the guest's RAM under test). The code slot (page tables, program,
+//! control page) is set up by the host on both sides and is not part of the migrated image.
+//!
+//! Keeps: I4 through `tdp-kvm` (a collect re-protects before it returns; ring-full harvests land in the
+//! tracker's pending set) and the [`Guest::harvest`] contract on top of it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tdp_guest::{BatchGate, DATA_GPA, DATA_SLOT, GuestExit, GuestSpec, GuestVm, Workload, classify_exit};
+use tdp_kvm::{DirtyTracker, SlotSpec, Throttle as RingThrottle, VcpuRunner};
+
+use crate::converge::{Pacer, Throttle};
+use crate::guest::{Guest, GuestConfig, GuestError, Harvest, Mode, Pattern, VcpuFigures};
+use crate::pending::PendingSet;
+
+/// Pages each vCPU writes per batch (one `OUT` exit per batch).
+pub const BATCH: u64 = 64;
+/// How long a pause waits for every vCPU to reach a batch boundary.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a KVM guest could not be built: `/dev/kvm` missing or unusable (the mock can stand in), or
+/// anything else (a real error).
+#[derive(Debug, thiserror::Error)]
+pub enum KvmStartError {
+    /// `/dev/kvm` cannot be opened or lacks what the mode needs.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The VM failed in another way.
+    #[error(transparent)]
+    Failed(#[from] GuestError),
+}
+
+/// A running KVM guest with dirty tracking on.
+pub struct KvmGuest {
+    vm: Arc<GuestVm>,
+    tracker: Arc<DirtyTracker>,
+    gate: Arc<BatchGate>,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    cfg: GuestConfig,
+    harvested_at_last: Vec<u64>,
+    paused: bool,
+}
+
+struct Shared {
+    throttle: Throttle,
+    ring_full_exits: Vec<AtomicU64>,
+    error: Mutex<Option<String>>,
+}
+
+impl KvmGuest {
+    /// Opens `/dev/kvm`, builds the VM with `cfg.memory` bytes of data memory, enables the tracking mode,
+    /// turns dirty logging on and starts one thread per vCPU.
+    ///
+    /// ```
+    /// use tdp_cli::guest::{Guest, GuestConfig, Mode, Pattern};
+    /// use tdp_cli::kvm::{KvmGuest, KvmStartError};
+    /// use tdp_cli::pending::PendingSet;
+    ///
+    /// let cfg = GuestConfig { memory: 4 << 20, vcpus: 2, pattern: Pattern::Random, rate_pages: 0,
+    ///     mode: Mode::Ring, ring_entries: 4096 };
+    /// let mut guest = match KvmGuest::start(cfg) {
+    ///     Ok(g) => g,
+    ///     Err(KvmStartError::Unavailable(why)) => { eprintln!("SKIPPED: {why}"); return Ok(()); }
+    ///     Err(e) => return Err(e.into()),
+    /// };
+    /// let mut pending = PendingSet::new(guest.pages());
+    /// guest.run_for(std::time::Duration::from_millis(50), &mut pending)?;
+    /// assert!(!pending.is_empty(), "the guest dirtied pages");
+    /// guest.shutdown()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`KvmStartError::Unavailable`] when `/dev/kvm` cannot be opened or does not offer the mode;
+    /// [`KvmStartError::Failed`] for any other failure (nothing is left running).
+    pub fn start(cfg: GuestConfig) -> Result<KvmGuest, KvmStartError> {
+        let pages = cfg.memory / crate::units::PAGE_SIZE;
+        let mut vm = match GuestVm::new(GuestSpec::new(pages, cfg.vcpus)) {
+            Ok(vm) => vm,
+            Err(tdp_guest::GuestError::OpenKvm(e)) => {
+                return Err(KvmStartError::Unavailable(format!("cannot open /dev/kvm: {e}")));
+            }
+            Err(e) => return Err(GuestError::new("creating the KVM guest", e).into()),
+        };
+        let tracker = match cfg.mode {
+            Mode::Ring => DirtyTracker::with_ring(vm.vm_fd(), cfg.ring_entries),
+            Mode::Bitmap => DirtyTracker::with_bitmap(vm.vm_fd()),
+            Mode::ClearLog => DirtyTracker::with_clear_log(vm.vm_fd(), false),
+        };
+        let tracker = match tracker {
+            Ok(t) => Arc::new(t),
+            Err(e @ (tdp_kvm::Error::NoDirtyRing | tdp_kvm::Error::CapabilityMissing { .. })) => {
+                return Err(KvmStartError::Unavailable(format!(
+                    "/dev/kvm cannot track in {:?} mode: {e}",
+                    cfg.mode
+                )));
+            }
+            Err(e) => return Err(GuestError::new("setting up dirty tracking", e).into()),
+        };
+        tracker
+            .register_slot(SlotSpec::new(DATA_SLOT as u16, DATA_GPA, vm.data_pages()))
+            .map_err(|e| GuestError::new("registering the data memslot with the tracker", e))?;
+        vm.set_dirty_logging(true).map_err(|e| GuestError::new("turning dirty logging on", e))?;
+        let shares = pages.div_ceil(cfg.vcpus as u64);
+        let batch = BATCH.min(shares.max(1));
+        for i in 0..cfg.vcpus {
+            let share = Workload::share(pages, cfg.vcpus as u64, i as u64, batch, tdp_guest::Pattern::Random);
+            let pattern = match cfg.pattern {
+                Pattern::Sequential => tdp_guest::Pattern::Sequential,
+                Pattern::Random => tdp_guest::Pattern::Random,
+                Pattern::HotSet => {
+                    tdp_guest::Pattern::Hot { hot_pages: (share.pages / 8).max(1), percent: 90 }
+                }
+            };
+            let w = Workload { pattern, batch: batch.min(share.pages), ..share };
+            vm.set_workload(i, &w).map_err(|e| GuestError::new(format!("setting vCPU {i}'s workload"), e))?;
+        }
+        let vcpus = vm.create_vcpus().map_err(|e| GuestError::new("creating the vCPUs", e))?;
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for v in &vcpus {
+            handles.push(
+                tracker
+                    .attach_vcpu(v.fd())
+                    .map_err(|e| GuestError::new(format!("attaching vCPU {}", v.index()), e))?,
+            );
+        }
+        let vm = Arc::new(vm);
+        let gate = Arc::new(BatchGate::new(cfg.vcpus));
+        let shared = Arc::new(Shared {
+            throttle: Throttle::new(cfg.vcpus),
+            ring_full_exits: (0..cfg.vcpus).map(|_| AtomicU64::new(0)).collect(),
+            error: Mutex::new(None),
+        });
+        let mut guest = KvmGuest {
+            vm,
+            tracker,
+            gate,
+            shared,
+            threads: Vec::new(),
+            cfg,
+            harvested_at_last: vec![0; cfg.vcpus],
+            paused: false,
+        };
+        for (vcpu, handle) in vcpus.into_iter().zip(handles) {
+            let (tracker, gate, shared) =
+                (Arc::clone(&guest.tracker), Arc::clone(&guest.gate), Arc::clone(&guest.shared));
+            let index = vcpu.index();
+            let ring = cfg.mode == Mode::Ring;
+            let rate = cfg.rate_pages as f64 / cfg.vcpus as f64;
+            let spawned = std::thread::Builder::new().name(format!("kvm-vcpu{index}")).spawn(move || {
+                let result = vcpu_thread(vcpu, &tracker, handle, &gate, &shared, ring, batch, rate);
+                gate.leave();
+                if let Err(e) = result {
+                    let mut slot = shared.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    slot.get_or_insert(e);
+                }
+            });
+            match spawned {
+                Ok(t) => guest.threads.push(t),
+                Err(e) => {
+                    let _ = guest.shutdown();
+                    return Err(GuestError::new(format!("spawning the thread of vCPU {index}"), e).into());
+                }
+            }
+        }
+        Ok(guest)
+    }
+
+    fn error(&self) -> Option<String> {
+        self.shared.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// One vCPU's thread: run batches until the gate says stop.
+#[allow(clippy::too_many_arguments)]
+fn vcpu_thread(
+    mut vcpu: tdp_guest::GuestVcpu,
+    tracker: &DirtyTracker,
+    handle: tdp_kvm::VcpuHandle,
+    gate: &BatchGate,
+    shared: &Shared,
+    ring: bool,
+    batch: u64,
+    rate: f64,
+) -> Result<(), String> {
+    let index = vcpu.index();
+    let mut ring_pacer = Pacer::new();
+    let mut runner = VcpuRunner::new(tracker, handle).with_throttle(move |ev| {
+        shared.ring_full_exits[index].fetch_add(1, Ordering::Relaxed);
+        // QEMU's dirty-limit: a vCPU over its quota sleeps at its ring-full exits.
+        shared.throttle.pace(index, &mut ring_pacer, ev.harvested as u64);
+        RingThrottle::Resume
+    });
+    let mut batch_pacer = Pacer::new();
+    let mut workload_pacer = tdp_guest::Pacer::new(rate);
+    loop {
+        if gate.at_batch_boundary() == tdp_guest::Decision::Stop {
+            return Ok(());
+        }
+        let exit = match runner.run(vcpu.fd_mut(), |exit| classify_exit(&exit)) {
+            Ok(exit) => exit,
+            Err(e) if e.is_interrupted() => continue,
+            Err(e) => return Err(format!("vCPU {index}: {e}")),
+        };
+        match exit {
+            Ok(GuestExit::BatchDone { .. }) => {
+                if !ring {
+                    shared.throttle.pace(index, &mut batch_pacer, batch);
+                }
+                workload_pacer.after_batch(batch);
+            }
+            Ok(GuestExit::Interrupted | GuestExit::DirtyRingFull) => {}
+            Err(unexpected) => return Err(vcpu.exit_error(unexpected).to_string()),
+        }
+    }
+}
+
+impl Guest for KvmGuest {
+    fn backend(&self) -> &'static str {
+        "kvm"
+    }
+    fn describe(&self) -> String {
+        let tracker = match self.cfg.mode {
+            Mode::Ring => format!("KVM dirty ring ({} entries per vCPU)", self.cfg.ring_entries),
+            Mode::Bitmap => "KVM dirty bitmap (KVM_GET_DIRTY_LOG, get-and-clear)".to_owned(),
+            Mode::ClearLog => {
+                "KVM dirty bitmap with manual protect (KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG)".to_owned()
+            }
+        };
+        format!("KVM guest on /dev/kvm (CPL3 program on {} vCPU threads), {tracker}", self.cfg.vcpus)
+    }
+    fn pages(&self) -> u64 {
+        self.vm.data_pages()
+    }
+    fn vcpus(&self) -> usize {
+        self.cfg.vcpus
+    }
+    fn throttle(&self) -> &Throttle {
+        &self.shared.throttle
+    }
+    fn throttle_point(&self) -> &'static str {
+        match self.cfg.mode {
+            Mode::Ring => "ring-full exits",
+            Mode::Bitmap | Mode::ClearLog => "batch exits (the bitmap has no per-vCPU exit)",
+        }
+    }
+
+    fn harvest(&mut self, into: &mut PendingSet) -> Result<Harvest, GuestError> {
+        let sets = self.tracker.collect().map_err(|e| GuestError::new("collecting dirty pages", e))?;
+        let before = into.len();
+        for slot in sets.iter() {
+            for offset in slot.offsets() {
+                into.insert(offset);
+            }
+        }
+        let stats = self.tracker.stats().map_err(|e| GuestError::new("reading tracker statistics", e))?;
+        let per_vcpu = if stats.per_vcpu_exact {
+            stats
+                .per_vcpu
+                .iter()
+                .zip(self.harvested_at_last.iter_mut())
+                .map(|(now, last)| {
+                    let d = now.harvested.saturating_sub(*last);
+                    *last = now.harvested;
+                    d
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if let Some(e) = self.error() {
+            return Err(GuestError::new("running the KVM vCPUs", e));
+        }
+        Ok(Harvest { new_pages: into.len() - before, per_vcpu })
+    }
+
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.vm.copy_data_page(page, buf).map_err(|e| GuestError::new(format!("reading data page {page}"), e))
+    }
+
+    fn pause(&mut self) -> Result<(), GuestError> {
+        self.paused = true;
+        if !self.gate.pause_all(PAUSE_TIMEOUT) {
+            return Err(GuestError::new(
+                "pausing the vCPUs",
+                format!("not all reached a batch boundary within {} s", PAUSE_TIMEOUT.as_secs()),
+            ));
+        }
+        match self.error() {
+            Some(e) => Err(GuestError::new("pausing the vCPUs", e)),
+            None => Ok(()),
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), GuestError> {
+        self.gate.resume();
+        self.paused = false;
+        match self.error() {
+            Some(e) => Err(GuestError::new("resuming the vCPUs", e)),
+            None => Ok(()),
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        !self.paused
+            && !self.gate.is_stopped()
+            && self.gate.active() == self.cfg.vcpus
+            && self.error().is_none()
+    }
+
+    fn figures(&self) -> Vec<VcpuFigures> {
+        (0..self.cfg.vcpus)
+            .map(|i| VcpuFigures {
+                writes: self.vm.vcpu_stats(i).map_or(0, |s| s.writes),
+                ring_full_exits: self.shared.ring_full_exits[i].load(Ordering::Relaxed),
+                throttled_exits: self.shared.throttle.throttled_exits(i),
+                throttle_ms: self.shared.throttle.slept(i).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    fn shutdown(&mut self) -> Result<(), GuestError> {
+        self.gate.stop();
+        let mut panicked = false;
+        for t in self.threads.drain(..) {
+            panicked |= t.join().is_err();
+        }
+        if panicked {
+            return Err(GuestError::new("stopping the vCPUs", "a vCPU thread panicked"));
+        }
+        match self.error() {
+            Some(e) => Err(GuestError::new("stopping the vCPUs", e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for KvmGuest {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

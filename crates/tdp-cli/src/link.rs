@@ -1,0 +1,196 @@
+//! [`Link`]: the source's end of a migration connection. It speaks [`crate::proto`], limits the
+//! sending rate when `--bandwidth` asks, and turns every failure into a [`LinkError`] that names the peer
+//! and the operation, so "destination 127.0.0.1:7788: waiting for the acknowledgement of round 2: the
+//! peer closed the connection" reaches the user instead of a bare errno.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::proto::{ErrorCode, MAX_RUN, Message, PAGE_SIZE, ProtoError, VERSION};
+
+/// How long the source waits for any answer before it calls the destination dead.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A failure on the link, with the peer and what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("destination {peer}: {op}: {cause}")]
+pub struct LinkError {
+    /// The destination's address.
+    pub peer: String,
+    /// What the source was doing.
+    pub op: String,
+    /// Why it failed.
+    pub cause: String,
+}
+
+/// The source's end of the connection, over any byte stream (a `TcpStream` in the command).
+pub struct Link<S> {
+    stream: S,
+    peer: String,
+    scratch: Vec<u8>,
+    limiter: Option<Limiter>,
+    /// Bytes written so far (frame headers included).
+    pub bytes_sent: u64,
+}
+
+/// A token bucket in bytes.
+struct Limiter {
+    bytes_per_sec: u64,
+    start: Instant,
+    sent: u64,
+}
+
+impl Link<TcpStream> {
+    /// Connects to `addr` (with a timeout) and sets the reply timeout.
+    ///
+    /// # Errors
+    /// [`LinkError`] naming the address and the socket error.
+    pub fn connect(addr: SocketAddr, bandwidth: Option<u64>) -> Result<Link<TcpStream>, LinkError> {
+        let peer = addr.to_string();
+        let err = |op: &str, e: std::io::Error| LinkError {
+            peer: peer.clone(),
+            op: op.into(),
+            cause: e.to_string(),
+        };
+        let stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| err("connecting", e))?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| err("setting the read timeout", e))?;
+        stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(|e| err("setting the write timeout", e))?;
+        stream.set_nodelay(true).map_err(|e| err("setting TCP_NODELAY", e))?;
+        Ok(Link::new(stream, peer, bandwidth))
+    }
+}
+
+impl<S: Read + Write> Link<S> {
+    /// Wraps a connected stream to `peer`; `bandwidth` limits the sending rate in bytes/s.
+    pub fn new(stream: S, peer: String, bandwidth: Option<u64>) -> Link<S> {
+        let limiter = bandwidth.filter(|&b| b > 0).map(|b| Limiter {
+            bytes_per_sec: b,
+            start: Instant::now(),
+            sent: 0,
+        });
+        Link {
+            stream,
+            peer,
+            scratch: Vec::with_capacity(crate::proto::MAX_FRAME as usize + 4),
+            limiter,
+            bytes_sent: 0,
+        }
+    }
+
+    /// The destination's address.
+    #[must_use]
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    fn fail(&self, op: impl Into<String>, cause: impl std::fmt::Display) -> LinkError {
+        LinkError { peer: self.peer.clone(), op: op.into(), cause: cause.to_string() }
+    }
+
+    fn send(&mut self, msg: &Message, op: &str) -> Result<(), LinkError> {
+        msg.encode(&mut self.scratch);
+        self.write_scratch(op)
+    }
+
+    fn write_scratch(&mut self, op: &str) -> Result<(), LinkError> {
+        let n = self.scratch.len() as u64;
+        if let Some(l) = &mut self.limiter {
+            l.sent += n;
+            let due = Duration::from_secs_f64(l.sent as f64 / l.bytes_per_sec as f64);
+            let elapsed = l.start.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+        let result = self.stream.write_all(&self.scratch);
+        result.map_err(|e| self.fail(op, e))?;
+        self.bytes_sent += n;
+        Ok(())
+    }
+
+    fn recv(&mut self, op: &str) -> Result<Message, LinkError> {
+        match Message::read_from(&mut self.stream) {
+            Ok(Message::Error { code, text }) => {
+                Err(self.fail(op, format!("the destination reported error {code}: {text}")))
+            }
+            Ok(m) => Ok(m),
+            Err(ProtoError::Io { source, .. })
+                if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                Err(self.fail(op, format!("no answer within {} s", REPLY_TIMEOUT.as_secs())))
+            }
+            Err(ProtoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(self.fail(op, "the peer closed the connection in the middle of a message"))
+            }
+            Err(e) => Err(self.fail(op, e)),
+        }
+    }
+
+    /// Opens the session for `pages` pages and waits for the destination's welcome.
+    ///
+    /// # Errors
+    /// [`LinkError`] if the destination refuses (version, size) or the connection fails.
+    pub fn hello(&mut self, pages: u64) -> Result<(), LinkError> {
+        self.send(&Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, pages }, "sending Hello")?;
+        match self.recv("waiting for Welcome")? {
+            Message::Welcome { version: VERSION } => Ok(()),
+            Message::Welcome { version } => Err(self.fail(
+                "waiting for Welcome",
+                format!("the destination speaks protocol version {version}, this source {VERSION}"),
+            )),
+            other => Err(self.fail("waiting for Welcome", format!("unexpected {} message", other.name()))),
+        }
+    }
+
+    /// Sends the pages from `first` whose contents are `data` (1 to [`MAX_RUN`] whole pages).
+    ///
+    /// # Errors
+    /// [`LinkError`] if the write fails.
+    pub fn send_pages(&mut self, first: u64, data: &[u8], round: u32) -> Result<(), LinkError> {
+        debug_assert!(data.len() % PAGE_SIZE == 0 && data.len() <= MAX_RUN as usize * PAGE_SIZE);
+        crate::proto::encode_pages(first, data, &mut self.scratch);
+        self.write_scratch(&format!("sending pages of round {round}"))
+    }
+
+    /// Ends round `round` (`pages` sent in it) and waits until the destination applied all of it.
+    ///
+    /// # Errors
+    /// [`LinkError`] if the destination does not acknowledge the round.
+    pub fn end_round(&mut self, round: u32, pages: u64) -> Result<u64, LinkError> {
+        self.send(&Message::RoundEnd { round, pages }, &format!("ending round {round}"))?;
+        let op = format!("waiting for the acknowledgement of round {round}");
+        match self.recv(&op)? {
+            Message::RoundAck { round: r, received } if r == round => Ok(received),
+            other => Err(self.fail(op, format!("unexpected {} message", other.name()))),
+        }
+    }
+
+    /// Asks for the destination's digest.
+    ///
+    /// # Errors
+    /// [`LinkError`] if no digest comes back.
+    pub fn digest(&mut self) -> Result<([u8; 32], u64), LinkError> {
+        self.send(&Message::DigestRequest, "requesting the digest")?;
+        match self.recv("waiting for the digest")? {
+            Message::Digest { hash, received } => Ok((hash, received)),
+            other => Err(self.fail("waiting for the digest", format!("unexpected {} message", other.name()))),
+        }
+    }
+
+    /// Tells the destination the verdict and ends the session.
+    ///
+    /// # Errors
+    /// [`LinkError`] if the write fails.
+    pub fn done(&mut self, matched: bool) -> Result<(), LinkError> {
+        self.send(&Message::Done { matched }, "sending Done")?;
+        self.stream.flush().map_err(|e| self.fail("flushing", e))
+    }
+
+    /// Sends an `Error` frame, best effort (the link may already be gone).
+    pub fn abort(&mut self, text: &str) {
+        let _ = self
+            .send(&Message::Error { code: ErrorCode::Other as u16, text: text.to_owned() }, "sending Error");
+    }
+}

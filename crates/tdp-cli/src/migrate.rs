@@ -1,0 +1,295 @@
+//! The pre-copy loop of `tdp migrate`: a bulk copy of every page (round 0), rounds that send what the
+//! tracker harvested while the previous round was sent, a convergence decision after each round
+//! ([`crate::converge`]), then stop-and-copy: pause the vCPUs, harvest once more, send the rest, and
+//! compare the destination's digest with the source's own.
+//!
+//! Dirty state is never lost: a page leaves the pending set only when the round that carried it was
+//! acknowledged by the destination. If a round fails, the pages it sent go back into the pending set
+//! with those it had not reached, the guest is resumed, and the failure reports how many pages are
+//! still owed.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::converge::{Convergence, Decision, Policy, RoundObservation};
+use crate::guest::{Guest, GuestError, VcpuFigures};
+use crate::link::{Link, LinkError};
+use crate::pending::PendingSet;
+use crate::proto::{MAX_RUN, PAGE_SIZE};
+use crate::receiver::hex;
+
+/// One round as reported.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RoundReport {
+    /// Round number (0: bulk copy).
+    pub round: u32,
+    /// Pages sent.
+    pub pages_sent: u64,
+    /// Pages dirtied while it was sent (harvested after it).
+    pub dirtied: u64,
+    /// Guest dirty rate during the round, MiB/s.
+    pub dirty_rate_mib_s: f64,
+    /// Measured link throughput (smoothed), MiB/s.
+    pub throughput_mib_s: f64,
+    /// Estimated downtime if stopped after this round, ms.
+    pub estimated_downtime_ms: f64,
+    /// Per-vCPU quota in force after the round, pages/s (None: unthrottled).
+    pub vcpu_quota: Option<u64>,
+    /// Round wall time, ms.
+    pub ms: f64,
+}
+
+/// The outcome of a finished migration.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MigrationReport {
+    /// Pre-copy rounds (bulk copy included), then the final round.
+    pub rounds: Vec<RoundReport>,
+    /// Whether the downtime estimate met the target before stop-and-copy.
+    pub converged: bool,
+    /// Why pre-copy stopped.
+    pub stop_reason: String,
+    /// Pages sent in the final (stop-and-copy) round.
+    pub final_pages: u64,
+    /// All pages sent, repeats included.
+    pub pages_sent: u64,
+    /// Bytes written to the link.
+    pub bytes_sent: u64,
+    /// From the pause of the vCPUs until the destination acknowledged the final round, ms.
+    pub downtime_ms: f64,
+    /// Whole migration, ms.
+    pub total_ms: f64,
+    /// Time to compute and compare the digests, ms.
+    pub verify_ms: f64,
+    /// The source's digest (hex).
+    pub source_digest: String,
+    /// The destination's digest (hex).
+    pub destination_digest: String,
+    /// Whether they are equal: the destination holds the source's memory byte for byte.
+    pub verified: bool,
+    /// Per-vCPU figures.
+    pub vcpus: Vec<VcpuFigures>,
+}
+
+/// Why a migration failed, with the state it left.
+#[derive(Debug)]
+pub struct MigrationFailure {
+    /// The cause.
+    pub error: FailureCause,
+    /// Rounds completed before it.
+    pub rounds_done: u32,
+    /// Pages still owed to a destination (harvested or unacknowledged): kept, not forgotten.
+    pub pending_pages: u64,
+    /// Whether the source guest runs again after the failure.
+    pub guest_running: bool,
+    /// Pages the guest dirtied in a short window after the failure (proof that it runs).
+    pub dirtied_after: u64,
+}
+
+/// The cause of a failed migration.
+#[derive(Debug, thiserror::Error)]
+pub enum FailureCause {
+    /// The link to the destination failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The source guest failed.
+    #[error("source guest: {0}")]
+    Guest(#[from] GuestError),
+}
+
+/// Hooks the loop reports to (the progress bar).
+pub trait Progress {
+    /// A round finished.
+    fn round(&mut self, r: &RoundReport, pending: u64);
+    /// Something worth a line (throttle changes, stop-and-copy).
+    fn note(&mut self, text: &str);
+}
+
+/// A [`Progress`] that ignores everything.
+pub struct Silent;
+
+impl Progress for Silent {
+    fn round(&mut self, _: &RoundReport, _: u64) {}
+    fn note(&mut self, _: &str) {}
+}
+
+/// Migrates `guest` over `link` under `policy`. The guest is running and its dirty tracking is on.
+///
+/// On success the guest is paused (its memory now lives at the destination); on failure it is resumed
+/// and left running, and the failure says so.
+///
+/// # Errors
+/// [`MigrationFailure`] with the cause, the pages still owed and whether the guest runs.
+pub fn migrate<S: Read + Write>(
+    guest: &mut dyn Guest,
+    link: &mut Link<S>,
+    policy: Policy,
+    progress: &mut dyn Progress,
+) -> Result<MigrationReport, MigrationFailure> {
+    let mut pending = PendingSet::full(guest.pages());
+    let mut m = Migration { started: Instant::now(), rounds: Vec::new(), sent_total: 0, paused: false };
+    match m.run(guest, link, policy, progress, &mut pending) {
+        Ok(r) => Ok(r),
+        Err(error) => {
+            link.abort(&error.to_string());
+            let resumed = if m.paused { guest.resume().is_ok() } else { true };
+            // The pages dirtied since the last harvest are owed as well: collect them (they stay pending).
+            let _ = guest.harvest(&mut pending);
+            let writes = |g: &dyn Guest| g.figures().iter().map(|f| f.writes).sum::<u64>();
+            let before = writes(guest);
+            let _ = guest.run_for(Duration::from_millis(200), &mut pending);
+            let dirtied_after = writes(guest).saturating_sub(before);
+            Err(MigrationFailure {
+                error,
+                rounds_done: m.rounds.len() as u32,
+                pending_pages: pending.len(),
+                guest_running: resumed && guest.is_running(),
+                dirtied_after,
+            })
+        }
+    }
+}
+
+struct Migration {
+    started: Instant,
+    rounds: Vec<RoundReport>,
+    sent_total: u64,
+    paused: bool,
+}
+
+impl Migration {
+    fn run<S: Read + Write>(
+        &mut self,
+        guest: &mut dyn Guest,
+        link: &mut Link<S>,
+        policy: Policy,
+        progress: &mut dyn Progress,
+        pending: &mut PendingSet,
+    ) -> Result<MigrationReport, FailureCause> {
+        link.hello(guest.pages())?;
+        let mut conv = Convergence::new(policy, guest.vcpus());
+        // Marks made since logging started are covered by the bulk copy; harvesting re-arms them.
+        guest.harvest(pending)?;
+        let mut round = 0u32;
+        let (converged, stop_reason) = loop {
+            let start = Instant::now();
+            let sent = send_round(guest, link, pending, round)?;
+            let send_time = start.elapsed();
+            self.sent_total += sent;
+            let h = guest.harvest(pending)?;
+            let round_time = start.elapsed();
+            let secs = round_time.as_secs_f64().max(1e-9);
+            let obs = RoundObservation {
+                round,
+                pages_sent: sent,
+                send_time,
+                round_time,
+                dirtied: h.new_pages,
+                remaining: pending.len(),
+                vcpu_rates: h.per_vcpu.iter().map(|&n| n as f64 / secs).collect(),
+            };
+            let step = conv.observe(&obs);
+            if let Some(quotas) = &step.quotas {
+                for (i, q) in quotas.iter().enumerate() {
+                    guest.throttle().set_quota(i, *q);
+                }
+                progress.note(&format!(
+                    "dirty rate outruns the link: throttling vCPUs to {} pages/s each at {}",
+                    conv.quota().unwrap_or(0),
+                    guest.throttle_point()
+                ));
+            }
+            let report = RoundReport {
+                round,
+                pages_sent: sent,
+                dirtied: h.new_pages,
+                dirty_rate_mib_s: step.dirty_rate / (1 << 20) as f64,
+                throughput_mib_s: if step.throughput.is_finite() {
+                    step.throughput / (1 << 20) as f64
+                } else {
+                    0.0
+                },
+                estimated_downtime_ms: step.estimated_downtime.as_secs_f64() * 1e3,
+                vcpu_quota: conv.quota(),
+                ms: round_time.as_secs_f64() * 1e3,
+            };
+            progress.round(&report, pending.len());
+            self.rounds.push(report);
+            match step.decision {
+                Decision::Continue => round += 1,
+                Decision::StopAndCopy { converged, reason } => break (converged, reason),
+            }
+        };
+
+        // Stop-and-copy.
+        let paused_at = Instant::now();
+        self.paused = true;
+        guest.pause()?;
+        guest.harvest(pending)?;
+        let final_round = round + 1;
+        let final_pages = send_round(guest, link, pending, final_round)?;
+        self.sent_total += final_pages;
+        let downtime = paused_at.elapsed();
+
+        let verify_start = Instant::now();
+        let source = guest.digest()?;
+        let (dest, _received) = link.digest()?;
+        let verified = source == dest;
+        link.done(verified)?;
+        let verify_ms = verify_start.elapsed().as_secs_f64() * 1e3;
+        Ok(MigrationReport {
+            rounds: std::mem::take(&mut self.rounds),
+            converged,
+            stop_reason,
+            final_pages,
+            pages_sent: self.sent_total,
+            bytes_sent: link.bytes_sent,
+            downtime_ms: downtime.as_secs_f64() * 1e3,
+            total_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            verify_ms,
+            source_digest: hex(&source),
+            destination_digest: hex(&dest),
+            verified,
+            vcpus: guest.figures(),
+        })
+    }
+}
+
+/// Sends every pending page as runs, then ends the round and waits for its acknowledgement. Pages move
+/// from `pending` to an in-flight set as they are written and are dropped only on the acknowledgement;
+/// on any failure the in-flight pages go back into `pending`. Returns the pages sent.
+fn send_round<S: Read + Write>(
+    guest: &dyn Guest,
+    link: &mut Link<S>,
+    pending: &mut PendingSet,
+    round: u32,
+) -> Result<u64, FailureCause> {
+    let mut in_flight = pending.take();
+    let result = send_pages(guest, link, &in_flight, round);
+    match result.and_then(|sent| link.end_round(round, sent).map(|_| sent).map_err(FailureCause::from)) {
+        Ok(sent) => Ok(sent),
+        Err(e) => {
+            pending.merge(&in_flight);
+            in_flight.take();
+            Err(e)
+        }
+    }
+}
+
+fn send_pages<S: Read + Write>(
+    guest: &dyn Guest,
+    link: &mut Link<S>,
+    pages: &PendingSet,
+    round: u32,
+) -> Result<u64, FailureCause> {
+    let mut buf = vec![0u8; MAX_RUN as usize * PAGE_SIZE];
+    let mut sent = 0;
+    for (first, count) in pages.runs(u64::from(MAX_RUN)) {
+        let bytes = count as usize * PAGE_SIZE;
+        for (i, chunk) in buf[..bytes].chunks_exact_mut(PAGE_SIZE).enumerate() {
+            guest.read_page(first + i as u64, chunk)?;
+        }
+        link.send_pages(first, &buf[..bytes], round)?;
+        sent += count;
+    }
+    Ok(sent)
+}

@@ -1,0 +1,199 @@
+//! Reports: the text `tdp` prints for people, the JSON object it prints with `--json`, and the progress
+//! bar (indicatif, on stderr, hidden under `--json` or when stderr is not a terminal).
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::dirty_rate::DirtyRateReport;
+use crate::guest::{GuestConfig, Mode, Pattern};
+use crate::migrate::{MigrationReport, Progress, RoundReport};
+use crate::units::{Rate, human_bytes};
+
+/// The guest as the reports describe it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestSummary {
+    /// `kvm` or `mock`.
+    pub backend: &'static str,
+    /// Why the mock runs although KVM was asked for (auto fallback).
+    pub fallback: Option<String>,
+    /// What runs the guest and how it is tracked.
+    pub machine: String,
+    /// Guest memory, bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Dirty pattern.
+    pub pattern: Pattern,
+    /// Target dirty rate, pages/s (0: unpaced).
+    pub target_dirty_pages_per_sec: u64,
+    /// Tracking mode.
+    pub mode: Mode,
+    /// Where the throttle acts.
+    pub throttle_point: &'static str,
+}
+
+impl GuestSummary {
+    /// One line for the text report.
+    #[must_use]
+    pub fn line(&self, cfg: &GuestConfig) -> String {
+        let rate = if cfg.rate_pages == 0 {
+            "as fast as it can".to_owned()
+        } else {
+            format!("at {}", Rate { pages_per_sec: cfg.rate_pages })
+        };
+        format!(
+            "guest: {}, {} vCPUs, {:?} pattern {rate}\nmachine: {}",
+            human_bytes(self.memory),
+            self.vcpus,
+            self.pattern,
+            self.machine
+        )
+    }
+}
+
+/// The JSON object of `tdp migrate --json`.
+#[derive(Debug, Serialize)]
+pub struct MigrateJson<'a> {
+    /// The guest.
+    pub guest: &'a GuestSummary,
+    /// The destination address.
+    pub destination: String,
+    /// Whether the destination is the loopback receiver this command started.
+    pub loopback_receiver: bool,
+    /// The result on success.
+    #[serde(flatten)]
+    pub report: Option<&'a MigrationReport>,
+    /// The error on failure.
+    pub error: Option<String>,
+    /// On failure: whether the source guest runs.
+    pub guest_running: Option<bool>,
+    /// On failure: pages still owed.
+    pub pending_pages: Option<u64>,
+}
+
+/// Prints `value` as one JSON line on stdout.
+pub fn print_json(value: &impl Serialize) {
+    match serde_json::to_string(value) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot encode the JSON report: {e}"),
+    }
+}
+
+/// The text report of a finished migration.
+#[must_use]
+pub fn migration_text(r: &MigrationReport) -> String {
+    let mut s = String::new();
+    s.push_str(
+        "round  pages sent   dirtied  dirty MiB/s   link MiB/s  est. downtime  vCPU quota (pages/s)\n",
+    );
+    for x in &r.rounds {
+        s.push_str(&round_line(x));
+        s.push('\n');
+    }
+    s.push_str(&format!("stop-and-copy: {}\n", r.stop_reason));
+    s.push_str(&format!(
+        "final round: {} pages sent with the vCPUs paused; downtime {:.1} ms\n",
+        r.final_pages, r.downtime_ms
+    ));
+    s.push_str(&format!(
+        "total: {} rounds + final, {} pages sent ({}), {:.0} ms\n",
+        r.rounds.len(),
+        r.pages_sent,
+        human_bytes(r.bytes_sent),
+        r.total_ms
+    ));
+    for (i, v) in r.vcpus.iter().enumerate() {
+        s.push_str(&format!(
+            "vCPU {i}: {} page writes, {} ring-full exits, throttled at {} exits ({} ms asleep)\n",
+            v.writes, v.ring_full_exits, v.throttled_exits, v.throttle_ms
+        ));
+    }
+    if r.verified {
+        s.push_str(&format!(
+            "verified: destination memory equals the source byte for byte (BLAKE3 {}, {:.0} ms)\n",
+            r.destination_digest, r.verify_ms
+        ));
+    } else {
+        s.push_str(&format!(
+            "MISMATCH: destination digest {} != source digest {}\n",
+            r.destination_digest, r.source_digest
+        ));
+    }
+    s
+}
+
+fn round_line(x: &RoundReport) -> String {
+    format!(
+        "{:>5} {:>11} {:>9} {:>12.1} {:>12.1} {:>11.1} ms  {}",
+        x.round,
+        x.pages_sent,
+        x.dirtied,
+        x.dirty_rate_mib_s,
+        x.throughput_mib_s,
+        x.estimated_downtime_ms,
+        x.vcpu_quota.map_or_else(|| "-".to_owned(), |q| q.to_string())
+    )
+}
+
+/// The text report of a dirty-rate measurement.
+#[must_use]
+pub fn dirty_rate_text(r: &DirtyRateReport) -> String {
+    let mut s = format!("window: {:.0} ms; per vCPU from {}\n", r.window_ms, r.per_vcpu_source);
+    for v in &r.vcpus {
+        s.push_str(&format!(
+            "vCPU {}: {:.0} pages/s ({:.1} MiB/s), {} pages in the window\n",
+            v.vcpu, v.pages_per_sec, v.mib_per_sec, v.count
+        ));
+    }
+    s.push_str(&format!(
+        "total (distinct pages): {:.0} pages/s ({:.1} MiB/s)\n",
+        r.total_pages_per_sec, r.total_mib_per_sec
+    ));
+    s
+}
+
+/// The progress bar of a migration, as a [`Progress`].
+pub struct Bar {
+    bar: ProgressBar,
+    notes: Vec<String>,
+}
+
+impl Bar {
+    /// A spinner on stderr, hidden when `hidden` or when stderr is not a terminal.
+    #[must_use]
+    pub fn new(hidden: bool) -> Bar {
+        let target = if hidden || !std::io::stderr().is_terminal() {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
+        let bar = ProgressBar::with_draw_target(None, target);
+        if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed}] {msg}") {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        bar.set_message("bulk copy (round 0)");
+        Bar { bar, notes: Vec::new() }
+    }
+
+    /// Removes the bar and returns the notes collected.
+    pub fn finish(self) -> Vec<String> {
+        self.bar.finish_and_clear();
+        self.notes
+    }
+}
+
+impl Progress for Bar {
+    fn round(&mut self, r: &RoundReport, pending: u64) {
+        self.bar.set_message(format!(
+            "round {} sent {} pages; {} dirty pending; dirty {:.1} MiB/s, link {:.1} MiB/s",
+            r.round, r.pages_sent, pending, r.dirty_rate_mib_s, r.throughput_mib_s
+        ));
+    }
+    fn note(&mut self, text: &str) {
+        // Printed with the report (the bar may be hidden); kept in order.
+        self.notes.push(text.to_owned());
+    }
+}

@@ -1,0 +1,467 @@
+//! The migration wire protocol, version 1: how a `tdp migrate` source and a `tdp receive` destination
+//! talk over one TCP connection.
+//!
+//! # Framing
+//! Every message is a frame: a little-endian `u32` length `L` (the bytes that follow, 1 to
+//! [`MAX_FRAME`]), a one-byte type, then `L - 1` bytes of payload whose layout the type fixes. All
+//! integers are little-endian. A reader checks `L` against [`MAX_FRAME`] *before* it allocates, and
+//! checks every payload's exact length, so a peer sending garbage gets a [`ProtoError`], never a panic,
+//! a hang on an absurd length, or an allocation it chose.
+//!
+//! # Messages
+//! | type | name | direction | payload |
+//! |---|---|---|---|
+//! | 1 | `Hello` | source → dest | magic `b"TDPM"`, `u16` version, `u32` page size, `u64` pages |
+//! | 2 | `Welcome` | dest → source | `u16` version |
+//! | 3 | `Pages` | source → dest | `u64` first page, `u32` count (1..=[`MAX_RUN`]), `count × page size` bytes |
+//! | 4 | `RoundEnd` | source → dest | `u32` round, `u64` pages sent in the round |
+//! | 5 | `RoundAck` | dest → source | `u32` round, `u64` pages received so far |
+//! | 6 | `DigestRequest` | source → dest | (empty) |
+//! | 7 | `Digest` | dest → source | 32-byte BLAKE3 digest of the whole memory, `u64` pages received |
+//! | 8 | `Error` | either | `u16` code, UTF-8 message (at most [`MAX_ERROR_TEXT`] bytes) |
+//! | 9 | `Done` | source → dest | `u8` 1 if the digests matched, else 0 |
+//!
+//! A session is `Hello`/`Welcome`, then rounds of `Pages` frames each closed by `RoundEnd` (which the
+//! destination acknowledges, so the source measures the link end to end and learns at once when the
+//! destination is gone), then `DigestRequest`/`Digest` after the final (stop-and-copy) round, then
+//! `Done`. `Pages` carries a run of consecutive pages, so sequential dirtying costs one header per
+//! [`MAX_RUN`] pages. A version mismatch is answered with `Error` and the connection is closed.
+//!
+//! Keeps: I5 for the network peer (bounded frames, exact lengths, page ranges checked against the
+//! memory size announced in `Hello`).
+
+use std::io::{self, Read, Write};
+
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// The magic at the start of `Hello`.
+pub const MAGIC: [u8; 4] = *b"TDPM";
+/// The page size carried in `Hello`; the only one supported.
+pub const PAGE_SIZE: usize = 4096;
+/// The most pages one `Pages` frame carries.
+pub const MAX_RUN: u32 = 64;
+/// The longest `Error` text.
+pub const MAX_ERROR_TEXT: usize = 1024;
+/// The largest frame (type byte plus payload): one full `Pages` run.
+pub const MAX_FRAME: u32 = 1 + 8 + 4 + MAX_RUN * PAGE_SIZE as u32;
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// The source opens a session for `pages` pages of `page_size` bytes.
+    Hello {
+        /// The sender's protocol version.
+        version: u16,
+        /// Bytes per page (4096).
+        page_size: u32,
+        /// Pages of guest memory.
+        pages: u64,
+    },
+    /// The destination accepts the session.
+    Welcome {
+        /// The destination's protocol version.
+        version: u16,
+    },
+    /// A run of consecutive pages, `data.len() / PAGE_SIZE` of them from `first`.
+    Pages {
+        /// Index of the first page.
+        first: u64,
+        /// The pages' contents.
+        data: Vec<u8>,
+    },
+    /// The source finished round `round`, in which it sent `pages` pages.
+    RoundEnd {
+        /// The round number (0 is the bulk copy).
+        round: u32,
+        /// Pages sent in that round.
+        pages: u64,
+    },
+    /// The destination applied every page up to the end of `round`.
+    RoundAck {
+        /// The round acknowledged.
+        round: u32,
+        /// Pages applied since the session began (repeats included).
+        received: u64,
+    },
+    /// The source asks for the digest of the destination's memory.
+    DigestRequest,
+    /// The destination's BLAKE3 digest of all its memory.
+    Digest {
+        /// The digest.
+        hash: [u8; 32],
+        /// Pages applied since the session began.
+        received: u64,
+    },
+    /// A fatal error, with a code and a human message.
+    Error {
+        /// [`ErrorCode`] as a number.
+        code: u16,
+        /// What went wrong.
+        text: String,
+    },
+    /// The session is over; `matched` tells the destination whether the digests agreed.
+    Done {
+        /// The source's verdict.
+        matched: bool,
+    },
+}
+
+/// `Error` codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The peer speaks another version.
+    Version = 1,
+    /// The peer sent something the protocol does not allow here.
+    Protocol = 2,
+    /// The destination cannot hold the memory announced.
+    TooLarge = 3,
+    /// Anything else.
+    Other = 4,
+}
+
+/// What can go wrong reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtoError {
+    /// The connection failed or closed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The peer closed the connection between frames.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// A frame length outside `1..=MAX_FRAME`.
+    #[error("bad frame length {len} (allowed 1 to {MAX_FRAME})")]
+    FrameLength {
+        /// The length read.
+        len: u32,
+    },
+    /// An unknown message type.
+    #[error("unknown message type {kind}")]
+    UnknownType {
+        /// The type byte.
+        kind: u8,
+    },
+    /// A payload whose length does not fit its type.
+    #[error("message type {kind}: payload of {len} bytes is malformed")]
+    BadPayload {
+        /// The type byte.
+        kind: u8,
+        /// The payload length.
+        len: usize,
+    },
+    /// A `Hello` without the magic.
+    #[error("not a tdp migration stream (bad magic {magic:02x?})")]
+    BadMagic {
+        /// The bytes found.
+        magic: [u8; 4],
+    },
+}
+
+impl ProtoError {
+    fn io(op: &'static str) -> impl FnOnce(io::Error) -> ProtoError {
+        move |source| ProtoError::Io { op, source }
+    }
+}
+
+impl Message {
+    fn kind(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => 1,
+            Message::Welcome { .. } => 2,
+            Message::Pages { .. } => 3,
+            Message::RoundEnd { .. } => 4,
+            Message::RoundAck { .. } => 5,
+            Message::DigestRequest => 6,
+            Message::Digest { .. } => 7,
+            Message::Error { .. } => 8,
+            Message::Done { .. } => 9,
+        }
+    }
+
+    /// Encodes the message as one frame into `out` (cleared first).
+    ///
+    /// ```
+    /// use tdp_cli::proto::Message;
+    /// let mut buf = Vec::new();
+    /// Message::RoundEnd { round: 3, pages: 10 }.encode(&mut buf);
+    /// assert_eq!(Message::read_from(&mut buf.as_slice())?, Message::RoundEnd { round: 3, pages: 10 });
+    /// # Ok::<(), tdp_cli::proto::ProtoError>(())
+    /// ```
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&[0; 4]);
+        out.push(self.kind());
+        match self {
+            Message::Hello { version, page_size, pages } => {
+                out.extend_from_slice(&MAGIC);
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&page_size.to_le_bytes());
+                out.extend_from_slice(&pages.to_le_bytes());
+            }
+            Message::Welcome { version } => out.extend_from_slice(&version.to_le_bytes()),
+            Message::Pages { first, data } => return encode_pages(*first, data, out),
+            Message::RoundEnd { round, pages } => {
+                out.extend_from_slice(&round.to_le_bytes());
+                out.extend_from_slice(&pages.to_le_bytes());
+            }
+            Message::RoundAck { round, received } => {
+                out.extend_from_slice(&round.to_le_bytes());
+                out.extend_from_slice(&received.to_le_bytes());
+            }
+            Message::DigestRequest => {}
+            Message::Digest { hash, received } => {
+                out.extend_from_slice(hash);
+                out.extend_from_slice(&received.to_le_bytes());
+            }
+            Message::Error { code, text } => {
+                out.extend_from_slice(&code.to_le_bytes());
+                let mut end = text.len().min(MAX_ERROR_TEXT);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.extend_from_slice(&text.as_bytes()[..end]);
+            }
+            Message::Done { matched } => out.push(u8::from(*matched)),
+        }
+        let len = (out.len() - 4) as u32;
+        out[..4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Writes the message as one frame.
+    ///
+    /// # Errors
+    /// [`ProtoError::Io`] naming the message.
+    pub fn write_to(&self, w: &mut impl Write, scratch: &mut Vec<u8>) -> Result<(), ProtoError> {
+        self.encode(scratch);
+        w.write_all(scratch).map_err(ProtoError::io("sending a frame"))
+    }
+
+    /// Reads one frame and decodes it, allocating at most [`MAX_FRAME`] bytes.
+    ///
+    /// # Errors
+    /// [`ProtoError::Closed`] at a clean end of stream, [`ProtoError::Io`] on a failed read (a cut-off
+    /// frame included), and the decoding errors for a malformed frame.
+    pub fn read_from(r: &mut impl Read) -> Result<Message, ProtoError> {
+        let mut len = [0u8; 4];
+        match r.read(&mut len[..1]) {
+            Ok(0) => return Err(ProtoError::Closed),
+            Ok(_) => {}
+            Err(e) => return Err(ProtoError::Io { op: "reading a frame", source: e }),
+        }
+        r.read_exact(&mut len[1..]).map_err(ProtoError::io("reading a frame length"))?;
+        let len = u32::from_le_bytes(len);
+        if len == 0 || len > MAX_FRAME {
+            return Err(ProtoError::FrameLength { len });
+        }
+        let mut body = vec![0u8; len as usize];
+        r.read_exact(&mut body).map_err(ProtoError::io("reading a frame body"))?;
+        Message::decode(body[0], &body[1..])
+    }
+
+    /// Decodes the payload `p` of a frame of type `kind`.
+    ///
+    /// # Errors
+    /// [`ProtoError::UnknownType`], [`ProtoError::BadPayload`] or [`ProtoError::BadMagic`].
+    pub fn decode(kind: u8, p: &[u8]) -> Result<Message, ProtoError> {
+        let bad = || ProtoError::BadPayload { kind, len: p.len() };
+        let mut c = Cursor(p);
+        let msg = match kind {
+            1 => {
+                let magic: [u8; 4] = c.array().ok_or_else(bad)?;
+                if magic != MAGIC {
+                    return Err(ProtoError::BadMagic { magic });
+                }
+                let version = c.u16().ok_or_else(bad)?;
+                let page_size = c.u32().ok_or_else(bad)?;
+                let pages = c.u64().ok_or_else(bad)?;
+                Message::Hello { version, page_size, pages }
+            }
+            2 => Message::Welcome { version: c.u16().ok_or_else(bad)? },
+            3 => {
+                let first = c.u64().ok_or_else(bad)?;
+                let count = c.u32().ok_or_else(bad)?;
+                if count == 0 || count > MAX_RUN || c.0.len() != count as usize * PAGE_SIZE {
+                    return Err(bad());
+                }
+                let data = std::mem::take(&mut c.0).to_vec();
+                Message::Pages { first, data }
+            }
+            4 => Message::RoundEnd { round: c.u32().ok_or_else(bad)?, pages: c.u64().ok_or_else(bad)? },
+            5 => Message::RoundAck { round: c.u32().ok_or_else(bad)?, received: c.u64().ok_or_else(bad)? },
+            6 => Message::DigestRequest,
+            7 => Message::Digest { hash: c.array().ok_or_else(bad)?, received: c.u64().ok_or_else(bad)? },
+            8 => {
+                let code = c.u16().ok_or_else(bad)?;
+                if c.0.len() > MAX_ERROR_TEXT {
+                    return Err(bad());
+                }
+                let text = String::from_utf8_lossy(std::mem::take(&mut c.0)).into_owned();
+                Message::Error { code, text }
+            }
+            9 => match c.u8().ok_or_else(bad)? {
+                0 => Message::Done { matched: false },
+                1 => Message::Done { matched: true },
+                _ => return Err(bad()),
+            },
+            _ => return Err(ProtoError::UnknownType { kind }),
+        };
+        if c.0.is_empty() { Ok(msg) } else { Err(bad()) }
+    }
+
+    /// A short name for messages about unexpected frames.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Pages { .. } => "Pages",
+            Message::RoundEnd { .. } => "RoundEnd",
+            Message::RoundAck { .. } => "RoundAck",
+            Message::DigestRequest => "DigestRequest",
+            Message::Digest { .. } => "Digest",
+            Message::Error { .. } => "Error",
+            Message::Done { .. } => "Done",
+        }
+    }
+}
+
+/// Encodes a `Pages` frame for the pages from `first` held in `data` into `out` (cleared first), without
+/// building a [`Message`]. `data` should hold 1 to [`MAX_RUN`] whole pages; a reader rejects anything else.
+pub fn encode_pages(first: u64, data: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let len = (1 + 8 + 4 + data.len()) as u32;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.push(3);
+    out.extend_from_slice(&first.to_le_bytes());
+    out.extend_from_slice(&((data.len() / PAGE_SIZE) as u32).to_le_bytes());
+    out.extend_from_slice(data);
+}
+
+/// A little-endian reader over a payload that never panics: each read returns `None` past the end.
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.array::<1>().map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.array().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.array().map(u64::from_le_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(m: Message) {
+        let mut buf = Vec::new();
+        m.encode(&mut buf);
+        let mut r = buf.as_slice();
+        assert_eq!(Message::read_from(&mut r).expect("decodes"), m);
+        assert!(r.is_empty(), "{}: the frame is consumed exactly", m.name());
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        round_trip(Message::Hello { version: VERSION, page_size: 4096, pages: 1 << 20 });
+        round_trip(Message::Welcome { version: VERSION });
+        round_trip(Message::Pages { first: 7, data: (0..2 * PAGE_SIZE).map(|i| i as u8).collect() });
+        round_trip(Message::Pages { first: u64::MAX - 1, data: vec![0xa5; MAX_RUN as usize * PAGE_SIZE] });
+        round_trip(Message::RoundEnd { round: 4, pages: 99 });
+        round_trip(Message::RoundAck { round: 4, received: 1234 });
+        round_trip(Message::DigestRequest);
+        round_trip(Message::Digest { hash: [9; 32], received: 5 });
+        round_trip(Message::Error { code: ErrorCode::Version as u16, text: "version 9 not spoken".into() });
+        round_trip(Message::Done { matched: true });
+        round_trip(Message::Done { matched: false });
+    }
+
+    #[test]
+    fn error_text_is_truncated_at_a_char_boundary() {
+        let mut buf = Vec::new();
+        Message::Error { code: 4, text: "é".repeat(MAX_ERROR_TEXT) }.encode(&mut buf);
+        let Ok(Message::Error { text, .. }) = Message::read_from(&mut buf.as_slice()) else {
+            panic!("an Error frame");
+        };
+        assert_eq!(text.len(), MAX_ERROR_TEXT);
+    }
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
+        v.push(kind);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn garbage_is_rejected_without_panic() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![], "closed"),
+            (vec![0, 0, 0, 0], "length"),
+            (u32::MAX.to_le_bytes().to_vec(), "length"),
+            ((MAX_FRAME + 1).to_le_bytes().to_vec(), "length"),
+            (vec![5, 0], "io"),
+            (vec![10, 0, 0, 0, 1], "io"),
+            (frame(0, &[]), "type"),
+            (frame(200, &[1, 2]), "type"),
+            (frame(1, b"XXXX\x01\x00"), "magic"),
+            (frame(1, b"TDPM"), "payload"),
+            (frame(2, &[1]), "payload"),
+            (frame(2, &[1, 0, 0]), "payload"),
+            (frame(3, &[0; 12]), "payload"),
+            (frame(3, &[&[0u8; 8][..], &2u32.to_le_bytes(), &[0; PAGE_SIZE]].concat()), "payload"),
+            (frame(3, &[&[0u8; 8][..], &(MAX_RUN + 1).to_le_bytes()].concat()), "payload"),
+            (frame(6, &[0]), "payload"),
+            (frame(9, &[2]), "payload"),
+            (frame(8, &vec![b'a'; MAX_ERROR_TEXT + 3]), "payload"),
+        ];
+        for (bytes, want) in cases {
+            let got = Message::read_from(&mut bytes.as_slice());
+            let kind = match &got {
+                Err(ProtoError::Closed) => "closed",
+                Err(ProtoError::FrameLength { .. }) => "length",
+                Err(ProtoError::Io { .. }) => "io",
+                Err(ProtoError::UnknownType { .. }) => "type",
+                Err(ProtoError::BadMagic { .. }) => "magic",
+                Err(ProtoError::BadPayload { .. }) => "payload",
+                Ok(_) => "ok",
+            };
+            assert_eq!(kind, want, "{bytes:02x?} -> {got:?}");
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            let n = (x % 64) as usize;
+            let bytes: Vec<u8> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let mut r = bytes.as_slice();
+            while Message::read_from(&mut r).is_ok() {}
+        }
+    }
+}
