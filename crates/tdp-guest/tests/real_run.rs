@@ -156,3 +156,41 @@ fn two_vcpus_run_concurrently_and_pause_at_batch_boundaries() -> Result<(), Gues
     assert!(classify_exit(&kvm_ioctls::VcpuExit::Hlt).is_err());
     Ok(())
 }
+
+#[test]
+fn dirty_logging_toggles_by_re_registering_the_data_slot() -> Result<(), GuestError> {
+    let Some(mut vm) = vm_or_skip(GuestSpec::new(128 + 3, 1), "logging toggle") else { return Ok(()) };
+    let bytes = (vm.data_pages() * 4096) as usize;
+    let count = |vm: &GuestVm| {
+        vm.vm_fd()
+            .get_dirty_log(vm.data_slot(), bytes)
+            .map(|b| b.iter().map(|w| u64::from(w.count_ones())).sum::<u64>())
+    };
+    assert!(!vm.dirty_logging());
+    assert_eq!(count(&vm).map_err(|e| e.errno()), Err(libc::ENOENT), "an unlogged slot has no log");
+    vm.set_workload(0, &Workload::new(0, 131, 131, Pattern::Sequential))?;
+    let mut vcpus = vm.create_vcpus()?;
+    assert!(matches!(vcpus[0].run()?, GuestExit::BatchDone { .. }));
+
+    vm.set_dirty_logging(true)?;
+    assert!(vm.dirty_logging());
+    assert_eq!(count(&vm).ok(), Some(0), "writes before logging are not reported");
+    vm.set_iteration(2);
+    vm.set_workload(0, &Workload::new(100, 31, 31, Pattern::Sequential))?;
+    assert!(matches!(vcpus[0].run()?, GuestExit::BatchDone { .. }));
+    let log = vm
+        .vm_fd()
+        .get_dirty_log(vm.data_slot(), bytes)
+        .map_err(|source| GuestError::Ioctl { op: "KVM_GET_DIRTY_LOG", source })?;
+    let dirty: Vec<u64> = (0..131).filter(|&p| log[(p / 64) as usize] & (1 << (p % 64)) != 0).collect();
+    assert_eq!(
+        dirty,
+        (100..131).collect::<Vec<_>>(),
+        "exactly the pages written, the slot's last 3 included"
+    );
+    assert_eq!(written_pages(&vm, 2), (100..131).collect());
+
+    vm.set_dirty_logging(false)?;
+    assert_eq!(count(&vm).map_err(|e| e.errno()), Err(libc::ENOENT));
+    Ok(())
+}
