@@ -1,0 +1,144 @@
+//! The guest, generated from the scenario: identity page tables (the first GiB in 2 MiB pages) and
+//! straight-line 64-bit code with one short instruction sequence per step, written into guest RAM
+//! through the host's identity mapping before the first VM entry.
+//!
+//! Each step becomes (`moffs` forms address guest-linear = guest-physical, as the tables are identity):
+//! - read / MMIO read: `mov rax, [gpa]`, `mov rcx, expected`, `cmp rax, rcx`, `je` over a fail stub;
+//! - write / MMIO write: `mov rax, value`, `mov [gpa], rax`;
+//! - exec: `mov rax, target`, `jmp rax`; at the target a stub `mov rcx, back`, `jmp rcx` returns;
+//! - start logging / harvest / end / fail: a hypercall: `mov edi, arg`, `mov ebx, code`, `vmcall`.
+//!
+//! MMIO accesses use exactly the two `moffs` forms (REX.W A1 and REX.W A3, 10 bytes), which is all the
+//! hypervisor's MMIO emulation decodes.
+
+use tdp_core::addr::Gpa;
+use tdp_vmx::scenario::{Scenario, SlotSpec, Step};
+
+use crate::layout::host_addr;
+
+/// Guest-physical addresses of the guest's page tables (the gfns in
+/// `tdp_vmx::scenario::GUEST_TABLE_GFNS`).
+pub const PML4: u64 = 0x1000;
+const PDPT: u64 = 0x2000;
+const PD: u64 = 0x3000;
+/// Where the guest's code starts, and its first instruction.
+pub const CODE: u64 = 0x1_0000;
+const CODE_END: u64 = 0x2_0000;
+/// The guest's initial stack pointer (nothing is pushed: no step calls).
+pub const STACK_TOP: u64 = 0x9000;
+
+/// Hypercall numbers (in RBX at VMCALL; the argument is in RDI).
+pub const HC_DONE: u64 = 1;
+/// A read returned the wrong value: RDI = the step, RAX = what was read.
+pub const HC_FAIL: u64 = 2;
+/// Start dirty logging on slot RDI.
+pub const HC_START_LOGGING: u64 = 3;
+/// Harvest number RDI.
+pub const HC_HARVEST: u64 = 4;
+
+/// Why the guest could not be built.
+#[derive(Clone, Copy, Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The generated code does not fit between `CODE` and `CODE_END`.
+    #[error("the guest code does not fit in {0:#x} bytes")]
+    CodeTooLarge(u64),
+    /// An address does not fit the instruction form.
+    #[error("step {0}: an immediate does not fit in 32 bits")]
+    Immediate(usize),
+}
+
+struct Emitter {
+    at: u64,
+}
+
+impl Emitter {
+    fn bytes(&mut self, b: &[u8]) -> Result<(), BuildError> {
+        if self.at + b.len() as u64 > CODE_END {
+            return Err(BuildError::CodeTooLarge(CODE_END - CODE));
+        }
+        write_guest(self.at, b);
+        self.at += b.len() as u64;
+        Ok(())
+    }
+    fn imm64(&mut self, prefix: &[u8], v: u64) -> Result<(), BuildError> {
+        self.bytes(prefix)?;
+        self.bytes(&v.to_le_bytes())
+    }
+    fn hypercall(&mut self, code: u64, arg: u64, step: usize) -> Result<(), BuildError> {
+        let arg = u32::try_from(arg).map_err(|_| BuildError::Immediate(step))?;
+        self.bytes(&[0xbf])?; // mov edi, imm32
+        self.bytes(&arg.to_le_bytes())?;
+        self.bytes(&[0xbb])?; // mov ebx, imm32
+        self.bytes(&(code as u32).to_le_bytes())?;
+        self.bytes(&[0x0f, 0x01, 0xc1]) // vmcall
+    }
+    /// `mov rax, [gpa]`, then compare with `expected` and fail with step `i` if it differs.
+    fn read_check(&mut self, gpa: Gpa, expected: u64, i: usize) -> Result<(), BuildError> {
+        self.imm64(&[0x48, 0xa1], gpa.0)?; // mov rax, [moffs64]
+        self.imm64(&[0x48, 0xb9], expected)?; // mov rcx, imm64
+        self.bytes(&[0x48, 0x39, 0xc8])?; // cmp rax, rcx
+        self.bytes(&[0x74, 13])?; // je over the 13-byte fail hypercall
+        self.hypercall(HC_FAIL, i as u64, i)
+    }
+    fn write(&mut self, gpa: Gpa, value: u64) -> Result<(), BuildError> {
+        self.imm64(&[0x48, 0xb8], value)?; // mov rax, imm64
+        self.imm64(&[0x48, 0xa3], gpa.0) // mov [moffs64], rax
+    }
+}
+
+/// Copies `bytes` into guest RAM at `gpa`.
+fn write_guest(gpa: u64, bytes: &[u8]) {
+    // SAFETY: guest RAM is identity-mapped host memory reserved for the guest (see `layout`); the guest
+    // is not running while it is built, and nothing else holds a reference into it.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), host_addr(gpa) as *mut u8, bytes.len()) }
+}
+
+/// Zeroes the slot's backing memory.
+fn zero_slot(slot: &SlotSpec) {
+    let start = host_addr(slot.base_gfn.gpa().0) as *mut u8;
+    // SAFETY: as `write_guest`: the slot's backing lies in guest RAM, unused by anything else.
+    unsafe { core::ptr::write_bytes(start, 0, (slot.pages * 4096) as usize) }
+}
+
+/// Zeroes every slot, writes the page tables, the code for every step and the exec stubs. Returns the
+/// guest's entry point.
+///
+/// # Errors
+/// [`BuildError`] when the code does not fit.
+pub fn build(scenario: &Scenario) -> Result<u64, BuildError> {
+    scenario.slots.iter().for_each(zero_slot);
+    write_guest(PML4, &(PDPT | 3).to_le_bytes());
+    write_guest(PDPT, &(PD | 3).to_le_bytes());
+    for i in 0..512u64 {
+        // Present, writable, 2 MiB page.
+        write_guest(PD + 8 * i, &((i << 21) | 0x83).to_le_bytes());
+    }
+    let mut e = Emitter { at: CODE };
+    let mut harvest = 0;
+    for (i, step) in scenario.steps.iter().enumerate() {
+        match *step {
+            Step::Read { gpa } | Step::MmioRead { gpa } => {
+                let expected = scenario.expected_read(i).unwrap_or_default();
+                e.read_check(gpa, expected, i)?;
+            }
+            Step::Write { gpa, value } | Step::MmioWrite { gpa, value } => e.write(gpa, value)?,
+            Step::Exec { gpa } => {
+                e.imm64(&[0x48, 0xb8], gpa.0)?; // mov rax, imm64
+                e.bytes(&[0xff, 0xe0])?; // jmp rax
+                let mut stub = [0u8; 12];
+                stub[..2].copy_from_slice(&[0x48, 0xb9]); // mov rcx, imm64
+                stub[2..10].copy_from_slice(&e.at.to_le_bytes());
+                stub[10..].copy_from_slice(&[0xff, 0xe1]); // jmp rcx
+                write_guest(gpa.0, &stub);
+            }
+            Step::StartLogging { slot } => e.hypercall(HC_START_LOGGING, u64::from(slot.0), i)?,
+            Step::Harvest => {
+                e.hypercall(HC_HARVEST, harvest, i)?;
+                harvest += 1;
+            }
+        }
+    }
+    e.hypercall(HC_DONE, scenario.steps.len() as u64, scenario.steps.len())?;
+    e.bytes(&[0xf4, 0xeb, 0xfd])?; // hlt; jmp back to it
+    Ok(CODE)
+}

@@ -1,0 +1,263 @@
+//! The run loop: enter the guest, drain the PML log, and handle the exit: EPT violations and
+//! misconfigurations through tdp-core's fault handler (MMIO by emulating the faulting `mov`), the
+//! scenario's hypercalls (start logging, harvest, done, a failed read), and anything else as the
+//! guest's error.
+
+use alloc::collections::BTreeSet;
+use alloc::format;
+use alloc::string::String;
+
+use tdp_core::addr::{Gpa, SlotId};
+use tdp_core::dirty_ring::DirtyRingConsumer;
+use tdp_core::fault::Fault;
+use tdp_core::memslot::SlotFlags;
+use tdp_core::mmu::{EmulateReason, FaultOutcome, Mmu, PageCache, RootRef};
+use tdp_vmx::scenario::{AS_ID, Observed, Scenario, mmio_value};
+
+use crate::boot::Page;
+use crate::host::HvHost;
+use crate::layout::host_addr;
+use crate::raw::{self, field};
+use crate::ring::{self, RingSink};
+use crate::vmx::{self, GuestRegs};
+use crate::{guest, vmcs};
+
+/// Exits after which the run is declared stuck (the scenario needs well under a hundred).
+const MAX_EXITS: u64 = 10_000;
+
+/// VM-exit reasons (Intel SDM Vol. 3D, appendix "VMX Basic Exit Reasons").
+const EXIT_EXCEPTION: u64 = 0;
+const EXIT_TRIPLE_FAULT: u64 = 2;
+const EXIT_HLT: u64 = 12;
+const EXIT_VMCALL: u64 = 18;
+const EXIT_EPT_VIOLATION: u64 = 48;
+const EXIT_EPT_MISCONFIG: u64 = 49;
+const EXIT_PML_FULL: u64 = 62;
+
+/// Everything the loop works on.
+pub struct Hv<'a> {
+    /// The scenario.
+    pub scenario: &'a Scenario,
+    /// The MMU.
+    pub mmu: &'a Mmu<HvHost>,
+    /// The vCPU's page cache.
+    pub cache: PageCache,
+    /// The vCPU's root.
+    pub root: RootRef,
+    /// The dirty ring's producer, as the MMU's sink.
+    pub sink: RingSink,
+    /// Its consumer.
+    pub consumer: DirtyRingConsumer<'static>,
+    /// The PML log, when the CPU logs.
+    pub pml: Option<&'a Page>,
+    /// EPT A/D in use (for the EPTP of a reloaded root).
+    pub ad: bool,
+    /// What the run saw.
+    pub seen: Observed,
+}
+
+/// Why the loop stopped.
+enum Stop {
+    /// The guest reached its end.
+    Done,
+    /// Something went wrong: the message goes into the result.
+    Error(String),
+}
+
+impl From<raw::VmxFail> for Stop {
+    fn from(e: raw::VmxFail) -> Stop {
+        Stop::Error(format!("{e}"))
+    }
+}
+
+impl Hv<'_> {
+    /// Runs the guest to its end or to the first error, recording what it saw.
+    pub fn run(&mut self) {
+        let mut regs = GuestRegs::default();
+        let mut launched = false;
+        for _ in 0..MAX_EXITS {
+            self.mmu.host().quiesce();
+            if vmx::enter(&mut regs, launched).is_err() {
+                let error = raw::vmread(field::VM_INSTRUCTION_ERROR).unwrap_or(u64::MAX);
+                self.seen.guest_error = Some(format!("VM entry failed: VM-instruction error {error}"));
+                return;
+            }
+            launched = true;
+            let stop = self.handle_exit(&mut regs).err().or_else(|| {
+                self.mmu.host().take_error().map(|e| Stop::Error(format!("INVEPT for a core flush: {e}")))
+            });
+            match stop {
+                None => {}
+                Some(Stop::Done) => return,
+                Some(Stop::Error(e)) => {
+                    self.seen.guest_error = Some(e);
+                    return;
+                }
+            }
+        }
+        self.seen.guest_error = Some(format!("no end after {MAX_EXITS} exits"));
+    }
+
+    fn handle_exit(&mut self, regs: &mut GuestRegs) -> Result<(), Stop> {
+        if let Some(log) = self.pml {
+            ring::drain_pml(log, self.mmu, &mut self.sink)?;
+        }
+        let reason = raw::vmread(field::EXIT_REASON)?;
+        if reason & (1 << 31) != 0 {
+            return Err(Stop::Error(format!("VM entry failed with exit reason {reason:#x} (guest state)")));
+        }
+        match reason & 0xffff {
+            EXIT_EPT_VIOLATION => {
+                let gpa = raw::vmread(field::GUEST_PHYSICAL_ADDRESS)?;
+                let qual = raw::vmread(field::EXIT_QUALIFICATION)?;
+                let fault = Fault::from_ept_violation(AS_ID, Gpa(gpa), qual)
+                    .map_err(|e| Stop::Error(format!("EPT violation at {gpa:#x}: {e}")))?;
+                self.seen.ept_violations += 1;
+                self.fault(fault, regs)
+            }
+            EXIT_EPT_MISCONFIG => {
+                let gpa = raw::vmread(field::GUEST_PHYSICAL_ADDRESS)?;
+                self.seen.ept_misconfigs += 1;
+                self.fault(Fault::from_ept_misconfig(AS_ID, Gpa(gpa)), regs)
+            }
+            EXIT_VMCALL => self.hypercall(regs),
+            EXIT_PML_FULL => Ok(()),
+            EXIT_EXCEPTION => {
+                let info = raw::vmread(field::EXIT_INTR_INFO)?;
+                let rip = raw::vmread(field::GUEST_RIP)?;
+                Err(Stop::Error(format!("guest exception {} at rip {rip:#x}", info & 0xff)))
+            }
+            EXIT_TRIPLE_FAULT | EXIT_HLT => {
+                let rip = raw::vmread(field::GUEST_RIP)?;
+                Err(Stop::Error(format!("guest stopped (exit reason {reason}) at rip {rip:#x}")))
+            }
+            other => {
+                let rip = raw::vmread(field::GUEST_RIP)?;
+                Err(Stop::Error(format!("unexpected exit reason {other} at rip {rip:#x}")))
+            }
+        }
+    }
+
+    /// Hands a fault to the core; emulates MMIO; reloads the root when the core says so.
+    fn fault(&mut self, fault: Fault, regs: &mut GuestRegs) -> Result<(), Stop> {
+        let outcome = self
+            .mmu
+            .handle_fault(&mut self.cache, &self.root, fault, &mut self.sink)
+            .map_err(|e| Stop::Error(format!("fault handler at {:#x}: {e}", fault.gpa.0)))?;
+        match outcome {
+            FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry => Ok(()),
+            FaultOutcome::ReloadRoot => {
+                let new = self
+                    .mmu
+                    .load_root(&mut self.cache, AS_ID)
+                    .map_err(|e| Stop::Error(format!("reloading the root: {e}")))?;
+                let old = core::mem::replace(&mut self.root, new);
+                self.mmu.put_root(old);
+                let eptp = vmcs::eptp(self.root.pfn().0, self.ad);
+                self.mmu.host().set_eptp(eptp);
+                raw::vmwrite(field::EPT_POINTER, eptp)?;
+                Ok(())
+            }
+            FaultOutcome::Emulate(EmulateReason::Mmio) => self.emulate_mmio(fault.gpa.0, regs),
+            FaultOutcome::Emulate(EmulateReason::ReadOnlySlot) => {
+                Err(Stop::Error(format!("write to read-only slot at {:#x}", fault.gpa.0)))
+            }
+        }
+    }
+
+    /// Emulates the two instructions the guest uses for MMIO: `mov rax, [moffs64]` (REX.W A1) and
+    /// `mov [moffs64], rax` (REX.W A3), both 10 bytes.
+    fn emulate_mmio(&mut self, gpa: u64, regs: &mut GuestRegs) -> Result<(), Stop> {
+        let rip = raw::vmread(field::GUEST_RIP)?;
+        if !(guest::CODE..guest::CODE + 0x1_0000 - 10).contains(&rip) {
+            return Err(Stop::Error(format!("MMIO at {gpa:#x} from rip {rip:#x} outside the guest code")));
+        }
+        let mut insn = [0u8; 10];
+        // SAFETY: `rip` lies in the guest's code area (checked above), backed by identity-mapped guest RAM
+        // that nothing else writes while the guest is stopped.
+        unsafe { core::ptr::copy_nonoverlapping(host_addr(rip) as *const u8, insn.as_mut_ptr(), 10) };
+        let mut moffs = [0u8; 8];
+        moffs.copy_from_slice(&insn[2..]);
+        if u64::from_le_bytes(moffs) != gpa {
+            return Err(Stop::Error(format!(
+                "MMIO exit at {gpa:#x} but the instruction addresses {moffs:x?}"
+            )));
+        }
+        match insn[..2] {
+            [0x48, 0xa1] => {
+                regs.rax = mmio_value(Gpa(gpa));
+                self.seen.mmio_reads += 1;
+            }
+            [0x48, 0xa3] => self.seen.mmio_writes.push((gpa, regs.rax)),
+            _ => return Err(Stop::Error(format!("cannot emulate {insn:x?} at rip {rip:#x}"))),
+        }
+        raw::vmwrite(field::GUEST_RIP, rip + 10)?;
+        Ok(())
+    }
+
+    fn hypercall(&mut self, regs: &mut GuestRegs) -> Result<(), Stop> {
+        let rip = raw::vmread(field::GUEST_RIP)?;
+        let len = raw::vmread(field::EXIT_INSTRUCTION_LEN)?;
+        match regs.rbx {
+            guest::HC_DONE => {
+                self.seen.steps_completed = self.scenario.steps.len();
+                return Err(Stop::Done);
+            }
+            guest::HC_FAIL => {
+                let step = regs.rdi as usize;
+                self.seen.steps_completed = step;
+                let want = self.scenario.expected_read(step);
+                return Err(Stop::Error(format!("step {step}: read {:#x}, expected {want:x?}", regs.rax)));
+            }
+            guest::HC_START_LOGGING => self.start_logging(SlotId(regs.rdi as u16))?,
+            guest::HC_HARVEST => self.harvest(regs.rdi)?,
+            other => return Err(Stop::Error(format!("unknown hypercall {other} at rip {rip:#x}"))),
+        }
+        raw::vmwrite(field::GUEST_RIP, rip + len)?;
+        Ok(())
+    }
+
+    fn start_logging(&mut self, slot: SlotId) -> Result<(), Stop> {
+        let mut mmu = self.mmu.write();
+        let flags = mmu
+            .memslots()
+            .get(AS_ID, slot)
+            .map(|s| s.flags | SlotFlags::LOG_DIRTY)
+            .ok_or_else(|| Stop::Error(format!("start logging: no slot {}", slot.0)))?;
+        let flush = mmu
+            .set_memslot_flags(AS_ID, slot, flags)
+            .map_err(|e| Stop::Error(format!("start logging on slot {}: {e}", slot.0)))?;
+        drop(mmu);
+        flush.run(self.mmu.host());
+        #[cfg(feature = "broken-ept")]
+        crate::broken::unprotect_slot(self.mmu, &self.root, slot, self.ad)?;
+        Ok(())
+    }
+
+    /// Harvests the ring (the PML log was drained at this exit), then resets it, which re-protects
+    /// what was harvested, and runs the flush the reset owes.
+    fn harvest(&mut self, n: u64) -> Result<(), Stop> {
+        if n != self.seen.harvests.len() as u64 {
+            return Err(Stop::Error(format!("harvest {n} out of order")));
+        }
+        let mut set = BTreeSet::new();
+        let slots = self.scenario.slots;
+        self.consumer.harvest(usize::MAX, |e| {
+            let base = slots.iter().find(|s| s.id == e.slot.id()).map_or(u64::MAX, |s| s.base_gfn.0);
+            set.insert(base.wrapping_add(e.offset));
+        });
+        let (_stats, flush) = self.mmu.write().reset_dirty_ring(&mut self.sink.producer);
+        flush.run(self.mmu.host());
+        self.seen.harvests.push(set);
+        self.seen.ring_lost = self.sink.lost;
+        Ok(())
+    }
+}
+
+/// Lets the broken variant's errors flow through the loop.
+#[cfg(feature = "broken-ept")]
+impl From<String> for Stop {
+    fn from(e: String) -> Stop {
+        Stop::Error(e)
+    }
+}

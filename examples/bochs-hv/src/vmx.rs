@@ -1,0 +1,198 @@
+//! Entering VMX operation and the VM-entry/exit trampoline.
+//!
+//! VMXON needs CR0 and CR4 adjusted to the fixed bits of IA32_VMX_CR0/CR4_FIXED0/1 (with CR4.VMXE),
+//! IA32_FEATURE_CONTROL locked with VMXON allowed, and a VMXON region holding the VMCS revision id
+//! (Intel SDM Vol. 3C, section "Enabling and Entering VMX Operation"). The VMCS region is cleared and
+//! made current the same way.
+//!
+//! [`enter`] saves the host's callee-saved registers, writes HOST_RSP, loads the guest's general
+//! registers from a [`GuestRegs`] and executes VMLAUNCH or VMRESUME. A VM exit lands on `vmx_exit`
+//! (HOST_RIP), which stores the guest's registers back and returns 0 from `vmx_enter` as if it had
+//! returned normally; a failed VM entry returns 1 at once.
+
+use core::arch::{asm, global_asm};
+
+use crate::raw::{self, msr};
+
+use crate::boot::Page;
+use crate::cpu;
+
+/// The guest's general-purpose registers while it is not running (RSP and RIP live in the VMCS).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestRegs {
+    /// RAX.
+    pub rax: u64,
+    /// RBX.
+    pub rbx: u64,
+    /// RCX.
+    pub rcx: u64,
+    /// RDX.
+    pub rdx: u64,
+    /// RSI.
+    pub rsi: u64,
+    /// RDI.
+    pub rdi: u64,
+    /// RBP.
+    pub rbp: u64,
+    /// R8 to R15.
+    pub r: [u64; 8],
+}
+
+global_asm!(
+    ".section .text",
+    ".globl vmx_enter",
+    "vmx_enter:",
+    "push rbp",
+    "push rbx",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "push rdi",
+    "mov rax, 0x6c14", // HOST_RSP
+    "vmwrite rax, rsp",
+    "jbe 9f",
+    "cmp esi, 0",
+    "mov rax, [rdi]",
+    "mov rbx, [rdi + 8]",
+    "mov rcx, [rdi + 16]",
+    "mov rdx, [rdi + 24]",
+    "mov rsi, [rdi + 32]",
+    "mov rbp, [rdi + 48]",
+    "mov r8, [rdi + 56]",
+    "mov r9, [rdi + 64]",
+    "mov r10, [rdi + 72]",
+    "mov r11, [rdi + 80]",
+    "mov r12, [rdi + 88]",
+    "mov r13, [rdi + 96]",
+    "mov r14, [rdi + 104]",
+    "mov r15, [rdi + 112]",
+    "mov rdi, [rdi + 40]",
+    "jne 1f",
+    "vmlaunch",
+    "jmp 9f",
+    "1:",
+    "vmresume",
+    "9:",
+    "pop rdi",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "pop rbp",
+    "mov eax, 1",
+    "ret",
+    ".globl vmx_exit",
+    "vmx_exit:",
+    "push rdi",
+    "mov rdi, [rsp + 8]",
+    "mov [rdi], rax",
+    "mov [rdi + 8], rbx",
+    "mov [rdi + 16], rcx",
+    "mov [rdi + 24], rdx",
+    "mov [rdi + 32], rsi",
+    "mov [rdi + 48], rbp",
+    "mov [rdi + 56], r8",
+    "mov [rdi + 64], r9",
+    "mov [rdi + 72], r10",
+    "mov [rdi + 80], r11",
+    "mov [rdi + 88], r12",
+    "mov [rdi + 96], r13",
+    "mov [rdi + 104], r14",
+    "mov [rdi + 112], r15",
+    "pop rax",
+    "mov [rdi + 40], rax",
+    "pop rdi",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "pop rbp",
+    "xor eax, eax",
+    "ret",
+);
+
+unsafe extern "C" {
+    fn vmx_enter(regs: *mut GuestRegs, launched: u32) -> u32;
+    static vmx_exit: u8;
+}
+
+/// The address VM exits resume at (HOST_RIP).
+pub fn exit_entry() -> u64 {
+    core::ptr::addr_of!(vmx_exit) as u64
+}
+
+/// Runs the guest until its next VM exit. `launched` selects VMRESUME over VMLAUNCH.
+///
+/// # Errors
+/// When VM entry itself failed (VMfailValid / VMfailInvalid): nothing ran.
+pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), ()> {
+    // SAFETY: a current, fully initialised VMCS whose host state returns to `vmx_exit` on this stack
+    // (HOST_RSP is written here, HOST_RIP by `hv::setup_vmcs`); `vmx_exit` restores every callee-saved
+    // register, so from Rust this is an ordinary call that reads and writes `*regs`.
+    let failed = unsafe { vmx_enter(regs, u32::from(launched)) };
+    if failed == 0 { Ok(()) } else { Err(()) }
+}
+
+/// Why VMX operation could not be entered.
+#[derive(Clone, Copy, Debug, thiserror::Error)]
+pub enum VmxOnError {
+    /// CPUID.1:ECX bit 5 is clear.
+    #[error("the CPU has no VMX (CPUID.1:ECX.VMX = 0)")]
+    NoVmx,
+    /// IA32_FEATURE_CONTROL does not allow VMXON.
+    #[error("IA32_FEATURE_CONTROL = {0:#x}: not locked with VMXON outside SMX allowed")]
+    FeatureControl(u64),
+    /// VMXON, VMCLEAR or VMPTRLD failed.
+    #[error("{0} failed (RFLAGS CF/ZF set)")]
+    Instruction(&'static str),
+}
+
+/// Adjusts CR0/CR4, executes VMXON on `vmxon_region`, and VMCLEAR + VMPTRLD on `vmcs`.
+///
+/// # Errors
+/// [`VmxOnError`] naming what is missing or which instruction failed.
+pub fn vmxon(vmxon_region: &Page, vmcs: &Page) -> Result<(), VmxOnError> {
+    if cpu::cpuid(1).2 & (1 << 5) == 0 {
+        return Err(VmxOnError::NoVmx);
+    }
+    let fc = raw::rdmsr(msr::IA32_FEATURE_CONTROL);
+    let need = msr::FEATURE_CONTROL_LOCKED | msr::FEATURE_CONTROL_VMXON_OUTSIDE_SMX;
+    if fc & need != need {
+        return Err(VmxOnError::FeatureControl(fc));
+    }
+    let fixed = |v: u64, f0: u32, f1: u32| (v | raw::rdmsr(f0)) & raw::rdmsr(f1);
+    // SAFETY: only bits VMX requires are set (the fixed-0 MSR's ones: PE, NE, PG for CR0; VMXE for CR4)
+    // and none the kernel depends on is cleared (the fixed-1 MSRs allow every bit it uses).
+    unsafe {
+        cpu::set_cr0(fixed(cpu::cr0(), msr::IA32_VMX_CR0_FIXED0, msr::IA32_VMX_CR0_FIXED1));
+        cpu::set_cr4(fixed(cpu::cr4() | (1 << 13), msr::IA32_VMX_CR4_FIXED0, msr::IA32_VMX_CR4_FIXED1));
+    }
+    let revision = raw::rdmsr(msr::IA32_VMX_BASIC) & 0x7fff_ffff;
+    for page in [vmxon_region, vmcs] {
+        // SAFETY: the pages are the kernel's own statics, not yet handed to the CPU.
+        unsafe { (*page.0.get())[0] = revision };
+    }
+    vmcs_op("VMXON", vmxon_region.addr(), |pa, failed| {
+        // SAFETY: the operand is the physical address of a 4 KiB-aligned region holding the revision id;
+        // the CPU owns it from now on, and the kernel never touches it again.
+        unsafe { asm!("vmxon [{}]", "setna {}", in(reg) pa, out(reg_byte) *failed, options(nostack)) };
+    })?;
+    vmcs_op("VMCLEAR", vmcs.addr(), |pa, failed| {
+        // SAFETY: clears the launch state of the kernel's VMCS region; no other VMCS is current.
+        unsafe { asm!("vmclear [{}]", "setna {}", in(reg) pa, out(reg_byte) *failed, options(nostack)) };
+    })?;
+    vmcs_op("VMPTRLD", vmcs.addr(), |pa, failed| {
+        // SAFETY: makes the kernel's cleared VMCS region current; the CPU owns it from now on.
+        unsafe { asm!("vmptrld [{}]", "setna {}", in(reg) pa, out(reg_byte) *failed, options(nostack)) };
+    })
+}
+
+fn vmcs_op(name: &'static str, pa: u64, f: impl FnOnce(*const u64, &mut u8)) -> Result<(), VmxOnError> {
+    let mut failed = 0u8;
+    f(&pa, &mut failed);
+    if failed != 0 { Err(VmxOnError::Instruction(name)) } else { Ok(()) }
+}
