@@ -15,6 +15,8 @@
 //! - [`ring`]: dirty-ring push + harvest + reset throughput beside the `rtrb` SPSC queue.
 //! - [`logging`]: the enable-logging pass over 1 and 16 GiB of 4 KiB leaves beside two sweeps.
 //! - [`harvest`]: harvest cost against memory size at 1000 dirty pages, ring against bitmap.
+//! - [`kvm`]: on real `/dev/kvm`: harvest cost (ring, bitmap, raw `kvm-ioctls`), guest dirtying
+//!   throughput under each kind of logging, live migration with the `tdp` command.
 //! - [`plot`]: the SVG plot of the harvest figures.
 //! - [`timing`]: medians of interleaved rounds.
 //! - [`suite`]: the comparisons.
@@ -24,6 +26,7 @@
 pub mod floor;
 pub mod harvest;
 pub mod host;
+pub mod kvm;
 pub mod logging;
 pub mod ours;
 pub mod peer;

@@ -18,7 +18,7 @@ use crate::ours::OurTree;
 use crate::peer::{PeerArena, atomic_swap_sweep, plain_write_sweep};
 use crate::report::{FAULT_4K, METADATA, METADATA_TARGET_BYTES, Metadata, Row};
 use crate::timing::{Rounds, ns_per_op};
-use crate::{logging, ring};
+use crate::{kvm, logging, ring};
 
 /// 4 KiB pages in 1 GiB.
 pub const PAGES_1G: u64 = 1 << 18;
@@ -67,8 +67,19 @@ pub fn arena_pages(pages: u64, level: Level) -> usize {
 }
 
 /// The groups of comparisons, by the name `--only` takes.
-pub const GROUPS: [&str; 8] =
-    ["fault_4k", "fault_2m", "zap_range", "zap_all", "metadata", "ring", "enable_logging", "harvest"];
+pub const GROUPS: [&str; 11] = [
+    "fault_4k",
+    "fault_2m",
+    "zap_range",
+    "zap_all",
+    "metadata",
+    "ring",
+    "enable_logging",
+    "harvest",
+    "kvm_harvest",
+    "kvm_dirtying",
+    "kvm_migrate",
+];
 
 /// One group of comparisons.
 type Measure = fn(&Config, &mut Outcome);
@@ -92,6 +103,9 @@ pub fn run(cfg: &Config, only: impl Fn(&str) -> bool, mut progress: impl FnMut(&
             let series = harvest::measure(cfg, out);
             out.harvest = Some(series);
         }),
+        ("kvm_harvest", "real KVM: harvest of 1000 guest-dirtied pages, ring vs bitmap vs kvm-ioctls", kvm::harvest::measure),
+        ("kvm_dirtying", "real KVM: guest dirtying throughput, no logging vs bitmap vs ring", kvm::dirtying::measure),
+        ("kvm_migrate", "real KVM: `tdp migrate` total time and downtime, ring vs bitmap", kvm::migrate::measure),
     ];
     for (name, what, measure) in groups {
         if only(name) {
