@@ -343,7 +343,8 @@ impl Scenario {
     #[must_use]
     pub fn evaluate(&self, seen: &Observed) -> Vec<Check> {
         let mut checks = Vec::new();
-        let mut check = |name: &'static str, ok: bool, detail: String| checks.push(Check { name, ok, detail });
+        let mut check =
+            |name: &'static str, ok: bool, detail: String| checks.push(Check { name, ok, detail });
         check(
             "guest ran every step",
             seen.steps_completed == self.steps.len() && seen.guest_error.is_none(),
@@ -357,7 +358,8 @@ impl Scenario {
         );
         let allowed: BTreeSet<u64> = self.guest_table_gfns().iter().copied().collect();
         for (i, (got, want)) in seen.harvests.iter().zip(&expected).enumerate() {
-            let extra: BTreeSet<u64> = got.difference(want).filter(|g| !allowed.contains(g)).copied().collect();
+            let extra: BTreeSet<u64> =
+                got.difference(want).filter(|g| !allowed.contains(g)).copied().collect();
             let missing: BTreeSet<u64> = want.difference(got).copied().collect();
             check(
                 "harvest holds exactly the written pages",
@@ -542,6 +544,48 @@ mod tests {
         assert_eq!(bad.validate().map_err(|e| e.index), Err(0), "the system slot is not the data slot");
     }
 
+    fn perfect_run() -> Observed {
+        let s = &SCENARIO;
+        Observed {
+            steps_completed: s.steps.len(),
+            harvests: s.expected_harvests(),
+            mmio_reads: s.expected_mmio_reads(),
+            mmio_writes: s.expected_mmio_writes(),
+            translations: s
+                .sample_gfns()
+                .into_iter()
+                .map(|gfn| Translation { gfn, kind: Mapping::NotPresent })
+                .collect(),
+            ..Observed::default()
+        }
+    }
+
+    #[test]
+    fn evaluate_passes_a_perfect_run_and_names_what_a_broken_one_lost() {
+        assert!(SCENARIO.evaluate(&perfect_run()).iter().all(|c| c.ok));
+        let mut lost = perfect_run();
+        lost.harvests[1].remove(&0x202);
+        let failed: Vec<Check> = SCENARIO.evaluate(&lost).into_iter().filter(|c| !c.ok).collect();
+        assert_eq!(failed.len(), 1);
+        assert!(failed[0].detail.contains("missing {202}"), "{}", failed[0].detail);
+        let mut extra = perfect_run();
+        extra.harvests[2].insert(0x203);
+        assert!(SCENARIO.evaluate(&extra).iter().any(|c| !c.ok), "a page never written must not pass");
+    }
+
+    #[test]
+    fn evaluate_allows_guest_page_tables_and_rejects_foreign_frames() {
+        let mut pt = perfect_run();
+        pt.harvests[1].insert(GUEST_TABLE_GFNS[0]);
+        assert!(SCENARIO.evaluate(&pt).iter().all(|c| c.ok), "hardware A/D may dirty the guest's tables");
+        let mut wrong = perfect_run();
+        wrong.translations[0].kind = Mapping::Leaf { slot: 1, page: 7, level: 1, rwx: 7 };
+        assert!(SCENARIO.evaluate(&wrong).iter().any(|c| !c.ok && c.name.contains("I1")));
+        let mut flush = perfect_run();
+        flush.flushes = 2;
+        assert!(SCENARIO.evaluate(&flush).iter().any(|c| !c.ok && c.name.contains("INVEPT")));
+    }
+
     #[test]
     fn translate_decodes_leaves_mmio_and_holes() {
         // root 1 -> table 2 -> table 3 -> a 2 MiB leaf at gfn 0x200 backed by host 0x40_0000.
@@ -553,10 +597,7 @@ mod tests {
             _ => 0,
         };
         let bases = [(1, 0x40_0000, 0x280)];
-        assert_eq!(
-            translate(read, 1, 0x205, &bases),
-            Mapping::Leaf { slot: 1, page: 5, level: 2, rwx: 3 }
-        );
+        assert_eq!(translate(read, 1, 0x205, &bases), Mapping::Leaf { slot: 1, page: 5, level: 2, rwx: 3 });
         assert_eq!(translate(read, 1, 0x800, &bases), Mapping::Mmio);
         assert_eq!(translate(read, 1, 0x600, &bases), Mapping::NotPresent);
     }

@@ -1,0 +1,37 @@
+//! Runs the shared Bochs / mock scenario ([`tdp_vmx::scenario::SCENARIO`]) on `tdp-mock` and prints its
+//! `TDP-RESULT {json}` line, for `cargo xtask bochs` to compare with the Bochs hypervisor's.
+//!
+//! Usage: `cargo run -p tdp-vmx --example scenario_mock -- [MODEL]...` (default: corei7_skylake_x and
+//! corei7_sandy_bridge_2600k). Each model's run uses the dirty-logging mode the hypervisor picks for it.
+//! Exits 1 when a run's checks fail, 2 on a usage or setup error.
+
+mod run;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let models = if args.is_empty() {
+        vec!["corei7_skylake_x".to_string(), "corei7_sandy_bridge_2600k".to_string()]
+    } else {
+        args
+    };
+    let mut failed = false;
+    for model in &models {
+        let Some(mode) = run::Mode::for_model(model) else {
+            eprintln!("scenario_mock: unknown or EPT-less CPU model `{model}`");
+            return ExitCode::from(2);
+        };
+        match run::run(model, mode) {
+            Ok(result) => {
+                print!("{}", result.line);
+                failed |= !result.passed();
+            }
+            Err(e) => {
+                eprintln!("scenario_mock: {model}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}

@@ -1,0 +1,221 @@
+//! The `tdp-mock` runner of [`tdp_vmx::scenario::SCENARIO`]: the same memslots, steps, dirty ring and
+//! checks as the Bochs hypervisor (`examples/bochs-hv`), on the software hardware model. The mock has no
+//! guest page tables, so each step is one access to its guest-physical address; its vCPU drains its PML
+//! log into the ring at every exit and, here, before logging starts and before every harvest, as the
+//! Bochs hypervisor does at the hypercall's exit.
+//!
+//! Shared by the `scenario_mock` example (which prints the result line `cargo xtask bochs` compares with
+//! Bochs's) and by `tests/scenario_mock.rs`.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tdp_core::addr::{Gfn, Level, Pfn, RingSlot};
+use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, PML_ENTRIES, RingConfig};
+use tdp_core::fault::AccessKind;
+use tdp_core::host::{DirtySink, DirtySource};
+use tdp_core::memslot::{Memslot, SlotFlags};
+use tdp_core::mmu::{EmulateReason, MmuConfig};
+use tdp_core::spte::{EptOptions, SpteFormat};
+use tdp_mock::{AccessResult, HostConfig, Machine, Vcpu};
+use tdp_vmx::scenario::report::{RunInfo, write_result_line};
+use tdp_vmx::scenario::{AS_ID, Check, Observed, SCENARIO, Step, Translation, translate};
+
+/// How dirty pages are logged: what the Bochs hypervisor picks for a CPU model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// EPT A/D bits and PML (`MmuConfig::EPT_PML`): corei7_skylake_x, icelake_u, tigerlake.
+    Pml,
+    /// Write protection, EPT without A/D, 2 MiB largest leaf: corei7_sandy_bridge_2600k, ivy_bridge.
+    WriteProtect,
+}
+
+impl Mode {
+    /// The mode the hypervisor uses on Bochs CPU model `model`, if it is one the recipe lists with EPT.
+    pub fn for_model(model: &str) -> Option<Mode> {
+        match model {
+            "corei7_skylake_x" | "corei7_icelake_u" | "tigerlake" => Some(Mode::Pml),
+            "corei7_sandy_bridge_2600k" | "corei7_ivy_bridge_3770k" => Some(Mode::WriteProtect),
+            _ => None,
+        }
+    }
+
+    /// The MMU configuration, as the Bochs hypervisor builds it for this mode.
+    pub fn config(self) -> MmuConfig {
+        match self {
+            Mode::Pml => MmuConfig::EPT_PML,
+            Mode::WriteProtect => {
+                let format = SpteFormat::ept(EptOptions { accessed_dirty: false, max_leaf_level: Level::L2 });
+                MmuConfig { format, ..MmuConfig::EPT }
+            }
+        }
+    }
+
+    fn names(self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            Mode::Pml => ("EPT_PML", &["mock", "ept", "ept_4level", "ept_ad", "pml", "ept_2m"]),
+            Mode::WriteProtect => ("EPT", &["mock", "ept", "ept_4level", "ept_2m"]),
+        }
+    }
+}
+
+/// A finished mock run.
+#[derive(Debug)]
+pub struct MockRun {
+    /// What it saw.
+    pub seen: Observed,
+    /// The scenario's checks on it.
+    pub checks: Vec<Check>,
+    /// The `TDP-RESULT` line.
+    pub line: String,
+}
+
+impl MockRun {
+    /// Whether every check passed.
+    pub fn passed(&self) -> bool {
+        !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)
+    }
+}
+
+/// The ring producer as the vCPU's dirty sink, shared with the harvest (which resets it).
+struct RingSink {
+    producer: DirtyRingProducer<'static>,
+    lost: u64,
+}
+
+#[derive(Clone)]
+struct SharedSink(Arc<Mutex<RingSink>>);
+
+impl DirtySink for SharedSink {
+    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn, _source: DirtySource) {
+        let mut sink = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if sink.producer.push(RingSlot::new(slot.as_id, slot.id), slot.offset_of(gfn)).is_err() {
+            sink.lost += 1;
+        }
+    }
+}
+
+/// Runs the scenario on the mock for `model` in `mode`.
+///
+/// # Errors
+/// When the machine or ring cannot be set up; what goes wrong during the steps is recorded in the
+/// result (its `guest_error`) instead, as the Bochs hypervisor does.
+pub fn run(model: &str, mode: Mode) -> Result<MockRun, String> {
+    let m = Machine::new(mode.config(), HostConfig { host_level: Level::L2, ..HostConfig::default() })
+        .map_err(|e| format!("mock machine: {e}"))?;
+    let mut bases = Vec::new();
+    for s in SCENARIO.slots {
+        let slot = m.ram_slot(AS_ID, s.id, s.base_gfn, s.pages, SlotFlags::empty());
+        m.mmu().write().insert_memslot(slot).map_err(|e| format!("memslot {}: {e}", s.id.0))?;
+        bases.push((s.id.0, slot.host_base, s.pages));
+    }
+    let cfg = RingConfig::new(1024, PML_ENTRIES).map_err(|e| format!("ring: {e}"))?;
+    let ring: &'static [DirtyGfn] = Box::leak((0..cfg.entries()).map(|_| DirtyGfn::zeroed()).collect());
+    let producer = DirtyRingProducer::new(ring, cfg).map_err(|e| format!("ring: {e}"))?;
+    let mut consumer = DirtyRingConsumer::new(ring, cfg).map_err(|e| format!("ring: {e}"))?;
+    let sink = SharedSink(Arc::new(Mutex::new(RingSink { producer, lost: 0 })));
+    let mut vcpu = m.new_vcpu(AS_ID);
+    vcpu.set_dirty_sink(Box::new(sink.clone()));
+
+    let mut seen = Observed::default();
+    if let Err(e) = steps(&m, &mut vcpu, &sink, &mut consumer, &mut seen) {
+        seen.guest_error = Some(e);
+    }
+    let counters = vcpu.cache().counters;
+    seen.ept_violations = counters.fixed + counters.spurious + counters.retried + counters.emulated;
+    let flushes = m.host().flush_stats();
+    seen.flushes = flushes.all + flushes.range;
+    seen.invepts = seen.flushes;
+    seen.ring_lost = sink.0.lock().unwrap_or_else(PoisonError::into_inner).lost;
+    let root = vcpu.root().map(|r| r.pfn().0).unwrap_or_default();
+    let host = m.host();
+    let read = |t: u64, i: usize| {
+        host.arena_table(Pfn(t)).map_or(0, |table| table[i].load(std::sync::atomic::Ordering::Relaxed))
+    };
+    seen.translations = SCENARIO
+        .sample_gfns()
+        .into_iter()
+        .map(|gfn| Translation { gfn, kind: translate(read, root, gfn, &bases) })
+        .collect();
+    vcpu.release(m.mmu());
+
+    let checks = SCENARIO.evaluate(&seen);
+    let (mmu, features) = mode.names();
+    let info = RunInfo { runner: "mock", model, mmu, features, broken: false };
+    let mut line = String::new();
+    write_result_line(&mut line, &info, &seen, &checks).map_err(|e| format!("result line: {e}"))?;
+    Ok(MockRun { seen, checks, line })
+}
+
+/// Runs every step; the first failure ends the run with its description.
+fn steps(
+    m: &Machine,
+    vcpu: &mut Vcpu,
+    sink: &SharedSink,
+    consumer: &mut DirtyRingConsumer<'static>,
+    seen: &mut Observed,
+) -> Result<(), String> {
+    let mmu = m.mmu();
+    for (i, step) in SCENARIO.steps.iter().enumerate() {
+        let err = |e: &dyn std::fmt::Display| format!("step {i} ({step:?}): {e}");
+        match *step {
+            Step::Read { gpa } => {
+                let got = vcpu.read_u64(mmu, gpa).map_err(|e| err(&e))?;
+                let want = SCENARIO.expected_read(i);
+                if Some(got) != want {
+                    return Err(format!("step {i}: read {got:#x}, expected {want:x?}"));
+                }
+            }
+            Step::Write { gpa, value } => {
+                vcpu.write_u64(mmu, gpa, value).map_err(|e| err(&e))?;
+            }
+            Step::Exec { gpa } => match vcpu.access(mmu, gpa, AccessKind::Exec).map_err(|e| err(&e))? {
+                AccessResult::Done { .. } => {}
+                other => return Err(err(&format!("fetch gave {other:?}"))),
+            },
+            Step::MmioRead { gpa } | Step::MmioWrite { gpa, .. } => {
+                let write = matches!(step, Step::MmioWrite { .. });
+                let kind = if write { AccessKind::Write } else { AccessKind::Read };
+                match vcpu.access(mmu, gpa, kind).map_err(|e| err(&e))? {
+                    AccessResult::Emulated(EmulateReason::Mmio) => {}
+                    other => return Err(err(&format!("MMIO access gave {other:?}"))),
+                }
+                match *step {
+                    Step::MmioWrite { value, .. } => seen.mmio_writes.push((gpa.0, value)),
+                    _ => seen.mmio_reads += 1,
+                }
+            }
+            Step::StartLogging { slot } => {
+                vcpu.flush_pml(mmu);
+                let mut w = mmu.write();
+                let flags = w
+                    .memslots()
+                    .get(AS_ID, slot)
+                    .map(|s| s.flags | SlotFlags::LOG_DIRTY)
+                    .ok_or_else(|| err(&"no slot"))?;
+                let flush = w.set_memslot_flags(AS_ID, slot, flags).map_err(|e| err(&e))?;
+                drop(w);
+                flush.run(m.host());
+            }
+            Step::Harvest => {
+                vcpu.flush_pml(mmu);
+                let mut set = BTreeSet::new();
+                consumer.harvest(usize::MAX, |e| {
+                    let base = SCENARIO
+                        .slots
+                        .iter()
+                        .find(|s| s.id == e.slot.id())
+                        .map_or(u64::MAX, |s| s.base_gfn.0);
+                    set.insert(base.wrapping_add(e.offset));
+                });
+                let mut ring = sink.0.lock().unwrap_or_else(PoisonError::into_inner);
+                let (_stats, flush) = mmu.write().reset_dirty_ring(&mut ring.producer);
+                drop(ring);
+                flush.run(m.host());
+                seen.harvests.push(set);
+            }
+        }
+        seen.steps_completed = i + 1;
+    }
+    Ok(())
+}
