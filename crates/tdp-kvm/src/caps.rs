@@ -94,13 +94,13 @@ impl RingSupport {
 /// [`Error::NoDirtyRing`] if neither is offered; [`Error::Ioctl`] if `KVM_CHECK_EXTENSION` fails.
 ///
 /// ```
-/// # fn main() -> Result<(), tdp_kvm::Error> {
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-/// let vm = kvm.create_vm().map_err(|e| tdp_kvm::Error::Os { op: "KVM_CREATE_VM", errno: tdp_kvm::Errno(e.errno()) })?;
+/// let vm = kvm.create_vm()?;
 /// match tdp_kvm::probe_dirty_ring(&vm) {
 ///     Ok(s) => println!("{} offers up to {} entries", s.cap.name(), s.max_entries()),
 ///     Err(tdp_kvm::Error::NoDirtyRing) => println!("no dirty ring: use the bitmap"),
-///     Err(e) => return Err(e),
+///     Err(e) => return Err(e.into()),
 /// }
 /// # Ok(()) }
 /// ```
@@ -149,20 +149,21 @@ pub fn check_ring_size(support: &RingSupport, entries: u32) -> Result<RingConfig
 /// ring is already enabled); [`Error::Ioctl`] for any other errno. On error nothing was enabled.
 ///
 /// ```
-/// # fn main() -> Result<(), tdp_kvm::Error> {
-/// use tdp_kvm::{Errno, Error};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tdp_kvm::Error;
 /// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-/// let vm = kvm.create_vm().map_err(|e| Error::Os { op: "KVM_CREATE_VM", errno: Errno(e.errno()) })?;
+/// let vm = kvm.create_vm()?;
 /// let (support, cfg) = match tdp_kvm::enable_dirty_ring(&vm, 4096) {
 ///     Ok(x) => x,
 ///     Err(Error::NoDirtyRing) => { println!("SKIPPED: no dirty ring on this host"); return Ok(()) }
-///     Err(e) => return Err(e),
+///     Err(e) => return Err(e.into()),
 /// };
 /// assert_eq!(cfg.entries(), 4096);
+/// assert!(u64::from(cfg.bytes()) <= support.max_bytes);
 /// // Once vCPUs exist, a second enable is refused with a clear error.
-/// let _vcpu = vm.create_vcpu(0).map_err(|e| Error::Os { op: "KVM_CREATE_VCPU", errno: Errno(e.errno()) })?;
+/// let _vcpu = vm.create_vcpu(0)?;
 /// assert!(matches!(tdp_kvm::enable_dirty_ring(&vm, 4096), Err(Error::RingAfterVcpus { .. })));
-/// # let _ = support; Ok(()) }
+/// # Ok(()) }
 /// ```
 pub fn enable_dirty_ring(vm: &VmFd, entries: u32) -> Result<(RingSupport, RingConfig)> {
     let support = probe_dirty_ring(vm)?;
@@ -191,10 +192,9 @@ pub fn enable_dirty_ring(vm: &VmFd, entries: u32) -> Result<(RingSupport, RingCo
 /// [`Error::Ioctl`] if `KVM_CHECK_EXTENSION` fails.
 ///
 /// ```
-/// # fn main() -> Result<(), tdp_kvm::Error> {
-/// use tdp_kvm::{Errno, Error};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-/// let vm = kvm.create_vm().map_err(|e| Error::Os { op: "KVM_CREATE_VM", errno: Errno(e.errno()) })?;
+/// let vm = kvm.create_vm()?;
 /// let flags = tdp_kvm::probe_manual_protect(&vm)?;
 /// println!("manual protect flags offered: {flags:#x}");
 /// # Ok(()) }
@@ -213,13 +213,14 @@ pub fn probe_manual_protect(vm: &VmFd) -> Result<u64> {
 /// [`Error::Ioctl`] if KVM refuses.
 ///
 /// ```
-/// # fn main() -> Result<(), tdp_kvm::Error> {
-/// use tdp_kvm::{Errno, Error};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tdp_kvm::Error;
 /// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-/// let vm = kvm.create_vm().map_err(|e| Error::Os { op: "KVM_CREATE_VM", errno: Errno(e.errno()) })?;
+/// let vm = kvm.create_vm()?;
 /// match tdp_kvm::enable_manual_protect(&vm, true) {
-///     Ok(()) | Err(Error::CapabilityMissing { .. }) => {}
-///     Err(e) => return Err(e),
+///     Ok(()) => println!("KVM_GET_DIRTY_LOG now only copies; KVM_CLEAR_DIRTY_LOG re-protects"),
+///     Err(Error::CapabilityMissing { name, .. }) => println!("not offered: {name}"),
+///     Err(e) => return Err(e.into()),
 /// }
 /// # Ok(()) }
 /// ```

@@ -117,8 +117,8 @@ impl DirtyRing {
 /// harvest and before reading the harvested pages.
 ///
 /// # Errors
-/// [`Error::RingNotEnabled`] if the VM has no ring (KVM: `EINVAL`... or success with 0 on old kernels);
-/// [`Error::Ioctl`] otherwise.
+/// [`Error::RingNotEnabled`] if the VM has no ring (KVM answers `EINVAL`); [`Error::Ioctl`] otherwise
+/// (`EINTR` if a signal interrupted a long reset: call it again, the entries stay harvested).
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -46,6 +46,18 @@ pub enum Throttle {
     Sleep(Duration),
 }
 
+/// Whether a ring-full exit made no progress and none can be made by resuming: this exit harvested
+/// nothing, KVM reset nothing, and nobody (a collect) harvested the ring between the vCPU's entry into the
+/// guest and this exit. A collect racing the exit takes the entries itself; that is progress, not a loop.
+const fn ring_full_is_stuck(
+    harvested: usize,
+    reset: u32,
+    harvested_before: u64,
+    harvested_at_entry: u64,
+) -> bool {
+    harvested == 0 && reset == 0 && harvested_before == harvested_at_entry
+}
+
 type ThrottleHook<'t> = Box<dyn FnMut(&RingFullEvent) -> Throttle + Send + 't>;
 
 /// Runs one vCPU on its own thread, handling ring-full exits with the tracker.
@@ -125,7 +137,7 @@ impl<'t> VcpuRunner<'t> {
                 Err(e) => return Err(Error::Run { errno: Errno(e.errno()) }),
             }
             let (harvested, reset, before) = self.tracker.harvest_ring_full(&state, &mut self.scratch)?;
-            if harvested == 0 && reset == 0 && before == harvested_at_entry {
+            if ring_full_is_stuck(harvested, reset, before, harvested_at_entry) {
                 return Err(Error::RingFullNothingToHarvest { vcpu: self.handle.0 });
             }
             let ev = RingFullEvent {
@@ -141,5 +153,18 @@ impl<'t> VcpuRunner<'t> {
                 std::thread::sleep(d);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ring_full_is_stuck;
+
+    #[test]
+    fn i5_ring_full_without_progress_is_stuck_and_any_progress_is_not() {
+        assert!(ring_full_is_stuck(0, 0, 10, 10), "nothing harvested, reset or taken by a collect");
+        assert!(!ring_full_is_stuck(1, 0, 10, 10), "this exit harvested");
+        assert!(!ring_full_is_stuck(0, 3, 10, 10), "KVM reset entries a collect had harvested");
+        assert!(!ring_full_is_stuck(0, 0, 12, 10), "a collect harvested and reset the ring meanwhile");
     }
 }

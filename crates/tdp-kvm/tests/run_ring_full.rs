@@ -20,7 +20,10 @@ const BATCHES: u64 = 12;
 /// 256 entries: the vCPU exits at 192 in use, so 3072 writes need many ring-full exits.
 const RING_ENTRIES: u32 = 256;
 
-fn guest_or_skip(vcpus: usize) -> Option<(GuestVm, DirtyTracker, Vec<(GuestVcpu, VcpuHandle)>)> {
+/// The guest, its ring tracker, and its vCPUs attached to the tracker.
+type Setup = (GuestVm, DirtyTracker, Vec<(GuestVcpu, VcpuHandle)>);
+
+fn guest_or_skip(vcpus: usize) -> Option<Setup> {
     let vm = match GuestVm::new(GuestSpec::new(DATA_PAGES, vcpus).with_dirty_logging(true)) {
         Ok(vm) => vm,
         Err(tdp_guest::GuestError::OpenKvm(e)) => {

@@ -22,89 +22,27 @@
 //! [`TrackerStats`] and skipped; nothing is indexed with them).
 
 mod dirty_set;
+mod harvest;
 mod stats;
+mod types;
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use kvm_ioctls::{VcpuFd, VmFd};
-use tdp_core::addr::{AsId, Gpa, PAGE_SHIFT, RingSlot, SlotId};
-use tdp_core::dirty_ring::{DirtyEntry, RingConfig};
+use tdp_core::addr::{PAGE_SHIFT, RingSlot};
 
 pub use dirty_set::{DirtySets, SlotDirty};
 pub use stats::{DirtyRate, TrackerStats, VcpuRate, VcpuStats};
+pub use types::{SlotSpec, TrackingMode, VcpuHandle};
 
-use crate::bitmap::{DirtyLogBuffer, clear_whole_slot, get_dirty_log_fd};
+use crate::bitmap::DirtyLogBuffer;
 use crate::error::{Error, Result};
-use crate::ring::{DirtyRing, reset_fd};
+use crate::ring::DirtyRing;
 use crate::sys;
 use stats::{Counters, VcpuCounters, add, get};
-
-/// How the tracker learns which pages were dirtied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TrackingMode {
-    /// `KVM_GET_DIRTY_LOG` without manual protection: get-and-clear per slot.
-    GetAndClear,
-    /// `KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG` with `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled.
-    ClearLog,
-    /// Per-vCPU dirty rings of this geometry, enabled before any vCPU was created.
-    Ring(RingConfig),
-}
-
-/// A memslot the VMM registered with `KVM_MEM_LOG_DIRTY_PAGES` and wants tracked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SlotSpec {
-    /// KVM's slot id (the low 16 bits of `kvm_userspace_memory_region.slot`).
-    pub id: SlotId,
-    /// The address space (the high 16 bits; 0 unless SMM).
-    pub as_id: AsId,
-    /// The slot's first guest-physical address.
-    pub guest_base: Gpa,
-    /// The slot's size in 4 KiB pages (`memory_size >> 12`). It must match KVM's: the bitmap modes detect a
-    /// larger KVM slot, the ring mode counts entries beyond it as invalid.
-    pub pages: u64,
-}
-
-impl SlotSpec {
-    /// A slot of address space 0.
-    #[must_use]
-    pub const fn new(id: u16, guest_base: u64, pages: u64) -> Self {
-        SlotSpec { id: SlotId(id), as_id: AsId(0), guest_base: Gpa(guest_base), pages }
-    }
-
-    /// The slot as KVM's `kvm_userspace_memory_region` names it: `slot = as_id << 16 | id`,
-    /// `guest_phys_addr`, `memory_size` (bytes).
-    #[must_use]
-    pub const fn from_region(slot: u32, guest_phys_addr: u64, memory_size: u64) -> Self {
-        let key = RingSlot::from_raw(slot);
-        SlotSpec {
-            id: key.id(),
-            as_id: key.as_id(),
-            guest_base: Gpa(guest_phys_addr),
-            pages: memory_size >> PAGE_SHIFT,
-        }
-    }
-
-    /// The `as_id << 16 | id` name KVM uses for the slot.
-    #[must_use]
-    pub const fn key(&self) -> RingSlot {
-        RingSlot::new(self.as_id, self.id)
-    }
-}
-
-/// An attached vCPU's index in the tracker, for [`VcpuRunner`](crate::VcpuRunner) and statistics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VcpuHandle(pub(crate) usize);
-
-impl VcpuHandle {
-    /// The index (attach order, from 0).
-    #[must_use]
-    pub const fn index(self) -> usize {
-        self.0
-    }
-}
 
 struct SlotState {
     spec: SlotSpec,
@@ -154,6 +92,16 @@ impl DirtyTracker {
     ///
     /// # Errors
     /// [`Error::Os`] if the VM fd cannot be duplicated.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?; // manual protect enabled by TestVm
+    /// assert_eq!(tracker.mode(), TrackingMode::ClearLog);
+    /// # Ok(()) }
+    /// ```
     pub fn new(vm: &VmFd, mode: TrackingMode) -> Result<Self> {
         Ok(DirtyTracker {
             vm: sys::dup_fd(vm.as_raw_fd())?,
@@ -170,6 +118,19 @@ impl DirtyTracker {
     ///
     /// # Errors
     /// As [`enable_dirty_ring`](crate::enable_dirty_ring).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::{DirtyTracker, Error, TrackingMode};
+    /// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+    /// let vm = kvm.create_vm()?;
+    /// match DirtyTracker::with_ring(&vm, 4096) {
+    ///     Ok(t) => assert!(matches!(t.mode(), TrackingMode::Ring(cfg) if cfg.entries() == 4096)),
+    ///     Err(Error::NoDirtyRing) => println!("no ring on this host"),
+    ///     Err(e) => return Err(e.into()),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn with_ring(vm: &VmFd, entries: u32) -> Result<Self> {
         let (_, cfg) = crate::enable_dirty_ring(vm, entries)?;
         DirtyTracker::new(vm, TrackingMode::Ring(cfg))
@@ -179,6 +140,17 @@ impl DirtyTracker {
     ///
     /// # Errors
     /// [`Error::Os`] if the VM fd cannot be duplicated.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::GetAndClear)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::with_bitmap(&t.vm)?;
+    /// tracker.register_slot(SlotSpec::new(1, 0x10_0000, 256))?;
+    /// assert!(tracker.collect()?.is_empty(), "no guest ran, nothing is dirty");
+    /// # Ok(()) }
+    /// ```
     pub fn with_bitmap(vm: &VmFd) -> Result<Self> {
         DirtyTracker::new(vm, TrackingMode::GetAndClear)
     }
@@ -188,6 +160,19 @@ impl DirtyTracker {
     ///
     /// # Errors
     /// As [`enable_manual_protect`](crate::enable_manual_protect).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::{DirtyTracker, Error, TrackingMode};
+    /// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+    /// let vm = kvm.create_vm()?;
+    /// match DirtyTracker::with_clear_log(&vm, true) {
+    ///     Ok(t) => assert_eq!(t.mode(), TrackingMode::ClearLog),
+    ///     Err(Error::CapabilityMissing { name, .. }) => println!("no {name} on this host"),
+    ///     Err(e) => return Err(e.into()),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn with_clear_log(vm: &VmFd, initially_set: bool) -> Result<Self> {
         crate::enable_manual_protect(vm, initially_set)?;
         DirtyTracker::new(vm, TrackingMode::ClearLog)
@@ -205,6 +190,18 @@ impl DirtyTracker {
     /// [`Error::BadSlot`] for zero pages or a range that overflows; [`Error::SlotConflict`] if the id is
     /// taken or the guest range overlaps a registered slot of the same address space; [`Error::Mmap`] if the
     /// bitmap buffer cannot be allocated. Nothing is registered on error.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?;
+    /// tracker.register_slot(SlotSpec::new(1, 0x10_0000, 256))?;
+    /// assert!(tracker.register_slot(SlotSpec::new(1, 0x20_0000, 16)).is_err(), "id taken");
+    /// assert_eq!(tracker.slots()?.len(), 1);
+    /// # Ok(()) }
+    /// ```
     pub fn register_slot(&self, spec: SlotSpec) -> Result<()> {
         let key = spec.key();
         let end = spec.pages.checked_shl(PAGE_SHIFT).and_then(|b| b.checked_add(spec.guest_base.0));
@@ -244,6 +241,22 @@ impl DirtyTracker {
     ///
     /// # Errors
     /// [`Error::SlotNotRegistered`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?;
+    /// let spec = SlotSpec::new(1, 0x10_0000, 256);
+    /// tracker.register_slot(spec)?;
+    /// let round = tracker.collect()?;
+    /// tracker.restore(&round)?; // 256 pages pending
+    /// let pending = tracker.unregister_slot(spec.key())?;
+    /// assert_eq!(pending.map(|p| p.count()), Some(256));
+    /// assert!(tracker.slots()?.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub fn unregister_slot(&self, slot: RingSlot) -> Result<Option<SlotDirty>> {
         let mut slots = self.slots.write().map_err(|_| Error::Poisoned { what: "slots" })?;
         if slots.remove(&slot.raw()).is_none() {
@@ -256,6 +269,17 @@ impl DirtyTracker {
     ///
     /// # Errors
     /// [`Error::Poisoned`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?;
+    /// tracker.register_slot(SlotSpec::new(1, 0x10_0000, 256))?;
+    /// assert_eq!(tracker.slots()?, [SlotSpec::new(1, 0x10_0000, 256)]);
+    /// # Ok(()) }
+    /// ```
     pub fn slots(&self) -> Result<Vec<SlotSpec>> {
         Ok(read(&self.slots, "slots")?.values().map(|s| s.spec).collect())
     }
@@ -265,6 +289,18 @@ impl DirtyTracker {
     ///
     /// # Errors
     /// [`Error::Mmap`] if the ring cannot be mapped.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::Ring(4096))? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::Ring(t.ring.ok_or("ring")?))?;
+    /// let vcpu = t.vm.create_vcpu(0)?;
+    /// assert_eq!(tracker.attach_vcpu(&vcpu)?.index(), 0);
+    /// assert_eq!(tracker.stats()?.per_vcpu.len(), 1);
+    /// # Ok(()) }
+    /// ```
     pub fn attach_vcpu(&self, vcpu: &VcpuFd) -> Result<VcpuHandle> {
         let ring = match self.mode {
             TrackingMode::Ring(cfg) => Some(Mutex::new(DirtyRing::map(vcpu, cfg)?)),
@@ -287,6 +323,20 @@ impl DirtyTracker {
     /// # Errors
     /// An ioctl error ([`Error::SlotNotLogged`], [`Error::Ioctl`], ...). Whatever was harvested before the
     /// failure is kept in the pending set for the next collect: nothing is lost.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?;
+    /// let spec = SlotSpec::new(1, 0x10_0000, 256);
+    /// tracker.register_slot(spec)?;
+    /// // INITIALLY_SET: the first round reports every page; KVM cleared them, so the second reports none.
+    /// assert_eq!(tracker.collect()?.get(spec.key()).map(|s| s.count()), Some(256));
+    /// assert!(tracker.collect()?.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub fn collect(&self) -> Result<DirtySets> {
         let mut out = DirtySets::default();
         self.collect_into(&mut out)?;
@@ -299,6 +349,21 @@ impl DirtyTracker {
     ///
     /// # Errors
     /// As [`collect`](DirtyTracker::collect); `out` is unchanged on error.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?;
+    /// tracker.register_slot(SlotSpec::new(1, 0x10_0000, 256))?;
+    /// let mut out = tdp_kvm::DirtySets::default();
+    /// assert_eq!(tracker.collect_into(&mut out)?, 256);
+    /// assert_eq!(tracker.collect_into(&mut out)?, 0);
+    /// assert_eq!(out.total(), 256, "kept until the caller clears it");
+    /// out.clear();
+    /// # Ok(()) }
+    /// ```
     pub fn collect_into(&self, out: &mut DirtySets) -> Result<u64> {
         let mut fresh = lock(&self.collect, "collect")?;
         fresh.clear();
@@ -320,97 +385,26 @@ impl DirtyTracker {
         Ok(n)
     }
 
-    /// Harvests every source into `fresh` (slots added first) and re-protects.
-    fn harvest_all(&self, fresh: &mut DirtySets) -> Result<()> {
-        let slots = read(&self.slots, "slots")?;
-        for s in slots.values() {
-            fresh.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages);
-        }
-        match self.mode {
-            TrackingMode::Ring(_) => {
-                let vcpus: Vec<Arc<VcpuState>> = read(&self.vcpus, "vcpus")?.clone();
-                drop(slots);
-                for v in &vcpus {
-                    let Some(ring) = &v.ring else { continue };
-                    let mut ring = lock(ring, "ring")?;
-                    let slots = read(&self.slots, "slots")?;
-                    let n = ring.harvest(usize::MAX, |e| self.record(&slots, fresh, e));
-                    add(&v.counters.harvested, n as u64);
-                    add(&self.counters.harvested, n as u64);
-                }
-                let reset = reset_fd(self.vm.as_fd())?;
-                add(&self.counters.reset_entries, u64::from(reset));
-            }
-            TrackingMode::GetAndClear | TrackingMode::ClearLog => {
-                let clear = self.mode == TrackingMode::ClearLog;
-                for s in slots.values() {
-                    let Some(buf) = &s.buf else { continue };
-                    let mut buf = lock(buf, "bitmap buffer")?;
-                    let key = s.spec.key().raw();
-                    get_dirty_log_fd(self.vm.as_fd(), key, &mut buf)?;
-                    if let Some(set) = fresh.get_mut(s.spec.key()) {
-                        set.merge_words(buf.words());
-                    }
-                    add(&self.counters.harvested, buf.count());
-                    if clear {
-                        clear_whole_slot(self.vm.as_fd(), key, s.spec.pages, buf.words())?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Records one ring entry into `set` after checking it against the slots (I5).
-    fn record(&self, slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, e: DirtyEntry) {
-        match slots.get(&e.slot.raw()) {
-            None => add(&self.counters.invalid_slot, 1),
-            Some(s) if e.offset >= s.spec.pages => add(&self.counters.invalid_offset, 1),
-            Some(s) => {
-                if !set.insert(e.slot, e.offset) {
-                    set.add_slot(e.slot, s.spec.guest_base, s.spec.pages).insert(e.offset);
-                }
-            }
-        }
-    }
-
-    /// Harvests one vCPU's ring at its ring-full exit: harvest, reset, then publish into the pending set,
-    /// all under the ring's lock. Returns (entries harvested, entries KVM reset, entries harvested from this
-    /// ring by anyone before this call).
-    pub(crate) fn harvest_ring_full(
-        &self,
-        v: &VcpuState,
-        scratch: &mut Vec<DirtyEntry>,
-    ) -> Result<(usize, u32, u64)> {
-        let Some(ring) = &v.ring else { return Err(Error::RingNotEnabled { op: "ring-full harvest" }) };
-        let mut ring = lock(ring, "ring")?;
-        let before = get(&v.counters.harvested);
-        scratch.clear();
-        let n = ring.harvest(usize::MAX, |e| scratch.push(e));
-        add(&v.counters.harvested, n as u64);
-        add(&self.counters.harvested, n as u64);
-        add(&v.counters.ring_full_exits, 1);
-        // Reset before publishing: a collect that takes these pages from the pending set must find them
-        // re-protected. If the reset fails, publish anyway (they were harvested) and report the error.
-        let reset = reset_fd(self.vm.as_fd());
-        {
-            let slots = read(&self.slots, "slots")?;
-            let mut pending = lock(&self.pending, "pending")?;
-            for e in scratch.drain(..) {
-                self.record(&slots, &mut pending, e);
-            }
-        }
-        let reset = reset?;
-        add(&self.counters.reset_entries, u64::from(reset));
-        Ok((n, reset, before))
-    }
-
     /// Gives pages back: they are reported again by the next collect (merged with whatever is pending).
     /// Use it when a round that took them failed before the pages were sent. Pages of slots no longer
     /// registered are skipped; returns how many pages were requeued.
     ///
     /// # Errors
     /// [`Error::Poisoned`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?;
+    /// tracker.register_slot(SlotSpec::new(1, 0x10_0000, 256))?;
+    /// let round = tracker.collect()?;
+    /// // Sending failed: give the pages back, and the next round reports them again.
+    /// assert_eq!(tracker.restore(&round)?, 256);
+    /// assert_eq!(tracker.collect()?, round);
+    /// # Ok(()) }
+    /// ```
     pub fn restore(&self, sets: &DirtySets) -> Result<u64> {
         let slots = read(&self.slots, "slots")?;
         let mut pending = lock(&self.pending, "pending")?;
@@ -429,6 +423,19 @@ impl DirtyTracker {
     ///
     /// # Errors
     /// [`Error::Poisoned`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?;
+    /// tracker.register_slot(SlotSpec::new(1, 0x10_0000, 256))?;
+    /// assert_eq!(tracker.pending_pages()?, 0);
+    /// tracker.restore(&tracker.collect()?)?;
+    /// assert_eq!(tracker.pending_pages()?, 256);
+    /// # Ok(()) }
+    /// ```
     pub fn pending_pages(&self) -> Result<u64> {
         Ok(lock(&self.pending, "pending")?.total())
     }
@@ -437,6 +444,21 @@ impl DirtyTracker {
     ///
     /// # Errors
     /// [`Error::Poisoned`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?;
+    /// tracker.register_slot(SlotSpec::new(1, 0x10_0000, 256))?;
+    /// let before = tracker.stats()?;
+    /// tracker.collect()?;
+    /// let rate = tracker.stats()?.rate_since(&before);
+    /// assert_eq!(rate.pages, 256);
+    /// assert!(rate.per_vcpu.is_none(), "bitmap: VM-wide figures only");
+    /// # Ok(()) }
+    /// ```
     pub fn stats(&self) -> Result<TrackerStats> {
         let per_vcpu = read(&self.vcpus, "vcpus")?
             .iter()

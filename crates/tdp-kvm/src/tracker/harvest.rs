@@ -1,0 +1,135 @@
+//! The tracker's harvest paths: a collect over every source, one ring at its vCPU's ring-full exit, and
+//! the validation of each ring entry against the registered slots.
+//!
+//! Keeps: I4 (a ring-full harvest is reset, then published to the pending set, under the ring's lock, so
+//! a collect never returns a page KVM has not re-protected and never misses one it took) and I5 (entries
+//! naming an unknown slot or an offset beyond their slot are counted and skipped).
+
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use tdp_core::dirty_ring::DirtyEntry;
+
+use super::stats::{add, get};
+use super::{DirtySets, DirtyTracker, SlotState, TrackingMode, VcpuState, lock, read};
+use crate::bitmap::{clear_whole_slot, get_dirty_log_fd};
+use crate::error::{Error, Result};
+use crate::ring::reset_fd;
+
+impl DirtyTracker {
+    /// Harvests every source into `fresh` (slots added first) and re-protects.
+    pub(super) fn harvest_all(&self, fresh: &mut DirtySets) -> Result<()> {
+        let slots = read(&self.slots, "slots")?;
+        for s in slots.values() {
+            fresh.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages);
+        }
+        match self.mode {
+            TrackingMode::Ring(_) => {
+                let vcpus: Vec<Arc<VcpuState>> = read(&self.vcpus, "vcpus")?.clone();
+                drop(slots);
+                for v in &vcpus {
+                    let Some(ring) = &v.ring else { continue };
+                    let mut ring = lock(ring, "ring")?;
+                    let slots = read(&self.slots, "slots")?;
+                    let n = ring.harvest(usize::MAX, |e| self.record(&slots, fresh, e));
+                    add(&v.counters.harvested, n as u64);
+                    add(&self.counters.harvested, n as u64);
+                }
+                let reset = reset_fd(self.vm.as_fd())?;
+                add(&self.counters.reset_entries, u64::from(reset));
+            }
+            TrackingMode::GetAndClear | TrackingMode::ClearLog => {
+                let clear = self.mode == TrackingMode::ClearLog;
+                for s in slots.values() {
+                    let Some(buf) = &s.buf else { continue };
+                    let mut buf = lock(buf, "bitmap buffer")?;
+                    let key = s.spec.key().raw();
+                    get_dirty_log_fd(self.vm.as_fd(), key, &mut buf)?;
+                    if let Some(set) = fresh.get_mut(s.spec.key()) {
+                        set.merge_words(buf.words());
+                    }
+                    add(&self.counters.harvested, buf.count());
+                    if clear {
+                        clear_whole_slot(self.vm.as_fd(), key, s.spec.pages, buf.words())?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records one ring entry into `set` after checking it against the slots (I5).
+    pub(super) fn record(&self, slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, e: DirtyEntry) {
+        match slots.get(&e.slot.raw()) {
+            None => add(&self.counters.invalid_slot, 1),
+            Some(s) if e.offset >= s.spec.pages => add(&self.counters.invalid_offset, 1),
+            Some(s) => {
+                if !set.insert(e.slot, e.offset) {
+                    set.add_slot(e.slot, s.spec.guest_base, s.spec.pages).insert(e.offset);
+                }
+            }
+        }
+    }
+
+    /// Harvests one vCPU's ring at its ring-full exit: harvest, reset, then publish into the pending set,
+    /// all under the ring's lock. Returns (entries harvested, entries KVM reset, entries harvested from this
+    /// ring by anyone before this call).
+    pub(crate) fn harvest_ring_full(
+        &self,
+        v: &VcpuState,
+        scratch: &mut Vec<DirtyEntry>,
+    ) -> Result<(usize, u32, u64)> {
+        let Some(ring) = &v.ring else { return Err(Error::RingNotEnabled { op: "ring-full harvest" }) };
+        let mut ring = lock(ring, "ring")?;
+        let before = get(&v.counters.harvested);
+        scratch.clear();
+        let n = ring.harvest(usize::MAX, |e| scratch.push(e));
+        add(&v.counters.harvested, n as u64);
+        add(&self.counters.harvested, n as u64);
+        add(&v.counters.ring_full_exits, 1);
+        // Reset before publishing: a collect that takes these pages from the pending set must find them
+        // re-protected. If the reset fails, publish anyway (they were harvested) and report the error.
+        let reset = reset_fd(self.vm.as_fd());
+        {
+            let slots = read(&self.slots, "slots")?;
+            let mut pending = lock(&self.pending, "pending")?;
+            for e in scratch.drain(..) {
+                self.record(&slots, &mut pending, e);
+            }
+        }
+        let reset = reset?;
+        add(&self.counters.reset_entries, u64::from(reset));
+        Ok((n, reset, before))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tdp_core::addr::RingSlot;
+    use tdp_core::dirty_ring::DirtyEntry;
+
+    use crate::testing::{LogSetup, TestVm};
+    use crate::{DirtySets, DirtyTracker, SlotSpec, TrackingMode};
+
+    #[test]
+    fn i5_ring_entries_naming_unknown_slots_or_offsets_beyond_are_counted_and_skipped() {
+        let Some(t) = TestVm::new_or_skip(&[], LogSetup::NotLogged).unwrap() else { return };
+        let tracker = DirtyTracker::new(&t.vm, TrackingMode::GetAndClear).unwrap();
+        tracker.register_slot(SlotSpec::new(1, 0x10_0000, 100)).unwrap();
+        let slot = SlotSpec::new(1, 0x10_0000, 100).key();
+        let mut set = DirtySets::default();
+        {
+            let slots = super::read(&tracker.slots, "slots").unwrap();
+            for (raw, offset) in [(1, 5), (1, 99), (1, 100), (1, u64::MAX), (2, 0), (0x0001_0001, 5), (1, 5)]
+            {
+                tracker.record(&slots, &mut set, DirtyEntry { slot: RingSlot::from_raw(raw), offset });
+            }
+        }
+        let got: Vec<u64> = set.get(slot).unwrap().offsets().collect();
+        assert_eq!(got, [5, 99], "valid entries kept once, bad ones skipped");
+        assert_eq!(set.iter().count(), 1, "no set invented for an unknown slot");
+        let stats = tracker.stats().unwrap();
+        assert_eq!((stats.invalid_offset, stats.invalid_slot), (2, 2));
+    }
+}

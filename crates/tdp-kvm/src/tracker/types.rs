@@ -1,0 +1,68 @@
+//! The tracker's vocabulary: its mode, the slots it tracks, and the handles of attached vCPUs.
+
+use tdp_core::addr::{AsId, Gpa, PAGE_SHIFT, RingSlot, SlotId};
+use tdp_core::dirty_ring::RingConfig;
+
+/// How the tracker learns which pages were dirtied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackingMode {
+    /// `KVM_GET_DIRTY_LOG` without manual protection: get-and-clear per slot.
+    GetAndClear,
+    /// `KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG` with `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled.
+    ClearLog,
+    /// Per-vCPU dirty rings of this geometry, enabled before any vCPU was created.
+    Ring(RingConfig),
+}
+
+/// A memslot the VMM registered with `KVM_MEM_LOG_DIRTY_PAGES` and wants tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotSpec {
+    /// KVM's slot id (the low 16 bits of `kvm_userspace_memory_region.slot`).
+    pub id: SlotId,
+    /// The address space (the high 16 bits; 0 unless SMM).
+    pub as_id: AsId,
+    /// The slot's first guest-physical address.
+    pub guest_base: Gpa,
+    /// The slot's size in 4 KiB pages (`memory_size >> 12`). It must match KVM's: the bitmap modes detect a
+    /// larger KVM slot, the ring mode counts entries beyond it as invalid.
+    pub pages: u64,
+}
+
+impl SlotSpec {
+    /// A slot of address space 0.
+    #[must_use]
+    pub const fn new(id: u16, guest_base: u64, pages: u64) -> Self {
+        SlotSpec { id: SlotId(id), as_id: AsId(0), guest_base: Gpa(guest_base), pages }
+    }
+
+    /// The slot as KVM's `kvm_userspace_memory_region` names it: `slot = as_id << 16 | id`,
+    /// `guest_phys_addr`, `memory_size` (bytes).
+    #[must_use]
+    pub const fn from_region(slot: u32, guest_phys_addr: u64, memory_size: u64) -> Self {
+        let key = RingSlot::from_raw(slot);
+        SlotSpec {
+            id: key.id(),
+            as_id: key.as_id(),
+            guest_base: Gpa(guest_phys_addr),
+            pages: memory_size >> PAGE_SHIFT,
+        }
+    }
+
+    /// The `as_id << 16 | id` name KVM uses for the slot.
+    #[must_use]
+    pub const fn key(&self) -> RingSlot {
+        RingSlot::new(self.as_id, self.id)
+    }
+}
+
+/// An attached vCPU's index in the tracker, for [`VcpuRunner`](crate::VcpuRunner) and statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VcpuHandle(pub(crate) usize);
+
+impl VcpuHandle {
+    /// The index (attach order, from 0).
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self.0
+    }
+}
