@@ -7,6 +7,13 @@
 //! host, which decides when to run the vCPU again: so the host can change the iteration number or the
 //! workload at batch boundaries, pace the guest, or stop it.
 //!
+//! The host may rewrite a vCPU's block while it runs, so the block is a seqlock: the host makes
+//! [`block::GEN`] odd, writes the fields, and makes it even again; the guest reads `GEN`, the fields, and
+//! `GEN` again, and skips the batch (writes nothing, counts it in [`block::SKIPPED`], still sends the
+//! `OUT`) if `GEN` was odd or changed. As a second line, it also skips a block whose range is not inside
+//! the data slot's bounds in the control page header, so no read can make it fault or write outside the
+//! slot.
+//!
 //! Registers on entry: RDI = control page, RSI = this vCPU's block. The program uses no stack and only
 //! instructions that are legal at CPL3 with IOPL 3 (a test decodes it back and checks).
 
@@ -14,7 +21,7 @@ use iced_x86::code_asm::{
     CodeAssembler, CodeLabel, qword_ptr, r8, r9, r10, r11, r12, r13, r14, r15, rax, rbp, rbx, rcx, rdi, rdx,
     rsi,
 };
-use iced_x86::code_asm::{eax, ebx, edx, r15d};
+use iced_x86::code_asm::{eax, ebx, edx, r9d, r15d};
 
 use crate::error::{GuestError, Result};
 
@@ -23,6 +30,12 @@ pub const BATCH_DONE_PORT: u16 = 0xe0;
 
 /// Offset in the control page of the iteration number (u64, written by the host).
 pub const CTL_ITERATION: u64 = 0;
+/// Offset in the control page of the data slot's first guest address (u64, written once by the host).
+pub const CTL_DATA_START: u64 = 8;
+/// Offset in the control page of the data slot's end address, exclusive (u64, written once by the host).
+pub const CTL_DATA_END: u64 = 16;
+/// Offset in the control page of the data slot's size in pages (u64, written once by the host).
+pub const CTL_DATA_PAGES: u64 = 24;
 /// Offset in the control page of the first vCPU block.
 pub const CTL_VCPU_BLOCKS: u64 = 128;
 /// Size of one vCPU block.
@@ -57,6 +70,15 @@ pub mod block {
     pub const BATCHES: u64 = 80;
     /// Page writes completed (guest-incremented by `batch` at the end of each batch).
     pub const WRITES: u64 = 88;
+    /// Batches skipped because the block failed the guest's own range check (a workload read while the
+    /// host was rewriting it); such a batch writes nothing but still ends with the `OUT`.
+    pub const SKIPPED: u64 = 96;
+    /// Sequence counter of the host-written fields: odd while the host rewrites them, bumped to the next
+    /// even value when done (a seqlock: the guest skips a batch whose fields it read across a change).
+    pub const GEN: u64 = 104;
+    /// The guest's copy of [`GEN`] at the start of its current batch; it saves its generator state and
+    /// cursor at the end only if the host has not rewritten the block meanwhile.
+    pub const SEEN_GEN: u64 = 112;
 
     /// Pattern code: pages in order, wrapping at the end of the range.
     pub const PATTERN_SEQUENTIAL: u64 = 0;
@@ -88,18 +110,48 @@ pub(crate) fn build() -> std::result::Result<CodeAssembler, iced_x86::IcedError>
     let mut hot_loop = a.create_label();
     let mut rand_loop = a.create_label();
 
+    let mut skip = a.create_label();
+    let mut counted = a.create_label();
     a.set_label(&mut top)?;
+    a.mov(rax, qword_ptr(rsi + GEN as i32))?;
+    a.test(eax, 1)?;
+    a.jnz(skip)?;
+    a.mov(qword_ptr(rsi + SEEN_GEN as i32), rax)?;
     a.mov(r8, qword_ptr(rdi + CTL_ITERATION as i32))?;
-    a.mov(r9, qword_ptr(rsi + PATTERN as i32))?;
     a.mov(r10, qword_ptr(rsi + BASE as i32))?;
     a.mov(r11, qword_ptr(rsi + PAGES as i32))?;
     a.mov(rcx, qword_ptr(rsi + BATCH as i32))?;
+    a.mov(r9, rcx)?; // R9: writes this batch will have made when it reaches `done`.
     a.mov(r12, qword_ptr(rsi + HOT_PAGES as i32))?;
     a.mov(r13, qword_ptr(rsi + HOT_THRESHOLD as i32))?;
     a.mov(r14, qword_ptr(rsi + RNG as i32))?;
     a.mov(r15, qword_ptr(rsi + CURSOR as i32))?;
     a.mov(rbx, qword_ptr(rsi + TAG as i32))?;
     a.mov(rbp, qword_ptr(rsi + FLAGS as i32))?;
+    a.mov(rdx, qword_ptr(rsi + PATTERN as i32))?;
+    // x86 does not reorder loads with loads: equal GEN before and after means one consistent block.
+    a.cmp(rax, qword_ptr(rsi + GEN as i32))?;
+    a.jne(skip)?;
+    // Range check: 1 <= pages <= slot pages, slot start <= base, base + pages * 4096 <= slot end (no
+    // carry), 1 <= hot pages <= pages, rng != 0. Anything else: skip the batch.
+    a.test(r11, r11)?;
+    a.jz(skip)?;
+    a.cmp(r11, qword_ptr(rdi + CTL_DATA_PAGES as i32))?;
+    a.ja(skip)?;
+    a.cmp(r10, qword_ptr(rdi + CTL_DATA_START as i32))?;
+    a.jb(skip)?;
+    a.mov(rax, r11)?;
+    a.shl(rax, 12)?;
+    a.add(rax, r10)?;
+    a.jc(skip)?;
+    a.cmp(rax, qword_ptr(rdi + CTL_DATA_END as i32))?;
+    a.ja(skip)?;
+    a.test(r12, r12)?;
+    a.jz(skip)?;
+    a.cmp(r12, r11)?;
+    a.ja(skip)?;
+    a.test(r14, r14)?;
+    a.jz(skip)?;
     a.test(rcx, rcx)?;
     a.jz(done)?;
     // A cursor left over from a larger range restarts at 0.
@@ -107,9 +159,9 @@ pub(crate) fn build() -> std::result::Result<CodeAssembler, iced_x86::IcedError>
     a.jb(cursor_ok)?;
     a.xor(r15d, r15d)?;
     a.set_label(&mut cursor_ok)?;
-    a.cmp(r9, PATTERN_SEQUENTIAL as i32)?;
+    a.cmp(rdx, PATTERN_SEQUENTIAL as i32)?;
     a.je(seq_loop)?;
-    a.cmp(r9, PATTERN_HOT as i32)?;
+    a.cmp(rdx, PATTERN_HOT as i32)?;
     a.je(hot_loop)?;
 
     // Random (also any unknown pattern code): page = xorshift() % pages.
@@ -161,16 +213,28 @@ pub(crate) fn build() -> std::result::Result<CodeAssembler, iced_x86::IcedError>
     a.dec(rcx)?;
     a.jnz(hot_loop)?;
 
-    // Save state, count, tell the host.
+    // Save the generator and cursor, unless the host rewrote the block during the batch (its new seed
+    // and cursor win).
     a.set_label(&mut done)?;
+    a.mov(rax, qword_ptr(rsi + SEEN_GEN as i32))?;
+    a.cmp(rax, qword_ptr(rsi + GEN as i32))?;
+    a.jne(counted)?;
     a.mov(qword_ptr(rsi + RNG as i32), r14)?;
     a.mov(qword_ptr(rsi + CURSOR as i32), r15)?;
+    // Count, tell the host.
+    a.set_label(&mut counted)?;
     a.add(qword_ptr(rsi + BATCHES as i32), 1)?;
-    a.mov(rax, qword_ptr(rsi + BATCH as i32))?;
-    a.add(qword_ptr(rsi + WRITES as i32), rax)?;
+    a.add(qword_ptr(rsi + WRITES as i32), r9)?;
     a.mov(eax, ebx)?;
     a.out(u32::from(BATCH_DONE_PORT), eax)?;
     a.jmp(top)?;
+
+    // A block read across a change, or outside the slot: count it, write nothing.
+    a.set_label(&mut skip)?;
+    a.add(qword_ptr(rsi + SKIPPED as i32), 1)?;
+    a.xor(r9d, r9d)?;
+    a.mov(rbx, qword_ptr(rsi + TAG as i32))?;
+    a.jmp(counted)?;
     Ok(a)
 }
 
@@ -255,6 +319,7 @@ mod tests {
             Mnemonic::Jne,
             Mnemonic::Jb,
             Mnemonic::Jae,
+            Mnemonic::Ja,
             Mnemonic::Jmp,
             Mnemonic::Shl,
             Mnemonic::Shr,

@@ -13,7 +13,10 @@ use crate::layout::{
     TSS_OFFSET,
 };
 use crate::memory::MmapRegion;
-use crate::program::{self, CTL_ITERATION, CTL_VCPU_BLOCK_SIZE, CTL_VCPU_BLOCKS, block};
+use crate::program::{
+    self, CTL_DATA_END, CTL_DATA_PAGES, CTL_DATA_START, CTL_ITERATION, CTL_VCPU_BLOCK_SIZE, CTL_VCPU_BLOCKS,
+    block,
+};
 use crate::vcpu::{self, GuestVcpu};
 use crate::workload::{Pattern, Workload};
 use crate::{gdt, paging};
@@ -25,6 +28,9 @@ pub struct VcpuStats {
     pub batches: u64,
     /// Page writes completed (a page written twice counts twice).
     pub writes: u64,
+    /// Batches that wrote nothing because the workload the guest read failed its range check (read
+    /// while [`GuestVm::set_workload`] was rewriting it).
+    pub skipped: u64,
 }
 
 /// A VM whose vCPUs run the crate's CPL3 program over a data memslot.
@@ -63,6 +69,8 @@ pub struct GuestVm {
     layout: Layout,
     data_logging: bool,
     vcpus_created: bool,
+    /// Serialises [`GuestVm::set_workload`] (the seqlock has one writer).
+    workload_writer: std::sync::Mutex<()>,
     code: Arc<MmapRegion>,
     data: Arc<MmapRegion>,
 }
@@ -96,12 +104,21 @@ impl GuestVm {
             layout,
             data_logging: spec.dirty_logging(),
             vcpus_created: false,
+            workload_writer: std::sync::Mutex::new(()),
             code,
             data,
         };
         this.fill_code_slot()?;
         this.register(CODE_SLOT, false)?;
         this.register(DATA_SLOT, this.data_logging)?;
+        for (field, value) in [
+            (CTL_DATA_START, DATA_GPA),
+            (CTL_DATA_END, DATA_GPA + layout.data_slot_bytes()),
+            (CTL_DATA_PAGES, layout.data_pages),
+        ] {
+            let stored = this.code.store(control_offset(field), value);
+            debug_assert!(stored, "the control page is inside the code slot");
+        }
         this.set_iteration(1);
         for i in 0..spec.vcpus() {
             let w = Workload::share(spec.data_pages(), spec.vcpus() as u64, i as u64, 64, Pattern::Random)
@@ -221,6 +238,11 @@ impl GuestVm {
     /// Validates `w` and writes it into vCPU `vcpu`'s block; the guest picks it up at its next batch.
     /// The generator is reseeded and the sequential cursor restarts at the range's first page.
     ///
+    /// Safe while the vCPU runs: the block is a seqlock, so a batch that starts while it is being
+    /// rewritten sees either the old or the new workload, or notices the change and writes nothing
+    /// ([`VcpuStats::skipped`]). A batch already running finishes with the old workload; the new seed and
+    /// cursor then take effect at the next batch.
+    ///
     /// # Errors
     /// [`GuestError::NoSuchVcpu`] or [`GuestError::InvalidWorkload`]; the block is unchanged then.
     pub fn set_workload(&self, vcpu: usize, w: &Workload) -> Result<()> {
@@ -234,6 +256,10 @@ impl GuestVm {
             }
         };
         let flags = if w.write_tag { block::FLAG_WRITE_TAG } else { 0 };
+        // Seqlock write side (see `program`): one writer at a time, GEN odd while the fields change.
+        let _writer = self.workload_writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let generation = self.code.load(base + block::GEN).unwrap_or(0);
+        let mut stored = self.code.store(base + block::GEN, generation | 1);
         for (field, value) in [
             (block::PATTERN, pattern),
             (block::BASE, DATA_GPA + w.first_page * PAGE_SIZE),
@@ -246,9 +272,10 @@ impl GuestVm {
             (block::TAG, vcpu as u64),
             (block::FLAGS, flags),
         ] {
-            let stored = self.code.store(base + field, value);
-            debug_assert!(stored, "vCPU blocks are inside the control page");
+            stored &= self.code.store(base + field, value);
         }
+        stored &= self.code.store(base + block::GEN, (generation | 1) + 1);
+        debug_assert!(stored, "vCPU blocks are inside the control page");
         Ok(())
     }
 
@@ -261,6 +288,7 @@ impl GuestVm {
         Ok(VcpuStats {
             batches: self.code.load(base + block::BATCHES).unwrap_or(0),
             writes: self.code.load(base + block::WRITES).unwrap_or(0),
+            skipped: self.code.load(base + block::SKIPPED).unwrap_or(0),
         })
     }
 

@@ -194,3 +194,54 @@ fn dirty_logging_toggles_by_re_registering_the_data_slot() -> Result<(), GuestEr
     assert_eq!(count(&vm).map_err(|e| e.errno()), Err(libc::ENOENT));
     Ok(())
 }
+
+/// The host rewrites the workload while the vCPU runs, thousands of times, between two ranges whose
+/// mix (A's base with B's length) would write pages in neither: the seqlock must keep every batch on one
+/// whole workload, and nothing may fault.
+#[test]
+fn workload_changes_while_running_never_mix_two_workloads() -> Result<(), GuestError> {
+    let Some(mut vm) = vm_or_skip(GuestSpec::new(4096 + 3, 1), "live workload changes") else {
+        return Ok(());
+    };
+    let a = Workload::new(0, 10, 4, Pattern::Random).with_tag(false);
+    let b = Workload::new(3000, 1099, 4, Pattern::Sequential).with_tag(false);
+    vm.set_workload(0, &a)?;
+    let mut vcpus = vm.create_vcpus()?;
+    let mut vcpu = vcpus.remove(0);
+    let gate = BatchGate::new(1);
+    let outcome = std::thread::scope(|s| {
+        let runner = s.spawn(|| {
+            let r = loop {
+                match vcpu.run() {
+                    Ok(GuestExit::BatchDone { .. }) if gate.at_batch_boundary() == Decision::Stop => {
+                        break Ok(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            gate.leave();
+            r
+        });
+        let mut result = Ok(());
+        for i in 0..20_000 {
+            if let Err(e) = vm.set_workload(0, if i % 2 == 0 { &b } else { &a }) {
+                result = Err(e);
+                break;
+            }
+        }
+        gate.stop();
+        match runner.join() {
+            Ok(r) => result.and(r),
+            Err(_) => panic!("the vCPU thread panicked"),
+        }
+    });
+    outcome?;
+    let stats = vm.vcpu_stats(0)?;
+    eprintln!("live workload changes: {stats:?}");
+    assert!(stats.batches > 0);
+    let stray: Vec<u64> =
+        written_pages(&vm, 1).into_iter().filter(|p| !(*p < 10 || (3000..4099).contains(p))).collect();
+    assert!(stray.is_empty(), "pages outside both workloads were written: {stray:?}");
+    Ok(())
+}
