@@ -80,12 +80,23 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if let Some(series) = &outcome.harvest {
-        let plot = args.plot.unwrap_or_else(default_plot);
+        let plot = args.plot.clone().unwrap_or_else(default_plot);
         if let Err(e) = plot::harvest_vs_memory(series, &plot) {
             eprintln!("tdp-bench: cannot draw {}: {e}", plot.display());
             return ExitCode::FAILURE;
         }
         println!("drew {}", plot.display());
+    }
+    let plot_dir = args.plot.as_ref().and_then(|p| p.parent().map(PathBuf::from)).unwrap_or_else(|| {
+        default_plot().parent().map_or_else(|| PathBuf::from("."), PathBuf::from)
+    });
+    for (name, chart) in &outcome.charts {
+        let path = plot_dir.join(name);
+        if let Err(e) = plot::lines(chart, &path) {
+            eprintln!("tdp-bench: cannot draw {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("drew {}", path.display());
     }
     println!(
         "wrote {} ({} rows) in {:.1} s",

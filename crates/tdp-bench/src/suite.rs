@@ -55,6 +55,8 @@ pub struct Outcome {
     pub notes: Vec<String>,
     /// The harvest-cost figures, for the plot, when the `harvest` group ran.
     pub harvest: Option<Series>,
+    /// More charts to draw: `(file name, chart)`, drawn beside the harvest plot.
+    pub charts: Vec<(&'static str, crate::plot::Chart<'static>)>,
 }
 
 /// Table pages an MMU needs to map `pages` 4 KiB pages from gfn 0 at `level`, plus a root, the tables

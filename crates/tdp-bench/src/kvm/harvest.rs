@@ -23,6 +23,7 @@ use tdp_guest::{GuestExit, GuestSpec, GuestVcpu, GuestVm, Pattern, Workload};
 use tdp_kvm::{DirtyLogBuffer, DirtyRing, DirtyTracker, SlotSpec};
 
 use super::guest_or_skip;
+use crate::plot::Chart;
 use crate::report::Row;
 use crate::suite::{Config, Outcome, PAGES_1G};
 use crate::timing::median;
@@ -94,6 +95,23 @@ pub fn measure(cfg: &Config, out: &mut Outcome) {
     if let (Some(first), Some(last)) = (result.sizes.first(), result.sizes.last()) {
         out.rows.push(Row::new(RING_FLAT_ROW, last.1[0], first.1[0], UNIT));
     }
+    let col = |i: usize| result.sizes.iter().map(|(_, f)| f[i]).collect::<Vec<f64>>();
+    out.charts.push((
+        "kvm_harvest_vs_memory.svg",
+        Chart {
+            caption: format!("Real KVM: collect {DIRTY} guest-dirtied pages vs memslot size"),
+            x_desc: "memslot size (GiB)",
+            y_desc: "µs per collect (incl. KVM's re-protect)",
+            xs: result.sizes.iter().map(|(g, _)| *g as f64).collect(),
+            series: vec![
+                ("tdp-kvm ring (tracker collect)", col(0)),
+                ("tdp-kvm bitmap (get_dirty_log + scan)", col(1)),
+                ("kvm-ioctls get_dirty_log + scan", col(2)),
+                ("tdp-kvm bitmap tracker collect", col(3)),
+                ("raw ring: harvest + KVM_RESET_DIRTY_RINGS", col(4)),
+            ],
+        },
+    ));
     out.notes.push(format!(
         "kvm harvest: {DIRTY} random guest writes per round, {rounds} rounds per contender and size (median), \
          one vCPU at CPL3; ring {RING_ENTRIES} entries"
