@@ -26,6 +26,8 @@ pub mod fake;
 pub mod instr;
 pub mod inv;
 pub mod msr;
+pub mod pml;
 pub mod raw;
+pub mod ring_sink;
 pub mod scenario;
 pub mod vmcs;
