@@ -73,7 +73,7 @@ pub enum GuestError {
     VcpusAlreadyCreated,
     /// The guest program could not be assembled (an iced-x86 error: a bug in this crate).
     #[error("assembling the guest program failed: {0}")]
-    Assemble(String),
+    Assemble(#[source] iced_x86::IcedError),
     /// The assembled program does not fit in the code page.
     #[error("the guest program is {len} bytes, the code page holds {max}")]
     CodeTooLarge {

@@ -55,6 +55,14 @@ pub const fn tss_descriptor(base: u64, limit: u32) -> [u64; 2] {
 }
 
 /// The GDT's contents for a TSS at guest address `tss_base`.
+///
+/// ```
+/// use tdp_guest::gdt::{USER_CODE_SELECTOR, gdt};
+/// let table = gdt(0x1800);
+/// let code = table[usize::from(USER_CODE_SELECTOR >> 3)];
+/// assert_eq!((code >> 45) & 3, 3, "DPL 3");
+/// assert_eq!((code >> 53) & 1, 1, "64-bit code (L)");
+/// ```
 #[must_use]
 pub const fn gdt(tss_base: u64) -> [u64; GDT_ENTRIES] {
     let tss = tss_descriptor(tss_base, TSS_LIMIT);

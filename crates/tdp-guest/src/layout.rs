@@ -133,6 +133,14 @@ pub struct Layout {
 impl Layout {
     /// Computes the layout for `spec`.
     ///
+    /// ```
+    /// use tdp_guest::{GuestSpec, Layout};
+    /// // 1 GiB + 3 pages: two page directories, and a 4 KiB table for the last 3 pages.
+    /// let l = Layout::new(&GuestSpec::new((1 << 18) + 3, 2))?;
+    /// assert_eq!((l.data_pds, l.has_tail_pt), (2, true));
+    /// # Ok::<(), tdp_guest::GuestError>(())
+    /// ```
+    ///
     /// # Errors
     /// The errors of [`GuestSpec::validate`].
     pub fn new(spec: &GuestSpec) -> Result<Self> {

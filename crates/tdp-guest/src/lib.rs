@@ -42,6 +42,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod control;
+mod data;
 mod error;
 pub mod gdt;
 pub mod layout;
@@ -53,9 +54,10 @@ mod vm;
 pub mod workload;
 
 pub use control::{BatchGate, Decision, Pacer};
+pub use data::VcpuStats;
 pub use error::{GuestError, Result};
 pub use layout::{CODE_SLOT, DATA_GPA, DATA_SLOT, GuestSpec, Layout, MAX_VCPUS, PAGE_SIZE};
 pub use program::BATCH_DONE_PORT;
 pub use vcpu::{GuestExit, GuestVcpu, Unexpected, classify_exit};
-pub use vm::{GuestVm, VcpuStats};
+pub use vm::GuestVm;
 pub use workload::{Pattern, Workload};

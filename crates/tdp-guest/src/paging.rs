@@ -45,6 +45,18 @@ const ONE_GIB: u64 = 1 << 30;
 /// Writes every page table into `image`, the code slot viewed as 64-bit words (at least
 /// `layout.code_slot_pages * 512` of them, zeroed).
 ///
+/// ```
+/// use tdp_guest::paging::{build_page_tables, walk};
+/// use tdp_guest::{DATA_GPA, GuestSpec, Layout};
+/// let layout = Layout::new(&GuestSpec::new(512 + 3, 1))?;
+/// let mut image = vec![0u64; (layout.code_slot_pages * 512) as usize];
+/// build_page_tables(&layout, &mut image);
+/// let last = DATA_GPA + (512 + 2) * 4096;
+/// assert_eq!(walk(&image, last).map(|t| (t.pa, t.writable, t.user)), Some((last, true, true)));
+/// assert_eq!(walk(&image, last + 4096), None, "one page past the slot is unmapped");
+/// # Ok::<(), tdp_guest::GuestError>(())
+/// ```
+///
 /// # Panics
 /// If `image` is shorter than the layout's code slot (a bug in the caller, which sizes it from `layout`).
 pub fn build_page_tables(layout: &Layout, image: &mut [u64]) {

@@ -70,8 +70,8 @@ pub mod block {
     pub const BATCHES: u64 = 80;
     /// Page writes completed (guest-incremented by `batch` at the end of each batch).
     pub const WRITES: u64 = 88;
-    /// Batches skipped because the block failed the guest's own range check (a workload read while the
-    /// host was rewriting it); such a batch writes nothing but still ends with the `OUT`.
+    /// Batches skipped because the block was read while the host rewrote it ([`GEN`] odd or changed) or
+    /// failed the guest's range check; such a batch writes nothing but still ends with the `OUT`.
     pub const SKIPPED: u64 = 96;
     /// Sequence counter of the host-written fields: odd while the host rewrites them, bumped to the next
     /// even value when done (a seqlock: the guest skips a batch whose fields it read across a change).
@@ -90,13 +90,21 @@ pub mod block {
     pub const FLAG_WRITE_TAG: u64 = 1;
 }
 
-/// Assembles the guest program for address `ip`.
+/// Assembles the guest program for address `ip` (where the host will place it).
+///
+/// ```
+/// let code = tdp_guest::program::assemble(0x3000)?;
+/// assert!(code.len() <= 4096, "fits the code page");
+/// // The batch-done OUT (E7 imm8 = out imm8, eax) is in there, with the crate's port.
+/// assert!(code.windows(2).any(|w| w == [0xe7, tdp_guest::BATCH_DONE_PORT as u8]));
+/// # Ok::<(), tdp_guest::GuestError>(())
+/// ```
 ///
 /// # Errors
 /// [`GuestError::Assemble`] if iced-x86 rejects an instruction (a bug in this function).
 pub fn assemble(ip: u64) -> Result<Vec<u8>> {
-    let mut a = build().map_err(|e| GuestError::Assemble(e.to_string()))?;
-    a.assemble(ip).map_err(|e| GuestError::Assemble(e.to_string()))
+    let mut a = build().map_err(GuestError::Assemble)?;
+    a.assemble(ip).map_err(GuestError::Assemble)
 }
 
 /// Builds the program's instruction list (not yet encoded).

@@ -51,6 +51,14 @@ pub enum Unexpected {
 /// helper (e.g. `tdp-kvm`'s ring-full handling) use this, then [`GuestVcpu::exit_error`] to turn an
 /// unexpected exit into an error with the vCPU's RIP.
 ///
+/// ```
+/// use kvm_ioctls::VcpuExit;
+/// use tdp_guest::{BATCH_DONE_PORT, GuestExit, Unexpected, classify_exit};
+/// assert_eq!(classify_exit(&VcpuExit::IoOut(BATCH_DONE_PORT, &[1, 0, 0, 0])), Ok(GuestExit::BatchDone { tag: 1 }));
+/// assert_eq!(classify_exit(&VcpuExit::Unsupported(31)), Ok(GuestExit::DirtyRingFull));
+/// assert_eq!(classify_exit(&VcpuExit::Shutdown), Err(Unexpected::Shutdown));
+/// ```
+///
 /// # Errors
 /// The [`Unexpected`] exit.
 pub fn classify_exit(exit: &VcpuExit<'_>) -> std::result::Result<GuestExit, Unexpected> {
@@ -68,7 +76,41 @@ pub fn classify_exit(exit: &VcpuExit<'_>) -> std::result::Result<GuestExit, Unex
     }
 }
 
-/// One vCPU. `Send`: move it to its own thread.
+/// One vCPU of a [`crate::GuestVm`]. `Send`: move it to its own thread.
+///
+/// ```
+/// use tdp_guest::{BatchGate, Decision, GuestExit, GuestSpec, GuestVm};
+/// let mut vm = match GuestVm::new(GuestSpec::new(256 + 3, 2)) {
+///     Ok(vm) => vm,
+///     Err(tdp_guest::GuestError::OpenKvm(e)) => {
+///         eprintln!("SKIPPED: cannot open /dev/kvm: {e}");
+///         return Ok(());
+///     }
+///     Err(e) => return Err(e),
+/// };
+/// let gate = BatchGate::new(2);
+/// let vcpus = vm.create_vcpus()?;
+/// std::thread::scope(|s| {
+///     for mut vcpu in vcpus {
+///         let gate = &gate;
+///         s.spawn(move || {
+///             let result = loop {
+///                 match vcpu.run() {
+///                     Ok(GuestExit::BatchDone { .. }) if gate.at_batch_boundary() == Decision::Stop => break Ok(()),
+///                     Ok(_) => {}
+///                     Err(e) => break Err(e),
+///                 }
+///             };
+///             gate.leave();
+///             result
+///         });
+///     }
+///     std::thread::sleep(std::time::Duration::from_millis(10));
+///     gate.stop();
+/// });
+/// assert!(vm.vcpu_stats(0)?.batches > 0 && vm.vcpu_stats(1)?.batches > 0);
+/// # Ok::<(), tdp_guest::GuestError>(())
+/// ```
 #[derive(Debug)]
 pub struct GuestVcpu {
     // Field order is drop order: the fd closes before the memory KVM maps for it can be unmapped.

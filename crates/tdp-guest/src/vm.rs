@@ -21,18 +21,6 @@ use crate::vcpu::{self, GuestVcpu};
 use crate::workload::{Pattern, Workload};
 use crate::{gdt, paging};
 
-/// Counters the guest keeps in its vCPU block.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VcpuStats {
-    /// Batches completed.
-    pub batches: u64,
-    /// Page writes completed (a page written twice counts twice).
-    pub writes: u64,
-    /// Batches that wrote nothing because the workload the guest read failed its range check (read
-    /// while [`GuestVm::set_workload`] was rewriting it).
-    pub skipped: u64,
-}
-
 /// A VM whose vCPUs run the crate's CPL3 program over a data memslot.
 ///
 /// Build it in steps: [`GuestVm::new`] creates the VM and both memslots; the caller may then use
@@ -45,10 +33,11 @@ pub struct VcpuStats {
 /// use tdp_guest::{GuestExit, GuestSpec, GuestVm, Pattern, Workload};
 /// let mut vm = match GuestVm::new(GuestSpec::new(64 + 3, 1)) {
 ///     Ok(vm) => vm,
-///     Err(e) => {
-///         eprintln!("SKIPPED: {e}");
+///     Err(tdp_guest::GuestError::OpenKvm(e)) => {
+///         eprintln!("SKIPPED: cannot open /dev/kvm: {e}");
 ///         return Ok(());
 ///     }
+///     Err(e) => return Err(e),
 /// };
 /// vm.set_workload(0, &Workload::new(0, 67, 16, Pattern::Sequential))?;
 /// vm.set_iteration(5);
@@ -66,13 +55,13 @@ pub struct GuestVm {
     vm: VmFd,
     kvm: Kvm,
     spec: GuestSpec,
-    layout: Layout,
+    pub(crate) layout: Layout,
     data_logging: bool,
     vcpus_created: bool,
     /// Serialises [`GuestVm::set_workload`] (the seqlock has one writer).
     workload_writer: std::sync::Mutex<()>,
-    code: Arc<MmapRegion>,
-    data: Arc<MmapRegion>,
+    pub(crate) code: Arc<MmapRegion>,
+    pub(crate) data: Arc<MmapRegion>,
 }
 
 impl GuestVm {
@@ -240,7 +229,7 @@ impl GuestVm {
     ///
     /// Safe while the vCPU runs: the block is a seqlock, so a batch that starts while it is being
     /// rewritten sees either the old or the new workload, or notices the change and writes nothing
-    /// ([`VcpuStats::skipped`]). A batch already running finishes with the old workload; the new seed and
+    /// ([`VcpuStats::skipped`](crate::VcpuStats::skipped)). A batch already running finishes with the old workload; the new seed and
     /// cursor then take effect at the next batch.
     ///
     /// # Errors
@@ -279,80 +268,7 @@ impl GuestVm {
         Ok(())
     }
 
-    /// The guest's counters for vCPU `vcpu`.
-    ///
-    /// # Errors
-    /// [`GuestError::NoSuchVcpu`].
-    pub fn vcpu_stats(&self, vcpu: usize) -> Result<VcpuStats> {
-        let base = self.block(vcpu)?;
-        Ok(VcpuStats {
-            batches: self.code.load(base + block::BATCHES).unwrap_or(0),
-            writes: self.code.load(base + block::WRITES).unwrap_or(0),
-            skipped: self.code.load(base + block::SKIPPED).unwrap_or(0),
-        })
-    }
-
-    /// Word `word` (0..512) of data page `page`.
-    ///
-    /// # Errors
-    /// [`GuestError::PageOutOfRange`] when `page` is beyond the slot or `word` beyond the page.
-    pub fn data_word(&self, page: u64, word: u64) -> Result<u64> {
-        let out_of_range = GuestError::PageOutOfRange { page, pages: self.layout.data_pages };
-        if page >= self.layout.data_pages || word >= PAGE_SIZE / 8 {
-            return Err(out_of_range);
-        }
-        self.data.load(page * PAGE_SIZE + word * 8).ok_or(out_of_range)
-    }
-
-    /// The iteration number stored at the start of data page `page` (0 if never written).
-    ///
-    /// # Errors
-    /// [`GuestError::PageOutOfRange`].
-    pub fn page_iteration(&self, page: u64) -> Result<u64> {
-        self.data_word(page, 0)
-    }
-
-    /// The tag stored after the iteration number in data page `page`.
-    ///
-    /// # Errors
-    /// [`GuestError::PageOutOfRange`].
-    pub fn page_tag(&self, page: u64) -> Result<u64> {
-        self.data_word(page, 1)
-    }
-
-    /// Copies data page `page` into `buf` (4096 bytes).
-    ///
-    /// # Errors
-    /// [`GuestError::BadPageBuffer`] or [`GuestError::PageOutOfRange`].
-    pub fn copy_data_page(&self, page: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_page_io(page, buf.len())?;
-        if self.data.copy_out(page * PAGE_SIZE, buf) { Ok(()) } else { Err(self.out_of_range(page)) }
-    }
-
-    /// Overwrites data page `page` with `buf` (4096 bytes), e.g. for a migration destination.
-    ///
-    /// # Errors
-    /// [`GuestError::BadPageBuffer`] or [`GuestError::PageOutOfRange`].
-    pub fn write_data_page(&self, page: u64, buf: &[u8]) -> Result<()> {
-        self.check_page_io(page, buf.len())?;
-        if self.data.copy_in(page * PAGE_SIZE, buf) { Ok(()) } else { Err(self.out_of_range(page)) }
-    }
-
-    fn check_page_io(&self, page: u64, len: usize) -> Result<()> {
-        if len != PAGE_SIZE as usize {
-            return Err(GuestError::BadPageBuffer { len });
-        }
-        if page >= self.layout.data_pages {
-            return Err(self.out_of_range(page));
-        }
-        Ok(())
-    }
-
-    fn out_of_range(&self, page: u64) -> GuestError {
-        GuestError::PageOutOfRange { page, pages: self.layout.data_pages }
-    }
-
-    fn block(&self, vcpu: usize) -> Result<u64> {
+    pub(crate) fn block(&self, vcpu: usize) -> Result<u64> {
         if vcpu >= self.spec.vcpus() {
             return Err(GuestError::NoSuchVcpu { index: vcpu, count: self.spec.vcpus() });
         }
