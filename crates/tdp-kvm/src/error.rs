@@ -201,17 +201,23 @@ pub enum Error {
         /// The index given.
         index: usize,
     },
-    /// `KVM_EXIT_DIRTY_RING_FULL` with an empty ring: nothing to harvest, nothing to reset, and nobody
-    /// harvested this ring since the vCPU entered the guest. Resuming would exit again forever. On
-    /// `kvm_pvm` this is what guest code dirtying memory at CPL0 produces (the host emulates it and the
-    /// kernel's ring overflows); run that code at CPL3.
+    /// `KVM_EXIT_DIRTY_RING_FULL` with nothing at the consumer's position: nothing to harvest, nothing to
+    /// reset, and nobody harvested this ring since the vCPU entered the guest. Resuming would exit again
+    /// forever. On `kvm_pvm` this is what guest code dirtying memory at CPL0 produces: the host emulates it,
+    /// the kernel pushes past a full ring (overwriting entries, so pages were lost) and its indices leave
+    /// ours; `published_elsewhere` counts the entries marked dirty at other positions. Run such code at
+    /// CPL3, or use a larger ring.
     #[error(
-        "vCPU {vcpu}: KVM_EXIT_DIRTY_RING_FULL but the ring holds nothing to harvest and KVM reset nothing; \
-         resuming would loop forever (on kvm_pvm, guest code that dirties memory must run at CPL3)"
+        "vCPU {vcpu}: KVM_EXIT_DIRTY_RING_FULL but nothing is published at the ring's next position and KVM \
+         reset nothing ({published_elsewhere} entries are published elsewhere: the kernel overflowed the ring \
+         and pages were lost); resuming would loop forever (on kvm_pvm, guest code that dirties memory must \
+         run at CPL3)"
     )]
     RingFullNothingToHarvest {
         /// The vCPU's index in the tracker.
         vcpu: usize,
+        /// Entries flagged dirty elsewhere in the ring (out of order).
+        published_elsewhere: u32,
     },
     /// The vCPU fd maps no dirty ring of this size: the VM has no ring, or a smaller one than the
     /// configuration given (its pages past the ring would raise `SIGBUS` when read).

@@ -138,7 +138,8 @@ impl<'t> VcpuRunner<'t> {
             }
             let (harvested, reset, before) = self.tracker.harvest_ring_full(&state, &mut self.scratch)?;
             if ring_full_is_stuck(harvested, reset, before, harvested_at_entry) {
-                return Err(Error::RingFullNothingToHarvest { vcpu: self.handle.0 });
+                let published_elsewhere = self.tracker.count_published(&state)?;
+                return Err(Error::RingFullNothingToHarvest { vcpu: self.handle.0, published_elsewhere });
             }
             let ev = RingFullEvent {
                 vcpu: self.handle,

@@ -109,7 +109,7 @@ fn i4_ring_full_exits_are_harvested_and_the_collect_returns_exactly_the_written_
     }
     let stats = tracker.stats().unwrap();
     assert!(stats.per_vcpu[0].harvested >= want.len() as u64);
-    assert_eq!((stats.invalid_slot, stats.invalid_offset), (0, 0));
+    assert_eq!((stats.invalid_slot, stats.invalid_offset, stats.full_rings), (0, 0, 0));
     assert!(tracker.collect().unwrap().is_empty(), "nothing new after the vCPU stopped");
     eprintln!("1 vCPU: {exits} ring-full exits, {} entries harvested", stats.per_vcpu[0].harvested);
 }

@@ -9,13 +9,15 @@ use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use tdp_core::dirty_ring::DirtyEntry;
+use std::sync::atomic::Ordering;
+
+use tdp_core::dirty_ring::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_MASK, DirtyEntry};
 
 use super::stats::{add, get};
 use super::{DirtySets, DirtyTracker, SlotState, TrackingMode, VcpuState, lock, read};
 use crate::bitmap::{clear_whole_slot, get_dirty_log_fd};
 use crate::error::{Error, Result};
-use crate::ring::reset_fd;
+use crate::ring::{DirtyRing, reset_fd};
 
 impl DirtyTracker {
     /// Harvests every source into `fresh` (slots added first) and re-protects.
@@ -34,6 +36,7 @@ impl DirtyTracker {
                     let slots = read(&self.slots, "slots")?;
                     let n = ring.harvest(usize::MAX, |e| self.record(&slots, fresh, e));
                     add(&v.counters.harvested, n as u64);
+                    self.note_full(&ring, n);
                     add(&self.counters.harvested, n as u64);
                 }
                 let reset = reset_fd(self.vm.as_fd())?;
@@ -85,6 +88,7 @@ impl DirtyTracker {
         let before = get(&v.counters.harvested);
         scratch.clear();
         let n = ring.harvest(usize::MAX, |e| scratch.push(e));
+        self.note_full(&ring, n);
         add(&v.counters.harvested, n as u64);
         add(&self.counters.harvested, n as u64);
         add(&v.counters.ring_full_exits, 1);
@@ -101,6 +105,28 @@ impl DirtyTracker {
         let reset = reset?;
         add(&self.counters.reset_entries, u64::from(reset));
         Ok((n, reset, before))
+    }
+
+    /// Counts a harvest that emptied a completely full ring (see [`TrackerStats::full_rings`]).
+    ///
+    /// [`TrackerStats::full_rings`]: super::TrackerStats::full_rings
+    fn note_full(&self, ring: &DirtyRing, harvested: usize) {
+        if harvested >= ring.config().entries() as usize {
+            add(&self.counters.full_rings, 1);
+        }
+    }
+
+    /// Entries of `v`'s ring flagged dirty (and not harvested) anywhere in the ring: a diagnostic for a ring
+    /// whose producer left the consumer's position.
+    pub(crate) fn count_published(&self, v: &VcpuState) -> Result<u32> {
+        let Some(ring) = &v.ring else { return Ok(0) };
+        let ring = lock(ring, "ring")?;
+        let n = ring
+            .entries()
+            .iter()
+            .filter(|e| e.flags.load(Ordering::Acquire) & DIRTY_GFN_F_MASK == DIRTY_GFN_F_DIRTY)
+            .count();
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 }
 

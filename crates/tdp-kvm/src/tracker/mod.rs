@@ -476,6 +476,7 @@ impl DirtyTracker {
             invalid_slot: get(&self.counters.invalid_slot),
             invalid_offset: get(&self.counters.invalid_offset),
             reset_entries: get(&self.counters.reset_entries),
+            full_rings: get(&self.counters.full_rings),
         })
     }
 }

@@ -25,6 +25,7 @@ pub(crate) struct Counters {
     pub(crate) invalid_slot: AtomicU64,
     pub(crate) invalid_offset: AtomicU64,
     pub(crate) reset_entries: AtomicU64,
+    pub(crate) full_rings: AtomicU64,
 }
 
 // Relaxed everywhere: these are statistics; they publish no data and order nothing.
@@ -64,6 +65,9 @@ pub struct TrackerStats {
     pub invalid_offset: u64,
     /// Entries KVM reported resetting (`KVM_RESET_DIRTY_RINGS`' answers, summed).
     pub reset_entries: u64,
+    /// Harvests that found a ring entirely full: the producer went past its soft limit and its reserve,
+    /// so it may have overwritten entries (pages lost). Always 0 on a healthy KVM.
+    pub full_rings: u64,
 }
 
 impl TrackerStats {
@@ -76,7 +80,7 @@ impl TrackerStats {
     /// let t0 = Instant::now();
     /// let snap = |at, a, b| TrackerStats {
     ///     at, per_vcpu_exact: true, per_vcpu: vec![VcpuStats { harvested: a, ring_full_exits: 0 }, VcpuStats { harvested: b, ring_full_exits: 0 }],
-    ///     harvested: a + b, collects: 0, invalid_slot: 0, invalid_offset: 0, reset_entries: 0,
+    ///     harvested: a + b, collects: 0, invalid_slot: 0, invalid_offset: 0, reset_entries: 0, full_rings: 0,
     /// };
     /// let rate = snap(t0 + Duration::from_secs(2), 300, 100).rate_since(&snap(t0, 100, 100));
     /// assert_eq!(rate.pages, 200);
