@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::{cmd, fuzz, install, nostd};
+use crate::{bochs as bochs_hv, cmd, fuzz, install, nostd};
 
 /// Proptest cases per property when the caller did not set `PROPTEST_CASES`: half of proptest's default
 /// of 256, to keep the test step within CI's time budget on two cores. Export `PROPTEST_CASES` to change.
@@ -41,6 +41,11 @@ pub const STEPS: &[Step] = &[
         run: clippy,
     },
     Step { name: "test", what: "cargo test --workspace (includes the tidy test)", run: test },
+    Step {
+        name: "bochs",
+        what: "fmt and clippy examples/bochs-hv, boot it under Bochs (skylake_x, sandy_bridge), compare with tdp-mock, require broken-ept to fail",
+        run: bochs,
+    },
     Step {
         name: "loom",
         what: "RUSTFLAGS='--cfg loom' cargo test -p tdp-core --test loom_ring --release --target-dir target/loom",
@@ -129,6 +134,13 @@ fn loom() -> Result<()> {
     cmd::run(cargo.args(["--target-dir", "target/loom"]).env("RUSTFLAGS", "--cfg loom"))
 }
 
+/// The kernel's formatting and lints (its own workspace and target), then the Bochs runs with their
+/// default models (installs Bochs and GRUB when missing).
+fn bochs() -> Result<()> {
+    bochs_hv::lint()?;
+    bochs_hv::run(&[], false)
+}
+
 fn doc() -> Result<()> {
     cmd::run(cmd::cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))
 }
@@ -140,6 +152,6 @@ mod tests {
     #[test]
     fn ci_runs_every_habit16_step_in_order() {
         let names: Vec<&str> = STEPS.iter().map(|s| s.name).collect();
-        assert_eq!(names, ["install", "fmt", "clippy", "test", "loom", "doc", "nostd", "fuzz"]);
+        assert_eq!(names, ["install", "fmt", "clippy", "test", "bochs", "loom", "doc", "nostd", "fuzz"]);
     }
 }

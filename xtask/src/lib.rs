@@ -4,6 +4,7 @@
 //! is one cargo command that anyone can run locally; `.ci/run` only changes to the repository root and calls
 //! `cargo xtask ci`. Map of the modules:
 //! - [`bench`](mod@bench): `cargo xtask bench`, the one-run benchmark of tdp beside its peers.
+//! - [`bochs`]: `cargo xtask bochs`, the bare-metal hypervisor under Bochs compared with tdp-mock.
 //! - [`ci`]: the ordered CI steps and the step runner that fails fast and names the failing step.
 //! - [`cmd`]: running child commands with their command line echoed, and finding the repository root.
 //! - [`install`]: idempotent installation of rustup components and Debian packages.
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bochs;
 pub mod ci;
 pub mod cmd;
 pub mod elf;

@@ -18,7 +18,9 @@ enum Task {
     ///
     /// Steps: install (rustfmt and clippy, only if missing); fmt (cargo fmt --check); clippy
     /// (-D warnings, all targets); test (cargo test --workspace, which includes the tidy house rules;
-    /// PROPTEST_CASES defaults to 128 unless set); loom (the dirty ring's loom models: --cfg loom, release,
+    /// PROPTEST_CASES defaults to 128 unless set); bochs (the bare-metal hypervisor under Bochs on two
+    /// CPU models compared with tdp-mock, and its broken-ept build required to fail; installs Bochs);
+    /// loom (the dirty ring's loom models: --cfg loom, release,
     /// target/loom); doc (cargo doc with -D warnings); nostd (build, check and run the no_std proof binary);
     /// fuzz (every fuzz target for a short smoke run). Nothing can be skipped: CI runs exactly this.
     Ci,
@@ -35,6 +37,20 @@ enum Task {
         /// Fewer repetitions: finishes in under three minutes.
         #[arg(long)]
         quick: bool,
+    },
+    /// Boot the bare-metal test hypervisor (examples/bochs-hv) under Bochs for each CPU model, compare
+    /// with the same scenario on tdp-mock, and require the broken-ept build to fail.
+    ///
+    /// Installs the Debian packages it needs when missing (bochs, bochsbios, vgabios, grub-pc-bin,
+    /// grub-common, xorriso, mtools). Results and logs go under target/bochs/.
+    Bochs {
+        /// A Bochs CPU model with EPT (repeatable); default: corei7_skylake_x and
+        /// corei7_sandy_bridge_2600k.
+        #[arg(long = "model", value_parser = xtask::bochs::parse_model)]
+        models: Vec<String>,
+        /// Only the must-fail runs of the broken-ept build.
+        #[arg(long)]
+        broken: bool,
     },
     /// Run the cargo-fuzz targets of crates/tdp-core/fuzz (installs cargo-fuzz if it is missing).
     ///
@@ -59,6 +75,7 @@ fn main() -> Result<()> {
         Task::Nostd => xtask::nostd::prove(),
         Task::Fmt => xtask::ci::fmt_write(),
         Task::Bench { quick } => xtask::bench::run(quick),
+        Task::Bochs { models, broken } => xtask::bochs::run(&models, broken),
         Task::Fuzz { target, seconds, sanitizer } => xtask::fuzz::run(&target, seconds, sanitizer),
     }
 }

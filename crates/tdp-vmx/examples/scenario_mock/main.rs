@@ -25,6 +25,8 @@ fn main() -> ExitCode {
         match run::run(model, mode) {
             Ok(result) => {
                 print!("{}", result.line);
+                let sizes: Vec<usize> = result.seen.harvests.iter().map(|h| h.len()).collect();
+                eprintln!("scenario_mock: {model}: harvest sizes {sizes:?}, passed: {}", result.passed());
                 failed |= !result.passed();
             }
             Err(e) => {

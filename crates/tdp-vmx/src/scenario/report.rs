@@ -5,7 +5,7 @@
 
 use core::fmt::{self, Write};
 
-use super::{Check, Mapping, Observed};
+use super::{Check, GUEST_TABLE_GFNS, Mapping, Observed};
 
 /// The prefix of the result line.
 pub const RESULT_PREFIX: &str = "TDP-RESULT ";
@@ -81,6 +81,11 @@ pub fn write_result_line(
     for (i, (gpa, value)) in seen.mmio_writes.iter().enumerate() {
         sep(out, i)?;
         write!(out, "[{gpa},{value}]")?;
+    }
+    out.write_str("],\"guest_table_gfns\":[")?;
+    for (i, gfn) in GUEST_TABLE_GFNS.iter().enumerate() {
+        sep(out, i)?;
+        write!(out, "{gfn}")?;
     }
     out.write_str("],\"harvests\":[")?;
     for (i, set) in seen.harvests.iter().enumerate() {

@@ -1,0 +1,518 @@
+//! `cargo xtask bochs`: the bare-metal test hypervisor (`examples/bochs-hv`) under Bochs, compared with
+//! the same scenario on `tdp-mock`, plus the must-fail run of its `broken-ept` build.
+//!
+//! For each chosen CPU model it installs what is missing (Bochs, its BIOS images, GRUB and xorriso, as
+//! Debian packages), builds the kernel and a GRUB multiboot2 ISO, runs Bochs headless (the `rfb` display
+//! with no client, the debugger told to continue) with a timeout, and reads the `TDP-RESULT {json}` line
+//! the kernel writes to COM1 (a file). It then runs `tdp-vmx`'s `scenario_mock` example for the same
+//! models and requires, per model: every check passed on both; the same dirty set at every harvest (the
+//! guest's page-table pages, which EPT A/D may report dirty under Bochs, set aside); the same
+//! translations of every sampled gfn (slot, slot-relative page, level, permissions, or MMIO / none);
+//! the same MMIO emulation. Finally it boots the `broken-ept` build, which gives W (and D) back to the
+//! leaves the core protected for dirty logging, and requires its verdict to be `fail` with a failed
+//! harvest check: proof that the checks can fail.
+//!
+//! Everything goes under `target/bochs/` (kernel builds in `target/bochs/cargo`, one directory per
+//! variant and model with its `bochsrc.txt`, `serial.txt` and `bochs.log`).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use crate::{cmd, install};
+
+/// The Debian packages a run needs (`shared/recipes/bochs-vmx.md`, "Packages").
+pub const APT_PACKAGES: &[&str] =
+    &["bochs", "bochsbios", "vgabios", "grub-pc-bin", "grub-common", "xorriso", "mtools"];
+
+/// The models run when none is given: one with EPT A/D and PML, one without A/D (write protection).
+pub const DEFAULT_MODELS: &[&str] = &["corei7_skylake_x", "corei7_sandy_bridge_2600k"];
+
+/// The models the comparison knows a dirty-logging mode for (Bochs models with EPT).
+pub const KNOWN_MODELS: &[&str] = &[
+    "corei7_skylake_x",
+    "corei7_icelake_u",
+    "tigerlake",
+    "corei7_sandy_bridge_2600k",
+    "corei7_ivy_bridge_3770k",
+];
+
+/// How long one Bochs run may take; a run takes about 1.5 s.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The prefix of the result line.
+const RESULT_PREFIX: &str = "TDP-RESULT ";
+/// The prefix of the kernel's panic / exception line.
+const PANIC_PREFIX: &str = "TDP-PANIC ";
+/// The check the broken build must fail.
+const HARVEST_CHECK: &str = "harvest holds exactly the written pages";
+
+/// Which kernel build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// The hypervisor as shipped.
+    Correct,
+    /// Built with `--features broken-ept`: must fail.
+    Broken,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Correct => "correct",
+            Variant::Broken => "broken-ept",
+        }
+    }
+}
+
+/// Parses a `--model` value: one of [`KNOWN_MODELS`].
+///
+/// # Errors
+/// A message listing the known models.
+pub fn parse_model(s: &str) -> Result<String, String> {
+    if KNOWN_MODELS.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("unknown model `{s}`; known (Bochs models with EPT): {}", KNOWN_MODELS.join(", ")))
+    }
+}
+
+/// Runs everything for `models` ([`DEFAULT_MODELS`] when empty): with `broken_only`, only the
+/// must-fail runs.
+///
+/// # Errors
+/// The first thing that is missing, fails to build or run, fails a check, or disagrees with the mock;
+/// or a broken run that does not fail.
+pub fn run(models: &[String], broken_only: bool) -> Result<()> {
+    let models: Vec<String> = if models.is_empty() {
+        DEFAULT_MODELS.iter().map(|m| (*m).to_string()).collect()
+    } else {
+        models.to_vec()
+    };
+    install::ensure_apt(APT_PACKAGES)?;
+    for file in [BIOS, VGABIOS] {
+        if !Path::new(file).is_file() {
+            bail!("{file} is missing although the packages {APT_PACKAGES:?} are installed");
+        }
+    }
+    let started = Instant::now();
+    let mut report = String::new();
+    if !broken_only {
+        let iso = build_iso(Variant::Correct)?;
+        let mock = mock_results(&models)?;
+        for model in &models {
+            let (bochs, secs) = boot(Variant::Correct, model, &iso)?;
+            let mock = mock
+                .iter()
+                .find(|r| &r.model == model)
+                .with_context(|| format!("no mock result for {model}"))?;
+            let differences = compare(&bochs, mock);
+            writeln!(
+                report,
+                "{model}: bochs {} ({}/{} checks, {} EPT violations, {} misconfigs, {} flushes = {} INVEPTs, {secs:.1} s), \
+                 mock {} ({} faults); harvests {:?}",
+                bochs.verdict,
+                bochs.passed,
+                bochs.passed + bochs.failed,
+                bochs.ept_violations,
+                bochs.ept_misconfigs,
+                bochs.flushes,
+                bochs.invepts,
+                mock.verdict,
+                mock.ept_violations,
+                bochs.harvests.iter().map(Vec::len).collect::<Vec<_>>(),
+            )?;
+            if bochs.verdict != "pass" || mock.verdict != "pass" || !differences.is_empty() {
+                println!("{report}");
+                bail!(
+                    "{model}: bochs verdict {}, mock verdict {}; failed checks: bochs {:?}, mock {:?}; \
+                     differences: {differences:?}",
+                    bochs.verdict,
+                    mock.verdict,
+                    bochs.failed_checks(),
+                    mock.failed_checks()
+                );
+            }
+        }
+    }
+    let iso = build_iso(Variant::Broken)?;
+    for model in &models {
+        let (broken, secs) = boot(Variant::Broken, model, &iso)?;
+        let failed = broken.failed_checks();
+        writeln!(
+            report,
+            "{model} broken-ept: verdict {} as required ({secs:.1} s), failed: {failed:?}",
+            broken.verdict
+        )?;
+        check_broken(&broken)
+            .with_context(|| format!("{model}: the broken-ept build did not fail as it must"))?;
+    }
+    print!("{report}");
+    println!("bochs: all runs as required in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// A cargo command run inside the kernel's directory (its `.cargo/config.toml` then applies), with
+/// rustflags from the environment removed (they would replace the config's).
+fn kernel_cargo() -> Command {
+    let mut cargo = cmd::cargo();
+    cargo.current_dir(cmd::repo_root().join("examples/bochs-hv"));
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_BUILD_TARGET"] {
+        cargo.env_remove(var);
+    }
+    cargo
+}
+
+/// `cargo fmt --check` and `cargo clippy -D warnings` of the kernel, in both its builds (the kernel is
+/// its own workspace, outside the workspace-wide steps).
+///
+/// # Errors
+/// A formatting difference or a lint.
+pub fn lint() -> Result<()> {
+    cmd::run(kernel_cargo().args(["fmt", "--", "--check"]))?;
+    for features in [&[][..], &["--features", "broken-ept"]] {
+        let mut cargo = kernel_cargo();
+        cargo.args(["clippy", "--release", "--target-dir"]).arg(work_dir().join("cargo"));
+        cmd::run(cargo.args(features).args(["--", "-D", "warnings"]))?;
+    }
+    Ok(())
+}
+
+/// The broken build must have run (a result line), say it is broken, and fail a harvest check.
+fn check_broken(r: &RunResult) -> Result<()> {
+    if !r.broken {
+        bail!("the result says the kernel was not built with broken-ept");
+    }
+    if r.verdict != "fail" {
+        bail!("verdict {} with every check passed: the checks cannot see a broken EPT", r.verdict);
+    }
+    if !r.failed_checks().contains(&HARVEST_CHECK) {
+        bail!(
+            "it failed, but not the harvest check (failed: {:?}); guest error {:?}",
+            r.failed_checks(),
+            r.guest_error
+        );
+    }
+    Ok(())
+}
+
+const BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
+const VGABIOS: &str = "/usr/share/vgabios/vgabios.bin";
+
+fn work_dir() -> PathBuf {
+    cmd::repo_root().join("target/bochs")
+}
+
+/// Builds the kernel for `variant` and its ISO; returns the ISO's path.
+fn build_iso(variant: Variant) -> Result<PathBuf> {
+    let mut cargo = kernel_cargo();
+    cargo.args(["build", "--release", "--target-dir"]).arg(work_dir().join("cargo"));
+    if variant == Variant::Broken {
+        cargo.args(["--features", "broken-ept"]);
+    }
+    cmd::run(&mut cargo)?;
+    let elf = work_dir().join("cargo/x86_64-unknown-linux-gnu/release/bochs-hv");
+    let out = work_dir().join(variant.name());
+    let boot = out.join("iso/boot");
+    std::fs::create_dir_all(boot.join("grub"))
+        .with_context(|| format!("cannot create {}", boot.display()))?;
+    std::fs::copy(&elf, boot.join("kernel.elf"))
+        .with_context(|| format!("cannot copy {} into the ISO tree", elf.display()))?;
+    std::fs::write(boot.join("grub/grub.cfg"), GRUB_CFG).context("cannot write grub.cfg")?;
+    if !cmd::succeeds(Command::new("grub-file").arg("--is-x86-multiboot2").arg(boot.join("kernel.elf"))) {
+        bail!("{} is not a multiboot2 kernel (grub-file --is-x86-multiboot2)", elf.display());
+    }
+    let iso = out.join("kernel.iso");
+    let mut mkrescue = Command::new("grub-mkrescue");
+    mkrescue.arg("-o").arg(&iso).arg(out.join("iso")).stderr(Stdio::null());
+    cmd::run(&mut mkrescue)?;
+    Ok(iso)
+}
+
+const GRUB_CFG: &str =
+    "set timeout=0\nset default=0\nmenuentry \"bochs-hv\" {\n  multiboot2 /boot/kernel.elf\n  boot\n}\n";
+
+/// The bochsrc for `model`, booting `iso`, with COM1 and the log in `run_dir`.
+#[must_use]
+pub fn bochsrc(model: &str, iso: &Path, run_dir: &Path) -> String {
+    format!(
+        "megs: 128\n\
+         romimage: file={BIOS}\n\
+         vgaromimage: file={VGABIOS}\n\
+         cpu: model={model}, count=1, ips=4000000, reset_on_triple_fault=0\n\
+         ata0-master: type=cdrom, path={iso}, status=inserted\n\
+         boot: cdrom\n\
+         display_library: rfb, options=\"timeout=0\"\n\
+         com1: enabled=1, mode=file, dev={serial}\n\
+         log: {log}\n\
+         panic: action=fatal\n\
+         error: action=report\n\
+         mouse: enabled=0\n\
+         speaker: enabled=0\n\
+         sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy\n\
+         clock: sync=none, time0=local\n",
+        iso = iso.display(),
+        serial = run_dir.join("serial.txt").display(),
+        log = run_dir.join("bochs.log").display(),
+    )
+}
+
+/// Boots `iso` on `model` and returns the kernel's result and the run's wall time in seconds.
+fn boot(variant: Variant, model: &str, iso: &Path) -> Result<(RunResult, f64)> {
+    let run_dir = work_dir().join(variant.name()).join(model);
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let serial = run_dir.join("serial.txt");
+    let _ = std::fs::remove_file(&serial);
+    std::fs::write(run_dir.join("bochsrc.txt"), bochsrc(model, iso, &run_dir))
+        .context("cannot write bochsrc")?;
+    // Debian's Bochs has its debugger built in and stops before the first instruction; `c` continues.
+    std::fs::write(run_dir.join("dbg.rc"), "c\n").context("cannot write dbg.rc")?;
+    let out = std::fs::File::create(run_dir.join("bochs.out")).context("cannot create bochs.out")?;
+    let mut bochs = Command::new("bochs");
+    bochs
+        .current_dir(&run_dir)
+        .args(["-q", "-f", "bochsrc.txt", "-rc", "dbg.rc"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().context("cannot duplicate bochs.out")?)
+        .stderr(out);
+    println!("$ (cd {}; {})", run_dir.display(), cmd::display(&bochs));
+    let started = Instant::now();
+    let mut child = bochs.spawn().context("cannot start bochs")?;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if started.elapsed() > RUN_TIMEOUT {
+            child.kill()?;
+            child.wait()?;
+            bail!(
+                "{model} ({}): Bochs still running after {RUN_TIMEOUT:?}; killed (see {})",
+                variant.name(),
+                run_dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // Bochs exits with 1 after the shutdown port; the run is judged by what the kernel printed.
+    let text = std::fs::read_to_string(&serial)
+        .with_context(|| format!("no serial output in {}", serial.display()))?;
+    let result = parse_output(&text).with_context(|| {
+        format!("{model} ({}): see {} and bochs.log there", variant.name(), run_dir.display())
+    })?;
+    Ok((result, secs))
+}
+
+/// The result line of a run's output, parsed; a panic line or no result line is an error.
+///
+/// # Errors
+/// The kernel's `TDP-PANIC` line, an unparsable result, or the last lines when there is no result.
+pub fn parse_output(text: &str) -> Result<RunResult> {
+    if let Some(panic) = text.lines().find_map(|l| l.strip_prefix(PANIC_PREFIX)) {
+        bail!("the kernel stopped: {panic}");
+    }
+    let Some(json) = text.lines().find_map(|l| l.strip_prefix(RESULT_PREFIX)) else {
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        bail!("no {RESULT_PREFIX:?} line in the output; last lines: {tail:?}");
+    };
+    serde_json::from_str(json).with_context(|| format!("cannot parse the result: {json}"))
+}
+
+/// Runs `scenario_mock` for `models` and parses its result lines.
+fn mock_results(models: &[String]) -> Result<Vec<RunResult>> {
+    let mut cargo = cmd::cargo();
+    cargo.args(["run", "-q", "-p", "tdp-vmx", "--example", "scenario_mock", "--"]).args(models);
+    let line = cmd::display(&cargo);
+    println!("$ {line}");
+    let output = cargo.stderr(Stdio::inherit()).output().with_context(|| format!("cannot start `{line}`"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let results: Vec<RunResult> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix(RESULT_PREFIX))
+        .map(|json| {
+            serde_json::from_str(json).with_context(|| format!("cannot parse the mock's result: {json}"))
+        })
+        .collect::<Result<_>>()?;
+    if results.len() != models.len() {
+        bail!("`{line}` ({}) printed {} results for {} models", output.status, results.len(), models.len());
+    }
+    Ok(results)
+}
+
+/// What must agree between the Bochs run and the mock run of one model; each difference, described.
+#[must_use]
+pub fn compare(bochs: &RunResult, mock: &RunResult) -> Vec<String> {
+    let mut diffs = Vec::new();
+    let tables = &bochs.guest_table_gfns;
+    let without_tables = |h: &[Vec<u64>]| -> Vec<Vec<u64>> {
+        h.iter().map(|s| s.iter().copied().filter(|g| !tables.contains(g)).collect()).collect()
+    };
+    if without_tables(&bochs.harvests) != mock.harvests {
+        diffs.push(format!("harvests: bochs {:x?}, mock {:x?}", bochs.harvests, mock.harvests));
+    }
+    if bochs.translations.len() != mock.translations.len() {
+        diffs.push(format!(
+            "{} translations on bochs, {} on the mock",
+            bochs.translations.len(),
+            mock.translations.len()
+        ));
+    }
+    for (b, m) in bochs.translations.iter().zip(&mock.translations) {
+        if b != m {
+            diffs.push(format!("translation of gfn {:#x}: bochs {b:?}, mock {m:?}", b.gfn));
+        }
+    }
+    if (bochs.mmio_reads, &bochs.mmio_writes) != (mock.mmio_reads, &mock.mmio_writes) {
+        diffs.push(format!(
+            "MMIO: bochs {} reads {:x?}, mock {} reads {:x?}",
+            bochs.mmio_reads, bochs.mmio_writes, mock.mmio_reads, mock.mmio_writes
+        ));
+    }
+    if bochs.steps_completed != mock.steps_completed {
+        diffs
+            .push(format!("steps completed: bochs {}, mock {}", bochs.steps_completed, mock.steps_completed));
+    }
+    if bochs.verdict != mock.verdict {
+        diffs.push(format!("verdict: bochs {}, mock {}", bochs.verdict, mock.verdict));
+    }
+    diffs
+}
+
+/// One run's `TDP-RESULT` line (the fields the comparison and the report use).
+#[derive(Clone, Debug, Deserialize)]
+pub struct RunResult {
+    /// `bochs` or `mock`.
+    pub runner: String,
+    /// The CPU (Bochs: its brand string; mock: the model name).
+    pub model: String,
+    /// `EPT_PML` or `EPT`.
+    pub mmu: String,
+    /// Built with `broken-ept`.
+    pub broken: bool,
+    /// Steps the guest finished.
+    pub steps_completed: u64,
+    /// EPT violations handled (mock: fault-handler calls).
+    pub ept_violations: u64,
+    /// EPT misconfigurations handled.
+    pub ept_misconfigs: u64,
+    /// Flushes the core asked for.
+    pub flushes: u64,
+    /// INVEPTs executed for them.
+    pub invepts: u64,
+    /// MMIO reads emulated.
+    pub mmio_reads: u64,
+    /// MMIO writes emulated, `(gpa, value)`.
+    pub mmio_writes: Vec<(u64, u64)>,
+    /// Why the guest stopped early.
+    pub guest_error: Option<String>,
+    /// The guest's page-table gfns (allowed in a Bochs harvest).
+    pub guest_table_gfns: Vec<u64>,
+    /// The harvested gfns per harvest.
+    pub harvests: Vec<Vec<u64>>,
+    /// The sampled translations.
+    pub translations: Vec<TranslationJson>,
+    /// The checks.
+    pub checks: Vec<CheckJson>,
+    /// Checks passed.
+    pub passed: u64,
+    /// Checks failed.
+    pub failed: u64,
+    /// `pass` or `fail`.
+    pub verdict: String,
+}
+
+impl RunResult {
+    /// The names of the failed checks.
+    #[must_use]
+    pub fn failed_checks(&self) -> Vec<&str> {
+        self.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect()
+    }
+}
+
+/// One sampled translation.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct TranslationJson {
+    /// The gfn.
+    pub gfn: u64,
+    /// `leaf`, `mmio` or `none`.
+    pub kind: String,
+    /// A leaf's slot.
+    pub slot: Option<u16>,
+    /// A leaf's slot-relative page.
+    pub page: Option<u64>,
+    /// A leaf's level.
+    pub level: Option<u8>,
+    /// A leaf's R/W/X bits.
+    pub rwx: Option<u8>,
+}
+
+/// One check.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CheckJson {
+    /// What was checked.
+    pub name: String,
+    /// Whether it held.
+    pub ok: bool,
+    /// What was seen.
+    pub detail: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = r#"TDP-RESULT {"runner":"bochs","model":"cpu","mmu":"EPT","broken":false,"features":["ept"],"steps_completed":3,"ept_violations":4,"ept_misconfigs":1,"flushes":2,"invepts":2,"mmio_reads":1,"ring_lost":0,"guest_error":null,"mmio_writes":[[8388616,5]],"guest_table_gfns":[1,2,3],"harvests":[[],[1,513]],"translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":1,"rwx":7},{"gfn":2048,"kind":"mmio"}],"checks":[{"name":"harvest holds exactly the written pages","ok":true,"detail":""}],"passed":1,"failed":0,"verdict":"pass"}"#;
+
+    fn parsed() -> RunResult {
+        parse_output(&format!("bochs-hv: booting\n{LINE}\n")).unwrap()
+    }
+
+    #[test]
+    fn the_result_line_parses_and_a_panic_line_is_an_error() {
+        let r = parsed();
+        assert_eq!(
+            (r.verdict.as_str(), r.harvests.len(), r.translations[1].kind.as_str()),
+            ("pass", 2, "mmio")
+        );
+        let err = parse_output("TDP-PANIC exception 14 at rip 0x1000\n").unwrap_err();
+        assert!(err.to_string().contains("exception 14"), "{err}");
+        assert!(parse_output("GRUB loading\n").is_err());
+    }
+
+    #[test]
+    fn comparison_sets_guest_tables_aside_and_catches_differences() {
+        let bochs = parsed();
+        let mut mock = parsed();
+        mock.harvests = vec![vec![], vec![513]];
+        assert_eq!(compare(&bochs, &mock), Vec::<String>::new(), "gfn 1 is a guest page table");
+        mock.harvests[1].push(514);
+        mock.translations[0].rwx = Some(5);
+        let diffs = compare(&bochs, &mock);
+        assert_eq!(diffs.len(), 2, "{diffs:?}");
+        assert!(diffs[0].starts_with("harvests") && diffs[1].contains("0x201"), "{diffs:?}");
+    }
+
+    #[test]
+    fn a_broken_run_must_fail_a_harvest_check() {
+        let mut r = parsed();
+        r.broken = true;
+        assert!(check_broken(&r).is_err(), "a passing broken run is an error");
+        r.verdict = "fail".into();
+        r.checks[0].ok = false;
+        check_broken(&r).unwrap();
+        r.checks[0].name = "guest ran every step".into();
+        assert!(check_broken(&r).is_err(), "failing for another reason proves nothing");
+    }
+
+    #[test]
+    fn bochsrc_names_the_model_and_the_run_files() {
+        let rc = bochsrc("corei7_skylake_x", Path::new("/t/k.iso"), Path::new("/t/run"));
+        assert!(rc.contains("cpu: model=corei7_skylake_x,"));
+        assert!(rc.contains("path=/t/k.iso") && rc.contains("dev=/t/run/serial.txt"));
+        assert!(parse_model("bx_generic").is_err() && parse_model("tigerlake").is_ok());
+    }
+}
