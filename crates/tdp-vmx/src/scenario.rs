@@ -293,10 +293,10 @@ impl Scenario {
                 Step::StartLogging { slot } => {
                     logged.insert(slot.0);
                 }
-                Step::Write { gpa, .. } => {
-                    if self.slot_of(gpa.gfn()).is_some_and(|s| logged.contains(&s.id.0)) {
-                        pending.insert(gpa.gfn().0);
-                    }
+                Step::Write { gpa, .. }
+                    if self.slot_of(gpa.gfn()).is_some_and(|s| logged.contains(&s.id.0)) =>
+                {
+                    pending.insert(gpa.gfn().0);
                 }
                 Step::Harvest => harvests.push(core::mem::take(&mut pending)),
                 _ => {}
