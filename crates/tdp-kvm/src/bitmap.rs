@@ -116,8 +116,9 @@ pub(crate) fn iter_bits(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
-/// `KVM_GET_DIRTY_LOG` of memslot `slot` (`as_id << 16 | id`) into `buf`, returning how many pages are
-/// dirty. Without manual protection, KVM also clears the log and re-protects the pages (get-and-clear);
+/// `KVM_GET_DIRTY_LOG` of memslot `slot` (`as_id << 16 | id`) into `buf` (read it with
+/// [`DirtyLogBuffer::iter_dirty`], [`DirtyLogBuffer::words`] or [`DirtyLogBuffer::count`]). It allocates
+/// nothing and scans nothing: the cost is the ioctl's. Without manual protection, KVM also clears the log and re-protects the pages (get-and-clear);
 /// with it, KVM only copies, and [`clear_dirty_log`] re-protects.
 ///
 /// # Errors
@@ -131,12 +132,12 @@ pub(crate) fn iter_bits(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
 /// let Some(t) = TestVm::new_or_skip(&[(0, 0x10_0000, 256)], tdp_kvm::testing::LogSetup::ManualInitiallySet)? else { return Ok(()) };
 /// let mut buf = tdp_kvm::DirtyLogBuffer::new(256)?;
 /// // INITIALLY_SET: every page of a freshly logged slot is reported dirty.
-/// assert_eq!(tdp_kvm::get_dirty_log(&t.vm, 0, &mut buf)?, 256);
+/// tdp_kvm::get_dirty_log(&t.vm, 0, &mut buf)?;
+/// assert_eq!(buf.count(), 256);
 /// # Ok(()) }
 /// ```
-pub fn get_dirty_log(vm: &VmFd, slot: u32, buf: &mut DirtyLogBuffer) -> Result<u64> {
-    get_dirty_log_fd(sys::borrow(vm), slot, buf)?;
-    Ok(buf.count())
+pub fn get_dirty_log(vm: &VmFd, slot: u32, buf: &mut DirtyLogBuffer) -> Result<()> {
+    get_dirty_log_fd(sys::borrow(vm), slot, buf)
 }
 
 pub(crate) fn get_dirty_log_fd(vm: BorrowedFd<'_>, slot: u32, buf: &mut DirtyLogBuffer) -> Result<()> {
@@ -208,7 +209,8 @@ pub fn check_clear_range(
 /// let mut buf = tdp_kvm::DirtyLogBuffer::new(256)?;
 /// // Clear pages 64..128 only; the other 192 stay dirty.
 /// tdp_kvm::clear_dirty_log(&t.vm, 0, 256, 64, 64, &[u64::MAX])?;
-/// assert_eq!(tdp_kvm::get_dirty_log(&t.vm, 0, &mut buf)?, 192);
+/// tdp_kvm::get_dirty_log(&t.vm, 0, &mut buf)?;
+/// assert_eq!(buf.count(), 192);
 /// assert!(buf.iter_dirty().all(|p| !(64..128).contains(&p)));
 /// # Ok(()) }
 /// ```

@@ -17,16 +17,19 @@ fn initially_set_reports_every_page_and_clear_removes_exactly_the_mask() {
         return;
     };
     let mut buf = DirtyLogBuffer::new(1000).unwrap();
-    assert_eq!(get_dirty_log(&t.vm, 3, &mut buf).unwrap(), 1000);
+    get_dirty_log(&t.vm, 3, &mut buf).unwrap();
+    assert_eq!(buf.count(), 1000);
     assert_eq!(buf.iter_dirty().last(), Some(999));
     // With manual protect the get only copies: asking again reports the same pages.
-    assert_eq!(get_dirty_log(&t.vm, 3, &mut buf).unwrap(), 1000);
+    get_dirty_log(&t.vm, 3, &mut buf).unwrap();
+    assert_eq!(buf.count(), 1000);
 
     // Clear every other page of 64..192 and the whole tail 960..1000 (40 pages: allowed, it ends the slot).
     let alternate = 0x5555_5555_5555_5555u64;
     clear_dirty_log(&t.vm, 3, 1000, 64, 128, &[alternate, alternate]).unwrap();
     clear_dirty_log(&t.vm, 3, 1000, 960, 40, &[u64::MAX]).unwrap();
-    assert_eq!(get_dirty_log(&t.vm, 3, &mut buf).unwrap(), 1000 - 64 - 40);
+    get_dirty_log(&t.vm, 3, &mut buf).unwrap();
+    assert_eq!(buf.count(), 1000 - 64 - 40);
     for p in 0..1000u64 {
         let cleared = ((64..192).contains(&p) && p % 2 == 0) || p >= 960;
         let dirty = buf.words()[(p / 64) as usize] & (1 << (p % 64)) != 0;
@@ -35,7 +38,8 @@ fn initially_set_reports_every_page_and_clear_removes_exactly_the_mask() {
     // Clearing what was reported leaves nothing.
     let words = buf.words().to_vec();
     clear_dirty_log(&t.vm, 3, 1000, 0, 1000, &words).unwrap();
-    assert_eq!(get_dirty_log(&t.vm, 3, &mut buf).unwrap(), 0);
+    get_dirty_log(&t.vm, 3, &mut buf).unwrap();
+    assert_eq!(buf.count(), 0);
 }
 
 #[test]
@@ -44,7 +48,8 @@ fn manual_without_initially_set_starts_clean() {
     let mut buf = DirtyLogBuffer::new(256).unwrap();
     // Fill the buffer with garbage first: the get must overwrite every word.
     buf.words_mut().fill(u64::MAX);
-    assert_eq!(get_dirty_log(&t.vm, 0, &mut buf).unwrap(), 0);
+    get_dirty_log(&t.vm, 0, &mut buf).unwrap();
+    assert_eq!(buf.count(), 0);
 }
 
 #[test]
@@ -54,7 +59,8 @@ fn get_and_clear_without_guest_writes_reports_nothing() {
     t.memory_mut(0).unwrap()[4096 * 5] = 1;
     let mut buf = DirtyLogBuffer::new(128).unwrap();
     buf.words_mut().fill(u64::MAX);
-    assert_eq!(get_dirty_log(&t.vm, 0, &mut buf).unwrap(), 0);
+    get_dirty_log(&t.vm, 0, &mut buf).unwrap();
+    assert_eq!(buf.count(), 0);
 }
 
 #[test]
@@ -74,7 +80,8 @@ fn i5_clear_log_range_errors_are_caught_before_the_ioctl_and_change_nothing() {
     assert_eq!(err(0, 1000, &mask[..15]), BitmapError::ShortMask { have: 15, need: 16 });
     // Nothing was cleared by any of them.
     let mut buf = DirtyLogBuffer::new(1000).unwrap();
-    assert_eq!(get_dirty_log(&t.vm, 1, &mut buf).unwrap(), 1000);
+    get_dirty_log(&t.vm, 1, &mut buf).unwrap();
+    assert_eq!(buf.count(), 1000);
 }
 
 #[test]
@@ -101,7 +108,8 @@ fn i5_a_buffer_smaller_than_the_kvm_slot_hits_the_guard_page_not_the_heap() {
     assert!(matches!(e, Error::SlotLargerThanRegistered { slot: 0, pages: 64 }), "{e:?}");
     // The right size works.
     let mut right = DirtyLogBuffer::new(4096).unwrap();
-    assert_eq!(get_dirty_log(&t.vm, 0, &mut right).unwrap(), 4096);
+    get_dirty_log(&t.vm, 0, &mut right).unwrap();
+    assert_eq!(right.count(), 4096);
 }
 
 #[test]

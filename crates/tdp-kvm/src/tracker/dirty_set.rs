@@ -77,12 +77,33 @@ impl SlotDirty {
                 .is_some_and(|w| w & (1 << (offset % 64)) != 0)
     }
 
-    /// ORs a whole bitmap in (extra words, and bits past the slot's end, are ignored).
-    pub fn merge_words(&mut self, words: &[u64]) {
+    /// ORs a whole bitmap in (extra words, and bits past the slot's end, are ignored) and returns how many
+    /// bits `words` had set within the slot (pages reported, whether or not already in the set).
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gpa, RingSlot, SlotId};
+    /// let mut s = tdp_kvm::SlotDirty::new(RingSlot::new(AsId(0), SlotId(0)), Gpa(0), 70);
+    /// // Word 1 holds pages 64..128; the slot ends at 70, so bit 10 (page 74) is not a page.
+    /// assert_eq!(s.merge_words(&[1, 0b11 | 1 << 10]), 3);
+    /// assert!(s.contains(65) && !s.contains(74));
+    /// assert_eq!(s.count(), 3);
+    /// ```
+    pub fn merge_words(&mut self, words: &[u64]) -> u64 {
+        let mut n = 0;
         for (dst, src) in self.words.iter_mut().zip(words) {
             *dst |= *src;
+            n += u64::from(src.count_ones());
         }
-        self.trim();
+        // Bits past the slot's end: not pages; drop them and do not count them.
+        let tail = self.pages % PAGES_PER_WORD;
+        if tail != 0
+            && let (Some(last), Some(src)) =
+                (self.words.last_mut(), words.get((self.pages / PAGES_PER_WORD) as usize))
+        {
+            n -= u64::from((src & !((1u64 << tail) - 1)).count_ones());
+            *last &= (1 << tail) - 1;
+        }
+        n
     }
 
     /// How many pages are in the set.
@@ -110,15 +131,6 @@ impl SlotDirty {
 
     fn clear(&mut self) {
         self.words.fill(0);
-    }
-
-    fn trim(&mut self) {
-        let tail = self.pages % PAGES_PER_WORD;
-        if tail != 0
-            && let Some(last) = self.words.last_mut()
-        {
-            *last &= (1 << tail) - 1;
-        }
     }
 }
 
@@ -177,7 +189,9 @@ impl DirtySets {
     pub fn merge(&mut self, other: &DirtySets) {
         for (key, theirs) in &other.slots {
             match self.slots.get_mut(key) {
-                Some(ours) => ours.merge_words(&theirs.words),
+                Some(ours) => {
+                    ours.merge_words(&theirs.words);
+                }
                 None => {
                     self.slots.insert(*key, theirs.clone());
                 }

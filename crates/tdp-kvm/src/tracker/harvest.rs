@@ -49,10 +49,10 @@ impl DirtyTracker {
                     let mut buf = lock(buf, "bitmap buffer")?;
                     let key = s.spec.key().raw();
                     get_dirty_log_fd(self.vm.as_fd(), key, &mut buf)?;
-                    if let Some(set) = fresh.get_mut(s.spec.key()) {
-                        set.merge_words(buf.words());
-                    }
-                    add(&self.counters.harvested, buf.count());
+                    let n = fresh
+                        .add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages)
+                        .merge_words(buf.words());
+                    add(&self.counters.harvested, n);
                     if clear {
                         clear_whole_slot(self.vm.as_fd(), key, s.spec.pages, buf.words())?;
                     }

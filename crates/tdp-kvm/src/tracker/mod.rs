@@ -412,8 +412,7 @@ impl DirtyTracker {
         for set in sets.iter() {
             if let Some(s) = slots.get(&set.slot().raw()) {
                 let dst = pending.add_slot(set.slot(), s.spec.guest_base, s.spec.pages);
-                dst.merge_words(set.words());
-                n += set.count();
+                n += dst.merge_words(set.words());
             }
         }
         Ok(n)
