@@ -89,15 +89,21 @@ impl BatchGate {
     /// Asks every vCPU to park at its next batch boundary and waits until all active ones have, or until
     /// `timeout`. Returns whether they all parked (on `false` the pause stays requested).
     pub fn pause_all(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        // A timeout too large for an `Instant` means "wait as long as it takes".
+        let deadline = Instant::now().checked_add(timeout);
         let mut s = self.lock();
         s.pause = true;
         while s.parked < s.active {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            s = self.changed.wait_timeout(s, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+            s = match deadline {
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return false;
+                    }
+                    self.changed.wait_timeout(s, deadline - now).unwrap_or_else(PoisonError::into_inner).0
+                }
+                None => self.changed.wait(s).unwrap_or_else(PoisonError::into_inner),
+            };
         }
         true
     }
@@ -151,19 +157,33 @@ impl Pacer {
 
     /// Accounts `writes` more writes and sleeps until they are due; returns how long it slept.
     pub fn after_batch(&mut self, writes: u64) -> Duration {
-        self.written += writes;
+        self.written = self.written.saturating_add(writes);
+        let delay = self.delay(Instant::now());
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        delay
+    }
+
+    /// How long after `now` the writes accounted so far are due: zero when they are late or pacing is
+    /// off, at most [`Pacer::MAX_SLEEP`] (only absurdly low rates reach it; the cap keeps the arithmetic
+    /// from overflowing). The thread sleeps the whole delay, so keep `batch / pages_per_sec` short enough
+    /// for the caller's stop latency.
+    #[must_use]
+    pub fn delay(&self, now: Instant) -> Duration {
         if !(self.pages_per_sec.is_finite() && self.pages_per_sec > 0.0) {
             return Duration::ZERO;
         }
-        let due = self.start + Duration::from_secs_f64(self.written as f64 / self.pages_per_sec);
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-            due - now
-        } else {
-            Duration::ZERO
+        let offset =
+            Duration::try_from_secs_f64(self.written as f64 / self.pages_per_sec).unwrap_or(Duration::MAX);
+        match self.start.checked_add(offset) {
+            Some(due) => due.saturating_duration_since(now).min(Self::MAX_SLEEP),
+            None => Self::MAX_SLEEP,
         }
     }
+
+    /// The longest single sleep: an hour.
+    pub const MAX_SLEEP: Duration = Duration::from_secs(3600);
 }
 
 #[cfg(test)]
@@ -194,6 +214,21 @@ mod tests {
         });
         assert_eq!(gate.active(), 0);
         assert!(gate.is_stopped());
+    }
+
+    #[test]
+    fn pacer_delays_are_bounded_for_any_rate() {
+        let now = Instant::now();
+        let paced = |rate: f64, written: u64| Pacer { start: now, pages_per_sec: rate, written }.delay(now);
+        assert_eq!(paced(f64::NAN, u64::MAX), Duration::ZERO, "no pacing");
+        assert_eq!(paced(0.0, 10), Duration::ZERO, "no pacing");
+        assert_eq!(paced(1e300, 1), Duration::ZERO, "due at once");
+        assert_eq!(paced(1e-300, 1), Pacer::MAX_SLEEP, "due in 1e300 s: capped, no overflow");
+        assert_eq!(paced(1000.0, 500), Duration::from_millis(500));
+        assert_eq!(paced(0.5, 64), Duration::from_secs(128), "low rates are honoured, not capped early");
+        assert_eq!(paced(1000.0, u64::MAX), Pacer::MAX_SLEEP);
+        let gate = BatchGate::new(0);
+        assert!(gate.pause_all(Duration::MAX), "nobody to wait for, even with an endless timeout");
     }
 
     #[test]
