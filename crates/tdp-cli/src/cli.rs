@@ -62,8 +62,9 @@ pub struct GuestArgs {
     /// How dirty pages are tracked: the dirty ring, the bitmap (get-and-clear) or the bitmap with clear-log.
     #[arg(long, value_enum, default_value = "ring")]
     pub mode: Mode,
-    /// Dirty ring entries per vCPU (a power of two, 512 to 65536).
-    #[arg(long, default_value_t = 4096)]
+    /// Dirty ring entries per vCPU (a power of two, 512 to 65536). Small rings exit often, which is
+    /// where the dirty limit throttles.
+    #[arg(long, default_value_t = 1024)]
     pub ring_entries: u32,
     /// Which machine runs the guest: KVM when usable else the mock (auto), KVM only, or the mock.
     #[arg(long, value_enum, default_value = "auto")]
@@ -188,7 +189,7 @@ impl GuestArgs {
     pub fn configs(&self) -> Result<(GuestConfig, GuestConfig), UnitError> {
         let memory = self.memory.unwrap_or(DEFAULT_MEMORY);
         check_range("--memory", memory, MIN_MEMORY, MAX_MEMORY, human_bytes)?;
-        if memory % PAGE_SIZE != 0 {
+        if !memory.is_multiple_of(PAGE_SIZE) {
             return Err(UnitError::Range {
                 what: "--memory",
                 value: human_bytes(memory),

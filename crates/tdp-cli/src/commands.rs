@@ -100,7 +100,7 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
     };
     let notes = bar.finish();
     let dest = addr.to_string();
-    let code = match result {
+    match result {
         Ok(report) => {
             let shutdown = guest.shutdown();
             let receiver_result = local.map(|h| h.join());
@@ -156,8 +156,7 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
             drop(local);
             EXIT_FAILED
         }
-    };
-    code
+    }
 }
 
 fn print_migrate_json(

@@ -12,14 +12,16 @@
 //! that still does not converge halves the quota, down to [`MIN_QUOTA`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::units::PAGE_SIZE;
 
 /// The smallest per-vCPU quota the automatic throttle sets, in pages/s.
 pub const MIN_QUOTA: u64 = 64;
-/// The longest a vCPU sleeps at one exit: the throttle must never look like a hung guest.
-pub const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// The longest a vCPU sleeps at one exit. Ring-full exits come once per ring's worth of dirty pages, so
+/// a tight quota needs long sleeps; a pause ([`Throttle::interrupt`]) cuts a sleep short.
+pub const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 /// The user's convergence settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -210,6 +212,11 @@ pub struct Throttle {
     quotas: Vec<AtomicU64>,
     slept_us: Vec<AtomicU64>,
     exits: Vec<AtomicU64>,
+    /// Bumped by [`Throttle::interrupt`]; sleepers wait on `wake` and leave when it changes.
+    generation: Mutex<u64>,
+    wake: Condvar,
+    /// Set while the guest is being paused: no sleeping.
+    held: std::sync::atomic::AtomicBool,
 }
 
 impl Throttle {
@@ -217,7 +224,14 @@ impl Throttle {
     #[must_use]
     pub fn new(vcpus: usize) -> Throttle {
         let zeros = || (0..vcpus).map(|_| AtomicU64::new(0)).collect();
-        Throttle { quotas: zeros(), slept_us: zeros(), exits: zeros() }
+        Throttle {
+            quotas: zeros(),
+            slept_us: zeros(),
+            exits: zeros(),
+            generation: Mutex::new(0),
+            wake: Condvar::new(),
+            held: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// Sets vCPU `vcpu`'s quota in pages/s (`None`: unthrottled).
@@ -245,6 +259,37 @@ impl Throttle {
         self.exits.get(vcpu).map_or(0, |s| s.load(Ordering::Relaxed))
     }
 
+    /// Wakes every vCPU sleeping in the throttle and keeps them from sleeping again until
+    /// [`Throttle::release`]: the guest is being paused, and a sleeping vCPU would only delay the pause
+    /// (it dirties nothing while paused anyway).
+    pub fn interrupt(&self) {
+        self.held.store(true, Ordering::SeqCst);
+        *self.generation.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.wake.notify_all();
+    }
+
+    /// Lets the throttle sleep again after [`Throttle::interrupt`] (the guest resumed).
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
+    }
+
+    /// Sleeps up to `d`, less if interrupted; returns the time slept.
+    fn sleep(&self, d: Duration) -> Duration {
+        let start = Instant::now();
+        let mut g = self.generation.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = *g;
+        // SeqCst: pairs with `interrupt`, which sets `held` before it bumps the generation under the
+        // lock held here; either this load sees `held`, or the bump comes later and ends the wait.
+        while *g == at && !self.held.load(Ordering::SeqCst) {
+            let left = d.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            g = self.wake.wait_timeout(g, left).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        start.elapsed()
+    }
+
     /// Called by vCPU `vcpu`'s thread at an exit after it dirtied `pages` pages since its last call:
     /// sleeps as long as keeps the vCPU within its quota (at most [`MAX_SLEEP`]) and returns the time
     /// slept. `pacer` is the thread's own bookkeeping.
@@ -266,8 +311,10 @@ impl Throttle {
             }
             return Duration::ZERO;
         }
-        let sleep = (allowed - elapsed).min(MAX_SLEEP);
-        std::thread::sleep(sleep);
+        if self.held.load(Ordering::SeqCst) {
+            return Duration::ZERO;
+        }
+        let sleep = self.sleep((allowed - elapsed).min(MAX_SLEEP));
         if let (Some(s), Some(e)) = (self.slept_us.get(vcpu), self.exits.get(vcpu)) {
             s.fetch_add(sleep.as_micros() as u64, Ordering::Relaxed);
             e.fetch_add(1, Ordering::Relaxed);
@@ -403,10 +450,22 @@ mod tests {
         t.set_quota(0, Some(1000));
         // 10 pages at 1000 pages/s is 10 ms of allowance: some sleep, bounded by MAX_SLEEP.
         let slept = t.pace(0, &mut pacer, 10);
-        assert!(slept > Duration::ZERO && slept <= MAX_SLEEP, "{slept:?}");
+        assert!(slept > Duration::ZERO, "{slept:?}");
         assert_eq!(t.throttled_exits(0), 1);
         assert!(t.slept(0) >= slept.saturating_sub(Duration::from_micros(1)));
-        assert_eq!(t.pace(0, &mut pacer, 1_000_000), MAX_SLEEP, "capped");
+        // A long sleep is cut short by an interrupt from another thread.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while t.throttled_exits(0) < 2 && t.slept(0) < Duration::from_secs(5) {
+                    t.interrupt();
+                    std::thread::yield_now();
+                }
+            });
+            let slept = t.pace(0, &mut pacer, 1_000_000);
+            assert!(slept < MAX_SLEEP, "interrupted: {slept:?}");
+        });
+        assert_eq!(t.pace(0, &mut pacer, 1_000_000), Duration::ZERO, "held after an interrupt");
+        t.release();
         t.set_quota(0, None);
         assert_eq!(t.pace(0, &mut pacer, 1_000_000), Duration::ZERO);
     }

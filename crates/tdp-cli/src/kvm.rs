@@ -196,14 +196,19 @@ fn vcpu_thread(
 ) -> Result<(), String> {
     let index = vcpu.index();
     let mut ring_pacer = Pacer::new();
+    let mut last_total = 0u64;
     let mut runner = VcpuRunner::new(tracker, handle).with_throttle(move |ev| {
         shared.ring_full_exits[index].fetch_add(1, Ordering::Relaxed);
-        // QEMU's dirty-limit: a vCPU over its quota sleeps at its ring-full exits.
-        shared.throttle.pace(index, &mut ring_pacer, ev.harvested as u64);
+        // QEMU's dirty-limit: a vCPU over its quota sleeps at its ring-full exits, for every page its
+        // ring reported since the last exit (collects by the migration thread included).
+        let dirtied = ev.vcpu_total.saturating_sub(last_total);
+        last_total = ev.vcpu_total;
+        shared.throttle.pace(index, &mut ring_pacer, dirtied);
         RingThrottle::Resume
     });
     let mut batch_pacer = Pacer::new();
     let mut workload_pacer = tdp_guest::Pacer::new(rate);
+    let mut slept_before = Duration::ZERO;
     loop {
         if gate.at_batch_boundary() == tdp_guest::Decision::Stop {
             return Ok(());
@@ -217,6 +222,12 @@ fn vcpu_thread(
             Ok(GuestExit::BatchDone { .. }) => {
                 if !ring {
                     shared.throttle.pace(index, &mut batch_pacer, batch);
+                }
+                // Time asleep in the throttle is not owed to the workload afterwards: no catch-up burst.
+                let slept = shared.throttle.slept(index);
+                if slept != slept_before {
+                    slept_before = slept;
+                    workload_pacer = tdp_guest::Pacer::new(rate);
                 }
                 workload_pacer.after_batch(batch);
             }
@@ -291,6 +302,7 @@ impl Guest for KvmGuest {
 
     fn pause(&mut self) -> Result<(), GuestError> {
         self.paused = true;
+        self.shared.throttle.interrupt();
         if !self.gate.pause_all(PAUSE_TIMEOUT) {
             return Err(GuestError::new(
                 "pausing the vCPUs",
@@ -304,6 +316,7 @@ impl Guest for KvmGuest {
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {
+        self.shared.throttle.release();
         self.gate.resume();
         self.paused = false;
         match self.error() {

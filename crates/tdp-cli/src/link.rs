@@ -149,7 +149,7 @@ impl<S: Read + Write> Link<S> {
     /// # Errors
     /// [`LinkError`] if the write fails.
     pub fn send_pages(&mut self, first: u64, data: &[u8], round: u32) -> Result<(), LinkError> {
-        debug_assert!(data.len() % PAGE_SIZE == 0 && data.len() <= MAX_RUN as usize * PAGE_SIZE);
+        debug_assert!(data.len().is_multiple_of(PAGE_SIZE) && data.len() <= MAX_RUN as usize * PAGE_SIZE);
         crate::proto::encode_pages(first, data, &mut self.scratch);
         self.write_scratch(&format!("sending pages of round {round}"))
     }

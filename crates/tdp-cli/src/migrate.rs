@@ -293,3 +293,6 @@ fn send_pages<S: Read + Write>(
     }
     Ok(sent)
 }
+
+#[cfg(test)]
+mod tests;

@@ -340,6 +340,7 @@ impl Guest for MockGuest {
         let s = &*self.shared;
         let mut c = lock(&s.control);
         c.paused = true;
+        s.throttle.interrupt();
         while c.parked + c.exited < self.cfg.vcpus {
             c = s.wake.wait(c).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
@@ -353,6 +354,7 @@ impl Guest for MockGuest {
         let s = &*self.shared;
         let mut c = lock(&s.control);
         c.paused = false;
+        s.throttle.release();
         s.wake.notify_all();
         match c.error.take() {
             Some(e) => Err(GuestError::new("resuming the mock vCPUs", e)),

@@ -100,8 +100,10 @@ pub(crate) fn run(s: &Shared, mut vcpu: Vcpu, index: usize, cfg: GuestConfig) {
     let mut picker = Picker::new(cfg.pattern, s.slot.pages, index, cfg.vcpus);
     let per_vcpu_rate = cfg.rate_pages.div_ceil(cfg.vcpus.max(1) as u64);
     let mut pacer = Pacer::new();
-    let started = Instant::now();
+    let (mut started, mut paced) = (Instant::now(), 0u64);
+    let mut slept_before = Duration::ZERO;
     let mut written = 0u64;
+    let mut written_at_exit = 0u64;
     let mut iteration = 0u64;
     let result = loop {
         if s.stop.load(Ordering::Relaxed) {
@@ -129,13 +131,23 @@ pub(crate) fn run(s: &Shared, mut vcpu: Vcpu, index: usize, cfg: GuestConfig) {
             drop(early);
             s.figures[index].ring_full_exits.fetch_add(1, Ordering::Relaxed);
             s.figures[index].early_entries.fetch_add(entries, Ordering::Relaxed);
-            s.throttle.pace(index, &mut pacer, entries);
+            // Every page written since the last exit counts against the quota (collects by the
+            // migration thread took some of them from the ring).
+            s.throttle.pace(index, &mut pacer, written - written_at_exit);
+            written_at_exit = written;
         } else if matches!(s.tracker, Tracker::Bitmap { .. }) {
             s.throttle.pace(index, &mut pacer, BATCH);
         }
-        // The workload's own rate: sleep until `written` pages are due.
+        // Time asleep in the throttle is not owed to the workload afterwards: no catch-up burst.
+        let slept = s.throttle.slept(index);
+        if slept != slept_before {
+            slept_before = slept;
+            (started, paced) = (Instant::now(), 0);
+        }
+        // The workload's own rate: sleep until the pages written are due.
+        paced += BATCH;
         if per_vcpu_rate > 0 {
-            let due = Duration::from_secs_f64(written as f64 / per_vcpu_rate as f64);
+            let due = Duration::from_secs_f64(paced as f64 / per_vcpu_rate as f64);
             let elapsed = started.elapsed();
             if due > elapsed {
                 std::thread::sleep((due - elapsed).min(Duration::from_millis(50)));

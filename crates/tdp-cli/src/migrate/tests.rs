@@ -1,0 +1,178 @@
+//! Tests of the pre-copy loop against an in-memory guest and a real receiver thread: the digest proves
+//! the destination got everything, and a link that breaks mid-round leaves every page it carried pending.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::*;
+use crate::converge::Throttle;
+use crate::guest::Harvest;
+use crate::receiver::{ReceiverConfig, serve};
+
+/// A guest whose memory is a vector; each harvest "dirties" the pages listed in `script` for that call.
+struct FakeGuest {
+    memory: Mutex<Vec<u8>>,
+    script: Vec<Vec<u64>>,
+    harvests: usize,
+    throttle: Throttle,
+    paused: bool,
+}
+
+impl FakeGuest {
+    fn new(pages: u64, script: Vec<Vec<u64>>) -> FakeGuest {
+        let memory = (0..pages * PAGE_SIZE as u64).map(|i| (i / 7) as u8).collect();
+        FakeGuest {
+            memory: Mutex::new(memory),
+            script,
+            harvests: 0,
+            throttle: Throttle::new(1),
+            paused: false,
+        }
+    }
+}
+
+impl Guest for FakeGuest {
+    fn backend(&self) -> &'static str {
+        "fake"
+    }
+    fn describe(&self) -> String {
+        "fake".into()
+    }
+    fn pages(&self) -> u64 {
+        (self.memory.lock().unwrap().len() / PAGE_SIZE) as u64
+    }
+    fn vcpus(&self) -> usize {
+        1
+    }
+    fn throttle(&self) -> &Throttle {
+        &self.throttle
+    }
+    fn throttle_point(&self) -> &'static str {
+        "nowhere"
+    }
+    fn harvest(&mut self, into: &mut PendingSet) -> Result<Harvest, GuestError> {
+        let dirty = self.script.get(self.harvests).cloned().unwrap_or_default();
+        self.harvests += 1;
+        let mut mem = self.memory.lock().unwrap();
+        let before = into.len();
+        for &p in &dirty {
+            // The write happened before the harvest: new contents, then the mark.
+            mem[p as usize * PAGE_SIZE] = mem[p as usize * PAGE_SIZE].wrapping_add(1);
+            into.insert(p);
+        }
+        Ok(Harvest { new_pages: into.len() - before, per_vcpu: vec![dirty.len() as u64] })
+    }
+    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        let at = page as usize * PAGE_SIZE;
+        buf.copy_from_slice(&self.memory.lock().unwrap()[at..at + PAGE_SIZE]);
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), GuestError> {
+        self.paused = true;
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), GuestError> {
+        self.paused = false;
+        Ok(())
+    }
+    fn is_running(&self) -> bool {
+        !self.paused
+    }
+    fn figures(&self) -> Vec<VcpuFigures> {
+        vec![VcpuFigures::default()]
+    }
+    fn shutdown(&mut self) -> Result<(), GuestError> {
+        Ok(())
+    }
+}
+
+/// A stream that fails every write once `budget` bytes were written.
+struct Breaks {
+    inner: TcpStream,
+    budget: usize,
+}
+
+impl Read for Breaks {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+impl Write for Breaks {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() > self.budget {
+            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "link cut by the test"));
+        }
+        self.budget -= buf.len();
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn receiver() -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<Result<crate::receiver::Received, crate::receiver::ReceiveError>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = ReceiverConfig {
+        max_memory: 1 << 30,
+        exit_after_rounds: None,
+        idle_timeout: Duration::from_secs(10),
+    };
+    let t = std::thread::spawn(move || {
+        let (s, peer) = listener.accept().unwrap();
+        serve(s, peer.to_string(), cfg)
+    });
+    (addr, t)
+}
+
+fn policy(max_rounds: u32) -> Policy {
+    Policy { max_rounds, downtime_target: Duration::from_nanos(1), dirty_limit: true, vcpu_quota: None }
+}
+
+#[test]
+fn i4_every_dirtied_page_reaches_the_destination() {
+    let script = vec![vec![], vec![1, 2, 3, 200], vec![2, 5], vec![7], vec![100, 101, 102]];
+    let mut guest = FakeGuest::new(256, script);
+    let (addr, t) = receiver();
+    let mut link = Link::new(TcpStream::connect(addr).unwrap(), addr.to_string(), None);
+    let r = migrate(&mut guest, &mut link, policy(2), &mut Silent).map_err(|f| f.error.to_string()).unwrap();
+    let got = t.join().unwrap().unwrap();
+    assert!(r.verified, "{r:?}");
+    assert_eq!(got.digest, r.source_digest);
+    // Bulk copy + rounds 1, 2 + the final round, which carries the last harvest's pages.
+    assert_eq!(r.rounds.iter().map(|x| x.pages_sent).collect::<Vec<_>>(), [256, 4, 2]);
+    assert_eq!(r.final_pages, 1 + 3);
+    assert!(!r.converged && r.stop_reason.contains("did not converge in 2 rounds"), "{}", r.stop_reason);
+}
+
+#[test]
+fn i4_pages_of_a_failed_round_stay_pending() {
+    let (addr, _t) = receiver();
+    let guest = FakeGuest::new(64, vec![]);
+    let mut pending = PendingSet::new(64);
+    pending.insert_run(3, 40);
+    let stream = TcpStream::connect(addr).unwrap();
+    let mut link = Link::new(Breaks { inner: stream, budget: 20 * PAGE_SIZE + 200 }, "test".into(), None);
+    link.hello(64).unwrap();
+    let before = pending.clone();
+    let err = send_round(&guest, &mut link, &mut pending, 1).unwrap_err();
+    assert!(err.to_string().contains("sending pages of round 1"), "{err}");
+    assert_eq!(pending, before, "every page of the failed round, sent or not, is still owed");
+}
+
+#[test]
+fn a_failed_migration_resumes_the_guest_and_counts_what_is_owed() {
+    let (addr, _t) = receiver();
+    let mut guest = FakeGuest::new(128, vec![vec![], vec![9, 10]]);
+    let stream = TcpStream::connect(addr).unwrap();
+    let mut link = Link::new(Breaks { inner: stream, budget: 100 * PAGE_SIZE }, "test".into(), None);
+    let f = migrate(&mut guest, &mut link, policy(5), &mut Silent).expect_err("the link breaks in round 0");
+    assert!(f.guest_running, "the guest runs after the failure");
+    assert_eq!(f.pending_pages, 128, "nothing was acknowledged: every page is still owed");
+    assert_eq!(f.rounds_done, 0);
+}

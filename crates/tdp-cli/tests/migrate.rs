@@ -1,0 +1,204 @@
+//! `tdp migrate` and `tdp receive` as a user runs them, on real KVM (skipped without `/dev/kvm`) and on
+//! the mock: the destination's digest equals the source's in every tracking mode, across two processes,
+//! and a destination that dies mid-migration gives a clear error while the source guest keeps running.
+//!
+//! Checks: I4 end to end (the BLAKE3 digest comparison after stop-and-copy) and I5 for the peer (a
+//! receiver fed garbage fails cleanly).
+
+mod common;
+
+use std::io::Write;
+
+use common::{both, json, kvm_or_skip, receiver, rest, run};
+
+fn assert_verified(v: &serde_json::Value, what: &str) {
+    assert_eq!(v["verified"], true, "{what}: {v}");
+    assert_eq!(v["source_digest"], v["destination_digest"], "{what}: {v}");
+    assert!(v["rounds"].as_array().is_some_and(|r| !r.is_empty()), "{what}: rounds reported: {v}");
+    assert!(v["downtime_ms"].as_f64().is_some() && v["total_ms"].as_f64().is_some(), "{what}: {v}");
+}
+
+#[test]
+fn i4_migrate_with_defaults_verifies_on_kvm() {
+    if !kvm_or_skip("i4_migrate_with_defaults_verifies_on_kvm") {
+        return;
+    }
+    // The defaults except the memory size, kept small for a debug build.
+    let out = run(&["migrate", "--memory", "16M", "--json"]);
+    assert!(out.status.success(), "{}", both(&out));
+    let v = json(&out);
+    assert_verified(&v, "defaults");
+    assert_eq!(v["guest"]["backend"], "kvm");
+    assert_eq!(v["guest"]["mode"], "ring");
+    assert_eq!(v["loopback_receiver"], true);
+
+    let text = run(&["migrate", "--memory", "8M"]);
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(text.status.success(), "{}", both(&text));
+    for want in
+        ["round", "pages sent", "downtime", "verified: destination memory equals the source byte for byte"]
+    {
+        assert!(stdout.contains(want), "text report has {want:?}:\n{stdout}");
+    }
+}
+
+#[test]
+fn i4_migrate_verifies_in_every_tracking_mode_on_kvm() {
+    if !kvm_or_skip("i4_migrate_verifies_in_every_tracking_mode_on_kvm") {
+        return;
+    }
+    for (mode, pattern) in [("ring", "sequential"), ("bitmap", "random"), ("clear-log", "hot-set")] {
+        let out = run(&[
+            "migrate",
+            "--memory",
+            "8M",
+            "--mode",
+            mode,
+            "--pattern",
+            pattern,
+            "--json",
+            "--backend",
+            "kvm",
+        ]);
+        assert!(out.status.success(), "{mode}: {}", both(&out));
+        let v = json(&out);
+        assert_verified(&v, mode);
+        assert_eq!(v["guest"]["mode"], mode);
+        let writes: u64 =
+            v["vcpus"].as_array().map_or(0, |a| a.iter().filter_map(|c| c["writes"].as_u64()).sum());
+        assert!(writes > 0, "{mode}: the guest dirtied memory during the migration: {v}");
+    }
+}
+
+#[test]
+fn i4_dirty_limit_throttles_when_the_link_is_slower_than_the_guest() {
+    if !kvm_or_skip("i4_dirty_limit_throttles_when_the_link_is_slower_than_the_guest") {
+        return;
+    }
+    // 4 MiB/s of link against 16 MiB/s of dirtying: pre-copy cannot converge without the dirty limit.
+    let out = run(&[
+        "migrate",
+        "--memory",
+        "4M",
+        "--bandwidth",
+        "4MiB/s",
+        "--dirty-rate",
+        "16MiB/s",
+        "--max-rounds",
+        "6",
+        "--mode",
+        "bitmap",
+        "--json",
+        "--backend",
+        "kvm",
+    ]);
+    assert!(out.status.success(), "{}", both(&out));
+    let v = json(&out);
+    assert_verified(&v, "throttled");
+    let quotas: Vec<_> =
+        v["rounds"].as_array().into_iter().flatten().filter_map(|r| r["vcpu_quota"].as_u64()).collect();
+    assert!(!quotas.is_empty(), "a quota was set: {v}");
+    let throttled: u64 =
+        v["vcpus"].as_array().into_iter().flatten().filter_map(|c| c["throttled_exits"].as_u64()).sum();
+    assert!(throttled > 0, "vCPUs slept at their exits: {v}");
+    assert_eq!(v["guest"]["throttle_point"], "batch exits (the bitmap has no per-vCPU exit)");
+}
+
+#[test]
+fn i4_migrate_to_a_receiver_in_another_process() {
+    let kvm = kvm_or_skip("i4_migrate_to_a_receiver_in_another_process (on KVM; the mock runs instead)");
+    let backend = if kvm { "kvm" } else { "mock" };
+    let (child, addr, err) = receiver(&[]);
+    let out = run(&["migrate", "--memory", "4M", "--to", &addr.to_string(), "--json", "--backend", backend]);
+    let dest = child.wait_with_output().expect("the receiver exits");
+    assert!(out.status.success(), "{}", both(&out));
+    assert!(dest.status.success(), "receiver: {}\n{}", both(&dest), rest(err));
+    let v = json(&out);
+    let d = json(&dest);
+    assert_verified(&v, "two processes");
+    assert_eq!(v["loopback_receiver"], false);
+    assert_eq!(d["matched"], true, "{d}");
+    assert_eq!(d["digest"], v["source_digest"], "the receiver's own digest is the source's");
+    assert_eq!(d["pages"], 1024);
+}
+
+#[test]
+fn killed_destination_is_a_clear_error_and_the_guest_keeps_running() {
+    let kvm = kvm_or_skip(
+        "killed_destination_is_a_clear_error_and_the_guest_keeps_running (on KVM; the mock runs instead)",
+    );
+    let backend = if kvm { "kvm" } else { "mock" };
+    // The receiver vanishes right after acknowledging the bulk copy (round 0), as if killed.
+    let (child, addr, _err) = receiver(&["--exit-after-rounds", "1"]);
+    let out = run(&[
+        "migrate",
+        "--memory",
+        "4M",
+        "--to",
+        &addr.to_string(),
+        "--backend",
+        backend,
+        "--downtime-ms",
+        "1",
+        "--dirty-rate",
+        "16MiB/s",
+    ]);
+    let dest = child.wait_with_output().expect("the receiver exits");
+    assert_eq!(dest.status.code(), Some(3), "the receiver took its exit hook: {}", both(&dest));
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("destination {addr}")), "names the peer: {stderr}");
+    assert!(stderr.contains("migration failed"), "{stderr}");
+    assert!(stderr.contains("the source guest is still running"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn sigkilled_destination_fails_the_source_cleanly() {
+    let kvm = kvm_or_skip("sigkilled_destination_fails_the_source_cleanly (on KVM; the mock runs instead)");
+    let backend = if kvm { "kvm" } else { "mock" };
+    let (mut child, addr, _err) = receiver(&[]);
+    // A slow link keeps the bulk copy going for about two seconds; the receiver is killed during it.
+    let src = common::tdp()
+        .args(["migrate", "--memory", "4M", "--bandwidth", "2MiB/s", "--json", "--backend", backend])
+        .args(["--to", &addr.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tdp migrate starts");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    child.kill().expect("kill the receiver");
+    let _ = child.wait();
+    let out = src.wait_with_output().expect("the source exits");
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    let v = json(&out);
+    assert!(v["error"].as_str().is_some_and(|e| e.contains(&addr.to_string())), "{v}");
+    assert_eq!(v["guest_running"], true, "{v}");
+    assert_eq!(v["pending_pages"], 1024, "no round was acknowledged, so every page is owed: {v}");
+}
+
+#[test]
+fn i5_receiver_rejects_garbage_with_a_clear_error() {
+    let (child, addr, err) = receiver(&[]);
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.write_all(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3]).expect("send garbage");
+    let out = child.wait_with_output().expect("the receiver exits");
+    let stderr = rest(err);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("bad frame length"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn i4_migrate_on_the_mock_says_so() {
+    let out = run(&["migrate", "--backend", "mock", "--memory", "1M", "--json"]);
+    assert!(out.status.success(), "{}", both(&out));
+    let v = json(&out);
+    assert_verified(&v, "mock");
+    assert_eq!(v["guest"]["backend"], "mock");
+    assert!(v["guest"]["machine"].as_str().is_some_and(|m| m.contains("tdp-mock machine, not KVM")), "{v}");
+
+    let out = run(&["migrate", "--backend", "mock", "--memory", "1M", "--mode", "bitmap"]);
+    assert!(out.status.success(), "{}", both(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tdp-mock machine, not KVM"), "{}", both(&out));
+}
