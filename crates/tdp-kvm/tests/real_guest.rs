@@ -52,7 +52,7 @@ struct Report {
     ring_full_hook: [u64; 2],
     /// Ring-full exits the tracker counted, per vCPU.
     ring_full_tracker: Vec<u64>,
-    /// Times a page of the slot's last, partial bitmap word (pages 4096..4099) was reported.
+    /// Times a page of the slot's last, partial bitmap word (e.g. pages 4096..4099) was reported.
     tail_reported: u64,
     /// Collections made while the vCPUs ran.
     live_collects: u64,
@@ -146,10 +146,11 @@ fn verify(
     everything_reported: bool,
     last: &mut [u64],
 ) -> Result<u64, String> {
-    let mut reported = vec![false; DATA_PAGES as usize];
+    let pages = vm.data_pages();
+    let mut reported = vec![false; pages as usize];
     let mut count = 0;
     for set in sets.iter() {
-        if set.slot().raw() != DATA_SLOT || set.guest_base().0 != DATA_GPA || set.pages() != DATA_PAGES {
+        if set.slot().raw() != DATA_SLOT || set.guest_base().0 != DATA_GPA || set.pages() != pages {
             if set.is_empty() {
                 continue;
             }
@@ -163,10 +164,10 @@ fn verify(
             count += 1;
         }
     }
-    if everything_reported && count != DATA_PAGES {
-        return Err(format!("INITIALLY_SET: first collection reported {count} of {DATA_PAGES} pages"));
+    if everything_reported && count != pages {
+        return Err(format!("INITIALLY_SET: first collection reported {count} of {pages} pages"));
     }
-    for page in 0..DATA_PAGES {
+    for page in 0..pages {
         let value = vm.page_iteration(page).map_err(|e| e.to_string())?;
         let before = last[page as usize];
         if reported[page as usize] {
@@ -204,7 +205,7 @@ fn check_the_checker(vm: &GuestVm, sets: &DirtySets, iteration: u64, last: &[u64
         Err(e) if e.contains("lost") => {}
         other => return Err(format!("dropping page {victim} from the result was not caught: {other:?}")),
     }
-    let clean = (0..DATA_PAGES)
+    let clean = (0..vm.data_pages())
         .find(|&p| !set.contains(p))
         .ok_or_else(|| format!("iteration {iteration}: every page reported"))?;
     let mut more = sets.clone();
@@ -226,7 +227,27 @@ fn run_mode(
     pattern: Pattern,
     live: bool,
 ) -> Result<Option<Report>, Box<dyn std::error::Error + Send + Sync>> {
-    let mut vm = match GuestVm::new(GuestSpec::new(DATA_PAGES, 2)) {
+    let both = |i: u64| {
+        let seed = 0x1234_5678_9abc_def1 ^ (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Workload::new(0, DATA_PAGES, BATCH, pattern).with_seed(seed).with_tag(false)
+    };
+    run(&Run { mode, pages: DATA_PAGES, workloads: [both(0), both(1)], live, iterations: ITERATIONS })
+}
+
+/// One run's shape: the tracking mode, the slot size, each vCPU's workload, live collects or not.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    mode: Mode,
+    pages: u64,
+    workloads: [Workload; 2],
+    live: bool,
+    iterations: u64,
+}
+
+/// The whole run (see [`run_mode`]); `None` when skipped.
+fn run(r: &Run) -> Result<Option<Report>, Box<dyn std::error::Error + Send + Sync>> {
+    let Run { mode, pages, workloads, live, iterations } = *r;
+    let mut vm = match GuestVm::new(GuestSpec::new(pages, 2)) {
         Ok(vm) => vm,
         Err(GuestError::OpenKvm(e)) => {
             eprintln!("SKIPPED: {mode:?}: cannot open /dev/kvm: {e}");
@@ -237,10 +258,9 @@ fn run_mode(
     let Some(tracker) = make_tracker(&vm, mode)? else { return Ok(None) };
     // Logging goes on after the capability (INITIALLY_SET applies when a slot's logging is enabled).
     vm.set_dirty_logging(true)?;
-    tracker.register_slot(SlotSpec::from_region(DATA_SLOT, DATA_GPA, DATA_PAGES * 4096))?;
-    for i in 0..2 {
-        let seed = 0x1234_5678_9abc_def1 ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        vm.set_workload(i, &Workload::new(0, DATA_PAGES, BATCH, pattern).with_seed(seed).with_tag(false))?;
+    tracker.register_slot(SlotSpec::from_region(DATA_SLOT, DATA_GPA, pages * 4096))?;
+    for (i, w) in workloads.iter().enumerate() {
+        vm.set_workload(i, w)?;
     }
     vm.set_iteration(1);
     let vcpus = vm.create_vcpus()?;
@@ -249,7 +269,7 @@ fn run_mode(
     let gate = BatchGate::new(2);
     let ring_full_seen = [AtomicU64::new(0), AtomicU64::new(0)];
     let mut report = Report::default();
-    let mut last = vec![0u64; DATA_PAGES as usize];
+    let mut last = vec![0u64; pages as usize];
     let initially_set = matches!(mode, Mode::ClearLog { initially_set: true });
 
     let (host, threads) = std::thread::scope(|s| {
@@ -263,7 +283,7 @@ fn run_mode(
             })
             .collect();
         let host = (|| -> Result<(), String> {
-            for iteration in 1..=ITERATIONS {
+            for iteration in 1..=iterations {
                 let start = [0, 1].map(|i| vm.vcpu_stats(i).map(|s| s.batches).unwrap_or(0));
                 let mut sets = DirtySets::default();
                 wait_for_batches(&vm, &gate, start, || {
@@ -288,7 +308,7 @@ fn run_mode(
                     report.tail_reported += sets
                         .iter()
                         .filter(|set| set.slot().raw() == DATA_SLOT)
-                        .map(|set| set.offsets().filter(|&o| o >= DATA_PAGES / 64 * 64).count() as u64)
+                        .map(|set| set.offsets().filter(|&o| o >= pages / 64 * 64).count() as u64)
                         .sum::<u64>();
                 }
                 if let TrackingMode::Ring(_) = tracker.mode() {
@@ -326,8 +346,9 @@ fn run_mode(
     report.harvested = stats.harvested;
     report.reset = stats.reset_entries;
     eprintln!(
-        "{mode:?} {pattern:?} live={live}: {} iterations ({} live collects), pages reported per iteration {:?}, \
+        "{mode:?} {pages} pages {:?} live={live}: {} iterations ({} live collects), pages reported per iteration {:?}, \
          ring-full exits {:?}, harvested {}, reset {}, tail pages reported {}",
+        workloads.map(|w| w.pattern),
         report.reported.len(),
         report.live_collects,
         report.reported,
@@ -442,5 +463,25 @@ fn i4_get_and_clear_sequential_sweeps_report_every_page() -> TestResult {
     assert_non_trivial(&report);
     let total: u64 = report.reported.iter().sum();
     assert!(total >= 5 * DATA_PAGES, "{total} reports: the sweeps covered the slot fewer than 5 times");
+    Ok(())
+}
+
+/// dirty_log_test's own size, 1 GiB + 3 pages, with clear-log: `KVM_CLEAR_DIRTY_LOG` over a slot of 4097
+/// bitmap words whose last holds 3 pages. vCPU 0 writes randomly over the whole GiB; vCPU 1 sweeps the
+/// last 1027 pages in order, so the partial word is written and cleared every iteration. Only the touched
+/// pages are ever allocated (about 50 MiB).
+#[test]
+fn i4_clear_log_one_gib_plus_three_pages() -> TestResult {
+    let pages = (1 << 18) + 3;
+    let workloads = [
+        Workload::new(0, pages, BATCH, Pattern::Random).with_seed(0x5eed_0001).with_tag(false),
+        Workload::new(pages - 1027, 1027, BATCH, Pattern::Sequential).with_tag(false),
+    ];
+    let run_shape =
+        Run { mode: Mode::ClearLog { initially_set: false }, pages, workloads, live: false, iterations: 12 };
+    let Some(report) = run(&run_shape)? else { return Ok(()) };
+    assert_eq!(report.reported.len(), 12);
+    assert!(report.reported.iter().all(|&n| n >= 500), "too few dirty pages: {:?}", report.reported);
+    assert!(report.tail_reported >= 12, "the last word was reported {} times", report.tail_reported);
     Ok(())
 }
