@@ -23,6 +23,7 @@ pub mod caps;
 pub mod eptp;
 pub mod exit;
 pub mod fake;
+pub mod host;
 pub mod instr;
 pub mod inv;
 pub mod msr;
