@@ -57,15 +57,26 @@ pub fn receiver(extra: &[&str]) -> (Child, SocketAddr, BufReader<std::process::C
         .stderr(Stdio::piped())
         .spawn()
         .expect("tdp receive starts");
-    let mut err = BufReader::new(child.stderr.take().expect("piped stderr"));
+    match bound_address(&mut child) {
+        Some((addr, err)) => (child, addr, err),
+        None => {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("tdp receive ({status:?}) did not print its address");
+        }
+    }
+}
+
+fn bound_address(child: &mut Child) -> Option<(SocketAddr, BufReader<std::process::ChildStderr>)> {
+    let mut err = BufReader::new(child.stderr.take()?);
     let mut line = String::new();
     loop {
         line.clear();
-        let n = err.read_line(&mut line).expect("read the receiver's stderr");
-        assert!(n > 0, "tdp receive exited before printing its address");
+        if err.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
         if let Some(addr) = line.trim().strip_prefix("tdp receive: listening on ") {
-            let addr = addr.parse().expect("a socket address");
-            return (child, addr, err);
+            return Some((addr.parse().ok()?, err));
         }
     }
 }
