@@ -167,6 +167,29 @@ impl GuestVm {
         self.data.host_addr()
     }
 
+    /// The data slot as registered with KVM (slot id, flags, guest address, size, host address), e.g.
+    /// for a dirty tracker that takes `kvm_userspace_memory_region` fields.
+    ///
+    /// ```
+    /// use tdp_guest::{DATA_GPA, DATA_SLOT, GuestSpec, GuestVm};
+    /// let vm = match GuestVm::new(GuestSpec::new(100, 1).with_dirty_logging(true)) {
+    ///     Ok(vm) => vm,
+    ///     Err(tdp_guest::GuestError::OpenKvm(e)) => {
+    ///         eprintln!("SKIPPED: cannot open /dev/kvm: {e}");
+    ///         return Ok(());
+    ///     }
+    ///     Err(e) => return Err(e),
+    /// };
+    /// let r = vm.data_region();
+    /// assert_eq!((r.slot, r.guest_phys_addr, r.memory_size), (DATA_SLOT, DATA_GPA, 100 * 4096));
+    /// assert_eq!(r.flags, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES);
+    /// # Ok::<(), tdp_guest::GuestError>(())
+    /// ```
+    #[must_use]
+    pub fn data_region(&self) -> kvm_userspace_memory_region {
+        self.region(DATA_SLOT, self.data_logging)
+    }
+
     /// Whether the data slot is registered with `KVM_MEM_LOG_DIRTY_PAGES`.
     #[must_use]
     pub fn dirty_logging(&self) -> bool {
@@ -304,18 +327,26 @@ impl GuestVm {
         Ok(())
     }
 
-    fn register(&self, slot: u32, log_dirty: bool) -> Result<()> {
-        let (region, gpa, op) = match slot {
-            CODE_SLOT => (&self.code, 0, "KVM_SET_USER_MEMORY_REGION (code slot 0)"),
-            _ => (&self.data, DATA_GPA, "KVM_SET_USER_MEMORY_REGION (data slot 1)"),
+    fn region(&self, slot: u32, log_dirty: bool) -> kvm_userspace_memory_region {
+        let (region, gpa) = match slot {
+            CODE_SLOT => (&self.code, 0),
+            _ => (&self.data, DATA_GPA),
         };
-        let region_desc = kvm_userspace_memory_region {
+        kvm_userspace_memory_region {
             slot,
             flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: gpa,
             memory_size: region.len() as u64,
             userspace_addr: region.host_addr(),
+        }
+    }
+
+    fn register(&self, slot: u32, log_dirty: bool) -> Result<()> {
+        let op = match slot {
+            CODE_SLOT => "KVM_SET_USER_MEMORY_REGION (code slot 0)",
+            _ => "KVM_SET_USER_MEMORY_REGION (data slot 1)",
         };
+        let region_desc = self.region(slot, log_dirty);
         // SAFETY: the host range is a live mapping owned by an `Arc<MmapRegion>` that this VM and every
         // vCPU created from it hold until they are dropped (and `vm` is dropped first), so KVM never maps
         // memory the process has freed; the slots do not overlap (code below 4 GiB, data from 4 GiB).
