@@ -75,7 +75,8 @@ impl GuestVm {
 
     /// Builds the VM on an open `Kvm`: creates it, maps and fills the code slot (page tables, GDT, TSS,
     /// program, control page with iteration 1 and every vCPU's default workload: an equal share of the
-    /// data slot, random pattern, 64-page batches), maps the data slot, and registers both memslots.
+    /// data slot, random pattern, 64-page batches, or no writes at all if the slot has fewer pages than
+    /// vCPUs and the share is empty), maps the data slot, and registers both memslots.
     ///
     /// # Errors
     /// [`GuestError::InvalidSpec`] for a bad spec; [`GuestError::Mmap`] when memory cannot be mapped;
@@ -112,7 +113,12 @@ impl GuestVm {
         for i in 0..spec.vcpus() {
             let w = Workload::share(spec.data_pages(), spec.vcpus() as u64, i as u64, 64, Pattern::Random)
                 .with_seed(0x9e37_79b9_7f4a_7c15 ^ ((i as u64 + 1) << 32));
-            let w = Workload { batch: w.batch.min(w.pages), ..w };
+            // A slot with fewer pages than vCPUs leaves some shares empty: those vCPUs idle (batch 0).
+            let w = if w.pages == 0 {
+                Workload { first_page: 0, pages: spec.data_pages(), batch: 0, ..w }
+            } else {
+                Workload { batch: w.batch.min(w.pages), ..w }
+            };
             this.set_workload(i, &w)?;
         }
         Ok(this)

@@ -245,3 +245,19 @@ fn workload_changes_while_running_never_mix_two_workloads() -> Result<(), GuestE
     assert!(stray.is_empty(), "pages outside both workloads were written: {stray:?}");
     Ok(())
 }
+
+#[test]
+fn tiny_slots_and_many_vcpus_get_sane_default_workloads() -> Result<(), GuestError> {
+    let Some(mut vm) = vm_or_skip(GuestSpec::new(1, 3), "tiny slot") else { return Ok(()) };
+    let mut vcpus = vm.create_vcpus()?;
+    for vcpu in &mut vcpus {
+        assert_eq!(vcpu.run()?, GuestExit::BatchDone { tag: vcpu.index() as u32 });
+    }
+    // Only the last vCPU's share holds the one page; the others idle.
+    assert_eq!(vm.page_iteration(0)?, 1);
+    assert_eq!(vm.page_tag(0)?, 2);
+    let writes: Vec<u64> = (0..3).map(|i| vm.vcpu_stats(i).map(|s| s.writes)).collect::<Result<_, _>>()?;
+    assert_eq!(writes, [0, 0, 1]);
+    assert!(matches!(vm.page_iteration(1), Err(GuestError::PageOutOfRange { page: 1, pages: 1 })));
+    Ok(())
+}
