@@ -14,7 +14,6 @@
 use std::time::Duration;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use tdp_core::dirty_ring::DirtyEntry;
 
 use crate::error::{Errno, Error, Result};
 use crate::tracker::{DirtyTracker, TrackingMode, VcpuHandle};
@@ -83,7 +82,7 @@ pub struct VcpuRunner<'t> {
     tracker: &'t DirtyTracker,
     handle: VcpuHandle,
     throttle: Option<ThrottleHook<'t>>,
-    scratch: Vec<DirtyEntry>,
+    scratch: Vec<(u32, u64)>,
 }
 
 impl std::fmt::Debug for VcpuRunner<'_> {

@@ -1,9 +1,13 @@
 //! Per-slot dirty sets: what a collect returns and what the tracker keeps pending between collects.
 //!
-//! A set is a bitmap per memslot, so a page reported by several sources (two rings, a ring-full harvest
-//! and a collect) appears once, and merging a set back (`restore`) is an OR that cannot lose a page.
+//! A slot's set is *sparse* (a sorted list of page offsets) while it is small, and *dense* (a bitmap) once
+//! the list would outgrow the bitmap (more than one page in 64 dirty). So the cost of a ring collect
+//! follows the number of pages dirtied, not the size of guest memory (a 16 GiB slot's bitmap is 512 KiB,
+//! which a sparse set never allocates, clears or copies), while a heavy round stays at one bit per page.
+//! Either way a page appears once however many sources reported it, and merging a set back (`restore`) is
+//! a union that cannot lose a page.
 //!
-//! Keeps: I4 (merging never drops a bit) and I5 (a page outside its slot is refused, never indexed).
+//! Keeps: I4 (merging never drops a page) and I5 (a page outside its slot is refused, never indexed).
 
 use std::collections::BTreeMap;
 
@@ -12,21 +16,38 @@ use tdp_core::dirty_bitmap::{PAGES_PER_WORD, words_for};
 
 use crate::bitmap::iter_bits;
 
+#[derive(Clone, Debug)]
+enum Pages {
+    /// Sorted, without duplicates, every offset below the slot's `pages`.
+    Sparse(Vec<u64>),
+    /// Bit `i % 64` of word `i / 64` is page `i`; `count` bits set; no bit at or past `pages`.
+    Dense { words: Vec<u64>, count: u64 },
+}
+
 /// The dirty pages of one memslot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct SlotDirty {
     slot: RingSlot,
     guest_base: Gpa,
     pages: u64,
-    words: Vec<u64>,
+    set: Pages,
 }
+
+impl PartialEq for SlotDirty {
+    /// Same slot and same pages, whatever the representation.
+    fn eq(&self, other: &Self) -> bool {
+        (self.slot, self.guest_base, self.pages) == (other.slot, other.guest_base, other.pages)
+            && self.count() == other.count()
+            && self.offsets().eq(other.offsets())
+    }
+}
+impl Eq for SlotDirty {}
 
 impl SlotDirty {
     /// An empty set for a slot of `pages` pages at `guest_base`.
     #[must_use]
-    pub fn new(slot: RingSlot, guest_base: Gpa, pages: u64) -> Self {
-        let words = usize::try_from(words_for(pages)).unwrap_or(usize::MAX);
-        SlotDirty { slot, guest_base, pages, words: vec![0; words] }
+    pub const fn new(slot: RingSlot, guest_base: Gpa, pages: u64) -> Self {
+        SlotDirty { slot, guest_base, pages, set: Pages::Sparse(Vec::new()) }
     }
 
     /// The memslot (`as_id << 16 | id`).
@@ -47,38 +68,46 @@ impl SlotDirty {
         self.pages
     }
 
-    /// The bitmap: bit `i % 64` of word `i / 64` is page `i` of the slot.
-    #[must_use]
-    pub fn words(&self) -> &[u64] {
-        &self.words
-    }
-
     /// Marks page `offset` dirty; `false` (and nothing changes) if it lies outside the slot.
     pub fn insert(&mut self, offset: u64) -> bool {
         if offset >= self.pages {
             return false;
         }
-        match self.words.get_mut((offset / PAGES_PER_WORD) as usize) {
-            Some(w) => {
-                *w |= 1 << (offset % PAGES_PER_WORD);
-                true
+        match &mut self.set {
+            Pages::Sparse(list) => {
+                if let Err(i) = list.binary_search(&offset) {
+                    list.insert(i, offset);
+                }
+                self.densify_if_large();
             }
-            None => false,
+            Pages::Dense { words, count } => {
+                if let Some(w) = words.get_mut((offset / PAGES_PER_WORD) as usize) {
+                    let bit = 1 << (offset % PAGES_PER_WORD);
+                    *count += u64::from(*w & bit == 0);
+                    *w |= bit;
+                }
+            }
         }
+        true
     }
 
     /// Whether page `offset` is in the set.
     #[must_use]
     pub fn contains(&self, offset: u64) -> bool {
-        offset < self.pages
-            && self
-                .words
-                .get((offset / PAGES_PER_WORD) as usize)
-                .is_some_and(|w| w & (1 << (offset % 64)) != 0)
+        match &self.set {
+            Pages::Sparse(list) => list.binary_search(&offset).is_ok(),
+            Pages::Dense { words, .. } => {
+                offset < self.pages
+                    && words
+                        .get((offset / PAGES_PER_WORD) as usize)
+                        .is_some_and(|w| w & (1 << (offset % PAGES_PER_WORD)) != 0)
+            }
+        }
     }
 
-    /// ORs a whole bitmap in (extra words, and bits past the slot's end, are ignored) and returns how many
-    /// bits `words` had set within the slot (pages reported, whether or not already in the set).
+    /// ORs in a whole-slot bitmap (bit `i % 64` of word `i / 64` is page `i`; extra words, and bits past the
+    /// slot's end, are ignored) and returns how many pages `words` had set within the slot, whether or not
+    /// they were in the set already.
     ///
     /// ```
     /// use tdp_core::addr::{AsId, Gpa, RingSlot, SlotId};
@@ -89,38 +118,55 @@ impl SlotDirty {
     /// assert_eq!(s.count(), 3);
     /// ```
     pub fn merge_words(&mut self, words: &[u64]) -> u64 {
-        let mut n = 0;
-        for (dst, src) in self.words.iter_mut().zip(words) {
-            *dst |= *src;
-            n += u64::from(src.count_ones());
+        let n_words = (words_for(self.pages) as usize).min(words.len());
+        let words = &words[..n_words];
+        let tail_mask = self.tail_mask();
+        let masked = |i: usize, w: u64| if i + 1 == n_words { w & tail_mask } else { w };
+        let incoming: u64 =
+            words.iter().enumerate().map(|(i, &w)| u64::from(masked(i, w).count_ones())).sum();
+        if incoming == 0 {
+            return 0;
         }
-        // Bits past the slot's end: not pages; drop them and do not count them.
-        let tail = self.pages % PAGES_PER_WORD;
-        if tail != 0
-            && let (Some(last), Some(src)) =
-                (self.words.last_mut(), words.get((self.pages / PAGES_PER_WORD) as usize))
+        if let Pages::Sparse(list) = &self.set
+            && !self.too_large_for_sparse(list.len() as u64 + incoming)
         {
-            n -= u64::from((src & !((1u64 << tail) - 1)).count_ones());
-            *last &= (1 << tail) - 1;
+            let add: Vec<u64> = iter_bits(words).filter(|&p| p < self.pages).collect();
+            self.extend_sorted(&add);
+            return incoming;
         }
-        n
+        self.densify();
+        if let Pages::Dense { words: dst, count } = &mut self.set {
+            for (i, (d, &s)) in dst.iter_mut().zip(words).enumerate() {
+                let s = masked(i, s);
+                *count += u64::from((s & !*d).count_ones());
+                *d |= s;
+            }
+        }
+        incoming
     }
 
     /// How many pages are in the set.
     #[must_use]
     pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+        match &self.set {
+            Pages::Sparse(list) => list.len() as u64,
+            Pages::Dense { count, .. } => *count,
+        }
     }
 
     /// Whether the set is empty.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.words.iter().all(|&w| w == 0)
+        self.count() == 0
     }
 
     /// The dirty pages' offsets in the slot, ascending.
     pub fn offsets(&self) -> impl Iterator<Item = u64> + '_ {
-        iter_bits(&self.words)
+        let (sparse, dense) = match &self.set {
+            Pages::Sparse(list) => (Some(list.iter().copied()), None),
+            Pages::Dense { words, .. } => (None, Some(iter_bits(words))),
+        };
+        sparse.into_iter().flatten().chain(dense.into_iter().flatten())
     }
 
     /// The dirty pages' guest-physical addresses, ascending.
@@ -129,8 +175,77 @@ impl SlotDirty {
         self.offsets().map(move |o| Gpa(base + (o << PAGE_SHIFT)))
     }
 
+    /// Adds `offsets`, sorted ascending, each below `pages` (checked by the caller; others are skipped).
+    pub(crate) fn extend_sorted(&mut self, offsets: &[u64]) {
+        match &mut self.set {
+            Pages::Sparse(list) => {
+                // Two sorted runs: the stable sort merges them in linear time.
+                list.extend(offsets.iter().copied().filter(|&p| p < self.pages));
+                list.sort();
+                list.dedup();
+                self.densify_if_large();
+            }
+            Pages::Dense { words, count } => {
+                for &p in offsets.iter().filter(|&&p| p < self.pages) {
+                    if let Some(w) = words.get_mut((p / PAGES_PER_WORD) as usize) {
+                        let bit = 1 << (p % PAGES_PER_WORD);
+                        *count += u64::from(*w & bit == 0);
+                        *w |= bit;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds every page of `other` (same slot geometry assumed; pages past our end are skipped).
+    pub(crate) fn merge(&mut self, other: &SlotDirty) {
+        match &other.set {
+            Pages::Sparse(list) => self.extend_sorted(list),
+            Pages::Dense { words, .. } => {
+                self.merge_words(words);
+            }
+        }
+    }
+
+    /// Empties the set, dropping a bitmap (a ring collect should not pay for clearing one).
     fn clear(&mut self) {
-        self.words.fill(0);
+        match &mut self.set {
+            Pages::Sparse(list) => list.clear(),
+            Pages::Dense { .. } => self.set = Pages::Sparse(Vec::new()),
+        }
+    }
+
+    /// Bits of the last word that are pages of the slot.
+    const fn tail_mask(&self) -> u64 {
+        match self.pages % PAGES_PER_WORD {
+            0 => u64::MAX,
+            tail => (1 << tail) - 1,
+        }
+    }
+
+    /// Whether a sorted list of `len` offsets would take more memory than the slot's bitmap.
+    const fn too_large_for_sparse(&self, len: u64) -> bool {
+        len > words_for(self.pages) && len > 64
+    }
+
+    fn densify_if_large(&mut self) {
+        if let Pages::Sparse(list) = &self.set
+            && self.too_large_for_sparse(list.len() as u64)
+        {
+            self.densify();
+        }
+    }
+
+    fn densify(&mut self) {
+        if let Pages::Sparse(list) = &self.set {
+            let mut words = vec![0u64; words_for(self.pages) as usize];
+            for &p in list {
+                if let Some(w) = words.get_mut((p / PAGES_PER_WORD) as usize) {
+                    *w |= 1 << (p % PAGES_PER_WORD);
+                }
+            }
+            self.set = Pages::Dense { words, count: list.len() as u64 };
+        }
     }
 }
 
@@ -185,13 +300,11 @@ impl DirtySets {
         self.slots.get_mut(&slot.raw()).is_some_and(|s| s.insert(offset))
     }
 
-    /// ORs `other` in. Slots `self` lacks are added.
+    /// Adds every page of `other`. Slots `self` lacks are added.
     pub fn merge(&mut self, other: &DirtySets) {
         for (key, theirs) in &other.slots {
             match self.slots.get_mut(key) {
-                Some(ours) => {
-                    ours.merge_words(&theirs.words);
-                }
+                Some(ours) => ours.merge(theirs),
                 None => {
                     self.slots.insert(*key, theirs.clone());
                 }
@@ -199,7 +312,7 @@ impl DirtySets {
         }
     }
 
-    /// Empties every slot's set, keeping the slots (and their memory) for reuse.
+    /// Empties every slot's set, keeping the slots.
     pub fn clear(&mut self) {
         self.slots.values_mut().for_each(SlotDirty::clear);
     }
@@ -219,5 +332,78 @@ impl DirtySets {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.slots.values().all(SlotDirty::is_empty)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use tdp_core::addr::{AsId, Gpa, RingSlot, SlotId};
+
+    use super::SlotDirty;
+
+    /// A reference model: every operation on a `SlotDirty` against a `BTreeSet`, across the switch from
+    /// sparse to dense (a 1000-page slot turns dense above 64 pages).
+    #[test]
+    fn i4_slot_sets_match_a_reference_set_across_sparse_and_dense() {
+        let slot = RingSlot::new(AsId(0), SlotId(3));
+        let mut s = SlotDirty::new(slot, Gpa(0), 1000);
+        let mut model = BTreeSet::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..400u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let p = x % 1100; // some past the end
+            match round % 4 {
+                0 | 1 => assert_eq!(s.insert(p), p < 1000),
+                2 => {
+                    let batch: Vec<u64> = (p..p + 5).collect();
+                    s.extend_sorted(&batch);
+                }
+                _ => {
+                    let mut words = vec![0u64; 16];
+                    words[(p % 1000 / 64) as usize] = x;
+                    assert_eq!(s.merge_words(&words), {
+                        let w = (p % 1000 / 64) as usize;
+                        (0..64).filter(|b| x & (1 << b) != 0 && (w as u64 * 64 + b) < 1000).count() as u64
+                    });
+                    for b in 0..64 {
+                        let page = (p % 1000 / 64) * 64 + b;
+                        if x & (1 << b) != 0 && page < 1000 {
+                            model.insert(page);
+                        }
+                    }
+                }
+            }
+            if round % 4 < 2 && p < 1000 {
+                model.insert(p);
+            }
+            if round % 4 == 2 {
+                model.extend((p..p + 5).filter(|&q| q < 1000));
+            }
+            assert_eq!(s.count(), model.len() as u64, "round {round}");
+            assert!(s.offsets().eq(model.iter().copied()), "round {round}");
+        }
+        assert!(matches!(s.set, super::Pages::Dense { .. }), "the set grew past the sparse limit");
+        let mut other = SlotDirty::new(slot, Gpa(0), 1000);
+        other.insert(999);
+        other.merge(&s);
+        model.insert(999);
+        assert!(other.offsets().eq(model.iter().copied()));
+        assert_eq!(other, s.clone().tap_insert(999));
+        s.clear();
+        assert!(s.is_empty() && matches!(s.set, super::Pages::Sparse(_)));
+    }
+
+    trait TapInsert {
+        fn tap_insert(self, p: u64) -> Self;
+    }
+    impl TapInsert for SlotDirty {
+        fn tap_insert(mut self, p: u64) -> Self {
+            self.insert(p);
+            self
+        }
     }
 }

@@ -20,8 +20,9 @@ use crate::error::{Error, Result};
 use crate::ring::{DirtyRing, reset_fd};
 
 impl DirtyTracker {
-    /// Harvests every source into `fresh` (slots added first) and re-protects.
-    pub(super) fn harvest_all(&self, fresh: &mut DirtySets) -> Result<()> {
+    /// Harvests every source into `fresh` (slots added first) and re-protects. `entries` is scratch for
+    /// ring entries.
+    pub(super) fn harvest_all(&self, fresh: &mut DirtySets, entries: &mut Vec<(u32, u64)>) -> Result<()> {
         let slots = read(&self.slots, "slots")?;
         for s in slots.values() {
             fresh.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages);
@@ -34,10 +35,13 @@ impl DirtyTracker {
                     let Some(ring) = &v.ring else { continue };
                     let mut ring = lock(ring, "ring")?;
                     let slots = read(&self.slots, "slots")?;
-                    let n = ring.harvest(usize::MAX, |e| self.record(&slots, fresh, e));
+                    let n = ring.harvest(usize::MAX, |e| self.validate(&slots, e, entries));
                     add(&v.counters.harvested, n as u64);
                     self.note_full(&ring, n);
                     add(&self.counters.harvested, n as u64);
+                    // Published ring by ring: if a later ring or the reset fails, these are in `fresh`,
+                    // which the caller moves to the pending set.
+                    publish(&slots, fresh, entries);
                 }
                 let reset = reset_fd(self.vm.as_fd())?;
                 add(&self.counters.reset_entries, u64::from(reset));
@@ -62,32 +66,36 @@ impl DirtyTracker {
         Ok(())
     }
 
-    /// Records one ring entry into `set` after checking it against the slots (I5).
-    pub(super) fn record(&self, slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, e: DirtyEntry) {
+    /// Checks one ring entry against the slots (I5): a valid one is pushed to `out`, a bad one counted.
+    pub(super) fn validate(
+        &self,
+        slots: &BTreeMap<u32, SlotState>,
+        e: DirtyEntry,
+        out: &mut Vec<(u32, u64)>,
+    ) {
         match slots.get(&e.slot.raw()) {
             None => add(&self.counters.invalid_slot, 1),
             Some(s) if e.offset >= s.spec.pages => add(&self.counters.invalid_offset, 1),
-            Some(s) => {
-                if !set.insert(e.slot, e.offset) {
-                    set.add_slot(e.slot, s.spec.guest_base, s.spec.pages).insert(e.offset);
-                }
-            }
+            Some(_) => out.push((e.slot.raw(), e.offset)),
         }
     }
 
     /// Harvests one vCPU's ring at its ring-full exit: harvest, reset, then publish into the pending set,
     /// all under the ring's lock. Returns (entries harvested, entries KVM reset, entries harvested from this
-    /// ring by anyone before this call).
+    /// ring by anyone before this call). `scratch` is the runner's reusable buffer.
     pub(crate) fn harvest_ring_full(
         &self,
         v: &VcpuState,
-        scratch: &mut Vec<DirtyEntry>,
+        scratch: &mut Vec<(u32, u64)>,
     ) -> Result<(usize, u32, u64)> {
         let Some(ring) = &v.ring else { return Err(Error::RingNotEnabled { op: "ring-full harvest" }) };
         let mut ring = lock(ring, "ring")?;
         let before = get(&v.counters.harvested);
         scratch.clear();
-        let n = ring.harvest(usize::MAX, |e| scratch.push(e));
+        let n = {
+            let slots = read(&self.slots, "slots")?;
+            ring.harvest(usize::MAX, |e| self.validate(&slots, e, scratch))
+        };
         self.note_full(&ring, n);
         add(&v.counters.harvested, n as u64);
         add(&self.counters.harvested, n as u64);
@@ -98,9 +106,7 @@ impl DirtyTracker {
         {
             let slots = read(&self.slots, "slots")?;
             let mut pending = lock(&self.pending, "pending")?;
-            for e in scratch.drain(..) {
-                self.record(&slots, &mut pending, e);
-            }
+            publish(&slots, &mut pending, scratch);
         }
         let reset = reset?;
         add(&self.counters.reset_entries, u64::from(reset));
@@ -130,6 +136,22 @@ impl DirtyTracker {
     }
 }
 
+/// Moves validated `(slot, offset)` entries into `set`: sorted and grouped by slot, so each slot's set
+/// takes one sorted batch (linear merge) however many entries repeat a page. Entries of a slot
+/// unregistered since they were validated are dropped, with the slot. Leaves `entries` empty.
+fn publish(slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, entries: &mut Vec<(u32, u64)>) {
+    entries.sort_unstable();
+    entries.dedup();
+    let mut offsets = Vec::new();
+    for group in entries.chunk_by(|a, b| a.0 == b.0) {
+        let Some(s) = group.first().and_then(|(key, _)| slots.get(key)) else { continue };
+        offsets.clear();
+        offsets.extend(group.iter().map(|&(_, o)| o));
+        set.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages).extend_sorted(&offsets);
+    }
+    entries.clear();
+}
+
 #[cfg(test)]
 mod tests {
     use tdp_core::addr::RingSlot;
@@ -147,10 +169,14 @@ mod tests {
         let mut set = DirtySets::default();
         {
             let slots = super::read(&tracker.slots, "slots").unwrap();
-            for (raw, offset) in [(1, 5), (1, 99), (1, 100), (1, u64::MAX), (2, 0), (0x0001_0001, 5), (1, 5)]
-            {
-                tracker.record(&slots, &mut set, DirtyEntry { slot: RingSlot::from_raw(raw), offset });
+            let mut valid = Vec::new();
+            let entries = [(1, 5), (1, 99), (1, 100), (1, u64::MAX), (2, 0), (0x0001_0001, 5), (1, 5)];
+            for (raw, offset) in entries {
+                tracker.validate(&slots, DirtyEntry { slot: RingSlot::from_raw(raw), offset }, &mut valid);
             }
+            assert_eq!(valid, [(1, 5), (1, 99), (1, 5)]);
+            super::publish(&slots, &mut set, &mut valid);
+            assert!(valid.is_empty());
         }
         let got: Vec<u64> = set.get(slot).unwrap().offsets().collect();
         assert_eq!(got, [5, 99], "valid entries kept once, bad ones skipped");

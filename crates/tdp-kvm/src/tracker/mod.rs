@@ -50,6 +50,15 @@ struct SlotState {
     buf: Option<Mutex<DirtyLogBuffer>>,
 }
 
+/// What a collect reuses from one call to the next.
+#[derive(Default)]
+struct Scratch {
+    /// The pages taken from KVM by this collect, before they are published.
+    fresh: DirtySets,
+    /// Validated ring entries `(slot, offset)`, sorted and grouped before they enter `fresh`.
+    entries: Vec<(u32, u64)>,
+}
+
 pub(crate) struct VcpuState {
     pub(crate) ring: Option<Mutex<DirtyRing>>,
     pub(crate) counters: VcpuCounters,
@@ -67,8 +76,8 @@ pub struct DirtyTracker {
     slots: RwLock<BTreeMap<u32, SlotState>>,
     vcpus: RwLock<Vec<Arc<VcpuState>>>,
     pending: Mutex<DirtySets>,
-    /// Serialises collects; holds the scratch set a collect fills before it publishes.
-    collect: Mutex<DirtySets>,
+    /// Serialises collects; holds the scratch a collect fills before it publishes.
+    collect: Mutex<Scratch>,
     counters: Counters,
 }
 
@@ -109,7 +118,7 @@ impl DirtyTracker {
             slots: RwLock::new(BTreeMap::new()),
             vcpus: RwLock::new(Vec::new()),
             pending: Mutex::new(DirtySets::default()),
-            collect: Mutex::new(DirtySets::default()),
+            collect: Mutex::new(Scratch::default()),
             counters: Counters::default(),
         })
     }
@@ -365,12 +374,13 @@ impl DirtyTracker {
     /// # Ok(()) }
     /// ```
     pub fn collect_into(&self, out: &mut DirtySets) -> Result<u64> {
-        let mut fresh = lock(&self.collect, "collect")?;
+        let mut scratch = lock(&self.collect, "collect")?;
+        let Scratch { fresh, entries } = &mut *scratch;
         fresh.clear();
-        let result = self.harvest_all(&mut fresh);
-        if let Err(e) = result {
+        entries.clear();
+        if let Err(e) = self.harvest_all(fresh, entries) {
             // Nothing is lost: what was taken from KVM goes to the pending set for the next collect.
-            lock(&self.pending, "pending")?.merge(&fresh);
+            lock(&self.pending, "pending")?.merge(fresh);
             fresh.clear();
             return Err(e);
         }
@@ -380,7 +390,7 @@ impl DirtyTracker {
             pending.clear();
         }
         let n = fresh.total();
-        out.merge(&fresh);
+        out.merge(fresh);
         add(&self.counters.collects, 1);
         Ok(n)
     }
@@ -412,7 +422,8 @@ impl DirtyTracker {
         for set in sets.iter() {
             if let Some(s) = slots.get(&set.slot().raw()) {
                 let dst = pending.add_slot(set.slot(), s.spec.guest_base, s.spec.pages);
-                n += dst.merge_words(set.words());
+                dst.merge(set);
+                n += set.offsets().take_while(|&p| p < s.spec.pages).count() as u64;
             }
         }
         Ok(n)
