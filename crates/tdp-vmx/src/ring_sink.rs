@@ -125,6 +125,15 @@ impl<'a> RingSink<'a> {
         stats
     }
 
+    /// Runs a reset done by someone else on the producer (e.g. `tdp-core`'s
+    /// `ExclusiveMmu::reset_dirty_ring`, which re-protects the pages itself), then pushes the overflow
+    /// list into the room made. Returns what `reset` returned.
+    pub fn reset_by<T>(&mut self, reset: impl FnOnce(&mut DirtyRingProducer<'a>) -> T) -> T {
+        let out = reset(&mut self.producer);
+        self.push_overflow();
+        out
+    }
+
     /// Pushes overflowed marks, oldest first, while the ring has room; returns how many went in.
     pub fn push_overflow(&mut self) -> usize {
         let mut pushed = 0;

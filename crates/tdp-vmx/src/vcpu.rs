@@ -1,0 +1,153 @@
+//! The exit path of one vCPU, wired the way KVM's `vmx_handle_exit` does it: drain the PML log first
+//! (every exit), decode the exit, hand EPT violations and misconfigurations to the MMU, and tell the
+//! hypervisor what to do next ([`ExitAction`]); plus loading a root's EPTP into the VMCS.
+//!
+//! These are conveniences over the pieces in [`crate::pml`], [`crate::exit`] and [`crate::eptp`]; a
+//! hypervisor with its own exit loop can call those directly.
+
+use lock_api::RawRwLock;
+use tdp_core::addr::Gpa;
+use tdp_core::fault::AccessKind;
+use tdp_core::host::{DirtySink, Host};
+use tdp_core::mmu::{EmulateReason, FaultError, FaultOutcome, Mmu, MmuConfig, PageCache, RootRef};
+
+use crate::caps::EptFeatures;
+use crate::eptp::{Eptp, EptpError};
+use crate::exit::{ExitError, ExitReason, VmExit, read_exit};
+use crate::host::InveptFlush;
+use crate::instr::{VmxError, VmxInstructions};
+use crate::pml::{Pml, PmlDrain, PmlError};
+use crate::vmcs::VmcsField;
+
+/// What the hypervisor does after [`handle_exit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitAction {
+    /// Re-enter the guest (VMRESUME): the fault was fixed, was spurious, lost a race, or the exit was
+    /// a PML-full exit whose log is now drained.
+    Resume,
+    /// The vCPU's root was invalidated: put it, load a new one ([`install_root`]), then re-enter.
+    ReloadRoot,
+    /// The access cannot be mapped: emulate it (MMIO, or a write to a read-only slot).
+    Emulate {
+        /// The guest-physical address accessed.
+        gpa: Gpa,
+        /// What the guest tried (a misconfiguration exit does not say, and reports a read).
+        access: AccessKind,
+        /// Why.
+        reason: EmulateReason,
+    },
+    /// VM entry failed: the guest never ran.
+    EntryFailed {
+        /// The exit reason (bit 31 set).
+        reason: ExitReason,
+        /// The exit qualification.
+        qualification: u64,
+    },
+    /// Not an MMU exit: the hypervisor handles it (HLT, CPUID, I/O, ...).
+    Unhandled(ExitReason),
+}
+
+/// What [`handle_exit`] saw and did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitReport {
+    /// The decoded exit.
+    pub exit: VmExit,
+    /// What to do next.
+    pub action: ExitAction,
+    /// The PML drain done first, when the vCPU has a log.
+    pub pml: Option<PmlDrain>,
+}
+
+/// An exit could not be handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandleError {
+    /// Draining the PML log failed (the log is unchanged).
+    #[error("draining the PML log: {0}")]
+    Pml(#[from] PmlError),
+    /// The exit could not be decoded.
+    #[error("decoding the exit: {0}")]
+    Exit(#[from] ExitError),
+    /// The MMU could not handle the fault (the tables are consistent).
+    #[error("handling the EPT fault: {0}")]
+    Fault(#[from] FaultError),
+}
+
+/// Handles one VM exit of the vCPU whose current VMCS `vmx` reads, running on `root`.
+///
+/// 1. Drains `pml` (when the vCPU has one) into `sink`, before anything else, as KVM does on every exit:
+///    the marks of writes that happened before this exit go to the ring before the fault's own.
+/// 2. Decodes the exit ([`read_exit`]) for the root's address space.
+/// 3. EPT violation or misconfiguration: [`Mmu::handle_fault`] with `cache` and `sink`.
+///
+/// The caller then checks its sink (e.g. [`crate::ring_sink::RingSink::must_exit`]) before re-entering.
+///
+/// # Errors
+/// [`HandleError`]; after any of them the MMU's tables and the PML log are consistent.
+pub fn handle_exit<H: Host, R: RawRwLock, V: VmxInstructions>(
+    vmx: &V,
+    mmu: &Mmu<H, R>,
+    cache: &mut PageCache,
+    root: &RootRef,
+    pml: Option<&mut Pml<'_>>,
+    sink: &mut dyn DirtySink,
+) -> Result<ExitReport, HandleError> {
+    let as_id = root.as_id();
+    let drained = match pml {
+        // The read lock keeps the memslots stable for the drain; it is released before the fault
+        // handler takes it again.
+        Some(pml) => Some(pml.drain(vmx, mmu.read().memslots(), as_id, sink)?),
+        None => None,
+    };
+    let exit = read_exit(vmx, as_id)?;
+    let fault = match exit {
+        VmExit::EptViolation(v) => v.fault,
+        VmExit::EptMisconfig(fault) => fault,
+        VmExit::PmlFull => return Ok(ExitReport { exit, action: ExitAction::Resume, pml: drained }),
+        VmExit::EntryFailure { reason, qualification } => {
+            let action = ExitAction::EntryFailed { reason, qualification };
+            return Ok(ExitReport { exit, action, pml: drained });
+        }
+        VmExit::Other(reason) => {
+            return Ok(ExitReport { exit, action: ExitAction::Unhandled(reason), pml: drained });
+        }
+    };
+    let action = match mmu.handle_fault(cache, root, fault, sink)? {
+        FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry => ExitAction::Resume,
+        FaultOutcome::ReloadRoot => ExitAction::ReloadRoot,
+        FaultOutcome::Emulate(reason) => ExitAction::Emulate { gpa: fault.gpa, access: fault.access, reason },
+    };
+    Ok(ExitReport { exit, action, pml: drained })
+}
+
+/// Loading a root's EPTP failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RootError {
+    /// The EPTP cannot be built for this CPU.
+    #[error("building the EPTP: {0}")]
+    Eptp(#[from] EptpError),
+    /// Writing it to the VMCS failed.
+    #[error("writing the EPTP: {0}")]
+    Vmx(#[from] VmxError),
+}
+
+/// Makes `root` the vCPU's EPT root: builds its EPTP for `config` (checked against `features`),
+/// registers it with the flusher so VM-wide flushes reach it, and writes it to the current VMCS.
+/// When the vCPU had another root, retire that one's EPTP with [`InveptFlush::retire_eptp`].
+///
+/// # Errors
+/// [`RootError`]; the VMCS is unchanged when the EPTP cannot be built.
+pub fn install_root<V: VmxInstructions, W: VmxInstructions>(
+    vmx: &V,
+    tlb: &InveptFlush<W>,
+    features: &EptFeatures,
+    config: &MmuConfig,
+    root: &RootRef,
+) -> Result<Eptp, RootError> {
+    let eptp = Eptp::new(features, config, root.pfn())?;
+    tlb.load_eptp(eptp);
+    vmx.vmwrite(VmcsField::EPT_POINTER, eptp.raw())?;
+    Ok(eptp)
+}
