@@ -11,10 +11,15 @@ use tdp_core::addr::{Pfn, SlotId};
 use tdp_core::host::TableMemory;
 use tdp_core::mmu::{Mmu, RootRef};
 use tdp_core::sync::Ordering;
+use tdp_vmx::caps::EptFeatures;
+use tdp_vmx::eptp::Eptp;
+use tdp_vmx::instr::VmxInstructions;
+use tdp_vmx::inv::invept_context;
+use tdp_vmx::raw::X86Vmx;
 use tdp_vmx::scenario::AS_ID;
+use tdp_vmx::vmcs::VmcsField;
 
 use crate::host::HvHost;
-use crate::raw;
 
 const EPT_RWX: u64 = 0b111;
 const EPT_W: u64 = 1 << 1;
@@ -26,7 +31,14 @@ const EPT_ADDR: u64 = 0x000f_ffff_ffff_f000;
 ///
 /// # Errors
 /// The slot does not exist, or the INVEPT fails.
-pub fn unprotect_slot(mmu: &Mmu<HvHost>, root: &RootRef, slot: SlotId, ad: bool) -> Result<u64, String> {
+pub fn unprotect_slot(
+    vmx: &X86Vmx,
+    features: &EptFeatures,
+    mmu: &Mmu<HvHost<'_>>,
+    root: &RootRef,
+    slot: SlotId,
+) -> Result<u64, String> {
+    let ad = mmu.format().has_accessed_dirty();
     let (base, pages) = {
         let shared = mmu.read();
         let s =
@@ -58,7 +70,8 @@ pub fn unprotect_slot(mmu: &Mmu<HvHost>, root: &RootRef, slot: SlotId, ad: bool)
         }
         gfn = (gfn & !(step - 1)) + step;
     }
-    raw::invept_single(raw::vmread(raw::field::EPT_POINTER).map_err(|e| format!("{e}"))?)
-        .map_err(|e| format!("broken-ept INVEPT: {e}"))?;
+    let eptp = vmx.vmread(VmcsField::EPT_POINTER).map_err(|e| format!("{e}"))?;
+    let eptp = Eptp::from_raw(eptp).map_err(|e| format!("{e}"))?;
+    invept_context(vmx, features, eptp).map_err(|e| format!("broken-ept INVEPT: {e}"))?;
     Ok(changed)
 }

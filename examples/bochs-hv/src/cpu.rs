@@ -5,17 +5,6 @@ use core::arch::asm;
 /// IA32_EFER.
 pub const IA32_EFER: u32 = 0xc000_0080;
 
-/// RDMSR. Only called for MSRs the CPU has (architectural ones, and the VMX capability MSRs after
-/// CPUID says VMX exists).
-pub fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: reading an existing MSR has no side effect on memory.
-    unsafe {
-        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
-
 /// CPUID leaf `leaf`, subleaf 0: (eax, ebx, ecx, edx).
 pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
     let r = core::arch::x86_64::__cpuid_count(leaf, 0);

@@ -18,23 +18,29 @@ use tdp_core::memslot::Memslot;
 use tdp_core::spte::Spte;
 use tdp_core::sync::Ordering;
 
+use tdp_vmx::caps::EptFeatures;
+use tdp_vmx::eptp::Eptp;
+use tdp_vmx::inv::{InvError, invept_context};
+use tdp_vmx::raw::X86Vmx;
+
 use crate::layout::{GUEST_HOST_BASE, RAM_END, TABLE_POOL_END, TABLE_POOL_START};
-use crate::raw::{self, VmxFail};
 
 /// The host side of the MMU.
-#[derive(Debug, Default)]
-pub struct HvHost {
+#[derive(Debug)]
+pub struct HvHost<'v> {
+    vmx: &'v X86Vmx,
+    features: EptFeatures,
     /// Next never-used page of the pool.
     next: Cell<u64>,
     free: RefCell<Vec<Pfn>>,
     pending: RefCell<Vec<Pfn>>,
     walkers: Cell<usize>,
-    /// The EPTP to invalidate; 0 until the root is loaded (nothing can be cached before).
-    eptp: Cell<u64>,
+    /// The EPTP to invalidate; none until the root is loaded (nothing can be cached before).
+    eptp: Cell<Option<Eptp>>,
     flushes: Cell<u64>,
     invepts: Cell<u64>,
     /// The first INVEPT failure, reported by the run loop (a flush cannot return an error).
-    error: Cell<Option<VmxFail>>,
+    error: Cell<Option<InvError>>,
 }
 
 /// Held for the duration of a walk of the tables.
@@ -46,14 +52,25 @@ impl Drop for WalkGuard<'_> {
     }
 }
 
-impl HvHost {
-    /// A host with an empty pool.
-    pub fn new() -> HvHost {
-        HvHost { next: Cell::new(TABLE_POOL_START >> 12), ..HvHost::default() }
+impl<'v> HvHost<'v> {
+    /// A host with an empty pool whose flushes execute INVEPT through `vmx`.
+    pub fn new(vmx: &'v X86Vmx, features: EptFeatures) -> HvHost<'v> {
+        HvHost {
+            vmx,
+            features,
+            next: Cell::new(TABLE_POOL_START >> 12),
+            free: RefCell::default(),
+            pending: RefCell::default(),
+            walkers: Cell::new(0),
+            eptp: Cell::new(None),
+            flushes: Cell::new(0),
+            invepts: Cell::new(0),
+            error: Cell::new(None),
+        }
     }
     /// Sets the EPTP that flushes invalidate.
-    pub fn set_eptp(&self, eptp: u64) {
-        self.eptp.set(eptp);
+    pub fn set_eptp(&self, eptp: Eptp) {
+        self.eptp.set(Some(eptp));
     }
     /// Flushes the core asked for so far.
     pub fn flushes(&self) -> u64 {
@@ -64,7 +81,7 @@ impl HvHost {
         self.invepts.get()
     }
     /// The first INVEPT failure, if any.
-    pub fn take_error(&self) -> Option<VmxFail> {
+    pub fn take_error(&self) -> Option<InvError> {
         self.error.take()
     }
     /// Returns deferred-freed pages to the pool. Call only with no walk guard alive and after the
@@ -88,8 +105,11 @@ impl HvHost {
     }
 }
 
-impl TableMemory for HvHost {
-    type WalkGuard<'a> = WalkGuard<'a>;
+impl TableMemory for HvHost<'_> {
+    type WalkGuard<'a>
+        = WalkGuard<'a>
+    where
+        Self: 'a;
 
     fn alloc_table(&self, fill: Spte) -> Result<Pfn, AllocError> {
         let pfn = match self.free.borrow_mut().pop() {
@@ -133,7 +153,7 @@ impl TableMemory for HvHost {
     }
 }
 
-impl HostTranslate for HvHost {
+impl HostTranslate for HvHost<'_> {
     fn translate(&self, slot: &Memslot, gfn: Gfn, _write: bool) -> Result<HostPage, HostFaultError> {
         let addr = slot.host_addr(gfn);
         if !(GUEST_HOST_BASE..RAM_END).contains(&addr) {
@@ -144,15 +164,14 @@ impl HostTranslate for HvHost {
     }
 }
 
-impl TlbFlush for HvHost {
+impl TlbFlush for HvHost<'_> {
     fn flush_all(&self) {
         self.flushes.set(self.flushes.get() + 1);
-        let eptp = self.eptp.get();
-        if eptp == 0 {
+        let Some(eptp) = self.eptp.get() else {
             return;
-        }
-        match raw::invept_single(eptp) {
-            Ok(()) => self.invepts.set(self.invepts.get() + 1),
+        };
+        match invept_context(self.vmx, &self.features, eptp) {
+            Ok(_) => self.invepts.set(self.invepts.get() + 1),
             Err(e) => {
                 let first = self.error.take().unwrap_or(e);
                 self.error.set(Some(first));
@@ -161,5 +180,5 @@ impl TlbFlush for HvHost {
     }
 }
 
-impl MmuYield for HvHost {}
-impl MmuEvents for HvHost {}
+impl MmuYield for HvHost<'_> {}
+impl MmuEvents for HvHost<'_> {}

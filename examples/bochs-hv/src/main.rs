@@ -8,10 +8,10 @@
 //! shuts Bochs down. Any panic or CPU exception prints a `TDP-PANIC` line instead.
 //!
 //! Layout: [`boot`] (multiboot2, long mode, GDT/TSS), [`idt`], [`serial`], [`rt`] (panic, mem*, heap,
-//! shutdown), [`cpu`], [`raw`] (VMX instructions, MSRs, field encodings), [`vmx`] (VMXON, entry/exit
-//! trampoline), [`vmcs`] (capabilities, VMCS contents), [`layout`] (physical memory map), [`host`]
-//! (tdp-core's host traits), [`ring`] (dirty ring and PML drain), [`guest`], [`run`], and with the
-//! `broken-ept` feature [`broken`].
+//! shutdown), [`cpu`], [`vmx`] (VMXON, entry/exit trampoline), [`vmcs`] (VMCS contents), [`layout`]
+//! (physical memory map), [`host`] (tdp-core's host traits), [`ring`] (dirty ring memory, PML page,
+//! ring reset target), [`guest`], [`run`], and with the `broken-ept` feature [`broken`]. The VMX
+//! instructions, capability decoding, EPTP, exit decoding, PML drain and ring sink come from `tdp-vmx`.
 #![no_std]
 #![no_main]
 #![no_builtins]
@@ -27,7 +27,6 @@ mod guest;
 mod host;
 mod idt;
 mod layout;
-mod raw;
 mod ring;
 mod rt;
 mod run;
@@ -40,20 +39,22 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use tdp_core::addr::Level;
-use tdp_core::addr::Pfn;
 use tdp_core::dirty_ring::{DirtyRingConsumer, DirtyRingProducer};
 use tdp_core::memslot::{Memslot, SlotFlags};
-use tdp_core::mmu::{Mmu, MmuConfig, PageCache};
-use tdp_core::spte::{EptOptions, SpteFormat};
+use tdp_core::mmu::{Mmu, PageCache};
+use tdp_vmx::caps::VmxCapabilities;
+use tdp_vmx::eptp::Eptp;
+use tdp_vmx::pml::Pml;
+use tdp_vmx::raw::X86Vmx;
+use tdp_vmx::ring_sink::RingSink;
 use tdp_vmx::scenario::report::{RunInfo, write_result_line};
-use tdp_vmx::scenario::{AS_ID, Observed, SCENARIO, translate};
+use tdp_vmx::scenario::{AS_ID, Observed, SCENARIO, Translation, translate};
 
 use crate::boot::Page;
 use crate::host::HvHost;
 
 static VMXON_REGION: Page = Page::zeroed();
 static VMCS_REGION: Page = Page::zeroed();
-static PML_LOG: Page = Page::zeroed();
 
 unsafe extern "C" {
     static __kernel_end: u8;
@@ -80,18 +81,24 @@ fn hypervise(model: &str) -> Result<(), String> {
     if end > layout::TABLE_POOL_START {
         return Err(format!("kernel ends at {end:#x}, inside the EPT pool"));
     }
-    let features = vmcs::detect().map_err(|e| format!("VMX capabilities: {e}"))?;
-    vmx::vmxon(&VMXON_REGION, &VMCS_REGION).map_err(|e| format!("VMXON: {e}"))?;
-    let (config, mmu_name) = if features.pml {
-        (MmuConfig::EPT_PML, "EPT_PML")
-    } else {
-        // No PML: dirty logging by write protection. Without EPT A/D the format must not rely on them,
-        // and without 1 GiB EPT pages (sandy bridge) the largest leaf is 2 MiB.
-        let format =
-            SpteFormat::ept(EptOptions { accessed_dirty: features.ept_ad, max_leaf_level: Level::L2 });
-        (MmuConfig { format, ..MmuConfig::EPT }, "EPT")
-    };
-    let mmu: Mmu<HvHost> = Mmu::new(HvHost::new(), config).map_err(|e| format!("MMU config: {e}"))?;
+    if cpu::cpuid(1).2 & (1 << 5) == 0 {
+        return Err(String::from("the CPU has no VMX (CPUID.1:ECX.VMX = 0)"));
+    }
+    // SAFETY: CPL 0 on a CPU with VMX (checked above); VMREAD, VMWRITE and INVEPT are used only after
+    // `vmx::vmxon` succeeded, RDMSR only for MSRs `VmxCapabilities::read` knows exist.
+    let vmx = unsafe { X86Vmx::new() };
+    let caps = VmxCapabilities::read(&vmx);
+    let features = caps.ept_features().map_err(|e| format!("VMX capabilities: {e}"))?;
+    if features.max_leaf_level < Level::L2 {
+        return Err(String::from("the CPU has no 2 MiB EPT pages, which the scenario maps"));
+    }
+    vmx::vmxon(&vmx, &caps, &VMXON_REGION, &VMCS_REGION).map_err(|e| format!("VMXON: {e}"))?;
+    // PML when the CPU has it (EPT A/D with D-bit logging), write protection otherwise; the format has
+    // A/D bits exactly when the CPU does, and leaves no larger than it can map.
+    let config = features.mmu_config(features.pml).map_err(|e| format!("MMU config: {e}"))?;
+    let mmu_name = if config.pml { "EPT_PML" } else { "EPT" };
+    let mmu: Mmu<HvHost<'_>> =
+        Mmu::new(HvHost::new(&vmx, features), config).map_err(|e| format!("MMU config: {e}"))?;
     let mut bases = Vec::new();
     for s in SCENARIO.slots {
         let host_base = layout::host_addr(s.base_gfn.gpa().0);
@@ -101,23 +108,30 @@ fn hypervise(model: &str) -> Result<(), String> {
     }
     let mut cache = PageCache::new();
     let root = mmu.load_root(&mut cache, AS_ID).map_err(|e| format!("root: {e}"))?;
-    let eptp = vmcs::eptp(root.pfn().0, features.ept_ad);
+    let eptp = Eptp::new(&features, &config, root.pfn()).map_err(|e| format!("EPTP: {e}"))?;
     mmu.host().set_eptp(eptp);
     let entry = guest::build(&SCENARIO).map_err(|e| format!("guest: {e}"))?;
-    vmcs::setup(&features, eptp, PML_LOG.addr(), entry).map_err(|e| format!("VMCS: {e}"))?;
+    vmcs::setup(&vmx, &caps, eptp, entry).map_err(|e| format!("VMCS: {e}"))?;
+    let pml = if config.pml {
+        Some(Pml::enable(&vmx, &features, eptp, &ring::PML_PAGE).map_err(|e| format!("PML: {e}"))?)
+    } else {
+        None
+    };
 
     let cfg = ring::config().map_err(|e| format!("ring: {e}"))?;
     let producer = DirtyRingProducer::new(&ring::RING, cfg).map_err(|e| format!("ring: {e}"))?;
     let consumer = DirtyRingConsumer::new(&ring::RING, cfg).map_err(|e| format!("ring: {e}"))?;
+    let sink = RingSink::new(producer).map_err(|e| format!("ring sink: {e}"))?;
     let mut hv = run::Hv {
+        vmx: &vmx,
+        features,
         scenario: &SCENARIO,
         mmu: &mmu,
         cache,
         root,
-        sink: ring::RingSink { producer, lost: 0, soft_full: 0 },
+        sink,
         consumer,
-        pml: features.pml.then_some(&PML_LOG),
-        ad: features.ept_ad,
+        pml,
         seen: Observed::default(),
     };
     hv.run();
@@ -128,7 +142,7 @@ fn hypervise(model: &str) -> Result<(), String> {
     seen.translations = SCENARIO
         .sample_gfns()
         .into_iter()
-        .map(|gfn| tdp_vmx::scenario::Translation {
+        .map(|gfn| Translation {
             gfn,
             kind: translate(|t, i| mmu.host().read_entry(t, i), root_pfn, gfn, &bases),
         })
@@ -138,16 +152,16 @@ fn hypervise(model: &str) -> Result<(), String> {
         runner: "bochs",
         model,
         mmu: mmu_name,
-        features: features.names(),
+        features: vmcs::feature_names(&features),
         broken: cfg!(feature = "broken-ept"),
     };
     println!(
-        "bochs-hv: {} exits handled, {} table pages in use, {} soft-full pushes",
+        "bochs-hv: {} EPT exits, {} table pages in use, ring {:?}, PML {:?}",
         seen.ept_violations + seen.ept_misconfigs,
         mmu.host().pages_in_use(),
-        hv.sink.soft_full
+        hv.sink.stats(),
+        hv.pml.as_ref().map(Pml::stats)
     );
-    let _ = Pfn(root_pfn);
     write_result_line(&mut serial::Serial, &info, &seen, &checks).map_err(|_| String::from("serial"))?;
     Ok(())
 }

@@ -10,48 +10,55 @@ use alloc::string::String;
 use tdp_core::addr::{Gpa, SlotId};
 use tdp_core::dirty_ring::DirtyRingConsumer;
 use tdp_core::fault::Fault;
+use tdp_core::flush::Flush;
 use tdp_core::memslot::SlotFlags;
 use tdp_core::mmu::{EmulateReason, FaultOutcome, Mmu, PageCache, RootRef};
+use tdp_vmx::caps::EptFeatures;
+use tdp_vmx::eptp::Eptp;
+use tdp_vmx::exit::{VmExit, read_exit};
+use tdp_vmx::instr::{VmxError, VmxInstructions};
+use tdp_vmx::pml::Pml;
+use tdp_vmx::raw::X86Vmx;
+use tdp_vmx::ring_sink::RingSink;
 use tdp_vmx::scenario::{AS_ID, Observed, Scenario, mmio_value};
+use tdp_vmx::vmcs::{VmInstructionError, VmcsField as F};
 
-use crate::boot::Page;
+use crate::guest;
 use crate::host::HvHost;
 use crate::layout::host_addr;
-use crate::raw::{self, field};
-use crate::ring::{self, RingSink};
+use crate::ring::MmuReset;
 use crate::vmx::{self, GuestRegs};
-use crate::{guest, vmcs};
 
 /// Exits after which the run is declared stuck (the scenario needs well under a hundred).
 const MAX_EXITS: u64 = 10_000;
 
-/// VM-exit reasons (Intel SDM Vol. 3D, appendix "VMX Basic Exit Reasons").
-const EXIT_EXCEPTION: u64 = 0;
-const EXIT_TRIPLE_FAULT: u64 = 2;
-const EXIT_HLT: u64 = 12;
-const EXIT_VMCALL: u64 = 18;
-const EXIT_EPT_VIOLATION: u64 = 48;
-const EXIT_EPT_MISCONFIG: u64 = 49;
-const EXIT_PML_FULL: u64 = 62;
+/// VM-exit reasons the loop handles besides EPT and PML ones (Intel SDM Vol. 3D, appendix "VMX Basic
+/// Exit Reasons").
+const EXIT_EXCEPTION: u16 = 0;
+const EXIT_TRIPLE_FAULT: u16 = 2;
+const EXIT_HLT: u16 = 12;
+const EXIT_VMCALL: u16 = 18;
 
 /// Everything the loop works on.
-pub struct Hv<'a> {
+pub struct Hv<'a, 'v> {
+    /// The instructions.
+    pub vmx: &'v X86Vmx,
+    /// What the CPU offers.
+    pub features: EptFeatures,
     /// The scenario.
     pub scenario: &'a Scenario,
     /// The MMU.
-    pub mmu: &'a Mmu<HvHost>,
+    pub mmu: &'a Mmu<HvHost<'v>>,
     /// The vCPU's page cache.
     pub cache: PageCache,
     /// The vCPU's root.
     pub root: RootRef,
     /// The dirty ring's producer, as the MMU's sink.
-    pub sink: RingSink,
+    pub sink: RingSink<'static>,
     /// Its consumer.
     pub consumer: DirtyRingConsumer<'static>,
-    /// The PML log, when the CPU logs.
-    pub pml: Option<&'a Page>,
-    /// EPT A/D in use (for the EPTP of a reloaded root).
-    pub ad: bool,
+    /// The page-modification log, when the CPU logs.
+    pub pml: Option<Pml<'static>>,
     /// What the run saw.
     pub seen: Observed,
 }
@@ -64,13 +71,13 @@ enum Stop {
     Error(String),
 }
 
-impl From<raw::VmxFail> for Stop {
-    fn from(e: raw::VmxFail) -> Stop {
+impl From<VmxError> for Stop {
+    fn from(e: VmxError) -> Stop {
         Stop::Error(format!("{e}"))
     }
 }
 
-impl Hv<'_> {
+impl Hv<'_, '_> {
     /// Runs the guest to its end or to the first error, recording what it saw.
     pub fn run(&mut self) {
         let mut regs = GuestRegs::default();
@@ -78,8 +85,11 @@ impl Hv<'_> {
         for _ in 0..MAX_EXITS {
             self.mmu.host().quiesce();
             if vmx::enter(&mut regs, launched).is_err() {
-                let error = raw::vmread(field::VM_INSTRUCTION_ERROR).unwrap_or(u64::MAX);
-                self.seen.guest_error = Some(format!("VM entry failed: VM-instruction error {error}"));
+                let error = match self.vmx.vmread(F::VM_INSTRUCTION_ERROR) {
+                    Ok(n) => format!("{}", VmInstructionError::from_raw(n as u32)),
+                    Err(e) => format!("and reading the VM-instruction error failed: {e}"),
+                };
+                self.seen.guest_error = Some(format!("VM entry failed: {error}"));
                 return;
             }
             launched = true;
@@ -99,42 +109,41 @@ impl Hv<'_> {
     }
 
     fn handle_exit(&mut self, regs: &mut GuestRegs) -> Result<(), Stop> {
-        if let Some(log) = self.pml {
-            ring::drain_pml(log, self.mmu, &mut self.sink)?;
+        if let Some(pml) = self.pml.as_mut() {
+            let slots = self.mmu.read();
+            pml.drain(self.vmx, slots.memslots(), AS_ID, &mut self.sink)
+                .map_err(|e| Stop::Error(format!("PML drain: {e}")))?;
         }
-        let reason = raw::vmread(field::EXIT_REASON)?;
-        if reason & (1 << 31) != 0 {
-            return Err(Stop::Error(format!("VM entry failed with exit reason {reason:#x} (guest state)")));
-        }
-        match reason & 0xffff {
-            EXIT_EPT_VIOLATION => {
-                let gpa = raw::vmread(field::GUEST_PHYSICAL_ADDRESS)?;
-                let qual = raw::vmread(field::EXIT_QUALIFICATION)?;
-                let fault = Fault::from_ept_violation(AS_ID, Gpa(gpa), qual)
-                    .map_err(|e| Stop::Error(format!("EPT violation at {gpa:#x}: {e}")))?;
+        let exit = read_exit(self.vmx, AS_ID).map_err(|e| Stop::Error(format!("{e}")))?;
+        match exit {
+            VmExit::EptViolation(v) => {
                 self.seen.ept_violations += 1;
+                self.fault(v.fault, regs)
+            }
+            VmExit::EptMisconfig(fault) => {
+                self.seen.ept_misconfigs += 1;
                 self.fault(fault, regs)
             }
-            EXIT_EPT_MISCONFIG => {
-                let gpa = raw::vmread(field::GUEST_PHYSICAL_ADDRESS)?;
-                self.seen.ept_misconfigs += 1;
-                self.fault(Fault::from_ept_misconfig(AS_ID, Gpa(gpa)), regs)
+            VmExit::PmlFull => Ok(()),
+            VmExit::EntryFailure { reason, qualification } => Err(Stop::Error(format!(
+                "VM entry failed with exit reason {:#x} (qualification {qualification:#x})",
+                reason.0
+            ))),
+            VmExit::Other(reason) => {
+                let rip = self.vmx.vmread(F::GUEST_RIP)?;
+                match reason.basic() {
+                    EXIT_VMCALL => self.hypercall(regs),
+                    EXIT_EXCEPTION => {
+                        let info = self.vmx.vmread(F::VM_EXIT_INTR_INFO)?;
+                        Err(Stop::Error(format!("guest exception {} at rip {rip:#x}", info & 0xff)))
+                    }
+                    EXIT_TRIPLE_FAULT | EXIT_HLT => {
+                        Err(Stop::Error(format!("guest stopped (exit reason {}) at rip {rip:#x}", reason.0)))
+                    }
+                    other => Err(Stop::Error(format!("unexpected exit reason {other} at rip {rip:#x}"))),
+                }
             }
-            EXIT_VMCALL => self.hypercall(regs),
-            EXIT_PML_FULL => Ok(()),
-            EXIT_EXCEPTION => {
-                let info = raw::vmread(field::EXIT_INTR_INFO)?;
-                let rip = raw::vmread(field::GUEST_RIP)?;
-                Err(Stop::Error(format!("guest exception {} at rip {rip:#x}", info & 0xff)))
-            }
-            EXIT_TRIPLE_FAULT | EXIT_HLT => {
-                let rip = raw::vmread(field::GUEST_RIP)?;
-                Err(Stop::Error(format!("guest stopped (exit reason {reason}) at rip {rip:#x}")))
-            }
-            other => {
-                let rip = raw::vmread(field::GUEST_RIP)?;
-                Err(Stop::Error(format!("unexpected exit reason {other} at rip {rip:#x}")))
-            }
+            other => Err(Stop::Error(format!("unexpected exit {other:?}"))),
         }
     }
 
@@ -153,9 +162,10 @@ impl Hv<'_> {
                     .map_err(|e| Stop::Error(format!("reloading the root: {e}")))?;
                 let old = core::mem::replace(&mut self.root, new);
                 self.mmu.put_root(old);
-                let eptp = vmcs::eptp(self.root.pfn().0, self.ad);
+                let eptp = Eptp::new(&self.features, self.mmu.config(), self.root.pfn())
+                    .map_err(|e| Stop::Error(format!("EPTP of the new root: {e}")))?;
                 self.mmu.host().set_eptp(eptp);
-                raw::vmwrite(field::EPT_POINTER, eptp)?;
+                self.vmx.vmwrite(F::EPT_POINTER, eptp.raw())?;
                 Ok(())
             }
             FaultOutcome::Emulate(EmulateReason::Mmio) => self.emulate_mmio(fault.gpa.0, regs),
@@ -168,7 +178,7 @@ impl Hv<'_> {
     /// Emulates the two instructions the guest uses for MMIO: `mov rax, [moffs64]` (REX.W A1) and
     /// `mov [moffs64], rax` (REX.W A3), both 10 bytes.
     fn emulate_mmio(&mut self, gpa: u64, regs: &mut GuestRegs) -> Result<(), Stop> {
-        let rip = raw::vmread(field::GUEST_RIP)?;
+        let rip = self.vmx.vmread(F::GUEST_RIP)?;
         if !(guest::CODE..guest::CODE + 0x1_0000 - 10).contains(&rip) {
             return Err(Stop::Error(format!("MMIO at {gpa:#x} from rip {rip:#x} outside the guest code")));
         }
@@ -191,13 +201,13 @@ impl Hv<'_> {
             [0x48, 0xa3] => self.seen.mmio_writes.push((gpa, regs.rax)),
             _ => return Err(Stop::Error(format!("cannot emulate {insn:x?} at rip {rip:#x}"))),
         }
-        raw::vmwrite(field::GUEST_RIP, rip + 10)?;
+        self.vmx.vmwrite(F::GUEST_RIP, rip + 10)?;
         Ok(())
     }
 
     fn hypercall(&mut self, regs: &mut GuestRegs) -> Result<(), Stop> {
-        let rip = raw::vmread(field::GUEST_RIP)?;
-        let len = raw::vmread(field::EXIT_INSTRUCTION_LEN)?;
+        let rip = self.vmx.vmread(F::GUEST_RIP)?;
+        let len = self.vmx.vmread(F::VM_EXIT_INSTRUCTION_LEN)?;
         match regs.rbx {
             guest::HC_DONE => {
                 self.seen.steps_completed = self.scenario.steps.len();
@@ -209,11 +219,15 @@ impl Hv<'_> {
                 let want = self.scenario.expected_read(step);
                 return Err(Stop::Error(format!("step {step}: read {:#x}, expected {want:x?}", regs.rax)));
             }
-            guest::HC_START_LOGGING => self.start_logging(SlotId(regs.rdi as u16))?,
+            guest::HC_START_LOGGING => {
+                let slot = u16::try_from(regs.rdi)
+                    .map_err(|_| Stop::Error(format!("start logging: slot {:#x} out of range", regs.rdi)))?;
+                self.start_logging(SlotId(slot))?;
+            }
             guest::HC_HARVEST => self.harvest(regs.rdi)?,
             other => return Err(Stop::Error(format!("unknown hypercall {other} at rip {rip:#x}"))),
         }
-        raw::vmwrite(field::GUEST_RIP, rip + len)?;
+        self.vmx.vmwrite(F::GUEST_RIP, rip + len)?;
         Ok(())
     }
 
@@ -230,7 +244,7 @@ impl Hv<'_> {
         drop(mmu);
         flush.run(self.mmu.host());
         #[cfg(feature = "broken-ept")]
-        crate::broken::unprotect_slot(self.mmu, &self.root, slot, self.ad)?;
+        crate::broken::unprotect_slot(self.vmx, &self.features, self.mmu, &self.root, slot)?;
         Ok(())
     }
 
@@ -246,10 +260,14 @@ impl Hv<'_> {
             let base = slots.iter().find(|s| s.id == e.slot.id()).map_or(u64::MAX, |s| s.base_gfn.0);
             set.insert(base.wrapping_add(e.offset));
         });
-        let (_stats, flush) = self.mmu.write().reset_dirty_ring(&mut self.sink.producer);
+        let mut mmu = self.mmu.write();
+        let mut target = MmuReset { mmu: &mut mmu, flush: Flush::none() };
+        self.sink.reset(&mut target);
+        let flush = target.flush;
+        drop(mmu);
         flush.run(self.mmu.host());
         self.seen.harvests.push(set);
-        self.seen.ring_lost = self.sink.lost;
+        self.seen.ring_lost = self.sink.stats().lost;
         Ok(())
     }
 }

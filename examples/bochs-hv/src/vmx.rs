@@ -10,9 +10,17 @@
 //! (HOST_RIP), which stores the guest's registers back and returns 0 from `vmx_enter` as if it had
 //! returned normally; a failed VM entry returns 1 at once.
 
-use core::arch::{asm, global_asm};
+use core::arch::global_asm;
 
-use crate::raw::{self, msr};
+use alloc::format;
+use alloc::string::String;
+
+use tdp_vmx::caps::VmxCapabilities;
+use tdp_vmx::instr::VmxInstructions;
+use tdp_vmx::msr;
+use tdp_vmx::raw::X86Vmx;
+
+use tdp_vmx::vmcs::VmcsField;
 
 use crate::boot::Page;
 use crate::cpu;
@@ -50,7 +58,7 @@ global_asm!(
     "push r14",
     "push r15",
     "push rdi",
-    "mov rax, 0x6c14", // HOST_RSP
+    "mov rax, {host_rsp}",
     "vmwrite rax, rsp",
     "jbe 9f",
     "cmp esi, 0",
@@ -113,6 +121,7 @@ global_asm!(
     "pop rbp",
     "xor eax, eax",
     "ret",
+    host_rsp = const VmcsField::HOST_RSP.0,
 );
 
 unsafe extern "C" {
@@ -137,62 +146,34 @@ pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), ()> {
     if failed == 0 { Ok(()) } else { Err(()) }
 }
 
-/// Why VMX operation could not be entered.
-#[derive(Clone, Copy, Debug, thiserror::Error)]
-pub enum VmxOnError {
-    /// CPUID.1:ECX bit 5 is clear.
-    #[error("the CPU has no VMX (CPUID.1:ECX.VMX = 0)")]
-    NoVmx,
-    /// IA32_FEATURE_CONTROL does not allow VMXON.
-    #[error("IA32_FEATURE_CONTROL = {0:#x}: not locked with VMXON outside SMX allowed")]
-    FeatureControl(u64),
-    /// VMXON, VMCLEAR or VMPTRLD failed.
-    #[error("{0} failed (RFLAGS CF/ZF set)")]
-    Instruction(&'static str),
-}
-
-/// Adjusts CR0/CR4, executes VMXON on `vmxon_region`, and VMCLEAR + VMPTRLD on `vmcs`.
+/// Adjusts CR0 and CR4 to the fixed bits (with CR4.VMXE), executes VMXON on `vmxon_region`, then
+/// VMCLEAR and VMPTRLD on `vmcs`, so that `vmcs` is current.
 ///
 /// # Errors
-/// [`VmxOnError`] naming what is missing or which instruction failed.
-pub fn vmxon(vmxon_region: &Page, vmcs: &Page) -> Result<(), VmxOnError> {
-    if cpu::cpuid(1).2 & (1 << 5) == 0 {
-        return Err(VmxOnError::NoVmx);
-    }
-    let fc = raw::rdmsr(msr::IA32_FEATURE_CONTROL);
-    let need = msr::FEATURE_CONTROL_LOCKED | msr::FEATURE_CONTROL_VMXON_OUTSIDE_SMX;
-    if fc & need != need {
-        return Err(VmxOnError::FeatureControl(fc));
-    }
-    let fixed = |v: u64, f0: u32, f1: u32| (v | raw::rdmsr(f0)) & raw::rdmsr(f1);
-    // SAFETY: only bits VMX requires are set (the fixed-0 MSR's ones: PE, NE, PG for CR0; VMXE for CR4)
-    // and none the kernel depends on is cleared (the fixed-1 MSRs allow every bit it uses).
+/// IA32_FEATURE_CONTROL forbidding VMXON, or the failing instruction with its VM-instruction error.
+pub fn vmxon(vmx: &X86Vmx, caps: &VmxCapabilities, vmxon_region: &Page, vmcs: &Page) -> Result<(), String> {
+    VmxCapabilities::check_feature_control(vmx.rdmsr(msr::IA32_FEATURE_CONTROL))
+        .map_err(|e| format!("{e}"))?;
+    // SAFETY: only bits VMX requires are set (CR0's fixed-0 bits: PE, NE, PG; CR4.VMXE and its fixed-0
+    // bits) and none the kernel depends on is cleared (the fixed-1 MSRs allow every bit it uses).
     unsafe {
-        cpu::set_cr0(fixed(cpu::cr0(), msr::IA32_VMX_CR0_FIXED0, msr::IA32_VMX_CR0_FIXED1));
-        cpu::set_cr4(fixed(cpu::cr4() | (1 << 13), msr::IA32_VMX_CR4_FIXED0, msr::IA32_VMX_CR4_FIXED1));
+        cpu::set_cr0(caps.cr0.adjust(cpu::cr0()));
+        cpu::set_cr4(caps.cr4.adjust(cpu::cr4() | CR4_VMXE));
     }
-    let revision = raw::rdmsr(msr::IA32_VMX_BASIC) & 0x7fff_ffff;
+    let revision = u64::from(caps.basic.revision_id());
     for page in [vmxon_region, vmcs] {
         // SAFETY: the pages are the kernel's own statics, not yet handed to the CPU.
         unsafe { (*page.0.get())[0] = revision };
     }
-    vmcs_op("VMXON", vmxon_region.addr(), |pa, failed| {
-        // SAFETY: the operand is the physical address of a 4 KiB-aligned region holding the revision id;
-        // the CPU owns it from now on, and the kernel never touches it again.
-        unsafe { asm!("vmxon [{}]", "setna {}", in(reg) pa, out(reg_byte) *failed, options(nostack)) };
-    })?;
-    vmcs_op("VMCLEAR", vmcs.addr(), |pa, failed| {
-        // SAFETY: clears the launch state of the kernel's VMCS region; no other VMCS is current.
-        unsafe { asm!("vmclear [{}]", "setna {}", in(reg) pa, out(reg_byte) *failed, options(nostack)) };
-    })?;
-    vmcs_op("VMPTRLD", vmcs.addr(), |pa, failed| {
-        // SAFETY: makes the kernel's cleared VMCS region current; the CPU owns it from now on.
-        unsafe { asm!("vmptrld [{}]", "setna {}", in(reg) pa, out(reg_byte) *failed, options(nostack)) };
-    })
+    // SAFETY: CPL 0, CR0/CR4 adjusted above with VMXE, IA32_FEATURE_CONTROL checked; the two regions are
+    // distinct 4 KiB-aligned statics that the kernel never touches again (the CPU owns them).
+    unsafe {
+        vmx.vmxon(vmxon_region.addr()).map_err(|e| format!("{e}"))?;
+        vmx.vmclear(vmcs.addr()).map_err(|e| format!("{e}"))?;
+        vmx.vmptrld(vmcs.addr()).map_err(|e| format!("{e}"))?;
+    }
+    Ok(())
 }
 
-fn vmcs_op(name: &'static str, pa: u64, f: impl FnOnce(*const u64, &mut u8)) -> Result<(), VmxOnError> {
-    let mut failed = 0u8;
-    f(&pa, &mut failed);
-    if failed != 0 { Err(VmxOnError::Instruction(name)) } else { Ok(()) }
-}
+/// CR4.VMXE (bit 13).
+const CR4_VMXE: u64 = 1 << 13;
