@@ -118,26 +118,44 @@ impl SlotDirty {
     /// assert_eq!(s.count(), 3);
     /// ```
     pub fn merge_words(&mut self, words: &[u64]) -> u64 {
-        let n_words = (words_for(self.pages) as usize).min(words.len());
+        let n_words = usize::try_from(words_for(self.pages)).unwrap_or(usize::MAX).min(words.len());
         let words = &words[..n_words];
         let tail_mask = self.tail_mask();
         let masked = |i: usize, w: u64| if i + 1 == n_words { w & tail_mask } else { w };
-        let incoming: u64 =
-            words.iter().enumerate().map(|(i, &w)| u64::from(masked(i, w).count_ones())).sum();
-        if incoming == 0 {
-            return 0;
-        }
-        if let Pages::Sparse(list) = &self.set
-            && !self.too_large_for_sparse(list.len() as u64 + incoming)
-        {
-            let add: Vec<u64> = iter_bits(words).filter(|&p| p < self.pages).collect();
+        // One pass over the bitmap: collect offsets while the set can stay sparse; past that, turn dense
+        // and OR the remaining words in.
+        let mut from = 0;
+        let mut incoming = 0;
+        if let Pages::Sparse(list) = &self.set {
+            let room = words_for(self.pages).max(64).saturating_sub(list.len() as u64);
+            let mut add = Vec::new();
+            for (i, &w) in words.iter().enumerate() {
+                let w = masked(i, w);
+                if w == 0 {
+                    continue;
+                }
+                let base = i as u64 * PAGES_PER_WORD;
+                let mut rest = w;
+                while rest != 0 {
+                    add.push(base + u64::from(rest.trailing_zeros()));
+                    rest &= rest - 1;
+                }
+                from = i + 1;
+                if add.len() as u64 > room {
+                    break;
+                }
+            }
+            incoming = add.len() as u64;
             self.extend_sorted(&add);
-            return incoming;
+            if from == 0 || add.len() as u64 <= room {
+                return incoming;
+            }
         }
         self.densify();
         if let Pages::Dense { words: dst, count } = &mut self.set {
-            for (i, (d, &s)) in dst.iter_mut().zip(words).enumerate() {
+            for (i, (d, &s)) in dst.iter_mut().zip(words).enumerate().skip(from) {
                 let s = masked(i, s);
+                incoming += u64::from(s.count_ones());
                 *count += u64::from((s & !*d).count_ones());
                 *d |= s;
             }
@@ -395,6 +413,32 @@ mod tests {
         assert_eq!(other, s.clone().tap_insert(999));
         s.clear();
         assert!(s.is_empty() && matches!(s.set, super::Pages::Sparse(_)));
+    }
+
+    #[test]
+    fn i4_merge_words_turning_dense_midway_keeps_and_counts_every_page() {
+        let slot = RingSlot::new(AsId(0), SlotId(0));
+        // 10_000 pages: 157 words, so the sparse limit is 157 offsets; 3 bits a word overflows it midway.
+        let mut s = SlotDirty::new(slot, Gpa(0), 10_000);
+        let mut model: BTreeSet<u64> = (0..10).map(|i| i * 997).collect();
+        for &p in &model {
+            s.insert(p);
+        }
+        let words: Vec<u64> = (0..157u64).map(|i| 1 | 1 << (i % 60 + 1) | 1 << 63).collect();
+        let mut incoming = 0;
+        for (i, w) in words.iter().enumerate() {
+            for b in 0..64 {
+                let page = i as u64 * 64 + b;
+                if w & (1 << b) != 0 && page < 10_000 {
+                    model.insert(page);
+                    incoming += 1;
+                }
+            }
+        }
+        assert_eq!(s.merge_words(&words), incoming, "every page of the bitmap counted once");
+        assert!(matches!(s.set, super::Pages::Dense { .. }));
+        assert_eq!(s.count(), model.len() as u64);
+        assert!(s.offsets().eq(model.iter().copied()));
     }
 
     trait TapInsert {

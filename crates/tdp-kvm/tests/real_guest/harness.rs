@@ -247,7 +247,9 @@ pub fn run(r: &Run) -> Result<Option<Report>, Box<dyn std::error::Error + Send +
     let Some(tracker) = make_tracker(&vm, mode)? else { return Ok(None) };
     // Logging goes on after the capability (INITIALLY_SET applies when a slot's logging is enabled).
     vm.set_dirty_logging(true)?;
-    tracker.register_slot(SlotSpec::from_region(DATA_SLOT, DATA_GPA, pages * 4096))?;
+    let region = vm.data_region();
+    assert_eq!(region.flags, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES, "the data slot is logged");
+    tracker.register_slot(SlotSpec::from_region(region.slot, region.guest_phys_addr, region.memory_size))?;
     for (i, w) in workloads.iter().enumerate() {
         vm.set_workload(i, w)?;
     }
