@@ -98,7 +98,7 @@ fn hypervise(model: &str) -> Result<(), String> {
     let config = features.mmu_config(features.pml).map_err(|e| format!("MMU config: {e}"))?;
     let mmu_name = if config.pml { "EPT_PML" } else { "EPT" };
     let mmu: Mmu<HvHost<'_>> =
-        Mmu::new(HvHost::new(&vmx, features), config).map_err(|e| format!("MMU config: {e}"))?;
+        Mmu::new(host::new(&vmx, &features)?, config).map_err(|e| format!("MMU config: {e}"))?;
     let mut bases = Vec::new();
     for s in SCENARIO.slots {
         let host_base = layout::host_addr(s.base_gfn.gpa().0);
@@ -109,7 +109,7 @@ fn hypervise(model: &str) -> Result<(), String> {
     let mut cache = PageCache::new();
     let root = mmu.load_root(&mut cache, AS_ID).map_err(|e| format!("root: {e}"))?;
     let eptp = Eptp::new(&features, &config, root.pfn()).map_err(|e| format!("EPTP: {e}"))?;
-    mmu.host().set_eptp(eptp);
+    mmu.host().tlb.load_eptp(eptp);
     let entry = guest::build(&SCENARIO).map_err(|e| format!("guest: {e}"))?;
     vmcs::setup(&vmx, &caps, eptp, entry).map_err(|e| format!("VMCS: {e}"))?;
     let pml = if config.pml {
@@ -136,15 +136,16 @@ fn hypervise(model: &str) -> Result<(), String> {
     };
     hv.run();
     let mut seen = core::mem::take(&mut hv.seen);
-    seen.flushes = mmu.host().flushes();
-    seen.invepts = mmu.host().invepts();
+    let flushes = mmu.host().tlb.stats();
+    seen.flushes = flushes.requests;
+    seen.invepts = flushes.single_context + flushes.all_context;
     let root_pfn = hv.root.pfn().0;
     seen.translations = SCENARIO
         .sample_gfns()
         .into_iter()
         .map(|gfn| Translation {
             gfn,
-            kind: translate(|t, i| mmu.host().read_entry(t, i), root_pfn, gfn, &bases),
+            kind: translate(|t, i| host::read_entry(mmu.host(), t, i), root_pfn, gfn, &bases),
         })
         .collect();
     let checks = SCENARIO.evaluate(&seen);
@@ -158,7 +159,7 @@ fn hypervise(model: &str) -> Result<(), String> {
     println!(
         "bochs-hv: {} EPT exits, {} table pages in use, ring {:?}, PML {:?}",
         seen.ept_violations + seen.ept_misconfigs,
-        mmu.host().pages_in_use(),
+        mmu.host().frames.stats().in_use,
         hv.sink.stats(),
         hv.pml.as_ref().map(Pml::stats)
     );

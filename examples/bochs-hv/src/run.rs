@@ -9,18 +9,18 @@ use alloc::string::String;
 
 use tdp_core::addr::{Gpa, SlotId};
 use tdp_core::dirty_ring::DirtyRingConsumer;
-use tdp_core::fault::Fault;
 use tdp_core::flush::Flush;
 use tdp_core::memslot::SlotFlags;
-use tdp_core::mmu::{EmulateReason, FaultOutcome, Mmu, PageCache, RootRef};
+use tdp_core::mmu::{EmulateReason, Mmu, PageCache, RootRef};
 use tdp_vmx::caps::EptFeatures;
 use tdp_vmx::eptp::Eptp;
-use tdp_vmx::exit::{VmExit, read_exit};
+use tdp_vmx::exit::VmExit;
 use tdp_vmx::instr::{VmxError, VmxInstructions};
 use tdp_vmx::pml::Pml;
 use tdp_vmx::raw::X86Vmx;
 use tdp_vmx::ring_sink::RingSink;
 use tdp_vmx::scenario::{AS_ID, Observed, Scenario, mmio_value};
+use tdp_vmx::vcpu::{ExitAction, handle_exit, install_root};
 use tdp_vmx::vmcs::{VmInstructionError, VmcsField as F};
 
 use crate::guest;
@@ -83,7 +83,6 @@ impl Hv<'_, '_> {
         let mut regs = GuestRegs::default();
         let mut launched = false;
         for _ in 0..MAX_EXITS {
-            self.mmu.host().quiesce();
             if vmx::enter(&mut regs, launched).is_err() {
                 let error = match self.vmx.vmread(F::VM_INSTRUCTION_ERROR) {
                     Ok(n) => format!("{}", VmInstructionError::from_raw(n as u32)),
@@ -94,7 +93,7 @@ impl Hv<'_, '_> {
             }
             launched = true;
             let stop = self.handle_exit(&mut regs).err().or_else(|| {
-                self.mmu.host().take_error().map(|e| Stop::Error(format!("INVEPT for a core flush: {e}")))
+                self.mmu.host().tlb.take_error().map(|e| Stop::Error(format!("INVEPT for a core flush: {e}")))
             });
             match stop {
                 None => {}
@@ -109,27 +108,26 @@ impl Hv<'_, '_> {
     }
 
     fn handle_exit(&mut self, regs: &mut GuestRegs) -> Result<(), Stop> {
-        if let Some(pml) = self.pml.as_mut() {
-            let slots = self.mmu.read();
-            pml.drain(self.vmx, slots.memslots(), AS_ID, &mut self.sink)
-                .map_err(|e| Stop::Error(format!("PML drain: {e}")))?;
+        let report =
+            handle_exit(self.vmx, self.mmu, &mut self.cache, &self.root, self.pml.as_mut(), &mut self.sink)
+                .map_err(|e| Stop::Error(format!("exit: {e}")))?;
+        match report.exit {
+            VmExit::EptViolation(_) => self.seen.ept_violations += 1,
+            VmExit::EptMisconfig(_) => self.seen.ept_misconfigs += 1,
+            _ => {}
         }
-        let exit = read_exit(self.vmx, AS_ID).map_err(|e| Stop::Error(format!("{e}")))?;
-        match exit {
-            VmExit::EptViolation(v) => {
-                self.seen.ept_violations += 1;
-                self.fault(v.fault, regs)
+        match report.action {
+            ExitAction::Resume => Ok(()),
+            ExitAction::ReloadRoot => self.reload_root(),
+            ExitAction::Emulate { gpa, reason: EmulateReason::Mmio, .. } => self.emulate_mmio(gpa.0, regs),
+            ExitAction::Emulate { gpa, reason, .. } => {
+                Err(Stop::Error(format!("cannot emulate the access at {:#x} ({reason:?})", gpa.0)))
             }
-            VmExit::EptMisconfig(fault) => {
-                self.seen.ept_misconfigs += 1;
-                self.fault(fault, regs)
-            }
-            VmExit::PmlFull => Ok(()),
-            VmExit::EntryFailure { reason, qualification } => Err(Stop::Error(format!(
+            ExitAction::EntryFailed { reason, qualification } => Err(Stop::Error(format!(
                 "VM entry failed with exit reason {:#x} (qualification {qualification:#x})",
                 reason.0
             ))),
-            VmExit::Other(reason) => {
+            ExitAction::Unhandled(reason) => {
                 let rip = self.vmx.vmread(F::GUEST_RIP)?;
                 match reason.basic() {
                     EXIT_VMCALL => self.hypercall(regs),
@@ -143,36 +141,25 @@ impl Hv<'_, '_> {
                     other => Err(Stop::Error(format!("unexpected exit reason {other} at rip {rip:#x}"))),
                 }
             }
-            other => Err(Stop::Error(format!("unexpected exit {other:?}"))),
+            other => Err(Stop::Error(format!("unexpected exit action {other:?}"))),
         }
     }
 
-    /// Hands a fault to the core; emulates MMIO; reloads the root when the core says so.
-    fn fault(&mut self, fault: Fault, regs: &mut GuestRegs) -> Result<(), Stop> {
-        let outcome = self
+    /// The core invalidated the root: take a new one, retire the old EPTP and install the new one.
+    fn reload_root(&mut self) -> Result<(), Stop> {
+        let new = self
             .mmu
-            .handle_fault(&mut self.cache, &self.root, fault, &mut self.sink)
-            .map_err(|e| Stop::Error(format!("fault handler at {:#x}: {e}", fault.gpa.0)))?;
-        match outcome {
-            FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry => Ok(()),
-            FaultOutcome::ReloadRoot => {
-                let new = self
-                    .mmu
-                    .load_root(&mut self.cache, AS_ID)
-                    .map_err(|e| Stop::Error(format!("reloading the root: {e}")))?;
-                let old = core::mem::replace(&mut self.root, new);
-                self.mmu.put_root(old);
-                let eptp = Eptp::new(&self.features, self.mmu.config(), self.root.pfn())
-                    .map_err(|e| Stop::Error(format!("EPTP of the new root: {e}")))?;
-                self.mmu.host().set_eptp(eptp);
-                self.vmx.vmwrite(F::EPT_POINTER, eptp.raw())?;
-                Ok(())
-            }
-            FaultOutcome::Emulate(EmulateReason::Mmio) => self.emulate_mmio(fault.gpa.0, regs),
-            FaultOutcome::Emulate(EmulateReason::ReadOnlySlot) => {
-                Err(Stop::Error(format!("write to read-only slot at {:#x}", fault.gpa.0)))
-            }
+            .load_root(&mut self.cache, AS_ID)
+            .map_err(|e| Stop::Error(format!("reloading the root: {e}")))?;
+        let old = core::mem::replace(&mut self.root, new);
+        let tlb = &self.mmu.host().tlb;
+        if let Ok(eptp) = Eptp::new(&self.features, self.mmu.config(), old.pfn()) {
+            tlb.retire_eptp(eptp);
         }
+        self.mmu.put_root(old);
+        install_root(self.vmx, tlb, &self.features, self.mmu.config(), &self.root)
+            .map_err(|e| Stop::Error(format!("installing the new root: {e}")))?;
+        Ok(())
     }
 
     /// Emulates the two instructions the guest uses for MMIO: `mov rax, [moffs64]` (REX.W A1) and
