@@ -158,6 +158,16 @@ pub fn invept_context(
 
 /// Flushes the translations of every EPTP (all-context INVEPT).
 ///
+/// ```
+/// use tdp_vmx::caps::VmxCapabilities;
+/// use tdp_vmx::fake::{bochs, FakeVmx, Op};
+/// use tdp_vmx::inv::{invept_all, InveptKind};
+/// let vmx = FakeVmx::with_msrs(bochs::TIGERLAKE);
+/// invept_all(&vmx, &VmxCapabilities::read(&vmx).ept_features()?)?;
+/// assert_eq!(vmx.ops(), [Op::Invept { kind: InveptKind::AllContext, eptp: 0 }]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Errors
 /// [`InvError::Unsupported`] without all-context INVEPT, [`InvError::Instruction`] when it fails.
 pub fn invept_all(vmx: &impl VmxInstructions, features: &EptFeatures) -> Result<(), InvError> {
@@ -169,6 +179,18 @@ pub fn invept_all(vmx: &impl VmxInstructions, features: &EptFeatures) -> Result<
 
 /// Flushes the linear and combined translations of `vpid` (single-context INVVPID, or all-context when
 /// the CPU has only that).
+///
+/// ```
+/// use tdp_vmx::caps::VmxCapabilities;
+/// use tdp_vmx::fake::{bochs, FakeVmx, Op};
+/// use tdp_vmx::inv::{invvpid_context, InvError, InvvpidKind};
+/// let vmx = FakeVmx::with_msrs(bochs::COREI7_SANDY_BRIDGE_2600K);
+/// let ept = VmxCapabilities::read(&vmx).ept_features()?;
+/// assert_eq!(invvpid_context(&vmx, &ept, 1)?, InvvpidKind::SingleContext);
+/// assert_eq!(invvpid_context(&vmx, &ept, 0), Err(InvError::VpidZero));
+/// assert_eq!(vmx.ops(), [Op::Invvpid { kind: InvvpidKind::SingleContext, vpid: 1, linear_address: 0 }]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 ///
 /// # Errors
 /// [`InvError::VpidZero`], [`InvError::Unsupported`] without VPID support or a usable type,
@@ -196,6 +218,17 @@ pub fn invvpid_context(
 /// Flushes one linear address of `vpid` (individual-address INVVPID, or single-context when the CPU
 /// lacks that type).
 ///
+/// ```
+/// use tdp_vmx::caps::VmxCapabilities;
+/// use tdp_vmx::fake::{bochs, FakeVmx, Op};
+/// use tdp_vmx::inv::{invvpid_address, InvvpidKind};
+/// let vmx = FakeVmx::with_msrs(bochs::COREI7_SKYLAKE_X);
+/// let ept = VmxCapabilities::read(&vmx).ept_features()?;
+/// assert_eq!(invvpid_address(&vmx, &ept, 3, 0x7000_1000)?, InvvpidKind::IndividualAddress);
+/// assert_eq!(vmx.ops(), [Op::Invvpid { kind: InvvpidKind::IndividualAddress, vpid: 3, linear_address: 0x7000_1000 }]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Errors
 /// As [`invvpid_context`].
 pub fn invvpid_address(
@@ -213,4 +246,106 @@ pub fn invvpid_address(
     }
     vmx.invvpid(InvvpidKind::IndividualAddress, &InvvpidDescriptor::new(vpid, linear_address))?;
     Ok(InvvpidKind::IndividualAddress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::caps::{EptVpidCap, VmxCapabilities};
+    use crate::fake::{FakeVmx, Op, bochs};
+    use crate::instr::VmFail;
+    use crate::vmcs::VmInstructionError;
+    use tdp_core::addr::Pfn;
+    use tdp_core::mmu::MmuConfig;
+
+    fn with_cap(cap: u64) -> (FakeVmx, EptFeatures) {
+        let mut msrs = bochs::COREI7_SKYLAKE_X.to_vec();
+        for m in &mut msrs {
+            if m.0 == crate::msr::IA32_VMX_EPT_VPID_CAP {
+                m.1 = cap;
+            }
+        }
+        let vmx = FakeVmx::with_msrs(&msrs);
+        let ept = VmxCapabilities::read(&vmx).ept_features().unwrap();
+        (vmx, ept)
+    }
+
+    const SKY: u64 = 0x0000_0f01_0633_4141;
+
+    #[test]
+    fn descriptors_have_the_sdm_layout() {
+        let d = InvvpidDescriptor::new(0xbeef, 0x1234_5000);
+        // VPID in the low qword, the linear address in the high one.
+        assert_eq!((d.vpid, d.linear_address), (0xbeef, 0x1234_5000));
+        assert_eq!(core::mem::align_of::<InveptDescriptor>(), 16);
+        let eptp =
+            Eptp::build(crate::caps::VmxMemoryType::WriteBack, crate::caps::WalkLength::Four, true, Pfn(5))
+                .unwrap();
+        assert_eq!(InveptDescriptor::new(eptp), InveptDescriptor { eptp: eptp.raw(), reserved: 0 });
+    }
+
+    #[test]
+    fn invept_context_uses_all_context_when_single_is_missing() {
+        let (vmx, ept) = with_cap(SKY & !EptVpidCap::INVEPT_SINGLE_CONTEXT.bits());
+        let eptp = Eptp::new(&ept, &MmuConfig::EPT, Pfn(9)).unwrap();
+        assert_eq!(invept_context(&vmx, &ept, eptp), Ok(InveptKind::AllContext));
+        assert_eq!(vmx.ops(), [Op::Invept { kind: InveptKind::AllContext, eptp: eptp.raw() }]);
+        // And all-context is refused where the CPU lacks it, before any instruction runs.
+        let (vmx, ept) = with_cap(SKY & !EptVpidCap::INVEPT_ALL_CONTEXT.bits());
+        assert_eq!(invept_all(&vmx, &ept), Err(InvError::Unsupported { what: "all-context INVEPT" }));
+        assert_eq!(vmx.ops(), []);
+    }
+
+    #[test]
+    fn a_failing_invept_is_reported_with_the_instruction() {
+        let (vmx, ept) = with_cap(SKY);
+        let eptp = Eptp::new(&ept, &MmuConfig::EPT, Pfn(9)).unwrap();
+        vmx.fail_next_invept(VmFail::Valid(VmInstructionError::INVALID_INVEPT_INVVPID_OPERAND));
+        let err = invept_context(&vmx, &ept, eptp).unwrap_err();
+        assert_eq!(
+            alloc::string::ToString::to_string(&err),
+            alloc::format!(
+                "INVEPT SingleContext of EPTP {:#x} failed: VMfailValid: VM-instruction error 28: invalid \
+                 operand to INVEPT/INVVPID",
+                eptp.raw()
+            )
+        );
+    }
+
+    #[test]
+    fn invvpid_falls_back_and_refuses_what_the_cpu_lacks() {
+        let (vmx, ept) = with_cap(SKY & !EptVpidCap::INVVPID_INDIVIDUAL_ADDRESS.bits());
+        assert_eq!(invvpid_address(&vmx, &ept, 2, 0x1000), Ok(InvvpidKind::SingleContext));
+        let (vmx, ept) = with_cap(SKY & !EptVpidCap::INVVPID_SINGLE_CONTEXT.bits());
+        assert_eq!(invvpid_context(&vmx, &ept, 2), Ok(InvvpidKind::AllContext));
+        assert_eq!(vmx.ops(), [Op::Invvpid { kind: InvvpidKind::AllContext, vpid: 2, linear_address: 0 }]);
+        let (vmx, ept) = with_cap(SKY & !(0xf << 40));
+        assert_eq!(
+            invvpid_context(&vmx, &ept, 2),
+            Err(InvError::Unsupported { what: "single- or all-context INVVPID" })
+        );
+        let (_, ept) = with_cap(SKY & !EptVpidCap::INVVPID.bits());
+        assert_eq!(ept.vpid, None);
+        assert_eq!(invvpid_context(&vmx, &ept, 2), Err(InvError::Unsupported { what: "INVVPID" }));
+        assert_eq!(invvpid_address(&vmx, &ept, 0, 0), Err(InvError::VpidZero));
+    }
+
+    #[test]
+    fn the_fake_rejects_operands_the_cpu_rejects() {
+        let vmx = FakeVmx::with_msrs(bochs::COREI7_SKYLAKE_X);
+        let bad = |r: Result<(), crate::instr::VmxError>| {
+            r.map_err(|e| e.fail) == Err(VmFail::Valid(VmInstructionError::INVALID_INVEPT_INVVPID_OPERAND))
+        };
+        assert!(bad(vmx.invept(
+            InveptKind::SingleContext,
+            &InveptDescriptor { eptp: 0x1000 | 6 | 3 << 3, reserved: 1 }
+        )));
+        assert!(bad(vmx.invept(InveptKind::SingleContext, &InveptDescriptor { eptp: 0x1007, reserved: 0 })));
+        assert!(bad(vmx.invvpid(InvvpidKind::SingleContext, &InvvpidDescriptor::new(0, 0))));
+        assert!(bad(
+            vmx.invvpid(InvvpidKind::AllContext, &InvvpidDescriptor { vpid: 1 << 16, linear_address: 0 })
+        ));
+        assert!(vmx.invvpid(InvvpidKind::AllContext, &InvvpidDescriptor::new(0, 0)).is_ok());
+        assert_eq!(vmx.ops().len(), 1);
+    }
 }

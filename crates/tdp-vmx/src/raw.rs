@@ -131,6 +131,33 @@ mod x86 {
     /// Each call acts on the calling CPU: its current VMCS for VMREAD/VMWRITE, its TLBs for the
     /// invalidations. Failures are read from RFLAGS right after the instruction; a VMfailValid also
     /// reads the VM-instruction error field.
+    ///
+    /// Bringing a CPU into VMX root operation with it (ring-0 code, so the example only compiles):
+    ///
+    /// ```no_run
+    /// use tdp_vmx::caps::VmxCapabilities;
+    /// use tdp_vmx::instr::VmxInstructions;
+    /// use tdp_vmx::msr;
+    /// use tdp_vmx::raw::X86Vmx;
+    /// # fn bring_up(vmxon_region: u64, vmcs: u64) -> Result<(), Box<dyn std::error::Error>> {
+    /// // SAFETY: this code runs at CPL 0 on a CPU whose CPUID reports VMX.
+    /// let vmx = unsafe { X86Vmx::new() };
+    /// VmxCapabilities::check_feature_control(vmx.rdmsr(msr::IA32_FEATURE_CONTROL))?;
+    /// let caps = VmxCapabilities::read(&vmx);
+    /// let ept = caps.ept_features()?; // e.g. CapsError::NoEpt on Bochs' bx_generic
+    /// // ... set CR0/CR4 with caps.cr0.adjust / caps.cr4.adjust (CR4.VMXE), write
+    /// // caps.basic.revision_id() into both 4 KiB regions ...
+    /// // SAFETY: CPL 0, CR4.VMXE set, CR0/CR4 within the fixed bits, IA32_FEATURE_CONTROL checked above,
+    /// // and both regions are pages of RAM reserved for the CPU.
+    /// unsafe {
+    ///     vmx.vmxon(vmxon_region)?;
+    ///     vmx.vmclear(vmcs)?;
+    ///     vmx.vmptrld(vmcs)?;
+    /// }
+    /// # let _ = ept;
+    /// # Ok(())
+    /// # }
+    /// ```
     #[derive(Debug)]
     pub struct X86Vmx {
         _private: (),

@@ -83,6 +83,41 @@ pub enum HandleError {
 ///
 /// The caller then checks its sink (e.g. [`crate::ring_sink::RingSink::must_exit`]) before re-entering.
 ///
+/// ```
+/// use tdp_core::addr::{AsId, Gfn, Gpa, Level, SlotId};
+/// use tdp_core::fault::AccessKind;
+/// use tdp_core::memslot::{Memslot, SlotFlags};
+/// use tdp_core::mmu::{EmulateReason, Mmu, MmuConfig, PageCache};
+/// use tdp_vmx::caps::VmxCapabilities;
+/// use tdp_vmx::fake::{bochs, FakeVmx};
+/// use tdp_vmx::host::{BareMetalHost, IdentityTranslate, InveptFlush, PhysRange, TableFrames};
+/// use tdp_vmx::raw::{IdentityRegion, TablePage};
+/// use tdp_vmx::vcpu::{handle_exit, ExitAction};
+///
+/// let vmx = FakeVmx::with_msrs(bochs::COREI7_SKYLAKE_X);
+/// let ept = VmxCapabilities::read(&vmx).ept_features()?;
+/// let mut pages: Vec<TablePage> = (0..16).map(|_| TablePage::new()).collect();
+/// let ram = [PhysRange { start: 0x100_0000, end: 0x120_0000 }];
+/// let host = BareMetalHost {
+///     frames: TableFrames::new(IdentityRegion::from_pages(&mut pages))?,
+///     translate: IdentityTranslate::new(&ram, Level::L2),
+///     tlb: InveptFlush::new(&vmx, ept.invept),
+/// };
+/// let mmu: Mmu<_> = Mmu::new(host, MmuConfig::EPT)?;
+/// mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(0), Gfn(0), 512, 0x100_0000, SlotFlags::empty()))?;
+/// let mut cache = PageCache::new();
+/// let root = mmu.load_root(&mut cache, AsId(0))?;
+///
+/// vmx.set_exit_ept_violation(0x182, 0x1000, 0x1000); // a write to RAM: mapped
+/// assert_eq!(handle_exit(&vmx, &mmu, &mut cache, &root, None, &mut ())?.action, ExitAction::Resume);
+/// vmx.set_exit_ept_violation(0x181, 0xfee0_0030, 0); // a read of the local APIC: no slot
+/// let mmio = ExitAction::Emulate { gpa: Gpa(0xfee0_0030), access: AccessKind::Read, reason: EmulateReason::Mmio };
+/// assert_eq!(handle_exit(&vmx, &mmu, &mut cache, &root, None, &mut ())?.action, mmio);
+/// mmu.put_root(root);
+/// cache.release(mmu.host());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Errors
 /// [`HandleError`]; after any of them the MMU's tables and the PML log are consistent.
 pub fn handle_exit<H: Host, R: RawRwLock, V: VmxInstructions>(
@@ -137,6 +172,35 @@ pub enum RootError {
 /// registers it with the flusher so VM-wide flushes reach it, and writes it to the current VMCS.
 /// When the vCPU had another root, retire that one's EPTP with [`InveptFlush::retire_eptp`].
 ///
+/// ```
+/// use tdp_core::addr::{AsId, Level};
+/// use tdp_core::mmu::{Mmu, MmuConfig, PageCache};
+/// use tdp_vmx::caps::VmxCapabilities;
+/// use tdp_vmx::fake::{bochs, FakeVmx};
+/// use tdp_vmx::host::{BareMetalHost, IdentityTranslate, InveptFlush, TableFrames};
+/// use tdp_vmx::raw::{IdentityRegion, TablePage};
+/// use tdp_vmx::vcpu::install_root;
+/// use tdp_vmx::vmcs::VmcsField;
+///
+/// let vmx = FakeVmx::with_msrs(bochs::COREI7_SKYLAKE_X);
+/// let ept = VmxCapabilities::read(&vmx).ept_features()?;
+/// let mut pages: Vec<TablePage> = (0..8).map(|_| TablePage::new()).collect();
+/// let host = BareMetalHost {
+///     frames: TableFrames::new(IdentityRegion::from_pages(&mut pages))?,
+///     translate: IdentityTranslate::new(&[], Level::L1),
+///     tlb: InveptFlush::new(&vmx, ept.invept),
+/// };
+/// let config = MmuConfig::EPT_PML;
+/// let mmu: Mmu<_> = Mmu::new(host, config)?;
+/// let mut cache = PageCache::new();
+/// let root = mmu.load_root(&mut cache, AsId(0))?;
+/// let eptp = install_root(&vmx, &mmu.host().tlb, &ept, &config, &root)?;
+/// assert_eq!((eptp.root(), vmx.field(VmcsField::EPT_POINTER)), (root.pfn(), Some(eptp.raw())));
+/// mmu.put_root(root);
+/// cache.release(mmu.host());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Errors
 /// [`RootError`]; the VMCS is unchanged when the EPTP cannot be built.
 pub fn install_root<V: VmxInstructions, W: VmxInstructions>(
@@ -151,3 +215,6 @@ pub fn install_root<V: VmxInstructions, W: VmxInstructions>(
     vmx.vmwrite(VmcsField::EPT_POINTER, eptp.raw())?;
     Ok(eptp)
 }
+
+#[cfg(test)]
+mod tests;
