@@ -16,7 +16,7 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::error::{Errno, Error, Result};
-use crate::tracker::{DirtyTracker, TrackingMode, VcpuHandle};
+use crate::tracker::{Batch, DirtyTracker, TrackingMode, VcpuHandle};
 
 /// `KVM_EXIT_DIRTY_RING_FULL`, which `kvm-ioctls` reports as `VcpuExit::Unsupported(31)`.
 pub const KVM_EXIT_DIRTY_RING_FULL: u32 = kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
@@ -82,7 +82,7 @@ pub struct VcpuRunner<'t> {
     tracker: &'t DirtyTracker,
     handle: VcpuHandle,
     throttle: Option<ThrottleHook<'t>>,
-    scratch: Vec<(u32, u64)>,
+    scratch: Batch,
 }
 
 impl std::fmt::Debug for VcpuRunner<'_> {
@@ -95,7 +95,7 @@ impl<'t> VcpuRunner<'t> {
     /// A runner for the vCPU `handle` (from [`DirtyTracker::attach_vcpu`]).
     #[must_use]
     pub fn new(tracker: &'t DirtyTracker, handle: VcpuHandle) -> Self {
-        VcpuRunner { tracker, handle, throttle: None, scratch: Vec::new() }
+        VcpuRunner { tracker, handle, throttle: None, scratch: Batch::default() }
     }
 
     /// Installs the hook called after each ring-full exit has been harvested and reset, before the vCPU

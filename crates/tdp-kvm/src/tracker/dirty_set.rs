@@ -197,9 +197,13 @@ impl SlotDirty {
     pub(crate) fn extend_sorted(&mut self, offsets: &[u64]) {
         match &mut self.set {
             Pages::Sparse(list) => {
-                // Two sorted runs: the stable sort merges them in linear time.
-                list.extend(offsets.iter().copied().filter(|&p| p < self.pages));
-                list.sort();
+                let pages = self.pages;
+                let was_empty = list.is_empty();
+                list.extend(offsets.iter().copied().filter(|&p| p < pages));
+                if !was_empty {
+                    // Two sorted runs: the stable sort merges them in linear time.
+                    list.sort();
+                }
                 list.dedup();
                 self.densify_if_large();
             }

@@ -22,7 +22,7 @@ use crate::ring::{DirtyRing, reset_fd};
 impl DirtyTracker {
     /// Harvests every source into `fresh` (slots added first) and re-protects. `entries` is scratch for
     /// ring entries.
-    pub(super) fn harvest_all(&self, fresh: &mut DirtySets, entries: &mut Vec<(u32, u64)>) -> Result<()> {
+    pub(super) fn harvest_all(&self, fresh: &mut DirtySets, entries: &mut Batch) -> Result<()> {
         let slots = read(&self.slots, "slots")?;
         for s in slots.values() {
             fresh.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages);
@@ -67,27 +67,18 @@ impl DirtyTracker {
     }
 
     /// Checks one ring entry against the slots (I5): a valid one is pushed to `out`, a bad one counted.
-    pub(super) fn validate(
-        &self,
-        slots: &BTreeMap<u32, SlotState>,
-        e: DirtyEntry,
-        out: &mut Vec<(u32, u64)>,
-    ) {
+    pub(super) fn validate(&self, slots: &BTreeMap<u32, SlotState>, e: DirtyEntry, out: &mut Batch) {
         match slots.get(&e.slot.raw()) {
             None => add(&self.counters.invalid_slot, 1),
             Some(s) if e.offset >= s.spec.pages => add(&self.counters.invalid_offset, 1),
-            Some(_) => out.push((e.slot.raw(), e.offset)),
+            Some(_) => out.push(e.slot.raw(), e.offset),
         }
     }
 
     /// Harvests one vCPU's ring at its ring-full exit: harvest, reset, then publish into the pending set,
     /// all under the ring's lock. Returns (entries harvested, entries KVM reset, entries harvested from this
     /// ring by anyone before this call). `scratch` is the runner's reusable buffer.
-    pub(crate) fn harvest_ring_full(
-        &self,
-        v: &VcpuState,
-        scratch: &mut Vec<(u32, u64)>,
-    ) -> Result<(usize, u32, u64)> {
+    pub(crate) fn harvest_ring_full(&self, v: &VcpuState, scratch: &mut Batch) -> Result<(usize, u32, u64)> {
         let Some(ring) = &v.ring else { return Err(Error::RingNotEnabled { op: "ring-full harvest" }) };
         let mut ring = lock(ring, "ring")?;
         let before = get(&v.counters.harvested);
@@ -136,20 +127,63 @@ impl DirtyTracker {
     }
 }
 
-/// Moves validated `(slot, offset)` entries into `set`: sorted and grouped by slot, so each slot's set
-/// takes one sorted batch (linear merge) however many entries repeat a page. Entries of a slot
-/// unregistered since they were validated are dropped, with the slot. Leaves `entries` empty.
-fn publish(slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, entries: &mut Vec<(u32, u64)>) {
-    entries.sort_unstable();
-    entries.dedup();
-    let mut offsets = Vec::new();
-    for group in entries.chunk_by(|a, b| a.0 == b.0) {
-        let Some(s) = group.first().and_then(|(key, _)| slots.get(key)) else { continue };
-        offsets.clear();
-        offsets.extend(group.iter().map(|&(_, o)| o));
-        set.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages).extend_sorted(&offsets);
+/// Validated ring entries, bucketed by slot, waiting to enter a [`DirtySets`]. Reused across harvests
+/// (the buckets keep their capacity).
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    buckets: Vec<(u32, Vec<u64>)>,
+    /// The bucket the last entry went to: consecutive entries mostly name the same slot.
+    last: usize,
+}
+
+impl Batch {
+    /// Adds one validated entry.
+    pub(crate) fn push(&mut self, slot: u32, offset: u64) {
+        if let Some((key, list)) = self.buckets.get_mut(self.last)
+            && *key == slot
+        {
+            list.push(offset);
+            return;
+        }
+        match self.buckets.iter().position(|(key, _)| *key == slot) {
+            Some(i) => self.last = i,
+            None => {
+                self.buckets.push((slot, Vec::new()));
+                self.last = self.buckets.len() - 1;
+            }
+        }
+        if let Some((_, list)) = self.buckets.get_mut(self.last) {
+            list.push(offset);
+        }
     }
-    entries.clear();
+
+    /// Whether no entry is waiting.
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buckets.iter().all(|(_, l)| l.is_empty())
+    }
+
+    /// Empties every bucket, keeping their memory.
+    pub(crate) fn clear(&mut self) {
+        self.buckets.iter_mut().for_each(|(_, l)| l.clear());
+    }
+}
+
+/// Moves the batch into `set`: each slot's offsets sorted and deduplicated, then merged as one sorted run.
+/// Entries of a slot unregistered since they were validated are dropped, with the slot. Leaves the batch
+/// empty.
+fn publish(slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, batch: &mut Batch) {
+    for (key, offsets) in &mut batch.buckets {
+        if offsets.is_empty() {
+            continue;
+        }
+        if let Some(s) = slots.get(key) {
+            offsets.sort_unstable();
+            offsets.dedup();
+            set.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages).extend_sorted(offsets);
+        }
+        offsets.clear();
+    }
 }
 
 #[cfg(test)]
@@ -169,12 +203,12 @@ mod tests {
         let mut set = DirtySets::default();
         {
             let slots = super::read(&tracker.slots, "slots").unwrap();
-            let mut valid = Vec::new();
+            let mut valid = super::Batch::default();
             let entries = [(1, 5), (1, 99), (1, 100), (1, u64::MAX), (2, 0), (0x0001_0001, 5), (1, 5)];
             for (raw, offset) in entries {
                 tracker.validate(&slots, DirtyEntry { slot: RingSlot::from_raw(raw), offset }, &mut valid);
             }
-            assert_eq!(valid, [(1, 5), (1, 99), (1, 5)]);
+            assert_eq!(valid.buckets, [(1, vec![5, 99, 5])]);
             super::publish(&slots, &mut set, &mut valid);
             assert!(valid.is_empty());
         }

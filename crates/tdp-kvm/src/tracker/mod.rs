@@ -38,6 +38,8 @@ pub use dirty_set::{DirtySets, SlotDirty};
 pub use stats::{DirtyRate, TrackerStats, VcpuRate, VcpuStats};
 pub use types::{SlotSpec, TrackingMode, VcpuHandle};
 
+pub(crate) use harvest::Batch;
+
 use crate::bitmap::DirtyLogBuffer;
 use crate::error::{Error, Result};
 use crate::ring::DirtyRing;
@@ -55,8 +57,8 @@ struct SlotState {
 struct Scratch {
     /// The pages taken from KVM by this collect, before they are published.
     fresh: DirtySets,
-    /// Validated ring entries `(slot, offset)`, sorted and grouped before they enter `fresh`.
-    entries: Vec<(u32, u64)>,
+    /// Validated ring entries, bucketed by slot, before they enter `fresh`.
+    entries: Batch,
 }
 
 pub(crate) struct VcpuState {
