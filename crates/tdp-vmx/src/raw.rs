@@ -74,6 +74,16 @@ impl<'a> IdentityRegion<'a> {
 
     /// The region of `pages` pages at physical address `base_hpa`, identity-mapped.
     ///
+    /// ```no_run
+    /// use tdp_vmx::host::TableFrames;
+    /// use tdp_vmx::raw::IdentityRegion;
+    /// // 8 MiB at 64 MiB that the hypervisor's boot memory map reserved for EPT tables.
+    /// // SAFETY: the range is RAM, identity-mapped read/write, and nothing else uses it.
+    /// let region = unsafe { IdentityRegion::from_raw(0x400_0000, 2048) };
+    /// let frames = TableFrames::new(region)?;
+    /// # Ok::<(), tdp_vmx::host::FramesError>(())
+    /// ```
+    ///
     /// # Safety
     /// The caller guarantees, for as long as the region or a reference it returned lives: the range
     /// `base_hpa .. base_hpa + pages * 4096` is RAM, mapped readable and writable at the same virtual

@@ -276,3 +276,61 @@ fn i4_a_hard_full_ring_keeps_marks_in_order_until_the_reset() {
     consumer.harvest(usize::MAX, |e| seen.push(e.offset));
     assert_eq!(seen, (0..300).collect::<Vec<u64>>(), "every mark once, in order, across the full ring");
 }
+
+/// A deterministic xorshift, for the randomised comparison below.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn i4_drains_agree_with_tdp_mock_pml_model_over_random_runs() {
+    // tdp-mock's `Pml` is an independent model of the CPU's log (index, wrap to 0xFFFF, full); the
+    // CPU here writes each GPA where the model says and the drain must return exactly the model's log.
+    let page = PmlPage::new();
+    let (vmx, mut pml) = setup(&page);
+    let slots = slots();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut total = 0u64;
+    for run in 0..200 {
+        let mut model = tdp_mock::Pml::new();
+        // Mirror the model's fresh index in the VMCS (the previous run's drain left 511 too).
+        assert_eq!(vmx.field(VmcsField::GUEST_PML_INDEX), Some(u64::from(model.index())));
+        let writes = next(&mut seed) % 1400;
+        let mut drained_ours = Vec::new();
+        let mut drained_model = Vec::new();
+        let mut drain = |model: &mut tdp_mock::Pml, ours: &mut Vec<u64>, theirs: &mut Vec<u64>| {
+            vmx.set_field(VmcsField::GUEST_PML_INDEX, u64::from(model.index()));
+            let mut rec = Recorder::default();
+            let d = pml.drain(&vmx, &slots, AsId(0), &mut rec).unwrap();
+            assert_eq!(d.entries as usize, model.len(), "run {run}");
+            ours.extend(rec.0.iter().map(|m| m.1));
+            theirs.extend(model.drain().iter().map(|g| g.gfn().0));
+        };
+        for _ in 0..writes {
+            let gfn = next(&mut seed) % 0x1000; // inside logged slot 0
+            let index = model.index();
+            if !model.try_log(tdp_core::addr::Gfn(gfn).gpa()) {
+                // A log-full exit: drain, then the CPU retries the access.
+                drain(&mut model, &mut drained_ours, &mut drained_model);
+                let index = model.index();
+                assert!(model.try_log(tdp_core::addr::Gfn(gfn).gpa()));
+                page.set_entry(usize::from(index), gfn << 12);
+            } else {
+                page.set_entry(usize::from(index), gfn << 12);
+            }
+            total += 1;
+            // Sometimes an ordinary exit drains a partial log.
+            if next(&mut seed) % 97 == 0 {
+                drain(&mut model, &mut drained_ours, &mut drained_model);
+            }
+        }
+        drain(&mut model, &mut drained_ours, &mut drained_model);
+        assert_eq!(drained_ours, drained_model, "run {run}");
+        assert_eq!(drained_ours.len() as u64, writes, "run {run}: every logged write drained once");
+    }
+    assert_eq!(pml.stats().marked, total);
+    assert!(pml.stats().full_logs > 0, "the runs must reach full logs");
+}
