@@ -323,7 +323,7 @@ fn i4_drains_agree_with_tdp_mock_pml_model_over_random_runs() {
             }
             total += 1;
             // Sometimes an ordinary exit drains a partial log.
-            if next(&mut seed) % 97 == 0 {
+            if next(&mut seed).is_multiple_of(97) {
                 drain(&mut model, &mut drained_ours, &mut drained_model);
             }
         }
