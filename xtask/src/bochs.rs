@@ -354,16 +354,17 @@ pub fn compare(bochs: &RunResult, mock: &RunResult) -> Vec<String> {
     if without_tables(&bochs.harvests) != mock.harvests {
         diffs.push(format!("harvests: bochs {:x?}, mock {:x?}", bochs.harvests, mock.harvests));
     }
-    if bochs.translations.len() != mock.translations.len() {
-        diffs.push(format!(
-            "{} translations on bochs, {} on the mock",
-            bochs.translations.len(),
-            mock.translations.len()
-        ));
-    }
-    for (b, m) in bochs.translations.iter().zip(&mock.translations) {
-        if b != m {
-            diffs.push(format!("translation of gfn {:#x}: bochs {b:?}, mock {m:?}", b.gfn));
+    for (when, b, m) in [
+        ("after the run", &bochs.translations, &mock.translations),
+        ("before logging", &bochs.early_translations, &mock.early_translations),
+    ] {
+        if b.len() != m.len() {
+            diffs.push(format!("{} translations {when} on bochs, {} on the mock", b.len(), m.len()));
+        }
+        for (b, m) in b.iter().zip(m) {
+            if b != m {
+                diffs.push(format!("translation of gfn {:#x} {when}: bochs {b:?}, mock {m:?}", b.gfn));
+            }
         }
     }
     if (bochs.mmio_reads, &bochs.mmio_writes) != (mock.mmio_reads, &mock.mmio_writes) {
@@ -413,8 +414,10 @@ pub struct RunResult {
     pub guest_table_gfns: Vec<u64>,
     /// The harvested gfns per harvest.
     pub harvests: Vec<Vec<u64>>,
-    /// The sampled translations.
+    /// The sampled translations after the run.
     pub translations: Vec<TranslationJson>,
+    /// The same sample just before dirty logging started.
+    pub early_translations: Vec<TranslationJson>,
     /// The checks.
     pub checks: Vec<CheckJson>,
     /// Checks passed.
@@ -465,7 +468,7 @@ pub struct CheckJson {
 mod tests {
     use super::*;
 
-    const LINE: &str = r#"TDP-RESULT {"runner":"bochs","model":"cpu","mmu":"EPT","broken":false,"features":["ept"],"steps_completed":3,"ept_violations":4,"ept_misconfigs":1,"flushes":2,"invepts":2,"mmio_reads":1,"ring_lost":0,"guest_error":null,"mmio_writes":[[8388616,5]],"guest_table_gfns":[1,2,3],"harvests":[[],[1,513]],"translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":1,"rwx":7},{"gfn":2048,"kind":"mmio"}],"checks":[{"name":"harvest holds exactly the written pages","ok":true,"detail":""}],"passed":1,"failed":0,"verdict":"pass"}"#;
+    const LINE: &str = r#"TDP-RESULT {"runner":"bochs","model":"cpu","mmu":"EPT","broken":false,"features":["ept"],"steps_completed":3,"ept_violations":4,"ept_misconfigs":1,"flushes":2,"invepts":2,"mmio_reads":1,"ring_lost":0,"guest_error":null,"mmio_writes":[[8388616,5]],"guest_table_gfns":[1,2,3],"harvests":[[],[1,513]],"translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":1,"rwx":7},{"gfn":2048,"kind":"mmio"}],"early_translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":2,"rwx":7}],"checks":[{"name":"harvest holds exactly the written pages","ok":true,"detail":""}],"passed":1,"failed":0,"verdict":"pass"}"#;
 
     fn parsed() -> RunResult {
         parse_output(&format!("bochs-hv: booting\n{LINE}\n")).unwrap()
@@ -491,9 +494,11 @@ mod tests {
         assert_eq!(compare(&bochs, &mock), Vec::<String>::new(), "gfn 1 is a guest page table");
         mock.harvests[1].push(514);
         mock.translations[0].rwx = Some(5);
+        mock.early_translations[0].level = Some(1);
         let diffs = compare(&bochs, &mock);
-        assert_eq!(diffs.len(), 2, "{diffs:?}");
-        assert!(diffs[0].starts_with("harvests") && diffs[1].contains("0x201"), "{diffs:?}");
+        assert_eq!(diffs.len(), 3, "{diffs:?}");
+        assert!(diffs[0].starts_with("harvests") && diffs[1].contains("0x201 after"), "{diffs:?}");
+        assert!(diffs[2].contains("0x201 before logging"), "{diffs:?}");
     }
 
     #[test]

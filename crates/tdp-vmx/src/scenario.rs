@@ -382,13 +382,56 @@ impl Scenario {
             seen.mmio_reads == self.expected_mmio_reads() && seen.mmio_writes == self.expected_mmio_writes(),
             format!("reads {} writes {:x?}", seen.mmio_reads, seen.mmio_writes),
         );
-        let bad: Vec<&Translation> = seen.translations.iter().filter(|t| !self.translation_ok(t)).collect();
+        let early = self.expected_early_levels();
+        let wrong: Vec<(u64, Option<u8>, u8)> = early
+            .iter()
+            .filter_map(|&(gfn, want)| {
+                let got = seen.early_translations.iter().find(|t| t.gfn == gfn).and_then(|t| match t.kind {
+                    Mapping::Leaf { level, .. } => Some(level),
+                    _ => None,
+                });
+                (got != Some(want)).then_some((gfn, got, want))
+            })
+            .collect();
+        check(
+            "before logging, 2 MiB-aligned slot parts are mapped by 2 MiB leaves, the rest by 4 KiB",
+            wrong.is_empty() && !early.is_empty(),
+            format!("{} pages touched before logging; (gfn, level, expected): {wrong:x?}", early.len()),
+        );
+        let bad: Vec<&Translation> = seen
+            .translations
+            .iter()
+            .chain(&seen.early_translations)
+            .filter(|t| !self.translation_ok(t))
+            .collect();
         check(
             "sampled translations map their own slot page (I1)",
             bad.is_empty() && seen.translations.len() == self.sample_gfns().len(),
             format!("{} samples, wrong: {bad:x?}", seen.translations.len()),
         );
         checks
+    }
+
+    /// For each data gfn a step touches before logging starts, the leaf level it must be mapped at just
+    /// before logging starts: 2 (2 MiB) when its whole 2 MiB-aligned range lies in its slot (runners
+    /// back slots with 2 MiB-aligned host memory), 1 otherwise. Sorted by gfn.
+    #[must_use]
+    pub fn expected_early_levels(&self) -> Vec<(u64, u8)> {
+        let mut out = BTreeSet::new();
+        for step in self.steps {
+            let gpa = match *step {
+                Step::StartLogging { .. } => break,
+                Step::Read { gpa } | Step::Write { gpa, .. } | Step::Exec { gpa } => gpa,
+                _ => continue,
+            };
+            let gfn = gpa.gfn().0;
+            if let Some(slot) = self.slot_of(gpa.gfn()) {
+                let start = gfn & !511;
+                let huge = start >= slot.base_gfn.0 && start + 512 <= slot.base_gfn.0 + slot.pages;
+                out.insert((gfn, if huge { 2 } else { 1 }));
+            }
+        }
+        out.into_iter().collect()
     }
 
     /// Whether a sampled translation is allowed: a slot gfn maps its own page of its own slot (or is
@@ -430,6 +473,9 @@ pub struct Observed {
     pub mmio_writes: Vec<(u64, u64)>,
     /// The translation of every gfn of [`Scenario::sample_gfns`] after the run.
     pub translations: Vec<Translation>,
+    /// The same sample taken just before dirty logging started (empty if it never did): shows the
+    /// 2 MiB leaves, which logging splits.
+    pub early_translations: Vec<Translation>,
 }
 
 /// One check of [`Scenario::evaluate`].
@@ -532,6 +578,15 @@ mod tests {
     }
 
     #[test]
+    fn huge_ranges_are_expected_at_level_2_before_logging() {
+        assert_eq!(
+            SCENARIO.expected_early_levels(),
+            [(0x201, 2), (0x240, 2), (0x3f0, 2), (0x410, 1), (0x411, 1)],
+            "0x200..0x400 is one 2 MiB range of the data slot; 0x400.. is its tail"
+        );
+    }
+
+    #[test]
     fn reads_expect_the_last_write() {
         assert_eq!(SCENARIO.expected_read(1), Some(0x1111_0000_0000_0201));
         assert_eq!(SCENARIO.expected_read(4), Some(0), "never written");
@@ -555,6 +610,14 @@ mod tests {
                 .sample_gfns()
                 .into_iter()
                 .map(|gfn| Translation { gfn, kind: Mapping::NotPresent })
+                .collect(),
+            early_translations: s
+                .expected_early_levels()
+                .into_iter()
+                .map(|(gfn, level)| Translation {
+                    gfn,
+                    kind: Mapping::Leaf { slot: 1, page: gfn - 0x200, level, rwx: 7 },
+                })
                 .collect(),
             ..Observed::default()
         }
@@ -581,6 +644,9 @@ mod tests {
         let mut wrong = perfect_run();
         wrong.translations[0].kind = Mapping::Leaf { slot: 1, page: 7, level: 1, rwx: 7 };
         assert!(SCENARIO.evaluate(&wrong).iter().any(|c| !c.ok && c.name.contains("I1")));
+        let mut small = perfect_run();
+        small.early_translations[0].kind = Mapping::Leaf { slot: 1, page: 1, level: 1, rwx: 7 };
+        assert!(SCENARIO.evaluate(&small).iter().any(|c| !c.ok && c.name.contains("2 MiB")));
         let mut flush = perfect_run();
         flush.flushes = 2;
         assert!(SCENARIO.evaluate(&flush).iter().any(|c| !c.ok && c.name.contains("INVEPT")));

@@ -48,7 +48,7 @@ use tdp_vmx::pml::Pml;
 use tdp_vmx::raw::X86Vmx;
 use tdp_vmx::ring_sink::RingSink;
 use tdp_vmx::scenario::report::{RunInfo, write_result_line};
-use tdp_vmx::scenario::{AS_ID, Observed, SCENARIO, Translation, translate};
+use tdp_vmx::scenario::{AS_ID, Observed, SCENARIO};
 
 use crate::boot::Page;
 use crate::host::HvHost;
@@ -132,6 +132,7 @@ fn hypervise(model: &str) -> Result<(), String> {
         sink,
         consumer,
         pml,
+        bases,
         seen: Observed::default(),
     };
     hv.run();
@@ -139,15 +140,7 @@ fn hypervise(model: &str) -> Result<(), String> {
     let flushes = mmu.host().tlb.stats();
     seen.flushes = flushes.requests;
     seen.invepts = flushes.single_context + flushes.all_context;
-    let root_pfn = hv.root.pfn().0;
-    seen.translations = SCENARIO
-        .sample_gfns()
-        .into_iter()
-        .map(|gfn| Translation {
-            gfn,
-            kind: translate(|t, i| host::read_entry(mmu.host(), t, i), root_pfn, gfn, &bases),
-        })
-        .collect();
+    seen.translations = hv.sample();
     let checks = SCENARIO.evaluate(&seen);
     let info = RunInfo {
         runner: "bochs",

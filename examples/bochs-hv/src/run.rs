@@ -6,6 +6,7 @@
 use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::String;
+use alloc::vec::Vec;
 
 use tdp_core::addr::{Gpa, SlotId};
 use tdp_core::dirty_ring::DirtyRingConsumer;
@@ -19,12 +20,12 @@ use tdp_vmx::instr::{VmxError, VmxInstructions};
 use tdp_vmx::pml::Pml;
 use tdp_vmx::raw::X86Vmx;
 use tdp_vmx::ring_sink::RingSink;
-use tdp_vmx::scenario::{AS_ID, Observed, Scenario, mmio_value};
+use tdp_vmx::scenario::{AS_ID, Observed, Scenario, Translation, mmio_value, translate};
 use tdp_vmx::vcpu::{ExitAction, handle_exit, install_root};
 use tdp_vmx::vmcs::{VmInstructionError, VmcsField as F};
 
 use crate::guest;
-use crate::host::HvHost;
+use crate::host::{HvHost, read_entry};
 use crate::layout::host_addr;
 use crate::ring::MmuReset;
 use crate::vmx::{self, GuestRegs};
@@ -59,6 +60,8 @@ pub struct Hv<'a, 'v> {
     pub consumer: DirtyRingConsumer<'static>,
     /// The page-modification log, when the CPU logs.
     pub pml: Option<Pml<'static>>,
+    /// Each slot's id, host base address and pages, to decode translations.
+    pub bases: Vec<(u16, u64, u64)>,
     /// What the run saw.
     pub seen: Observed,
 }
@@ -218,7 +221,22 @@ impl Hv<'_, '_> {
         Ok(())
     }
 
+    /// The translations of the scenario's sample gfns in the current tables.
+    pub fn sample(&self) -> Vec<Translation> {
+        let host = self.mmu.host();
+        let root = self.root.pfn().0;
+        self.scenario
+            .sample_gfns()
+            .into_iter()
+            .map(|gfn| Translation {
+                gfn,
+                kind: translate(|t, i| read_entry(host, t, i), root, gfn, &self.bases),
+            })
+            .collect()
+    }
+
     fn start_logging(&mut self, slot: SlotId) -> Result<(), Stop> {
+        self.seen.early_translations = self.sample();
         let mut mmu = self.mmu.write();
         let flags = mmu
             .memslots()

@@ -117,8 +117,20 @@ pub fn run(model: &str, mode: Mode) -> Result<MockRun, String> {
     let mut vcpu = m.new_vcpu(AS_ID);
     vcpu.set_dirty_sink(Box::new(sink.clone()));
 
+    let host = m.host();
+    let read = |t: u64, i: usize| {
+        host.arena_table(Pfn(t)).map_or(0, |table| table[i].load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let sample = |vcpu: &Vcpu| -> Vec<Translation> {
+        let root = vcpu.root().map(|r| r.pfn().0).unwrap_or_default();
+        SCENARIO
+            .sample_gfns()
+            .into_iter()
+            .map(|gfn| Translation { gfn, kind: translate(read, root, gfn, &bases) })
+            .collect()
+    };
     let mut seen = Observed::default();
-    if let Err(e) = steps(&m, &mut vcpu, &sink, &mut consumer, &mut seen) {
+    if let Err(e) = steps(&m, &mut vcpu, &sink, &mut consumer, &mut seen, &sample) {
         seen.guest_error = Some(e);
     }
     let counters = vcpu.cache().counters;
@@ -127,16 +139,7 @@ pub fn run(model: &str, mode: Mode) -> Result<MockRun, String> {
     seen.flushes = flushes.all + flushes.range;
     seen.invepts = seen.flushes;
     seen.ring_lost = sink.0.lock().unwrap_or_else(PoisonError::into_inner).lost;
-    let root = vcpu.root().map(|r| r.pfn().0).unwrap_or_default();
-    let host = m.host();
-    let read = |t: u64, i: usize| {
-        host.arena_table(Pfn(t)).map_or(0, |table| table[i].load(std::sync::atomic::Ordering::Relaxed))
-    };
-    seen.translations = SCENARIO
-        .sample_gfns()
-        .into_iter()
-        .map(|gfn| Translation { gfn, kind: translate(read, root, gfn, &bases) })
-        .collect();
+    seen.translations = sample(&vcpu);
     vcpu.release(m.mmu());
 
     let checks = SCENARIO.evaluate(&seen);
@@ -154,6 +157,7 @@ fn steps(
     sink: &SharedSink,
     consumer: &mut DirtyRingConsumer<'static>,
     seen: &mut Observed,
+    sample: &dyn Fn(&Vcpu) -> Vec<Translation>,
 ) -> Result<(), String> {
     let mmu = m.mmu();
     for (i, step) in SCENARIO.steps.iter().enumerate() {
@@ -187,6 +191,7 @@ fn steps(
             }
             Step::StartLogging { slot } => {
                 vcpu.flush_pml(mmu);
+                seen.early_translations = sample(vcpu);
                 let mut w = mmu.write();
                 let flags = w
                     .memslots()

@@ -5,7 +5,7 @@
 
 use core::fmt::{self, Write};
 
-use super::{Check, GUEST_TABLE_GFNS, Mapping, Observed};
+use super::{Check, GUEST_TABLE_GFNS, Mapping, Observed, Translation};
 
 /// The prefix of the result line.
 pub const RESULT_PREFIX: &str = "TDP-RESULT ";
@@ -97,20 +97,11 @@ pub fn write_result_line(
         }
         out.write_char(']')?;
     }
-    out.write_str("],\"translations\":[")?;
-    for (i, t) in seen.translations.iter().enumerate() {
-        sep(out, i)?;
-        write!(out, "{{\"gfn\":{},", t.gfn)?;
-        match t.kind {
-            Mapping::NotPresent => out.write_str("\"kind\":\"none\"}")?,
-            Mapping::Mmio => out.write_str("\"kind\":\"mmio\"}")?,
-            Mapping::Leaf { slot, page, level, rwx } => write!(
-                out,
-                "\"kind\":\"leaf\",\"slot\":{slot},\"page\":{page},\"level\":{level},\"rwx\":{rwx}}}"
-            )?,
-        }
-    }
-    out.write_str("],\"checks\":[")?;
+    out.write_str("],\"translations\":")?;
+    translations(out, &seen.translations)?;
+    out.write_str(",\"early_translations\":")?;
+    translations(out, &seen.early_translations)?;
+    out.write_str(",\"checks\":[")?;
     for (i, c) in checks.iter().enumerate() {
         sep(out, i)?;
         out.write_str("{\"name\":")?;
@@ -122,6 +113,23 @@ pub fn write_result_line(
     let failed = checks.iter().filter(|c| !c.ok).count();
     let verdict = if failed == 0 && !checks.is_empty() { "pass" } else { "fail" };
     writeln!(out, "],\"passed\":{},\"failed\":{failed},\"verdict\":\"{verdict}\"}}", checks.len() - failed)
+}
+
+fn translations(out: &mut impl Write, list: &[Translation]) -> fmt::Result {
+    out.write_char('[')?;
+    for (i, t) in list.iter().enumerate() {
+        sep(out, i)?;
+        write!(out, "{{\"gfn\":{},", t.gfn)?;
+        match t.kind {
+            Mapping::NotPresent => out.write_str("\"kind\":\"none\"}")?,
+            Mapping::Mmio => out.write_str("\"kind\":\"mmio\"}")?,
+            Mapping::Leaf { slot, page, level, rwx } => write!(
+                out,
+                "\"kind\":\"leaf\",\"slot\":{slot},\"page\":{page},\"level\":{level},\"rwx\":{rwx}}}"
+            )?,
+        }
+    }
+    out.write_char(']')
 }
 
 fn sep(out: &mut impl Write, i: usize) -> fmt::Result {
