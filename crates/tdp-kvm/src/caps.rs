@@ -42,6 +42,13 @@ pub fn open_kvm() -> Result<Kvm> {
 }
 
 /// Which dirty-ring capability a host offers.
+///
+/// ```
+/// use tdp_kvm::{RingCap, RingSupport};
+/// assert_eq!((RingCap::AcqRel.number(), RingCap::Legacy.number()), (223, 192));
+/// assert_eq!(RingCap::AcqRel.name(), "KVM_CAP_DIRTY_LOG_RING_ACQ_REL");
+/// assert_eq!(RingSupport { cap: RingCap::AcqRel, max_bytes: 1 << 20 }.max_entries(), 65536);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RingCap {
     /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` (223, Linux 6.1+): flags are published and consumed with

@@ -95,3 +95,20 @@ pub use tracker::{
     DirtyRate, DirtySets, DirtyTracker, SlotDirty, SlotSpec, TrackerStats, TrackingMode, VcpuHandle,
     VcpuRate, VcpuStats,
 };
+
+#[cfg(test)]
+mod tests {
+    /// The tracker is shared by vCPU threads and a migration thread; rings, buffers and runners move to
+    /// the threads that use them. A change that loses one of these bounds fails to compile here.
+    #[test]
+    fn shared_types_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<crate::DirtyTracker>();
+        send_sync::<crate::DirtySets>();
+        send::<crate::DirtyRing>();
+        send::<crate::DirtyLogBuffer>();
+        send::<crate::VcpuRunner<'static>>();
+        send_sync::<crate::Error>();
+    }
+}

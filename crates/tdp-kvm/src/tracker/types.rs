@@ -15,6 +15,16 @@ pub enum TrackingMode {
 }
 
 /// A memslot the VMM registered with `KVM_MEM_LOG_DIRTY_PAGES` and wants tracked.
+///
+/// ```
+/// use tdp_core::addr::{AsId, RingSlot, SlotId};
+/// use tdp_kvm::SlotSpec;
+/// // The same slot, named the tracker's way or from the region given to KVM_SET_USER_MEMORY_REGION.
+/// let a = SlotSpec::new(2, 0x1_0000_0000, 262_144);
+/// let b = SlotSpec::from_region(2, 0x1_0000_0000, 1 << 30);
+/// assert_eq!(a, b);
+/// assert_eq!(SlotSpec::from_region(1 << 16 | 2, 0, 4096).key(), RingSlot::new(AsId(1), SlotId(2)));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotSpec {
     /// KVM's slot id (the low 16 bits of `kvm_userspace_memory_region.slot`).
