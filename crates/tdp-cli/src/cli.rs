@@ -92,9 +92,13 @@ pub struct MigrateArgs {
     /// A fixed per-vCPU dirty quota for the throttle (e.g. 4MiB/s) instead of the computed one.
     #[arg(long, value_parser = rate_arg)]
     pub vcpu_dirty_limit: Option<Rate>,
-    /// Limit the link to this rate (e.g. 100MiB/s), as QEMU's max-bandwidth.
-    #[arg(long, value_parser = rate_arg)]
-    pub bandwidth: Option<Rate>,
+    /// Limit the link to this rate, as QEMU's max-bandwidth (whose default this is); `max` for no limit.
+    #[arg(long, default_value = "128MiB/s", value_parser = rate_or_max)]
+    pub bandwidth: Rate,
+    /// Times a broken connection is re-established before the migration fails (the destination resumes
+    /// the session; the pages owed, the failed round's included, are sent again).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub retries: u32,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -118,6 +122,9 @@ pub struct ReceiveArgs {
     /// Test hook: exit abruptly after acknowledging this many rounds, as a killed destination would.
     #[arg(long, hide = true)]
     pub exit_after_rounds: Option<u32>,
+    /// Test hook: drop the connection once after acknowledging this many rounds, keeping the session.
+    #[arg(long, hide = true)]
+    pub drop_after_rounds: Option<u32>,
 }
 
 /// `tdp dirty-rate`.

@@ -10,7 +10,7 @@ use crate::backend;
 use crate::cli::{DirtyRateArgs, MigrateArgs, ReceiveArgs};
 use crate::guest::Guest;
 use crate::link::Link;
-use crate::migrate::{MigrationFailure, migrate};
+use crate::migrate::{MigrationFailure, Options, migrate};
 use crate::output::{self, Bar, GuestSummary, MigrateJson};
 use crate::receiver::{self, ReceiverConfig};
 
@@ -64,13 +64,14 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
     }
 
     // The destination: a loopback receiver on a thread, or the one named by --to.
-    let bandwidth = args.bandwidth.map(|r| r.pages_per_sec * crate::units::PAGE_SIZE);
+    let bandwidth = Some(args.bandwidth.pages_per_sec * crate::units::PAGE_SIZE).filter(|&b| b > 0);
     let (addr, local) = match args.to {
         Some(addr) => (addr, None),
         None => {
             let rcfg = ReceiverConfig {
                 max_memory: crate::cli::MAX_MEMORY,
                 exit_after_rounds: None,
+                drop_after_rounds: None,
                 idle_timeout: Duration::from_secs(60),
             };
             match receiver::spawn_loopback(rcfg) {
@@ -88,16 +89,8 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
     }
 
     let mut bar = Bar::new(args.json);
-    let result = match Link::connect(addr, bandwidth) {
-        Ok(mut link) => migrate(guest.as_mut(), &mut link, args.policy(), &mut bar),
-        Err(e) => Err(MigrationFailure {
-            error: e.into(),
-            rounds_done: 0,
-            pending_pages: guest.pages(),
-            guest_running: guest.is_running(),
-            dirtied_after: 0,
-        }),
-    };
+    let opts = Options { policy: args.policy(), retries: args.retries };
+    let result = migrate(guest.as_mut(), &mut || Link::connect(addr, bandwidth), opts, &mut bar);
     let notes = bar.finish();
     let dest = addr.to_string();
     match result {
@@ -196,6 +189,7 @@ pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
     let cfg = ReceiverConfig {
         max_memory: args.max_memory,
         exit_after_rounds: args.exit_after_rounds,
+        drop_after_rounds: args.drop_after_rounds,
         idle_timeout: Duration::from_secs(args.idle_timeout_s),
     };
     match receiver::accept_and_serve(&listener, cfg) {

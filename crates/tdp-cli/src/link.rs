@@ -128,15 +128,17 @@ impl<S: Read + Write> Link<S> {
         }
     }
 
-    /// Opens the session for `pages` pages and waits for the destination's welcome.
+    /// Opens session `session` for `pages` pages (asking to resume it when `resume`) and waits for the
+    /// destination's welcome. Returns whether the destination resumed the session.
     ///
     /// # Errors
     /// [`LinkError`] if the destination refuses (version, size) or the connection fails.
-    pub fn hello(&mut self, pages: u64) -> Result<(), LinkError> {
-        self.send(&Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, pages }, "sending Hello")?;
+    pub fn hello(&mut self, pages: u64, session: u64, resume: bool) -> Result<bool, LinkError> {
+        let hello = Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, pages, session, resume };
+        self.send(&hello, "sending Hello")?;
         match self.recv("waiting for Welcome")? {
-            Message::Welcome { version: VERSION } => Ok(()),
-            Message::Welcome { version } => Err(self.fail(
+            Message::Welcome { version: VERSION, resumed, .. } => Ok(resumed),
+            Message::Welcome { version, .. } => Err(self.fail(
                 "waiting for Welcome",
                 format!("the destination speaks protocol version {version}, this source {VERSION}"),
             )),

@@ -52,8 +52,12 @@ pub struct MigrationReport {
     pub final_pages: u64,
     /// All pages sent, repeats included.
     pub pages_sent: u64,
-    /// Bytes written to the link.
+    /// Bytes written to the link, over all connections.
     pub bytes_sent: u64,
+    /// Connections lost and re-established.
+    pub reconnects: u32,
+    /// Pages owed when a connection broke, sent again over the next one.
+    pub resent_pages: u64,
     /// From the pause of the vCPUs until the destination acknowledged the final round, ms.
     pub downtime_ms: f64,
     /// Whole migration, ms.
@@ -112,7 +116,18 @@ impl Progress for Silent {
     fn note(&mut self, _: &str) {}
 }
 
-/// Migrates `guest` over `link` under `policy`. The guest is running and its dirty tracking is on.
+/// How to migrate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Options {
+    /// Convergence and throttling.
+    pub policy: Policy,
+    /// How many times a broken connection is re-established (the destination resumes the session and
+    /// the source re-sends what it still owes, the failed round's pages included).
+    pub retries: u32,
+}
+
+/// Migrates `guest` to the destination `connect` reaches, under `opts`. The guest is running and its
+/// dirty tracking is on. `connect` is called once, and again for each reconnection.
 ///
 /// On success the guest is paused (its memory now lives at the destination); on failure it is resumed
 /// and left running, and the failure says so.
@@ -121,16 +136,30 @@ impl Progress for Silent {
 /// [`MigrationFailure`] with the cause, the pages still owed and whether the guest runs.
 pub fn migrate<S: Read + Write>(
     guest: &mut dyn Guest,
-    link: &mut Link<S>,
-    policy: Policy,
+    connect: &mut dyn FnMut() -> Result<Link<S>, LinkError>,
+    opts: Options,
     progress: &mut dyn Progress,
 ) -> Result<MigrationReport, MigrationFailure> {
     let mut pending = PendingSet::full(guest.pages());
-    let mut m = Migration { started: Instant::now(), rounds: Vec::new(), sent_total: 0, paused: false };
-    match m.run(guest, link, policy, progress, &mut pending) {
+    let session = session_id();
+    let mut m = Migration {
+        started: Instant::now(),
+        rounds: Vec::new(),
+        sent_total: 0,
+        paused: false,
+        link: None,
+        session,
+        retries_left: opts.retries,
+        reconnects: 0,
+        resent: 0,
+        bytes_before: 0,
+    };
+    match m.run(guest, connect, opts.policy, progress, &mut pending) {
         Ok(r) => Ok(r),
         Err(error) => {
-            link.abort(&error.to_string());
+            if let Some(link) = &mut m.link {
+                link.abort(&error.to_string());
+            }
             let resumed = if m.paused { guest.resume().is_ok() } else { true };
             // The pages dirtied since the last harvest are owed as well: collect them (they stay pending).
             let _ = guest.harvest(&mut pending);
@@ -149,30 +178,112 @@ pub fn migrate<S: Read + Write>(
     }
 }
 
-struct Migration {
+/// A session number unlikely to repeat: the clock's nanoseconds mixed with the process id.
+fn session_id() -> u64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (u64::from(std::process::id()) << 40)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+struct Migration<S> {
     started: Instant,
     rounds: Vec<RoundReport>,
     sent_total: u64,
     paused: bool,
+    link: Option<Link<S>>,
+    session: u64,
+    retries_left: u32,
+    reconnects: u32,
+    resent: u64,
+    bytes_before: u64,
 }
 
-impl Migration {
-    fn run<S: Read + Write>(
+impl<S: Read + Write> Migration<S> {
+    fn link(&mut self) -> Result<&mut Link<S>, FailureCause> {
+        self.link.as_mut().ok_or_else(|| {
+            FailureCause::Link(LinkError {
+                peer: "?".into(),
+                op: "sending".into(),
+                cause: "not connected".into(),
+            })
+        })
+    }
+
+    /// Replaces a broken link: reconnects (up to the retries left) and asks to resume the session. If the
+    /// destination cannot resume it, every page is owed again.
+    fn reconnect(
+        &mut self,
+        error: LinkError,
+        guest: &dyn Guest,
+        connect: &mut dyn FnMut() -> Result<Link<S>, LinkError>,
+        pending: &mut PendingSet,
+        progress: &mut dyn Progress,
+    ) -> Result<(), FailureCause> {
+        let mut error = error;
+        // Close the broken connection first: the destination learns of the break only when it ends.
+        self.bytes_before += self.link.take().map_or(0, |l| l.bytes_sent);
+        loop {
+            if self.retries_left == 0 {
+                return Err(error.into());
+            }
+            self.retries_left -= 1;
+            progress
+                .note(&format!("{error}; reconnecting, {} pages kept pending for re-sending", pending.len()));
+            std::thread::sleep(Duration::from_millis(100));
+            let attempt = connect()
+                .and_then(|mut link| link.hello(guest.pages(), self.session, true).map(|r| (link, r)));
+            match attempt {
+                Ok((link, resumed)) => {
+                    self.link = Some(link);
+                    self.reconnects += 1;
+                    self.resent += pending.len();
+                    if !resumed {
+                        progress.note("the destination did not resume the session: every page is sent again");
+                        pending.insert_run(0, guest.pages());
+                    }
+                    return Ok(());
+                }
+                Err(e) => error = e,
+            }
+        }
+    }
+
+    /// [`send_round`], reconnecting and sending again what is owed when the link breaks.
+    fn round(
+        &mut self,
+        guest: &dyn Guest,
+        connect: &mut dyn FnMut() -> Result<Link<S>, LinkError>,
+        pending: &mut PendingSet,
+        round: u32,
+        progress: &mut dyn Progress,
+    ) -> Result<u64, FailureCause> {
+        loop {
+            match send_round(guest, self.link()?, pending, round) {
+                Ok(n) => return Ok(n),
+                Err(FailureCause::Link(e)) => self.reconnect(e, guest, connect, pending, progress)?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn run(
         &mut self,
         guest: &mut dyn Guest,
-        link: &mut Link<S>,
+        connect: &mut dyn FnMut() -> Result<Link<S>, LinkError>,
         policy: Policy,
         progress: &mut dyn Progress,
         pending: &mut PendingSet,
     ) -> Result<MigrationReport, FailureCause> {
-        link.hello(guest.pages())?;
+        let mut link = connect()?;
+        link.hello(guest.pages(), self.session, false)?;
+        self.link = Some(link);
         let mut conv = Convergence::new(policy, guest.vcpus());
         // Marks made since logging started are covered by the bulk copy; harvesting re-arms them.
         guest.harvest(pending)?;
         let mut round = 0u32;
         let (converged, stop_reason) = loop {
             let start = Instant::now();
-            let sent = send_round(guest, link, pending, round)?;
+            let sent = self.round(guest, connect, pending, round, progress)?;
             let send_time = start.elapsed();
             self.sent_total += sent;
             let h = guest.harvest(pending)?;
@@ -226,15 +337,20 @@ impl Migration {
         guest.pause()?;
         guest.harvest(pending)?;
         let final_round = round + 1;
-        let final_pages = send_round(guest, link, pending, final_round)?;
+        let mut final_pages = 0;
+        let (source, dest, downtime, verify_start) = loop {
+            final_pages += self.round(guest, connect, pending, final_round, progress)?;
+            let downtime = paused_at.elapsed();
+            let verify_start = Instant::now();
+            let source = guest.digest()?;
+            match self.link()?.digest() {
+                Ok((dest, _)) => break (source, dest, downtime, verify_start),
+                Err(e) => self.reconnect(e, guest, connect, pending, progress)?,
+            }
+        };
         self.sent_total += final_pages;
-        let downtime = paused_at.elapsed();
-
-        let verify_start = Instant::now();
-        let source = guest.digest()?;
-        let (dest, _received) = link.digest()?;
         let verified = source == dest;
-        link.done(verified)?;
+        self.link()?.done(verified)?;
         let verify_ms = verify_start.elapsed().as_secs_f64() * 1e3;
         Ok(MigrationReport {
             rounds: std::mem::take(&mut self.rounds),
@@ -242,7 +358,9 @@ impl Migration {
             stop_reason,
             final_pages,
             pages_sent: self.sent_total,
-            bytes_sent: link.bytes_sent,
+            bytes_sent: self.bytes_before + self.link.as_ref().map_or(0, |l| l.bytes_sent),
+            reconnects: self.reconnects,
+            resent_pages: self.resent,
             downtime_ms: downtime.as_secs_f64() * 1e3,
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
             verify_ms,

@@ -11,8 +11,8 @@
 //! # Messages
 //! | type | name | direction | payload |
 //! |---|---|---|---|
-//! | 1 | `Hello` | source → dest | magic `b"TDPM"`, `u16` version, `u32` page size, `u64` pages |
-//! | 2 | `Welcome` | dest → source | `u16` version |
+//! | 1 | `Hello` | source → dest | magic `b"TDPM"`, `u16` version, `u32` page size, `u64` pages, `u64` session, `u8` resume (0/1) |
+//! | 2 | `Welcome` | dest → source | `u16` version, `u8` resumed (0/1), `u64` pages received so far |
 //! | 3 | `Pages` | source → dest | `u64` first page, `u32` count (1..=[`MAX_RUN`]), `count × page size` bytes |
 //! | 4 | `RoundEnd` | source → dest | `u32` round, `u64` pages sent in the round |
 //! | 5 | `RoundAck` | dest → source | `u32` round, `u64` pages received so far |
@@ -26,6 +26,14 @@
 //! destination is gone), then `DigestRequest`/`Digest` after the final (stop-and-copy) round, then
 //! `Done`. `Pages` carries a run of consecutive pages, so sequential dirtying costs one header per
 //! [`MAX_RUN`] pages. A version mismatch is answered with `Error` and the connection is closed.
+//!
+//! # Resuming
+//! A connection that breaks mid-migration does not end the session: the destination keeps the memory
+//! it holds and accepts a new connection. A source that reconnects sends `Hello` with the same
+//! `session` number and `resume = 1`; if the destination still holds that session it answers
+//! `Welcome` with `resumed = 1` and the source sends only what it still owes (its pending pages,
+//! including every page of the round that failed); otherwise `resumed = 0` and the source sends
+//! everything again.
 //!
 //! Keeps: I5 for the network peer (bounded frames, exact lengths, page ranges checked against the
 //! memory size announced in `Hello`).
@@ -56,11 +64,19 @@ pub enum Message {
         page_size: u32,
         /// Pages of guest memory.
         pages: u64,
+        /// The migration's session number (random, the same across reconnections).
+        session: u64,
+        /// Whether the source asks to continue `session` where it broke off.
+        resume: bool,
     },
     /// The destination accepts the session.
     Welcome {
         /// The destination's protocol version.
         version: u16,
+        /// Whether the destination continues the session it holds (`resume` was asked and it matches).
+        resumed: bool,
+        /// Pages applied in the session so far (0 for a new one).
+        received: u64,
     },
     /// A run of consecutive pages, `data.len() / PAGE_SIZE` of them from `first`.
     Pages {
@@ -198,13 +214,19 @@ impl Message {
         out.extend_from_slice(&[0; 4]);
         out.push(self.kind());
         match self {
-            Message::Hello { version, page_size, pages } => {
+            Message::Hello { version, page_size, pages, session, resume } => {
                 out.extend_from_slice(&MAGIC);
                 out.extend_from_slice(&version.to_le_bytes());
                 out.extend_from_slice(&page_size.to_le_bytes());
                 out.extend_from_slice(&pages.to_le_bytes());
+                out.extend_from_slice(&session.to_le_bytes());
+                out.push(u8::from(*resume));
             }
-            Message::Welcome { version } => out.extend_from_slice(&version.to_le_bytes()),
+            Message::Welcome { version, resumed, received } => {
+                out.extend_from_slice(&version.to_le_bytes());
+                out.push(u8::from(*resumed));
+                out.extend_from_slice(&received.to_le_bytes());
+            }
             Message::Pages { first, data } => return encode_pages(*first, data, out),
             Message::RoundEnd { round, pages } => {
                 out.extend_from_slice(&round.to_le_bytes());
@@ -280,9 +302,15 @@ impl Message {
                 let version = c.u16().ok_or_else(bad)?;
                 let page_size = c.u32().ok_or_else(bad)?;
                 let pages = c.u64().ok_or_else(bad)?;
-                Message::Hello { version, page_size, pages }
+                let session = c.u64().ok_or_else(bad)?;
+                let resume = c.flag().ok_or_else(bad)?;
+                Message::Hello { version, page_size, pages, session, resume }
             }
-            2 => Message::Welcome { version: c.u16().ok_or_else(bad)? },
+            2 => Message::Welcome {
+                version: c.u16().ok_or_else(bad)?,
+                resumed: c.flag().ok_or_else(bad)?,
+                received: c.u64().ok_or_else(bad)?,
+            },
             3 => {
                 let first = c.u64().ok_or_else(bad)?;
                 let count = c.u32().ok_or_else(bad)?;
@@ -304,11 +332,7 @@ impl Message {
                 let text = String::from_utf8_lossy(std::mem::take(&mut c.0)).into_owned();
                 Message::Error { code, text }
             }
-            9 => match c.u8().ok_or_else(bad)? {
-                0 => Message::Done { matched: false },
-                1 => Message::Done { matched: true },
-                _ => return Err(bad()),
-            },
+            9 => Message::Done { matched: c.flag().ok_or_else(bad)? },
             _ => return Err(ProtoError::UnknownType { kind }),
         };
         if c.0.is_empty() { Ok(msg) } else { Err(bad()) }
@@ -352,8 +376,13 @@ impl Cursor<'_> {
         self.0 = rest;
         Some(*head)
     }
-    fn u8(&mut self) -> Option<u8> {
-        self.array::<1>().map(|b| b[0])
+    /// A byte that must be 0 or 1.
+    fn flag(&mut self) -> Option<bool> {
+        match self.array::<1>()? {
+            [0] => Some(false),
+            [1] => Some(true),
+            _ => None,
+        }
     }
     fn u16(&mut self) -> Option<u16> {
         self.array().map(u16::from_le_bytes)
@@ -367,101 +396,4 @@ impl Cursor<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn round_trip(m: Message) {
-        let mut buf = Vec::new();
-        m.encode(&mut buf);
-        let mut r = buf.as_slice();
-        assert_eq!(Message::read_from(&mut r).expect("decodes"), m);
-        assert!(r.is_empty(), "{}: the frame is consumed exactly", m.name());
-    }
-
-    #[test]
-    fn every_message_round_trips() {
-        round_trip(Message::Hello { version: VERSION, page_size: 4096, pages: 1 << 20 });
-        round_trip(Message::Welcome { version: VERSION });
-        round_trip(Message::Pages { first: 7, data: (0..2 * PAGE_SIZE).map(|i| i as u8).collect() });
-        round_trip(Message::Pages { first: u64::MAX - 1, data: vec![0xa5; MAX_RUN as usize * PAGE_SIZE] });
-        round_trip(Message::RoundEnd { round: 4, pages: 99 });
-        round_trip(Message::RoundAck { round: 4, received: 1234 });
-        round_trip(Message::DigestRequest);
-        round_trip(Message::Digest { hash: [9; 32], received: 5 });
-        round_trip(Message::Error { code: ErrorCode::Version as u16, text: "version 9 not spoken".into() });
-        round_trip(Message::Done { matched: true });
-        round_trip(Message::Done { matched: false });
-    }
-
-    #[test]
-    fn error_text_is_truncated_at_a_char_boundary() {
-        let mut buf = Vec::new();
-        Message::Error { code: 4, text: "é".repeat(MAX_ERROR_TEXT) }.encode(&mut buf);
-        let Ok(Message::Error { text, .. }) = Message::read_from(&mut buf.as_slice()) else {
-            panic!("an Error frame");
-        };
-        assert_eq!(text.len(), MAX_ERROR_TEXT);
-    }
-
-    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
-        let mut v = ((payload.len() + 1) as u32).to_le_bytes().to_vec();
-        v.push(kind);
-        v.extend_from_slice(payload);
-        v
-    }
-
-    #[test]
-    fn garbage_is_rejected_without_panic() {
-        let cases: Vec<(Vec<u8>, &str)> = vec![
-            (vec![], "closed"),
-            (vec![0, 0, 0, 0], "length"),
-            (u32::MAX.to_le_bytes().to_vec(), "length"),
-            ((MAX_FRAME + 1).to_le_bytes().to_vec(), "length"),
-            (vec![5, 0], "io"),
-            (vec![10, 0, 0, 0, 1], "io"),
-            (frame(0, &[]), "type"),
-            (frame(200, &[1, 2]), "type"),
-            (frame(1, b"XXXX\x01\x00"), "magic"),
-            (frame(1, b"TDPM"), "payload"),
-            (frame(2, &[1]), "payload"),
-            (frame(2, &[1, 0, 0]), "payload"),
-            (frame(3, &[0; 12]), "payload"),
-            (frame(3, &[&[0u8; 8][..], &2u32.to_le_bytes(), &[0; PAGE_SIZE]].concat()), "payload"),
-            (frame(3, &[&[0u8; 8][..], &(MAX_RUN + 1).to_le_bytes()].concat()), "payload"),
-            (frame(6, &[0]), "payload"),
-            (frame(9, &[2]), "payload"),
-            (frame(8, &vec![b'a'; MAX_ERROR_TEXT + 3]), "payload"),
-        ];
-        for (bytes, want) in cases {
-            let got = Message::read_from(&mut bytes.as_slice());
-            let kind = match &got {
-                Err(ProtoError::Closed) => "closed",
-                Err(ProtoError::FrameLength { .. }) => "length",
-                Err(ProtoError::Io { .. }) => "io",
-                Err(ProtoError::UnknownType { .. }) => "type",
-                Err(ProtoError::BadMagic { .. }) => "magic",
-                Err(ProtoError::BadPayload { .. }) => "payload",
-                Ok(_) => "ok",
-            };
-            assert_eq!(kind, want, "{bytes:02x?} -> {got:?}");
-        }
-    }
-
-    #[test]
-    fn random_bytes_never_panic() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..2000 {
-            let n = (x % 64) as usize;
-            let bytes: Vec<u8> = (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            let mut r = bytes.as_slice();
-            while Message::read_from(&mut r).is_ok() {}
-        }
-    }
-}
+mod tests;

@@ -1,13 +1,16 @@
 //! The destination: `tdp receive` (and the loopback receiver `tdp migrate` starts on a thread). It
-//! accepts one connection, holds the guest memory the source announces, applies page runs, acknowledges
-//! rounds and answers the digest request with a BLAKE3 digest of everything it holds.
+//! serves one migration session: holds the guest memory the source announces, applies page runs,
+//! acknowledges rounds and answers the digest request with a BLAKE3 digest of everything it holds. A
+//! connection lost mid-session does not lose the memory: the receiver waits (up to its idle timeout)
+//! for the source to reconnect and resume the session (see [`crate::proto`]).
 //!
 //! Keeps: I5 for the network peer (memory allocated only after the size passed `max_memory`; page runs
 //! checked against it; protocol violations are answered with an `Error` frame and a clear error).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use std::time::Instant;
 
 use crate::proto::{ErrorCode, Message, PAGE_SIZE, ProtoError, VERSION};
 
@@ -18,9 +21,15 @@ pub struct ReceiverConfig {
     pub max_memory: u64,
     /// Test hook: exit the process (status 3) after acknowledging this many rounds, as if killed.
     pub exit_after_rounds: Option<u32>,
-    /// How long to wait for the next message.
+    /// Test hook: close the connection once (keeping the session) after acknowledging this many rounds,
+    /// as a network failure would.
+    pub drop_after_rounds: Option<u32>,
+    /// How long to wait for the next message, and for a source to reconnect.
     pub idle_timeout: Duration,
 }
+
+/// The most times one session may be resumed after a lost connection.
+pub const MAX_RECONNECTS: u32 = 8;
 
 /// What a finished session looked like.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -37,11 +46,13 @@ pub struct Received {
     pub digest: String,
     /// The source's verdict on the digests.
     pub matched: bool,
+    /// Connections the session lost and resumed.
+    pub reconnects: u32,
     /// Wall time of the session, ms.
     pub elapsed_ms: u64,
 }
 
-/// A failed session.
+/// A failed session (or connection).
 #[derive(Debug, thiserror::Error)]
 #[error("source {peer}: {op}: {cause}")]
 pub struct ReceiveError {
@@ -51,49 +62,122 @@ pub struct ReceiveError {
     pub op: String,
     /// Why it failed.
     pub cause: String,
+    /// The connection was lost (not refused): the session may be resumed on a new one.
+    pub resumable: bool,
 }
 
-/// Accepts one connection on `listener` and serves it.
+/// One migration's state at the destination, kept across connections.
+pub struct Session {
+    id: u64,
+    pages: u64,
+    memory: Vec<u8>,
+    rounds: u32,
+    received: u64,
+    digest: Option<String>,
+    dropped: bool,
+    reconnects: u32,
+    started: Instant,
+}
+
+/// Accepts connections on `listener` and serves one session, resuming it after lost connections.
 ///
 /// # Errors
-/// [`ReceiveError`] for a failed accept or session.
+/// [`ReceiveError`] for a failed accept, a refused session, or a connection lost with no reconnection
+/// within the idle timeout.
 pub fn accept_and_serve(listener: &TcpListener, cfg: ReceiverConfig) -> Result<Received, ReceiveError> {
     let local = listener.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string());
-    let (stream, peer) = listener.accept().map_err(|e| ReceiveError {
-        peer: local,
-        op: "accepting a connection".into(),
-        cause: e.to_string(),
-    })?;
-    let peer = peer.to_string();
-    let setup = |e: std::io::Error| ReceiveError {
-        peer: peer.clone(),
-        op: "configuring the socket".into(),
-        cause: e.to_string(),
-    };
-    stream.set_read_timeout(Some(cfg.idle_timeout)).map_err(setup)?;
-    stream.set_nodelay(true).map_err(setup)?;
-    serve(stream, peer.clone(), cfg)
+    let mut session: Option<Session> = None;
+    loop {
+        let waiting = session.is_some();
+        let (stream, peer) =
+            accept(listener, waiting.then_some(cfg.idle_timeout)).map_err(|e| ReceiveError {
+                peer: local.clone(),
+                op: if waiting {
+                    "waiting for the source to reconnect".into()
+                } else {
+                    "accepting a connection".into()
+                },
+                cause: e.to_string(),
+                resumable: false,
+            })?;
+        let peer = peer.to_string();
+        let setup = |e: std::io::Error| ReceiveError {
+            peer: peer.clone(),
+            op: "configuring the socket".into(),
+            cause: e.to_string(),
+            resumable: false,
+        };
+        stream.set_nonblocking(false).map_err(setup)?;
+        stream.set_read_timeout(Some(cfg.idle_timeout)).map_err(setup)?;
+        stream.set_nodelay(true).map_err(setup)?;
+        match serve(stream, peer, cfg, &mut session) {
+            Ok(r) => return Ok(r),
+            Err(e) if e.resumable && session.as_ref().is_some_and(|s| s.reconnects < MAX_RECONNECTS) => {
+                if let Some(s) = &mut session {
+                    s.reconnects += 1;
+                }
+                eprintln!(
+                    "tdp receive: {e}; keeping the session's memory and waiting for the source to reconnect"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
-/// Serves one session on `stream` from `peer`.
+/// Accepts one connection, waiting at most `timeout` when given.
+fn accept(
+    listener: &TcpListener,
+    timeout: Option<Duration>,
+) -> std::io::Result<(TcpStream, std::net::SocketAddr)> {
+    let Some(timeout) = timeout else {
+        listener.set_nonblocking(false)?;
+        return listener.accept();
+    };
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok(c) => return Ok(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {} s", timeout.as_secs()),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Serves one connection from `peer` for `session` (created by the connection's `Hello`, or resumed).
 ///
 /// # Errors
-/// [`ReceiveError`] naming the peer, the step and the cause; the source gets an `Error` frame first
-/// when the cause is the source's own message.
+/// [`ReceiveError`] naming the peer, the step and the cause; `resumable` when the connection was lost
+/// rather than the session refused. The source gets an `Error` frame first when the cause is its own
+/// message.
 pub fn serve<S: Read + Write>(
     mut stream: S,
     peer: String,
     cfg: ReceiverConfig,
+    session: &mut Option<Session>,
 ) -> Result<Received, ReceiveError> {
-    let started = Instant::now();
-    let fail = |op: &str, cause: String| ReceiveError { peer: peer.clone(), op: op.into(), cause };
+    let fail = |op: &str, cause: String, resumable: bool| ReceiveError {
+        peer: peer.clone(),
+        op: op.into(),
+        cause,
+        resumable,
+    };
     let mut scratch = Vec::new();
     let mut refuse = |stream: &mut S, code: ErrorCode, op: &str, cause: String| {
         let _ = Message::Error { code: code as u16, text: cause.clone() }.write_to(stream, &mut scratch);
-        fail(op, cause)
+        fail(op, cause, false)
     };
-    let pages = match Message::read_from(&mut stream) {
-        Ok(Message::Hello { version, page_size, pages }) => {
+    let (id, pages, resume) = match Message::read_from(&mut stream) {
+        Ok(Message::Hello { version, page_size, pages, session, resume }) => {
             if version != VERSION {
                 let cause =
                     format!("the source speaks protocol version {version}, this destination {VERSION}");
@@ -111,39 +195,55 @@ pub fn serve<S: Read + Write>(
                 );
                 return Err(refuse(&mut stream, ErrorCode::TooLarge, "checking Hello", cause));
             }
-            pages
+            (session, pages, resume)
         }
         Ok(other) => {
             let cause = format!("expected Hello, got {}", other.name());
             return Err(refuse(&mut stream, ErrorCode::Protocol, "starting the session", cause));
         }
-        Err(e) => return Err(fail("waiting for Hello", e.to_string())),
+        Err(e) => return Err(fail("waiting for Hello", e.to_string(), false)),
     };
-    let len = usize::try_from(pages * PAGE_SIZE as u64)
-        .map_err(|_| fail("allocating memory", "too large".into()))?;
-    let mut memory = vec![0u8; len];
+    let resumed = resume && session.as_ref().is_some_and(|s| s.id == id && s.pages == pages);
+    if !resumed {
+        let len = usize::try_from(pages * PAGE_SIZE as u64)
+            .map_err(|_| fail("allocating memory", "too large".into(), false))?;
+        let reconnects = session.as_ref().map_or(0, |s| s.reconnects);
+        *session = Some(Session {
+            id,
+            pages,
+            memory: vec![0u8; len],
+            rounds: 0,
+            received: 0,
+            digest: None,
+            dropped: false,
+            reconnects,
+            started: Instant::now(),
+        });
+    }
+    let Some(s) = session.as_mut() else {
+        return Err(fail("starting the session", "no session".into(), false));
+    };
     let mut out = Vec::new();
-    Message::Welcome { version: VERSION }
+    Message::Welcome { version: VERSION, resumed, received: s.received }
         .write_to(&mut stream, &mut out)
-        .map_err(|e| fail("sending Welcome", e.to_string()))?;
+        .map_err(|e| fail("sending Welcome", e.to_string(), true))?;
 
-    let (mut rounds, mut received) = (0u32, 0u64);
-    let mut digest_sent: Option<String> = None;
     loop {
         let msg = match Message::read_from(&mut stream) {
             Ok(m) => m,
             Err(ProtoError::Closed) => {
-                return Err(fail(
-                    &format!("in round {rounds}"),
-                    "the source closed the connection before the migration finished".into(),
-                ));
+                let cause = "the source closed the connection before the migration finished".into();
+                return Err(fail(&format!("in round {}", s.rounds), cause, true));
+            }
+            Err(e @ ProtoError::Io { .. }) => {
+                return Err(fail(&format!("in round {}", s.rounds), e.to_string(), true));
             }
             Err(e) => {
                 let cause = e.to_string();
                 return Err(refuse(
                     &mut stream,
                     ErrorCode::Protocol,
-                    &format!("reading round {rounds}"),
+                    &format!("reading round {}", s.rounds),
                     cause,
                 ));
             }
@@ -151,34 +251,45 @@ pub fn serve<S: Read + Write>(
         match msg {
             Message::Pages { first, data } => {
                 let count = (data.len() / PAGE_SIZE) as u64;
-                if first.checked_add(count).is_none_or(|end| end > pages) {
-                    let cause = format!("pages {first}..+{count} lie outside the {pages} pages announced");
+                if first.checked_add(count).is_none_or(|end| end > s.pages) {
+                    let cause =
+                        format!("pages {first}..+{count} lie outside the {} pages announced", s.pages);
                     return Err(refuse(&mut stream, ErrorCode::Protocol, "applying pages", cause));
                 }
                 let at = first as usize * PAGE_SIZE;
-                memory[at..at + data.len()].copy_from_slice(&data);
-                received += count;
+                s.memory[at..at + data.len()].copy_from_slice(&data);
+                s.received += count;
+                s.digest = None;
             }
             Message::RoundEnd { round, .. } => {
-                rounds = round + 1;
-                Message::RoundAck { round, received }
+                s.rounds = round + 1;
+                Message::RoundAck { round, received: s.received }
                     .write_to(&mut stream, &mut out)
-                    .map_err(|e| fail("acknowledging a round", e.to_string()))?;
-                if cfg.exit_after_rounds.is_some_and(|n| rounds >= n) {
+                    .map_err(|e| fail("acknowledging a round", e.to_string(), true))?;
+                if cfg.exit_after_rounds.is_some_and(|n| s.rounds >= n) {
                     // The test hook: vanish as a killed process would, without a goodbye.
-                    eprintln!("tdp receive: --exit-after-rounds {rounds} reached: exiting abruptly");
+                    eprintln!("tdp receive: --exit-after-rounds {} reached: exiting abruptly", s.rounds);
                     std::process::exit(3);
+                }
+                if !s.dropped && cfg.drop_after_rounds.is_some_and(|n| s.rounds >= n) {
+                    s.dropped = true;
+                    // The test hook: the connection breaks (dropped with the stream), the session stays.
+                    return Err(fail(
+                        &format!("after round {round}"),
+                        "connection dropped by --drop-after-rounds".into(),
+                        true,
+                    ));
                 }
             }
             Message::DigestRequest => {
-                let hash = *blake3::hash(&memory).as_bytes();
-                digest_sent = Some(hex(&hash));
-                Message::Digest { hash, received }
+                let hash = *blake3::hash(&s.memory).as_bytes();
+                s.digest = Some(hex(&hash));
+                Message::Digest { hash, received: s.received }
                     .write_to(&mut stream, &mut out)
-                    .map_err(|e| fail("sending the digest", e.to_string()))?;
+                    .map_err(|e| fail("sending the digest", e.to_string(), true))?;
             }
             Message::Done { matched } => {
-                let Some(digest) = digest_sent else {
+                let Some(digest) = s.digest.clone() else {
                     return Err(refuse(
                         &mut stream,
                         ErrorCode::Protocol,
@@ -189,23 +300,30 @@ pub fn serve<S: Read + Write>(
                 let _ = stream.flush();
                 return Ok(Received {
                     peer: peer.clone(),
-                    pages,
-                    rounds,
-                    pages_received: received,
+                    pages: s.pages,
+                    rounds: s.rounds,
+                    pages_received: s.received,
                     digest,
                     matched,
-                    elapsed_ms: started.elapsed().as_millis() as u64,
+                    reconnects: s.reconnects,
+                    elapsed_ms: s.started.elapsed().as_millis() as u64,
                 });
             }
             Message::Error { code, text } => {
                 return Err(fail(
-                    &format!("in round {rounds}"),
+                    &format!("in round {}", s.rounds),
                     format!("the source aborted (error {code}): {text}"),
+                    false,
                 ));
             }
             other => {
                 let cause = format!("unexpected {} message", other.name());
-                return Err(refuse(&mut stream, ErrorCode::Protocol, &format!("in round {rounds}"), cause));
+                return Err(refuse(
+                    &mut stream,
+                    ErrorCode::Protocol,
+                    &format!("in round {}", s.rounds),
+                    cause,
+                ));
             }
         }
     }
@@ -237,101 +355,4 @@ pub fn spawn_loopback(
 pub type Stream = TcpStream;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CFG: ReceiverConfig =
-        ReceiverConfig { max_memory: 1 << 20, exit_after_rounds: None, idle_timeout: Duration::from_secs(5) };
-
-    /// A duplex stand-in: reads a scripted input, collects what the receiver writes.
-    struct Script {
-        input: std::io::Cursor<Vec<u8>>,
-        output: Vec<u8>,
-    }
-    impl Read for Script {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.input.read(buf)
-        }
-    }
-    impl Write for Script {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.output.write(buf)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn frames(msgs: &[Message]) -> Vec<u8> {
-        let mut all = Vec::new();
-        let mut buf = Vec::new();
-        for m in msgs {
-            m.encode(&mut buf);
-            all.extend_from_slice(&buf);
-        }
-        all
-    }
-
-    fn run(msgs: &[Message]) -> (Result<Received, ReceiveError>, Vec<Message>) {
-        let mut s = Script { input: std::io::Cursor::new(frames(msgs)), output: Vec::new() };
-        let r = serve(&mut s, "test".into(), CFG);
-        let mut replies = Vec::new();
-        let mut out = s.output.as_slice();
-        while let Ok(m) = Message::read_from(&mut out) {
-            replies.push(m);
-        }
-        (r, replies)
-    }
-
-    fn hello(pages: u64) -> Message {
-        Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, pages }
-    }
-
-    #[test]
-    fn a_session_applies_pages_and_digests_them() {
-        let data = vec![7u8; 2 * PAGE_SIZE];
-        let (r, replies) = run(&[
-            hello(4),
-            Message::Pages { first: 1, data: data.clone() },
-            Message::RoundEnd { round: 0, pages: 2 },
-            Message::DigestRequest,
-            Message::Done { matched: true },
-        ]);
-        let r = r.expect("the session succeeds");
-        let mut want = vec![0u8; 4 * PAGE_SIZE];
-        want[PAGE_SIZE..3 * PAGE_SIZE].copy_from_slice(&data);
-        assert_eq!(r.digest, hex(blake3::hash(&want).as_bytes()));
-        assert_eq!((r.pages, r.rounds, r.pages_received), (4, 1, 2));
-        assert!(matches!(replies[1], Message::RoundAck { round: 0, received: 2 }));
-    }
-
-    #[test]
-    fn bad_sessions_are_refused_with_an_error_frame() {
-        let too_big = hello((1 << 20) / PAGE_SIZE as u64 + 1);
-        let old = Message::Hello { version: 0, page_size: PAGE_SIZE as u32, pages: 1 };
-        let outside = Message::Pages { first: 3, data: vec![0; 2 * PAGE_SIZE] };
-        for (msgs, want) in [
-            (vec![too_big], "limit"),
-            (vec![old], "version"),
-            (vec![Message::DigestRequest], "expected Hello"),
-            (vec![hello(4), outside], "outside"),
-            (vec![hello(4), Message::Done { matched: true }], "Done before"),
-            (vec![hello(4), Message::Welcome { version: 1 }], "unexpected Welcome"),
-        ] {
-            let (r, replies) = run(&msgs);
-            let err = r.expect_err("refused").to_string();
-            assert!(err.contains(want), "{err}");
-            assert!(
-                replies.iter().any(|m| matches!(m, Message::Error { .. })),
-                "{want}: an Error frame was sent"
-            );
-        }
-    }
-
-    #[test]
-    fn a_source_that_vanishes_is_a_clear_error() {
-        let (r, _) = run(&[hello(4), Message::Pages { first: 0, data: vec![1; PAGE_SIZE] }]);
-        let err = r.expect_err("cut off").to_string();
-        assert!(err.contains("closed the connection before the migration finished"), "{err}");
-    }
-}
+mod tests;

@@ -123,6 +123,43 @@ fn i4_migrate_to_a_receiver_in_another_process() {
 }
 
 #[test]
+fn i4_a_dropped_connection_is_resumed_and_verified() {
+    let kvm = kvm_or_skip("i4_a_dropped_connection_is_resumed_and_verified (on KVM; the mock runs instead)");
+    let backend = if kvm { "kvm" } else { "mock" };
+    // The receiver drops the connection once, after acknowledging the bulk copy, and keeps the session.
+    let (child, addr, err) = receiver(&["--drop-after-rounds", "1"]);
+    let out = run(&[
+        "migrate",
+        "--memory",
+        "4M",
+        "--to",
+        &addr.to_string(),
+        "--json",
+        "--backend",
+        backend,
+        "--downtime-ms",
+        "1",
+        "--max-rounds",
+        "3",
+    ]);
+    let dest = child.wait_with_output().expect("the receiver exits");
+    let dest_err = rest(err);
+    assert!(out.status.success(), "{}", both(&out));
+    assert!(dest.status.success(), "receiver: {}\n{dest_err}", both(&dest));
+    let v = json(&out);
+    let d = json(&dest);
+    assert_verified(&v, "resumed");
+    assert_eq!(v["reconnects"], 1, "{v}");
+    assert!(
+        v["resent_pages"].as_u64().is_some_and(|n| n > 0),
+        "the failed round's pages were sent again: {v}"
+    );
+    assert_eq!(d["reconnects"], 1, "{d}");
+    assert_eq!(d["digest"], v["source_digest"], "{d}");
+    assert!(dest_err.contains("waiting for the source to reconnect"), "{dest_err}");
+}
+
+#[test]
 fn killed_destination_is_a_clear_error_and_the_guest_keeps_running() {
     let kvm = kvm_or_skip(
         "killed_destination_is_a_clear_error_and_the_guest_keeps_running (on KVM; the mock runs instead)",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::*;
 use crate::converge::Throttle;
 use crate::guest::Harvest;
-use crate::receiver::{ReceiverConfig, serve};
+use crate::receiver::{ReceiverConfig, accept_and_serve};
 
 /// A guest whose memory is a vector; each harvest "dirties" the pages listed in `script` for that call.
 struct FakeGuest {
@@ -121,17 +121,35 @@ fn receiver() -> (
     let cfg = ReceiverConfig {
         max_memory: 1 << 30,
         exit_after_rounds: None,
+        drop_after_rounds: None,
         idle_timeout: Duration::from_secs(10),
     };
-    let t = std::thread::spawn(move || {
-        let (s, peer) = listener.accept().unwrap();
-        serve(s, peer.to_string(), cfg)
-    });
+    let t = std::thread::spawn(move || accept_and_serve(&listener, cfg));
     (addr, t)
 }
 
-fn policy(max_rounds: u32) -> Policy {
-    Policy { max_rounds, downtime_target: Duration::from_nanos(1), dirty_limit: true, vcpu_quota: None }
+fn opts(max_rounds: u32, retries: u32) -> Options {
+    let policy =
+        Policy { max_rounds, downtime_target: Duration::from_nanos(1), dirty_limit: true, vcpu_quota: None };
+    Options { policy, retries }
+}
+
+/// Connects to `addr`; the first connection breaks after `first_budget` bytes, later ones never do.
+fn connector(
+    addr: std::net::SocketAddr,
+    first_budget: usize,
+) -> impl FnMut() -> Result<Link<Breaks>, LinkError> {
+    let mut calls = 0;
+    move || {
+        calls += 1;
+        let budget = if calls == 1 { first_budget } else { usize::MAX };
+        let inner = TcpStream::connect(addr).map_err(|e| LinkError {
+            peer: addr.to_string(),
+            op: "connecting".into(),
+            cause: e.to_string(),
+        })?;
+        Ok(Link::new(Breaks { inner, budget }, addr.to_string(), None))
+    }
 }
 
 #[test]
@@ -139,8 +157,9 @@ fn i4_every_dirtied_page_reaches_the_destination() {
     let script = vec![vec![], vec![1, 2, 3, 200], vec![2, 5], vec![7], vec![100, 101, 102]];
     let mut guest = FakeGuest::new(256, script);
     let (addr, t) = receiver();
-    let mut link = Link::new(TcpStream::connect(addr).unwrap(), addr.to_string(), None);
-    let r = migrate(&mut guest, &mut link, policy(2), &mut Silent).map_err(|f| f.error.to_string()).unwrap();
+    let r = migrate(&mut guest, &mut connector(addr, usize::MAX), opts(2, 0), &mut Silent)
+        .map_err(|f| f.error.to_string())
+        .unwrap();
     let got = t.join().unwrap().unwrap();
     assert!(r.verified, "{r:?}");
     assert_eq!(got.digest, r.source_digest);
@@ -158,7 +177,7 @@ fn i4_pages_of_a_failed_round_stay_pending() {
     pending.insert_run(3, 40);
     let stream = TcpStream::connect(addr).unwrap();
     let mut link = Link::new(Breaks { inner: stream, budget: 20 * PAGE_SIZE + 200 }, "test".into(), None);
-    link.hello(64).unwrap();
+    link.hello(64, 1, false).unwrap();
     let before = pending.clone();
     let err = send_round(&guest, &mut link, &mut pending, 1).unwrap_err();
     assert!(err.to_string().contains("sending pages of round 1"), "{err}");
@@ -169,10 +188,25 @@ fn i4_pages_of_a_failed_round_stay_pending() {
 fn a_failed_migration_resumes_the_guest_and_counts_what_is_owed() {
     let (addr, _t) = receiver();
     let mut guest = FakeGuest::new(128, vec![vec![], vec![9, 10]]);
-    let stream = TcpStream::connect(addr).unwrap();
-    let mut link = Link::new(Breaks { inner: stream, budget: 100 * PAGE_SIZE }, "test".into(), None);
-    let f = migrate(&mut guest, &mut link, policy(5), &mut Silent).expect_err("the link breaks in round 0");
+    let f = migrate(&mut guest, &mut connector(addr, 100 * PAGE_SIZE), opts(5, 0), &mut Silent)
+        .expect_err("the link breaks in round 0");
     assert!(f.guest_running, "the guest runs after the failure");
     assert_eq!(f.pending_pages, 128, "nothing was acknowledged: every page is still owed");
     assert_eq!(f.rounds_done, 0);
+}
+
+#[test]
+fn i4_a_broken_connection_is_resumed_and_the_owed_pages_sent_again() {
+    let (addr, t) = receiver();
+    let mut guest = FakeGuest::new(128, vec![vec![], vec![9, 10], vec![11]]);
+    // The first connection breaks in the middle of the bulk copy (after ~100 of 128 pages).
+    let r = migrate(&mut guest, &mut connector(addr, 100 * PAGE_SIZE), opts(3, 2), &mut Silent)
+        .map_err(|f| f.error.to_string())
+        .unwrap();
+    let got = t.join().unwrap().unwrap();
+    assert!(r.verified, "{r:?}");
+    assert_eq!(got.digest, r.source_digest, "the resumed session holds the source's memory");
+    assert_eq!((r.reconnects, got.reconnects), (1, 1));
+    assert_eq!(r.resent_pages, 128, "the whole unacknowledged bulk copy was owed again");
+    assert_eq!(r.rounds[0].pages_sent, 128);
 }

@@ -1,0 +1,140 @@
+//! Receiver tests over scripted streams: a session applies pages and digests them; bad sessions are
+//! refused with an `Error` frame; a lost connection keeps the session for a resumption.
+
+use super::*;
+
+const CFG: ReceiverConfig = ReceiverConfig {
+    max_memory: 1 << 20,
+    exit_after_rounds: None,
+    drop_after_rounds: None,
+    idle_timeout: Duration::from_secs(5),
+};
+
+/// A duplex stand-in: reads a scripted input, collects what the receiver writes.
+struct Script {
+    input: std::io::Cursor<Vec<u8>>,
+    output: Vec<u8>,
+}
+impl Read for Script {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+impl Write for Script {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.output.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn frames(msgs: &[Message]) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut buf = Vec::new();
+    for m in msgs {
+        m.encode(&mut buf);
+        all.extend_from_slice(&buf);
+    }
+    all
+}
+
+fn run(msgs: &[Message]) -> (Result<Received, ReceiveError>, Vec<Message>) {
+    run_in(msgs, &mut None)
+}
+
+fn run_in(msgs: &[Message], session: &mut Option<Session>) -> (Result<Received, ReceiveError>, Vec<Message>) {
+    let mut s = Script { input: std::io::Cursor::new(frames(msgs)), output: Vec::new() };
+    let r = serve(&mut s, "test".into(), CFG, session);
+    let mut replies = Vec::new();
+    let mut out = s.output.as_slice();
+    while let Ok(m) = Message::read_from(&mut out) {
+        replies.push(m);
+    }
+    (r, replies)
+}
+
+fn hello(pages: u64) -> Message {
+    Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, pages, session: 5, resume: false }
+}
+
+fn resume(pages: u64, session: u64) -> Message {
+    Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, pages, session, resume: true }
+}
+
+#[test]
+fn a_session_applies_pages_and_digests_them() {
+    let data = vec![7u8; 2 * PAGE_SIZE];
+    let (r, replies) = run(&[
+        hello(4),
+        Message::Pages { first: 1, data: data.clone() },
+        Message::RoundEnd { round: 0, pages: 2 },
+        Message::DigestRequest,
+        Message::Done { matched: true },
+    ]);
+    let r = r.expect("the session succeeds");
+    let mut want = vec![0u8; 4 * PAGE_SIZE];
+    want[PAGE_SIZE..3 * PAGE_SIZE].copy_from_slice(&data);
+    assert_eq!(r.digest, hex(blake3::hash(&want).as_bytes()));
+    assert_eq!((r.pages, r.rounds, r.pages_received), (4, 1, 2));
+    assert!(matches!(replies[1], Message::RoundAck { round: 0, received: 2 }));
+}
+
+#[test]
+fn bad_sessions_are_refused_with_an_error_frame() {
+    let too_big = hello((1 << 20) / PAGE_SIZE as u64 + 1);
+    let old = Message::Hello { version: 0, page_size: PAGE_SIZE as u32, pages: 1, session: 1, resume: false };
+    let outside = Message::Pages { first: 3, data: vec![0; 2 * PAGE_SIZE] };
+    for (msgs, want) in [
+        (vec![too_big], "limit"),
+        (vec![old], "version"),
+        (vec![Message::DigestRequest], "expected Hello"),
+        (vec![hello(4), outside], "outside"),
+        (vec![hello(4), Message::Done { matched: true }], "Done before"),
+        (vec![hello(4), Message::Welcome { version: 1, resumed: false, received: 0 }], "unexpected Welcome"),
+    ] {
+        let (r, replies) = run(&msgs);
+        let err = r.expect_err("refused").to_string();
+        assert!(err.contains(want), "{err}");
+        assert!(
+            replies.iter().any(|m| matches!(m, Message::Error { .. })),
+            "{want}: an Error frame was sent"
+        );
+    }
+}
+
+#[test]
+fn a_source_that_vanishes_is_a_clear_error() {
+    let (r, _) = run(&[hello(4), Message::Pages { first: 0, data: vec![1; PAGE_SIZE] }]);
+    let err = r.expect_err("cut off").to_string();
+    assert!(err.contains("closed the connection before the migration finished"), "{err}");
+}
+
+#[test]
+fn a_lost_connection_keeps_the_session_for_its_resumption() {
+    let mut session = None;
+    let (r, _) = run_in(&[hello(4), Message::Pages { first: 0, data: vec![1; PAGE_SIZE] }], &mut session);
+    assert!(r.expect_err("cut off").resumable, "a lost connection is resumable");
+    // The same session resumes: the page applied before the break is still there.
+    let (r, replies) = run_in(
+        &[
+            resume(4, 5),
+            Message::Pages { first: 1, data: vec![2; PAGE_SIZE] },
+            Message::RoundEnd { round: 0, pages: 1 },
+            Message::DigestRequest,
+            Message::Done { matched: true },
+        ],
+        &mut session,
+    );
+    assert!(matches!(replies[0], Message::Welcome { resumed: true, received: 1, .. }), "{replies:?}");
+    let mut want = vec![0u8; 4 * PAGE_SIZE];
+    want[..PAGE_SIZE].fill(1);
+    want[PAGE_SIZE..2 * PAGE_SIZE].fill(2);
+    assert_eq!(r.expect("resumed session finishes").digest, hex(blake3::hash(&want).as_bytes()));
+
+    // Another session number, or no resume asked: a fresh session, old memory gone.
+    let mut session = None;
+    let _ = run_in(&[hello(4), Message::Pages { first: 0, data: vec![1; PAGE_SIZE] }], &mut session);
+    let (_, replies) = run_in(&[resume(4, 6)], &mut session);
+    assert!(matches!(replies[0], Message::Welcome { resumed: false, received: 0, .. }), "{replies:?}");
+}
