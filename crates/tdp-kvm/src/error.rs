@@ -219,11 +219,12 @@ pub enum Error {
         /// Entries flagged dirty elsewhere in the ring (out of order).
         published_elsewhere: u32,
     },
-    /// The vCPU fd maps no dirty ring of this size: the VM has no ring, or a smaller one than the
-    /// configuration given (its pages past the ring would raise `SIGBUS` when read).
+    /// The vCPU fd maps no dirty ring of exactly this size: the VM has no ring, or one of another size
+    /// than the configuration given (a smaller one's missing pages would raise `SIGBUS` when read; a larger
+    /// one's entries would be looked for in the wrong places).
     #[error(
-        "the vCPU has no dirty ring of {entries} entries (the vm has no ring, or a smaller one: use the \
-         configuration enable_dirty_ring returned)"
+        "the vCPU has no dirty ring of exactly {entries} entries (the vm has no ring, or one of another size: \
+         use the configuration enable_dirty_ring returned)"
     )]
     RingNotMapped {
         /// The entries the configuration claimed.

@@ -49,7 +49,7 @@ impl DirtyRing {
     /// ring stays valid after the `VcpuFd` is dropped: the mapping holds its own reference to the file.
     ///
     /// # Errors
-    /// [`Error::RingNotMapped`] if the VM has no dirty ring or a smaller one than `cfg` says;
+    /// [`Error::RingNotMapped`] if the VM has no dirty ring, or one of another size than `cfg` says;
     /// [`Error::Mmap`] if the kernel refuses the mapping.
     pub fn map(vcpu: &VcpuFd, cfg: RingConfig) -> Result<Self> {
         DirtyRing::map_fd(sys::borrow(vcpu), cfg)
@@ -58,13 +58,16 @@ impl DirtyRing {
     pub(crate) fn map_fd(fd: std::os::fd::BorrowedFd<'_>, cfg: RingConfig) -> Result<Self> {
         let len = cfg.bytes() as usize;
         let offset = i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * sys::page_size() as i64;
-        let map = Mapping::shared(fd, len, offset, "the vCPU's dirty ring")?;
-        // mmap succeeds whatever the VM's ring size; a page past the ring faults with SIGBUS on first
-        // access. Probe the last byte through the kernel (which gets EFAULT instead) so a VM without a
-        // ring, or a smaller one than `cfg`, is refused here rather than crashing a later harvest.
-        // SAFETY: `len - 1` is inside the mapping we just made; no reference is formed.
-        let last = unsafe { map.as_ptr().add(len - 1) };
-        if !sys::probe_readable(last)? {
+        // One page more than the ring: mmap succeeds whatever the VM's ring size, and a page past the ring
+        // raises SIGBUS on first access. Probing through the kernel (which gets EFAULT instead) checks that
+        // the ring has exactly `cfg`'s size: its last byte readable (no smaller ring, or none), the byte
+        // after it not (no larger ring, whose entries this consumer would look for in the wrong places).
+        let page = sys::page_size();
+        let map = Mapping::shared(fd, len + page, offset, "the vCPU's dirty ring")?;
+        // SAFETY: `len - 1` and `len` are inside the mapping we just made (`len + page` bytes); no reference
+        // is formed, the kernel reads the bytes for us.
+        let (last, after) = unsafe { (map.as_ptr().add(len - 1), map.as_ptr().add(len)) };
+        if !sys::probe_readable(last)? || sys::probe_readable(after)? {
             return Err(Error::RingNotMapped { entries: cfg.entries() });
         }
         Ok(DirtyRing { map, cfg, fetch_index: 0 })
@@ -75,7 +78,7 @@ impl DirtyRing {
     pub fn entries(&self) -> &[DirtyGfn] {
         let n = self.cfg.entries() as usize;
         debug_assert!(self.map.len() >= n * size_of::<DirtyGfn>());
-        // SAFETY: the mapping is `entries * 16` bytes of page-aligned memory (so aligned for `DirtyGfn`),
+        // SAFETY: the mapping starts with the `entries * 16` bytes of page-aligned memory (so aligned for `DirtyGfn`),
         // alive as long as `self`. `DirtyGfn` is `#[repr(C)]` atomics with KVM's layout (asserted in
         // tdp-core), so concurrent kernel writes are atomic accesses on both sides and any bit pattern is a
         // valid value.

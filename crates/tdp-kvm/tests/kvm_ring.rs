@@ -154,6 +154,16 @@ fn i5_mapping_more_entries_than_the_vm_ring_has_is_refused() {
 }
 
 #[test]
+fn i5_mapping_fewer_entries_than_the_vm_ring_has_is_refused() {
+    let Some((_kvm, vm, _)) = ring_vm_or_skip() else { return };
+    let (_, cfg) = enable_dirty_ring(&vm, 1024).expect("enable");
+    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    let smaller = tdp_core::dirty_ring::RingConfig::new(512, 0).expect("valid geometry");
+    assert!(matches!(DirtyRing::map(&vcpu, smaller), Err(Error::RingNotMapped { entries: 512 })));
+    assert!(DirtyRing::map(&vcpu, cfg).is_ok(), "the exact size maps");
+}
+
+#[test]
 fn empty_ring_harvests_nothing_and_reset_returns_zero() {
     let Some((_kvm, vm, _)) = ring_vm_or_skip() else { return };
     let (_, cfg) = enable_dirty_ring(&vm, 4096).expect("enable");

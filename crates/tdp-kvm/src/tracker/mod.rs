@@ -195,7 +195,9 @@ impl DirtyTracker {
         self.mode
     }
 
-    /// Starts tracking a memslot. The VMM registers it with KVM (with `KVM_MEM_LOG_DIRTY_PAGES`) itself.
+    /// Starts tracking a memslot. The VMM registers it with KVM (with `KVM_MEM_LOG_DIRTY_PAGES`) itself,
+    /// after this call or at least before any vCPU runs with logging on: a ring entry for a slot the tracker
+    /// does not know is counted as invalid ([`TrackerStats::invalid_slot`]) and dropped.
     ///
     /// # Errors
     /// [`Error::BadSlot`] for zero pages or a range that overflows; [`Error::SlotConflict`] if the id is
@@ -330,6 +332,10 @@ impl DirtyTracker {
     /// harvested at ring-full exits since then. When it returns, KVM has re-protected every page in the
     /// result (ring: reset done; clear-log: cleared; get-and-clear: done by the get), so the caller may
     /// read their contents: a later write is reported again.
+    ///
+    /// A vCPU running in the guest keeps dirtying pages during and after the collect; those are reported by
+    /// the next one. For a final round, stop the vCPUs first (out of `KVM_RUN`): on hosts whose CPUs log
+    /// dirty pages in a buffer first (Intel PML), leaving `KVM_RUN` flushes that buffer into the ring.
     ///
     /// # Errors
     /// An ioctl error ([`Error::SlotNotLogged`], [`Error::Ioctl`], ...). Whatever was harvested before the
