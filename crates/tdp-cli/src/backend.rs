@@ -2,6 +2,8 @@
 //! (the tdp-mock model), or `auto` (KVM when `/dev/kvm` is usable, else the mock, and the output says
 //! which and why).
 
+use std::path::Path;
+
 use crate::guest::{Guest, GuestConfig, GuestError};
 use crate::kvm::{KvmGuest, KvmStartError};
 use crate::mock::MockGuest;
@@ -43,17 +45,30 @@ pub struct Started {
 /// # Errors
 /// The guest's start failure; with `kvm`, an unusable `/dev/kvm` too.
 pub fn start(backend: Backend, cfg: GuestConfig, mock_cfg: GuestConfig) -> Result<Started, GuestError> {
+    start_with_device(backend, Path::new(tdp_kvm::KVM_PATH), cfg, mock_cfg)
+}
+
+/// As [`start`], with the KVM device at `device` (tests point it at a missing path to see the fallback).
+///
+/// # Errors
+/// As [`start`].
+pub fn start_with_device(
+    backend: Backend,
+    device: &Path,
+    cfg: GuestConfig,
+    mock_cfg: GuestConfig,
+) -> Result<Started, GuestError> {
     match backend {
         Backend::Mock => Ok(Started { guest: Box::new(MockGuest::start(mock_cfg)?), fallback: None }),
-        Backend::Kvm => match KvmGuest::start(cfg) {
+        Backend::Kvm => match KvmGuest::start_on(device, cfg) {
             Ok(g) => Ok(Started { guest: Box::new(g), fallback: None }),
             Err(KvmStartError::Unavailable(why)) => Err(GuestError::new("starting the KVM guest", why)),
             Err(KvmStartError::Failed(e)) => Err(e),
         },
-        Backend::Auto => match KvmGuest::start(cfg) {
+        Backend::Auto => match KvmGuest::start_on(device, cfg) {
             Ok(g) => Ok(Started { guest: Box::new(g), fallback: None }),
             Err(KvmStartError::Unavailable(why)) => {
-                let note = format!("no usable /dev/kvm ({why}): running on the tdp-mock machine instead");
+                let note = format!("no usable KVM ({why}): running on the tdp-mock machine instead");
                 Ok(Started { guest: Box::new(MockGuest::start(mock_cfg)?), fallback: Some(note) })
             }
             Err(KvmStartError::Failed(e)) => Err(e),

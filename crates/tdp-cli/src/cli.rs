@@ -69,6 +69,9 @@ pub struct GuestArgs {
     /// Which machine runs the guest: KVM when usable else the mock (auto), KVM only, or the mock.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,
+    /// The KVM device (tests name a missing one to exercise the fallback to the mock).
+    #[arg(long, hide = true, default_value = "/dev/kvm")]
+    pub kvm_device: std::path::PathBuf,
 }
 
 /// `tdp migrate`.

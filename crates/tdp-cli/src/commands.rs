@@ -46,21 +46,22 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
-    let started = match backend::start(args.guest.backend, kvm_cfg, mock_cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot start the source guest: {e}");
-            return EXIT_FAILED;
-        }
-    };
+    let started =
+        match backend::start_with_device(args.guest.backend, &args.guest.kvm_device, kvm_cfg, mock_cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: cannot start the source guest: {e}");
+                return EXIT_FAILED;
+            }
+        };
     let mut guest = started.guest;
     let cfg = if guest.backend() == "mock" { mock_cfg } else { kvm_cfg };
     let summary = summary(guest.as_ref(), started.fallback, &cfg);
     if !args.json {
         if let Some(f) = &summary.fallback {
-            println!("note: {f}");
+            crate::say!("note: {f}");
         }
-        println!("{}", summary.line(&cfg));
+        crate::say!("{}", summary.line(&cfg));
     }
 
     // The destination: a loopback receiver on a thread, or the one named by --to.
@@ -85,7 +86,7 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
     };
     if !args.json {
         let how = if local.is_some() { " (loopback receiver started by this command)" } else { "" };
-        println!("destination: {addr}{how}");
+        crate::say!("destination: {addr}{how}");
     }
 
     let mut bar = Bar::new(args.json);
@@ -101,13 +102,15 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
                 print_migrate_json(&summary, &dest, receiver_result.is_some(), Some(&report), None);
             } else {
                 for n in &notes {
-                    println!("{n}");
+                    crate::say!("{n}");
                 }
-                print!("{}", output::migration_text(&report));
+                crate::say_raw!("{}", output::migration_text(&report));
                 if let Some(Ok(Ok(r))) = &receiver_result {
-                    println!(
+                    crate::say!(
                         "destination: received {} pages in {} rounds into {} pages of memory",
-                        r.pages_received, r.rounds, r.pages
+                        r.pages_received,
+                        r.rounds,
+                        r.pages
                     );
                 }
             }
@@ -126,7 +129,7 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
                 print_migrate_json(&summary, &dest, local.is_some(), None, Some((&msg, &f)));
             } else {
                 for n in &notes {
-                    println!("{n}");
+                    crate::say!("{n}");
                 }
             }
             eprintln!("error: {msg}");
@@ -197,7 +200,7 @@ pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
             if args.json {
                 output::print_json(&r);
             } else {
-                println!(
+                crate::say!(
                     "received {} pages ({}) from {} in {} rounds, {} ms; digest {}; source verdict: {}",
                     r.pages_received,
                     crate::units::human_bytes(r.pages * crate::units::PAGE_SIZE),
@@ -223,13 +226,14 @@ pub fn dirty_rate_cmd(args: &DirtyRateArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
-    let mut started = match backend::start(args.guest.backend, kvm_cfg, mock_cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot start the guest: {e}");
-            return EXIT_FAILED;
-        }
-    };
+    let mut started =
+        match backend::start_with_device(args.guest.backend, &args.guest.kvm_device, kvm_cfg, mock_cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: cannot start the guest: {e}");
+                return EXIT_FAILED;
+            }
+        };
     let cfg = if started.guest.backend() == "mock" { mock_cfg } else { kvm_cfg };
     let summary = summary(started.guest.as_ref(), started.fallback.take(), &cfg);
     let report =
@@ -247,10 +251,10 @@ pub fn dirty_rate_cmd(args: &DirtyRateArgs) -> i32 {
                 output::print_json(&Out { guest: &summary, rate: &r });
             } else {
                 if let Some(f) = &summary.fallback {
-                    println!("note: {f}");
+                    crate::say!("note: {f}");
                 }
-                println!("{}", summary.line(&cfg));
-                print!("{}", output::dirty_rate_text(&r));
+                crate::say!("{}", summary.line(&cfg));
+                crate::say_raw!("{}", output::dirty_rate_text(&r));
             }
             match shutdown {
                 Ok(()) => EXIT_OK,

@@ -11,6 +11,9 @@
 //! Keeps: I4 through `tdp-kvm` (a collect re-protects before it returns; ring-full harvests land in the
 //! tracker's pending set) and the [`Guest::harvest`] contract on top of it.
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -85,12 +88,23 @@ impl KvmGuest {
     /// [`KvmStartError::Unavailable`] when `/dev/kvm` cannot be opened or does not offer the mode;
     /// [`KvmStartError::Failed`] for any other failure (nothing is left running).
     pub fn start(cfg: GuestConfig) -> Result<KvmGuest, KvmStartError> {
+        KvmGuest::start_on(Path::new(tdp_kvm::KVM_PATH), cfg)
+    }
+
+    /// As [`KvmGuest::start`], with the KVM device at `device` instead of `/dev/kvm`.
+    ///
+    /// # Errors
+    /// As [`KvmGuest::start`].
+    pub fn start_on(device: &Path, cfg: GuestConfig) -> Result<KvmGuest, KvmStartError> {
         let pages = cfg.memory / crate::units::PAGE_SIZE;
-        let mut vm = match GuestVm::new(GuestSpec::new(pages, cfg.vcpus)) {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            KvmStartError::Unavailable(format!("cannot open {}: {e}", device.display()))
+        };
+        let path = CString::new(device.as_os_str().as_bytes()).map_err(|e| unavailable(&e))?;
+        let kvm = kvm_ioctls::Kvm::new_with_path(&path).map_err(|e| unavailable(&e))?;
+        let mut vm = match GuestVm::with_kvm(kvm, GuestSpec::new(pages, cfg.vcpus)) {
             Ok(vm) => vm,
-            Err(tdp_guest::GuestError::OpenKvm(e)) => {
-                return Err(KvmStartError::Unavailable(format!("cannot open /dev/kvm: {e}")));
-            }
+            Err(tdp_guest::GuestError::OpenKvm(e)) => return Err(unavailable(&e)),
             Err(e) => return Err(GuestError::new("creating the KVM guest", e).into()),
         };
         let tracker = match cfg.mode {

@@ -76,7 +76,7 @@ pub struct MigrateJson<'a> {
 /// Prints `value` as one JSON line on stdout.
 pub fn print_json(value: &impl Serialize) {
     match serde_json::to_string(value) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => crate::say!("{s}"),
         Err(e) => eprintln!("error: cannot encode the JSON report: {e}"),
     }
 }

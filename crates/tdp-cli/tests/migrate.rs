@@ -239,3 +239,29 @@ fn i4_migrate_on_the_mock_says_so() {
     assert!(out.status.success(), "{}", both(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("tdp-mock machine, not KVM"), "{}", both(&out));
 }
+
+#[test]
+fn i4_without_usable_kvm_auto_falls_back_to_the_mock_and_says_why() {
+    // A KVM device that does not exist stands for a machine without /dev/kvm.
+    let out = run(&["migrate", "--kvm-device", "/nonexistent/kvm", "--memory", "1M", "--json"]);
+    assert!(out.status.success(), "{}", both(&out));
+    let v = json(&out);
+    assert_verified(&v, "fallback");
+    assert_eq!(v["guest"]["backend"], "mock");
+    let why = v["guest"]["fallback"].as_str().unwrap_or_default();
+    assert!(why.contains("no usable KVM") && why.contains("/nonexistent/kvm"), "{v}");
+
+    let out =
+        run(&["dirty-rate", "--kvm-device", "/nonexistent/kvm", "--memory", "1M", "--window-ms", "100"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("running on the tdp-mock machine instead"),
+        "{}",
+        both(&out)
+    );
+
+    // Asked for KVM explicitly: an error, not a silent fallback.
+    let out = run(&["migrate", "--backend", "kvm", "--kvm-device", "/nonexistent/kvm", "--memory", "1M"]);
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open /nonexistent/kvm"), "{}", both(&out));
+}
