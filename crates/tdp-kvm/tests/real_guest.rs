@@ -51,7 +51,8 @@ fn i4_clear_log_initially_set_reports_everything_first_then_every_write() -> Tes
     };
     assert_non_trivial(&report);
     assert_eq!(report.reported[0], DATA_PAGES, "the first collection reports every page");
-    assert!(report.reported[1..].iter().all(|&n| n < DATA_PAGES), "{:?}", report.reported);
+    // Later collections need no check here: `verify` already proved each reported page was written in
+    // its iteration (a host descheduled for long enough can legitimately see every page written).
     Ok(())
 }
 
@@ -135,11 +136,62 @@ fn i4_clear_log_one_gib_plus_three_pages() -> TestResult {
         Workload::new(0, pages, BATCH, Pattern::Random).with_seed(0x5eed_0001).with_tag(false),
         Workload::new(pages - 1027, 1027, BATCH, Pattern::Sequential).with_tag(false),
     ];
-    let run_shape =
-        Run { mode: Mode::ClearLog { initially_set: false }, pages, workloads, live: false, iterations: 12 };
+    let run_shape = Run {
+        mode: Mode::ClearLog { initially_set: false },
+        pages,
+        workloads,
+        live: false,
+        iterations: 12,
+        unlogged_iteration: None,
+    };
     let Some(report) = run(&run_shape)? else { return Ok(()) };
     assert_eq!(report.reported.len(), 12);
     assert!(report.reported.iter().all(|&n| n >= 500), "too few dirty pages: {:?}", report.reported);
     assert!(report.tail_reported >= 12, "the last word was reported {} times", report.tail_reported);
     Ok(())
+}
+
+/// Logging off for one iteration and on again (the slot re-registered each time, vCPUs parked, as a VMM
+/// does when a migration ends and a new one starts): nothing is collected while off, and afterwards every
+/// write is reported again, in every mode.
+fn logging_toggle(mode: Mode) -> TestResult {
+    let both =
+        |seed: u64| Workload::new(0, DATA_PAGES, BATCH, Pattern::Random).with_seed(seed).with_tag(false);
+    let shape = Run {
+        mode,
+        pages: DATA_PAGES,
+        workloads: [both(11), both(12)],
+        live: false,
+        iterations: 12,
+        unlogged_iteration: Some(5),
+    };
+    let Some(report) = run(&shape)? else { return Ok(()) };
+    assert_eq!(report.reported.len(), 11, "every iteration but the unlogged one was collected");
+    assert!(report.unlogged_pages >= 200, "the guest wrote {} pages while unlogged", report.unlogged_pages);
+    assert!(report.reported.iter().all(|&n| n >= 200), "too few dirty pages: {:?}", report.reported);
+    if let Mode::ClearLog { initially_set: true } = mode {
+        // Iterations 1 and 6 (indices 0 and 4) follow a logging enable: everything is reported.
+        assert_eq!(
+            (report.reported[0], report.reported[4]),
+            (DATA_PAGES, DATA_PAGES),
+            "{:?}",
+            report.reported
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn i4_logging_toggle_get_and_clear() -> TestResult {
+    logging_toggle(Mode::GetAndClear)
+}
+
+#[test]
+fn i4_logging_toggle_clear_log_initially_set() -> TestResult {
+    logging_toggle(Mode::ClearLog { initially_set: true })
+}
+
+#[test]
+fn i4_logging_toggle_ring() -> TestResult {
+    logging_toggle(Mode::Ring { entries: 256 })
 }
