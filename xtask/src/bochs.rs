@@ -10,7 +10,8 @@
 //! translations of every sampled gfn (slot, slot-relative page, level, permissions, or MMIO / none);
 //! the same MMIO emulation. Finally it boots the `broken-ept` build, which gives W (and D) back to the
 //! leaves the core protected for dirty logging, and requires its verdict to be `fail` with a failed
-//! harvest check: proof that the checks can fail.
+//! harvest check (proof that the checks can fail), and the same observations as the mock run with the
+//! same corruption.
 //!
 //! Everything goes under `target/bochs/` (kernel builds in `target/bochs/cargo`, one directory per
 //! variant and model with its `bochsrc.txt`, `serial.txt` and `bochs.log`).
@@ -103,7 +104,7 @@ pub fn run(models: &[String], broken_only: bool) -> Result<()> {
     let mut report = String::new();
     if !broken_only {
         let iso = build_iso(Variant::Correct)?;
-        let mock = mock_results(&models)?;
+        let mock = mock_results(&models, false)?;
         for model in &models {
             let (bochs, secs) = boot(Variant::Correct, model, &iso)?;
             let mock = mock
@@ -140,12 +141,19 @@ pub fn run(models: &[String], broken_only: bool) -> Result<()> {
         }
     }
     let iso = build_iso(Variant::Broken)?;
+    let mock = mock_results(&models, true)?;
     for model in &models {
         let (broken, secs) = boot(Variant::Broken, model, &iso)?;
+        let mock =
+            mock.iter().find(|r| &r.model == model).with_context(|| format!("no mock result for {model}"))?;
+        let differences = compare(&broken, mock);
+        if !differences.is_empty() {
+            bail!("{model}: the broken-ept build on Bochs and the broken mock run disagree: {differences:?}");
+        }
         let failed = broken.failed_checks();
         writeln!(
             report,
-            "{model} broken-ept: verdict {} as required ({secs:.1} s), failed: {failed:?}",
+            "{model} broken-ept: verdict {} as required and as on the broken mock run ({secs:.1} s), failed: {failed:?}",
             broken.verdict
         )?;
         check_broken(&broken)
@@ -322,10 +330,13 @@ pub fn parse_output(text: &str) -> Result<RunResult> {
     serde_json::from_str(json).with_context(|| format!("cannot parse the result: {json}"))
 }
 
-/// Runs `scenario_mock` for `models` and parses its result lines.
-fn mock_results(models: &[String]) -> Result<Vec<RunResult>> {
+/// Runs `scenario_mock` for `models` (the broken variant with `broken`) and parses its result lines.
+fn mock_results(models: &[String], broken: bool) -> Result<Vec<RunResult>> {
     let mut cargo = cmd::cargo();
     cargo.args(["run", "-q", "-p", "tdp-vmx", "--example", "scenario_mock", "--"]).args(models);
+    if broken {
+        cargo.arg("--broken");
+    }
     let line = cmd::display(&cargo);
     println!("$ {line}");
     let output = cargo.stderr(Stdio::inherit()).output().with_context(|| format!("cannot start `{line}`"))?;

@@ -1,16 +1,19 @@
 //! Runs the shared Bochs / mock scenario ([`tdp_vmx::scenario::SCENARIO`]) on `tdp-mock` and prints its
 //! `TDP-RESULT {json}` line, for `cargo xtask bochs` to compare with the Bochs hypervisor's.
 //!
-//! Usage: `cargo run -p tdp-vmx --example scenario_mock -- [MODEL]...` (default: corei7_skylake_x and
-//! corei7_sandy_bridge_2600k). Each model's run uses the dirty-logging mode the hypervisor picks for it.
-//! Exits 1 when a run's checks fail, 2 on a usage or setup error.
+//! Usage: `cargo run -p tdp-vmx --example scenario_mock -- [--broken] [MODEL]...` (default models:
+//! corei7_skylake_x and corei7_sandy_bridge_2600k). Each model's run uses the dirty-logging mode the
+//! hypervisor picks for it; `--broken` corrupts the data slot's leaves when logging starts, as the
+//! hypervisor's `broken-ept` build does. Exits 1 when a run's checks fail, 2 on a usage or setup error.
 
 mod run;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let broken = args.iter().any(|a| a == "--broken");
+    args.retain(|a| a != "--broken");
     let models = if args.is_empty() {
         vec!["corei7_skylake_x".to_string(), "corei7_sandy_bridge_2600k".to_string()]
     } else {
@@ -22,7 +25,7 @@ fn main() -> ExitCode {
             eprintln!("scenario_mock: unknown or EPT-less CPU model `{model}`");
             return ExitCode::from(2);
         };
-        match run::run(model, mode) {
+        match run::run(model, mode, broken) {
             Ok(result) => {
                 print!("{}", result.line);
                 let sizes: Vec<usize> = result.seen.harvests.iter().map(|h| h.len()).collect();

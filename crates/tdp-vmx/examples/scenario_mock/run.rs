@@ -13,13 +13,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tdp_core::addr::{Gfn, Level, Pfn, RingSlot};
 use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, PML_ENTRIES, RingConfig};
 use tdp_core::fault::AccessKind;
+use tdp_core::host::TlbFlush;
 use tdp_core::host::{DirtySink, DirtySource};
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{EmulateReason, MmuConfig};
 use tdp_core::spte::{EptOptions, SpteFormat};
 use tdp_mock::{AccessResult, HostConfig, Machine, Vcpu};
 use tdp_vmx::scenario::report::{RunInfo, write_result_line};
-use tdp_vmx::scenario::{AS_ID, Check, Observed, SCENARIO, Step, Translation, translate};
+use tdp_vmx::scenario::{AS_ID, Check, Observed, SCENARIO, Step, Translation, translate, unprotect_leaves};
 
 /// How dirty pages are logged: what the Bochs hypervisor picks for a CPU model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,12 +96,13 @@ impl DirtySink for SharedSink {
     }
 }
 
-/// Runs the scenario on the mock for `model` in `mode`.
+/// Runs the scenario on the mock for `model` in `mode`; with `broken`, corrupts the data slot's leaves
+/// right after logging starts, as `bochs-hv --features broken-ept` does, so the checks must fail.
 ///
 /// # Errors
 /// When the machine or ring cannot be set up; what goes wrong during the steps is recorded in the
 /// result (its `guest_error`) instead, as the Bochs hypervisor does.
-pub fn run(model: &str, mode: Mode) -> Result<MockRun, String> {
+pub fn run(model: &str, mode: Mode, broken: bool) -> Result<MockRun, String> {
     let m = Machine::new(mode.config(), HostConfig { host_level: Level::L2, ..HostConfig::default() })
         .map_err(|e| format!("mock machine: {e}"))?;
     let mut bases = Vec::new();
@@ -130,7 +132,16 @@ pub fn run(model: &str, mode: Mode) -> Result<MockRun, String> {
             .collect()
     };
     let mut seen = Observed::default();
-    if let Err(e) = steps(&m, &mut vcpu, &sink, &mut consumer, &mut seen, &sample) {
+    let corrupt = |vcpu: &Vcpu, first: u64, pages: u64| {
+        if broken {
+            let root = vcpu.root().map(|r| r.pfn().0).unwrap_or_default();
+            let ad = m.mmu().format().has_accessed_dirty();
+            unprotect_leaves(|pfn| host.arena_table(Pfn(pfn)), root, first, pages, ad);
+            host.flush_all();
+        }
+    };
+    let hooks = Hooks { sample: &sample, corrupt: &corrupt };
+    if let Err(e) = steps(&m, &mut vcpu, &sink, &mut consumer, &mut seen, &hooks) {
         seen.guest_error = Some(e);
     }
     let counters = vcpu.cache().counters;
@@ -144,10 +155,17 @@ pub fn run(model: &str, mode: Mode) -> Result<MockRun, String> {
 
     let checks = SCENARIO.evaluate(&seen);
     let (mmu, features) = mode.names();
-    let info = RunInfo { runner: "mock", model, mmu, features, broken: false };
+    let info = RunInfo { runner: "mock", model, mmu, features, broken };
     let mut line = String::new();
     write_result_line(&mut line, &info, &seen, &checks).map_err(|e| format!("result line: {e}"))?;
     Ok(MockRun { seen, checks, line })
+}
+
+/// What the step loop calls back into: the translation sampler, and the broken variant's corruption
+/// (a no-op unless the run is broken), given the logged slot's first gfn and size.
+struct Hooks<'a> {
+    sample: &'a dyn Fn(&Vcpu) -> Vec<Translation>,
+    corrupt: &'a dyn Fn(&Vcpu, u64, u64),
 }
 
 /// Runs every step; the first failure ends the run with its description.
@@ -157,7 +175,7 @@ fn steps(
     sink: &SharedSink,
     consumer: &mut DirtyRingConsumer<'static>,
     seen: &mut Observed,
-    sample: &dyn Fn(&Vcpu) -> Vec<Translation>,
+    hooks: &Hooks<'_>,
 ) -> Result<(), String> {
     let mmu = m.mmu();
     for (i, step) in SCENARIO.steps.iter().enumerate() {
@@ -191,7 +209,7 @@ fn steps(
             }
             Step::StartLogging { slot } => {
                 vcpu.flush_pml(mmu);
-                seen.early_translations = sample(vcpu);
+                seen.early_translations = (hooks.sample)(vcpu);
                 let mut w = mmu.write();
                 let flags = w
                     .memslots()
@@ -201,6 +219,9 @@ fn steps(
                 let flush = w.set_memslot_flags(AS_ID, slot, flags).map_err(|e| err(&e))?;
                 drop(w);
                 flush.run(m.host());
+                if let Some(s) = SCENARIO.slots.iter().find(|s| s.id == slot) {
+                    (hooks.corrupt)(vcpu, s.base_gfn.0, s.pages);
+                }
             }
             Step::Harvest => {
                 vcpu.flush_pml(mmu);

@@ -1,0 +1,140 @@
+//! Judging a run of the scenario: what a runner observed ([`Observed`]) and the checks that decide its
+//! verdict ([`Scenario::evaluate`]), the same code for the Bochs hypervisor and the mock.
+
+use alloc::collections::BTreeSet;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use tdp_core::addr::Gfn;
+
+use super::{Mapping, Scenario, Translation};
+
+impl Scenario {
+    /// Judges a run: every check the scenario implies, each with what was seen when it failed.
+    #[must_use]
+    pub fn evaluate(&self, seen: &Observed) -> Vec<Check> {
+        let mut checks = Vec::new();
+        let mut check =
+            |name: &'static str, ok: bool, detail: String| checks.push(Check { name, ok, detail });
+        check(
+            "guest ran every step",
+            seen.steps_completed == self.steps.len() && seen.guest_error.is_none(),
+            format!("{} of {} steps; error: {:?}", seen.steps_completed, self.steps.len(), seen.guest_error),
+        );
+        let expected = self.expected_harvests();
+        check(
+            "one harvest per harvest step",
+            seen.harvests.len() == expected.len(),
+            format!("{} harvests, expected {}", seen.harvests.len(), expected.len()),
+        );
+        let allowed: BTreeSet<u64> = self.guest_table_gfns().iter().copied().collect();
+        for (i, (got, want)) in seen.harvests.iter().zip(&expected).enumerate() {
+            let extra: BTreeSet<u64> =
+                got.difference(want).filter(|g| !allowed.contains(g)).copied().collect();
+            let missing: BTreeSet<u64> = want.difference(got).copied().collect();
+            check(
+                "harvest holds exactly the written pages",
+                extra.is_empty() && missing.is_empty(),
+                format!("harvest {i}: missing {missing:x?}, unexpected {extra:x?}"),
+            );
+        }
+        check(
+            "no dirty mark lost (ring never full)",
+            seen.ring_lost == 0,
+            format!("{} marks refused by a full ring", seen.ring_lost),
+        );
+        check(
+            "every flush the core asked for ran as an INVEPT",
+            seen.flushes == seen.invepts,
+            format!("{} flushes, {} INVEPTs", seen.flushes, seen.invepts),
+        );
+        check(
+            "MMIO emulated as the steps ask",
+            seen.mmio_reads == self.expected_mmio_reads() && seen.mmio_writes == self.expected_mmio_writes(),
+            format!("reads {} writes {:x?}", seen.mmio_reads, seen.mmio_writes),
+        );
+        let early = self.expected_early_levels();
+        let wrong: Vec<(u64, Option<u8>, u8)> = early
+            .iter()
+            .filter_map(|&(gfn, want)| {
+                let got = seen.early_translations.iter().find(|t| t.gfn == gfn).and_then(|t| match t.kind {
+                    Mapping::Leaf { level, .. } => Some(level),
+                    _ => None,
+                });
+                (got != Some(want)).then_some((gfn, got, want))
+            })
+            .collect();
+        check(
+            "before logging, 2 MiB-aligned slot parts are mapped by 2 MiB leaves, the rest by 4 KiB",
+            wrong.is_empty() && !early.is_empty(),
+            format!("{} pages touched before logging; (gfn, level, expected): {wrong:x?}", early.len()),
+        );
+        let bad: Vec<&Translation> = seen
+            .translations
+            .iter()
+            .chain(&seen.early_translations)
+            .filter(|t| !self.translation_ok(t))
+            .collect();
+        check(
+            "sampled translations map their own slot page (I1)",
+            bad.is_empty() && seen.translations.len() == self.sample_gfns().len(),
+            format!("{} samples, wrong: {bad:x?}", seen.translations.len()),
+        );
+        checks
+    }
+
+    /// Whether a sampled translation is allowed: a slot gfn maps its own page of its own slot (or is
+    /// not mapped), an MMIO gfn holds an MMIO entry or nothing.
+    fn translation_ok(&self, t: &Translation) -> bool {
+        match (self.slot_of(Gfn(t.gfn)), t.kind) {
+            (_, Mapping::NotPresent) => true,
+            (Some(slot), Mapping::Leaf { slot: id, page, .. }) => {
+                id == slot.id.0 && page == t.gfn - slot.base_gfn.0
+            }
+            (None, Mapping::Mmio) => true,
+            _ => false,
+        }
+    }
+}
+
+/// What a runner saw. Both runners fill one and hand it to [`Scenario::evaluate`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Steps the guest finished (all of them when it reached its end).
+    pub steps_completed: usize,
+    /// Why the guest stopped early (a read that returned the wrong value, an unexpected exit...).
+    pub guest_error: Option<String>,
+    /// The gfns harvested at each harvest step.
+    pub harvests: Vec<BTreeSet<u64>>,
+    /// Dirty marks a full ring refused.
+    pub ring_lost: u64,
+    /// EPT violations handled by the core's fault handler.
+    pub ept_violations: u64,
+    /// EPT misconfigurations handled (MMIO SPTEs hit again).
+    pub ept_misconfigs: u64,
+    /// Flushes the core asked for (calls of the host's flush methods).
+    pub flushes: u64,
+    /// INVEPT instructions executed for them (the mock counts the flushes it delivered).
+    pub invepts: u64,
+    /// MMIO reads emulated.
+    pub mmio_reads: u64,
+    /// MMIO writes emulated, as `(gpa, value)`.
+    pub mmio_writes: Vec<(u64, u64)>,
+    /// The translation of every gfn of [`Scenario::sample_gfns`] after the run.
+    pub translations: Vec<Translation>,
+    /// The same sample taken just before dirty logging started (empty if it never did): shows the
+    /// 2 MiB leaves, which logging splits.
+    pub early_translations: Vec<Translation>,
+}
+
+/// One check of [`Scenario::evaluate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked.
+    pub name: &'static str,
+    /// Whether it held.
+    pub ok: bool,
+    /// What was seen.
+    pub detail: String,
+}

@@ -1,0 +1,110 @@
+//! Tests of the scenario's data, its expectations, its judge and its EPT decoding.
+
+use super::ept::{EPT_PS, EPT_W};
+use super::*;
+
+#[test]
+fn the_scenario_is_runnable() {
+    assert_eq!(SCENARIO.validate(), Ok(()));
+}
+
+#[test]
+fn expected_harvests_follow_logging_and_resets() {
+    let h = SCENARIO.expected_harvests();
+    assert_eq!(h.len(), 4);
+    assert!(h[0].is_empty(), "nothing is logged before logging starts");
+    assert_eq!(h[1], [0x201, 0x202, 0x411, 0x412].into_iter().collect());
+    assert_eq!(h[2], [0x202, 0x300].into_iter().collect());
+    assert!(h[3].is_empty());
+}
+
+#[test]
+fn huge_ranges_are_expected_at_level_2_before_logging() {
+    assert_eq!(
+        SCENARIO.expected_early_levels(),
+        [(0x201, 2), (0x240, 2), (0x3f0, 2), (0x410, 1), (0x411, 1)],
+        "0x200..0x400 is one 2 MiB range of the data slot; 0x400.. is its tail"
+    );
+}
+
+#[test]
+fn reads_expect_the_last_write() {
+    assert_eq!(SCENARIO.expected_read(1), Some(0x1111_0000_0000_0201));
+    assert_eq!(SCENARIO.expected_read(4), Some(0), "never written");
+    assert_eq!(SCENARIO.expected_read(0), None, "a write");
+}
+
+#[test]
+fn a_bad_step_is_named() {
+    let bad = Scenario { steps: &[Step::Write { gpa: Gpa(0x1000), value: 1 }], ..SCENARIO };
+    assert_eq!(bad.validate().map_err(|e| e.index), Err(0), "the system slot is not the data slot");
+}
+
+fn perfect_run() -> Observed {
+    let s = &SCENARIO;
+    Observed {
+        steps_completed: s.steps.len(),
+        harvests: s.expected_harvests(),
+        mmio_reads: s.expected_mmio_reads(),
+        mmio_writes: s.expected_mmio_writes(),
+        translations: s
+            .sample_gfns()
+            .into_iter()
+            .map(|gfn| Translation { gfn, kind: Mapping::NotPresent })
+            .collect(),
+        early_translations: s
+            .expected_early_levels()
+            .into_iter()
+            .map(|(gfn, level)| Translation {
+                gfn,
+                kind: Mapping::Leaf { slot: 1, page: gfn - 0x200, level, rwx: 7 },
+            })
+            .collect(),
+        ..Observed::default()
+    }
+}
+
+#[test]
+fn evaluate_passes_a_perfect_run_and_names_what_a_broken_one_lost() {
+    assert!(SCENARIO.evaluate(&perfect_run()).iter().all(|c| c.ok));
+    let mut lost = perfect_run();
+    lost.harvests[1].remove(&0x202);
+    let failed: Vec<Check> = SCENARIO.evaluate(&lost).into_iter().filter(|c| !c.ok).collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].detail.contains("missing {202}"), "{}", failed[0].detail);
+    let mut extra = perfect_run();
+    extra.harvests[2].insert(0x203);
+    assert!(SCENARIO.evaluate(&extra).iter().any(|c| !c.ok), "a page never written must not pass");
+}
+
+#[test]
+fn evaluate_allows_guest_page_tables_and_rejects_foreign_frames() {
+    let mut pt = perfect_run();
+    pt.harvests[1].insert(GUEST_TABLE_GFNS[0]);
+    assert!(SCENARIO.evaluate(&pt).iter().all(|c| c.ok), "hardware A/D may dirty the guest's tables");
+    let mut wrong = perfect_run();
+    wrong.translations[0].kind = Mapping::Leaf { slot: 1, page: 7, level: 1, rwx: 7 };
+    assert!(SCENARIO.evaluate(&wrong).iter().any(|c| !c.ok && c.name.contains("I1")));
+    let mut small = perfect_run();
+    small.early_translations[0].kind = Mapping::Leaf { slot: 1, page: 1, level: 1, rwx: 7 };
+    assert!(SCENARIO.evaluate(&small).iter().any(|c| !c.ok && c.name.contains("2 MiB")));
+    let mut flush = perfect_run();
+    flush.flushes = 2;
+    assert!(SCENARIO.evaluate(&flush).iter().any(|c| !c.ok && c.name.contains("INVEPT")));
+}
+
+#[test]
+fn translate_decodes_leaves_mmio_and_holes() {
+    // root 1 -> table 2 -> table 3 -> a 2 MiB leaf at gfn 0x200 backed by host 0x40_0000.
+    let read = |t: u64, i: usize| match (t, i) {
+        (1, 0) => (2 << 12) | 7,
+        (2, 0) => (3 << 12) | 7,
+        (3, 1) => 0x40_0000 | EPT_PS | 3,
+        (3, 4) => EPT_W,
+        _ => 0,
+    };
+    let bases = [(1, 0x40_0000, 0x280)];
+    assert_eq!(translate(read, 1, 0x205, &bases), Mapping::Leaf { slot: 1, page: 5, level: 2, rwx: 3 });
+    assert_eq!(translate(read, 1, 0x800, &bases), Mapping::Mmio);
+    assert_eq!(translate(read, 1, 0x600, &bases), Mapping::NotPresent);
+}
