@@ -26,11 +26,11 @@ static GUEST_RAM: [PhysRange; 1] = [PhysRange { start: GUEST_HOST_BASE, end: RAM
 /// # Errors
 /// When the frame allocator cannot be set up.
 pub fn new<'v>(vmx: &'v X86Vmx, features: &EptFeatures) -> Result<HvHost<'v>, String> {
-    // SAFETY: the pool is RAM below RAM_END, identity-mapped by the boot page tables (the first GiB),
-    // 4 KiB-aligned, and used by nothing else: the kernel image ends below it (checked in `hypervise`)
-    // and guest RAM starts above it (see `layout`). `new` is called once.
-    let region =
-        unsafe { IdentityRegion::from_raw(TABLE_POOL_START, (TABLE_POOL_END - TABLE_POOL_START) >> 12) };
+    let pages = (TABLE_POOL_END - TABLE_POOL_START) >> 12;
+    // The pool is RAM below RAM_END, identity-mapped by the boot page tables (the first GiB), 4 KiB-aligned.
+    // SAFETY: and used by nothing else: the kernel image ends below it (checked in `hypervise`), guest
+    // RAM starts above it (see `layout`), and `new` is called once.
+    let region = unsafe { IdentityRegion::from_raw(TABLE_POOL_START, pages) };
     Ok(BareMetalHost {
         frames: TableFrames::new(region).map_err(|e| format!("EPT table pool: {e}"))?,
         translate: IdentityTranslate::new(&GUEST_RAM, Level::L2),
