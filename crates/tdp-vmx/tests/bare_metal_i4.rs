@@ -153,7 +153,7 @@ fn i4_every_write_after_logging_starts_is_in_the_next_harvest() {
         // Half the writes to a hot set of 64 pages, half anywhere in the slot: between harvests more pages
         // are dirtied than a PML log or the ring's soft limit holds.
         let r = next(&mut seed);
-        let gfn = if r % 2 == 0 { (r >> 8) % 1024 } else { 0x180 + (r >> 8) % 64 };
+        let gfn = if r.is_multiple_of(2) { (r >> 8) % 1024 } else { 0x180 + (r >> 8) % 64 };
         let mut tries = 0;
         loop {
             match cpu_write(&vmx, mmu.host(), root.pfn(), &log, gfn) {
@@ -180,7 +180,7 @@ fn i4_every_write_after_logging_starts_is_in_the_next_harvest() {
         if logging {
             written.insert(gfn);
         }
-        if step % 5_000 == 4_999 && logging {
+        if logging && (step + 1).is_multiple_of(5_000) {
             harvest(&mut pml, &mut sink, &mut written);
             harvests += 1;
         }
