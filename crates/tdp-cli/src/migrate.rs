@@ -12,109 +12,15 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::converge::{Convergence, Decision, Policy, RoundObservation};
-use crate::guest::{Guest, GuestError, VcpuFigures};
+use crate::guest::Guest;
 use crate::link::{Link, LinkError};
 use crate::pending::PendingSet;
 use crate::proto::{MAX_RUN, PAGE_SIZE};
 use crate::receiver::hex;
 
-/// One round as reported.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct RoundReport {
-    /// Round number (0: bulk copy).
-    pub round: u32,
-    /// Pages sent.
-    pub pages_sent: u64,
-    /// Pages dirtied while it was sent (harvested after it).
-    pub dirtied: u64,
-    /// Guest dirty rate during the round, MiB/s.
-    pub dirty_rate_mib_s: f64,
-    /// Measured link throughput (smoothed), MiB/s.
-    pub throughput_mib_s: f64,
-    /// Estimated downtime if stopped after this round, ms.
-    pub estimated_downtime_ms: f64,
-    /// Per-vCPU quota in force after the round, pages/s (None: unthrottled).
-    pub vcpu_quota: Option<u64>,
-    /// Round wall time, ms.
-    pub ms: f64,
-}
+mod report;
 
-/// The outcome of a finished migration.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct MigrationReport {
-    /// Pre-copy rounds (bulk copy included), then the final round.
-    pub rounds: Vec<RoundReport>,
-    /// Whether the downtime estimate met the target before stop-and-copy.
-    pub converged: bool,
-    /// Why pre-copy stopped.
-    pub stop_reason: String,
-    /// Pages sent in the final (stop-and-copy) round.
-    pub final_pages: u64,
-    /// All pages sent, repeats included.
-    pub pages_sent: u64,
-    /// Bytes written to the link, over all connections.
-    pub bytes_sent: u64,
-    /// Connections lost and re-established.
-    pub reconnects: u32,
-    /// Pages owed when a connection broke, sent again over the next one.
-    pub resent_pages: u64,
-    /// From the pause of the vCPUs until the destination acknowledged the final round, ms.
-    pub downtime_ms: f64,
-    /// Whole migration, ms.
-    pub total_ms: f64,
-    /// Time to compute and compare the digests, ms.
-    pub verify_ms: f64,
-    /// The source's digest (hex).
-    pub source_digest: String,
-    /// The destination's digest (hex).
-    pub destination_digest: String,
-    /// Whether they are equal: the destination holds the source's memory byte for byte.
-    pub verified: bool,
-    /// Per-vCPU figures.
-    pub vcpus: Vec<VcpuFigures>,
-}
-
-/// Why a migration failed, with the state it left.
-#[derive(Debug)]
-pub struct MigrationFailure {
-    /// The cause.
-    pub error: FailureCause,
-    /// Rounds completed before it.
-    pub rounds_done: u32,
-    /// Pages still owed to a destination (harvested or unacknowledged): kept, not forgotten.
-    pub pending_pages: u64,
-    /// Whether the source guest runs again after the failure.
-    pub guest_running: bool,
-    /// Pages the guest dirtied in a short window after the failure (proof that it runs).
-    pub dirtied_after: u64,
-}
-
-/// The cause of a failed migration.
-#[derive(Debug, thiserror::Error)]
-pub enum FailureCause {
-    /// The link to the destination failed.
-    #[error(transparent)]
-    Link(#[from] LinkError),
-    /// The source guest failed.
-    #[error("source guest: {0}")]
-    Guest(#[from] GuestError),
-}
-
-/// Hooks the loop reports to (the progress bar).
-pub trait Progress {
-    /// A round finished.
-    fn round(&mut self, r: &RoundReport, pending: u64);
-    /// Something worth a line (throttle changes, stop-and-copy).
-    fn note(&mut self, text: &str);
-}
-
-/// A [`Progress`] that ignores everything.
-pub struct Silent;
-
-impl Progress for Silent {
-    fn round(&mut self, _: &RoundReport, _: u64) {}
-    fn note(&mut self, _: &str) {}
-}
+pub use report::{FailureCause, MigrationFailure, MigrationReport, Progress, RoundReport, Silent};
 
 /// How to migrate.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::converge::Throttle;
-use crate::guest::Harvest;
+use crate::guest::{GuestError, Harvest, VcpuFigures};
 use crate::receiver::{ReceiverConfig, accept_and_serve};
 
 /// A guest whose memory is a vector; each harvest "dirties" the pages listed in `script` for that call.
