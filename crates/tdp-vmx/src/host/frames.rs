@@ -14,6 +14,11 @@
 //! several CPUs they come whenever all walks end at the same time, which a hypervisor should make
 //! sure happens (e.g. at VM exits) if it keeps walks running continuously.
 //!
+//! The CPU's own EPT walks take no guard. Its paging-structure caches may still point into a removed
+//! table until the INVEPT the core asks for (the [`tdp_core::flush::Flush`] a zap returns) has run, so
+//! the hypervisor runs that flush before another vCPU can fault and allocate; on one CPU, before the
+//! next VM entry, which the exit path does anyway.
+//!
 //! Keeps: I2 with the core (a page is not reused while a guard that could see it lives; a double free or
 //! a foreign frame is a core bug and panics with "I2 violation").
 
