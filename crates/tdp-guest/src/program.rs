@@ -21,7 +21,7 @@ use iced_x86::code_asm::{
     CodeAssembler, CodeLabel, qword_ptr, r8, r9, r10, r11, r12, r13, r14, r15, rax, rbp, rbx, rcx, rdi, rdx,
     rsi,
 };
-use iced_x86::code_asm::{eax, ebx, edx, r9d, r15d};
+use iced_x86::code_asm::{eax, ebx, ecx, edx, r9d, r15d};
 
 use crate::error::{GuestError, Result};
 
@@ -64,7 +64,7 @@ pub mod block {
     /// The vCPU's tag: written after the iteration number when [`FLAG_WRITE_TAG`] is set, and sent with
     /// every `OUT`.
     pub const TAG: u64 = 64;
-    /// Flags ([`FLAG_WRITE_TAG`]).
+    /// Flags ([`FLAG_WRITE_TAG`], [`FLAG_FILL_PAGE`]).
     pub const FLAGS: u64 = 72;
     /// Batches completed (guest-incremented).
     pub const BATCHES: u64 = 80;
@@ -88,6 +88,9 @@ pub mod block {
     pub const PATTERN_HOT: u64 = 2;
     /// Flag: also write the tag at byte 8 of each page.
     pub const FLAG_WRITE_TAG: u64 = 1;
+    /// Flag: write the iteration number into all 512 words of the page (`rep stosq`), not just the
+    /// first, so every byte of a written page changes (the tag, if written, then replaces word 1).
+    pub const FLAG_FILL_PAGE: u64 = 2;
 }
 
 /// Assembles the guest program for address `ip` (where the host will place it).
@@ -260,12 +263,26 @@ fn xorshift(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedErro
     Ok(())
 }
 
-/// Writes the iteration (R8) at the start of page RDX of the range at R10, and the tag (RBX) after it
-/// when flag bit 0 (RBP) is set.
+/// Writes the iteration (R8) at the start of page RDX of the range at R10 (or all over it with
+/// [`block::FLAG_FILL_PAGE`]), and the tag (RBX) after it with [`block::FLAG_WRITE_TAG`] (flags in RBP).
 fn write_page(a: &mut CodeAssembler) -> std::result::Result<(), iced_x86::IcedError> {
     let mut skip: CodeLabel = a.create_label();
+    let mut first_word = a.create_label();
     a.shl(rdx, 12)?;
     a.add(rdx, r10)?;
+    a.test(rbp, block::FLAG_FILL_PAGE as i32)?;
+    a.jz(first_word)?;
+    // Fill: `rep stosq` needs RDI, RCX and RAX; save the two that are live on the stack page.
+    // RFLAGS.DF is 0 (set by the host), so it fills upwards.
+    a.push(rdi)?;
+    a.push(rcx)?;
+    a.mov(rdi, rdx)?;
+    a.mov(ecx, 512)?;
+    a.mov(rax, r8)?;
+    a.rep().stosq()?;
+    a.pop(rcx)?;
+    a.pop(rdi)?;
+    a.set_label(&mut first_word)?;
     a.mov(qword_ptr(rdx), r8)?;
     a.test(rbp, block::FLAG_WRITE_TAG as i32)?;
     a.jz(skip)?;
@@ -335,6 +352,9 @@ mod tests {
             Mnemonic::Div,
             Mnemonic::Dec,
             Mnemonic::Out,
+            Mnemonic::Push,
+            Mnemonic::Pop,
+            Mnemonic::Stosq,
         ];
         let program = decoded(0x3000);
         let mut outs = 0;
@@ -355,5 +375,9 @@ mod tests {
             }
         }
         assert_eq!(outs, 1, "one OUT per batch");
+        // Three write loops, each with one `rep stosq` of 512 words into the page at RDI.
+        let fills: Vec<_> = program.iter().filter(|i| i.mnemonic() == Mnemonic::Stosq).collect();
+        assert_eq!(fills.len(), 3);
+        assert!(fills.iter().all(|i| i.has_rep_prefix()));
     }
 }

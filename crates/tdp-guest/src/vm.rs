@@ -273,7 +273,8 @@ impl GuestVm {
                 (block::PATTERN_HOT, hot_pages, Workload::hot_threshold(percent))
             }
         };
-        let flags = if w.write_tag { block::FLAG_WRITE_TAG } else { 0 };
+        let flags = if w.write_tag { block::FLAG_WRITE_TAG } else { 0 }
+            | if w.fill_page { block::FLAG_FILL_PAGE } else { 0 };
         // Seqlock write side (see `program`): one writer at a time, GEN odd while the fields change.
         let _writer = self.workload_writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let generation = self.code.load(base + block::GEN).unwrap_or(0);

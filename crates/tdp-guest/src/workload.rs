@@ -42,6 +42,9 @@ pub struct Workload {
     pub pattern: Pattern,
     /// Also write the vCPU's tag (its index) at byte 8 of each page it writes.
     pub write_tag: bool,
+    /// Write the iteration number into every word of the page, not just the first (512 stores per page
+    /// write instead of one: realistic page contents for migrations, more guest time per page).
+    pub fill_page: bool,
     /// Seed of the pseudo-random generator (0 is replaced by a fixed non-zero constant).
     pub seed: u64,
 }
@@ -51,7 +54,15 @@ impl Workload {
     /// with a fixed seed.
     #[must_use]
     pub const fn new(first_page: u64, pages: u64, batch: u64, pattern: Pattern) -> Self {
-        Self { first_page, pages, batch, pattern, write_tag: true, seed: 0x9e37_79b9_7f4a_7c15 }
+        Self {
+            first_page,
+            pages,
+            batch,
+            pattern,
+            write_tag: true,
+            fill_page: false,
+            seed: 0x9e37_79b9_7f4a_7c15,
+        }
     }
 
     /// The `index`th of `vcpus` equal shares of a `data_pages`-page slot (the last share takes the
@@ -69,6 +80,13 @@ impl Workload {
     #[must_use]
     pub const fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    /// Sets whether every word of a written page gets the iteration number.
+    #[must_use]
+    pub const fn with_fill(mut self, fill_page: bool) -> Self {
+        self.fill_page = fill_page;
         self
     }
 

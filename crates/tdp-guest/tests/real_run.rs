@@ -261,3 +261,27 @@ fn tiny_slots_and_many_vcpus_get_sane_default_workloads() -> Result<(), GuestErr
     assert!(matches!(vm.page_iteration(1), Err(GuestError::PageOutOfRange { page: 1, pages: 1 })));
     Ok(())
 }
+
+#[test]
+fn filled_pages_hold_the_iteration_in_every_word() -> Result<(), GuestError> {
+    let Some(mut vm) = vm_or_skip(GuestSpec::new(64 + 3, 1), "fill") else { return Ok(()) };
+    vm.set_workload(0, &Workload::new(60, 7, 7, Pattern::Sequential).with_fill(true))?;
+    vm.set_iteration(0x1122_3344_5566_7788);
+    let mut vcpus = vm.create_vcpus()?;
+    assert_eq!(vcpus[0].run()?, GuestExit::BatchDone { tag: 0 });
+    let mut page = vec![0u8; 4096];
+    for p in 60..67 {
+        vm.copy_data_page(p, &mut page)?;
+        for (w, word) in page.chunks_exact(8).enumerate() {
+            let expected: u64 = if w == 1 { 0 } else { 0x1122_3344_5566_7788 };
+            assert_eq!(word, expected.to_le_bytes(), "page {p} word {w}");
+        }
+    }
+    vm.copy_data_page(59, &mut page)?;
+    assert!(page.iter().all(|&b| b == 0), "page 59 untouched");
+    // The fill left the vCPU's registers as the program expects: the next batch still works.
+    vm.set_workload(0, &Workload::new(0, 3, 3, Pattern::Sequential))?;
+    assert_eq!(vcpus[0].run()?, GuestExit::BatchDone { tag: 0 });
+    assert_eq!(vm.page_iteration(2)?, 0x1122_3344_5566_7788);
+    Ok(())
+}
