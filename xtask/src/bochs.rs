@@ -40,6 +40,8 @@ pub const KNOWN_MODELS: &[&str] = &[
     "tigerlake",
     "corei7_sandy_bridge_2600k",
     "corei7_ivy_bridge_3770k",
+    "broadwell_ult",
+    "corei7_haswell_4770",
 ];
 
 /// How long one Bochs run may take; a run takes about 1.5 s.

@@ -38,6 +38,11 @@ fn the_scenario_passes_on_the_mock_with_write_protection() {
 }
 
 #[test]
+fn the_scenario_passes_on_the_mock_with_ad_and_write_protection() {
+    check("corei7_haswell_4770", Mode::AdWriteProtect);
+}
+
+#[test]
 fn models_map_to_the_modes_the_hypervisor_picks() {
     assert_eq!(Mode::for_model("corei7_skylake_x"), Some(Mode::Pml));
     assert_eq!(Mode::for_model("corei7_sandy_bridge_2600k"), Some(Mode::WriteProtect));

@@ -29,6 +29,8 @@ pub enum Mode {
     Pml,
     /// Write protection, EPT without A/D, 2 MiB largest leaf: corei7_sandy_bridge_2600k, ivy_bridge.
     WriteProtect,
+    /// Write protection with EPT A/D bits on (no PML): broadwell_ult, corei7_haswell_4770.
+    AdWriteProtect,
 }
 
 impl Mode {
@@ -37,6 +39,7 @@ impl Mode {
         match model {
             "corei7_skylake_x" | "corei7_icelake_u" | "tigerlake" => Some(Mode::Pml),
             "corei7_sandy_bridge_2600k" | "corei7_ivy_bridge_3770k" => Some(Mode::WriteProtect),
+            "broadwell_ult" | "corei7_haswell_4770" => Some(Mode::AdWriteProtect),
             _ => None,
         }
     }
@@ -49,6 +52,7 @@ impl Mode {
                 let format = SpteFormat::ept(EptOptions { accessed_dirty: false, max_leaf_level: Level::L2 });
                 MmuConfig { format, ..MmuConfig::EPT }
             }
+            Mode::AdWriteProtect => MmuConfig::EPT,
         }
     }
 
@@ -56,6 +60,7 @@ impl Mode {
         match self {
             Mode::Pml => ("EPT_PML", &["mock", "ept", "ept_4level", "ept_ad", "pml", "ept_2m"]),
             Mode::WriteProtect => ("EPT", &["mock", "ept", "ept_4level", "ept_2m"]),
+            Mode::AdWriteProtect => ("EPT", &["mock", "ept", "ept_4level", "ept_ad", "ept_2m"]),
         }
     }
 }
