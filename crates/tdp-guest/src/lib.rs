@@ -8,9 +8,12 @@
 //! dirty ring; CPL3 code runs natively. The program is assembled with iced-x86's `CodeAssembler`.
 //!
 //! The guest loops forever: read the iteration number from the control page, write it at the start of
-//! `batch` pages picked by its [`Pattern`] in its range, then `OUT` to [`BATCH_DONE_PORT`]. The host
-//! decides what happens between batches: continue, sleep ([`Pacer`]), or park every vCPU
-//! ([`BatchGate`]) to harvest dirty pages and check page contents against the iteration numbers.
+//! `batch` pages picked by its [`Pattern`] in its range (optionally into every word of the page, and its
+//! tag after it), then `OUT` to [`BATCH_DONE_PORT`]. The host decides what happens between batches:
+//! continue, sleep ([`Pacer`]), or park every vCPU ([`BatchGate`]) to harvest dirty pages and check page
+//! contents against the iteration numbers. Workloads can be changed while vCPUs run (each vCPU's block
+//! in the control page is a seqlock, see [`program`]). If the guest ever faults, there is no IDT to catch
+//! it: the triple fault comes back as [`GuestError::TripleFault`] with the RIP.
 //!
 //! Building is in steps because `KVM_CAP_DIRTY_LOG_RING` must be enabled after the VM exists and before
 //! any vCPU does: [`GuestVm::new`] → [`GuestVm::vm_fd`] (enable capabilities) → optionally
@@ -18,7 +21,9 @@
 //!
 //! Modules: [`layout`] (guest-physical map, [`GuestSpec`]), [`paging`] (page tables), [`gdt`]
 //! (descriptors and segment state), [`program`] (the guest code and control page), [`workload`],
-//! `vm` / `vcpu` (the KVM objects and exits), [`control`] (pausing and pacing), `memory` (mmap).
+//! `vm` / `vcpu` (the KVM objects and exits), `data` (host access to guest pages and counters),
+//! [`control`] (pausing and pacing), `memory` (mmap: with memslot registration, the crate's only
+//! `unsafe`).
 //!
 //! ```
 //! use tdp_guest::{GuestExit, GuestSpec, GuestVm};
