@@ -206,6 +206,11 @@ impl GuestArgs {
                 why: "must be a multiple of 4 KiB".into(),
             });
         }
+        let vcpus = u64::from(self.vcpus);
+        if memory / PAGE_SIZE < vcpus {
+            let why = format!("each of the {vcpus} vCPUs needs at least one page of its own");
+            return Err(UnitError::Range { what: "--memory", value: human_bytes(memory), why });
+        }
         let mock_memory = self.memory.unwrap_or(DEFAULT_MOCK_MEMORY);
         if self.backend == Backend::Mock || self.memory.is_some() {
             check_range(

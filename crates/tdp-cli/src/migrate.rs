@@ -78,6 +78,7 @@ pub fn migrate<S: Read + Write>(
                 rounds_done: m.rounds.len() as u32,
                 pending_pages: pending.len(),
                 guest_running: resumed && guest.is_running(),
+                was_paused: m.paused,
                 dirtied_after,
             })
         }

@@ -64,6 +64,7 @@ fn i5_bad_arguments_exit_non_zero_with_a_message() {
         (&["migrate", "--memory", "4097"], "--memory"),
         (&["migrate", "--backend", "mock", "--memory", "4G"], "on the mock"),
         (&["migrate", "--vcpus", "0"], "vcpus"),
+        (&["migrate", "--memory", "64K", "--vcpus", "31"], "each of the 31 vCPUs"),
         (&["migrate", "--vcpus", "64"], "vcpus"),
         (&["migrate", "--dirty-rate", "fast"], "dirty-rate"),
         (&["migrate", "--bandwidth", "0"], "at least one page"),

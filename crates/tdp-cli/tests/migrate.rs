@@ -191,6 +191,38 @@ fn killed_destination_is_a_clear_error_and_the_guest_keeps_running() {
 }
 
 #[test]
+fn destination_lost_during_stop_and_copy_resumes_the_paused_guest() {
+    let kvm = kvm_or_skip(
+        "destination_lost_during_stop_and_copy_resumes_the_paused_guest (on KVM; the mock runs instead)",
+    );
+    let backend = if kvm { "kvm" } else { "mock" };
+    // No pre-copy round after the bulk copy: the receiver vanishes while the source is stopped.
+    let (child, addr, _err) = receiver(&["--exit-after-rounds", "1"]);
+    let out = run(&[
+        "migrate",
+        "--memory",
+        "4M",
+        "--to",
+        &addr.to_string(),
+        "--backend",
+        backend,
+        "--max-rounds",
+        "0",
+    ]);
+    let _ = child.wait_with_output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(stderr.contains(&format!("destination {addr}")), "{stderr}");
+    assert!(stderr.contains("vCPUs were resumed"), "the paused guest runs again: {stderr}");
+    let wrote = stderr
+        .split("and wrote ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(wrote.is_some_and(|n| n > 0), "it writes memory after the resume: {stderr}");
+}
+
+#[test]
 fn sigkilled_destination_fails_the_source_cleanly() {
     let kvm = kvm_or_skip("sigkilled_destination_fails_the_source_cleanly (on KVM; the mock runs instead)");
     let backend = if kvm { "kvm" } else { "mock" };

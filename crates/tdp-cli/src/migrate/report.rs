@@ -71,6 +71,8 @@ pub struct MigrationFailure {
     pub pending_pages: u64,
     /// Whether the source guest runs again after the failure.
     pub guest_running: bool,
+    /// Whether the failure came during stop-and-copy, so the vCPUs had to be resumed.
+    pub was_paused: bool,
     /// Pages the guest dirtied in a short window after the failure (proof that it runs).
     pub dirtied_after: u64,
 }
