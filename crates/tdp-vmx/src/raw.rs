@@ -322,11 +322,13 @@ mod x86 {
         fn invept(&self, kind: InveptKind, desc: &InveptDescriptor) -> Result<(), VmxError> {
             let (cf, zf): (u8, u8);
             // SAFETY: `new`'s contract puts the call in VMX root operation at CPL 0; INVEPT reads the
-            // 16-byte descriptor behind a live reference and invalidates CPU caches only.
+            // 16-byte descriptor behind a live reference and invalidates CPU caches only. No `readonly` or
+            // `nomem`: the block is a full compiler barrier, so every SPTE store the flush is for is
+            // emitted before it, as KVM's `__invept` (an asm with a memory clobber) does.
             unsafe {
                 asm!("invept {t}, xmmword ptr [{d}]", "setc {cf}", "setz {zf}",
                      t = in(reg) kind as u64, d = in(reg) desc as *const InveptDescriptor,
-                     cf = out(reg_byte) cf, zf = out(reg_byte) zf, options(nostack, readonly));
+                     cf = out(reg_byte) cf, zf = out(reg_byte) zf, options(nostack));
             }
             self.check(VmxOp::Invept { kind, eptp: desc.eptp }, cf, zf)
         }
@@ -338,7 +340,7 @@ mod x86 {
             unsafe {
                 asm!("invvpid {t}, xmmword ptr [{d}]", "setc {cf}", "setz {zf}",
                      t = in(reg) kind as u64, d = in(reg) desc as *const InvvpidDescriptor,
-                     cf = out(reg_byte) cf, zf = out(reg_byte) zf, options(nostack, readonly));
+                     cf = out(reg_byte) cf, zf = out(reg_byte) zf, options(nostack));
             }
             self.check(VmxOp::Invvpid { kind, vpid: desc.vpid as u16 }, cf, zf)
         }
