@@ -222,3 +222,75 @@ fn feature_control_must_be_locked_with_vmxon_enabled() {
         Err(CapsError::VmxonDisabled { feature_control: 0x3 })
     );
 }
+
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn i5_random_capability_msrs_decode_to_consistent_features_or_errors() {
+    use crate::eptp::Eptp;
+    use tdp_core::addr::Pfn;
+    let mut seed = 0x1234_5678_9abc_def1u64;
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..20_000 {
+        let mut msrs = bochs::COREI7_SKYLAKE_X.to_vec();
+        for m in &mut msrs {
+            // Keep BASIC's true-controls bit so the same MSRs are read; randomise everything else.
+            m.1 = match m.0 {
+                crate::msr::IA32_VMX_BASIC => m.1,
+                _ => next(&mut seed),
+            };
+        }
+        let (caps, vmx) = caps_of(&msrs);
+        // Only MSRs the (random) CPU claims are read: CTLS2 when primary allows bit 31, the EPT cap
+        // when CTLS2 allows EPT or VPID; the table has them all, so nothing absent is read.
+        assert_eq!(vmx.absent_msr_reads(), []);
+        match caps.ept_features() {
+            Ok(f) => {
+                ok += 1;
+                assert!(!f.pml || f.accessed_dirty, "PML implies A/D");
+                assert!(caps.primary.allows(1 << 31) && caps.secondary.allows(1 << 1));
+                assert!(f.invept.single_context || f.invept.all_context);
+                assert_eq!(f.mmu_config(true).is_ok(), f.pml);
+                let cfg = f.mmu_config(f.pml).unwrap();
+                let eptp = Eptp::new(&f, &cfg, Pfn(0x1234)).unwrap();
+                assert_eq!(Eptp::from_raw(eptp.raw()), Ok(eptp));
+                assert_eq!(
+                    (eptp.walk_length(), eptp.accessed_dirty(), eptp.memory_type()),
+                    (f.walk_length, f.accessed_dirty, f.memory_type)
+                );
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(ok > 100 && refused > 100, "both outcomes exercised: {ok} ok, {refused} refused");
+}
+
+#[test]
+fn adjust_results_always_hold_the_desired_and_required_bits() {
+    let mut seed = 0x0fed_cba9_8765_4321u64;
+    for _ in 0..50_000 {
+        let raw = next(&mut seed);
+        let allowed = AllowedControls::from_msr(ControlKind::Exit, raw);
+        let desired = next(&mut seed) as u32 & allowed.allowed1();
+        let desired =
+            if next(&mut seed).is_multiple_of(3) { desired | (next(&mut seed) as u32) } else { desired };
+        match allowed.adjust(desired) {
+            Ok(v) => {
+                assert_eq!(v & desired, desired);
+                assert_eq!(v & allowed.allowed0(), allowed.allowed0());
+                if allowed.allowed0() & !allowed.allowed1() == 0 {
+                    assert!(allowed.accepts(v));
+                }
+            }
+            Err(e) => {
+                assert_eq!(e.unsupported, desired & !allowed.allowed1());
+                assert_ne!(e.unsupported, 0);
+            }
+        }
+    }
+}
