@@ -168,7 +168,8 @@ pub fn run(models: &[String], broken_only: bool) -> Result<()> {
 
 /// A cargo command run inside the kernel's directory (its `.cargo/config.toml` then applies), with
 /// rustflags from the environment removed (they would replace the config's).
-fn kernel_cargo() -> Command {
+#[must_use]
+pub fn kernel_cargo() -> Command {
     let mut cargo = cmd::cargo();
     cargo.current_dir(cmd::repo_root().join("examples/bochs-hv"));
     for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_BUILD_TARGET"] {

@@ -82,14 +82,15 @@ pub fn run_all() -> Result<()> {
     Ok(())
 }
 
-/// Formats the workspace and the proof crate in place (`cargo xtask fmt`).
+/// Formats the workspace, the proof crate and the Bochs kernel in place (`cargo xtask fmt`).
 ///
 /// # Errors
 /// If `cargo fmt` fails.
 pub fn fmt_write() -> Result<()> {
     cmd::run(cmd::cargo().args(["fmt", "--all"]))?;
     cmd::run(cmd::cargo().args(["fmt", "--manifest-path", "crates/tdp-core/fuzz/Cargo.toml"]))?;
-    cmd::run(nostd::proof_cargo().arg("fmt"))
+    cmd::run(nostd::proof_cargo().arg("fmt"))?;
+    cmd::run(bochs_hv::kernel_cargo().arg("fmt"))
 }
 
 fn fmt_check() -> Result<()> {

@@ -29,7 +29,7 @@ enum Task {
     /// The binary is #![no_std] and #![no_main], links tdp-core without std or libc, exercises it, and
     /// exits 0 only if tdp-core gave the expected answers.
     Nostd,
-    /// Format the workspace and the no_std proof crate in place.
+    /// Format the workspace, the no_std proof crate and the Bochs kernel (examples/bochs-hv) in place.
     Fmt,
     /// Measure tdp beside its peers and limits in one run; print the table and write
     /// target/bench/summary.json (a list of {name, ours, peer, unit, ratio}).
