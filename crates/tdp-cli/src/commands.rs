@@ -40,7 +40,16 @@ fn summary(guest: &dyn Guest, fallback: Option<String>, cfg: &crate::guest::Gues
     }
 }
 
-/// `tdp migrate`.
+/// `tdp migrate`: returns the exit code after printing the report.
+///
+/// ```
+/// use clap::Parser;
+/// use tdp_cli::cli::{Cli, Command};
+/// let cli = Cli::try_parse_from(["tdp", "migrate", "--backend", "mock", "--memory", "1M", "--json"])?;
+/// let Command::Migrate(args) = &cli.command else { return Err("parsed as another command".into()) };
+/// assert_eq!(tdp_cli::commands::migrate_cmd(args), tdp_cli::commands::EXIT_OK);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
     let (kvm_cfg, mock_cfg) = match args.guest.configs() {
         Ok(c) => c,
@@ -174,7 +183,19 @@ fn print_migrate_json(
     });
 }
 
-/// `tdp receive`.
+/// `tdp receive`: serves one migration, returns the exit code after printing the report.
+///
+/// ```
+/// use clap::Parser;
+/// use tdp_cli::cli::{Cli, Command};
+/// // A port that is taken cannot be listened on: exit code 1 and a message, no panic.
+/// let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// let addr = taken.local_addr()?.to_string();
+/// let cli = Cli::try_parse_from(["tdp", "receive", "--listen", addr.as_str()])?;
+/// let Command::Receive(args) = &cli.command else { return Err("parsed as another command".into()) };
+/// assert_eq!(tdp_cli::commands::receive_cmd(args), tdp_cli::commands::EXIT_FAILED);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
     let listener = match TcpListener::bind(args.listen) {
         Ok(l) => l,
@@ -221,7 +242,16 @@ pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
     }
 }
 
-/// `tdp dirty-rate`.
+/// `tdp dirty-rate`: returns the exit code after printing the report.
+///
+/// ```
+/// use clap::Parser;
+/// use tdp_cli::cli::{Cli, Command};
+/// let cli = Cli::try_parse_from(["tdp", "dirty-rate", "--backend", "mock", "--memory", "1M", "--window-ms", "50"])?;
+/// let Command::DirtyRate(args) = &cli.command else { return Err("parsed as another command".into()) };
+/// assert_eq!(tdp_cli::commands::dirty_rate_cmd(args), tdp_cli::commands::EXIT_OK);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn dirty_rate_cmd(args: &DirtyRateArgs) -> i32 {
     let (kvm_cfg, mock_cfg) = match args.guest.configs() {
         Ok(c) => c,

@@ -293,6 +293,17 @@ impl Throttle {
     /// Called by vCPU `vcpu`'s thread at an exit after it dirtied `pages` pages since its last call:
     /// sleeps as long as keeps the vCPU within its quota (at most [`MAX_SLEEP`]) and returns the time
     /// slept. `pacer` is the thread's own bookkeeping.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tdp_cli::converge::{Pacer, Throttle};
+    /// let throttle = Throttle::new(2);
+    /// let mut pacer = Pacer::new();
+    /// assert_eq!(throttle.pace(0, &mut pacer, 10_000), Duration::ZERO, "no quota: no sleep");
+    /// throttle.set_quota(0, Some(1000)); // 1000 pages/s
+    /// assert!(throttle.pace(0, &mut pacer, 20) > Duration::ZERO, "20 pages at once is over 1000/s");
+    /// assert_eq!(throttle.throttled_exits(0), 1);
+    /// ```
     pub fn pace(&self, vcpu: usize, pacer: &mut Pacer, pages: u64) -> Duration {
         let Some(quota) = self.quota(vcpu) else {
             *pacer = Pacer::new();

@@ -38,6 +38,31 @@ pub struct Options {
 /// On success the guest is paused (its memory now lives at the destination); on failure it is resumed
 /// and left running, and the failure says so.
 ///
+/// ```
+/// use std::time::Duration;
+/// use tdp_cli::converge::Policy;
+/// use tdp_cli::guest::{GuestConfig, Mode, Pattern};
+/// use tdp_cli::link::Link;
+/// use tdp_cli::migrate::{migrate, Options, Silent};
+/// use tdp_cli::mock::MockGuest;
+/// use tdp_cli::receiver::{spawn_loopback, ReceiverConfig};
+///
+/// let cfg = GuestConfig { memory: 1 << 20, vcpus: 2, pattern: Pattern::Random, rate_pages: 4096,
+///     mode: Mode::Ring, ring_entries: 512 };
+/// let mut guest = MockGuest::start(cfg)?;
+/// let rcfg = ReceiverConfig { max_memory: 1 << 30, exit_after_rounds: None, drop_after_rounds: None,
+///     idle_timeout: Duration::from_secs(10) };
+/// let (addr, destination) = spawn_loopback(rcfg)?;
+/// let policy = Policy { max_rounds: 5, downtime_target: Duration::from_millis(50), dirty_limit: true,
+///     vcpu_quota: None };
+/// let report = migrate(&mut guest, &mut || Link::connect(addr, None), Options { policy, retries: 0 }, &mut Silent)
+///     .map_err(|f| f.error)?;
+/// assert!(report.verified, "the destination holds the source's memory byte for byte");
+/// let received = destination.join().map_err(|_| "receiver thread")??;
+/// assert_eq!(received.digest, report.source_digest);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Errors
 /// [`MigrationFailure`] with the cause, the pages still owed and whether the guest runs.
 pub fn migrate<S: Read + Write>(

@@ -81,6 +81,29 @@ pub struct Session {
 
 /// Accepts connections on `listener` and serves one session, resuming it after lost connections.
 ///
+/// ```
+/// use std::time::Duration;
+/// use tdp_cli::link::Link;
+/// use tdp_cli::receiver::{accept_and_serve, ReceiverConfig};
+///
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// let addr = listener.local_addr()?;
+/// let cfg = ReceiverConfig { max_memory: 1 << 20, exit_after_rounds: None, drop_after_rounds: None,
+///     idle_timeout: Duration::from_secs(5) };
+/// let dest = std::thread::spawn(move || accept_and_serve(&listener, cfg));
+/// let mut link = Link::connect(addr, None)?;
+/// assert!(!link.hello(2, 42, false)?, "a new session");
+/// link.send_pages(1, &[7u8; 4096], 0)?;
+/// link.end_round(0, 1)?;
+/// let (hash, received) = link.digest()?;
+/// link.done(true)?;
+/// let mut memory = vec![0u8; 2 * 4096];
+/// memory[4096..].fill(7);
+/// assert_eq!((hash, received), (*blake3::hash(&memory).as_bytes(), 1));
+/// assert!(dest.join().map_err(|_| "receiver thread")??.matched);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Errors
 /// [`ReceiveError`] for a failed accept, a refused session, or a connection lost with no reconnection
 /// within the idle timeout.
