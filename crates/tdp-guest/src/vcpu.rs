@@ -165,7 +165,7 @@ impl GuestVcpu {
         match unexpected {
             Unexpected::Shutdown => GuestError::TripleFault { vcpu, rip },
             Unexpected::Other(exit) => {
-                let exit = match self.instruction_at(rip) {
+                let exit = match instruction_at(&self.code, rip) {
                     Some(insn) => format!("{exit} (instruction at rip: {insn})"),
                     None => exit,
                 };
@@ -173,27 +173,25 @@ impl GuestVcpu {
             }
         }
     }
+}
 
-    /// Decodes the program's instruction at `rip`, if `rip` is inside the code page.
-    fn instruction_at(&self, rip: u64) -> Option<String> {
-        let code_start = Layout::code_gpa(CODE_PAGE);
-        if !(code_start..code_start + PAGE_SIZE).contains(&rip) {
-            return None;
-        }
-        let mut bytes = [0u8; 16];
-        let aligned = rip & !7;
-        let mut raw = [0u8; 24];
-        let len = (code_start + PAGE_SIZE - aligned).min(24) as usize;
-        if !self.code.copy_out(aligned, &mut raw[..len]) {
-            return None;
-        }
-        let skip = (rip - aligned) as usize;
-        let n = (len - skip).min(16);
-        bytes[..n].copy_from_slice(&raw[skip..skip + n]);
-        let mut d = iced_x86::Decoder::with_ip(64, &bytes[..n], rip, iced_x86::DecoderOptions::NONE);
-        let insn = d.decode();
-        Some(format!("{:?}", insn.code()))
+/// Decodes the program's instruction at `rip` for an error message, if `rip` is inside the code page
+/// (`code` is the code slot).
+fn instruction_at(code: &MmapRegion, rip: u64) -> Option<String> {
+    let code_start = Layout::code_gpa(CODE_PAGE);
+    if !(code_start..code_start + PAGE_SIZE).contains(&rip) {
+        return None;
     }
+    // Copy whole words (the region is read word by word), then decode from `rip`'s byte.
+    let aligned = rip & !7;
+    let mut raw = [0u8; 24];
+    let len = (code_start + PAGE_SIZE - aligned).min(24) as usize;
+    if !code.copy_out(aligned, &mut raw[..len]) {
+        return None;
+    }
+    let bytes = &raw[(rip - aligned) as usize..len];
+    let mut d = iced_x86::Decoder::with_ip(64, bytes, rip, iced_x86::DecoderOptions::NONE);
+    Some(format!("{:?}", d.decode().code()))
 }
 
 /// Puts vCPU `index` in 64-bit mode at CPL3 at the program's first instruction.
@@ -234,6 +232,22 @@ mod tests {
         assert_eq!(CR4_LONG_MODE, 0x20);
         assert_eq!(EFER_LONG_MODE, 0x500);
         assert_eq!(RFLAGS_CPL3_IO, 0x3002);
+    }
+
+    #[test]
+    fn error_messages_name_the_program_instruction_at_rip() {
+        let code = MmapRegion::new(5 * 4096).unwrap_or_else(|e| panic!("{e}"));
+        let start = Layout::code_gpa(CODE_PAGE);
+        let mut program = crate::program::assemble(start).unwrap_or_else(|e| panic!("{e}"));
+        program.resize(program.len().next_multiple_of(8), 0x90);
+        assert!(code.copy_in(start, &program));
+        // The first instruction loads GEN: mov rax, [rsi+104].
+        assert_eq!(instruction_at(&code, start).as_deref(), Some("Mov_r64_rm64"));
+        // Mid-word rips decode from the right byte: the second instruction is `test eax, 1`.
+        let second = start + 4; // `mov rax, [rsi+0x68]` is 4 bytes (48 8B 46 68)
+        assert_eq!(instruction_at(&code, second).as_deref(), Some("Test_EAX_imm32"));
+        assert_eq!(instruction_at(&code, start - 1), None, "outside the program page");
+        assert_eq!(instruction_at(&code, start + 4096), None);
     }
 
     #[test]

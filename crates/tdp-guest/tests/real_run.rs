@@ -285,3 +285,32 @@ fn filled_pages_hold_the_iteration_in_every_word() -> Result<(), GuestError> {
     assert_eq!(vm.page_iteration(2)?, 0x1122_3344_5566_7788);
     Ok(())
 }
+
+#[test]
+fn an_unexpected_exit_is_an_error_naming_the_exit_and_rip() -> Result<(), GuestError> {
+    let Some(mut vm) = vm_or_skip(GuestSpec::new(16, 1), "unexpected exit") else { return Ok(()) };
+    let mut vcpus = vm.create_vcpus()?;
+    assert!(matches!(vcpus[0].run()?, GuestExit::BatchDone { .. }));
+    // Put an `in al, 0x60` (assembled, like the program) in data page 3 and jump there: a port read the
+    // program never does, so KVM_EXIT_IO (in) must come back as an error, not be taken for a batch.
+    let entry = tdp_guest::DATA_GPA + 3 * 4096;
+    let mut asm = iced_x86::code_asm::CodeAssembler::new(64).map_err(GuestError::Assemble)?;
+    asm.in_(iced_x86::code_asm::al, 0x60).map_err(GuestError::Assemble)?;
+    let mut code = asm.assemble(entry).map_err(GuestError::Assemble)?;
+    code.resize(4096, 0);
+    vm.write_data_page(3, &code)?;
+    let fd = vcpus[0].fd();
+    let mut regs = fd.get_regs().map_err(|source| GuestError::Ioctl { op: "KVM_GET_REGS", source })?;
+    regs.rip = entry;
+    fd.set_regs(&regs).map_err(|source| GuestError::Ioctl { op: "KVM_SET_REGS", source })?;
+    match vcpus[0].run() {
+        Err(GuestError::UnexpectedExit { vcpu: 0, exit, rip }) => {
+            assert!(exit.starts_with("IoIn(96"), "{exit}");
+            assert!((entry..entry + 4096).contains(&rip), "rip {rip:#x}");
+            let msg = GuestError::UnexpectedExit { vcpu: 0, exit, rip }.to_string();
+            assert!(msg.contains("unexpected exit IoIn(96") && msg.contains("vCPU 0"), "{msg}");
+        }
+        other => panic!("expected an unexpected-exit error, got {other:?}"),
+    }
+    Ok(())
+}
