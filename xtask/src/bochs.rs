@@ -22,9 +22,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
 
 use crate::{cmd, install};
+
+pub mod result;
+
+use result::{RESULT_PREFIX, check_broken};
+pub use result::{RunResult, compare, parse_output};
 
 /// The Debian packages a run needs (`shared/recipes/bochs-vmx.md`, "Packages").
 pub const APT_PACKAGES: &[&str] =
@@ -46,13 +50,6 @@ pub const KNOWN_MODELS: &[&str] = &[
 
 /// How long one Bochs run may take; a run takes about 1.5 s.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The prefix of the result line.
-const RESULT_PREFIX: &str = "TDP-RESULT ";
-/// The prefix of the kernel's panic / exception line.
-const PANIC_PREFIX: &str = "TDP-PANIC ";
-/// The check the broken build must fail.
-const HARVEST_CHECK: &str = "harvest holds exactly the written pages";
 
 /// Which kernel build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,24 +190,6 @@ pub fn lint() -> Result<()> {
     Ok(())
 }
 
-/// The broken build must have run (a result line), say it is broken, and fail a harvest check.
-fn check_broken(r: &RunResult) -> Result<()> {
-    if !r.broken {
-        bail!("the result says the kernel was not built with broken-ept");
-    }
-    if r.verdict != "fail" {
-        bail!("verdict {} with every check passed: the checks cannot see a broken EPT", r.verdict);
-    }
-    if !r.failed_checks().contains(&HARVEST_CHECK) {
-        bail!(
-            "it failed, but not the harvest check (failed: {:?}); guest error {:?}",
-            r.failed_checks(),
-            r.guest_error
-        );
-    }
-    Ok(())
-}
-
 const BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
 const VGABIOS: &str = "/usr/share/vgabios/vgabios.bin";
 
@@ -318,21 +297,6 @@ fn boot(variant: Variant, model: &str, iso: &Path) -> Result<(RunResult, f64)> {
     Ok((result, secs))
 }
 
-/// The result line of a run's output, parsed; a panic line or no result line is an error.
-///
-/// # Errors
-/// The kernel's `TDP-PANIC` line, an unparsable result, or the last lines when there is no result.
-pub fn parse_output(text: &str) -> Result<RunResult> {
-    if let Some(panic) = text.lines().find_map(|l| l.strip_prefix(PANIC_PREFIX)) {
-        bail!("the kernel stopped: {panic}");
-    }
-    let Some(json) = text.lines().find_map(|l| l.strip_prefix(RESULT_PREFIX)) else {
-        let tail: Vec<&str> = text.lines().rev().take(5).collect();
-        bail!("no {RESULT_PREFIX:?} line in the output; last lines: {tail:?}");
-    };
-    serde_json::from_str(json).with_context(|| format!("cannot parse the result: {json}"))
-}
-
 /// Runs `scenario_mock` for `models` (the broken variant with `broken`) and parses its result lines.
 fn mock_results(models: &[String], broken: bool) -> Result<Vec<RunResult>> {
     let mut cargo = cmd::cargo();
@@ -357,175 +321,9 @@ fn mock_results(models: &[String], broken: bool) -> Result<Vec<RunResult>> {
     Ok(results)
 }
 
-/// What must agree between the Bochs run and the mock run of one model; each difference, described.
-#[must_use]
-pub fn compare(bochs: &RunResult, mock: &RunResult) -> Vec<String> {
-    let mut diffs = Vec::new();
-    let tables = &bochs.guest_table_gfns;
-    let without_tables = |h: &[Vec<u64>]| -> Vec<Vec<u64>> {
-        h.iter().map(|s| s.iter().copied().filter(|g| !tables.contains(g)).collect()).collect()
-    };
-    if without_tables(&bochs.harvests) != mock.harvests {
-        diffs.push(format!("harvests: bochs {:x?}, mock {:x?}", bochs.harvests, mock.harvests));
-    }
-    for (when, b, m) in [
-        ("after the run", &bochs.translations, &mock.translations),
-        ("before logging", &bochs.early_translations, &mock.early_translations),
-    ] {
-        if b.len() != m.len() {
-            diffs.push(format!("{} translations {when} on bochs, {} on the mock", b.len(), m.len()));
-        }
-        for (b, m) in b.iter().zip(m) {
-            if b != m {
-                diffs.push(format!("translation of gfn {:#x} {when}: bochs {b:?}, mock {m:?}", b.gfn));
-            }
-        }
-    }
-    if (bochs.mmio_reads, &bochs.mmio_writes) != (mock.mmio_reads, &mock.mmio_writes) {
-        diffs.push(format!(
-            "MMIO: bochs {} reads {:x?}, mock {} reads {:x?}",
-            bochs.mmio_reads, bochs.mmio_writes, mock.mmio_reads, mock.mmio_writes
-        ));
-    }
-    if bochs.steps_completed != mock.steps_completed {
-        diffs
-            .push(format!("steps completed: bochs {}, mock {}", bochs.steps_completed, mock.steps_completed));
-    }
-    if bochs.verdict != mock.verdict {
-        diffs.push(format!("verdict: bochs {}, mock {}", bochs.verdict, mock.verdict));
-    }
-    diffs
-}
-
-/// One run's `TDP-RESULT` line (the fields the comparison and the report use).
-#[derive(Clone, Debug, Deserialize)]
-pub struct RunResult {
-    /// `bochs` or `mock`.
-    pub runner: String,
-    /// The CPU (Bochs: its brand string; mock: the model name).
-    pub model: String,
-    /// `EPT_PML` or `EPT`.
-    pub mmu: String,
-    /// Built with `broken-ept`.
-    pub broken: bool,
-    /// Steps the guest finished.
-    pub steps_completed: u64,
-    /// EPT violations handled (mock: fault-handler calls).
-    pub ept_violations: u64,
-    /// EPT misconfigurations handled.
-    pub ept_misconfigs: u64,
-    /// Flushes the core asked for.
-    pub flushes: u64,
-    /// INVEPTs executed for them.
-    pub invepts: u64,
-    /// MMIO reads emulated.
-    pub mmio_reads: u64,
-    /// MMIO writes emulated, `(gpa, value)`.
-    pub mmio_writes: Vec<(u64, u64)>,
-    /// Why the guest stopped early.
-    pub guest_error: Option<String>,
-    /// The guest's page-table gfns (allowed in a Bochs harvest).
-    pub guest_table_gfns: Vec<u64>,
-    /// The harvested gfns per harvest.
-    pub harvests: Vec<Vec<u64>>,
-    /// The sampled translations after the run.
-    pub translations: Vec<TranslationJson>,
-    /// The same sample just before dirty logging started.
-    pub early_translations: Vec<TranslationJson>,
-    /// The checks.
-    pub checks: Vec<CheckJson>,
-    /// Checks passed.
-    pub passed: u64,
-    /// Checks failed.
-    pub failed: u64,
-    /// `pass` or `fail`.
-    pub verdict: String,
-}
-
-impl RunResult {
-    /// The names of the failed checks.
-    #[must_use]
-    pub fn failed_checks(&self) -> Vec<&str> {
-        self.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect()
-    }
-}
-
-/// One sampled translation.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct TranslationJson {
-    /// The gfn.
-    pub gfn: u64,
-    /// `leaf`, `mmio` or `none`.
-    pub kind: String,
-    /// A leaf's slot.
-    pub slot: Option<u16>,
-    /// A leaf's slot-relative page.
-    pub page: Option<u64>,
-    /// A leaf's level.
-    pub level: Option<u8>,
-    /// A leaf's R/W/X bits.
-    pub rwx: Option<u8>,
-}
-
-/// One check.
-#[derive(Clone, Debug, Deserialize)]
-pub struct CheckJson {
-    /// What was checked.
-    pub name: String,
-    /// Whether it held.
-    pub ok: bool,
-    /// What was seen.
-    pub detail: String,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const LINE: &str = r#"TDP-RESULT {"runner":"bochs","model":"cpu","mmu":"EPT","broken":false,"features":["ept"],"steps_completed":3,"ept_violations":4,"ept_misconfigs":1,"flushes":2,"invepts":2,"mmio_reads":1,"ring_lost":0,"guest_error":null,"mmio_writes":[[8388616,5]],"guest_table_gfns":[1,2,3],"harvests":[[],[1,513]],"translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":1,"rwx":7},{"gfn":2048,"kind":"mmio"}],"early_translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":2,"rwx":7}],"checks":[{"name":"harvest holds exactly the written pages","ok":true,"detail":""}],"passed":1,"failed":0,"verdict":"pass"}"#;
-
-    fn parsed() -> RunResult {
-        parse_output(&format!("bochs-hv: booting\n{LINE}\n")).unwrap()
-    }
-
-    #[test]
-    fn the_result_line_parses_and_a_panic_line_is_an_error() {
-        let r = parsed();
-        assert_eq!(
-            (r.verdict.as_str(), r.harvests.len(), r.translations[1].kind.as_str()),
-            ("pass", 2, "mmio")
-        );
-        let err = parse_output("TDP-PANIC exception 14 at rip 0x1000\n").unwrap_err();
-        assert!(err.to_string().contains("exception 14"), "{err}");
-        assert!(parse_output("GRUB loading\n").is_err());
-    }
-
-    #[test]
-    fn comparison_sets_guest_tables_aside_and_catches_differences() {
-        let bochs = parsed();
-        let mut mock = parsed();
-        mock.harvests = vec![vec![], vec![513]];
-        assert_eq!(compare(&bochs, &mock), Vec::<String>::new(), "gfn 1 is a guest page table");
-        mock.harvests[1].push(514);
-        mock.translations[0].rwx = Some(5);
-        mock.early_translations[0].level = Some(1);
-        let diffs = compare(&bochs, &mock);
-        assert_eq!(diffs.len(), 3, "{diffs:?}");
-        assert!(diffs[0].starts_with("harvests") && diffs[1].contains("0x201 after"), "{diffs:?}");
-        assert!(diffs[2].contains("0x201 before logging"), "{diffs:?}");
-    }
-
-    #[test]
-    fn a_broken_run_must_fail_a_harvest_check() {
-        let mut r = parsed();
-        r.broken = true;
-        assert!(check_broken(&r).is_err(), "a passing broken run is an error");
-        r.verdict = "fail".into();
-        r.checks[0].ok = false;
-        check_broken(&r).unwrap();
-        r.checks[0].name = "guest ran every step".into();
-        assert!(check_broken(&r).is_err(), "failing for another reason proves nothing");
-    }
 
     #[test]
     fn bochsrc_names_the_model_and_the_run_files() {
