@@ -252,6 +252,7 @@ impl<S: Read + Write> Migration<S> {
                     0.0
                 },
                 estimated_downtime_ms: step.estimated_downtime.as_secs_f64() * 1e3,
+                vcpu_dirty_pages_per_sec: obs.vcpu_rates.clone(),
                 vcpu_quota: conv.quota(),
                 ms: round_time.as_secs_f64() * 1e3,
             };

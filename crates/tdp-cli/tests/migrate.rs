@@ -31,6 +31,8 @@ fn i4_migrate_with_defaults_verifies_on_kvm() {
     assert_eq!(v["guest"]["backend"], "kvm");
     assert_eq!(v["guest"]["mode"], "ring");
     assert_eq!(v["loopback_receiver"], true);
+    let per_vcpu = v["rounds"][0]["vcpu_dirty_pages_per_sec"].as_array().map_or(0, Vec::len);
+    assert_eq!(per_vcpu, 2, "the ring gives each vCPU's dirty rate: {v}");
 
     let text = run(&["migrate", "--memory", "8M"]);
     let stdout = String::from_utf8_lossy(&text.stdout);

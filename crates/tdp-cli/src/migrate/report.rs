@@ -19,6 +19,8 @@ pub struct RoundReport {
     pub throughput_mib_s: f64,
     /// Estimated downtime if stopped after this round, ms.
     pub estimated_downtime_ms: f64,
+    /// Each vCPU's dirty rate in the round, pages/s, where the tracker tells them apart (ring); else empty.
+    pub vcpu_dirty_pages_per_sec: Vec<f64>,
     /// Per-vCPU quota in force after the round, pages/s (None: unthrottled).
     pub vcpu_quota: Option<u64>,
     /// Round wall time, ms.
