@@ -35,7 +35,7 @@ pub struct Started {
 /// use tdp_cli::guest::{GuestConfig, Mode, Pattern};
 ///
 /// let cfg = GuestConfig { memory: 1 << 20, vcpus: 1, pattern: Pattern::Sequential, rate_pages: 0,
-///     mode: Mode::Bitmap, ring_entries: 256 };
+///     mode: Mode::Bitmap, ring_entries: 256, fill: false };
 /// let mut started = start(Backend::Mock, cfg, cfg)?;
 /// assert_eq!(started.guest.backend(), "mock");
 /// started.guest.shutdown()?;

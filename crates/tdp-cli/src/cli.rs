@@ -69,6 +69,9 @@ pub struct GuestArgs {
     /// Which machine runs the guest: KVM when usable else the mock (auto), KVM only, or the mock.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,
+    /// Write whole pages (every word) instead of the iteration number and the vCPU's tag only.
+    #[arg(long)]
+    pub fill: bool,
     /// The KVM device (tests name a missing one to exercise the fallback to the mock).
     #[arg(long, hide = true, default_value = "/dev/kvm")]
     pub kvm_device: std::path::PathBuf,
@@ -236,6 +239,7 @@ impl GuestArgs {
             rate_pages: self.dirty_rate.pages_per_sec,
             mode: self.mode,
             ring_entries: e,
+            fill: self.fill,
         };
         Ok((cfg, GuestConfig { memory: mock_memory.min(crate::mock::MAX_MOCK_MEMORY), ..cfg }))
     }

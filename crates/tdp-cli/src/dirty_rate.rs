@@ -46,7 +46,7 @@ pub struct DirtyRateReport {
 /// use tdp_cli::mock::MockGuest;
 ///
 /// let cfg = GuestConfig { memory: 1 << 20, vcpus: 2, pattern: Pattern::Sequential, rate_pages: 0,
-///     mode: Mode::Ring, ring_entries: 256 };
+///     mode: Mode::Ring, ring_entries: 256, fill: false };
 /// let mut guest = MockGuest::start(cfg)?;
 /// let report = measure(&mut guest, Mode::Ring, Duration::from_millis(100))?;
 /// assert!(report.vcpus.iter().all(|v| v.pages_per_sec > 0.0));

@@ -50,6 +50,8 @@ pub struct GuestConfig {
     pub mode: Mode,
     /// Dirty ring entries per vCPU (ring mode).
     pub ring_entries: u32,
+    /// Write every word of each page picked (else the iteration number and the vCPU's tag only).
+    pub fill: bool,
 }
 
 /// The result of one harvest.

@@ -71,7 +71,7 @@ impl KvmGuest {
     /// use tdp_cli::pending::PendingSet;
     ///
     /// let cfg = GuestConfig { memory: 4 << 20, vcpus: 2, pattern: Pattern::Random, rate_pages: 0,
-    ///     mode: Mode::Ring, ring_entries: 4096 };
+    ///     mode: Mode::Ring, ring_entries: 4096, fill: false };
     /// let mut guest = match KvmGuest::start(cfg) {
     ///     Ok(g) => g,
     ///     Err(KvmStartError::Unavailable(why)) => { eprintln!("SKIPPED: {why}"); return Ok(()); }
@@ -137,7 +137,7 @@ impl KvmGuest {
                     tdp_guest::Pattern::Hot { hot_pages: (share.pages / 8).max(1), percent: 90 }
                 }
             };
-            let w = Workload { pattern, batch: batch.min(share.pages), ..share };
+            let w = Workload { pattern, batch: batch.min(share.pages), ..share }.with_fill(cfg.fill);
             vm.set_workload(i, &w).map_err(|e| GuestError::new(format!("setting vCPU {i}'s workload"), e))?;
         }
         let vcpus = vm.create_vcpus().map_err(|e| GuestError::new("creating the vCPUs", e))?;

@@ -48,7 +48,7 @@ pub struct Options {
 /// use tdp_cli::receiver::{spawn_loopback, ReceiverConfig};
 ///
 /// let cfg = GuestConfig { memory: 1 << 20, vcpus: 2, pattern: Pattern::Random, rate_pages: 4096,
-///     mode: Mode::Ring, ring_entries: 512 };
+///     mode: Mode::Ring, ring_entries: 512, fill: false };
 /// let mut guest = MockGuest::start(cfg)?;
 /// let rcfg = ReceiverConfig { max_memory: 1 << 30, exit_after_rounds: None, drop_after_rounds: None,
 ///     idle_timeout: Duration::from_secs(10) };

@@ -102,7 +102,7 @@ impl MockGuest {
     /// use tdp_cli::pending::PendingSet;
     ///
     /// let cfg = GuestConfig { memory: 1 << 20, vcpus: 2, pattern: Pattern::Random, rate_pages: 0,
-    ///     mode: Mode::Ring, ring_entries: 256 };
+    ///     mode: Mode::Ring, ring_entries: 256, fill: false };
     /// let mut guest = MockGuest::start(cfg)?;
     /// let mut pending = PendingSet::new(guest.pages());
     /// let h = guest.run_for(std::time::Duration::from_millis(50), &mut pending)?;

@@ -115,9 +115,12 @@ pub(crate) fn run(s: &Shared, mut vcpu: Vcpu, index: usize, cfg: GuestConfig) {
         let batch = (0..BATCH).try_for_each(|_| {
             iteration += 1;
             let page = picker.pick();
-            let gpa = Gpa(Gfn(page).gpa().0 + 8 * (index as u64 % 512));
+            let words = if cfg.fill { 0..512 } else { index as u64 % 512..index as u64 % 512 + 1 };
             let _in_flight = s.in_flight.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            vcpu.write_u64(s.machine.mmu(), gpa, iteration).map(|_| ())
+            words.into_iter().try_for_each(|w| {
+                let gpa = Gpa(Gfn(page).gpa().0 + 8 * w);
+                vcpu.write_u64(s.machine.mmu(), gpa, iteration ^ w).map(|_| ())
+            })
         });
         if let Err(e) = batch {
             break Err(format!("mock vCPU {index}: a guest write failed: {e}"));
