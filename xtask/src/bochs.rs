@@ -113,13 +113,14 @@ pub fn run(models: &[String], broken_only: bool) -> Result<()> {
             let differences = compare(&bochs, mock);
             writeln!(
                 report,
-                "{model}: bochs {} ({}/{} checks, {} EPT violations, {} misconfigs, {} flushes = {} INVEPTs, {secs:.1} s), \
+                "{model}: bochs {} ({}/{} checks, {} EPT violations, {} misconfigs, {} PML-full exits, {} flushes = {} INVEPTs, {secs:.1} s), \
                  mock {} ({} faults); harvests {:?}",
                 bochs.verdict,
                 bochs.passed,
                 bochs.passed + bochs.failed,
                 bochs.ept_violations,
                 bochs.ept_misconfigs,
+                bochs.pml_full_exits,
                 bochs.flushes,
                 bochs.invepts,
                 mock.verdict,

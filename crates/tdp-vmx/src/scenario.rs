@@ -88,6 +88,16 @@ pub enum Step {
         /// The value written.
         value: u64,
     },
+    /// Write `value` at `gpa`, `gpa + 4096`, ... in `pages` consecutive pages (a loop in the guest):
+    /// enough pages to fill Intel's 512-entry PML log and take its log-full exit.
+    WriteRange {
+        /// 8-byte aligned address in the first page, in the data slot.
+        gpa: Gpa,
+        /// How many pages, all in the data slot.
+        pages: u64,
+        /// The value written to each.
+        value: u64,
+    },
     /// Jump to code at `gpa` (placed there by the runner before the run) and come back.
     Exec {
         /// 16-byte aligned address in the data slot, on a page no step writes or reads.
@@ -130,6 +140,8 @@ const SYS: SlotSpec = SlotSpec { id: SlotId(0), base_gfn: Gfn(0), pages: 0x200, 
 /// a tail that only 4 KiB leaves can map.
 const DATA: SlotSpec = SlotSpec { id: SlotId(1), base_gfn: Gfn(0x200), pages: 0x280, role: SlotRole::Data };
 const MMIO: Gpa = Gpa(0x80_0000);
+/// Pages of the range writes: 0x250..0x480, more than a PML log holds.
+const RANGE_PAGES: u64 = 0x480 - 0x250;
 
 const fn w(gfn: u64, offset: u64, value: u64) -> Step {
     Step::Write { gpa: Gpa(gfn * 4096 + offset), value }
@@ -178,9 +190,28 @@ pub const SCENARIO: Scenario = Scenario {
         // Nothing written: an empty harvest.
         r(0x300, 0x30),
         Step::Harvest,
+        // Many pages: first by faults (the reset then cleans their D bits, or write-protects them), then
+        // again, which with PML logs more than the log's 512 entries and takes a log-full exit.
+        Step::WriteRange { gpa: Gpa(0x250 * 4096 + 0x800), pages: RANGE_PAGES, value: 0x7777_0000_0000_0001 },
+        Step::Harvest,
+        Step::WriteRange { gpa: Gpa(0x250 * 4096 + 0x800), pages: RANGE_PAGES, value: 0x8888_0000_0000_0002 },
+        r(0x47f, 0x800),
+        Step::Harvest,
     ],
     extra_samples: &[0x200, 0x2ff, 0x3ff, 0x400, 0x47f],
 };
+
+impl Step {
+    /// The data writes the step makes, as `(address, value)`, in order.
+    pub fn writes(&self) -> impl Iterator<Item = (Gpa, u64)> + use<> {
+        let (gpa, pages, value) = match *self {
+            Step::Write { gpa, value } => (gpa, 1, value),
+            Step::WriteRange { gpa, pages, value } => (gpa, pages, value),
+            _ => (Gpa(0), 0, 0),
+        };
+        (0..pages).map(move |i| (Gpa(gpa.0 + i * 4096), value))
+    }
+}
 
 /// The value the hypervisor returns for an MMIO read at `gpa`.
 #[must_use]
@@ -236,11 +267,16 @@ impl Scenario {
         for (index, step) in self.steps.iter().enumerate() {
             let fail = |why| Err(ScenarioError { index, step: *step, why });
             match *step {
-                Step::Read { gpa } | Step::Write { gpa, .. } => {
-                    if !gpa.0.is_multiple_of(8) || !in_data(gpa) {
+                Step::Read { gpa } | Step::Write { gpa, .. } | Step::WriteRange { gpa, .. } => {
+                    let touched: Vec<Gpa> = step
+                        .writes()
+                        .map(|(g, _)| g)
+                        .chain(matches!(step, Step::Read { .. }).then_some(gpa))
+                        .collect();
+                    if !gpa.0.is_multiple_of(8) || touched.iter().any(|&g| !in_data(g)) {
                         return fail("data access not 8-byte aligned in the data slot");
                     }
-                    if exec_pages.contains(&gpa.gfn().0) {
+                    if touched.iter().any(|g| exec_pages.contains(&g.gfn().0)) {
                         return fail("data access to a page that holds exec code");
                     }
                 }
@@ -275,10 +311,7 @@ impl Scenario {
                 self.steps[..index]
                     .iter()
                     .rev()
-                    .find_map(|s| match s {
-                        Step::Write { gpa: g, value } if g == gpa => Some(*value),
-                        _ => None,
-                    })
+                    .find_map(|s| s.writes().filter(|(g, _)| g == gpa).last().map(|(_, v)| v))
                     .unwrap_or(0),
             ),
             Step::MmioRead { gpa } => Some(mmio_value(*gpa)),
@@ -298,13 +331,14 @@ impl Scenario {
                 Step::StartLogging { slot } => {
                     logged.insert(slot.0);
                 }
-                Step::Write { gpa, .. }
-                    if self.slot_of(gpa.gfn()).is_some_and(|s| logged.contains(&s.id.0)) =>
-                {
-                    pending.insert(gpa.gfn().0);
-                }
                 Step::Harvest => harvests.push(core::mem::take(&mut pending)),
-                _ => {}
+                _ => {
+                    for (gpa, _) in step.writes() {
+                        if self.slot_of(gpa.gfn()).is_some_and(|s| logged.contains(&s.id.0)) {
+                            pending.insert(gpa.gfn().0);
+                        }
+                    }
+                }
             }
         }
         harvests
@@ -328,18 +362,22 @@ impl Scenario {
         self.steps.iter().filter(|s| matches!(s, Step::MmioRead { .. })).count() as u64
     }
 
-    /// The gfns whose translations are reported: every gfn a step touches, plus
-    /// [`Scenario::extra_samples`], sorted and without duplicates.
+    /// The gfns whose translations are reported: every gfn a step touches (of a range write, its
+    /// first and last page), plus [`Scenario::extra_samples`], sorted and without duplicates.
     #[must_use]
     pub fn sample_gfns(&self) -> Vec<u64> {
-        let touched = self.steps.iter().filter_map(|s| match *s {
+        let touched = self.steps.iter().flat_map(|s| match *s {
             Step::Read { gpa }
             | Step::Write { gpa, .. }
             | Step::Exec { gpa }
             | Step::MmioRead { gpa }
-            | Step::MmioWrite { gpa, .. } => Some(gpa.gfn().0),
-            Step::StartLogging { .. } | Step::Harvest => None,
+            | Step::MmioWrite { gpa, .. } => [Some(gpa.gfn().0), None],
+            Step::WriteRange { gpa, pages, .. } => {
+                [Some(gpa.gfn().0), Some(gpa.gfn().0 + pages.saturating_sub(1))]
+            }
+            Step::StartLogging { .. } | Step::Harvest => [None, None],
         });
+        let touched = touched.flatten();
         let all: BTreeSet<u64> = touched.chain(self.extra_samples.iter().copied()).collect();
         all.into_iter().collect()
     }
@@ -354,6 +392,7 @@ impl Scenario {
             let gpa = match *step {
                 Step::StartLogging { .. } => break,
                 Step::Read { gpa } | Step::Write { gpa, .. } | Step::Exec { gpa } => gpa,
+                Step::WriteRange { gpa, .. } => gpa,
                 _ => continue,
             };
             let gfn = gpa.gfn().0;

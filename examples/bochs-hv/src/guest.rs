@@ -5,6 +5,8 @@
 //! Each step becomes (`moffs` forms address guest-linear = guest-physical, as the tables are identity):
 //! - read / MMIO read: `mov rax, [gpa]`, `mov rcx, expected`, `cmp rax, rcx`, `je` over a fail stub;
 //! - write / MMIO write: `mov rax, value`, `mov [gpa], rax`;
+//! - range write: `mov rax, gpa`, `mov rdx, value`, `mov ecx, pages`, then a loop of `mov [rax], rdx`,
+//!   `add rax, 4096`, `dec ecx`, `jnz`;
 //! - exec: `mov rax, target`, `jmp rax`; at the target a stub `mov rcx, back`, `jmp rcx` returns;
 //! - start logging / harvest / end / fail: a hypercall: `mov edi, arg`, `mov ebx, code`, `vmcall`.
 //!
@@ -122,6 +124,15 @@ pub fn build(scenario: &Scenario) -> Result<u64, BuildError> {
                 e.read_check(gpa, expected, i)?;
             }
             Step::Write { gpa, value } | Step::MmioWrite { gpa, value } => e.write(gpa, value)?,
+            Step::WriteRange { gpa, pages, value } => {
+                let pages = u32::try_from(pages).map_err(|_| BuildError::Immediate(i))?;
+                e.imm64(&[0x48, 0xb8], gpa.0)?; // mov rax, imm64 (first address)
+                e.imm64(&[0x48, 0xba], value)?; // mov rdx, imm64
+                e.bytes(&[0xb9])?; // mov ecx, imm32 (pages)
+                e.bytes(&pages.to_le_bytes())?;
+                // loop: mov [rax], rdx; add rax, 4096; dec ecx; jnz loop (back 13 bytes).
+                e.bytes(&[0x48, 0x89, 0x10, 0x48, 0x05, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xf3])?;
+            }
             Step::Exec { gpa } => {
                 e.imm64(&[0x48, 0xb8], gpa.0)?; // mov rax, imm64
                 e.bytes(&[0xff, 0xe0])?; // jmp rax

@@ -117,6 +117,7 @@ impl Hv<'_, '_> {
         match report.exit {
             VmExit::EptViolation(_) => self.seen.ept_violations += 1,
             VmExit::EptMisconfig(_) => self.seen.ept_misconfigs += 1,
+            VmExit::PmlFull => self.seen.pml_full_exits += 1,
             _ => {}
         }
         match report.action {

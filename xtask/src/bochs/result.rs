@@ -74,6 +74,9 @@ pub fn compare(bochs: &RunResult, mock: &RunResult) -> Vec<String> {
             bochs.mmio_reads, bochs.mmio_writes, mock.mmio_reads, mock.mmio_writes
         ));
     }
+    if bochs.pml_full_exits != mock.pml_full_exits {
+        diffs.push(format!("PML-full exits: bochs {}, mock {}", bochs.pml_full_exits, mock.pml_full_exits));
+    }
     if bochs.steps_completed != mock.steps_completed {
         diffs
             .push(format!("steps completed: bochs {}, mock {}", bochs.steps_completed, mock.steps_completed));
@@ -107,6 +110,8 @@ pub struct RunResult {
     pub invepts: u64,
     /// MMIO reads emulated.
     pub mmio_reads: u64,
+    /// Page-modification log-full exits.
+    pub pml_full_exits: u64,
     /// MMIO writes emulated, `(gpa, value)`.
     pub mmio_writes: Vec<(u64, u64)>,
     /// Why the guest stopped early.
@@ -169,7 +174,7 @@ pub struct CheckJson {
 mod tests {
     use super::*;
 
-    const LINE: &str = r#"TDP-RESULT {"runner":"bochs","model":"cpu","mmu":"EPT","broken":false,"features":["ept"],"steps_completed":3,"ept_violations":4,"ept_misconfigs":1,"flushes":2,"invepts":2,"mmio_reads":1,"ring_lost":0,"guest_error":null,"mmio_writes":[[8388616,5]],"guest_table_gfns":[1,2,3],"harvests":[[],[1,513]],"translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":1,"rwx":7},{"gfn":2048,"kind":"mmio"}],"early_translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":2,"rwx":7}],"checks":[{"name":"harvest holds exactly the written pages","ok":true,"detail":""}],"passed":1,"failed":0,"verdict":"pass"}"#;
+    const LINE: &str = r#"TDP-RESULT {"runner":"bochs","model":"cpu","mmu":"EPT","broken":false,"features":["ept"],"steps_completed":3,"ept_violations":4,"ept_misconfigs":1,"pml_full_exits":0,"flushes":2,"invepts":2,"mmio_reads":1,"ring_lost":0,"guest_error":null,"mmio_writes":[[8388616,5]],"guest_table_gfns":[1,2,3],"harvests":[[],[1,513]],"translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":1,"rwx":7},{"gfn":2048,"kind":"mmio"}],"early_translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":2,"rwx":7}],"checks":[{"name":"harvest holds exactly the written pages","ok":true,"detail":""}],"passed":1,"failed":0,"verdict":"pass"}"#;
 
     fn parsed() -> RunResult {
         parse_output(&format!("bochs-hv: booting\n{LINE}\n")).unwrap()

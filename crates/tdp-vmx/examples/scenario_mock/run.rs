@@ -116,7 +116,8 @@ pub fn run(model: &str, mode: Mode, broken: bool) -> Result<MockRun, String> {
         m.mmu().write().insert_memslot(slot).map_err(|e| format!("memslot {}: {e}", s.id.0))?;
         bases.push((s.id.0, slot.host_base, s.pages));
     }
-    let cfg = RingConfig::new(1024, PML_ENTRIES).map_err(|e| format!("ring: {e}"))?;
+    // As the hypervisor's: room for the largest harvest below the soft limit.
+    let cfg = RingConfig::new(2048, PML_ENTRIES).map_err(|e| format!("ring: {e}"))?;
     let ring: &'static [DirtyGfn] = Box::leak((0..cfg.entries()).map(|_| DirtyGfn::zeroed()).collect());
     let producer = DirtyRingProducer::new(ring, cfg).map_err(|e| format!("ring: {e}"))?;
     let mut consumer = DirtyRingConsumer::new(ring, cfg).map_err(|e| format!("ring: {e}"))?;
@@ -149,6 +150,7 @@ pub fn run(model: &str, mode: Mode, broken: bool) -> Result<MockRun, String> {
     if let Err(e) = steps(&m, &mut vcpu, &sink, &mut consumer, &mut seen, &hooks) {
         seen.guest_error = Some(e);
     }
+    seen.pml_full_exits = vcpu.pml().map_or(0, |p| p.stats().full_exits);
     let counters = vcpu.cache().counters;
     seen.ept_violations = counters.fixed + counters.spurious + counters.retried + counters.emulated;
     let flushes = m.host().flush_stats();
@@ -193,8 +195,10 @@ fn steps(
                     return Err(format!("step {i}: read {got:#x}, expected {want:x?}"));
                 }
             }
-            Step::Write { gpa, value } => {
-                vcpu.write_u64(mmu, gpa, value).map_err(|e| err(&e))?;
+            Step::Write { .. } | Step::WriteRange { .. } => {
+                for (gpa, value) in step.writes() {
+                    vcpu.write_u64(mmu, gpa, value).map_err(|e| err(&e))?;
+                }
             }
             Step::Exec { gpa } => match vcpu.access(mmu, gpa, AccessKind::Exec).map_err(|e| err(&e))? {
                 AccessResult::Done { .. } => {}

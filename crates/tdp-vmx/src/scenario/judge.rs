@@ -113,6 +113,8 @@ pub struct Observed {
     pub ept_violations: u64,
     /// EPT misconfigurations handled (MMIO SPTEs hit again).
     pub ept_misconfigs: u64,
+    /// Page-modification log-full exits (PML only).
+    pub pml_full_exits: u64,
     /// Flushes the core asked for (calls of the host's flush methods).
     pub flushes: u64,
     /// INVEPT instructions executed for them (the mock counts the flushes it delivered).

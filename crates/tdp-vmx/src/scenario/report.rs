@@ -63,11 +63,12 @@ pub fn write_result_line(
     }
     write!(
         out,
-        "],\"steps_completed\":{},\"ept_violations\":{},\"ept_misconfigs\":{},\"flushes\":{},\"invepts\":{},\
+        "],\"steps_completed\":{},\"ept_violations\":{},\"ept_misconfigs\":{},\"pml_full_exits\":{},\"flushes\":{},\"invepts\":{},\
          \"mmio_reads\":{},\"ring_lost\":{},\"guest_error\":",
         seen.steps_completed,
         seen.ept_violations,
         seen.ept_misconfigs,
+        seen.pml_full_exits,
         seen.flushes,
         seen.invepts,
         seen.mmio_reads,

@@ -11,11 +11,14 @@ fn the_scenario_is_runnable() {
 #[test]
 fn expected_harvests_follow_logging_and_resets() {
     let h = SCENARIO.expected_harvests();
-    assert_eq!(h.len(), 4);
+    assert_eq!(h.len(), 6);
     assert!(h[0].is_empty(), "nothing is logged before logging starts");
     assert_eq!(h[1], [0x201, 0x202, 0x411, 0x412].into_iter().collect());
     assert_eq!(h[2], [0x202, 0x300].into_iter().collect());
     assert!(h[3].is_empty());
+    let range: BTreeSet<u64> = (0x250..0x480).collect();
+    assert_eq!((&h[4], &h[5]), (&range, &range), "every page of the range, twice");
+    assert!(range.len() > 512, "more pages than a PML log holds");
 }
 
 #[test]
@@ -29,6 +32,9 @@ fn huge_ranges_are_expected_at_level_2_before_logging() {
 
 #[test]
 fn reads_expect_the_last_write() {
+    let last = SCENARIO.steps.len() - 2;
+    assert!(matches!(SCENARIO.steps[last], Step::Read { .. }));
+    assert_eq!(SCENARIO.expected_read(last), Some(0x8888_0000_0000_0002), "the second range write");
     assert_eq!(SCENARIO.expected_read(1), Some(0x1111_0000_0000_0201));
     assert_eq!(SCENARIO.expected_read(4), Some(0), "never written");
     assert_eq!(SCENARIO.expected_read(0), None, "a write");
