@@ -49,19 +49,14 @@ fn i4_migrate_verifies_in_every_tracking_mode_on_kvm() {
     if !kvm_or_skip("i4_migrate_verifies_in_every_tracking_mode_on_kvm") {
         return;
     }
-    for (mode, pattern) in [("ring", "sequential"), ("bitmap", "random"), ("clear-log", "hot-set")] {
-        let out = run(&[
-            "migrate",
-            "--memory",
-            "8M",
-            "--mode",
-            mode,
-            "--pattern",
-            pattern,
-            "--json",
-            "--backend",
-            "kvm",
-        ]);
+    let cases = [("ring", "sequential", false), ("bitmap", "random", true), ("clear-log", "hot-set", false)];
+    for (mode, pattern, fill) in cases {
+        let mut args = vec!["migrate", "--memory", "8M", "--mode", mode, "--pattern", pattern, "--json"];
+        args.extend(["--backend", "kvm"]);
+        if fill {
+            args.push("--fill"); // whole pages change, not two words of them
+        }
+        let out = run(&args);
         assert!(out.status.success(), "{mode}: {}", both(&out));
         let v = json(&out);
         assert_verified(&v, mode);
@@ -282,7 +277,7 @@ fn i4_migrate_on_the_mock_says_so() {
     assert_eq!(v["guest"]["backend"], "mock");
     assert!(v["guest"]["machine"].as_str().is_some_and(|m| m.contains("tdp-mock machine, not KVM")), "{v}");
 
-    let out = run(&["migrate", "--backend", "mock", "--memory", "1M", "--mode", "bitmap"]);
+    let out = run(&["migrate", "--backend", "mock", "--memory", "1M", "--mode", "bitmap", "--fill"]);
     assert!(out.status.success(), "{}", both(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("tdp-mock machine, not KVM"), "{}", both(&out));
 }
