@@ -4,11 +4,12 @@
 //! # Why one description
 //! A check that a real CPU and the software model agree is only meaningful when both run the same
 //! workload and expect the same answer. So the memslots, the guest's accesses (read, write, execute,
-//! MMIO), the moment dirty logging starts and the harvests are data here ([`SCENARIO`]); the expected
-//! dirty set of every harvest and the value every read must return are computed from that data
-//! ([`Scenario::expected_harvests`], [`Scenario::expected_read`]); and a run's observations ([`Observed`])
-//! are judged by the same code ([`Scenario::evaluate`]) and printed in the same machine-readable line
-//! ([`report::write_result_line`]) whoever ran it.
+//! MMIO, and range writes over more pages than Intel's PML log holds), the moment dirty logging starts
+//! and the harvests are data here ([`SCENARIO`]); the expected dirty set of every harvest and the value
+//! every read must return are computed from that data ([`Scenario::expected_harvests`],
+//! [`Scenario::expected_read`]); and a run's observations ([`Observed`]) are judged by the same code
+//! ([`Scenario::evaluate`]) and printed in the same machine-readable line ([`report::write_result_line`])
+//! whoever ran it.
 //!
 //! # What differs between the runners
 //! Under Bochs the guest runs with its own page tables and code in the system slot, so the CPU also

@@ -114,6 +114,14 @@ impl Hv<'_, '_> {
         let report =
             handle_exit(self.vmx, self.mmu, &mut self.cache, &self.root, self.pml.as_mut(), &mut self.sink)
                 .map_err(|e| Stop::Error(format!("exit: {e}")))?;
+        if self.sink.must_exit() {
+            // The ring reached its soft limit: a VMM would harvest now, but this scenario harvests only
+            // where its steps say, so the ring is too small for it. Stop rather than risk a full ring.
+            return Err(Stop::Error(format!(
+                "dirty ring soft-full between harvests: {:?}",
+                self.sink.stats()
+            )));
+        }
         match report.exit {
             VmExit::EptViolation(_) => self.seen.ept_violations += 1,
             VmExit::EptMisconfig(_) => self.seen.ept_misconfigs += 1,
