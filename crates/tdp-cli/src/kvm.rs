@@ -128,6 +128,7 @@ impl KvmGuest {
         vm.set_dirty_logging(true).map_err(|e| GuestError::new("turning dirty logging on", e))?;
         let shares = pages.div_ceil(cfg.vcpus as u64);
         let batch = BATCH.min(shares.max(1));
+        let mut batches = Vec::with_capacity(cfg.vcpus);
         for i in 0..cfg.vcpus {
             let share = Workload::share(pages, cfg.vcpus as u64, i as u64, batch, tdp_guest::Pattern::Random);
             let pattern = match cfg.pattern {
@@ -139,6 +140,7 @@ impl KvmGuest {
             };
             let w = Workload { pattern, batch: batch.min(share.pages), ..share }.with_fill(cfg.fill);
             vm.set_workload(i, &w).map_err(|e| GuestError::new(format!("setting vCPU {i}'s workload"), e))?;
+            batches.push(w.batch);
         }
         let vcpus = vm.create_vcpus().map_err(|e| GuestError::new("creating the vCPUs", e))?;
         let mut handles = Vec::with_capacity(vcpus.len());
@@ -170,6 +172,7 @@ impl KvmGuest {
             let (tracker, gate, shared) =
                 (Arc::clone(&guest.tracker), Arc::clone(&guest.gate), Arc::clone(&guest.shared));
             let index = vcpu.index();
+            let batch = batches.get(index).copied().unwrap_or(batch);
             let ring = cfg.mode == Mode::Ring;
             let rate = cfg.rate_pages as f64 / cfg.vcpus as f64;
             let spawned = std::thread::Builder::new().name(format!("kvm-vcpu{index}")).spawn(move || {
