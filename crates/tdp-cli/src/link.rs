@@ -24,6 +24,18 @@ pub struct LinkError {
     pub cause: String,
 }
 
+/// A socket error in words that say what happened to the peer, with the system's text after it.
+fn describe(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::BrokenPipe => format!("the destination closed the connection ({e})"),
+        ErrorKind::ConnectionReset => format!("the destination reset the connection ({e})"),
+        ErrorKind::ConnectionRefused => format!("nothing accepts connections there ({e})"),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => format!("timed out ({e})"),
+        _ => e.to_string(),
+    }
+}
+
 /// The source's end of the connection, over any byte stream (a `TcpStream` in the command).
 pub struct Link<S> {
     stream: S,
@@ -51,7 +63,7 @@ impl Link<TcpStream> {
         let err = |op: &str, e: std::io::Error| LinkError {
             peer: peer.clone(),
             op: op.into(),
-            cause: e.to_string(),
+            cause: describe(&e),
         };
         let stream =
             TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| err("connecting", e))?;
@@ -105,7 +117,7 @@ impl<S: Read + Write> Link<S> {
             }
         }
         let result = self.stream.write_all(&self.scratch);
-        result.map_err(|e| self.fail(op, e))?;
+        result.map_err(|e| self.fail(op, describe(&e)))?;
         self.bytes_sent += n;
         Ok(())
     }
@@ -187,7 +199,7 @@ impl<S: Read + Write> Link<S> {
     /// [`LinkError`] if the write fails.
     pub fn done(&mut self, matched: bool) -> Result<(), LinkError> {
         self.send(&Message::Done { matched }, "sending Done")?;
-        self.stream.flush().map_err(|e| self.fail("flushing", e))
+        self.stream.flush().map_err(|e| self.fail("flushing", describe(&e)))
     }
 
     /// Sends an `Error` frame, best effort (the link may already be gone).

@@ -151,16 +151,29 @@ impl<S: Read + Write> Migration<S> {
         pending: &mut PendingSet,
         progress: &mut dyn Progress,
     ) -> Result<(), FailureCause> {
-        let mut error = error;
+        let first = error;
+        let (mut error, mut attempts) = (None::<LinkError>, 0);
         // Close the broken connection first: the destination learns of the break only when it ends.
         self.bytes_before += self.link.take().map_or(0, |l| l.bytes_sent);
         loop {
             if self.retries_left == 0 {
-                return Err(error.into());
+                // The original failure is the cause; the reconnections are how it was handled.
+                let cause = match &error {
+                    None => first.cause,
+                    Some(last) => format!(
+                        "{}; {attempts} reconnection attempt(s) failed, the last: {}: {}",
+                        first.cause, last.op, last.cause
+                    ),
+                };
+                return Err(LinkError { cause, ..first }.into());
             }
+            let error_text = error.as_ref().map_or_else(|| first.to_string(), ToString::to_string);
             self.retries_left -= 1;
-            progress
-                .note(&format!("{error}; reconnecting, {} pages kept pending for re-sending", pending.len()));
+            progress.note(&format!(
+                "{error_text}; reconnecting, {} pages kept pending for re-sending",
+                pending.len()
+            ));
+            attempts += 1;
             std::thread::sleep(Duration::from_millis(100));
             let attempt = connect()
                 .and_then(|mut link| link.hello(guest.pages(), self.session, true).map(|r| (link, r)));
@@ -175,7 +188,7 @@ impl<S: Read + Write> Migration<S> {
                     }
                     return Ok(());
                 }
-                Err(e) => error = e,
+                Err(e) => error = Some(e),
             }
         }
     }
