@@ -325,10 +325,13 @@ impl Throttle {
         if self.held.load(Ordering::SeqCst) {
             return Duration::ZERO;
         }
-        let sleep = self.sleep((allowed - elapsed).min(MAX_SLEEP));
-        if let (Some(s), Some(e)) = (self.slept_us.get(vcpu), self.exits.get(vcpu)) {
-            s.fetch_add(sleep.as_micros() as u64, Ordering::Relaxed);
+        // Counted when the sleep starts, so a vCPU asleep right now shows as throttled.
+        if let Some(e) = self.exits.get(vcpu) {
             e.fetch_add(1, Ordering::Relaxed);
+        }
+        let sleep = self.sleep((allowed - elapsed).min(MAX_SLEEP));
+        if let Some(s) = self.slept_us.get(vcpu) {
+            s.fetch_add(sleep.as_micros() as u64, Ordering::Relaxed);
         }
         sleep
     }

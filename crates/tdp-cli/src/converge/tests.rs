@@ -110,13 +110,15 @@ fn pace_sleeps_only_over_quota() {
     // A long sleep is cut short by an interrupt from another thread.
     std::thread::scope(|s| {
         s.spawn(|| {
-            while t.throttled_exits(0) < 2 && t.slept(0) < Duration::from_secs(5) {
-                t.interrupt();
+            // The exit is counted as the sleep starts: interrupt once it has.
+            while t.throttled_exits(0) < 2 {
                 std::thread::yield_now();
             }
+            t.interrupt();
         });
         let slept = t.pace(0, &mut pacer, 1_000_000);
         assert!(slept < MAX_SLEEP, "interrupted: {slept:?}");
+        assert_eq!(t.throttled_exits(0), 2, "the interrupted sleep counts as a throttled exit");
     });
     assert_eq!(t.pace(0, &mut pacer, 1_000_000), Duration::ZERO, "held after an interrupt");
     t.release();
