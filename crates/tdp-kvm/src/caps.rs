@@ -34,11 +34,16 @@ pub const KVM_PATH: &str = "/dev/kvm";
 /// }
 /// ```
 pub fn open_kvm() -> Result<Kvm> {
-    Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::NoKvm { path: KVM_PATH.to_owned() },
-        libc::EACCES | libc::EPERM => Error::KvmPermissionDenied { path: KVM_PATH.to_owned() },
+    Kvm::new().map_err(|e| open_error(KVM_PATH, e.errno()))
+}
+
+/// What a failed `open` of KVM's device node means.
+fn open_error(path: &str, errno: i32) -> Error {
+    match errno {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::NoKvm { path: path.to_owned() },
+        libc::EACCES | libc::EPERM => Error::KvmPermissionDenied { path: path.to_owned() },
         errno => Error::Os { op: "open /dev/kvm", errno: Errno(errno) },
-    })
+    }
 }
 
 /// Which dirty-ring capability a host offers.
@@ -246,4 +251,24 @@ pub fn enable_manual_protect(vm: &VmFd, initially_set: bool) -> Result<()> {
     }
     sys::enable_cap(sys::borrow(vm), KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)
         .map_err(|errno| Error::Ioctl { ioctl: "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)", errno })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_error;
+    use crate::Error;
+
+    /// As root on a host with KVM the real failures cannot be produced, so the translation is checked on
+    /// the errno values `open(2)` gives for them.
+    #[test]
+    fn i5_open_failures_say_absent_or_not_permitted() {
+        assert!(matches!(open_error("/dev/kvm", libc::ENOENT), Error::NoKvm { .. }));
+        let denied = open_error("/dev/kvm", libc::EACCES);
+        assert!(matches!(denied, Error::KvmPermissionDenied { .. }));
+        assert!(denied.to_string().contains("permission denied"), "{denied}");
+        assert!(matches!(
+            open_error("/dev/kvm", libc::EMFILE),
+            Error::Os { errno: crate::Errno(libc::EMFILE), .. }
+        ));
+    }
 }
