@@ -37,12 +37,26 @@ pub fn open_kvm() -> Result<Kvm> {
     Kvm::new().map_err(|e| open_error(KVM_PATH, e.errno()))
 }
 
+/// Opens KVM's device node at `path` (e.g. a `kvm_pvm` node or a test double), with the errors of
+/// [`open_kvm`] naming that path.
+///
+/// # Errors
+/// As [`open_kvm`].
+///
+/// ```
+/// let e = tdp_kvm::open_kvm_at(c"/nonexistent/kvm").unwrap_err();
+/// assert!(matches!(e, tdp_kvm::Error::NoKvm { ref path } if path == "/nonexistent/kvm"));
+/// ```
+pub fn open_kvm_at(path: &std::ffi::CStr) -> Result<Kvm> {
+    Kvm::new_with_path(path).map_err(|e| open_error(&path.to_string_lossy(), e.errno()))
+}
+
 /// What a failed `open` of KVM's device node means.
 fn open_error(path: &str, errno: i32) -> Error {
     match errno {
         libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::NoKvm { path: path.to_owned() },
         libc::EACCES | libc::EPERM => Error::KvmPermissionDenied { path: path.to_owned() },
-        errno => Error::Os { op: "open /dev/kvm", errno: Errno(errno) },
+        errno => Error::Os { op: "open the KVM device", errno: Errno(errno) },
     }
 }
 

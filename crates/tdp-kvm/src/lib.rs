@@ -86,7 +86,7 @@ mod tracker;
 pub use bitmap::{DirtyLogBuffer, check_clear_range, clear_dirty_log, get_dirty_log};
 pub use caps::{
     KVM_PATH, RingCap, RingSupport, check_ring_size, enable_dirty_ring, enable_manual_protect, open_kvm,
-    probe_dirty_ring, probe_manual_protect,
+    open_kvm_at, probe_dirty_ring, probe_manual_protect,
 };
 pub use error::{Errno, Error, Result};
 pub use ring::{DirtyRing, reset_dirty_rings};
