@@ -94,6 +94,7 @@ fn i4_ring_full_exits_are_harvested_and_the_collect_returns_exactly_the_written_
     let Some((vm, tracker, mut vcpus)) = guest_or_skip(1) else { return };
     let slot = RingSlot::new(AsId(0), SlotId(vm.data_slot() as u16));
     let (vcpu, h) = &mut vcpus[0];
+    let start = tracker.stats().unwrap();
     let hook_calls = run_batches(&tracker, vcpu, *h, false);
 
     let stats = tracker.stats().unwrap();
@@ -102,6 +103,12 @@ fn i4_ring_full_exits_are_harvested_and_the_collect_returns_exactly_the_written_
     assert!(exits >= 11, "only {exits} ring-full exits");
     assert_eq!(hook_calls, exits, "the throttle hook runs once per ring-full exit");
     assert!(tracker.pending_pages().unwrap() > 0, "ring-full harvests wait in the pending set");
+    // The ring attributes every entry to its vCPU: the per-vCPU rate is the VM's.
+    let rate = stats.rate_since(&start);
+    let per_vcpu = rate.per_vcpu.as_deref().unwrap_or_default();
+    assert_eq!(per_vcpu.len(), 1);
+    assert_eq!((per_vcpu[0].pages, per_vcpu[0].ring_full_exits), (rate.pages, exits));
+    assert!(rate.pages > 0 && rate.pages_per_sec > 0.0);
 
     let round = tracker.collect().unwrap();
     let want = expected(1);
@@ -165,4 +172,5 @@ fn i4_concurrent_collects_and_ring_full_exits_lose_nothing() {
     for (i, v) in stats.per_vcpu.iter().enumerate() {
         assert!(v.harvested >= BATCH * BATCHES, "vCPU {i}: {} entries", v.harvested);
     }
+    assert_eq!(stats.harvested, stats.per_vcpu.iter().map(|v| v.harvested).sum::<u64>(), "exact per vCPU");
 }
