@@ -221,3 +221,37 @@ fn i2_checker_catches_a_vcpu_dropped_without_release() {
         vm.teardown();
     }
 }
+
+#[test]
+fn i2_checker_catches_a_table_reusable_before_its_flush() {
+    for (name, cfg) in CONFIGS {
+        let mut vm = Vm::new(name, cfg, HostConfig::default(), 1);
+        vm.add_slot(0, 0, 0x400, SlotFlags::empty());
+        vm.must_map(0, 0x20, Write);
+        // A host whose flushes never reach the TLBs: the tables zap_all frees become reusable while
+        // hardware could still hold paging-structure entries pointing into them.
+        vm.host().set_drop_flushes(true);
+        vm.mmu().write().zap_all().run(vm.host());
+        vm.host().reclaim();
+        let errors = check_tables(vm.mmu(), &[]).expect_err("tables freed with no flush after their unlink");
+        assert!(
+            errors.iter().any(|v| matches!(v, Violation::FreedBeforeFlush { pages } if *pages > 0)),
+            "{name}: {errors:?}"
+        );
+        assert!(invariants(&errors).iter().all(|i| *i == Invariant::I2), "{name}: {errors:?}");
+        vm.host().set_drop_flushes(false);
+    }
+    // With working flushes the same zap frees its tables only after the flush it runs itself.
+    for (name, cfg) in CONFIGS {
+        let mut vm = Vm::new(name, cfg, HostConfig::default(), 1);
+        vm.add_slot(0, 0, 0x400, SlotFlags::empty());
+        vm.must_map(0, 0x20, Write);
+        let unlinked_before = vm.host().tables_unlinked();
+        vm.mmu().write().zap_all().ignore(); // the flush already ran inside zap_all
+        vm.host().reclaim();
+        assert!(vm.host().tables_unlinked() > unlinked_before, "{name}: zap_all unlinked tables");
+        assert_eq!(vm.host().tables_freed_before_flush(), 0, "{name}");
+        vm.check("after zap_all");
+        vm.teardown();
+    }
+}

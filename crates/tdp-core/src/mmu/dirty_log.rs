@@ -157,7 +157,8 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     }
 
     /// The pass that stops dirty logging on `slot` (KVM's `kvm_mmu_zap_collapsible_sptes`): zaps every
-    /// table that a huge leaf could replace, so that the next faults map huge pages again.
+    /// table that a huge leaf could replace, so that the next faults map huge pages again. It flushes
+    /// itself, per root, before the zapped tables can be reused, so it owes nothing.
     pub(super) fn stop_dirty_logging(&mut self, slot: &Memslot) -> Flush {
         let mmu = self.mmu;
         let fmt = *mmu.format();
@@ -176,6 +177,10 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                 }
                 it.next();
             }
+            // The zapped tables are freed deferred: flush while this walk's guard (inside `it`) still
+            // holds them back, so hardware never walks a reused page through a cached entry.
+            core::mem::replace(&mut flush, Flush::none()).run(&mmu.host);
+            drop(it);
             mmu.release_root(root);
         }
         flush

@@ -37,7 +37,11 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     }
 
     /// Tears down the contents of every root (VM teardown, or "zap all" before a reset). Roots stay
-    /// allocated; faults rebuild their trees. The caller owes a full flush.
+    /// allocated; faults rebuild their trees.
+    ///
+    /// It runs the full flush itself, before the freed tables can be reused (hardware may cache
+    /// paging-structure entries that point into them), and returns it again, already done: running the
+    /// returned flush is harmless and keeps callers written against the usual contract correct.
     pub fn zap_all(&mut self) -> Flush {
         let mmu = self.mmu;
         let mut any = false;
@@ -128,9 +132,8 @@ impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// Zaps every entry of the root table at `root`, freeing the whole tree below it. `relock` drops and
-    /// retakes the MMU lock when the host asks to yield. Returns whether anything was present; the
-    /// caller owes a full flush for it (except what was flushed before a yield, in exclusive mode).
-    /// In shared mode the root is invalid and its flush was owed by the invalidation.
+    /// retakes the MMU lock when the host asks to yield. Returns whether anything was present. It flushes
+    /// at the end (and, in exclusive mode, before each yield) while its walk guard still defers the frees.
     fn zap_root(&self, root: Pfn, as_id: AsId, mode: LockMode, relock: &mut dyn FnMut()) -> bool {
         let fmt = self.format();
         let nonpresent = fmt.nonpresent();
@@ -170,6 +173,15 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             }
             it.next();
         }
+        // The tables just freed must not become reusable before hardware forgets them: flush while this
+        // walk's guard (inside `it`) still holds the deferred frees back, as KVM flushes before
+        // `rcu_read_unlock`. For an invalid root (shared mode) KVM relies on the invalidation's flush and
+        // on every vCPU having left the root; flushing once more here costs one flush per torn-down root
+        // and keeps the rule unconditional: no table page is reused before a flush that follows its unlink.
+        if unflushed {
+            Flush::all().run(&self.host);
+        }
+        drop(it);
         any
     }
 

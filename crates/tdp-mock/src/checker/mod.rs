@@ -44,6 +44,13 @@ pub enum Invariant {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Violation {
+    /// Table pages unlinked from a live tree became reusable before any TLB flush: hardware could still
+    /// walk them through cached paging-structure entries while they hold something else.
+    #[error("I2: {pages} table page(s) were reusable before a TLB flush followed their unlink")]
+    FreedBeforeFlush {
+        /// How many, since the host was created.
+        pages: u64,
+    },
     /// A present leaf maps a gfn that no reference slot of its address space holds.
     #[error("I1: leaf {spte:?} at {gfn:?} {level:?} in {as_id:?} maps a gfn no reference slot holds")]
     LeafWithoutSlot {
@@ -280,7 +287,8 @@ impl Violation {
             | LeafCount { .. }
             | TableCount { .. }
             | Leak { .. }
-            | CachePageLinked { .. } => Invariant::I2,
+            | CachePageLinked { .. }
+            | FreedBeforeFlush { .. } => Invariant::I2,
             StaleTlb { .. } | StaleDirtyTlb { .. } | TlbRootGone { .. } => Invariant::I3,
             UnreportedWrite { .. } => Invariant::I4,
         }

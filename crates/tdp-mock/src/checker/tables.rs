@@ -127,6 +127,10 @@ pub fn check_tables(mmu: &Mmu<MockHost>, cache_pages: &[Pfn]) -> Result<TableRep
             violations.push(v);
         }
     }
+    let freed_unflushed = host.tables_freed_before_flush();
+    if freed_unflushed > 0 {
+        violations.push(Violation::FreedBeforeFlush { pages: freed_unflushed });
+    }
     let alloc = host.alloc_stats();
     report.deferred = alloc.deferred;
     let accounted = report.tables + report.roots + report.cache_pages;

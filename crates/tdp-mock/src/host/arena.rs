@@ -66,6 +66,14 @@ pub(crate) struct Arena {
     peak_live: AtomicU64,
     total_allocs: AtomicU64,
     failed_allocs: AtomicU64,
+    /// TLB flushes applied so far (any kind): a table page unlinked at flush count `n` may be reused only
+    /// once the count has moved past `n`, or hardware could still walk it through a cached paging-structure
+    /// entry (KVM flushes before `rcu_read_unlock` for this reason).
+    flush_seq: AtomicU64,
+    /// The flush count at which each unlinked table page was unlinked, by page index.
+    unlinked_at: Mutex<std::collections::HashMap<usize, u64>>,
+    /// Table pages reclaimed with no flush between their unlink and their reuse.
+    freed_unflushed: AtomicU64,
 }
 
 fn state_of(raw: u8) -> PageState {
@@ -97,6 +105,9 @@ impl Arena {
             peak_live: AtomicU64::new(0),
             total_allocs: AtomicU64::new(0),
             failed_allocs: AtomicU64::new(0),
+            flush_seq: AtomicU64::new(0),
+            unlinked_at: Mutex::new(std::collections::HashMap::new()),
+            freed_unflushed: AtomicU64::new(0),
         }
     }
 
@@ -246,8 +257,30 @@ impl Arena {
             let prev = self.states[i].swap(FREE, Ordering::AcqRel);
             assert_eq!(prev, DEFERRED, "a pending page was not deferred");
             self.deferred.fetch_sub(1, Ordering::Relaxed);
+            let unlinked_at = lock(&self.unlinked_at).remove(&i);
+            if unlinked_at == Some(self.flush_seq.load(Ordering::SeqCst)) {
+                self.freed_unflushed.fetch_add(1, Ordering::SeqCst);
+            }
             self.poison_and_recycle(i);
         }
+    }
+
+    /// A TLB flush was applied.
+    pub(crate) fn note_flush(&self) {
+        self.flush_seq.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Table page `pfn` was unlinked from a live tree.
+    pub(crate) fn note_unlinked(&self, pfn: Pfn) {
+        if let Some(i) = self.index(pfn) {
+            let seq = self.flush_seq.load(Ordering::SeqCst);
+            lock(&self.unlinked_at).insert(i, seq);
+        }
+    }
+
+    /// Table pages reclaimed (reusable) before any TLB flush since they were unlinked.
+    pub(crate) fn freed_before_flush(&self) -> u64 {
+        self.freed_unflushed.load(Ordering::SeqCst)
     }
 
     pub(crate) fn pending(&self) -> usize {

@@ -222,6 +222,12 @@ impl MockHost {
             }
         }
     }
+    /// Table pages that became reusable before any TLB flush since they were unlinked from a live tree:
+    /// hardware could still walk such a page through a cached paging-structure entry while it is reused.
+    /// Checked by [`check_tables`](crate::checker::check_tables) (I2); must stay 0.
+    pub fn tables_freed_before_flush(&self) -> u64 {
+        self.0.arena.freed_before_flush()
+    }
     /// Walk guards alive now.
     pub fn active_walkers(&self) -> usize {
         self.0.arena.readers()

@@ -67,6 +67,7 @@ impl TlbFlush for MockHost {
         self.0.flushes_all.fetch_add(1, Ordering::Relaxed);
         if self.flushes_applied() {
             self.tlbs().iter().for_each(|t| t.flush_all());
+            self.0.arena.note_flush();
         }
     }
 
@@ -77,6 +78,7 @@ impl TlbFlush for MockHost {
         self.0.flushes_range.fetch_add(1, Ordering::Relaxed);
         if self.flushes_applied() {
             self.tlbs().iter().for_each(|t| t.flush_range(start, pages));
+            self.0.arena.note_flush();
         }
     }
 }
@@ -110,6 +112,7 @@ impl MmuEvents for MockHost {
         let _ = (pfn, level);
         if !linked {
             self.0.tables_unlinked.fetch_add(1, Ordering::Relaxed);
+            self.0.arena.note_unlinked(pfn);
         }
     }
 }
