@@ -223,11 +223,12 @@ pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
                 output::print_json(&r);
             } else {
                 crate::say!(
-                    "received {} pages ({}) from {} in {} rounds, {} ms; digest {}; source verdict: {}",
+                    "received {} pages into {} of memory from {} in {} rounds ({} lost connection(s) resumed), {} ms; digest {}; source verdict: {}",
                     r.pages_received,
                     crate::units::human_bytes(r.pages * crate::units::PAGE_SIZE),
                     r.peer,
                     r.rounds,
+                    r.reconnects,
                     r.elapsed_ms,
                     r.digest,
                     if r.matched { "memory identical" } else { "MISMATCH" }

@@ -307,3 +307,24 @@ fn i4_without_usable_kvm_auto_falls_back_to_the_mock_and_says_why() {
     assert_eq!(out.status.code(), Some(1), "{}", both(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open /nonexistent/kvm"), "{}", both(&out));
 }
+
+#[test]
+fn i5_a_destination_answering_garbage_is_a_clear_error() {
+    // Not a tdp receiver: it answers the source's Hello with bytes that are no frame.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let server = std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    });
+    let out =
+        run(&["migrate", "--backend", "mock", "--memory", "1M", "--to", &addr.to_string(), "--retries", "0"]);
+    let _ = server.join();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(stderr.contains(&format!("destination {addr}: waiting for Welcome")), "{stderr}");
+    assert!(stderr.contains("bad frame length"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
