@@ -108,7 +108,7 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
             let shutdown = guest.shutdown();
             let receiver_result = local.map(|h| h.join());
             if args.json {
-                print_migrate_json(&summary, &dest, receiver_result.is_some(), Some(&report), None);
+                print_migrate_json(&summary, &dest, receiver_result.is_some(), Some(&report), None, &notes);
             } else {
                 for n in &notes {
                     crate::say!("{n}");
@@ -135,7 +135,7 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
         Err(f) => {
             let msg = format!("migration failed: {}", f.error);
             if args.json {
-                print_migrate_json(&summary, &dest, local.is_some(), None, Some((&msg, &f)));
+                print_migrate_json(&summary, &dest, local.is_some(), None, Some((&msg, &f)), &notes);
             } else {
                 for n in &notes {
                     crate::say!("{n}");
@@ -171,6 +171,7 @@ fn print_migrate_json(
     loopback: bool,
     report: Option<&crate::migrate::MigrationReport>,
     failure: Option<(&str, &MigrationFailure)>,
+    notes: &[String],
 ) {
     output::print_json(&MigrateJson {
         guest: summary,
@@ -180,6 +181,7 @@ fn print_migrate_json(
         error: failure.map(|(m, _)| m.to_owned()),
         guest_running: failure.map(|(_, f)| f.guest_running),
         pending_pages: failure.map(|(_, f)| f.pending_pages),
+        notes,
     });
 }
 

@@ -249,7 +249,13 @@ impl<S: Read + Write> Migration<S> {
                     guest.throttle().set_quota(i, *q);
                 }
                 progress.note(&format!(
-                    "dirty rate outruns the link: throttling vCPUs to {} pages/s each at {}",
+                    "round {round}: dirty rate outruns the link: vCPUs {:?} throttled to {} pages/s at {}",
+                    quotas
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, q)| q.is_some())
+                        .map(|(i, _)| i)
+                        .collect::<Vec<_>>(),
                     conv.quota().unwrap_or(0),
                     guest.throttle_point()
                 ));

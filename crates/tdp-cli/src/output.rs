@@ -71,6 +71,8 @@ pub struct MigrateJson<'a> {
     pub guest_running: Option<bool>,
     /// On failure: pages still owed.
     pub pending_pages: Option<u64>,
+    /// What the migration noted on the way (throttle changes, reconnections).
+    pub notes: &'a [String],
 }
 
 /// Prints `value` as one JSON line on stdout.
