@@ -97,14 +97,16 @@ impl KvmGuest {
     /// As [`KvmGuest::start`].
     pub fn start_on(device: &Path, cfg: GuestConfig) -> Result<KvmGuest, KvmStartError> {
         let pages = cfg.memory / crate::units::PAGE_SIZE;
-        let unavailable = |e: &dyn std::fmt::Display| {
-            KvmStartError::Unavailable(format!("cannot open {}: {e}", device.display()))
-        };
-        let path = CString::new(device.as_os_str().as_bytes()).map_err(|e| unavailable(&e))?;
-        let kvm = kvm_ioctls::Kvm::new_with_path(&path).map_err(|e| unavailable(&e))?;
+        let unavailable = |e: &dyn std::fmt::Display| KvmStartError::Unavailable(e.to_string());
+        let path = CString::new(device.as_os_str().as_bytes()).map_err(|e| {
+            KvmStartError::Unavailable(format!("bad KVM device path {}: {e}", device.display()))
+        })?;
+        let kvm = tdp_kvm::open_kvm_at(&path).map_err(|e| unavailable(&e))?;
         let mut vm = match GuestVm::with_kvm(kvm, GuestSpec::new(pages, cfg.vcpus)) {
             Ok(vm) => vm,
-            Err(tdp_guest::GuestError::OpenKvm(e)) => return Err(unavailable(&e)),
+            Err(tdp_guest::GuestError::OpenKvm(e)) => {
+                return Err(unavailable(&format!("cannot open {}: {e}", device.display())));
+            }
             Err(e) => return Err(GuestError::new("creating the KVM guest", e).into()),
         };
         let tracker = match cfg.mode {
