@@ -1,6 +1,9 @@
 //! The `tdp` binary: parses the command line and runs the command (see the `tdp_cli` library). Exit
 //! codes: 0 success, 1 the command failed, 2 bad arguments.
 
+#![forbid(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use clap::Parser;
 use tdp_cli::cli::{Cli, Command};
 use tdp_cli::commands;
