@@ -199,33 +199,36 @@ pub fn serve<S: Read + Write>(
         let _ = Message::Error { code: code as u16, text: cause.clone() }.write_to(stream, &mut scratch);
         fail(op, cause, false)
     };
-    let (id, pages, resume) = match Message::read_from(&mut stream) {
+    // A connection that fails before its Hello was accepted touches no session: while one is held, the
+    // receiver keeps waiting for its source (the error is marked resumable).
+    let hello = match Message::read_from(&mut stream) {
         Ok(Message::Hello { version, page_size, pages, session, resume }) => {
+            let too_big = pages == 0 || pages.saturating_mul(PAGE_SIZE as u64) > cfg.max_memory;
             if version != VERSION {
                 let cause =
                     format!("the source speaks protocol version {version}, this destination {VERSION}");
-                return Err(refuse(&mut stream, ErrorCode::Version, "checking Hello", cause));
-            }
-            if page_size as usize != PAGE_SIZE {
+                Err(refuse(&mut stream, ErrorCode::Version, "checking Hello", cause))
+            } else if page_size as usize != PAGE_SIZE {
                 let cause = format!("page size {page_size} is not supported (only {PAGE_SIZE})");
-                return Err(refuse(&mut stream, ErrorCode::Protocol, "checking Hello", cause));
-            }
-            if pages == 0 || pages.saturating_mul(PAGE_SIZE as u64) > cfg.max_memory {
+                Err(refuse(&mut stream, ErrorCode::Protocol, "checking Hello", cause))
+            } else if too_big {
                 let cause = format!(
                     "{pages} pages ({} bytes) is outside 1 page to the receiver's limit of {} (see --max-memory)",
                     pages.saturating_mul(PAGE_SIZE as u64),
                     crate::units::human_bytes(cfg.max_memory)
                 );
-                return Err(refuse(&mut stream, ErrorCode::TooLarge, "checking Hello", cause));
+                Err(refuse(&mut stream, ErrorCode::TooLarge, "checking Hello", cause))
+            } else {
+                Ok((session, pages, resume))
             }
-            (session, pages, resume)
         }
         Ok(other) => {
             let cause = format!("expected Hello, got {}", other.name());
-            return Err(refuse(&mut stream, ErrorCode::Protocol, "starting the session", cause));
+            Err(refuse(&mut stream, ErrorCode::Protocol, "starting the session", cause))
         }
-        Err(e) => return Err(fail("waiting for Hello", e.to_string(), false)),
+        Err(e) => Err(fail("waiting for Hello", e.to_string(), false)),
     };
+    let (id, pages, resume) = hello.map_err(|e| ReceiveError { resumable: true, ..e })?;
     let resumed = resume && session.as_ref().is_some_and(|s| s.id == id && s.pages == pages);
     if !resumed {
         let len = usize::try_from(pages * PAGE_SIZE as u64)

@@ -138,3 +138,27 @@ fn a_lost_connection_keeps_the_session_for_its_resumption() {
     let (_, replies) = run_in(&[resume(4, 6)], &mut session);
     assert!(matches!(replies[0], Message::Welcome { resumed: false, received: 0, .. }), "{replies:?}");
 }
+
+#[test]
+fn i5_a_stray_connection_does_not_end_a_held_session() {
+    let mut session = None;
+    let _ = run_in(&[hello(4), Message::Pages { first: 2, data: vec![3; PAGE_SIZE] }], &mut session);
+    // Garbage, then a Hello of another protocol version: refused, but the session is kept.
+    let mut garbage = Script { input: std::io::Cursor::new(vec![0xff; 16]), output: Vec::new() };
+    let e = serve(&mut garbage, "stray".into(), CFG, &mut session).expect_err("garbage is refused");
+    assert!(e.resumable, "{e}");
+    let old = Message::Hello { version: 0, page_size: PAGE_SIZE as u32, pages: 4, session: 5, resume: true };
+    let (r, _) = run_in(&[old], &mut session);
+    assert!(r.expect_err("old version refused").resumable);
+    let (_, replies) = run_in(&[resume(4, 5)], &mut session);
+    assert!(matches!(replies[0], Message::Welcome { resumed: true, received: 1, .. }), "{replies:?}");
+}
+
+#[test]
+fn i5_garbage_before_any_session_fails_the_receiver() {
+    let mut garbage = Script { input: std::io::Cursor::new(vec![0xff; 16]), output: Vec::new() };
+    let mut session = None;
+    let e = serve(&mut garbage, "stray".into(), CFG, &mut session).expect_err("garbage is refused");
+    assert!(e.to_string().contains("bad frame length"), "{e}");
+    assert!(session.is_none());
+}
