@@ -79,7 +79,7 @@ fn the_throttle_slows_a_vcpu_over_its_quota() {
         fill: false,
     };
     let mut g = KvmGuest::start(cfg).expect("a KVM guest");
-    g.throttle().set_quota(0, Some(200));
+    g.throttle().set_quota(0, Some(100)); // one 64-page batch every 0.64 s
     let mut pending = PendingSet::new(g.pages());
     g.run_for(Duration::from_millis(300), &mut pending).expect("run");
     let f = g.figures();
