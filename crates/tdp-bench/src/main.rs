@@ -87,9 +87,11 @@ fn main() -> ExitCode {
         }
         println!("drew {}", plot.display());
     }
-    let plot_dir = args.plot.as_ref().and_then(|p| p.parent().map(PathBuf::from)).unwrap_or_else(|| {
-        default_plot().parent().map_or_else(|| PathBuf::from("."), PathBuf::from)
-    });
+    let plot_dir = args
+        .plot
+        .as_ref()
+        .and_then(|p| p.parent().map(PathBuf::from))
+        .unwrap_or_else(|| default_plot().parent().map_or_else(|| PathBuf::from("."), PathBuf::from));
     for (name, chart) in &outcome.charts {
         let path = plot_dir.join(name);
         if let Err(e) = plot::lines(chart, &path) {

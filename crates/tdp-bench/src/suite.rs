@@ -105,9 +105,21 @@ pub fn run(cfg: &Config, only: impl Fn(&str) -> bool, mut progress: impl FnMut(&
             let series = harvest::measure(cfg, out);
             out.harvest = Some(series);
         }),
-        ("kvm_harvest", "real KVM: harvest of 1000 guest-dirtied pages, ring vs bitmap vs kvm-ioctls", kvm::harvest::measure),
-        ("kvm_dirtying", "real KVM: guest dirtying throughput, no logging vs bitmap vs ring", kvm::dirtying::measure),
-        ("kvm_migrate", "real KVM: `tdp migrate` total time and downtime, ring vs bitmap", kvm::migrate::measure),
+        (
+            "kvm_harvest",
+            "real KVM: harvest of 1000 guest-dirtied pages, ring vs bitmap vs kvm-ioctls",
+            kvm::harvest::measure,
+        ),
+        (
+            "kvm_dirtying",
+            "real KVM: guest dirtying throughput, no logging vs bitmap vs ring",
+            kvm::dirtying::measure,
+        ),
+        (
+            "kvm_migrate",
+            "real KVM: `tdp migrate` total time and downtime, ring vs bitmap",
+            kvm::migrate::measure,
+        ),
     ];
     for (name, what, measure) in groups {
         if only(name) {

@@ -56,7 +56,12 @@ pub fn measure(cfg: &Config, out: &mut Outcome) {
         runs.push(run);
     }
     let [none, bitmap, ring] = [runs[0], runs[1], runs[2]];
-    out.rows.push(Row::new("kvm_dirtying/bitmap_vs_no_logging", bitmap.ns_per_write, none.ns_per_write, UNIT));
+    out.rows.push(Row::new(
+        "kvm_dirtying/bitmap_vs_no_logging",
+        bitmap.ns_per_write,
+        none.ns_per_write,
+        UNIT,
+    ));
     out.rows.push(Row::new("kvm_dirtying/ring_vs_no_logging", ring.ns_per_write, none.ns_per_write, UNIT));
     out.rows.push(Row::new("kvm_dirtying/ring_vs_bitmap", ring.ns_per_write, bitmap.ns_per_write, UNIT));
     out.notes.push(format!(
@@ -69,14 +74,16 @@ pub fn measure(cfg: &Config, out: &mut Outcome) {
 
 fn run(mode: Logging, window: Duration) -> Option<Run> {
     let pages = PAGES_1G;
-    let mut vm = guest_or_skip(GuestSpec::new(pages, VCPUS)).expect("a guest VM for the dirtying benchmark")?;
+    let mut vm =
+        guest_or_skip(GuestSpec::new(pages, VCPUS)).expect("a guest VM for the dirtying benchmark")?;
     let tracker = match mode {
         Logging::Ring => Some(DirtyTracker::with_ring(vm.vm_fd(), RING_ENTRIES).expect("enable the ring")),
         Logging::Bitmap => Some(DirtyTracker::with_bitmap(vm.vm_fd()).expect("bitmap tracker")),
         Logging::None => None,
     };
     for i in 0..VCPUS {
-        let w = Workload::share(pages, VCPUS as u64, i as u64, BATCH, Pattern::Random).with_seed(i as u64 + 1);
+        let w =
+            Workload::share(pages, VCPUS as u64, i as u64, BATCH, Pattern::Random).with_seed(i as u64 + 1);
         vm.set_workload(i, &w).expect("workload fits the slot");
     }
     if let Some(t) = &tracker {
