@@ -131,6 +131,9 @@ pub struct ReceiveArgs {
     /// Test hook: drop the connection once after acknowledging this many rounds, keeping the session.
     #[arg(long, hide = true)]
     pub drop_after_rounds: Option<u32>,
+    /// Test hook: flip a byte of this page before the digest, so the source must report a mismatch.
+    #[arg(long, hide = true)]
+    pub corrupt_page: Option<u64>,
 }
 
 /// `tdp dirty-rate`.

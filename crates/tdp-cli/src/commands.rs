@@ -82,6 +82,7 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
                 max_memory: crate::cli::MAX_MEMORY,
                 exit_after_rounds: None,
                 drop_after_rounds: None,
+                corrupt_page: None,
                 idle_timeout: Duration::from_secs(60),
             };
             match receiver::spawn_loopback(rcfg) {
@@ -130,7 +131,12 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
                 eprintln!("error: stopping the source guest after the migration: {e}");
                 return EXIT_FAILED;
             }
-            if report.verified { EXIT_OK } else { EXIT_FAILED }
+            if report.verified {
+                EXIT_OK
+            } else {
+                eprintln!("error: the destination's memory differs from the source's (digest mismatch)");
+                EXIT_FAILED
+            }
         }
         Err(f) => {
             let msg = format!("migration failed: {}", f.error);
@@ -217,6 +223,7 @@ pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
         max_memory: args.max_memory,
         exit_after_rounds: args.exit_after_rounds,
         drop_after_rounds: args.drop_after_rounds,
+        corrupt_page: args.corrupt_page,
         idle_timeout: Duration::from_secs(args.idle_timeout_s),
     };
     match receiver::accept_and_serve(&listener, cfg) {

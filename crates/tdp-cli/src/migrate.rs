@@ -51,6 +51,7 @@ pub struct Options {
 ///     mode: Mode::Ring, ring_entries: 512, fill: false };
 /// let mut guest = MockGuest::start(cfg)?;
 /// let rcfg = ReceiverConfig { max_memory: 1 << 30, exit_after_rounds: None, drop_after_rounds: None,
+///     corrupt_page: None,
 ///     idle_timeout: Duration::from_secs(10) };
 /// let (addr, destination) = spawn_loopback(rcfg)?;
 /// let policy = Policy { max_rounds: 5, downtime_target: Duration::from_millis(50), dirty_limit: true,

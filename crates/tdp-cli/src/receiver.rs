@@ -24,6 +24,9 @@ pub struct ReceiverConfig {
     /// Test hook: close the connection once (keeping the session) after acknowledging this many rounds,
     /// as a network failure would.
     pub drop_after_rounds: Option<u32>,
+    /// Test hook: flip a byte of this page before computing the digest, so the source must see a
+    /// mismatch (proof that the verification can fail).
+    pub corrupt_page: Option<u64>,
     /// How long to wait for the next message, and for a source to reconnect.
     pub idle_timeout: Duration,
 }
@@ -89,7 +92,7 @@ pub struct Session {
 /// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
 /// let addr = listener.local_addr()?;
 /// let cfg = ReceiverConfig { max_memory: 1 << 20, exit_after_rounds: None, drop_after_rounds: None,
-///     idle_timeout: Duration::from_secs(5) };
+///     corrupt_page: None, idle_timeout: Duration::from_secs(5) };
 /// let dest = std::thread::spawn(move || accept_and_serve(&listener, cfg));
 /// let mut link = Link::connect(addr, None)?;
 /// assert!(!link.hello(2, 42, false)?, "a new session");
@@ -308,6 +311,11 @@ pub fn serve<S: Read + Write>(
                 }
             }
             Message::DigestRequest => {
+                if let Some(page) = cfg.corrupt_page.filter(|&p| p < s.pages) {
+                    let at = page as usize * PAGE_SIZE;
+                    s.memory[at] ^= 0x5a;
+                    eprintln!("tdp receive: --corrupt-page {page}: flipped a byte before the digest");
+                }
                 let hash = *blake3::hash(&s.memory).as_bytes();
                 s.digest = Some(hex(&hash));
                 Message::Digest { hash, received: s.received }

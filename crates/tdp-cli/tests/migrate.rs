@@ -328,3 +328,18 @@ fn i5_a_destination_answering_garbage_is_a_clear_error() {
     assert!(stderr.contains("bad frame length"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn i4_the_verification_catches_a_destination_that_holds_other_bytes() {
+    // The check can fail: a receiver that flips one byte before its digest is caught.
+    let (child, addr, _err) = receiver(&["--corrupt-page", "7"]);
+    let out = run(&["migrate", "--backend", "mock", "--memory", "1M", "--to", &addr.to_string(), "--json"]);
+    let dest = child.wait_with_output().expect("the receiver exits");
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    let v = json(&out);
+    assert_eq!(v["verified"], false, "{v}");
+    assert_ne!(v["source_digest"], v["destination_digest"], "{v}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("digest mismatch"), "{}", both(&out));
+    assert_eq!(dest.status.code(), Some(1), "the receiver learns the verdict: {}", both(&dest));
+    assert_eq!(json(&dest)["matched"], false);
+}

@@ -122,6 +122,7 @@ fn receiver() -> (
         max_memory: 1 << 30,
         exit_after_rounds: None,
         drop_after_rounds: None,
+        corrupt_page: None,
         idle_timeout: Duration::from_secs(10),
     };
     let t = std::thread::spawn(move || accept_and_serve(&listener, cfg));

@@ -7,6 +7,7 @@ const CFG: ReceiverConfig = ReceiverConfig {
     max_memory: 1 << 20,
     exit_after_rounds: None,
     drop_after_rounds: None,
+    corrupt_page: None,
     idle_timeout: Duration::from_secs(5),
 };
 
