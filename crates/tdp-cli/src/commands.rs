@@ -150,11 +150,12 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
             eprintln!("error: {msg}");
             if f.guest_running {
                 eprintln!(
-                    "the source guest is still running: its {} vCPUs {} and wrote {} pages in the 200 ms after the failure; {} dirty pages are kept pending for another attempt (after {} completed rounds)",
+                    "the source guest is still running: its {} vCPUs {} and wrote {} pages in the 200 ms after the failure; {} dirty pages are kept for another attempt{} (after {} completed rounds)",
                     guest.vcpus(),
                     if f.was_paused { "were resumed" } else { "kept running" },
                     f.dirtied_after,
                     f.pending_pages,
+                    if f.given_back { ", given back to the dirty tracker" } else { "" },
                     f.rounds_done
                 );
             } else {

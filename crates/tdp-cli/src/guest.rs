@@ -114,6 +114,13 @@ pub trait Guest {
     /// A failed ioctl; pages harvested before the failure stay in `into`.
     fn harvest(&mut self, into: &mut PendingSet) -> Result<Harvest, GuestError>;
 
+    /// Gives pages back to the tracker: the next [`harvest`](Guest::harvest) reports them again. Used
+    /// when a migration fails, so the pages it still owed stay dirty for whoever migrates next.
+    ///
+    /// # Errors
+    /// The tracker could not take them (they stay in `pages`, which the caller keeps).
+    fn give_back(&mut self, pages: &PendingSet) -> Result<u64, GuestError>;
+
     /// Copies page `page` into `buf`.
     ///
     /// # Errors

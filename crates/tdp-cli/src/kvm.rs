@@ -19,8 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tdp_core::addr::{AsId, Gpa, RingSlot, SlotId};
 use tdp_guest::{BatchGate, DATA_GPA, DATA_SLOT, GuestExit, GuestSpec, GuestVm, Workload, classify_exit};
-use tdp_kvm::{DirtyTracker, SlotSpec, Throttle as RingThrottle, VcpuRunner};
+use tdp_kvm::{DirtySets, DirtyTracker, SlotSpec, Throttle as RingThrottle, VcpuRunner};
 
 use crate::converge::{Pacer, Throttle};
 use crate::guest::{Guest, GuestConfig, GuestError, Harvest, Mode, Pattern, VcpuFigures};
@@ -313,6 +314,19 @@ impl Guest for KvmGuest {
             return Err(GuestError::new("running the KVM vCPUs", e));
         }
         Ok(Harvest { new_pages: into.len() - before, per_vcpu })
+    }
+
+    fn give_back(&mut self, pages: &PendingSet) -> Result<u64, GuestError> {
+        let mut sets = DirtySets::default();
+        let slot = sets.add_slot(
+            RingSlot::new(AsId(0), SlotId(DATA_SLOT as u16)),
+            Gpa(DATA_GPA),
+            self.vm.data_pages(),
+        );
+        for page in pages.iter() {
+            slot.insert(page);
+        }
+        self.tracker.restore(&sets).map_err(|e| GuestError::new("giving pages back to the tracker", e))
     }
 
     fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), GuestError> {

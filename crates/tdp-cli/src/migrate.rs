@@ -99,12 +99,15 @@ pub fn migrate<S: Read + Write>(
             let before = writes(guest);
             let _ = guest.run_for(Duration::from_millis(200), &mut pending);
             let dirtied_after = writes(guest).saturating_sub(before);
+            // Hand what is owed back to the tracker too: the next harvest (another attempt) reports it.
+            let given_back = guest.give_back(&pending).is_ok();
             Err(MigrationFailure {
                 error,
                 rounds_done: m.rounds.len() as u32,
                 pending_pages: pending.len(),
                 guest_running: resumed && guest.is_running(),
                 was_paused: m.paused,
+                given_back,
                 dirtied_after,
             })
         }

@@ -59,6 +59,13 @@ fn i4_every_written_page_is_harvested_in_every_mode() {
         let mut later = PendingSet::new(g.pages());
         g.harvest(&mut later).expect("harvest while paused");
         assert_eq!((writes(&g), later.len()), (before, 0), "{mode:?}: nothing is written while paused");
+        // Pages given back are reported by the next harvest (the tracker's pending set).
+        let mut owed = PendingSet::new(g.pages());
+        owed.insert_run(100, 7);
+        g.give_back(&owed).expect("give back");
+        let mut again = PendingSet::new(g.pages());
+        g.harvest(&mut again).expect("harvest");
+        assert_eq!(again, owed, "{mode:?}: exactly the pages given back (the guest is paused)");
         g.resume().expect("resume");
         g.shutdown().expect("shutdown");
     }

@@ -75,6 +75,8 @@ pub struct MigrationFailure {
     pub guest_running: bool,
     /// Whether the failure came during stop-and-copy, so the vCPUs had to be resumed.
     pub was_paused: bool,
+    /// Whether the pages owed were given back to the tracker (its next harvest reports them).
+    pub given_back: bool,
     /// Pages the guest dirtied in a short window after the failure (proof that it runs).
     pub dirtied_after: u64,
 }

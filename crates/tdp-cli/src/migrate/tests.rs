@@ -18,6 +18,7 @@ struct FakeGuest {
     harvests: usize,
     throttle: Throttle,
     paused: bool,
+    given_back: u64,
 }
 
 impl FakeGuest {
@@ -29,6 +30,7 @@ impl FakeGuest {
             harvests: 0,
             throttle: Throttle::new(1),
             paused: false,
+            given_back: 0,
         }
     }
 }
@@ -63,6 +65,10 @@ impl Guest for FakeGuest {
             into.insert(p);
         }
         Ok(Harvest { new_pages: into.len() - before, per_vcpu: vec![dirty.len() as u64] })
+    }
+    fn give_back(&mut self, pages: &PendingSet) -> Result<u64, GuestError> {
+        self.given_back = pages.len();
+        Ok(pages.len())
     }
     fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         let at = page as usize * PAGE_SIZE;
@@ -193,6 +199,7 @@ fn a_failed_migration_resumes_the_guest_and_counts_what_is_owed() {
         .expect_err("the link breaks in round 0");
     assert!(f.guest_running, "the guest runs after the failure");
     assert_eq!(f.pending_pages, 128, "nothing was acknowledged: every page is still owed");
+    assert!(f.given_back && guest.given_back == 128, "and handed back to the tracker");
     assert_eq!(f.rounds_done, 0);
 }
 

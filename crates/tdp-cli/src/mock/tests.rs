@@ -70,6 +70,20 @@ fn pause_stops_the_writes_and_resume_restarts_them() {
 }
 
 #[test]
+fn i4_pages_given_back_are_harvested_again() {
+    let mut g = MockGuest::start(cfg(Mode::Ring, 512)).unwrap();
+    g.pause().unwrap();
+    g.harvest(&mut PendingSet::new(g.pages())).unwrap();
+    let mut owed = PendingSet::new(g.pages());
+    owed.insert_run(10, 5);
+    assert_eq!(g.give_back(&owed).unwrap(), 5);
+    let mut again = PendingSet::new(g.pages());
+    g.harvest(&mut again).unwrap();
+    assert_eq!(again, owed, "exactly the pages given back (the guest is paused)");
+    g.shutdown().unwrap();
+}
+
+#[test]
 fn i4_clear_log_harvests_every_written_page() {
     let mut g = MockGuest::start(cfg(Mode::ClearLog, 512)).unwrap();
     let mut harvested = PendingSet::new(g.pages());
