@@ -343,3 +343,35 @@ fn i4_the_verification_catches_a_destination_that_holds_other_bytes() {
     assert_eq!(dest.status.code(), Some(1), "the receiver learns the verdict: {}", both(&dest));
     assert_eq!(json(&dest)["matched"], false);
 }
+
+#[test]
+fn a_fixed_vcpu_dirty_limit_is_applied_on_the_mock() {
+    // The mock is slow, so a 1 MiB/s link against 4 MiB/s of dirtying; the quota is the one given.
+    let out = run(&[
+        "migrate",
+        "--backend",
+        "mock",
+        "--memory",
+        "1M",
+        "--bandwidth",
+        "1MiB/s",
+        "--dirty-rate",
+        "4MiB/s",
+        "--vcpu-dirty-limit",
+        "100pages/s",
+        "--max-rounds",
+        "3",
+        "--mode",
+        "bitmap",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", both(&out));
+    let v = json(&out);
+    assert_verified(&v, "fixed quota");
+    let quotas: Vec<u64> =
+        v["rounds"].as_array().into_iter().flatten().filter_map(|r| r["vcpu_quota"].as_u64()).collect();
+    assert!(!quotas.is_empty() && quotas.iter().all(|&q| q == 100), "{v}");
+    let throttled: u64 =
+        v["vcpus"].as_array().into_iter().flatten().filter_map(|c| c["throttled_exits"].as_u64()).sum();
+    assert!(throttled > 0, "{v}");
+}
