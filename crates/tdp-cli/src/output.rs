@@ -44,10 +44,11 @@ impl GuestSummary {
             format!("at {}", Rate { pages_per_sec: cfg.rate_pages })
         };
         format!(
-            "guest: {}, {} vCPUs, {:?} pattern {rate}\nmachine: {}",
+            "guest: {}, {} vCPUs, {} pattern {rate}\nmachine: {}",
             human_bytes(self.memory),
             self.vcpus,
-            self.pattern,
+            clap::ValueEnum::to_possible_value(&self.pattern)
+                .map_or_else(String::new, |v| v.get_name().to_owned()),
             self.machine
         )
     }
