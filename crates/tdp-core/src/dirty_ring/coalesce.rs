@@ -1,5 +1,8 @@
 //! Reset batching: consecutive harvested pages of one memslot become one `(offset, 64-bit mask)` batch,
-//! as KVM's `kvm_dirty_ring_reset` builds them, so the re-protect callback runs once per batch.
+//! as KVM's `kvm_dirty_ring_reset` builds them, so the re-protect callback runs once per batch. The reset
+//! loop extends the pending batch through a [`Window`] held in registers (two compares validate and place
+//! a page of the batch's slot and window) and takes the checked path, a memslot lookup and
+//! [`Coalescer::add`], only for the other entries.
 //!
 //! Keeps: I5 at the point of use: a batch is built only from entries already checked against their
 //! memslot, so no bit of a batch names a page outside the slot. Unlike KVM, which checks a whole batch
@@ -94,29 +97,71 @@ pub(super) struct Coalescer {
     pending: Option<ReprotectBatch>,
 }
 
+/// The pending batch as the reset loop's fast path sees it, small enough to live in registers: the raw
+/// ring slot, the batch's first page, how many pages from there the batch may still name, and the mask.
+///
+/// `span` is `min(64, pages - base)`: a page `offset` of `slot` joins the batch in place exactly when
+/// `offset - base` (wrapping) is below it, which is both KVM's 64-page window and the memslot bound
+/// (`offset < pages`) in one compare. With no pending batch `span` is 0 and nothing joins, so the
+/// first entry of a reset always takes the checked path. The loop owns the mask while it runs and
+/// hands it back with [`Coalescer::absorb`] before the [`Coalescer`] is used again.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Window {
+    slot: u32,
+    base: u64,
+    span: u64,
+    mask: u64,
+}
+
+impl Window {
+    /// No pending batch: nothing joins.
+    pub(super) const EMPTY: Window = Window { slot: 0, base: 0, span: 0, mask: 0 };
+
+    /// Sets the bit of page `offset` of the ring slot `slot` (raw) if the page is in the batch's
+    /// memslot and window; the common case of a reset, without a lookup or a copy of the memslot.
+    #[inline(always)]
+    pub(super) fn try_add(&mut self, slot: u32, offset: u64) -> bool {
+        let delta = offset.wrapping_sub(self.base);
+        if slot == self.slot && delta < self.span {
+            // `delta < span <= 64`: the shift is in range.
+            self.mask |= 1 << delta;
+            return true;
+        }
+        false
+    }
+}
+
 impl Coalescer {
     pub(super) const fn new() -> Self {
         Coalescer { pending: None }
     }
 
-    /// The memslot of the pending batch if it is `slot`: lets the caller validate the next entry without
-    /// looking the slot up again.
-    /// Sets the bit of page `offset` of `slot` in the pending batch if the page is in the slot and
-    /// in the batch's 64-page window; the common case of a reset, without copying the memslot.
+    /// Takes back the mask the reset loop built in `window`, which [`Coalescer::window`] made from the
+    /// pending batch (bits only set within the slot, so the batch still names only pages inside it).
     #[inline]
-    pub(super) fn try_extend(&mut self, slot: RingSlot, offset: u64) -> bool {
-        if let Some(b) = &mut self.pending
-            && b.slot() == slot
-            && offset < b.memslot.pages
-            && let Some(delta) = offset.checked_sub(b.offset)
-            && delta < u64::from(u64::BITS)
-        {
-            b.mask |= 1 << delta;
-            return true;
+    pub(super) fn absorb(&mut self, window: Window) {
+        if let Some(batch) = &mut self.pending {
+            batch.mask = window.mask;
         }
-        false
     }
 
+    /// The pending batch's [`Window`], for the reset loop to extend in place.
+    #[inline]
+    pub(super) fn window(&self) -> Window {
+        match &self.pending {
+            // `batch.offset < pages`: every batch starts at a page that was checked to be in its slot.
+            Some(batch) => Window {
+                slot: batch.slot().raw(),
+                base: batch.offset,
+                span: batch.memslot.pages.saturating_sub(batch.offset).min(u64::from(u64::BITS)),
+                mask: batch.mask,
+            },
+            None => Window::EMPTY,
+        }
+    }
+
+    /// The memslot of the pending batch if it is `slot`: lets the caller validate the next entry without
+    /// looking the slot up again.
     #[inline]
     pub(super) fn pending_memslot(&self, slot: RingSlot) -> Option<&Memslot> {
         self.pending.as_ref().filter(|b| b.slot() == slot).map(|b| &b.memslot)

@@ -47,7 +47,12 @@ pub struct DirtyEntry {
 /// assert_eq!((seen, consumer.fetch_index()), (vec![9, 4], 3));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// Aligned to 128 bytes, as [`DirtyRingProducer`](super::DirtyRingProducer) is and for the same reason:
+/// `fetch_index` is written at every harvested entry and must not share a cache line with the producer's
+/// indices or another consumer's.
 #[derive(Debug)]
+#[repr(align(128))]
 pub struct DirtyRingConsumer<'a> {
     ring: &'a [DirtyGfn],
     cfg: RingConfig,
@@ -78,6 +83,7 @@ impl<'a> DirtyRingConsumer<'a> {
     /// Harvests the entry at `fetch_index` if the producer published it: reads its slot and offset,
     /// marks it [`DIRTY_GFN_F_RESET`] and moves on. `None` when that entry is not dirty (the ring is
     /// drained for now); the consumer never skips ahead to a later entry.
+    #[inline]
     pub fn pop(&mut self) -> Option<DirtyEntry> {
         // In bounds: `position` masks the index below `entries`, and the slice has exactly `entries`.
         let entry = &self.ring[self.cfg.position(self.fetch_index)];
@@ -99,6 +105,7 @@ impl<'a> DirtyRingConsumer<'a> {
     /// Harvests up to `max` entries in order, calling `f` for each, and returns how many. Stops early at
     /// the first entry that is not dirty. A producer pushing at the same time may supply more than one
     /// ring's worth, so `max` is the only bound on the work of one call.
+    #[inline]
     pub fn harvest(&mut self, max: usize, mut f: impl FnMut(DirtyEntry)) -> usize {
         let mut n = 0;
         while n < max {

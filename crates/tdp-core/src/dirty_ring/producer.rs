@@ -9,7 +9,7 @@ use crate::addr::{AsId, RingSlot};
 use crate::memslot::{Memslot, MemslotSet};
 use crate::sync::Ordering;
 
-use super::coalesce::{Coalescer, ReprotectBatch};
+use super::coalesce::{Coalescer, ReprotectBatch, Window};
 use super::{DIRTY_GFN_F_DIRTY, DirtyGfn, RingConfig, RingError, RingFull, is_harvested};
 
 /// What a push left behind.
@@ -64,6 +64,11 @@ pub trait ResetTarget {
 /// use, never above [`RingConfig::entries`]. `push` and `reset` take `&mut self`: one owner runs both, so
 /// a host that resets from another thread than the vCPU's puts the producer behind a lock.
 ///
+/// The struct is aligned to 128 bytes (two cache lines, the unit x86's adjacent-line prefetcher pulls,
+/// as crossbeam's `CachePadded` and `rtrb` use) so that its indices, written at every push, never share
+/// a line with a [`DirtyRingConsumer`](super::DirtyRingConsumer) or another vCPU's producer that happen
+/// to sit next to it in memory: each such write would otherwise pull the line away from the other core.
+///
 /// ```
 /// use tdp_core::addr::{AsId, Gfn, RingSlot, SlotId};
 /// use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, PushOutcome, RingConfig};
@@ -92,6 +97,7 @@ pub trait ResetTarget {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]
+#[repr(align(128))]
 pub struct DirtyRingProducer<'a> {
     ring: &'a [DirtyGfn],
     cfg: RingConfig,
@@ -161,8 +167,10 @@ impl<'a> DirtyRingProducer<'a> {
     /// assert_eq!(producer.push(slot, 256), Err(RingFull { entries: 256 })); // nothing is overwritten
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
+    #[inline]
     pub fn push(&mut self, slot: RingSlot, offset: u64) -> Result<PushOutcome, RingFull> {
-        if self.is_full() {
+        let used = self.len();
+        if used >= self.cfg.entries() {
             return Err(RingFull { entries: self.cfg.entries() });
         }
         let entry = self.entry(self.dirty_index);
@@ -174,7 +182,8 @@ impl<'a> DirtyRingProducer<'a> {
         // `DirtyRingConsumer::pop` (KVM: the `smp_wmb` before `kvm_dirty_gfn_set_dirtied`).
         entry.flags.store(DIRTY_GFN_F_DIRTY, Ordering::Release);
         self.dirty_index = self.dirty_index.wrapping_add(1);
-        Ok(if self.is_soft_full() { PushOutcome::SoftFull } else { PushOutcome::Room })
+        // `used + 1` is now `self.len()`, at most `entries`: no overflow.
+        Ok(if used + 1 >= self.cfg.soft_limit() { PushOutcome::SoftFull } else { PushOutcome::Room })
     }
 
     /// Frees the entries the consumer harvested and re-protects their pages (KVM's
@@ -192,10 +201,16 @@ impl<'a> DirtyRingProducer<'a> {
     pub fn reset(&mut self, target: &mut impl ResetTarget) -> ResetStats {
         let mut stats = ResetStats::default();
         let mut batch = Coalescer::new();
-        // The bound: only entries this producer pushed and has not reset.
-        let in_use = self.len();
-        while stats.reset < in_use {
-            let entry = self.entry(self.reset_index);
+        // The pending batch's fast-path state, in locals (registers) for the loop; see `Window`.
+        let mut window = Window::EMPTY;
+        let (ring, cfg) = (self.ring, self.cfg);
+        let start = self.reset_index;
+        // The bound: only entries this producer pushed and has not reset, at most `entries` of them.
+        let end = self.dirty_index;
+        let mut index = start;
+        while index != end {
+            // In bounds: see `DirtyRingProducer::entry`.
+            let entry = &ring[cfg.position(index)];
             // Acquire: pairs with the consumer's Release store of RESET in `DirtyRingConsumer::pop`: its
             // reads of this entry's slot and offset happen before this producer reuses the entry, so they
             // never return a later push's values.
@@ -203,33 +218,28 @@ impl<'a> DirtyRingProducer<'a> {
                 break;
             }
             // Untrusted (consumer-writable): each field is read once, into a local, and validated below.
-            let slot = RingSlot::from_raw(entry.slot.load(Ordering::Relaxed));
+            let slot = entry.slot.load(Ordering::Relaxed);
             let offset = entry.offset.load(Ordering::Relaxed);
             // Release: pairs with the consumer's Acquire load of `flags` in `DirtyRingConsumer::pop`: a
             // consumer that sees the entry free knows the two reads above are done, so nothing it writes
             // to the entry afterwards changes what this reset re-protects (KVM's
             // `kvm_dirty_gfn_set_invalid` uses `smp_store_release` for the same reason).
             entry.flags.store(0, Ordering::Release);
-            self.reset_index = self.reset_index.wrapping_add(1);
-            stats.reset += 1;
-            if batch.try_extend(slot, offset) {
+            index = index.wrapping_add(1);
+            // The common case: the page is in the pending batch's memslot and 64-page window, which is
+            // the whole validation such an entry needs (same slot, offset below the slot's pages).
+            if window.try_add(slot, offset) {
                 continue;
             }
-            let memslot = match batch.pending_memslot(slot) {
-                Some(pending) => Some(*pending),
-                None if slot.as_id().0 < AsId::MAX_COUNT => target.memslot(slot),
-                None => None,
-            };
-            match memslot {
-                Some(memslot) if is_in_slot(&memslot, slot, offset) => {
-                    if let Some(done) = batch.add(&memslot, offset) {
-                        stats.batches += 1;
-                        target.reprotect(done);
-                    }
-                }
-                _ => stats.invalid += 1,
-            }
+            // Everything else: validate against the memslots, coalesce, maybe hand a batch over. The
+            // index is stored first, so that even a re-protect that unwinds leaves `reset_index` past
+            // every entry this reset freed (the loop keeps it in a local otherwise).
+            self.reset_index = index;
+            window = reset_checked(&mut batch, window, RingSlot::from_raw(slot), offset, target, &mut stats);
         }
+        self.reset_index = index;
+        stats.reset = index.wrapping_sub(start);
+        batch.absorb(window);
         if let Some(done) = batch.finish() {
             stats.batches += 1;
             target.reprotect(done);
@@ -293,11 +303,42 @@ impl<'a> DirtyRingProducer<'a> {
         self.cfg
     }
 
+    #[inline]
     fn entry(&self, index: u32) -> &'a DirtyGfn {
         // In bounds: `position` masks the index below `entries`, and `new`/`resume` checked that the
         // slice has exactly `entries` entries.
         &self.ring[self.cfg.position(index)]
     }
+}
+
+/// The reset's checked path for one entry that did not join the pending batch in place: looks its
+/// memslot up (or reuses the pending batch's), validates slot and offset against it, coalesces the page
+/// or counts it invalid, and returns the new pending batch's [`Window`]. Takes `window`'s mask back
+/// first, so the batch it may hand over is complete.
+fn reset_checked(
+    batch: &mut Coalescer,
+    window: Window,
+    slot: RingSlot,
+    offset: u64,
+    target: &mut impl ResetTarget,
+    stats: &mut ResetStats,
+) -> Window {
+    batch.absorb(window);
+    let memslot = match batch.pending_memslot(slot) {
+        Some(pending) => Some(*pending),
+        None if slot.as_id().0 < AsId::MAX_COUNT => target.memslot(slot),
+        None => None,
+    };
+    match memslot {
+        Some(memslot) if is_in_slot(&memslot, slot, offset) => {
+            if let Some(done) = batch.add(&memslot, offset) {
+                stats.batches += 1;
+                target.reprotect(done);
+            }
+        }
+        _ => stats.invalid += 1,
+    }
+    batch.window()
 }
 
 /// Whether `slot` really is `memslot` and page `offset` lies inside it (KVM: `offset < npages`).
