@@ -238,10 +238,42 @@ impl MemslotSet {
     #[must_use]
     #[inline]
     pub fn find(&self, as_id: AsId, gfn: Gfn) -> Option<&Memslot> {
+        self.find_index(as_id, gfn).map(|i| &self.slots[i])
+    }
+
+    /// The index in `slots` of the slot containing `gfn` in `as_id`.
+    #[inline]
+    fn find_index(&self, as_id: AsId, gfn: Gfn) -> Option<usize> {
         // The first slot that sorts after (as_id, gfn); the candidate is the one before it.
         let after = self.slots.partition_point(|s| (s.as_id, s.base_gfn) <= (as_id, gfn));
-        let candidate = self.slots.get(after.checked_sub(1)?)?;
-        (candidate.as_id == as_id && candidate.contains(gfn)).then_some(candidate)
+        let at = after.checked_sub(1)?;
+        let candidate = self.slots.get(at)?;
+        (candidate.as_id == as_id && candidate.contains(gfn)).then_some(at)
+    }
+
+    /// [`MemslotSet::find`] trying the slot at index `*hint` first, and leaving the index of the slot
+    /// found in `*hint` (KVM's per-vCPU `last_used_slot`). A vCPU faults mostly in the slot it faulted in
+    /// last, so the search is usually one comparison. The hint needs no generation: it is only an index,
+    /// checked every time (slots of one address space never overlap, so a slot of `as_id` containing
+    /// `gfn` is the answer wherever it sits), and a stale or out-of-range one just costs the search.
+    #[must_use]
+    #[inline]
+    pub(crate) fn find_hinted(&self, as_id: AsId, gfn: Gfn, hint: &mut usize) -> Option<&Memslot> {
+        if let Some(slot) = self.slots.get(*hint)
+            && slot.as_id == as_id
+            && slot.contains(gfn)
+        {
+            return Some(slot);
+        }
+        self.find_and_hint(as_id, gfn, hint)
+    }
+
+    /// The miss path of [`MemslotSet::find_hinted`].
+    #[inline(never)]
+    fn find_and_hint(&self, as_id: AsId, gfn: Gfn, hint: &mut usize) -> Option<&Memslot> {
+        let at = self.find_index(as_id, gfn)?;
+        *hint = at;
+        self.slots.get(at)
     }
 
     /// The slot with `id` in `as_id`.

@@ -30,6 +30,9 @@ pub struct PageCache {
     len: usize,
     /// What the faults handled with this cache came to (KVM's per-vCPU `pf_*` statistics).
     pub counters: FaultCounters,
+    /// Index of the memslot this vCPU faulted in last, tried first by the next fault (KVM's per-vCPU
+    /// `last_used_slot`); see [`crate::memslot::MemslotSet::find_hinted`].
+    pub(crate) slot_hint: usize,
 }
 
 /// Fault outcomes counted per vCPU.
@@ -46,7 +49,19 @@ pub struct FaultCounters {
 }
 
 impl FaultCounters {
+    /// Counts `outcome`; the common one, [`super::FaultOutcome::Fixed`], with one increment.
+    #[inline]
     pub(crate) fn count(&mut self, outcome: super::FaultOutcome) {
+        if outcome == super::FaultOutcome::Fixed {
+            self.fixed += 1;
+        } else {
+            self.count_other(outcome);
+        }
+    }
+
+    /// [`FaultCounters::count`] for the outcomes other than `Fixed`, out of line.
+    #[inline(never)]
+    fn count_other(&mut self, outcome: super::FaultOutcome) {
         use super::FaultOutcome as O;
         let counter = match outcome {
             O::Fixed => &mut self.fixed,
@@ -72,6 +87,7 @@ impl PageCache {
             pages: [Pfn(0); PAGE_CACHE_CAPACITY],
             len: 0,
             counters: FaultCounters { fixed: 0, spurious: 0, retried: 0, emulated: 0 },
+            slot_hint: 0,
         }
     }
     /// Pages held.
@@ -94,6 +110,7 @@ impl PageCache {
     ///
     /// # Errors
     /// [`AllocError`] when the host runs out before `min` is reached; pages allocated so far stay.
+    #[inline]
     pub fn topup<M: TableMemory + ?Sized>(
         &mut self,
         mem: &M,
@@ -103,6 +120,11 @@ impl PageCache {
         if self.len >= min {
             return Ok(());
         }
+        self.refill(mem, fill, min)
+    }
+
+    /// The allocating part of [`PageCache::topup`].
+    fn refill<M: TableMemory + ?Sized>(&mut self, mem: &M, fill: Spte, min: usize) -> Result<(), AllocError> {
         while self.len < PAGE_CACHE_CAPACITY {
             match mem.alloc_table(fill) {
                 Ok(pfn) => {

@@ -9,13 +9,13 @@
 //! Keeps: I1: a leaf is writable only when the memslot is writable and the host page is; a gfn without a
 //! memslot gets an MMIO SPTE (or nothing), never a frame.
 
-use crate::addr::{AsId, Gfn, Level, Pfn};
+use crate::addr::{AsId, BITS_PER_LEVEL, Gfn, Level, Pfn};
 use crate::fault::{AccessKind, Fault, FaultKind};
 use crate::flush::Flush;
-use crate::host::{AllocError, DirtySink, DirtySource, Host, HostFaultError};
+use crate::host::{AllocError, DirtySink, DirtySource, Host, HostFaultError, Table};
 use crate::iter::TdpIter;
 use crate::memslot::Memslot;
-use crate::spte::{LeafAttrs, LeafWrite, MemType, Spte, SpteCheckError};
+use crate::spte::{LeafAttrs, LeafWrite, MemType, PFN_MASK, Spte, SpteCheckError, SpteFormat};
 use crate::sync::{AtomicU64, Ordering};
 
 use super::cache::PageCache;
@@ -77,7 +77,67 @@ pub enum FaultError {
     },
 }
 
-impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
+/// The attribute bits of every leaf a fault can install, computed once per MMU from its format, so that
+/// building the leaf on the fault path is one OR of the frame into a precomputed value (instead of
+/// reading a dozen masks from the format and branching on the attributes for every fault).
+///
+/// A fault's leaves differ only in the frame, whether they are huge (the PS bit) and their
+/// [`LeafWrite`]; everything else is fixed: executable, write-back, accessed. Debug builds check every
+/// leaf built this way against [`SpteFormat::leaf`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct LeafTemplates {
+    /// `bits[huge][write_index(write)]`: [`SpteFormat::leaf`] of frame 0.
+    bits: [[u64; 5]; 2],
+}
+
+/// Every [`LeafWrite`], in the order of [`write_index`].
+const LEAF_WRITES: [LeafWrite; 5] = [
+    LeafWrite::ReadOnly { host_writable: false },
+    LeafWrite::ReadOnly { host_writable: true },
+    LeafWrite::WriteProtected,
+    LeafWrite::Writable,
+    LeafWrite::WritableClean,
+];
+
+/// The position of `write` in [`LEAF_WRITES`].
+#[inline]
+const fn write_index(write: LeafWrite) -> usize {
+    match write {
+        LeafWrite::ReadOnly { host_writable: false } => 0,
+        LeafWrite::ReadOnly { host_writable: true } => 1,
+        LeafWrite::WriteProtected => 2,
+        LeafWrite::Writable => 3,
+        LeafWrite::WritableClean => 4,
+    }
+}
+
+/// The attributes of a leaf installed by a fault with writability `write`.
+#[inline]
+const fn fault_attrs(write: LeafWrite) -> LeafAttrs {
+    LeafAttrs { write, exec: true, memtype: MemType::WriteBack, accessed: true }
+}
+
+impl LeafTemplates {
+    /// The templates for `fmt`.
+    pub(super) fn new(fmt: &SpteFormat) -> Self {
+        // Every huge level carries the same bits (PS set); a format without huge pages never asks for
+        // the huge row, which then repeats the 4 KiB one.
+        let huge = fmt.max_leaf_level().min(Level::L2);
+        LeafTemplates {
+            bits: [Level::L1, huge]
+                .map(|level| LEAF_WRITES.map(|w| fmt.leaf(Pfn(0), level, fault_attrs(w)).0)),
+        }
+    }
+
+    /// `fmt.leaf(pfn, level, fault_attrs(write))` for the format the templates were made for:
+    /// [`SpteFormat::leaf`] puts the frame in with `pfn.hpa() & PFN_MASK` and nothing else depends on it.
+    #[inline]
+    fn leaf(&self, pfn: Pfn, level: Level, write: LeafWrite) -> Spte {
+        Spte(self.bits[usize::from(level > Level::L1)][write_index(write)] | (pfn.hpa() & PFN_MASK))
+    }
+}
+
+impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     /// Handles `fault` taken by a vCPU running on `root`, allocating tables from `cache`.
     ///
     /// Flushes the TLBs itself when it replaces a table with a huge leaf; otherwise it only adds
@@ -85,6 +145,7 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
     ///
     /// # Errors
     /// [`FaultError`]; no SPTE is left half-changed by any of them.
+    #[inline]
     pub fn page_fault(
         &self,
         cache: &mut PageCache,
@@ -92,12 +153,46 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         fault: Fault,
         dirty: &mut dyn DirtySink,
     ) -> Result<FaultOutcome, FaultError> {
-        let outcome = self.page_fault_inner(cache, root, fault, dirty)?;
+        let need = self.mmu.pages_per_fault() - 1;
+        if cache.len() < need {
+            return Err(FaultError::CacheTooSmall { have: cache.len(), need });
+        }
+        self.page_fault_counted(cache, root, fault, dirty)
+    }
+
+    /// [`SharedMmu::page_fault`] once the cache is known to hold the pages a fault may need.
+    #[inline]
+    fn page_fault_counted(
+        &self,
+        cache: &mut PageCache,
+        root: &RootRef,
+        fault: Fault,
+        dirty: &mut dyn DirtySink,
+    ) -> Result<FaultOutcome, FaultError> {
+        let outcome = self.page_fault_uncounted(cache, root, fault, dirty)?;
         // Per-vCPU counters, as KVM's `vcpu->stat.pf_*`: no shared cache line on the fault path.
         cache.counters.count(outcome);
         Ok(outcome)
     }
 
+    /// [`SharedMmu::page_fault`] once the cache is known to hold the pages a fault may need, without
+    /// counting the outcome in the cache's counters (the caller does, possibly after dropping the lock).
+    #[inline]
+    pub(super) fn page_fault_uncounted(
+        &self,
+        cache: &mut PageCache,
+        root: &RootRef,
+        fault: Fault,
+        dirty: &mut dyn DirtySink,
+    ) -> Result<FaultOutcome, FaultError> {
+        debug_assert!(cache.len() >= self.mmu.pages_per_fault() - 1, "the caller topped the cache up");
+        self.page_fault_inner(cache, root, fault, dirty)
+    }
+
+    /// The fault handler proper. The common case (a gfn in a memslot, a writable 4 KiB leaf) is written
+    /// straight through; the rare cases (no memslot, misconfiguration exits, other leaves) are calls out
+    /// of line, so that the common case stays one short function.
+    #[inline]
     fn page_fault_inner(
         &self,
         cache: &mut PageCache,
@@ -106,36 +201,28 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         dirty: &mut dyn DirtySink,
     ) -> Result<FaultOutcome, FaultError> {
         let mmu = self.mmu;
-        let need = mmu.pages_per_fault() - 1;
-        if cache.len() < need {
-            return Err(FaultError::CacheTooSmall { have: cache.len(), need });
-        }
-        if !mmu.root_is_valid(root) {
+        if !root.is_valid() {
             return Ok(FaultOutcome::ReloadRoot);
         }
         let gfn = fault.gpa.gfn();
-        if gfn >= self.slots.max_gfn() {
-            // Beyond what the tables can map: nothing to cache, the access is emulated every time.
-            return Ok(FaultOutcome::Emulate(EmulateReason::Mmio));
-        }
-        if fault.kind == FaultKind::Misconfig
-            && let Some(outcome) = self.mmio_fault(root, gfn)?
-        {
-            return Ok(outcome);
-        }
-        let Some(slot) = self.slots.find(root.as_id(), gfn) else {
-            let Some(mmio) = mmu.format().mmio(gfn, self.slots.generation()) else {
+        // Beyond what the tables can map (`max_gfn`) a gfn has no memslot (every slot ends at or below
+        // it), and nothing may be cached for it: the access is emulated every time. Only the paths
+        // without a memslot need to check.
+        if fault.kind == FaultKind::Misconfig {
+            if gfn >= self.slots.max_gfn() {
                 return Ok(FaultOutcome::Emulate(EmulateReason::Mmio));
-            };
-            return Ok(match self.map(cache, root, gfn, Level::L1, mmio) {
-                FaultOutcome::Fixed => {
-                    Stats::bump(&mmu.stats.mmio_sptes_created);
-                    FaultOutcome::Emulate(EmulateReason::Mmio)
-                }
-                FaultOutcome::Spurious => FaultOutcome::Emulate(EmulateReason::Mmio),
-                other => other,
-            });
+            }
+            if let Some(outcome) = self.mmio_fault(root, gfn)? {
+                return Ok(outcome);
+            }
+        }
+        let Some(slot) = self.slots.find_hinted(root.as_id(), gfn, &mut cache.slot_hint) else {
+            if gfn >= self.slots.max_gfn() {
+                return Ok(FaultOutcome::Emulate(EmulateReason::Mmio));
+            }
+            return Ok(self.no_slot_fault(cache, root, gfn));
         };
+        debug_assert!(gfn < self.slots.max_gfn(), "a memslot reaches beyond the tables");
         let write = fault.access == AccessKind::Write;
         if write && !slot.is_writable() {
             return Ok(FaultOutcome::Emulate(EmulateReason::ReadOnlySlot));
@@ -146,39 +233,134 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         {
             return Ok(outcome);
         }
+        // Keeps every table the walk below can reach allocated until the fault returns.
+        let _walk = mmu.host.begin_walk();
+        // The walk goes first: its loads are one dependent chain (entry, child table, entry, ...), and
+        // started before the host translation and the leaf below the processor overlaps the two. Only
+        // the tables matter here; every entry that is changed is read again where it is changed.
+        let (table, shift) = self.descend(root, gfn);
         let host = mmu.host.translate(slot, gfn, write)?;
         if write && !host.writable {
             return Err(HostFaultError::ReadOnly { gfn }.into());
         }
-        let level = self.goal_level(slot, gfn, host.pfn, host.level);
         let logged = slot.is_dirty_logged();
-        let attrs = LeafAttrs {
-            write: match (slot.is_writable(), host.writable) {
-                (true, true) if write || !logged => LeafWrite::Writable,
-                // A read in a logged slot must leave the first write visible: to the fast path
-                // (write-protected) or, with PML, to hardware's D bit and log (clean).
-                (true, true) if mmu.config.pml => LeafWrite::WritableClean,
-                (true, true) => LeafWrite::WriteProtected,
-                (_, host_writable) => LeafWrite::ReadOnly { host_writable },
-            },
-            exec: true,
-            memtype: MemType::WriteBack,
-            accessed: true,
+        let writable = slot.is_writable() && host.writable && (write || !logged);
+        let (outcome, leaf_write) = if writable && (logged || host.level == Level::L1) {
+            // The common case, written out for the compiler: a writable 4 KiB leaf (the goal level is
+            // L1 in a logged slot or when the host maps 4 KiB; see `goal_level`).
+            let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, LeafWrite::Writable);
+            debug_assert_eq!(self.goal_level(slot, gfn, host.pfn, host.level), Level::L1);
+            debug_assert_eq!(leaf, mmu.format().leaf(host.pfn, Level::L1, fault_attrs(LeafWrite::Writable)));
+            (self.map_from(cache, root.as_id(), table, shift, gfn, Level::L1, leaf), LeafWrite::Writable)
+        } else {
+            let level = self.goal_level(slot, gfn, host.pfn, host.level);
+            let leaf_write =
+                if writable { LeafWrite::Writable } else { self.leaf_write_otherwise(slot, host.writable) };
+            let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
+            let leaf = mmu.leaf_templates.leaf(pfn, level, leaf_write);
+            debug_assert_eq!(leaf, mmu.format().leaf(pfn, level, fault_attrs(leaf_write)));
+            (self.map_other(cache, root, table, shift, gfn, level, leaf), leaf_write)
         };
-        let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
-        let leaf = mmu.format().leaf(pfn, level, attrs);
-        let outcome = self.map(cache, root, gfn, level, leaf);
-        if logged && attrs.write == LeafWrite::Writable && outcome == FaultOutcome::Fixed {
+        if logged && leaf_write == LeafWrite::Writable && outcome == FaultOutcome::Fixed {
             dirty.mark_dirty(slot, gfn, DirtySource::Fault);
         }
         Ok(outcome)
     }
 
+    /// [`SharedMmu::map_from`] for the leaves of the less common faults (huge, read-only, write-protected,
+    /// clean), from the table the descent reached or, when the goal lies above it (a huge leaf is to
+    /// replace a table the descent went through), from the root.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
+    fn map_other(
+        &self,
+        cache: &mut PageCache,
+        root: &RootRef,
+        table: &'a Table,
+        shift: u32,
+        gfn: Gfn,
+        level: Level,
+        leaf: Spte,
+    ) -> FaultOutcome {
+        if level.shift_in_frames() <= shift {
+            self.map_from(cache, root.as_id(), table, shift, gfn, level, leaf)
+        } else {
+            let root_table = self.mmu.host.table(root.pfn());
+            self.map_from(cache, root.as_id(), root_table, self.root_shift(), gfn, level, leaf)
+        }
+    }
+
+    /// The writability of a fault's leaf when it is not simply [`LeafWrite::Writable`] (a read in a
+    /// logged slot, a read-only slot or host page).
+    #[cold]
+    #[inline(never)]
+    fn leaf_write_otherwise(&self, slot: &Memslot, host_writable: bool) -> LeafWrite {
+        match (slot.is_writable(), host_writable) {
+            // A read in a logged slot must leave the first write visible: to the fast path
+            // (write-protected) or, with PML, to hardware's D bit and log (clean).
+            (true, true) if self.mmu.config.pml => LeafWrite::WritableClean,
+            (true, true) => LeafWrite::WriteProtected,
+            (_, host_writable) => LeafWrite::ReadOnly { host_writable },
+        }
+    }
+
+    /// The root level's index shift.
+    #[inline]
+    fn root_shift(&self) -> u32 {
+        self.mmu.config.root_level.shift_in_frames()
+    }
+
+    /// Follows the tables already linked on `gfn`'s path from `root`: returns the deepest one and its
+    /// level as an index shift (0 for level 1), the walk stopping at level 1 or at the first entry that
+    /// is not a table (non-present, frozen or a huge leaf). Reads only; the caller holds a walk guard.
+    #[inline(always)]
+    fn descend(&self, root: &RootRef, gfn: Gfn) -> (&'a Table, u32) {
+        let host: &'a H = &self.mmu.host;
+        let mut table = host.table(root.pfn());
+        let mut shift = self.root_shift();
+        while shift > 0 {
+            // Acquire pairs with the Release of the compare-exchange that linked a child table here.
+            let spte = Spte(table[((gfn.0 >> shift) & 0x1ff) as usize].load(Ordering::Acquire));
+            if !spte.is_present() || spte.is_large() {
+                break;
+            }
+            table = host.table(spte.pfn());
+            shift -= BITS_PER_LEVEL;
+        }
+        (table, shift)
+    }
+
+    /// A fault on a gfn no memslot covers: install an MMIO SPTE tagged with the memslot generation (if
+    /// the format caches MMIO) and hand the access to the VMM.
+    #[cold]
+    #[inline(never)]
+    fn no_slot_fault(&self, cache: &mut PageCache, root: &RootRef, gfn: Gfn) -> FaultOutcome {
+        let mmu = self.mmu;
+        let Some(mmio) = mmu.format().mmio(gfn, self.slots.generation()) else {
+            return FaultOutcome::Emulate(EmulateReason::Mmio);
+        };
+        match self.map(cache, root, gfn, Level::L1, mmio) {
+            FaultOutcome::Fixed => {
+                Stats::bump(&mmu.stats.mmio_sptes_created);
+                FaultOutcome::Emulate(EmulateReason::Mmio)
+            }
+            FaultOutcome::Spurious => FaultOutcome::Emulate(EmulateReason::Mmio),
+            other => other,
+        }
+    }
+
     /// The largest level at which `gfn` may be mapped (KVM's `kvm_mmu_hugepage_adjust`).
+    #[inline]
     fn goal_level(&self, slot: &Memslot, gfn: Gfn, pfn: Pfn, host_level: Level) -> Level {
-        if slot.is_dirty_logged() {
+        if slot.is_dirty_logged() || host_level == Level::L1 {
             return Level::L1;
         }
+        self.huge_goal_level(slot, gfn, pfn, host_level)
+    }
+
+    /// [`SharedMmu::goal_level`] when the host maps the page huge and the slot is not logged.
+    #[inline(never)]
+    fn huge_goal_level(&self, slot: &Memslot, gfn: Gfn, pfn: Pfn, host_level: Level) -> Level {
         let mut level = host_level.min(self.mmu.format().max_leaf_level());
         while level > Level::L1 {
             let mask = level.pages() - 1;
@@ -192,6 +374,8 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
 
     /// An EPT misconfiguration / NPF-RSVD exit: emulate if it hit a current MMIO SPTE. `None` sends a
     /// stale MMIO SPTE down the normal path, which replaces it.
+    #[cold]
+    #[inline(never)]
     fn mmio_fault(&self, root: &RootRef, gfn: Gfn) -> Result<Option<FaultOutcome>, FaultError> {
         let mmu = self.mmu;
         let fmt = mmu.format();
@@ -215,47 +399,61 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
     }
 
     /// Walks from `root` to `goal` for `gfn`, linking or splitting tables, and installs `new` there
-    /// (KVM's `kvm_tdp_mmu_map`). A single-gfn walk needs none of the range iterator's machinery, so it
-    /// is written flat: one load per level, one compare-exchange per change.
+    /// (KVM's `kvm_tdp_mmu_map`). See [`SharedMmu::map_from`].
     fn map(&self, cache: &mut PageCache, root: &RootRef, gfn: Gfn, goal: Level, new: Spte) -> FaultOutcome {
         let mmu = self.mmu;
-        let fmt = mmu.format();
-        let as_id = root.as_id();
         // Keeps every table this walk can reach allocated until it returns.
         let _walk = mmu.host.begin_walk();
-        let mut table = mmu.host.table(root.pfn());
-        let mut level = mmu.config.root_level;
+        self.map_from(cache, root.as_id(), mmu.host.table(root.pfn()), self.root_shift(), gfn, goal, new)
+    }
+
+    /// Walks from `table` (on `gfn`'s path, at the level whose index shift is `shift`, at or above
+    /// `goal`) down to `goal`, linking or splitting tables, and installs `new` there. The caller holds a
+    /// walk guard.
+    ///
+    /// A single-gfn walk needs none of the range iterator's machinery, so it is written flat: one load
+    /// per level, one compare-exchange per change. The loop counts levels by their index shift (9 bits a
+    /// level), which is all a step down needs; linking and splitting are out of line, since a fault
+    /// needs them for at most a few of its levels and most faults for none.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn map_from(
+        &self,
+        cache: &mut PageCache,
+        as_id: AsId,
+        mut table: &'a Table,
+        mut shift: u32,
+        gfn: Gfn,
+        goal: Level,
+        new: Spte,
+    ) -> FaultOutcome {
+        let mmu = self.mmu;
+        let goal_shift = goal.shift_in_frames();
+        debug_assert!(goal_shift <= shift, "the walk starts at or above its goal");
         loop {
-            let entry = &table[gfn.index_at(level).get()];
+            let entry = &table[((gfn.0 >> shift) & 0x1ff) as usize];
             // Acquire pairs with the Release of the compare-exchange that linked a child table here.
             let old = Spte(entry.load(Ordering::Acquire));
-            if level == goal {
-                if fmt.is_frozen(old) {
-                    return FaultOutcome::Retry;
-                }
-                return self.install(as_id, entry, old, new, gfn.align_down(level), level);
+            if shift == goal_shift {
+                return self.install(as_id, entry, old, new, gfn.align_down(goal), goal);
             }
             // Above the goal (so at level 2 or more) a present entry is a table unless PS says leaf.
             let child = if old.is_present() && !old.is_large() {
                 old.pfn()
-            } else if fmt.is_frozen(old) {
-                return FaultOutcome::Retry;
             } else {
-                match self.link_table(cache, as_id, entry, old, gfn.align_down(level), level) {
+                match self.link_table(cache, as_id, entry, old, gfn, shift) {
                     Ok(child) => child,
                     Err(outcome) => return outcome,
                 }
             };
-            let Some(lower) = level.lower() else {
-                return FaultOutcome::Retry;
-            };
             table = mmu.host.table(child);
-            level = lower;
+            shift -= BITS_PER_LEVEL;
         }
     }
 
     /// Installs `new` in `entry` (the goal level), flushing if the old value was a table or a leaf with
     /// more rights or another frame.
+    #[inline(always)]
     fn install(
         &self,
         as_id: AsId,
@@ -267,6 +465,9 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
     ) -> FaultOutcome {
         let mmu = self.mmu;
         let fmt = mmu.format();
+        if fmt.is_frozen(old) {
+            return FaultOutcome::Retry;
+        }
         if old == new {
             return FaultOutcome::Spurious;
         }
@@ -285,7 +486,10 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
     }
 
     /// Replaces `entry` (holding `old`: non-present, or a huge leaf bigger than wanted) with a new table
-    /// from `cache` and returns the table. `Err` carries the outcome to return.
+    /// from `cache` and returns the table. `Err` carries the outcome to return: [`FaultOutcome::Retry`]
+    /// when the entry is frozen by another writer, the cache is empty or the compare-exchange lost.
+    /// `gfn` is the faulting gfn and `shift` the entry's level as its index shift.
+    #[inline(never)]
     fn link_table(
         &self,
         cache: &mut PageCache,
@@ -293,10 +497,15 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         entry: &AtomicU64,
         old: Spte,
         gfn: Gfn,
-        level: Level,
+        shift: u32,
     ) -> Result<Pfn, FaultOutcome> {
         let mmu = self.mmu;
         let fmt = mmu.format();
+        let level = Level::new((shift / BITS_PER_LEVEL + 1) as u8).expect("the walk stays within L1-L5");
+        let gfn = gfn.align_down(level);
+        if fmt.is_frozen(old) {
+            return Err(FaultOutcome::Retry);
+        }
         let Some(child) = cache.take() else {
             return Err(FaultOutcome::Retry);
         };

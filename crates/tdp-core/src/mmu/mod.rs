@@ -115,6 +115,8 @@ pub struct Mmu<H: Host, R: RawRwLock = spin::RwLock<()>> {
     lock: RwLock<R, MemslotSet>,
     roots: RootList,
     stats: Stats,
+    /// The fault path's leaf values, precomputed from `config.format`.
+    leaf_templates: fault::LeafTemplates,
 }
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
@@ -138,6 +140,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             lock: RwLock::new(MemslotSet::new(config.max_gfn())),
             roots: RootList::new(),
             stats: Stats::new(),
+            leaf_templates: fault::LeafTemplates::new(&config.format),
         })
     }
 
@@ -218,10 +221,15 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         dirty: &mut dyn crate::host::DirtySink,
     ) -> Result<FaultOutcome, FaultError> {
         self.topup(cache)?;
-        self.read().page_fault(cache, root, fault, dirty)
+        // The top-up left at least `pages_per_fault` pages, more than a fault may take. The lock is
+        // dropped at the end of this statement: the per-vCPU counting below needs no lock.
+        let outcome = self.read().page_fault_uncounted(cache, root, fault, dirty)?;
+        cache.counters.count(outcome);
+        Ok(outcome)
     }
 
     /// Table pages one fault may need: a table per level below the root, plus a root.
+    #[inline]
     fn pages_per_fault(&self) -> usize {
         self.config.root_level.number() as usize
     }
