@@ -64,10 +64,12 @@ pub trait ResetTarget {
 /// use, never above [`RingConfig::entries`]. `push` and `reset` take `&mut self`: one owner runs both, so
 /// a host that resets from another thread than the vCPU's puts the producer behind a lock.
 ///
-/// The struct is aligned to 128 bytes (two cache lines, the unit x86's adjacent-line prefetcher pulls,
-/// as crossbeam's `CachePadded` and `rtrb` use) so that its indices, written at every push, never share
-/// a line with a [`DirtyRingConsumer`](super::DirtyRingConsumer) or another vCPU's producer that happen
-/// to sit next to it in memory: each such write would otherwise pull the line away from the other core.
+/// The struct is aligned to 128 bytes (two cache lines, the unit x86's adjacent-line prefetcher pulls;
+/// crossbeam's `CachePadded` pads to it on x86-64) so that its indices, written at every push, never
+/// share a line with a [`DirtyRingConsumer`](super::DirtyRingConsumer) or another vCPU's producer that
+/// happen to sit next to it in memory: each such write would otherwise pull the line away from the
+/// other core. Two halves declared side by side on one stack shared a line or not depending on where
+/// the stack started (randomised per process), which made two-thread figures differ from run to run.
 ///
 /// ```
 /// use tdp_core::addr::{AsId, Gfn, RingSlot, SlotId};
