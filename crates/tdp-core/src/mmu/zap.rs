@@ -133,7 +133,7 @@ impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// Zaps every entry of the root table at `root`, freeing the whole tree below it. `relock` drops and
     /// retakes the MMU lock when the host asks to yield. Returns whether anything was present. It flushes
-    /// at the end (and, in exclusive mode, before each yield) while its walk guard still defers the frees.
+    /// before each yield and at the end, while its walk guard still defers the frees.
     fn zap_root(&self, root: Pfn, as_id: AsId, mode: LockMode, relock: &mut dyn FnMut()) -> bool {
         let fmt = self.format();
         let nonpresent = fmt.nonpresent();
@@ -146,7 +146,10 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         let mut it = TdpIter::new(&self.host, fmt, root, level, level, Gfn(0), end);
         while it.valid() {
             if it.may_yield() && self.host.should_yield() {
-                if mode == LockMode::Exclusive && unflushed {
+                // The yield drops the walk guard, which lets the tables freed so far be reused: flush
+                // first (in both modes; under the write lock it is also owed before others see the
+                // entries non-present).
+                if unflushed {
                     Flush::all().run(&self.host);
                     unflushed = false;
                 }
