@@ -465,6 +465,17 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     ) -> FaultOutcome {
         let mmu = self.mmu;
         let fmt = mmu.format();
+        if !old.is_present() && new.is_present() && new.is_leaf(level) {
+            // The common case of a fault, kept short: a leaf appears where nothing was. The frozen value
+            // is not present, so it is caught here; nothing is stale (nothing was mapped), so no flush.
+            if fmt.is_frozen(old) {
+                return FaultOutcome::Retry;
+            }
+            return match mmu.cmpxchg_new_leaf(as_id, entry, old, new, gfn, level) {
+                Ok(()) => FaultOutcome::Fixed,
+                Err(_) => FaultOutcome::Retry,
+            };
+        }
         if fmt.is_frozen(old) {
             return FaultOutcome::Retry;
         }
