@@ -15,7 +15,7 @@ use crate::flush::Flush;
 use crate::host::{AllocError, DirtySink, DirtySource, Host, HostFaultError, Table};
 use crate::iter::TdpIter;
 use crate::memslot::Memslot;
-use crate::spte::{LeafAttrs, LeafWrite, MemType, PFN_MASK, Spte, SpteCheckError, SpteFormat};
+use crate::spte::{LeafAttrs, LeafWrite, MMU_PRESENT, MemType, PFN_MASK, Spte, SpteCheckError, SpteFormat};
 use crate::sync::{AtomicU64, Ordering};
 
 use super::cache::PageCache;
@@ -131,9 +131,14 @@ impl LeafTemplates {
 
     /// `fmt.leaf(pfn, level, fault_attrs(write))` for the format the templates were made for:
     /// [`SpteFormat::leaf`] puts the frame in with `pfn.hpa() & PFN_MASK` and nothing else depends on it.
+    ///
+    /// Every template already holds [`MMU_PRESENT`] (a leaf is present); OR-ing it in again changes no
+    /// bit but lets the compiler see that the leaf is present, so the install drops that test.
     #[inline]
     fn leaf(&self, pfn: Pfn, level: Level, write: LeafWrite) -> Spte {
-        Spte(self.bits[usize::from(level > Level::L1)][write_index(write)] | (pfn.hpa() & PFN_MASK))
+        let bits = self.bits[usize::from(level > Level::L1)][write_index(write)];
+        debug_assert!(bits & MMU_PRESENT != 0, "a leaf template is present");
+        Spte(bits | MMU_PRESENT | (pfn.hpa() & PFN_MASK))
     }
 }
 
