@@ -99,10 +99,9 @@ impl<'a> OurTree<'a> {
         exclusive.zap_gfn_range(AsId(0), Gfn(0), Gfn(pages)).run(self.mmu.host());
     }
 
-    /// Tears the whole tree down below the root ("zap all") and runs the flush it owes.
+    /// Tears the whole tree down below the root ("zap all"), flush included.
     pub fn zap_all(&mut self) {
-        let mut exclusive = self.mmu.write();
-        exclusive.zap_all().run(self.mmu.host());
+        self.mmu.write().zap_all();
     }
 }
 

@@ -35,6 +35,18 @@ pub enum Mode {
     ClearLog,
 }
 
+impl Mode {
+    /// Where a vCPU can be throttled in this mode, for the report: the ring exits per vCPU when it fills;
+    /// the bitmap has no per-vCPU exit, so the guest's batch exits serve.
+    #[must_use]
+    pub const fn throttle_point(self) -> &'static str {
+        match self {
+            Mode::Ring => "ring-full exits",
+            Mode::Bitmap | Mode::ClearLog => "batch exits (the bitmap has no per-vCPU exit)",
+        }
+    }
+}
+
 /// What a guest is asked to be.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GuestConfig {

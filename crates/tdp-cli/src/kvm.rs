@@ -281,10 +281,7 @@ impl Guest for KvmGuest {
         &self.shared.throttle
     }
     fn throttle_point(&self) -> &'static str {
-        match self.cfg.mode {
-            Mode::Ring => "ring-full exits",
-            Mode::Bitmap | Mode::ClearLog => "batch exits (the bitmap has no per-vCPU exit)",
-        }
+        self.cfg.mode.throttle_point()
     }
 
     fn harvest(&mut self, into: &mut PendingSet) -> Result<Harvest, GuestError> {

@@ -269,10 +269,7 @@ impl Guest for MockGuest {
         &self.shared.throttle
     }
     fn throttle_point(&self) -> &'static str {
-        match self.cfg.mode {
-            Mode::Ring => "ring-full exits",
-            Mode::Bitmap | Mode::ClearLog => "batch exits (the bitmap has no per-vCPU exit)",
-        }
+        self.cfg.mode.throttle_point()
     }
 
     fn harvest(&mut self, into: &mut PendingSet) -> Result<Harvest, GuestError> {
@@ -307,12 +304,8 @@ impl Guest for MockGuest {
                     .map_err(|e| GuestError::new("harvesting the dirty bitmap", format!("{e:?}")))?
                 };
                 flush.run(mmu.host());
-                for (w, &bits) in out.iter().enumerate() {
-                    let mut b = bits;
-                    while b != 0 {
-                        into.insert(w as u64 * 64 + u64::from(b.trailing_zeros()));
-                        b &= b - 1;
-                    }
+                for page in tdp_core::dirty_bitmap::dirty_offsets(&out) {
+                    into.insert(page);
                 }
             }
         }

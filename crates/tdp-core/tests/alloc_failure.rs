@@ -72,7 +72,7 @@ fn i2_a_failed_topup_at_every_allocation_point_changes_nothing() {
                 Ok(FaultOutcome::Fixed) => {
                     succeeded_at.get_or_insert(budget);
                     check_tables(&mmu, cache.pages()).expect("consistent after the fault");
-                    mmu.write().zap_all().run(mmu.host());
+                    mmu.write().zap_all();
                     host.reclaim();
                 }
                 other => panic!("budget {budget}: unexpected {other:?}"),

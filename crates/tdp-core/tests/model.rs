@@ -145,7 +145,7 @@ impl World {
             }
             Op::Invalidate { as_id } => mmu.write().invalidate_roots(as_id.map(AsId)).run(mmu.host()),
             Op::ZapInvalidated => mmu.read().zap_invalidated_roots(),
-            Op::ZapAll => mmu.write().zap_all().run(mmu.host()),
+            Op::ZapAll => mmu.write().zap_all(),
         }
         Ok(())
     }

@@ -14,7 +14,7 @@
 use std::os::fd::BorrowedFd;
 
 use kvm_ioctls::VmFd;
-use tdp_core::dirty_bitmap::{BitmapError, PAGES_PER_WORD, words_for};
+use tdp_core::dirty_bitmap::{BitmapError, PAGES_PER_WORD, dirty_offsets, words_for};
 
 use crate::error::{Errno, Error, Result};
 use crate::mapping::Mapping;
@@ -87,7 +87,7 @@ impl DirtyLogBuffer {
 
     /// The marked pages' offsets within the slot, ascending.
     pub fn iter_dirty(&self) -> impl Iterator<Item = u64> + '_ {
-        iter_bits(self.words())
+        dirty_offsets(self.words())
     }
 
     /// Zeroes every word.
@@ -98,22 +98,6 @@ impl DirtyLogBuffer {
     fn as_mut_ptr(&mut self) -> *mut u64 {
         self.words_mut().as_mut_ptr()
     }
-}
-
-/// The set bits of `words` as page offsets, ascending.
-pub(crate) fn iter_bits(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
-    words.iter().enumerate().flat_map(|(w, &word)| {
-        let base = w as u64 * PAGES_PER_WORD;
-        let mut rest = word;
-        std::iter::from_fn(move || {
-            if rest == 0 {
-                return None;
-            }
-            let bit = u64::from(rest.trailing_zeros());
-            rest &= rest - 1;
-            Some(base + bit)
-        })
-    })
 }
 
 /// `KVM_GET_DIRTY_LOG` of memslot `slot` (`as_id << 16 | id`) into `buf` (read it with

@@ -58,7 +58,7 @@ fn i3_zap_all_flushes_before_it_drops_the_mmu_lock() {
             let tlbs: Vec<&Tlb> = tlbs.iter().map(|t| &**t).collect();
             *hook_seen.lock().expect("not poisoned") = Some((owed, check_tlbs(&mmu, &tlbs)));
         })));
-        vm.mmu().write().zap_all().run(vm.host());
+        vm.mmu().write().zap_all();
         vm.host().set_yield_hook(None);
         let (owed, result) =
             seen.lock().expect("not poisoned").take().expect("zap_all yielded after the zap");

@@ -19,6 +19,7 @@
 use std::time::Instant;
 
 use kvm_ioctls::VmFd;
+use tdp_core::dirty_bitmap::dirty_offsets;
 use tdp_guest::{GuestExit, GuestSpec, GuestVcpu, GuestVm, Pattern, Workload};
 use tdp_kvm::{DirtyLogBuffer, DirtyRing, DirtyTracker, SlotSpec};
 
@@ -235,15 +236,7 @@ fn ours_bitmap(vm: &VmFd, slot: u32, buf: &mut DirtyLogBuffer) -> Vec<u64> {
 
 fn raw_bitmap(vm: &VmFd, slot: u32, bytes: usize) -> Vec<u64> {
     let words = vm.get_dirty_log(slot, bytes).expect("KVM_GET_DIRTY_LOG (kvm-ioctls)");
-    let mut out = Vec::new();
-    for (i, &w) in words.iter().enumerate() {
-        let mut bits = w;
-        while bits != 0 {
-            out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
-            bits &= bits - 1;
-        }
-    }
-    out
+    dirty_offsets(&words).collect()
 }
 
 fn data_slot(vm: &GuestVm) -> SlotSpec {

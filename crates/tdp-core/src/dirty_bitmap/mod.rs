@@ -60,6 +60,29 @@ pub const fn words_for(pages: u64) -> u64 {
     pages.div_ceil(PAGES_PER_WORD)
 }
 
+/// The set bits of a bitmap in KVM's layout (bit `i % 64` of word `i / 64` is page `i`) as page offsets,
+/// ascending: how a harvested copy, from [`DirtyBitmap::get`] or `KVM_GET_DIRTY_LOG`, becomes pages.
+///
+/// ```
+/// use tdp_core::dirty_bitmap::dirty_offsets;
+/// let words = [0b1010, 0, 1 << 63];
+/// assert_eq!(dirty_offsets(&words).collect::<Vec<_>>(), [1, 3, 191]);
+/// ```
+pub fn dirty_offsets(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    words.iter().enumerate().flat_map(|(w, &word)| {
+        let base = w as u64 * PAGES_PER_WORD;
+        let mut rest = word;
+        core::iter::from_fn(move || {
+            if rest == 0 {
+                return None;
+            }
+            let bit = u64::from(rest.trailing_zeros());
+            rest &= rest - 1;
+            Some(base + bit)
+        })
+    })
+}
+
 /// The dirty bitmap of one memslot: bit `i` of word `w` is page `64 * w + i` of the slot.
 ///
 /// vCPUs [`mark`](DirtyBitmap::mark) concurrently through a shared reference; harvests take a shared

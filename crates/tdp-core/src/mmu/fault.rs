@@ -476,7 +476,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             if fmt.is_frozen(old) {
                 return FaultOutcome::Retry;
             }
-            return match mmu.cmpxchg_new_leaf(as_id, entry, old, new, gfn, level) {
+            return match mmu.cmpxchg_spte(as_id, entry, old, new, gfn, level) {
                 Ok(()) => FaultOutcome::Fixed,
                 Err(_) => FaultOutcome::Retry,
             };

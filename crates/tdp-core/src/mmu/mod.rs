@@ -242,7 +242,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
 impl<H: Host, R: RawRwLock> Drop for Mmu<H, R> {
     fn drop(&mut self) {
         let mut exclusive = self.write();
-        exclusive.zap_all().ignore(); // The VM is gone: no vCPU runs, nothing is cached that matters.
+        exclusive.zap_all(); // It flushes itself before the freed tables can be reused.
         drop(exclusive);
         for pfn in self.roots.drain() {
             self.host.free_table_deferred(pfn);

@@ -75,37 +75,6 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         }
     }
 
-    /// [`Mmu::cmpxchg_spte`] for the fault path's common change, a present leaf `new` where `old` is not
-    /// present: the bookkeeping is [`Mmu::handle_changed_spte`]'s for that case (event, leaf count),
-    /// without testing again what the caller already knows.
-    #[inline(always)]
-    pub(super) fn cmpxchg_new_leaf(
-        &self,
-        as_id: AsId,
-        entry: &AtomicU64,
-        old: Spte,
-        new: Spte,
-        gfn: Gfn,
-        level: Level,
-    ) -> Result<(), Spte> {
-        debug_assert!(!old.is_present() && new.is_present() && new.is_leaf(level), "{old:?} -> {new:?}");
-        debug_assert!(!self.format().is_frozen(old), "a frozen SPTE belongs to another writer");
-        // Orderings as in `cmpxchg_spte`: Release publishes (nothing hangs off a leaf, but the change is
-        // ordered after the walk like every other), Acquire on failure makes the winner visible.
-        match entry.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {
-                #[cfg(debug_assertions)]
-                if let Err(e) = self.format().check(new, level) {
-                    panic!("SPTE change at {gfn:?} {level:?} in {as_id:?}: {e}");
-                }
-                self.host.spte_changed(as_id, gfn, level, old, new);
-                self.stats.add_leaves(level, 1);
-                Ok(())
-            }
-            Err(current) => Err(Spte(current)),
-        }
-    }
-
     /// Sets the iterator's entry to `new` under the write lock (KVM's `tdp_mmu_iter_set_spte`). Uses an
     /// exchange when hardware or the fast path could change the old value meanwhile, a plain store
     /// otherwise. Returns the value replaced.

@@ -40,19 +40,16 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     /// allocated; faults rebuild their trees.
     ///
     /// It runs the full flush itself, before the freed tables can be reused (hardware may cache
-    /// paging-structure entries that point into them), and returns it again, already done: running the
-    /// returned flush is harmless and keeps callers written against the usual contract correct.
-    pub fn zap_all(&mut self) -> Flush {
+    /// paging-structure entries that point into them), so the caller owes none.
+    pub fn zap_all(&mut self) {
         let mmu = self.mmu;
-        let mut any = false;
         for (root, as_id) in mmu.roots.acquire_all(None) {
             let slots = &mut self.slots;
-            any |= mmu.zap_root(root, as_id, LockMode::Exclusive, &mut || {
+            mmu.zap_root(root, as_id, LockMode::Exclusive, &mut || {
                 RwLockWriteGuard::unlocked(slots, || mmu.host.yield_now());
             });
             mmu.release_root(root);
         }
-        if any { Flush::all() } else { Flush::none() }
     }
 
     /// Marks the roots of `as_id` (or of every address space) invalid, so that each vCPU reloads a new
@@ -132,14 +129,13 @@ impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// Zaps every entry of the root table at `root`, freeing the whole tree below it. `relock` drops and
-    /// retakes the MMU lock when the host asks to yield. Returns whether anything was present. It flushes
+    /// retakes the MMU lock when the host asks to yield. It flushes
     /// before each yield and at the end, while its walk guard still defers the frees.
-    fn zap_root(&self, root: Pfn, as_id: AsId, mode: LockMode, relock: &mut dyn FnMut()) -> bool {
+    fn zap_root(&self, root: Pfn, as_id: AsId, mode: LockMode, relock: &mut dyn FnMut()) {
         let fmt = self.format();
         let nonpresent = fmt.nonpresent();
         let level = self.config.root_level;
         let end = self.config.max_gfn();
-        let mut any = false;
         // Zapped since the last flush. Under the write lock, what is zapped must be flushed before the
         // lock is dropped: others would see the entries non-present and owe no flush for them.
         let mut unflushed = false;
@@ -161,7 +157,6 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
                 it.next();
                 continue;
             }
-            any |= old.is_present();
             unflushed |= old.is_present();
             match mode {
                 LockMode::Exclusive => {
@@ -185,7 +180,6 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             Flush::all().run(&self.host);
         }
         drop(it);
-        any
     }
 
     /// Zaps every present entry of the 4 KiB-level table `table` (whose first gfn is `base`) under the

@@ -12,9 +12,7 @@
 use std::collections::BTreeMap;
 
 use tdp_core::addr::{Gpa, PAGE_SHIFT, RingSlot};
-use tdp_core::dirty_bitmap::{PAGES_PER_WORD, words_for};
-
-use crate::bitmap::iter_bits;
+use tdp_core::dirty_bitmap::{PAGES_PER_WORD, dirty_offsets, words_for};
 
 #[derive(Clone, Debug)]
 enum Pages {
@@ -182,7 +180,7 @@ impl SlotDirty {
     pub fn offsets(&self) -> impl Iterator<Item = u64> + '_ {
         let (sparse, dense) = match &self.set {
             Pages::Sparse(list) => (Some(list.iter().copied()), None),
-            Pages::Dense { words, .. } => (None, Some(iter_bits(words))),
+            Pages::Dense { words, .. } => (None, Some(dirty_offsets(words))),
         };
         sparse.into_iter().flatten().chain(dense.into_iter().flatten())
     }
