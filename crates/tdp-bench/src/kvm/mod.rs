@@ -8,6 +8,7 @@
 pub mod dirtying;
 pub mod harvest;
 pub mod migrate;
+pub mod touch_floor;
 
 use tdp_guest::{GuestError, GuestSpec, GuestVm};
 
