@@ -117,7 +117,7 @@ impl Layout {
 /// Runs the group; adds rows and notes to `out`. Without `/dev/kvm` it adds nothing.
 ///
 /// The ring contenders (tracker and raw ring at every size, and at 16 GiB with the writes confined to the
-/// first GiB) each have their own VM and take turns round by round, so a drift of the machine during the
+/// first GiB) each have their own VMs and take turns round by round, so a drift of the machine during the
 /// run shows in all of them alike rather than in one size.
 ///
 /// # Panics
@@ -128,24 +128,38 @@ pub fn measure(cfg: &Config, out: &mut Outcome) {
     let total = rounds + cfg.warmup;
     let spread_1g = Layout { slot: 16 * PAGES_1G, spread: PAGES_1G };
     let layouts: Vec<Layout> = SIZES_GIB.iter().map(|&g| Layout::whole(g)).chain([spread_1g]).collect();
-    let mut benches = Vec::new();
-    for &layout in &layouts {
-        for raw in [false, true] {
-            let Some(bench) = RingBench::new(layout, raw) else { return };
-            benches.push(bench);
-        }
+    // Each layout gets a VM pair (tracker, raw ring) built early and one built late: on this host a VM's
+    // timings depend a little on when it was made (up to about 15%), and this cancels that out of the
+    // comparisons between layouts.
+    let mut pairs: Vec<(usize, [RingBench; 2])> = Vec::new();
+    for i in (0..layouts.len()).chain((0..layouts.len()).rev()) {
+        let (Some(tracker), Some(raw)) =
+            (RingBench::new(layouts[i], false), RingBench::new(layouts[i], true))
+        else {
+            return;
+        };
+        pairs.push((i, [tracker, raw]));
     }
     let mut floors: Vec<TouchFloor> =
         layouts.iter().map(|l| TouchFloor::new(l.slot, l.spread, DIRTY)).collect();
+    // Each round starts one pair further on, so no pair always runs first or after the same one.
     for _ in 0..total {
-        for (pair, floor) in benches.chunks_mut(2).zip(&mut floors) {
+        for (i, pair) in &mut pairs {
             pair.iter_mut().for_each(RingBench::round);
-            floor.round();
+            floors[*i].round();
         }
+        pairs.rotate_left(1);
     }
     let skip = cfg.warmup;
     let m = |v: &[f64]| median(&v[skip..]);
-    let ring_median = |layout: usize, raw: usize| m(&benches[2 * layout + raw].samples);
+    let ring_median = |layout: usize, raw: usize| {
+        let pooled: Vec<f64> = pairs
+            .iter()
+            .filter(|(i, _)| *i == layout)
+            .flat_map(|(_, pair)| pair[raw].samples[skip..].iter().copied())
+            .collect();
+        median(&pooled)
+    };
     let floor_median = |layout: usize| m(&floors[layout].samples);
     let mut result = KvmHarvest::default();
     for (i, gib) in SIZES_GIB.into_iter().enumerate() {
