@@ -92,6 +92,12 @@ pub const FLOOR_FLAT_ROW: &str = "kvm_harvest_touch_floor/16g_vs_1g";
 /// Row name: how much the raw ring grows from 1 to 16 GiB (µs) against how much the floor grows.
 pub const GROWTH_ROW: &str = "kvm_harvest_ring_raw/growth_1g_to_16g_vs_touch_floor_growth";
 
+/// Row name: the raw ring (harvest + `KVM_RESET_DIRTY_RINGS`) against the [`TouchFloor`] at `gib`.
+#[must_use]
+pub fn floor_row(gib: u64) -> String {
+    format!("kvm_harvest_{DIRTY}_dirty/{gib}g/ring_raw_vs_touch_floor")
+}
+
 /// Medians per size (microseconds).
 #[derive(Clone, Debug, Default)]
 pub struct KvmHarvest {
@@ -169,6 +175,7 @@ pub fn measure(cfg: &Config, out: &mut Outcome) {
         out.rows.push(Row::new(&bitmap_row(gib), figures[1], figures[2], UNIT));
         out.rows.push(Row::new(&tracker_row(gib), figures[3], figures[2], UNIT));
         out.rows.push(Row::new(&ring_raw_row(gib), figures[0], figures[4], UNIT));
+        out.rows.push(Row::new(&floor_row(gib), figures[4], floor_median(i), UNIT));
         result.sizes.push((gib, figures));
     }
     let Some([spread_bitmap, _, _]) = bitmap_rounds(spread_1g, total) else { return };
