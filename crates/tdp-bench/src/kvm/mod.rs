@@ -8,7 +8,6 @@
 pub mod dirtying;
 pub mod harvest;
 pub mod migrate;
-pub mod touch_floor;
 
 use tdp_guest::{GuestError, GuestSpec, GuestVm};
 

@@ -1,0 +1,247 @@
+//! The VMs of the KVM harvest group: for one layout (slot size and spread of the guest's writes), a ring
+//! VM collected by the tracker, a ring VM collected raw, and a bitmap VM whose three collectors take
+//! turns. Each collect is timed; its page count is checked.
+
+use std::time::Instant;
+
+use kvm_ioctls::VmFd;
+use tdp_core::dirty_bitmap::dirty_offsets;
+use tdp_guest::{GuestExit, GuestSpec, GuestVcpu, GuestVm, Pattern, Workload};
+use tdp_kvm::{DirtyLogBuffer, DirtyRing, DirtyTracker, SlotSpec, TrackingMode};
+
+use super::DIRTY;
+use crate::kvm::guest_or_skip;
+
+/// Ring entries per vCPU: room for a round's 1000 entries below the soft limit.
+const RING_ENTRIES: u32 = 4096;
+
+/// Where a benchmark VM's guest writes: its slot size and the pages its writes range over.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// Pages in the data slot.
+    pub slot: u64,
+    /// The guest writes pseudo-random pages among the first `spread` of the slot.
+    pub spread: u64,
+}
+
+/// The bitmap collectors, in the order they take turns on their shared VM.
+pub const BITMAP_COLLECTORS: [BitmapCollector; 3] =
+    [BitmapCollector::Ours, BitmapCollector::KvmIoctls, BitmapCollector::Tracker];
+
+/// One of the bitmap VM's collectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BitmapCollector {
+    /// [`tdp_kvm::get_dirty_log`] into a reused buffer, then a scan of its bits.
+    Ours,
+    /// `VmFd::get_dirty_log` (a new bitmap each call), then the same scan.
+    KvmIoctls,
+    /// [`DirtyTracker::collect`] of a get-and-clear tracker (per-slot sets).
+    Tracker,
+}
+
+/// How a ring VM is collected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingCollector {
+    /// [`DirtyTracker::collect`] of a ring tracker.
+    Tracker,
+    /// [`DirtyRing::harvest`] into a list, then [`tdp_kvm::reset_dirty_rings`]: no tracker.
+    Raw,
+}
+
+/// The three VMs of one layout.
+pub struct VmSet {
+    /// The index of the layout in the group's list.
+    pub layout: usize,
+    /// The ring collected by the tracker.
+    pub ring: RingBench,
+    /// The ring collected raw.
+    pub raw_ring: RingBench,
+    /// The bitmap, three collectors taking turns.
+    pub bitmap: BitmapBench,
+}
+
+impl VmSet {
+    /// Builds the three VMs; `None` without `/dev/kvm`.
+    ///
+    /// # Panics
+    /// If a VM cannot be built or set up.
+    #[must_use]
+    pub fn new(index: usize, layout: Layout) -> Option<VmSet> {
+        Some(VmSet {
+            layout: index,
+            ring: RingBench::new(layout, RingCollector::Tracker)?,
+            raw_ring: RingBench::new(layout, RingCollector::Raw)?,
+            bitmap: BitmapBench::new(layout)?,
+        })
+    }
+
+    /// One round of each VM: a batch of guest writes, then a timed collect. `reversed` runs the VMs in the
+    /// opposite order, so that no VM always follows the same one.
+    pub fn round(&mut self, reversed: bool) {
+        if reversed {
+            self.bitmap.round();
+            self.raw_ring.round();
+            self.ring.round();
+        } else {
+            self.ring.round();
+            self.raw_ring.round();
+            self.bitmap.round();
+        }
+    }
+}
+
+/// One ring VM with one vCPU, its collector, and its timings (µs per collect).
+pub struct RingBench {
+    vm: GuestVm,
+    vcpus: Vec<GuestVcpu>,
+    collector: RingState,
+    iteration: u64,
+    /// Microseconds per collect, in the order measured (the first is a warm-up).
+    pub samples: Vec<f64>,
+}
+
+enum RingState {
+    Tracker(Box<DirtyTracker>),
+    Raw(DirtyRing),
+}
+
+impl RingBench {
+    fn new(layout: Layout, collector: RingCollector) -> Option<RingBench> {
+        let mut vm = new_vm(layout)?;
+        let (_, cfg) = tdp_kvm::enable_dirty_ring(vm.vm_fd(), RING_ENTRIES).expect("enable the dirty ring");
+        vm.set_dirty_logging(true).expect("log the data slot");
+        let vcpus = vm.create_vcpus().expect("create the vCPU");
+        let collector = match collector {
+            RingCollector::Raw => {
+                RingState::Raw(DirtyRing::map(vcpus[0].fd(), cfg).expect("map the vCPU's ring"))
+            }
+            RingCollector::Tracker => {
+                let tracker = DirtyTracker::new(vm.vm_fd(), TrackingMode::Ring(cfg)).expect("ring tracker");
+                tracker.register_slot(data_slot(&vm)).expect("register the data slot");
+                tracker.attach_vcpu(vcpus[0].fd()).expect("map the vCPU's ring");
+                RingState::Tracker(Box::new(tracker))
+            }
+        };
+        let mut bench = RingBench { vm, vcpus, collector, iteration: 1, samples: Vec::new() };
+        // The first batch faults in the guest's page tables and code; collect it away untimed.
+        bench.iteration = one_batch(&bench.vm, &mut bench.vcpus[0], bench.iteration);
+        bench.collect();
+        Some(bench)
+    }
+
+    /// Collects into a list of offsets (in ring order, repeats kept, for the raw ring).
+    fn collect(&mut self) -> Vec<u64> {
+        match &mut self.collector {
+            RingState::Tracker(tracker) => {
+                let sets = std::hint::black_box(tracker.collect().expect("ring collect"));
+                sets.iter().flat_map(|s| s.offsets()).collect()
+            }
+            RingState::Raw(ring) => {
+                let mut offsets = Vec::with_capacity(DIRTY as usize);
+                ring.harvest(usize::MAX, |e| offsets.push(e.offset));
+                let reset = tdp_kvm::reset_dirty_rings(self.vm.vm_fd()).expect("KVM_RESET_DIRTY_RINGS");
+                assert_eq!(u64::from(reset), offsets.len() as u64, "KVM reset every harvested entry");
+                offsets
+            }
+        }
+    }
+
+    /// One untimed batch of guest writes, then one timed collect.
+    fn round(&mut self) {
+        self.iteration = one_batch(&self.vm, &mut self.vcpus[0], self.iteration);
+        let start = Instant::now();
+        let mut offsets = self.collect();
+        self.samples.push(start.elapsed().as_secs_f64() * 1e6);
+        offsets.sort_unstable();
+        offsets.dedup();
+        check_count(offsets.len() as u64, "ring");
+    }
+}
+
+/// One bitmap VM with one vCPU; its three collectors take turns, each collecting its own batch.
+pub struct BitmapBench {
+    vm: GuestVm,
+    vcpus: Vec<GuestVcpu>,
+    tracker: DirtyTracker,
+    buf: DirtyLogBuffer,
+    iteration: u64,
+    /// Microseconds per collect of each of [`BITMAP_COLLECTORS`], in the order measured.
+    pub samples: [Vec<f64>; 3],
+}
+
+impl BitmapBench {
+    fn new(layout: Layout) -> Option<BitmapBench> {
+        let mut vm = new_vm(layout)?;
+        vm.set_dirty_logging(true).expect("log the data slot");
+        let tracker = DirtyTracker::with_bitmap(vm.vm_fd()).expect("bitmap tracker");
+        tracker.register_slot(data_slot(&vm)).expect("register the data slot");
+        let mut vcpus = vm.create_vcpus().expect("create the vCPU");
+        let buf = DirtyLogBuffer::new(layout.slot).expect("dirty-log buffer");
+        let iteration = one_batch(&vm, &mut vcpus[0], 1);
+        let _ = tracker.collect().expect("first collect");
+        Some(BitmapBench { vm, vcpus, tracker, buf, iteration, samples: Default::default() })
+    }
+
+    /// One untimed batch and one timed collect per collector, in turn.
+    fn round(&mut self) {
+        let slot = self.vm.data_slot();
+        let bytes = usize::try_from(self.vm.data_pages() * 4096).expect("slot size fits usize");
+        for (collector, samples) in BITMAP_COLLECTORS.into_iter().zip(&mut self.samples) {
+            self.iteration = one_batch(&self.vm, &mut self.vcpus[0], self.iteration);
+            let start = Instant::now();
+            let found = match collector {
+                BitmapCollector::Ours => ours_bitmap(self.vm.vm_fd(), slot, &mut self.buf),
+                BitmapCollector::KvmIoctls => raw_bitmap(self.vm.vm_fd(), slot, bytes),
+                BitmapCollector::Tracker => {
+                    let sets = self.tracker.collect().expect("tracker collect");
+                    sets.iter().flat_map(|s| s.offsets()).collect()
+                }
+            };
+            samples.push(start.elapsed().as_secs_f64() * 1e6);
+            check_count(std::hint::black_box(found).len() as u64, &format!("{collector:?}"));
+        }
+    }
+}
+
+fn new_vm(layout: Layout) -> Option<GuestVm> {
+    let vm =
+        guest_or_skip(GuestSpec::new(layout.slot, 1)).expect("a guest VM for the KVM harvest benchmark")?;
+    let workload = Workload::new(0, layout.spread, DIRTY, Pattern::Random).with_tag(false);
+    vm.set_workload(0, &workload).expect("workload fits the slot");
+    Some(vm)
+}
+
+/// Runs the vCPU until it finishes one batch (1000 writes) of iteration `it`; returns the next iteration.
+fn one_batch(vm: &GuestVm, vcpu: &mut GuestVcpu, it: u64) -> u64 {
+    vm.set_iteration(it);
+    loop {
+        match vcpu.run().expect("KVM_RUN of the benchmark guest") {
+            GuestExit::BatchDone { .. } => return it + 1,
+            GuestExit::Interrupted => {}
+            GuestExit::DirtyRingFull => panic!("a 4096-entry ring filled with 1000 writes per round"),
+        }
+    }
+}
+
+fn ours_bitmap(vm: &VmFd, slot: u32, buf: &mut DirtyLogBuffer) -> Vec<u64> {
+    tdp_kvm::get_dirty_log(vm, slot, buf).expect("KVM_GET_DIRTY_LOG (tdp-kvm)");
+    buf.iter_dirty().collect()
+}
+
+fn raw_bitmap(vm: &VmFd, slot: u32, bytes: usize) -> Vec<u64> {
+    let words = vm.get_dirty_log(slot, bytes).expect("KVM_GET_DIRTY_LOG (kvm-ioctls)");
+    dirty_offsets(&words).collect()
+}
+
+fn data_slot(vm: &GuestVm) -> SlotSpec {
+    let slot = u16::try_from(vm.data_slot()).expect("data slot id fits 16 bits");
+    SlotSpec::new(slot, vm.data_gpa(), vm.data_pages())
+}
+
+/// A collect must find the round's pages: at least 99% of the 1000 random writes land on distinct pages.
+fn check_count(found: u64, who: &str) {
+    assert!(
+        (DIRTY * 99 / 100..=DIRTY).contains(&found),
+        "{who} collected {found} pages after {DIRTY} random writes (expected 990..=1000)"
+    );
+}
