@@ -24,7 +24,7 @@
 
 mod contenders;
 
-use contenders::{BITMAP_COLLECTORS, BitmapCollector, Layout, VmSet};
+use contenders::{BitmapCollector, Layout, VmSet};
 
 use crate::plot::Chart;
 use crate::report::Row;
@@ -170,14 +170,13 @@ fn run_rounds(layouts: &[Layout], rounds: usize, warmup: usize) -> Option<Vec<Fi
             .collect();
         median(&all)
     };
-    let bitmap = |c: BitmapCollector| BITMAP_COLLECTORS.iter().position(|&b| b == c).unwrap_or(0);
     let figures = (0..layouts.len())
         .map(|i| Figures {
             ring: pooled(i, &|s| &s.ring.samples),
             raw_ring: pooled(i, &|s| &s.raw_ring.samples),
-            ours_bitmap: pooled(i, &|s| &s.bitmap.samples[bitmap(BitmapCollector::Ours)]),
-            kvm_ioctls: pooled(i, &|s| &s.bitmap.samples[bitmap(BitmapCollector::KvmIoctls)]),
-            tracker_bitmap: pooled(i, &|s| &s.bitmap.samples[bitmap(BitmapCollector::Tracker)]),
+            ours_bitmap: pooled(i, &|s| &s.bitmap.samples[BitmapCollector::Ours as usize]),
+            kvm_ioctls: pooled(i, &|s| &s.bitmap.samples[BitmapCollector::KvmIoctls as usize]),
+            tracker_bitmap: pooled(i, &|s| &s.bitmap.samples[BitmapCollector::Tracker as usize]),
         })
         .collect();
     Some(figures)

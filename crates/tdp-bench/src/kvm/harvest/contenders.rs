@@ -28,16 +28,25 @@ pub struct Layout {
 pub const BITMAP_COLLECTORS: [BitmapCollector; 3] =
     [BitmapCollector::Ours, BitmapCollector::KvmIoctls, BitmapCollector::Tracker];
 
-/// One of the bitmap VM's collectors.
+/// One of the bitmap VM's collectors; its value is its index in [`BITMAP_COLLECTORS`] and in
+/// [`BitmapBench::samples`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BitmapCollector {
     /// [`tdp_kvm::get_dirty_log`] into a reused buffer, then a scan of its bits.
-    Ours,
+    Ours = 0,
     /// `VmFd::get_dirty_log` (a new bitmap each call), then the same scan.
-    KvmIoctls,
+    KvmIoctls = 1,
     /// [`DirtyTracker::collect`] of a get-and-clear tracker (per-slot sets).
-    Tracker,
+    Tracker = 2,
 }
+
+const _: () = {
+    let mut i = 0;
+    while i < BITMAP_COLLECTORS.len() {
+        assert!(BITMAP_COLLECTORS[i] as usize == i, "BITMAP_COLLECTORS in index order");
+        i += 1;
+    }
+};
 
 /// How a ring VM is collected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
