@@ -8,8 +8,56 @@
 mod common;
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::process::Output;
 
 use common::{both, json, kvm_or_skip, receiver, rest, run};
+
+/// The machine for a test that runs on KVM where `/dev/kvm` opens and on the mock elsewhere: `"kvm"`, or
+/// `"mock"` after printing the SKIPPED line for the KVM run of `test`.
+fn kvm_else_mock(test: &str) -> &'static str {
+    if kvm_or_skip(&format!("{test} (on KVM; the mock runs instead)")) { "kvm" } else { "mock" }
+}
+
+/// A finished migration to a `tdp receive` in another process.
+struct ToReceiver {
+    /// The address the receiver listened on (the source's `--to`).
+    addr: SocketAddr,
+    /// `tdp migrate`'s status and output.
+    source: Output,
+    /// `tdp receive`'s status and stdout (its stderr is in `receiver_stderr`).
+    receiver: Output,
+    /// What the receiver wrote on stderr after the line with its address.
+    receiver_stderr: String,
+}
+
+impl ToReceiver {
+    /// Asserts that the source failed cleanly (as [`failed_cleanly`]) with an error that names the
+    /// destination's address, and returns its stderr.
+    fn source_failed_naming_the_destination(&self) -> String {
+        let stderr = failed_cleanly(&self.source);
+        assert!(stderr.contains(&format!("destination {}", self.addr)), "names the peer: {stderr}");
+        stderr
+    }
+}
+
+/// Starts `tdp receive receiver_args...`, runs `tdp migrate --to <its address> migrate_args...` to the
+/// end, then waits for the receiver to exit.
+fn migrate_to_receiver(receiver_args: &[&str], migrate_args: &[&str]) -> ToReceiver {
+    let (child, addr, err) = receiver(receiver_args);
+    let to = addr.to_string();
+    let source = run(&[&["migrate", "--to", &to], migrate_args].concat());
+    let receiver = child.wait_with_output().expect("the receiver exits");
+    ToReceiver { addr, source, receiver, receiver_stderr: rest(err) }
+}
+
+/// Asserts that a run failed cleanly, exit status 1 without a panic, and returns its stderr.
+fn failed_cleanly(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(1), "{}", both(out));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
 
 fn assert_verified(v: &serde_json::Value, what: &str) {
     assert_eq!(v["verified"], true, "{what}: {v}");
@@ -116,15 +164,12 @@ fn i4_dirty_limit_throttles_when_the_link_is_slower_than_the_guest() {
 
 #[test]
 fn i4_migrate_to_a_receiver_in_another_process() {
-    let kvm = kvm_or_skip("i4_migrate_to_a_receiver_in_another_process (on KVM; the mock runs instead)");
-    let backend = if kvm { "kvm" } else { "mock" };
-    let (child, addr, err) = receiver(&[]);
-    let out = run(&["migrate", "--memory", "4M", "--to", &addr.to_string(), "--json", "--backend", backend]);
-    let dest = child.wait_with_output().expect("the receiver exits");
-    assert!(out.status.success(), "{}", both(&out));
-    assert!(dest.status.success(), "receiver: {}\n{}", both(&dest), rest(err));
-    let v = json(&out);
-    let d = json(&dest);
+    let backend = kvm_else_mock("i4_migrate_to_a_receiver_in_another_process");
+    let m = migrate_to_receiver(&[], &["--memory", "4M", "--json", "--backend", backend]);
+    assert!(m.source.status.success(), "{}", both(&m.source));
+    assert!(m.receiver.status.success(), "receiver: {}\n{}", both(&m.receiver), m.receiver_stderr);
+    let v = json(&m.source);
+    let d = json(&m.receiver);
     assert_verified(&v, "two processes");
     assert_eq!(v["loopback_receiver"], false);
     assert_eq!(d["matched"], true, "{d}");
@@ -134,30 +179,17 @@ fn i4_migrate_to_a_receiver_in_another_process() {
 
 #[test]
 fn i4_a_dropped_connection_is_resumed_and_verified() {
-    let kvm = kvm_or_skip("i4_a_dropped_connection_is_resumed_and_verified (on KVM; the mock runs instead)");
-    let backend = if kvm { "kvm" } else { "mock" };
+    let backend = kvm_else_mock("i4_a_dropped_connection_is_resumed_and_verified");
     // The receiver drops the connection once, after acknowledging the bulk copy, and keeps the session.
-    let (child, addr, err) = receiver(&["--drop-after-rounds", "1"]);
-    let out = run(&[
-        "migrate",
-        "--memory",
-        "4M",
-        "--to",
-        &addr.to_string(),
-        "--json",
-        "--backend",
-        backend,
-        "--downtime-ms",
-        "1",
-        "--max-rounds",
-        "3",
-    ]);
-    let dest = child.wait_with_output().expect("the receiver exits");
-    let dest_err = rest(err);
-    assert!(out.status.success(), "{}", both(&out));
-    assert!(dest.status.success(), "receiver: {}\n{dest_err}", both(&dest));
-    let v = json(&out);
-    let d = json(&dest);
+    let m = migrate_to_receiver(
+        &["--drop-after-rounds", "1"],
+        &["--memory", "4M", "--json", "--backend", backend, "--downtime-ms", "1", "--max-rounds", "3"],
+    );
+    let dest_err = &m.receiver_stderr;
+    assert!(m.source.status.success(), "{}", both(&m.source));
+    assert!(m.receiver.status.success(), "receiver: {}\n{dest_err}", both(&m.receiver));
+    let v = json(&m.source);
+    let d = json(&m.receiver);
     assert_verified(&v, "resumed");
     assert_eq!(v["reconnects"], 1, "{v}");
     assert!(
@@ -171,58 +203,27 @@ fn i4_a_dropped_connection_is_resumed_and_verified() {
 
 #[test]
 fn killed_destination_is_a_clear_error_and_the_guest_keeps_running() {
-    let kvm = kvm_or_skip(
-        "killed_destination_is_a_clear_error_and_the_guest_keeps_running (on KVM; the mock runs instead)",
-    );
-    let backend = if kvm { "kvm" } else { "mock" };
+    let backend = kvm_else_mock("killed_destination_is_a_clear_error_and_the_guest_keeps_running");
     // The receiver vanishes right after acknowledging the bulk copy (round 0), as if killed.
-    let (child, addr, _err) = receiver(&["--exit-after-rounds", "1"]);
-    let out = run(&[
-        "migrate",
-        "--memory",
-        "4M",
-        "--to",
-        &addr.to_string(),
-        "--backend",
-        backend,
-        "--downtime-ms",
-        "1",
-        "--dirty-rate",
-        "16MiB/s",
-    ]);
-    let dest = child.wait_with_output().expect("the receiver exits");
-    assert_eq!(dest.status.code(), Some(3), "the receiver took its exit hook: {}", both(&dest));
-    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("destination {addr}")), "names the peer: {stderr}");
+    let m = migrate_to_receiver(
+        &["--exit-after-rounds", "1"],
+        &["--memory", "4M", "--backend", backend, "--downtime-ms", "1", "--dirty-rate", "16MiB/s"],
+    );
+    assert_eq!(m.receiver.status.code(), Some(3), "the receiver took its exit hook: {}", both(&m.receiver));
+    let stderr = m.source_failed_naming_the_destination();
     assert!(stderr.contains("migration failed"), "{stderr}");
     assert!(stderr.contains("the source guest is still running"), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
 fn destination_lost_during_stop_and_copy_resumes_the_paused_guest() {
-    let kvm = kvm_or_skip(
-        "destination_lost_during_stop_and_copy_resumes_the_paused_guest (on KVM; the mock runs instead)",
-    );
-    let backend = if kvm { "kvm" } else { "mock" };
+    let backend = kvm_else_mock("destination_lost_during_stop_and_copy_resumes_the_paused_guest");
     // No pre-copy round after the bulk copy: the receiver vanishes while the source is stopped.
-    let (child, addr, _err) = receiver(&["--exit-after-rounds", "1"]);
-    let out = run(&[
-        "migrate",
-        "--memory",
-        "4M",
-        "--to",
-        &addr.to_string(),
-        "--backend",
-        backend,
-        "--max-rounds",
-        "0",
-    ]);
-    let _ = child.wait_with_output();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
-    assert!(stderr.contains(&format!("destination {addr}")), "{stderr}");
+    let m = migrate_to_receiver(
+        &["--exit-after-rounds", "1"],
+        &["--memory", "4M", "--backend", backend, "--max-rounds", "0"],
+    );
+    let stderr = m.source_failed_naming_the_destination();
     assert!(stderr.contains("vCPUs were resumed"), "the paused guest runs again: {stderr}");
     let wrote = stderr
         .split("and wrote ")
@@ -234,8 +235,7 @@ fn destination_lost_during_stop_and_copy_resumes_the_paused_guest() {
 
 #[test]
 fn sigkilled_destination_fails_the_source_cleanly() {
-    let kvm = kvm_or_skip("sigkilled_destination_fails_the_source_cleanly (on KVM; the mock runs instead)");
-    let backend = if kvm { "kvm" } else { "mock" };
+    let backend = kvm_else_mock("sigkilled_destination_fails_the_source_cleanly");
     let (mut child, addr, _err) = receiver(&[]);
     // A slow link keeps the bulk copy going for about two seconds; the receiver is killed during it.
     let src = common::tdp()
@@ -249,7 +249,7 @@ fn sigkilled_destination_fails_the_source_cleanly() {
     child.kill().expect("kill the receiver");
     let _ = child.wait();
     let out = src.wait_with_output().expect("the source exits");
-    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    failed_cleanly(&out);
     let v = json(&out);
     assert!(v["error"].as_str().is_some_and(|e| e.contains(&addr.to_string())), "{v}");
     assert_eq!(v["guest_running"], true, "{v}");
@@ -322,26 +322,22 @@ fn i5_a_destination_answering_garbage_is_a_clear_error() {
     let out =
         run(&["migrate", "--backend", "mock", "--memory", "1M", "--to", &addr.to_string(), "--retries", "0"]);
     let _ = server.join();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    let stderr = failed_cleanly(&out);
     assert!(stderr.contains(&format!("destination {addr}: waiting for Welcome")), "{stderr}");
     assert!(stderr.contains("bad frame length"), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
 fn i4_the_verification_catches_a_destination_that_holds_other_bytes() {
     // The check can fail: a receiver that flips one byte before its digest is caught.
-    let (child, addr, _err) = receiver(&["--corrupt-page", "7"]);
-    let out = run(&["migrate", "--backend", "mock", "--memory", "1M", "--to", &addr.to_string(), "--json"]);
-    let dest = child.wait_with_output().expect("the receiver exits");
-    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
-    let v = json(&out);
+    let m = migrate_to_receiver(&["--corrupt-page", "7"], &["--backend", "mock", "--memory", "1M", "--json"]);
+    let stderr = failed_cleanly(&m.source);
+    let v = json(&m.source);
     assert_eq!(v["verified"], false, "{v}");
     assert_ne!(v["source_digest"], v["destination_digest"], "{v}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("digest mismatch"), "{}", both(&out));
-    assert_eq!(dest.status.code(), Some(1), "the receiver learns the verdict: {}", both(&dest));
-    assert_eq!(json(&dest)["matched"], false);
+    assert!(stderr.contains("digest mismatch"), "{}", both(&m.source));
+    assert_eq!(m.receiver.status.code(), Some(1), "the receiver learns the verdict: {}", both(&m.receiver));
+    assert_eq!(json(&m.receiver)["matched"], false);
 }
 
 #[test]
