@@ -10,8 +10,8 @@
 //! LeafAttrs, LeafWrite, MemType}`, `memslot::{MemslotSet, Memslot, SlotFlags, SlotError}`.
 #![no_std]
 #![no_main]
-// The `mem*` functions in `rt` are written as loops; without this, LLVM may turn a loop back into a call
-// to the very function it is in.
+// Some `mem*` functions in `rt`'s shared `rt_common` are loops (memmove's backward copy, memcmp);
+// without this, LLVM may turn a loop back into a call to the very function it is in.
 #![no_builtins]
 
 extern crate alloc;
