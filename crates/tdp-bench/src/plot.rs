@@ -13,15 +13,13 @@ use crate::harvest::{DIRTY, Series};
 /// Picture size in pixels.
 const SIZE: (u32, u32) = (800, 500);
 
-/// The line colours, in order (Okabe and Ito's colour-blind-safe palette).
-const COLORS: [RGBColor; 7] = [
+/// The line colours, in order (a colour-blind-safe palette).
+const COLORS: [RGBColor; 5] = [
     RGBColor(0, 114, 178),
     RGBColor(213, 94, 0),
     RGBColor(0, 158, 115),
     RGBColor(204, 121, 167),
     RGBColor(86, 180, 233),
-    RGBColor(230, 159, 0),
-    RGBColor(0, 0, 0),
 ];
 
 /// One chart: a caption, axis names, the x values and one named line per series (a y value per x).

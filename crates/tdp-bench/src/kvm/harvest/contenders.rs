@@ -105,7 +105,7 @@ pub struct RingBench {
     vcpus: Vec<GuestVcpu>,
     collector: RingState,
     iteration: u64,
-    /// Microseconds per collect, in the order measured (the first is a warm-up).
+    /// Microseconds per collect, in the order measured (the caller skips its warm-up rounds).
     pub samples: Vec<f64>,
 }
 
