@@ -68,9 +68,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         handles.into_iter().map(|h| h.join().expect("vCPU thread")).sum::<Result<u64, String>>()
     })?;
     let elapsed = started.elapsed();
-    let fixed: u64 = vcpus.iter().map(|v| v.cache().counters.fixed).sum();
-    let spurious: u64 = vcpus.iter().map(|v| v.cache().counters.spurious).sum();
-    let retried: u64 = vcpus.iter().map(|v| v.cache().counters.retried).sum();
+    let fixed: u64 = vcpus.iter().map(|v| v.mmu_state().counters.fixed).sum();
+    let spurious: u64 = vcpus.iter().map(|v| v.mmu_state().counters.spurious).sum();
+    let retried: u64 = vcpus.iter().map(|v| v.mmu_state().counters.retried).sum();
     println!(
         "\nfaulted in {} pages ({:.2} GiB) on 2 vCPUs in {elapsed:.2?}",
         touched,

@@ -194,7 +194,12 @@ impl TableMemory for BenchHost<'_> {
 
 impl HostTranslate for BenchHost<'_> {
     fn translate(&self, slot: &Memslot, gfn: Gfn, _write: bool) -> Result<HostPage, HostFaultError> {
-        Ok(HostPage { pfn: Pfn(slot.host_addr(gfn) >> PAGE_SHIFT), writable: true, level: self.host_level })
+        Ok(HostPage {
+            pfn: Pfn(slot.host_addr(gfn) >> PAGE_SHIFT),
+            writable: true,
+            level: self.host_level,
+            memory: tdp_core::host::HostMemory::Ram,
+        })
     }
 }
 

@@ -6,7 +6,7 @@ use std::hint::black_box;
 use tdp_core::addr::{AsId, Gfn, Level, SlotId};
 use tdp_core::fault::{AccessKind, Fault, FaultKind};
 use tdp_core::memslot::{Memslot, SlotFlags};
-use tdp_core::mmu::{FaultOutcome, Mmu, MmuConfig, PageCache, RootRef};
+use tdp_core::mmu::{FaultOutcome, Mmu, MmuConfig, RootRef, VcpuMmu};
 
 use crate::host::{Arena, BenchHost};
 
@@ -20,8 +20,7 @@ pub const GUEST_RAM_HOST_BASE: u64 = 1 << 40;
 /// that [`Arena::reset`] finds every page free.
 pub struct OurTree<'a> {
     mmu: Mmu<BenchHost<'a>>,
-    cache: PageCache,
-    root: Option<RootRef>,
+    vcpu: VcpuMmu,
 }
 
 impl<'a> OurTree<'a> {
@@ -43,9 +42,9 @@ impl<'a> OurTree<'a> {
         let mmu = Mmu::new(BenchHost::new(arena, host_level), config).expect("a valid MMU config");
         let slot = Memslot::new(AsId(0), SlotId(0), Gfn(0), pages, GUEST_RAM_HOST_BASE, SlotFlags::empty());
         mmu.write().insert_memslot(slot).expect("the benchmark slot is valid");
-        let mut cache = PageCache::new();
-        let root = mmu.load_root(&mut cache, AsId(0)).expect("the arena has a page for the root");
-        OurTree { mmu, cache, root: Some(root) }
+        let mut vcpu = VcpuMmu::new();
+        mmu.load_root(&mut vcpu, AsId(0)).expect("the arena has a page for the root");
+        OurTree { mmu, vcpu }
     }
 
     /// The MMU.
@@ -57,7 +56,7 @@ impl<'a> OurTree<'a> {
     /// The vCPU's root.
     #[must_use]
     pub fn root(&self) -> &RootRef {
-        self.root.as_ref().expect("the root is held until drop")
+        self.vcpu.root().expect("the root is held until drop")
     }
 
     /// Turns dirty logging of the slot on or off (`set_memslot_flags` under the write lock) and runs the
@@ -77,7 +76,6 @@ impl<'a> OurTree<'a> {
     /// ...`, the way a vCPU's exit handler calls the MMU. Returns how many were not `Fixed` (0 when the
     /// table started empty).
     pub fn fault_each(&mut self, count: u64, step: u64) -> u64 {
-        let root = self.root.as_ref().expect("the root is held until drop");
         let mut not_fixed = 0;
         for i in 0..count {
             let fault = Fault {
@@ -86,7 +84,7 @@ impl<'a> OurTree<'a> {
                 access: AccessKind::Write,
                 kind: FaultKind::Violation { present: false },
             };
-            let outcome = self.mmu.handle_fault(&mut self.cache, root, black_box(fault), &mut ());
+            let outcome = self.mmu.handle_fault(&mut self.vcpu, black_box(fault), &mut ());
             not_fixed += u64::from(outcome != Ok(FaultOutcome::Fixed));
         }
         not_fixed
@@ -107,9 +105,6 @@ impl<'a> OurTree<'a> {
 
 impl Drop for OurTree<'_> {
     fn drop(&mut self) {
-        if let Some(root) = self.root.take() {
-            self.mmu.put_root(root);
-        }
-        self.cache.release(self.mmu.host());
+        self.mmu.release_vcpu(&mut self.vcpu);
     }
 }

@@ -52,6 +52,19 @@ pub trait TableMemory {
     fn begin_walk(&self) -> Self::WalkGuard<'_>;
 }
 
+/// What kind of memory backs a host frame: it decides the memory type of the leaf that maps it (KVM's
+/// `kvm_is_mmio_pfn` and `vmx_get_mt_mask`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HostMemory {
+    /// Ordinary, cache-coherent RAM: write-back (with EPT's IPAT set unless the VM has non-coherent
+    /// DMA, see [`crate::mmu::ExclusiveMmu::set_noncoherent_dma`]).
+    #[default]
+    Ram,
+    /// Device memory or other frames that are not RAM (a passed-through BAR): uncacheable.
+    Device,
+}
+
 /// What the host knows about the page backing one guest frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostPage {
@@ -62,6 +75,8 @@ pub struct HostPage {
     /// The level at which the host itself maps it (L2 for a transparent huge page, ...). The core only
     /// maps a gfn huge when the host does.
     pub level: Level,
+    /// RAM or device memory, for the leaf's memory type.
+    pub memory: HostMemory,
 }
 
 /// Why the host could not translate a gfn.
@@ -84,17 +99,31 @@ pub enum HostFaultError {
 
 /// Translation from guest frames to host frames (KVM's `__kvm_faultin_pfn` and host mapping level).
 ///
-/// It is called under the read side of the MMU lock, so it must not block for long. In exchange, a host
-/// that changes a mapping and then zaps the gfns under the write lock (an MMU-notifier path) cannot
-/// race with a fault that translated the old mapping: the fault installs before the zap or translates
-/// after it. This is what KVM's `mmu_invalidate_seq` achieves for translations taken without the lock.
+/// **Contract.** [`HostTranslate::translate`] is called *without* the MMU lock, so it may block: swap a
+/// page in, break copy-on-write, wait for a migration. In exchange, a host that changes its mapping of
+/// guest memory must bracket the change with [`crate::mmu::ExclusiveMmu::invalidate_range_start`] and
+/// [`crate::mmu::ExclusiveMmu::invalidate_range_end`] (KVM's MMU notifiers); it may call them from inside
+/// `translate` (a copy-on-write break does), since no MMU lock is held there. A fault reads the
+/// invalidation sequence count before calling `translate` and retries if an invalidation covering its
+/// gfn ran or is running by the time it holds the lock, so what `translate` returned before or during a
+/// change is never installed.
 pub trait HostTranslate {
-    /// The host page behind `gfn`, which lies in `slot`. `write` says the guest access is a write, so
-    /// the host should make the page writable if it can (break copy-on-write).
+    /// The host page behind `gfn`, which lies in `slot` (a copy, current when the fault read the
+    /// sequence count). `write` says the guest access is a write, so the host should make the page
+    /// writable if it can (break copy-on-write).
     ///
     /// # Errors
     /// [`HostFaultError`] when there is no page, or no writable page for a write.
     fn translate(&self, slot: &Memslot, gfn: Gfn, write: bool) -> Result<HostPage, HostFaultError>;
+
+    /// The level at which the host maps `gfn` of `slot` now, without faulting anything in and without
+    /// blocking (KVM's `host_pfn_mapping_level`); `None` when it is not mapped. The MMU asks it under the
+    /// write lock when it decides whether a huge leaf could replace a table (stopping dirty logging).
+    /// The default asks [`HostTranslate::translate`] for a read, which is right for a host whose
+    /// translation never blocks; a host whose translation may block must override it.
+    fn mapping_level(&self, slot: &Memslot, gfn: Gfn) -> Option<Level> {
+        self.translate(slot, gfn, false).ok().map(|page| page.level)
+    }
 }
 
 /// TLB invalidation on every vCPU of the VM (KVM's `kvm_flush_remote_tlbs*`). A flush must be complete

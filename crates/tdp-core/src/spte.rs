@@ -89,6 +89,13 @@ pub const EPT_MMU_WRITABLE: u64 = 1 << 58;
 pub const NPT_HOST_WRITABLE: u64 = 1 << 9;
 /// NPT software bit 10 (AVL): MMU-writable, as [`EPT_MMU_WRITABLE`].
 pub const NPT_MMU_WRITABLE: u64 = 1 << 10;
+/// Where an access-tracked EPT leaf keeps its R and X bits (bits 0 and 2 moved to 54 and 56), as KVM's
+/// `SHADOW_ACC_TRACK_SAVED_BITS_SHIFT`; bits 62:52 of an EPT leaf are ignored by the processor.
+pub const ACC_TRACK_SAVED_SHIFT: u32 = 54;
+/// The bits an access-tracked EPT leaf saves: R and X (W is dropped; MMU-writable says it may return).
+const ACC_TRACK_SAVED_MASK: u64 = EptBits::READ.bits() | EptBits::EXEC.bits();
+/// The bits access tracking clears in an EPT leaf without A/D bits, so that any access faults.
+const ACC_TRACK_CLEARED_MASK: u64 = EptBits::READ.bits() | EptBits::WRITE.bits() | EptBits::EXEC.bits();
 /// Bits 51:12: the physical address of the mapped page or of the next table.
 pub const PFN_MASK: u64 = ((1u64 << 52) - 1) & !((1u64 << PAGE_SHIFT) - 1);
 /// How many bits of the memslot generation an MMIO SPTE keeps (KVM's `MMIO_SPTE_GEN_MASK` width).
@@ -111,6 +118,12 @@ const_assert!((NPT_HOST_WRITABLE | NPT_MMU_WRITABLE | MMU_PRESENT) & PFN_MASK ==
 const_assert!(MMIO_GEN_LOW_MASK.count_ones() + MMIO_GEN_HIGH_MASK.count_ones() == MMIO_GEN_BITS);
 const_assert!((MMIO_GEN_LOW_MASK | MMIO_GEN_HIGH_MASK) & (PFN_MASK | MMU_PRESENT) == 0);
 const_assert!(FROZEN_BITS & (MMU_PRESENT | EptBits::READ.bits() | NptBits::PRESENT.bits()) == 0);
+// The saved R and X bits avoid the address, the software writable bits and suppress-#VE.
+const_assert!(
+    (ACC_TRACK_SAVED_MASK << ACC_TRACK_SAVED_SHIFT)
+        & (PFN_MASK | EPT_HOST_WRITABLE | EPT_MMU_WRITABLE | EptBits::all().bits())
+        == 0
+);
 
 bitflags! {
     /// What a guest access may do through a mapping, in format-neutral terms.
@@ -495,6 +508,74 @@ impl SpteFormat {
     pub const fn is_dirty(&self, spte: Spte) -> bool {
         spte.0 & self.dirty_mask != 0
     }
+    /// Whether `spte` is an access-tracked leaf (KVM's `is_access_track_spte`): present to the MMU (bit
+    /// 11) but with R, W and X clear, so that hardware faults on any access; only in formats without
+    /// A/D bits (EPT without A/D), where aging cannot clear an accessed bit.
+    #[must_use]
+    #[inline]
+    pub const fn is_access_tracked(&self, spte: Spte) -> bool {
+        !self.has_accessed_dirty()
+            && self.kind as u8 == TdpKind::Ept as u8
+            && spte.is_present()
+            && spte.0 & ACC_TRACK_CLEARED_MASK == 0
+    }
+
+    /// `spte` aged (KVM's `mark_spte_for_access_track`): with A/D bits, A cleared; without, the
+    /// access-tracked form, R and X saved in bits 54 and 56 and R, W, X cleared. W is not saved: an
+    /// MMU-writable leaf gets it back from the fast path at its next write (with a dirty mark in a
+    /// logged slot). An already tracked leaf is returned as it is.
+    ///
+    /// ```
+    /// use tdp_core::addr::{Level, Pfn};
+    /// use tdp_core::spte::{LeafAttrs, LeafWrite, MemType, SpteFormat};
+    /// let fmt = SpteFormat::EPT_NO_AD;
+    /// let leaf = fmt.leaf(Pfn(7), Level::L1, LeafAttrs {
+    ///     write: LeafWrite::Writable, exec: true, memtype: MemType::WriteBack, accessed: true,
+    /// });
+    /// let aged = fmt.access_tracked(leaf);
+    /// assert!(fmt.is_access_tracked(aged) && fmt.access(aged).is_empty() && aged.is_present());
+    /// assert!(fmt.is_mmu_writable(aged) && fmt.check(aged, Level::L1).is_ok());
+    /// let back = fmt.access_restored(aged);
+    /// assert_eq!(fmt.made_writable(back), leaf, "R and X come back; W through MMU-writable");
+    /// ```
+    #[must_use]
+    #[inline]
+    pub const fn access_tracked(&self, spte: Spte) -> Spte {
+        if self.has_accessed_dirty() {
+            return Spte(spte.0 & !self.accessed_mask);
+        }
+        if self.is_access_tracked(spte) || self.kind as u8 != TdpKind::Ept as u8 {
+            return spte;
+        }
+        let saved = (spte.0 & ACC_TRACK_SAVED_MASK) << ACC_TRACK_SAVED_SHIFT;
+        Spte((spte.0 | saved) & !ACC_TRACK_CLEARED_MASK)
+    }
+
+    /// A bit every access-tracked leaf has and no other present SPTE has (the saved R bit), for passes
+    /// that test many entries at once; 0 in formats with A/D bits, which have no access-tracked form.
+    #[must_use]
+    #[inline]
+    pub const fn access_tracked_marker(&self) -> u64 {
+        if self.has_accessed_dirty() || self.kind as u8 != TdpKind::Ept as u8 {
+            0
+        } else {
+            EptBits::READ.bits() << ACC_TRACK_SAVED_SHIFT
+        }
+    }
+
+    /// An access-tracked leaf with its R and X bits back (KVM's `restore_acc_track_spte`); any other
+    /// value unchanged.
+    #[must_use]
+    #[inline]
+    pub const fn access_restored(&self, spte: Spte) -> Spte {
+        if !self.is_access_tracked(spte) {
+            return spte;
+        }
+        let saved_bits = ACC_TRACK_SAVED_MASK << ACC_TRACK_SAVED_SHIFT;
+        let saved = (spte.0 >> ACC_TRACK_SAVED_SHIFT) & ACC_TRACK_SAVED_MASK;
+        Spte((spte.0 & !saved_bits) | saved)
+    }
+
     /// What a present leaf allows.
     #[must_use]
     #[inline]
@@ -552,6 +633,38 @@ impl SpteFormat {
             }
         };
         Spte(spte)
+    }
+
+    /// The memory-type bits of a leaf: for EPT, the memory type in bits 5:3 and, when `ignore_guest_pat`,
+    /// IPAT (bit 6), so the type is used as is instead of being combined with the guest's PAT (SDM Vol.
+    /// 3C, "Memory Type Used for Translated Guest-Physical Addresses"). NPT leaves have no such field:
+    /// the guest PAT combines with the host's, as the APM's nested paging section describes; 0.
+    ///
+    /// ```
+    /// use tdp_core::spte::{MemType, SpteFormat};
+    /// assert_eq!(SpteFormat::EPT_AD.memtype_bits(MemType::WriteBack, true), (6 << 3) | (1 << 6));
+    /// assert_eq!(SpteFormat::EPT_AD.memtype_bits(MemType::Uncacheable, false), 0);
+    /// assert_eq!(SpteFormat::NPT.memtype_bits(MemType::Uncacheable, false), 0);
+    /// ```
+    #[must_use]
+    #[inline]
+    pub const fn memtype_bits(&self, memtype: MemType, ignore_guest_pat: bool) -> u64 {
+        match self.kind {
+            TdpKind::Ept => {
+                ((memtype as u64) << 3) | if ignore_guest_pat { EptBits::IGNORE_PAT.bits() } else { 0 }
+            }
+            TdpKind::Npt => 0,
+        }
+    }
+
+    /// The bits [`SpteFormat::memtype_bits`] may set (EPT bits 6:3; none for NPT).
+    #[must_use]
+    #[inline]
+    pub const fn memtype_mask(&self) -> u64 {
+        match self.kind {
+            TdpKind::Ept => EptBits::MEMTYPE.bits() | EptBits::IGNORE_PAT.bits(),
+            TdpKind::Npt => 0,
+        }
     }
 
     /// A non-leaf SPTE pointing to the table in frame `child`, granting everything (the leaves decide).
@@ -649,7 +762,7 @@ impl SpteFormat {
         if !spte.is_present() {
             return Ok(());
         }
-        if spte.0 & self.present_mask == 0 {
+        if spte.0 & self.present_mask == 0 && !self.is_access_tracked(spte) {
             return Err(SpteCheckError::NotReadable { spte });
         }
         if spte.is_leaf(level) {

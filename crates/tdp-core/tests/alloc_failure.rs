@@ -5,7 +5,7 @@
 use tdp_core::addr::{AsId, Gfn, Gpa, Level, SlotId};
 use tdp_core::fault::{AccessKind, Fault, FaultKind};
 use tdp_core::memslot::{Memslot, SlotFlags};
-use tdp_core::mmu::{FaultError, FaultOutcome, Mmu, MmuConfig, PageCache};
+use tdp_core::mmu::{FaultError, FaultOutcome, Mmu, MmuConfig, VcpuMmu};
 use tdp_mock::{HostConfig, MockHost, check_tables};
 
 fn write_fault(gfn: u64) -> Fault {
@@ -52,36 +52,35 @@ use tdp_core::host::TableMemory;
 fn i2_a_failed_topup_at_every_allocation_point_changes_nothing() {
     for level in [Level::L1, Level::L2, Level::L3] {
         let (mmu, host) = machine(level);
-        let mut cache = PageCache::new();
-        let root = mmu.load_root(&mut cache, AsId(0)).expect("room for a root");
-        cache.release(mmu.host());
+        let mut vcpu = VcpuMmu::new();
+        mmu.load_root(&mut vcpu, AsId(0)).expect("room for a root");
+        vcpu.cache_mut().release(mmu.host());
         let mut succeeded_at = None;
         for budget in 0..16u64 {
             let before = snapshot(&mmu);
             let live_before = host.alloc_stats().live;
             host.set_alloc_budget(Some(budget));
-            let mut cache = PageCache::new();
-            let result = mmu.handle_fault(&mut cache, &root, write_fault(0x12345), &mut ());
+            let result = mmu.handle_fault(&mut vcpu, write_fault(0x12345), &mut ());
             host.set_alloc_budget(None);
             match result {
                 Err(FaultError::Alloc(_)) => {
                     assert_eq!(snapshot(&mmu), before, "budget {budget}: a failed fault changed the tables");
-                    assert_eq!(host.alloc_stats().live, live_before + cache.len() as u64);
-                    check_tables(&mmu, cache.pages()).expect("consistent after a failed top-up");
+                    assert_eq!(host.alloc_stats().live, live_before + vcpu.cache().len() as u64);
+                    check_tables(&mmu, vcpu.cache().pages()).expect("consistent after a failed top-up");
                 }
                 Ok(FaultOutcome::Fixed) => {
                     succeeded_at.get_or_insert(budget);
-                    check_tables(&mmu, cache.pages()).expect("consistent after the fault");
+                    check_tables(&mmu, vcpu.cache().pages()).expect("consistent after the fault");
                     mmu.write().zap_all();
                     host.reclaim();
                 }
                 other => panic!("budget {budget}: unexpected {other:?}"),
             }
-            cache.release(mmu.host());
+            vcpu.cache_mut().release(mmu.host());
         }
         // A 4-level tree needs at most three tables below the root, and the top-up asks for four pages.
         assert_eq!(succeeded_at, Some(4), "host level {level:?}");
-        mmu.put_root(root);
+        mmu.put_root(&mut vcpu);
     }
 }
 
@@ -89,43 +88,20 @@ fn i2_a_failed_topup_at_every_allocation_point_changes_nothing() {
 fn i2_a_root_that_cannot_be_allocated_is_a_clean_error() {
     let (mmu, host) = machine(Level::L3);
     host.set_alloc_budget(Some(0));
-    let mut cache = PageCache::new();
-    assert!(mmu.load_root(&mut cache, AsId(0)).is_err());
+    let mut vcpu = VcpuMmu::new();
+    assert!(mmu.load_root(&mut vcpu, AsId(0)).is_err());
     assert!(mmu.roots().is_empty());
     assert_eq!(host.alloc_stats().live, 0);
 }
 
 #[test]
-fn i2_a_cache_too_small_for_the_walk_is_refused_before_any_change() {
-    let (mmu, host) = machine(Level::L1);
-    let mut cache = PageCache::new();
-    let root = mmu.load_root(&mut cache, AsId(0)).expect("room");
-    cache.release(mmu.host());
-    // Exactly one page: the top-up stops quietly once its minimum is met. A fresh 4K fault needs three.
-    host.set_alloc_budget(Some(1));
-    cache.topup(mmu.host(), mmu.format().nonpresent(), 1).expect("one page");
-    host.set_alloc_budget(None);
-    assert_eq!(cache.len(), 1);
-    let before = snapshot(&mmu);
-    let result = mmu.read().page_fault(&mut cache, &root, write_fault(7), &mut ());
-    assert_eq!(result, Err(FaultError::CacheTooSmall { have: cache.len(), need: 3 }));
-    assert_eq!(snapshot(&mmu), before);
-    check_tables(&mmu, cache.pages()).expect("consistent");
-    cache.release(mmu.host());
-    mmu.put_root(root);
-    drop(mmu);
-    host.reclaim();
-    assert_eq!(host.alloc_stats().live, 0, "the root and nothing else was freed at teardown");
-}
-
-#[test]
 fn i2_splitting_a_huge_page_under_allocation_failure_keeps_the_huge_leaf() {
     let (mmu, host) = machine(Level::L3);
-    let mut cache = PageCache::new();
-    let root = mmu.load_root(&mut cache, AsId(0)).expect("room");
-    assert_eq!(mmu.handle_fault(&mut cache, &root, write_fault(5), &mut ()), Ok(FaultOutcome::Fixed));
+    let mut vcpu = VcpuMmu::new();
+    mmu.load_root(&mut vcpu, AsId(0)).expect("room");
+    assert_eq!(mmu.handle_fault(&mut vcpu, write_fault(5), &mut ()), Ok(FaultOutcome::Fixed));
     assert_eq!(mmu.stats().leaves, [0, 0, 1], "one 1 GiB leaf");
-    cache.release(mmu.host());
+    vcpu.cache_mut().release(mmu.host());
     // Dirty logging forces 4K mappings: the next fault must split 1G -> 2M -> 4K (two tables).
     mmu.write()
         .set_memslot_flags(AsId(0), SlotId(0), SlotFlags::LOG_DIRTY)
@@ -133,18 +109,15 @@ fn i2_splitting_a_huge_page_under_allocation_failure_keeps_the_huge_leaf() {
         .run(mmu.host());
     let before = snapshot(&mmu);
     host.set_alloc_budget(Some(2));
-    assert!(matches!(
-        mmu.handle_fault(&mut cache, &root, write_fault(5), &mut ()),
-        Err(FaultError::Alloc(_))
-    ));
+    assert!(matches!(mmu.handle_fault(&mut vcpu, write_fault(5), &mut ()), Err(FaultError::Alloc(_))));
     host.set_alloc_budget(None);
     assert_eq!(snapshot(&mmu), before);
     assert_eq!(mmu.stats().leaves, [0, 0, 1]);
     // Logging write-protected the huge leaf: the write splits it and makes its 4K page writable.
-    assert_eq!(mmu.handle_fault(&mut cache, &root, write_fault(5), &mut ()), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.handle_fault(&mut vcpu, write_fault(5), &mut ()), Ok(FaultOutcome::Fixed));
     assert_eq!(mmu.stats().leaves, [512, 511, 0], "split into 511 2M leaves and 512 4K leaves");
     assert_eq!(mmu.stats().huge_splits, 2);
-    check_tables(&mmu, cache.pages()).expect("consistent after the split");
-    cache.release(mmu.host());
-    mmu.put_root(root);
+    check_tables(&mmu, vcpu.cache().pages()).expect("consistent after the split");
+    vcpu.cache_mut().release(mmu.host());
+    mmu.put_root(&mut vcpu);
 }

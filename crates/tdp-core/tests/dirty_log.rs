@@ -126,7 +126,7 @@ fn i4_writes_in_a_logged_slot_are_marked_once_per_harvest() {
         vm.access(1, 9, AccessKind::Write);
         vm.access(0, 5, AccessKind::Read);
         assert_eq!(vm.harvest(), BTreeSet::from([9]), "{config:?}");
-        assert!(vm.vcpus[0].cache().counters.fixed + vm.vcpus[1].cache().counters.fixed >= 4);
+        assert!(vm.vcpus[0].mmu_state().counters.fixed + vm.vcpus[1].mmu_state().counters.fixed >= 4);
         vm.check();
     }
 }

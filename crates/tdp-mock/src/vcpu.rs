@@ -19,7 +19,7 @@ use tdp_core::addr::{AsId, Gpa, Level, PAGE_SIZE, Pfn};
 use tdp_core::fault::{AccessKind, DecodeError, Fault};
 use tdp_core::host::AllocError;
 use tdp_core::host::{DirtySink, DirtySource};
-use tdp_core::mmu::{EmulateReason, FaultError, FaultOutcome, Mmu, PageCache, RootRef};
+use tdp_core::mmu::{EmulateReason, FaultError, FaultOutcome, Mmu, PageCache, RootRef, VcpuMmu};
 use tdp_core::spte::{Access, TdpKind};
 
 use crate::host::MockHost;
@@ -105,8 +105,8 @@ enum Exit {
 pub struct Vcpu {
     id: u32,
     as_id: AsId,
-    root: Option<RootRef>,
-    cache: PageCache,
+    /// The MMU's per-vCPU state: root, page cache, fault counters, memslot hint.
+    mmu: VcpuMmu,
     tlb: Arc<Tlb>,
     hw: Hardware,
     root_level: Level,
@@ -122,8 +122,7 @@ impl std::fmt::Debug for Vcpu {
         f.debug_struct("Vcpu")
             .field("id", &self.id)
             .field("as_id", &self.as_id)
-            .field("root", &self.root)
-            .field("cache", &self.cache)
+            .field("mmu", &self.mmu)
             .field("hw", &self.hw)
             .field("pml", &self.pml)
             .finish_non_exhaustive()
@@ -139,8 +138,7 @@ impl Vcpu {
         Vcpu {
             id,
             as_id,
-            root: None,
-            cache: PageCache::new(),
+            mmu: VcpuMmu::new(),
             tlb,
             hw: Hardware::for_config(mmu.config()),
             root_level: mmu.config().root_level,
@@ -167,11 +165,15 @@ impl Vcpu {
     }
     /// Its current root, once one is loaded.
     pub fn root(&self) -> Option<&RootRef> {
-        self.root.as_ref()
+        self.mmu.root()
     }
     /// Its page cache.
     pub fn cache(&self) -> &PageCache {
-        &self.cache
+        self.mmu.cache()
+    }
+    /// Its MMU state (fault counters among it).
+    pub fn mmu_state(&self) -> &VcpuMmu {
+        &self.mmu
     }
     /// Its TLB.
     pub fn tlb(&self) -> &Tlb {
@@ -258,7 +260,7 @@ impl Vcpu {
         let mut root = self.entry_root(mmu)?;
         for _ in 0..MAX_ROUNDS {
             let (hw, level) = (self.hw, self.root_level);
-            let current = self.root.as_ref().expect("entry_root loaded a root");
+            let current = self.mmu.root().expect("entry_root loaded a root");
             let pml = &mut self.pml;
             let outcome = self.tlb.with_locked(|tlb| {
                 // Checked under the TLB lock, which every flush takes: a flush that follows an
@@ -318,8 +320,7 @@ impl Vcpu {
             };
             // Every exit drains the log before the exit is handled (KVM's vmx_handle_exit).
             self.flush_pml(mmu);
-            let current = self.root.as_ref().expect("entry_root loaded a root");
-            match mmu.handle_fault(&mut self.cache, current, fault, &mut *self.dirty)? {
+            match mmu.handle_fault(&mut self.mmu, fault, &mut *self.dirty)? {
                 FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry => {}
                 FaultOutcome::ReloadRoot => root = self.reload_root(mmu)?,
                 FaultOutcome::Emulate(reason) => return Ok(AccessResult::Emulated(reason)),
@@ -350,10 +351,7 @@ impl Vcpu {
 
     /// Returns the root reference and the page cache to the MMU. The vCPU may run again afterwards.
     pub fn release(&mut self, mmu: &Mmu<MockHost>) {
-        if let Some(root) = self.root.take() {
-            mmu.put_root(root);
-        }
-        self.cache.release(mmu.host());
+        mmu.release_vcpu(&mut self.mmu);
     }
 
     fn data_access(&mut self, mmu: &Mmu<MockHost>, gpa: Gpa, access: AccessKind) -> Result<Pfn, VcpuError> {
@@ -368,7 +366,7 @@ impl Vcpu {
 
     /// The root to run on at VM entry: the current one if still valid, else a fresh one.
     fn entry_root(&mut self, mmu: &Mmu<MockHost>) -> Result<Pfn, VcpuError> {
-        match &self.root {
+        match self.mmu.root() {
             Some(root) if mmu.root_is_valid(root) => Ok(root.pfn()),
             _ => self.reload_root(mmu),
         }
@@ -378,14 +376,12 @@ impl Vcpu {
     /// old root's are unreachable once it is no longer loaded, and a root frame may be reused while
     /// hardware still holds translations from its previous life (KVM flushes on every root load).
     fn reload_root(&mut self, mmu: &Mmu<MockHost>) -> Result<Pfn, VcpuError> {
-        if let Some(old) = self.root.take() {
+        if let Some(old) = self.mmu.root() {
             self.tlb.flush_root(old.pfn());
-            mmu.put_root(old);
+            mmu.put_root(&mut self.mmu);
         }
-        let root = mmu.load_root(&mut self.cache, self.as_id)?;
-        let pfn = root.pfn();
+        let pfn = mmu.load_root(&mut self.mmu, self.as_id)?;
         self.tlb.flush_root(pfn);
-        self.root = Some(root);
         Ok(pfn)
     }
 }

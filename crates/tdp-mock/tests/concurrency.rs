@@ -120,7 +120,7 @@ fn run(name: &'static str, cfg: MmuConfig, host: HostConfig, disturb: Disturb) {
     vm.vcpus = vcpus;
     // Shown when the test fails: how much racing actually happened.
     let unlinked = vm.host().tables_unlinked();
-    let faults: Vec<_> = vm.vcpus.iter().map(|v| v.cache().counters).collect();
+    let faults: Vec<_> = vm.vcpus.iter().map(|v| v.mmu_state().counters).collect();
     eprintln!(
         "{name} {disturb:?}: {:?} {faults:?} {:?} unlinked {unlinked}",
         vm.mmu().stats(),

@@ -136,10 +136,10 @@ fn i3_zap_range_then_access_refaults() {
         vm.check("zap and flush");
         assert!(vm.leaf(0, 0x400).is_none() && vm.leaf(0, 0x1003).is_none(), "{}", vm.name);
         assert!(vm.leaf(0, 0x10).is_some(), "{}: outside the range", vm.name);
-        let fixed = vm.vcpus[0].cache().counters.fixed;
+        let fixed = vm.vcpus[0].mmu_state().counters.fixed;
         let again = vm.access(0, 0x400, Read).expect("refault");
         assert!(matches!(again, AccessResult::Done { from_tlb: false, .. }), "{}: {again:?}", vm.name);
-        assert_eq!(vm.vcpus[0].cache().counters.fixed, fixed + 1, "{}", vm.name);
+        assert_eq!(vm.vcpus[0].mmu_state().counters.fixed, fixed + 1, "{}", vm.name);
         vm.check("refault");
         vm.delete_slot(1);
         assert_eq!(vm.access(1, 0x1003, Read), Ok(AccessResult::Emulated(EmulateReason::Mmio)));

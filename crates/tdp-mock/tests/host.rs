@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tdp_core::addr::{AsId, Gfn, Level, Pfn, SlotId};
-use tdp_core::host::{AllocError, HostFaultError, HostPage, HostTranslate, MmuYield, TableMemory, TlbFlush};
+use tdp_core::host::{
+    AllocError, HostFaultError, HostMemory, HostPage, HostTranslate, MmuYield, TableMemory, TlbFlush,
+};
 use tdp_core::iter::TdpIter;
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::PageCache;
@@ -106,7 +108,15 @@ fn i1_translation_follows_the_slot_and_the_host_mapping() {
     let ram = host.guest_ram_base();
     let slot = Memslot::new(AsId(0), SlotId(0), Gfn(0x100), 0x200, ram + 0x10_0000, SlotFlags::empty());
     let page = host.translate(&slot, Gfn(0x105), true).expect("guest RAM");
-    assert_eq!(page, HostPage { pfn: Pfn(GUEST_RAM_BASE_PFN + 0x105), writable: true, level: Level::L3 });
+    assert_eq!(
+        page,
+        HostPage {
+            pfn: Pfn(GUEST_RAM_BASE_PFN + 0x105),
+            writable: true,
+            level: Level::L3,
+            memory: HostMemory::Ram
+        }
+    );
     host.set_host_readonly(page.pfn, true);
     let ro = host.translate(&slot, Gfn(0x105), true).expect("guest RAM");
     assert_eq!((ro.writable, ro.level), (false, Level::L1));

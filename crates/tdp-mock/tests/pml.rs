@@ -63,7 +63,11 @@ fn gfn(offset: u64) -> u64 {
 }
 
 fn faults(vm: &Vm) -> u64 {
-    vm.vcpus.iter().map(|v| v.cache().counters).map(|c| c.fixed + c.spurious + c.retried + c.emulated).sum()
+    vm.vcpus
+        .iter()
+        .map(|v| v.mmu_state().counters)
+        .map(|c| c.fixed + c.spurious + c.retried + c.emulated)
+        .sum()
 }
 
 fn pml(vm: &Vm, vcpu: usize) -> &Pml {

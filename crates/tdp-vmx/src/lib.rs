@@ -15,7 +15,7 @@
 //! use tdp_core::addr::{AsId, Gfn, Level, SlotId};
 //! use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, PML_ENTRIES, RingConfig};
 //! use tdp_core::memslot::{Memslot, SlotFlags};
-//! use tdp_core::mmu::{Mmu, PageCache};
+//! use tdp_core::mmu::{Mmu, VcpuMmu};
 //! use tdp_vmx::caps::VmxCapabilities;
 //! use tdp_vmx::fake::{bochs, FakeVmx};
 //! use tdp_vmx::instr::VmxInstructions;
@@ -48,9 +48,9 @@
 //! mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(0), Gfn(0), 4096, 0x100_0000, SlotFlags::LOG_DIRTY))?;
 //!
 //! // 3. A vCPU: its root's EPTP in the VMCS, PML on, a dirty ring as its sink.
-//! let mut cache = PageCache::new();
-//! let root = mmu.load_root(&mut cache, AsId(0))?;
-//! let eptp = install_root(&vmx, &mmu.host().tlb, &ept, &config, &root)?;
+//! let mut vcpu = VcpuMmu::new();
+//! let root = mmu.load_root(&mut vcpu, AsId(0))?;
+//! let eptp = install_root(&vmx, &mmu.host().tlb, &ept, &config, vcpu.root().ok_or("no root")?)?;
 //! let log = PmlPage::new();
 //! let mut pml = Pml::enable(&vmx, &ept, eptp, &log)?;
 //! let cfg = RingConfig::new(4096, PML_ENTRIES)?; // the reserve covers a full PML log
@@ -59,14 +59,14 @@
 //!
 //! // 4. VMLAUNCH ... the guest writes gpa 0x3008 and exits (what Bochs reports: qualification 0x182).
 //! vmx.set_exit_ept_violation(0x182, 0x3008, 0x7000_3008);
-//! let report = handle_exit(&vmx, &mmu, &mut cache, &root, Some(&mut pml), &mut sink)?;
+//! let report = handle_exit(&vmx, &mmu, &mut vcpu, Some(&mut pml), &mut sink)?;
 //! assert_eq!(report.action, ExitAction::Resume); // mapped (4 KiB: the slot is dirty-logged)
 //!
 //! // ... VMRESUME; the guest's next writes set D bits and the CPU logs them; it exits for a HLT.
 //! log.set_entry(511, 0x5000);
 //! vmx.set_field(VmcsField::GUEST_PML_INDEX, 510);
 //! vmx.set_field(VmcsField::EXIT_REASON, 12);
-//! let report = handle_exit(&vmx, &mmu, &mut cache, &root, Some(&mut pml), &mut sink)?;
+//! let report = handle_exit(&vmx, &mmu, &mut vcpu, Some(&mut pml), &mut sink)?;
 //! assert!(matches!(report.action, ExitAction::Unhandled(r) if r.basic() == 12));
 //! assert_eq!(report.pml.map(|d| d.marked), Some(1));
 //! assert!(!sink.must_exit());
@@ -79,8 +79,7 @@
 //! let (reset, flush) = sink.reset_by(|ring| mmu.write().reset_dirty_ring(ring)); // clean the D bits
 //! flush.run(mmu.host()); // INVEPT, before the VMM reads the pages
 //! assert_eq!((reset.reset, reset.invalid), (2, 0));
-//! mmu.put_root(root);
-//! cache.release(mmu.host());
+//! mmu.release_vcpu(&mut vcpu);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!

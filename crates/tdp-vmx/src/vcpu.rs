@@ -9,7 +9,7 @@ use lock_api::RawRwLock;
 use tdp_core::addr::Gpa;
 use tdp_core::fault::AccessKind;
 use tdp_core::host::{DirtySink, Host};
-use tdp_core::mmu::{EmulateReason, FaultError, FaultOutcome, Mmu, MmuConfig, PageCache, RootRef};
+use tdp_core::mmu::{EmulateReason, FaultError, FaultOutcome, Mmu, MmuConfig, RootRef, VcpuMmu};
 
 use crate::caps::EptFeatures;
 use crate::eptp::{Eptp, EptpError};
@@ -72,14 +72,17 @@ pub enum HandleError {
     /// The MMU could not handle the fault (the tables are consistent).
     #[error("handling the EPT fault: {0}")]
     Fault(#[from] FaultError),
+    /// The vCPU has no root loaded ([`tdp_core::mmu::Mmu::load_root`] first).
+    #[error("the vCPU has no root loaded")]
+    NoRoot,
 }
 
-/// Handles one VM exit of the vCPU whose current VMCS `vmx` reads, running on `root`.
+/// Handles one VM exit of the vCPU whose current VMCS `vmx` reads, running on `vcpu`'s root.
 ///
 /// 1. Drains `pml` (when the vCPU has one) into `sink`, before anything else, as KVM does on every exit:
 ///    the marks of writes that happened before this exit go to the ring before the fault's own.
 /// 2. Decodes the exit ([`read_exit`]) for the root's address space.
-/// 3. EPT violation or misconfiguration: [`Mmu::handle_fault`] with `cache` and `sink`.
+/// 3. EPT violation or misconfiguration: [`Mmu::handle_fault`] with `vcpu` and `sink`.
 ///
 /// The caller then checks its sink (e.g. [`crate::ring_sink::RingSink::must_exit`]) before re-entering.
 ///
@@ -87,7 +90,7 @@ pub enum HandleError {
 /// use tdp_core::addr::{AsId, Gfn, Gpa, Level, SlotId};
 /// use tdp_core::fault::AccessKind;
 /// use tdp_core::memslot::{Memslot, SlotFlags};
-/// use tdp_core::mmu::{EmulateReason, Mmu, MmuConfig, PageCache};
+/// use tdp_core::mmu::{EmulateReason, Mmu, MmuConfig, VcpuMmu};
 /// use tdp_vmx::caps::VmxCapabilities;
 /// use tdp_vmx::fake::{bochs, FakeVmx};
 /// use tdp_vmx::host::{BareMetalHost, IdentityTranslate, InveptFlush, PhysRange, TableFrames};
@@ -105,16 +108,15 @@ pub enum HandleError {
 /// };
 /// let mmu: Mmu<_> = Mmu::new(host, MmuConfig::EPT)?;
 /// mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(0), Gfn(0), 512, 0x100_0000, SlotFlags::empty()))?;
-/// let mut cache = PageCache::new();
-/// let root = mmu.load_root(&mut cache, AsId(0))?;
+/// let mut vcpu = VcpuMmu::new();
+/// mmu.load_root(&mut vcpu, AsId(0))?;
 ///
 /// vmx.set_exit_ept_violation(0x182, 0x1000, 0x1000); // a write to RAM: mapped
-/// assert_eq!(handle_exit(&vmx, &mmu, &mut cache, &root, None, &mut ())?.action, ExitAction::Resume);
+/// assert_eq!(handle_exit(&vmx, &mmu, &mut vcpu, None, &mut ())?.action, ExitAction::Resume);
 /// vmx.set_exit_ept_violation(0x181, 0xfee0_0030, 0); // a read of the local APIC: no slot
 /// let mmio = ExitAction::Emulate { gpa: Gpa(0xfee0_0030), access: AccessKind::Read, reason: EmulateReason::Mmio };
-/// assert_eq!(handle_exit(&vmx, &mmu, &mut cache, &root, None, &mut ())?.action, mmio);
-/// mmu.put_root(root);
-/// cache.release(mmu.host());
+/// assert_eq!(handle_exit(&vmx, &mmu, &mut vcpu, None, &mut ())?.action, mmio);
+/// mmu.release_vcpu(&mut vcpu);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 ///
@@ -123,12 +125,11 @@ pub enum HandleError {
 pub fn handle_exit<H: Host, R: RawRwLock, V: VmxInstructions>(
     vmx: &V,
     mmu: &Mmu<H, R>,
-    cache: &mut PageCache,
-    root: &RootRef,
+    vcpu: &mut VcpuMmu,
     pml: Option<&mut Pml<'_>>,
     sink: &mut dyn DirtySink,
 ) -> Result<ExitReport, HandleError> {
-    let as_id = root.as_id();
+    let as_id = vcpu.root().ok_or(HandleError::NoRoot)?.as_id();
     let drained = match pml {
         // The read lock keeps the memslots stable for the drain; it is released before the fault
         // handler takes it again.
@@ -148,7 +149,7 @@ pub fn handle_exit<H: Host, R: RawRwLock, V: VmxInstructions>(
             return Ok(ExitReport { exit, action: ExitAction::Unhandled(reason), pml: drained });
         }
     };
-    let action = match mmu.handle_fault(cache, root, fault, sink)? {
+    let action = match mmu.handle_fault(vcpu, fault, sink)? {
         FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry => ExitAction::Resume,
         FaultOutcome::ReloadRoot => ExitAction::ReloadRoot,
         FaultOutcome::Emulate(reason) => ExitAction::Emulate { gpa: fault.gpa, access: fault.access, reason },
@@ -174,7 +175,7 @@ pub enum RootError {
 ///
 /// ```
 /// use tdp_core::addr::{AsId, Level};
-/// use tdp_core::mmu::{Mmu, MmuConfig, PageCache};
+/// use tdp_core::mmu::{Mmu, MmuConfig, VcpuMmu};
 /// use tdp_vmx::caps::VmxCapabilities;
 /// use tdp_vmx::fake::{bochs, FakeVmx};
 /// use tdp_vmx::host::{BareMetalHost, IdentityTranslate, InveptFlush, TableFrames};
@@ -192,12 +193,11 @@ pub enum RootError {
 /// };
 /// let config = MmuConfig::EPT_PML;
 /// let mmu: Mmu<_> = Mmu::new(host, config)?;
-/// let mut cache = PageCache::new();
-/// let root = mmu.load_root(&mut cache, AsId(0))?;
-/// let eptp = install_root(&vmx, &mmu.host().tlb, &ept, &config, &root)?;
-/// assert_eq!((eptp.root(), vmx.field(VmcsField::EPT_POINTER)), (root.pfn(), Some(eptp.raw())));
-/// mmu.put_root(root);
-/// cache.release(mmu.host());
+/// let mut vcpu = VcpuMmu::new();
+/// let root = mmu.load_root(&mut vcpu, AsId(0))?;
+/// let eptp = install_root(&vmx, &mmu.host().tlb, &ept, &config, vcpu.root().ok_or("no root")?)?;
+/// assert_eq!((eptp.root(), vmx.field(VmcsField::EPT_POINTER)), (root, Some(eptp.raw())));
+/// mmu.release_vcpu(&mut vcpu);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 ///

@@ -14,7 +14,7 @@ use tdp_core::addr::{AsId, Gfn, Pfn, SlotId};
 use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, RingConfig};
 use tdp_core::host::TableMemory;
 use tdp_core::memslot::{Memslot, SlotFlags};
-use tdp_core::mmu::{Mmu, PageCache};
+use tdp_core::mmu::{Mmu, VcpuMmu};
 use tdp_vmx::caps::VmxCapabilities;
 use tdp_vmx::fake::{FakeVmx, Op, bochs};
 use tdp_vmx::host::{BareMetalHost, IdentityTranslate, InveptFlush, PhysRange, TableFrames};
@@ -111,9 +111,9 @@ fn i4_every_write_after_logging_starts_is_in_the_next_harvest() {
     // 4 MiB of guest RAM in one slot, 2 MiB-aligned: faults map 2 MiB leaves until logging starts.
     let slot = Memslot::new(AsId(0), SlotId(0), Gfn(0), 1024, 0x100_0000, SlotFlags::empty());
     mmu.write().insert_memslot(slot).unwrap();
-    let mut cache = PageCache::new();
-    let root = mmu.load_root(&mut cache, AsId(0)).unwrap();
-    let eptp = install_root(&vmx, &mmu.host().tlb, &ept, &config, &root).unwrap();
+    let mut vcpu = VcpuMmu::new();
+    let root = mmu.load_root(&mut vcpu, AsId(0)).unwrap();
+    let eptp = install_root(&vmx, &mmu.host().tlb, &ept, &config, vcpu.root().unwrap()).unwrap();
     let log = PmlPage::new();
     let mut pml = Pml::enable(&vmx, &ept, eptp, &log).unwrap();
     let cfg = RingConfig::new(1024, PML_ENTRIES as u32).unwrap();
@@ -156,13 +156,12 @@ fn i4_every_write_after_logging_starts_is_in_the_next_harvest() {
         let gfn = if r.is_multiple_of(2) { (r >> 8) % 1024 } else { 0x180 + (r >> 8) % 64 };
         let mut tries = 0;
         loop {
-            match cpu_write(&vmx, mmu.host(), root.pfn(), &log, gfn) {
+            match cpu_write(&vmx, mmu.host(), root, &log, gfn) {
                 Cpu::Done => break,
                 Cpu::Exit => {
                     tries += 1;
                     assert!(tries < 8, "write to gfn {gfn:#x} never retires");
-                    let report =
-                        handle_exit(&vmx, &mmu, &mut cache, &root, Some(&mut pml), &mut sink).unwrap();
+                    let report = handle_exit(&vmx, &mmu, &mut vcpu, Some(&mut pml), &mut sink).unwrap();
                     assert_eq!(report.action, ExitAction::Resume);
                     match report.exit {
                         tdp_vmx::exit::VmExit::PmlFull => full_exits += 1,
@@ -209,6 +208,5 @@ fn i4_every_write_after_logging_starts_is_in_the_next_harvest() {
          {faults} EPT faults, {} INVEPTs, {} table pages at peak",
         tlb.single_context, frames.peak
     );
-    mmu.put_root(root);
-    cache.release(mmu.host());
+    mmu.release_vcpu(&mut vcpu);
 }

@@ -41,7 +41,7 @@ use alloc::vec::Vec;
 use tdp_core::addr::Level;
 use tdp_core::dirty_ring::{DirtyRingConsumer, DirtyRingProducer};
 use tdp_core::memslot::{Memslot, SlotFlags};
-use tdp_core::mmu::{Mmu, PageCache};
+use tdp_core::mmu::{Mmu, VcpuMmu};
 use tdp_vmx::caps::VmxCapabilities;
 use tdp_vmx::eptp::Eptp;
 use tdp_vmx::pml::Pml;
@@ -106,9 +106,9 @@ fn hypervise(model: &str) -> Result<(), String> {
         mmu.write().insert_memslot(slot).map_err(|e| format!("memslot {}: {e}", s.id.0))?;
         bases.push((s.id.0, host_base, s.pages));
     }
-    let mut cache = PageCache::new();
-    let root = mmu.load_root(&mut cache, AS_ID).map_err(|e| format!("root: {e}"))?;
-    let eptp = Eptp::new(&features, &config, root.pfn()).map_err(|e| format!("EPTP: {e}"))?;
+    let mut vcpu = VcpuMmu::new();
+    let root = mmu.load_root(&mut vcpu, AS_ID).map_err(|e| format!("root: {e}"))?;
+    let eptp = Eptp::new(&features, &config, root).map_err(|e| format!("EPTP: {e}"))?;
     mmu.host().tlb.load_eptp(eptp);
     let entry = guest::build(&SCENARIO).map_err(|e| format!("guest: {e}"))?;
     vmcs::setup(&vmx, &caps, eptp, entry).map_err(|e| format!("VMCS: {e}"))?;
@@ -127,8 +127,7 @@ fn hypervise(model: &str) -> Result<(), String> {
         features,
         scenario: &SCENARIO,
         mmu: &mmu,
-        cache,
-        root,
+        vcpu,
         sink,
         consumer,
         pml,

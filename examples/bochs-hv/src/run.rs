@@ -14,7 +14,7 @@ use tdp_core::addr::{Gpa, SlotId};
 use tdp_core::dirty_ring::DirtyRingConsumer;
 use tdp_core::flush::Flush;
 use tdp_core::memslot::SlotFlags;
-use tdp_core::mmu::{EmulateReason, Mmu, PageCache, RootRef};
+use tdp_core::mmu::{EmulateReason, Mmu, RootRef, VcpuMmu};
 use tdp_vmx::caps::EptFeatures;
 use tdp_vmx::eptp::Eptp;
 use tdp_vmx::exit::VmExit;
@@ -52,10 +52,8 @@ pub struct Hv<'a, 'v> {
     pub scenario: &'a Scenario,
     /// The MMU.
     pub mmu: &'a Mmu<HvHost<'v>>,
-    /// The vCPU's page cache.
-    pub cache: PageCache,
-    /// The vCPU's root.
-    pub root: RootRef,
+    /// The vCPU's MMU state: its root, page cache and fault counters.
+    pub vcpu: VcpuMmu,
     /// The dirty ring's producer, as the MMU's sink.
     pub sink: RingSink<'static>,
     /// Its consumer.
@@ -113,9 +111,8 @@ impl Hv<'_, '_> {
     }
 
     fn handle_exit(&mut self, regs: &mut GuestRegs) -> Result<(), Stop> {
-        let report =
-            handle_exit(self.vmx, self.mmu, &mut self.cache, &self.root, self.pml.as_mut(), &mut self.sink)
-                .map_err(|e| Stop::Error(format!("exit: {e}")))?;
+        let report = handle_exit(self.vmx, self.mmu, &mut self.vcpu, self.pml.as_mut(), &mut self.sink)
+            .map_err(|e| Stop::Error(format!("exit: {e}")))?;
         if self.sink.must_exit() {
             // The ring reached its soft limit: a VMM would harvest now, but this scenario harvests only
             // where its steps say, so the ring is too small for it. Stop rather than risk a full ring.
@@ -161,17 +158,17 @@ impl Hv<'_, '_> {
 
     /// The core invalidated the root: take a new one, retire the old EPTP and install the new one.
     fn reload_root(&mut self) -> Result<(), Stop> {
-        let new = self
-            .mmu
-            .load_root(&mut self.cache, AS_ID)
+        let old = self.vcpu.root().map(RootRef::pfn);
+        // Puts the old root (the vCPU no longer uses it) and takes a new one.
+        self.mmu
+            .load_root(&mut self.vcpu, AS_ID)
             .map_err(|e| Stop::Error(format!("reloading the root: {e}")))?;
-        let old = core::mem::replace(&mut self.root, new);
         let tlb = &self.mmu.host().tlb;
-        if let Ok(eptp) = Eptp::new(&self.features, self.mmu.config(), old.pfn()) {
+        if let Some(Ok(eptp)) = old.map(|pfn| Eptp::new(&self.features, self.mmu.config(), pfn)) {
             tlb.retire_eptp(eptp);
         }
-        self.mmu.put_root(old);
-        install_root(self.vmx, tlb, &self.features, self.mmu.config(), &self.root)
+        let root = self.vcpu.root().ok_or_else(|| Stop::Error("no root after a reload".into()))?;
+        install_root(self.vmx, tlb, &self.features, self.mmu.config(), root)
             .map_err(|e| Stop::Error(format!("installing the new root: {e}")))?;
         Ok(())
     }
@@ -235,7 +232,9 @@ impl Hv<'_, '_> {
     /// The translations of the scenario's sample gfns in the current tables.
     pub fn sample(&self) -> Vec<Translation> {
         let host = self.mmu.host();
-        let root = self.root.pfn().0;
+        let Some(root) = self.vcpu.root().map(|r| r.pfn().0) else {
+            return Vec::new();
+        };
         self.scenario
             .sample_gfns()
             .into_iter()
@@ -260,7 +259,13 @@ impl Hv<'_, '_> {
         drop(mmu);
         flush.run(self.mmu.host());
         #[cfg(feature = "broken-ept")]
-        crate::broken::unprotect_slot(self.vmx, &self.features, self.mmu, &self.root, slot)?;
+        crate::broken::unprotect_slot(
+            self.vmx,
+            &self.features,
+            self.mmu,
+            self.vcpu.root().ok_or_else(|| Stop::Error("no root".into()))?,
+            slot,
+        )?;
         Ok(())
     }
 

@@ -28,14 +28,9 @@ pub const PAGE_CACHE_CAPACITY: usize = 10;
 pub struct PageCache {
     pages: [Pfn; PAGE_CACHE_CAPACITY],
     len: usize,
-    /// What the faults handled with this cache came to (KVM's per-vCPU `pf_*` statistics).
-    pub counters: FaultCounters,
-    /// Index of the memslot this vCPU faulted in last, tried first by the next fault (KVM's per-vCPU
-    /// `last_used_slot`); see [`crate::memslot::MemslotSet::find_hinted`].
-    pub(crate) slot_hint: usize,
 }
 
-/// Fault outcomes counted per vCPU.
+/// Fault outcomes counted per vCPU (in [`super::VcpuMmu::counters`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultCounters {
     /// Faults that installed a mapping.
@@ -83,12 +78,7 @@ impl PageCache {
     /// An empty cache.
     #[must_use]
     pub const fn new() -> Self {
-        PageCache {
-            pages: [Pfn(0); PAGE_CACHE_CAPACITY],
-            len: 0,
-            counters: FaultCounters { fixed: 0, spurious: 0, retried: 0, emulated: 0 },
-            slot_hint: 0,
-        }
+        PageCache { pages: [Pfn(0); PAGE_CACHE_CAPACITY], len: 0 }
     }
     /// Pages held.
     #[must_use]

@@ -42,21 +42,20 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         let Some(slot) = self.slots.get(as_id, id).copied() else {
             return Flush::none();
         };
+        // The window the mask names, clipped to the slot: one walk over it per root.
+        let Some(window) = MaskWindow::new(&slot, base_offset, mask) else {
+            return Flush::none();
+        };
         let mmu = self.mmu;
-        let fmt = mmu.format();
+        let fmt = *mmu.format();
         let mut flush = Flush::none();
         for (root, _) in mmu.roots.acquire_all(Some(as_id)) {
-            let _walk = mmu.host.begin_walk();
-            let mut bits = mask;
-            while bits != 0 {
-                let bit = u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                let Some(offset) = base_offset.checked_add(bit).filter(|o| *o < slot.pages) else {
-                    continue;
-                };
-                let gfn = Gfn(slot.base_gfn.0 + offset);
-                let (entry, level, old) = mmu.walk_to_leaf(root, gfn);
-                if !old.is_present() || !old.is_leaf(level) {
+            let (start, end) = (window.start, window.end);
+            let mut it = TdpIter::new(&mmu.host, &fmt, root, mmu.config.root_level, Level::L1, start, end);
+            while it.valid() {
+                let (old, level) = (it.old_spte, it.level());
+                if !(old.is_present() && old.is_leaf(level) && window.names(it.gfn(), level)) {
+                    it.next();
                     continue;
                 }
                 let new = if level == Level::L1 && mmu.config.pml {
@@ -64,14 +63,15 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                 } else {
                     fmt.write_protected(old)
                 };
-                if new == old {
-                    continue;
+                if new != old {
+                    mmu.set_spte_exclusive(as_id, &mut it, new);
                 }
-                let base = gfn.align_down(level);
-                let old = mmu.write_spte_exclusive(entry, old, new);
-                mmu.handle_changed_spte(as_id, base, old, new, level, LockMode::Exclusive);
-                flush = flush.merge(Flush::range(as_id, base, level.pages()));
+                if new != old || may_hide_stale_write(&fmt, old) {
+                    flush = flush.merge(Flush::range(as_id, it.gfn(), level.pages()));
+                }
+                it.next();
             }
+            drop(it);
             mmu.release_root(root);
         }
         flush
@@ -141,6 +141,8 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                     let new = fmt.write_protected(old);
                     if new != old {
                         mmu.set_spte_exclusive(slot.as_id, &mut it, new);
+                    }
+                    if new != old || may_hide_stale_write(&fmt, old) {
                         flush = flush.merge(Flush::range(slot.as_id, it.gfn(), level.pages()));
                     }
                 }
@@ -185,7 +187,7 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     fn could_be_huge(&self, slot: &Memslot, gfn: Gfn, level: Level) -> bool {
         let first = gfn.max(slot.base_gfn);
         slot.allows_huge(first, level)
-            && self.mmu.host.translate(slot, first, false).is_ok_and(|h| h.level >= level)
+            && self.mmu.host.mapping_level(slot, first).is_some_and(|host_level| host_level >= level)
     }
 
     /// Splits every huge leaf of slot `id` down to 4 KiB now, instead of at the first write (KVM's eager
@@ -298,6 +300,8 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
                 let old = self.write_spte_exclusive(entry, spte, new);
                 self.handle_changed_spte(as_id, gfn, old, new, Level::L2, LockMode::Exclusive);
                 *flush = flush.merge(Flush::range(as_id, gfn, l2_pages));
+            } else if spte.is_present() && spte.is_leaf(Level::L2) && may_hide_stale_write(&fmt, spte) {
+                *flush = flush.merge(Flush::range(as_id, gfn, l2_pages));
             }
         }
         let tables = &mut tables[..count];
@@ -337,6 +341,9 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         // writable entry, only when the bit is clear (KVM's `spte_needs_atomic_update`), and only lock
         // holders clear them: with both set (or without A/D bits) nothing but us writes the entry.
         let ready = MMU_PRESENT | fmt.accessed_mask() | fmt.dirty_mask() | clear;
+        // Access-tracked leaves (EPT without A/D) lost W to aging without a flush: a span holding one
+        // owes a flush although nothing in it changes (see `may_hide_stale_write`).
+        let look_at = clear | fmt.access_tracked_marker();
         let (spans, _) = self.host.table(table).as_chunks::<SPAN>();
         let mut changed = false;
         for (n, span) in spans.iter().enumerate() {
@@ -350,7 +357,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
                 changed = true;
                 continue;
             }
-            if or_all(span) & clear == 0 {
+            if or_all(span) & look_at == 0 {
                 // No entry has the bit: already protected (a second pass lands here), or not present.
                 continue;
             }
@@ -361,8 +368,8 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
                 if and_all(chunk) & ready == ready {
                     self.clear_ready(as_id, chunk, first, clear);
                     changed = true;
-                } else if or_all(chunk) & clear != 0 {
-                    // Some entry has the bit, but not every entry is ready.
+                } else if or_all(chunk) & look_at != 0 {
+                    // Some entry has the bit (or is access-tracked), but not every entry is ready.
                     changed |= self.protect_leaves_one_by_one(as_id, chunk, first, clear);
                 }
             }
@@ -405,6 +412,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             // Relaxed: see `protect_leaf_table`; the AND below covers hardware's updates.
             let old = entry.load(Ordering::Relaxed);
             if old & MMU_PRESENT == 0 || old & clear == 0 {
+                changed |= may_hide_stale_write(&fmt, Spte(old));
                 continue;
             }
             // Hardware sets A, or D on a writable entry, with a locked update when the bit is clear.
@@ -433,6 +441,55 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         self.fill_split_children(child, old, level);
         self.set_spte_exclusive(as_id, it, self.format().nonleaf(child));
         self.count_split(level);
+    }
+}
+
+/// Whether a present leaf that needs no change may still hide a writable translation in some TLB: an
+/// access-tracked, MMU-writable leaf lost W when aging tracked it, and aging owes no flush (KVM's rule).
+/// A dirty-logging pass that meets one owes its flush all the same, or a write through the stale entry
+/// would go unrecorded. (KVM flushes unconditionally after these passes, which covers the same case.)
+#[inline]
+fn may_hide_stale_write(fmt: &crate::spte::SpteFormat, spte: Spte) -> bool {
+    fmt.is_access_tracked(spte) && fmt.is_mmu_writable(spte)
+}
+
+/// The pages of a memslot that a re-protect mask names: gfns `[start, end)`, clipped to the slot.
+struct MaskWindow {
+    /// The gfn of mask bit 0 (it may lie outside the slot; only bits inside it count).
+    bit0: u64,
+    mask: u64,
+    start: Gfn,
+    end: Gfn,
+}
+
+impl MaskWindow {
+    /// The window of `mask` at `base_offset` in `slot`, or `None` when no bit names a page of the slot.
+    fn new(slot: &Memslot, base_offset: u64, mask: u64) -> Option<Self> {
+        if mask == 0 || base_offset >= slot.pages {
+            return None;
+        }
+        let first = base_offset + u64::from(mask.trailing_zeros());
+        let last = base_offset.saturating_add(63 - u64::from(mask.leading_zeros()));
+        let (first, end) = (first.min(slot.pages), last.saturating_add(1).min(slot.pages));
+        (first < end).then(|| MaskWindow {
+            bit0: slot.base_gfn.0 + base_offset,
+            mask,
+            start: Gfn(slot.base_gfn.0 + first),
+            end: Gfn(slot.base_gfn.0 + end),
+        })
+    }
+
+    /// Whether the mask names a page of the leaf at `level` mapping from `gfn` (inside the window).
+    fn names(&self, gfn: Gfn, level: Level) -> bool {
+        let lo = gfn.0.max(self.start.0);
+        let hi = (gfn.0 + level.pages()).min(self.end.0);
+        if lo >= hi {
+            return false;
+        }
+        // Bits lo - bit0 ..= hi - 1 - bit0, all within 0..64 since the window is.
+        let (from, to) = (lo - self.bit0, hi - 1 - self.bit0);
+        let upto = if to >= 63 { u64::MAX } else { (1u64 << (to + 1)) - 1 };
+        self.mask & upto & !((1u64 << from) - 1) != 0
     }
 }
 

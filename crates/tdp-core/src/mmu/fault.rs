@@ -1,5 +1,5 @@
-//! The page-fault handler (KVM's `kvm_tdp_mmu_page_fault` / `kvm_tdp_mmu_map`), under the read side of
-//! the MMU lock.
+//! The page-fault handler (KVM's `kvm_tdp_mmu_page_fault` / `kvm_tdp_mmu_map`): the host translation
+//! without the MMU lock, then the walk and the install under its read side.
 //!
 //! A fault maps the gfn at the largest level that the memslot's alignment, the host's own mapping level
 //! and the format allow (4 KiB in dirty-logged slots). On the way down it links missing tables and
@@ -12,8 +12,7 @@
 use crate::addr::{AsId, BITS_PER_LEVEL, Gfn, Level, Pfn};
 use crate::fault::{AccessKind, Fault, FaultKind};
 use crate::flush::Flush;
-use crate::host::{AllocError, DirtySink, DirtySource, Host, HostFaultError, Table};
-use crate::iter::TdpIter;
+use crate::host::{AllocError, DirtySink, DirtySource, Host, HostFaultError, HostPage};
 use crate::memslot::Memslot;
 use crate::spte::{LeafAttrs, LeafWrite, MMU_PRESENT, MemType, PFN_MASK, Spte, SpteCheckError, SpteFormat};
 use crate::sync::{AtomicU64, Ordering};
@@ -21,6 +20,8 @@ use crate::sync::{AtomicU64, Ordering};
 use super::cache::PageCache;
 use super::root::RootRef;
 use super::stats::Stats;
+use super::vcpu::VcpuMmu;
+use super::walk::GfnWalk;
 use super::{Mmu, SharedMmu};
 
 /// What a handled fault asks the vCPU to do next.
@@ -54,14 +55,6 @@ pub enum FaultError {
     /// Topping up the page cache failed; nothing changed.
     #[error("no table page for the fault: {0}")]
     Alloc(#[from] AllocError),
-    /// The cache holds fewer pages than a fault may need (the caller skipped the top-up); nothing changed.
-    #[error("the page cache holds {have} pages, a fault may need {need}")]
-    CacheTooSmall {
-        /// Pages in the cache.
-        have: usize,
-        /// Pages a fault may need.
-        need: usize,
-    },
     /// The host could not provide the page.
     #[error("host translation failed: {0}")]
     Host(#[from] HostFaultError),
@@ -81,9 +74,9 @@ pub enum FaultError {
 /// building the leaf on the fault path is one OR of the frame into a precomputed value (instead of
 /// reading a dozen masks from the format and branching on the attributes for every fault).
 ///
-/// A fault's leaves differ only in the frame, whether they are huge (the PS bit) and their
-/// [`LeafWrite`]; everything else is fixed: executable, write-back, accessed. Debug builds check every
-/// leaf built this way against [`SpteFormat::leaf`].
+/// A fault's leaves differ only in the frame, whether they are huge (the PS bit), their [`LeafWrite`]
+/// and their memory type; everything else is fixed: executable, accessed. The templates hold no memory
+/// type bits; the fault ORs in those of [`Mmu::memtype_bits`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct LeafTemplates {
     /// `bits[huge][write_index(write)]`: [`SpteFormat::leaf`] of frame 0.
@@ -123,175 +116,213 @@ impl LeafTemplates {
         // Every huge level carries the same bits (PS set); a format without huge pages never asks for
         // the huge row, which then repeats the 4 KiB one.
         let huge = fmt.max_leaf_level().min(Level::L2);
+        let no_memtype = !fmt.memtype_mask();
         LeafTemplates {
             bits: [Level::L1, huge]
-                .map(|level| LEAF_WRITES.map(|w| fmt.leaf(Pfn(0), level, fault_attrs(w)).0)),
+                .map(|level| LEAF_WRITES.map(|w| fmt.leaf(Pfn(0), level, fault_attrs(w)).0 & no_memtype)),
         }
     }
 
-    /// `fmt.leaf(pfn, level, fault_attrs(write))` for the format the templates were made for:
+    /// `fmt.leaf(pfn, level, fault_attrs(write))` for the format the templates were made for, with the
+    /// memory type bits `memtype` (from [`SpteFormat::memtype_bits`]) in place of write-back with IPAT:
     /// [`SpteFormat::leaf`] puts the frame in with `pfn.hpa() & PFN_MASK` and nothing else depends on it.
     ///
     /// Every template already holds [`MMU_PRESENT`] (a leaf is present); OR-ing it in again changes no
     /// bit but lets the compiler see that the leaf is present, so the install drops that test.
     #[inline]
-    fn leaf(&self, pfn: Pfn, level: Level, write: LeafWrite) -> Spte {
+    fn leaf(&self, pfn: Pfn, level: Level, write: LeafWrite, memtype: u64) -> Spte {
         let bits = self.bits[usize::from(level > Level::L1)][write_index(write)];
         debug_assert!(bits & MMU_PRESENT != 0, "a leaf template is present");
-        Spte(bits | MMU_PRESENT | (pfn.hpa() & PFN_MASK))
+        Spte(bits | memtype | MMU_PRESENT | (pfn.hpa() & PFN_MASK))
+    }
+}
+
+/// What a fault installs: `spte` at `level` on `gfn`'s path in `as_id`.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    as_id: AsId,
+    gfn: Gfn,
+    level: Level,
+    spte: Spte,
+}
+
+impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
+    /// The fault handler proper, for [`Mmu::handle_fault`] once the cache is topped up.
+    ///
+    /// Order, as in KVM's `kvm_tdp_mmu_page_fault`: the paths that need no host translation run first
+    /// under the read lock (an MMIO exit on a cached MMIO SPTE; the fast path on a write-protected or
+    /// access-tracked leaf). Then the memslot (from the vCPU's copy while the memslot generation is
+    /// unchanged, else looked up under the lock), the sequence count read, and the host translation
+    /// **without** the lock, so the host may block. Then the lock again: a memslot change or an
+    /// invalidation since the read sends the vCPU back ([`FaultOutcome::Retry`]); otherwise the walk
+    /// installs the leaf.
+    #[inline]
+    pub(super) fn fault(
+        &self,
+        vcpu: &mut VcpuMmu,
+        fault: Fault,
+        dirty: &mut dyn DirtySink,
+    ) -> Result<FaultOutcome, FaultError> {
+        let Some(root) = vcpu.root.as_ref() else {
+            return Ok(FaultOutcome::ReloadRoot);
+        };
+        if !root.is_valid() {
+            return Ok(FaultOutcome::ReloadRoot);
+        }
+        let as_id = root.as_id();
+        let gfn = fault.gpa.gfn();
+        // Beyond what the tables can map (`max_gfn`) a gfn has no memslot (every slot ends at or below
+        // it), and nothing may be cached for it: the access is emulated every time.
+        if gfn >= self.config.max_gfn() {
+            return Ok(FaultOutcome::Emulate(EmulateReason::Mmio));
+        }
+        let write = fault.access == AccessKind::Write;
+        if fault.kind == FaultKind::Misconfig || self.may_be_fast(fault) {
+            let shared = self.read();
+            if let Some(outcome) =
+                shared.fault_before_translation(root, &mut vcpu.slot.index, fault, dirty)?
+            {
+                return Ok(outcome);
+            }
+        }
+        let seq = self.invalidation.snapshot();
+        let generation = self.slots_generation.load(Ordering::Acquire);
+        let slot = match vcpu.slot.get(as_id, gfn, generation) {
+            Some(slot) => slot,
+            None => {
+                let shared = self.read();
+                let Some(slot) = shared.slots.find_hinted(as_id, gfn, &mut vcpu.slot.index).copied() else {
+                    return Ok(shared.no_slot_fault(&mut vcpu.cache, root, gfn));
+                };
+                vcpu.slot.copy = Some((slot, shared.slots.generation()));
+                slot
+            }
+        };
+        if write && !slot.is_writable() {
+            return Ok(FaultOutcome::Emulate(EmulateReason::ReadOnlySlot));
+        }
+        // Without the MMU lock: the host may block here (swap-in, copy-on-write). Invalidations that
+        // overlap this translation are caught below.
+        let host = self.host.translate(&slot, gfn, write)?;
+        if write && !host.writable {
+            return Err(HostFaultError::ReadOnly { gfn }.into());
+        }
+        let shared = self.read();
+        // Checked again under the lock: invalidation happens under the write lock, so a root valid now
+        // stays valid (and untouched by the zap of invalid roots) until this fault drops the lock.
+        if !root.is_valid() {
+            return Ok(FaultOutcome::ReloadRoot);
+        }
+        let Some((_, copied_at)) = vcpu.slot.copy else {
+            return Ok(FaultOutcome::Retry);
+        };
+        if shared.slots.generation() != copied_at || self.invalidation.must_retry(seq, gfn) {
+            return Ok(FaultOutcome::Retry);
+        }
+        Ok(shared.map_translated(&mut vcpu.cache, root, &slot, gfn, host, write, dirty))
+    }
+
+    /// Whether the fast path may fix `fault` (KVM's `page_fault_can_be_fast`): a write on a present
+    /// leaf (write-protected for dirty logging), or, without A/D bits, any violation, which may be an
+    /// access-tracked leaf.
+    #[inline]
+    fn may_be_fast(&self, fault: Fault) -> bool {
+        match fault.kind {
+            FaultKind::Violation { present } => {
+                (present && fault.access == AccessKind::Write) || !self.config.format.has_accessed_dirty()
+            }
+            FaultKind::Misconfig => false,
+        }
     }
 }
 
 impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
-    /// Handles `fault` taken by a vCPU running on `root`, allocating tables from `cache`.
-    ///
-    /// Flushes the TLBs itself when it replaces a table with a huge leaf; otherwise it only adds
-    /// permissions, which needs no flush.
-    ///
-    /// # Errors
-    /// [`FaultError`]; no SPTE is left half-changed by any of them.
-    #[inline]
-    pub fn page_fault(
+    /// The parts of a fault that need no host translation: an MMIO exit that hit a current MMIO SPTE,
+    /// and the fast path. `None` continues with the translation.
+    #[cold]
+    #[inline(never)]
+    fn fault_before_translation(
         &self,
-        cache: &mut PageCache,
         root: &RootRef,
+        slot_hint: &mut usize,
         fault: Fault,
         dirty: &mut dyn DirtySink,
-    ) -> Result<FaultOutcome, FaultError> {
-        let need = self.mmu.pages_per_fault() - 1;
-        if cache.len() < need {
-            return Err(FaultError::CacheTooSmall { have: cache.len(), need });
-        }
-        self.page_fault_counted(cache, root, fault, dirty)
-    }
-
-    /// [`SharedMmu::page_fault`] once the cache is known to hold the pages a fault may need.
-    #[inline]
-    fn page_fault_counted(
-        &self,
-        cache: &mut PageCache,
-        root: &RootRef,
-        fault: Fault,
-        dirty: &mut dyn DirtySink,
-    ) -> Result<FaultOutcome, FaultError> {
-        let outcome = self.page_fault_uncounted(cache, root, fault, dirty)?;
-        // Per-vCPU counters, as KVM's `vcpu->stat.pf_*`: no shared cache line on the fault path.
-        cache.counters.count(outcome);
-        Ok(outcome)
-    }
-
-    /// [`SharedMmu::page_fault`] once the cache is known to hold the pages a fault may need, without
-    /// counting the outcome in the cache's counters (the caller does, possibly after dropping the lock).
-    #[inline]
-    pub(super) fn page_fault_uncounted(
-        &self,
-        cache: &mut PageCache,
-        root: &RootRef,
-        fault: Fault,
-        dirty: &mut dyn DirtySink,
-    ) -> Result<FaultOutcome, FaultError> {
-        debug_assert!(cache.len() >= self.mmu.pages_per_fault() - 1, "the caller topped the cache up");
-        self.page_fault_inner(cache, root, fault, dirty)
-    }
-
-    /// The fault handler proper. The common case (a gfn in a memslot, a writable 4 KiB leaf) is written
-    /// straight through; the rare cases (no memslot, misconfiguration exits, other leaves) are calls out
-    /// of line, so that the common case stays one short function.
-    #[inline]
-    fn page_fault_inner(
-        &self,
-        cache: &mut PageCache,
-        root: &RootRef,
-        fault: Fault,
-        dirty: &mut dyn DirtySink,
-    ) -> Result<FaultOutcome, FaultError> {
-        let mmu = self.mmu;
+    ) -> Result<Option<FaultOutcome>, FaultError> {
         if !root.is_valid() {
-            return Ok(FaultOutcome::ReloadRoot);
+            return Ok(Some(FaultOutcome::ReloadRoot));
         }
         let gfn = fault.gpa.gfn();
-        // Beyond what the tables can map (`max_gfn`) a gfn has no memslot (every slot ends at or below
-        // it), and nothing may be cached for it: the access is emulated every time. Only the paths
-        // without a memslot need to check.
         if fault.kind == FaultKind::Misconfig {
-            if gfn >= self.slots.max_gfn() {
-                return Ok(FaultOutcome::Emulate(EmulateReason::Mmio));
-            }
-            if let Some(outcome) = self.mmio_fault(root, gfn)? {
-                return Ok(outcome);
-            }
+            return self.mmio_fault(root, gfn);
         }
-        let Some(slot) = self.slots.find_hinted(root.as_id(), gfn, &mut cache.slot_hint) else {
-            if gfn >= self.slots.max_gfn() {
-                return Ok(FaultOutcome::Emulate(EmulateReason::Mmio));
-            }
-            return Ok(self.no_slot_fault(cache, root, gfn));
+        let Some(slot) = self.slots.find_hinted(root.as_id(), gfn, slot_hint) else {
+            return Ok(None);
         };
-        debug_assert!(gfn < self.slots.max_gfn(), "a memslot reaches beyond the tables");
-        let write = fault.access == AccessKind::Write;
-        if write && !slot.is_writable() {
-            return Ok(FaultOutcome::Emulate(EmulateReason::ReadOnlySlot));
+        if fault.access == AccessKind::Write && !slot.is_writable() {
+            return Ok(Some(FaultOutcome::Emulate(EmulateReason::ReadOnlySlot)));
         }
-        if write
-            && fault.kind == (FaultKind::Violation { present: true })
-            && let Some(outcome) = self.fast_write_fault(root, slot, gfn, dirty)
-        {
-            return Ok(outcome);
-        }
+        Ok(self.fast_fault(root, slot, gfn, fault.access, dirty))
+    }
+
+    /// Installs the leaf for a translated fault: the common case (a writable 4 KiB leaf) straight
+    /// through, the rest out of line.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn map_translated(
+        &self,
+        cache: &mut PageCache,
+        root: &RootRef,
+        slot: &Memslot,
+        gfn: Gfn,
+        host: HostPage,
+        write: bool,
+        dirty: &mut dyn DirtySink,
+    ) -> FaultOutcome {
+        let mmu = self.mmu;
         // Keeps every table the walk below can reach allocated until the fault returns.
         let _walk = mmu.host.begin_walk();
-        // The walk goes first: its loads are one dependent chain (entry, child table, entry, ...), and
-        // started before the host translation and the leaf below the processor overlaps the two. Only
-        // the tables matter here; every entry that is changed is read again where it is changed.
-        let (table, shift) = self.descend(root, gfn);
-        let host = mmu.host.translate(slot, gfn, write)?;
-        if write && !host.writable {
-            return Err(HostFaultError::ReadOnly { gfn }.into());
-        }
+        let walk = mmu.walk_gfn(root.pfn(), gfn);
         let logged = slot.is_dirty_logged();
         let writable = slot.is_writable() && host.writable && (write || !logged);
+        let memtype = mmu.memtype_bits(host.memory);
         let (outcome, leaf_write) = if writable && (logged || host.level == Level::L1) {
             // The common case, written out for the compiler: a writable 4 KiB leaf (the goal level is
             // L1 in a logged slot or when the host maps 4 KiB; see `goal_level`).
-            let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, LeafWrite::Writable);
+            let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype);
             debug_assert_eq!(self.goal_level(slot, gfn, host.pfn, host.level), Level::L1);
-            debug_assert_eq!(leaf, mmu.format().leaf(host.pfn, Level::L1, fault_attrs(LeafWrite::Writable)));
-            (self.map_from(cache, root.as_id(), table, shift, gfn, Level::L1, leaf), LeafWrite::Writable)
+            let target = Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf };
+            (self.map_from(cache, walk, target), LeafWrite::Writable)
         } else {
             let level = self.goal_level(slot, gfn, host.pfn, host.level);
             let leaf_write =
                 if writable { LeafWrite::Writable } else { self.leaf_write_otherwise(slot, host.writable) };
             let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
-            let leaf = mmu.leaf_templates.leaf(pfn, level, leaf_write);
-            debug_assert_eq!(leaf, mmu.format().leaf(pfn, level, fault_attrs(leaf_write)));
-            (self.map_other(cache, root, table, shift, gfn, level, leaf), leaf_write)
+            let leaf = mmu.leaf_templates.leaf(pfn, level, leaf_write, memtype);
+            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf };
+            (self.map_other(cache, root, walk, target), leaf_write)
         };
         if logged && leaf_write == LeafWrite::Writable && outcome == FaultOutcome::Fixed {
             dirty.mark_dirty(slot, gfn, DirtySource::Fault);
         }
-        Ok(outcome)
+        outcome
     }
 
     /// [`SharedMmu::map_from`] for the leaves of the less common faults (huge, read-only, write-protected,
-    /// clean), from the table the descent reached or, when the goal lies above it (a huge leaf is to
-    /// replace a table the descent went through), from the root.
-    #[allow(clippy::too_many_arguments)]
+    /// clean), from the table the walk reached or, when the goal lies above it (a huge leaf is to replace
+    /// a table the walk went through), from the root.
     #[inline(never)]
     fn map_other(
         &self,
         cache: &mut PageCache,
         root: &RootRef,
-        table: &'a Table,
-        shift: u32,
-        gfn: Gfn,
-        level: Level,
-        leaf: Spte,
+        walk: GfnWalk<'a>,
+        target: Target,
     ) -> FaultOutcome {
-        if level.shift_in_frames() <= shift {
-            self.map_from(cache, root.as_id(), table, shift, gfn, level, leaf)
+        if target.level.shift_in_frames() <= walk.shift {
+            self.map_from(cache, walk, target)
         } else {
-            let root_table = self.mmu.host.table(root.pfn());
-            self.map_from(cache, root.as_id(), root_table, self.root_shift(), gfn, level, leaf)
+            let root_walk = GfnWalk { table: self.mmu.host.table(root.pfn()), shift: self.root_shift() };
+            self.map_from(cache, root_walk, target)
         }
     }
 
@@ -315,36 +346,19 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         self.mmu.config.root_level.shift_in_frames()
     }
 
-    /// Follows the tables already linked on `gfn`'s path from `root`: returns the deepest one and its
-    /// level as an index shift (0 for level 1), the walk stopping at level 1 or at the first entry that
-    /// is not a table (non-present, frozen or a huge leaf). Reads only; the caller holds a walk guard.
-    #[inline(always)]
-    fn descend(&self, root: &RootRef, gfn: Gfn) -> (&'a Table, u32) {
-        let host: &'a H = &self.mmu.host;
-        let mut table = host.table(root.pfn());
-        let mut shift = self.root_shift();
-        while shift > 0 {
-            // Acquire pairs with the Release of the compare-exchange that linked a child table here.
-            let spte = Spte(table[((gfn.0 >> shift) & 0x1ff) as usize].load(Ordering::Acquire));
-            if !spte.is_present() || spte.is_large() {
-                break;
-            }
-            table = host.table(spte.pfn());
-            shift -= BITS_PER_LEVEL;
-        }
-        (table, shift)
-    }
-
     /// A fault on a gfn no memslot covers: install an MMIO SPTE tagged with the memslot generation (if
     /// the format caches MMIO) and hand the access to the VMM.
     #[cold]
     #[inline(never)]
     fn no_slot_fault(&self, cache: &mut PageCache, root: &RootRef, gfn: Gfn) -> FaultOutcome {
         let mmu = self.mmu;
+        if !root.is_valid() {
+            return FaultOutcome::ReloadRoot;
+        }
         let Some(mmio) = mmu.format().mmio(gfn, self.slots.generation()) else {
             return FaultOutcome::Emulate(EmulateReason::Mmio);
         };
-        match self.map(cache, root, gfn, Level::L1, mmio) {
+        match self.map(cache, root, Target { as_id: root.as_id(), gfn, level: Level::L1, spte: mmio }) {
             FaultOutcome::Fixed => {
                 Stats::bump(&mmu.stats.mmio_sptes_created);
                 FaultOutcome::Emulate(EmulateReason::Mmio)
@@ -384,56 +398,44 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     fn mmio_fault(&self, root: &RootRef, gfn: Gfn) -> Result<Option<FaultOutcome>, FaultError> {
         let mmu = self.mmu;
         let fmt = mmu.format();
-        let mut it =
-            TdpIter::new(&mmu.host, fmt, root.pfn(), mmu.config.root_level, Level::L1, gfn, Gfn(gfn.0 + 1));
-        while it.valid() {
-            let spte = it.old_spte;
-            if fmt.is_mmio(spte) {
-                if fmt.mmio_generation_matches(spte, self.slots.generation()) && fmt.mmio_gfn(spte) == gfn {
-                    return Ok(Some(FaultOutcome::Emulate(EmulateReason::Mmio)));
-                }
-                return Ok(None);
+        let _walk = mmu.host.begin_walk();
+        let (_, level, spte) = mmu.walk_gfn(root.pfn(), gfn).leaf(gfn);
+        if fmt.is_mmio(spte) {
+            if fmt.mmio_generation_matches(spte, self.slots.generation()) && fmt.mmio_gfn(spte) == gfn {
+                return Ok(Some(FaultOutcome::Emulate(EmulateReason::Mmio)));
             }
-            if let Err(cause) = fmt.check(spte, it.level()) {
-                return Err(FaultError::Misconfig { gfn, spte, cause });
-            }
-            it.next();
+            return Ok(None);
+        }
+        if let Err(cause) = fmt.check(spte, level) {
+            return Err(FaultError::Misconfig { gfn, spte, cause });
         }
         // The MMIO SPTE went away after the exit (zapped or replaced): just re-execute.
         Ok(Some(FaultOutcome::Retry))
     }
 
-    /// Walks from `root` to `goal` for `gfn`, linking or splitting tables, and installs `new` there
-    /// (KVM's `kvm_tdp_mmu_map`). See [`SharedMmu::map_from`].
-    fn map(&self, cache: &mut PageCache, root: &RootRef, gfn: Gfn, goal: Level, new: Spte) -> FaultOutcome {
+    /// Walks from `root` down to `target`'s level, linking or splitting tables, and installs its SPTE
+    /// there (KVM's `kvm_tdp_mmu_map`). See [`SharedMmu::map_from`].
+    fn map(&self, cache: &mut PageCache, root: &RootRef, target: Target) -> FaultOutcome {
         let mmu = self.mmu;
         // Keeps every table this walk can reach allocated until it returns.
         let _walk = mmu.host.begin_walk();
-        self.map_from(cache, root.as_id(), mmu.host.table(root.pfn()), self.root_shift(), gfn, goal, new)
+        let from_root = GfnWalk { table: mmu.host.table(root.pfn()), shift: self.root_shift() };
+        self.map_from(cache, from_root, target)
     }
 
-    /// Walks from `table` (on `gfn`'s path, at the level whose index shift is `shift`, at or above
-    /// `goal`) down to `goal`, linking or splitting tables, and installs `new` there. The caller holds a
-    /// walk guard.
+    /// Walks from `walk`'s table (on the target gfn's path, at or above the target level) down to the
+    /// target level, linking or splitting tables, and installs the target SPTE there. The caller holds
+    /// a walk guard.
     ///
-    /// A single-gfn walk needs none of the range iterator's machinery, so it is written flat: one load
-    /// per level, one compare-exchange per change. The loop counts levels by their index shift (9 bits a
-    /// level), which is all a step down needs; linking and splitting are out of line, since a fault
-    /// needs them for at most a few of its levels and most faults for none.
-    #[allow(clippy::too_many_arguments)]
+    /// It continues the single-gfn walk of [`Mmu::walk_gfn`] (one load per level, one compare-exchange
+    /// per change); linking and splitting are out of line, since a fault needs them for at most a few
+    /// of its levels and most faults for none.
     #[inline(always)]
-    fn map_from(
-        &self,
-        cache: &mut PageCache,
-        as_id: AsId,
-        mut table: &'a Table,
-        mut shift: u32,
-        gfn: Gfn,
-        goal: Level,
-        new: Spte,
-    ) -> FaultOutcome {
+    fn map_from(&self, cache: &mut PageCache, walk: GfnWalk<'a>, target: Target) -> FaultOutcome {
         let mmu = self.mmu;
+        let Target { as_id, gfn, level: goal, spte: new } = target;
         let goal_shift = goal.shift_in_frames();
+        let (mut table, mut shift) = (walk.table, walk.shift);
         debug_assert!(goal_shift <= shift, "the walk starts at or above its goal");
         loop {
             let entry = &table[((gfn.0 >> shift) & 0x1ff) as usize];
@@ -552,8 +554,6 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
 impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
     /// The leaf currently mapping `gfn` in `root` and its level, if any (for checkers and tests).
     pub fn lookup(&self, root: &RootRef, gfn: Gfn) -> Option<(Spte, Level)> {
-        let _walk = self.host.begin_walk();
-        let (_, level, spte) = self.walk_to_leaf(root.pfn(), gfn);
-        (spte.is_present() && spte.is_leaf(level)).then_some((spte, level))
+        self.lookup_pfn(root.pfn(), gfn)
     }
 }

@@ -10,19 +10,28 @@
 //! from a tree are frozen entry by entry and freed deferred: `spte_ops`), I3 (every operation that can
 //! leave a stale translation flushes or returns a [`Flush`]).
 
+mod age;
 mod cache;
 mod dirty_log;
 mod fast_path;
 mod fault;
+mod invalidate;
+mod memtype;
+mod prefault;
 mod root;
 mod spte_ops;
 mod stats;
+mod vcpu;
+mod walk;
 mod zap;
 
 pub use cache::{FaultCounters, PAGE_CACHE_CAPACITY, PageCache};
 pub use fault::{EmulateReason, FaultError, FaultOutcome};
+pub use invalidate::InvalidateError;
+pub use prefault::PreFaultError;
 pub use root::{RootInfo, RootRef};
 pub use stats::MmuStats;
+pub use vcpu::VcpuMmu;
 
 use alloc::vec::Vec;
 
@@ -34,7 +43,9 @@ use crate::flush::Flush;
 use crate::host::{AllocError, Host};
 use crate::memslot::{Memslot, MemslotSet, SlotError, SlotFlags};
 use crate::spte::SpteFormat;
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
+use invalidate::Invalidation;
 use root::RootList;
 use stats::Stats;
 
@@ -90,7 +101,7 @@ pub enum ConfigError {
 /// use tdp_core::addr::{AsId, Gfn, Gpa, SlotId};
 /// use tdp_core::fault::{AccessKind, Fault, FaultKind};
 /// use tdp_core::memslot::{Memslot, SlotFlags};
-/// use tdp_core::mmu::{FaultOutcome, Mmu, MmuConfig, PageCache};
+/// use tdp_core::mmu::{FaultOutcome, Mmu, MmuConfig, VcpuMmu};
 /// use tdp_mock::{HostConfig, MockHost};
 ///
 /// let host = MockHost::new(HostConfig::default());
@@ -98,15 +109,14 @@ pub enum ConfigError {
 /// let mmu: Mmu<MockHost> = Mmu::new(host, MmuConfig::EPT).unwrap();
 /// mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(0), Gfn(0), 512, ram, SlotFlags::empty()))?;
 ///
-/// let mut cache = PageCache::new();
-/// let root = mmu.load_root(&mut cache, AsId(0)).unwrap();
+/// let mut vcpu = VcpuMmu::new();
+/// mmu.load_root(&mut vcpu, AsId(0)).unwrap();
 /// let fault = Fault { as_id: AsId(0), gpa: Gpa(0x3000), access: AccessKind::Write,
 ///                     kind: FaultKind::Violation { present: false } };
-/// assert_eq!(mmu.handle_fault(&mut cache, &root, fault, &mut ()), Ok(FaultOutcome::Fixed));
-/// assert_eq!(mmu.handle_fault(&mut cache, &root, fault, &mut ()), Ok(FaultOutcome::Spurious));
+/// assert_eq!(mmu.handle_fault(&mut vcpu, fault, &mut ()), Ok(FaultOutcome::Fixed));
+/// assert_eq!(mmu.handle_fault(&mut vcpu, fault, &mut ()), Ok(FaultOutcome::Spurious));
 /// assert_eq!(mmu.stats().leaves[1], 1, "one 2 MiB leaf: the slot is 2 MiB-aligned and the host maps it so");
-/// mmu.put_root(root);
-/// cache.release(mmu.host());
+/// mmu.release_vcpu(&mut vcpu);
 /// # Ok::<(), tdp_core::memslot::SlotError>(())
 /// ```
 pub struct Mmu<H: Host, R: RawRwLock = spin::RwLock<()>> {
@@ -117,6 +127,14 @@ pub struct Mmu<H: Host, R: RawRwLock = spin::RwLock<()>> {
     stats: Stats,
     /// The fault path's leaf values, precomputed from `config.format`.
     leaf_templates: fault::LeafTemplates,
+    /// MMU-notifier invalidations: sequence count, depth and range.
+    invalidation: Invalidation,
+    /// The memslot generation, mirrored outside the lock so that a fault can tell whether its vCPU's
+    /// copy of a memslot is current without taking the lock (checked again under it). Written under
+    /// the write lock after every memslot change.
+    slots_generation: AtomicU64,
+    /// The VM has a device doing non-coherent DMA: leaves then honour the guest's PAT (no EPT IPAT).
+    noncoherent_dma: AtomicBool,
 }
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
@@ -141,6 +159,9 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             roots: RootList::new(),
             stats: Stats::new(),
             leaf_templates: fault::LeafTemplates::new(&config.format),
+            invalidation: Invalidation::new(),
+            slots_generation: AtomicU64::new(0),
+            noncoherent_dma: AtomicBool::new(false),
         })
     }
 
@@ -157,7 +178,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         &self.config.format
     }
     /// Counters: leaves per level, linked tables, splits, MMIO SPTEs. Fault outcomes are counted per vCPU
-    /// in [`PageCache::counters`].
+    /// in [`VcpuMmu::counters`].
     pub fn stats(&self) -> MmuStats {
         self.stats.snapshot()
     }
@@ -184,19 +205,29 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         cache.topup(&self.host, self.config.format.nonpresent(), self.pages_per_fault())
     }
 
-    /// The vCPU's root for `as_id`: an existing valid root, or a new one built from `cache`. Tops up
-    /// `cache` first. The reference must be returned with [`Mmu::put_root`].
+    /// Gives `vcpu` a root for `as_id`: an existing valid root, or a new one built from its page cache
+    /// (topped up first). A root the vCPU held before is put first. Returns the root's frame, for the
+    /// EPTP / nCR3. The vCPU keeps a reference until [`Mmu::put_root`] or [`Mmu::release_vcpu`].
     ///
     /// # Errors
-    /// [`AllocError`] when a new root is needed and no page can be had.
-    pub fn load_root(&self, cache: &mut PageCache, as_id: AsId) -> Result<RootRef, AllocError> {
-        self.topup(cache)?;
+    /// [`AllocError`] when a new root is needed and no page can be had; the vCPU then has no root.
+    pub fn load_root(&self, vcpu: &mut VcpuMmu, as_id: AsId) -> Result<crate::addr::Pfn, AllocError> {
+        self.put_root(vcpu);
+        self.topup(&mut vcpu.cache)?;
         let _shared = self.lock.read();
-        self.roots.get_or_create(as_id, || cache.take().ok_or(AllocError))
+        let cache = &mut vcpu.cache;
+        let root = self.roots.get_or_create(as_id, || cache.take().ok_or(AllocError))?;
+        let pfn = root.pfn();
+        vcpu.root = Some(root);
+        Ok(pfn)
     }
 
-    /// Drops a vCPU's reference to a root. The last reference to an invalidated, zapped root frees it.
-    pub fn put_root(&self, root: RootRef) {
+    /// Drops `vcpu`'s reference to its root, if it has one. The last reference to an invalidated,
+    /// zapped root frees it.
+    pub fn put_root(&self, vcpu: &mut VcpuMmu) {
+        let Some(root) = vcpu.root.take() else {
+            return;
+        };
         if let Some(pfn) = self.roots.put(root) {
             // No vCPU uses the root any more and its tree was zapped when it was invalidated; hardware
             // may still walk it until the vCPUs' next flush, which the deferral covers.
@@ -204,31 +235,45 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         }
     }
 
+    /// Gives back everything `vcpu` holds: its root reference and the pages of its cache. The vCPU may
+    /// load a root and fault again afterwards.
+    pub fn release_vcpu(&self, vcpu: &mut VcpuMmu) {
+        self.put_root(vcpu);
+        vcpu.cache.release(&self.host);
+    }
+
     /// Whether `root` is still valid; an invalid root must be put and reloaded.
     pub fn root_is_valid(&self, root: &RootRef) -> bool {
         root.is_valid()
     }
 
-    /// Tops up `cache`, takes the lock for read and handles `fault` (see [`SharedMmu::page_fault`]).
+    /// Handles a TDP fault (EPT violation or misconfiguration, AMD #NPF) taken by `vcpu`: the one fault
+    /// entry point. Tops up the vCPU's page cache, translates the gfn through the host **without** the
+    /// MMU lock (the host may block), then takes the lock for read and maps it, or retries when a
+    /// memslot change or an MMU-notifier invalidation overlapped the translation (see
+    /// [`ExclusiveMmu::invalidate_range_start`]). The outcome is counted in [`VcpuMmu::counters`].
+    ///
+    /// Flushes the TLBs itself when it replaces a table with a huge leaf; otherwise it only adds
+    /// permissions, which needs no flush.
     ///
     /// # Errors
-    /// As [`SharedMmu::page_fault`], plus [`FaultError::Alloc`] when the top-up fails (nothing changed).
+    /// [`FaultError`]: the top-up failed ([`FaultError::Alloc`], nothing changed), the host could not
+    /// provide the page, or a misconfiguration on an SPTE the MMU did not make. No SPTE is left
+    /// half-changed by any of them.
     // Inlined into the caller's exit loop: as a call, every fault paid a frame of six saved registers, the
     // `Result` written through memory and read back, and spills around the call (~25 of ~220 instructions
     // of a 4 KiB fault). The rare paths stay out of line, so the copy in each caller is one short body.
     #[inline]
     pub fn handle_fault(
         &self,
-        cache: &mut PageCache,
-        root: &RootRef,
+        vcpu: &mut VcpuMmu,
         fault: crate::fault::Fault,
         dirty: &mut dyn crate::host::DirtySink,
     ) -> Result<FaultOutcome, FaultError> {
-        self.topup(cache)?;
-        // The top-up left at least `pages_per_fault` pages, more than a fault may take. The lock is
-        // dropped at the end of this statement: the per-vCPU counting below needs no lock.
-        let outcome = self.read().page_fault_uncounted(cache, root, fault, dirty)?;
-        cache.counters.count(outcome);
+        self.topup(&mut vcpu.cache)?;
+        // The top-up left at least `pages_per_fault` pages, more than a fault may take.
+        let outcome = self.fault(vcpu, fault, dirty)?;
+        vcpu.counters.count(outcome);
         Ok(outcome)
     }
 
@@ -328,6 +373,8 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     /// again; here every root is invalidated and the TLBs flushed. The old trees are freed by the next
     /// [`SharedMmu::zap_invalidated_roots`], which the caller runs (see [`ExclusiveMmu::invalidate_roots`]).
     fn after_generation_bump(&mut self) {
+        // Release: a fault that reads the new generation outside the lock drops its memslot copy.
+        self.mmu.slots_generation.store(self.slots.generation(), Ordering::Release);
         let mask = (1u64 << crate::spte::MMIO_GEN_BITS) - 1;
         if self.slots.generation() & mask == 0 {
             self.invalidate_roots(None).run(&self.mmu.host);

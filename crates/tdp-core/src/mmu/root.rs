@@ -136,6 +136,19 @@ impl RootList {
             .collect()
     }
 
+    /// The valid roots of `as_id`, each with a reference taken, as [`RootList::acquire_all`].
+    pub(super) fn acquire_valid(&self, as_id: AsId) -> Vec<(Pfn, AsId)> {
+        let mut entries = self.entries.lock();
+        entries
+            .iter_mut()
+            .filter(|e| e.info.as_id == as_id && e.info.valid)
+            .map(|e| {
+                e.info.refcount += 1;
+                (e.info.pfn, e.info.as_id)
+            })
+            .collect()
+    }
+
     /// One invalid root whose list reference is still held, with that reference handed to the caller,
     /// who zaps the tree and then calls [`RootList::release`].
     pub(super) fn take_invalid(&self) -> Option<(Pfn, AsId)> {

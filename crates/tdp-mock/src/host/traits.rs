@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 
 use tdp_core::addr::{AsId, Gfn, Level, PAGE_SHIFT, Pfn};
 use tdp_core::host::{
-    AllocError, HostFaultError, HostPage, HostTranslate, MmuEvents, MmuYield, Table, TableMemory, TlbFlush,
+    AllocError, HostFaultError, HostMemory, HostPage, HostTranslate, MmuEvents, MmuYield, Table, TableMemory,
+    TlbFlush,
 };
 use tdp_core::memslot::Memslot;
 use tdp_core::spte::Spte;
@@ -58,7 +59,7 @@ impl HostTranslate for MockHost {
         }
         let pfn = Pfn(slot.host_addr(gfn) >> PAGE_SHIFT);
         let level = self.host_level(pfn).ok_or(HostFaultError::NoPage { gfn })?;
-        Ok(HostPage { pfn, writable: !self.is_host_readonly(pfn), level })
+        Ok(HostPage { pfn, writable: !self.is_host_readonly(pfn), level, memory: HostMemory::Ram })
     }
 }
 

@@ -151,7 +151,7 @@ pub fn run(model: &str, mode: Mode, broken: bool) -> Result<MockRun, String> {
         seen.guest_error = Some(e);
     }
     seen.pml_full_exits = vcpu.pml().map_or(0, |p| p.stats().full_exits);
-    let counters = vcpu.cache().counters;
+    let counters = vcpu.mmu_state().counters;
     seen.ept_violations = counters.fixed + counters.spurious + counters.retried + counters.emulated;
     let flushes = m.host().flush_stats();
     seen.flushes = flushes.all + flushes.range;

@@ -11,7 +11,7 @@ use tdp_core::addr::{AsId, Gfn, Level, Pfn, SlotId};
 use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, PML_ENTRIES, RingConfig};
 use tdp_core::host::{HostFaultError, HostTranslate, TableMemory, TlbFlush};
 use tdp_core::memslot::{Memslot, SlotFlags};
-use tdp_core::mmu::{FaultOutcome, Mmu, PageCache};
+use tdp_core::mmu::{FaultOutcome, Mmu, VcpuMmu};
 use tdp_core::spte::Spte;
 use tdp_core::sync::Ordering;
 
@@ -205,9 +205,9 @@ fn mmu_on_bare_metal_host_fault_to_spte_to_invept_and_pml_to_ring() {
     let mmu: Mmu<_> = Mmu::new(host, config).unwrap();
     let data = Memslot::new(AsId(0), SlotId(1), Gfn(0x200), 0x200, 0x140_0000, SlotFlags::empty());
     mmu.write().insert_memslot(data).unwrap();
-    let mut cache = PageCache::new();
-    let root = mmu.load_root(&mut cache, AsId(0)).unwrap();
-    let eptp = Eptp::new(&ept, &config, root.pfn()).unwrap();
+    let mut vcpu = VcpuMmu::new();
+    let root = mmu.load_root(&mut vcpu, AsId(0)).unwrap();
+    let eptp = Eptp::new(&ept, &config, root).unwrap();
     mmu.host().tlb.load_eptp(eptp);
     vmx.set_field(VmcsField::EPT_POINTER, eptp.raw());
 
@@ -217,11 +217,11 @@ fn mmu_on_bare_metal_host_fault_to_spte_to_invept_and_pml_to_ring() {
     let ring_mem: Vec<DirtyGfn> = (0..1024).map(|_| DirtyGfn::zeroed()).collect();
     let cfg = RingConfig::new(1024, PML_ENTRIES).unwrap();
     let mut sink = RingSink::new(DirtyRingProducer::new(&ring_mem, cfg).unwrap()).unwrap();
-    assert_eq!(mmu.handle_fault(&mut cache, &root, v.fault, &mut sink), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.handle_fault(&mut vcpu, v.fault, &mut sink), Ok(FaultOutcome::Fixed));
     // The slot is 2 MiB-aligned in both spaces and in RAM: one 2 MiB leaf to host frame 0x1400.
-    let (leaf, level) = walk(&mmu.host().frames, root.pfn(), Gfn(0x203)).unwrap();
+    let (leaf, level) = walk(&mmu.host().frames, root, Gfn(0x203)).unwrap();
     assert_eq!((leaf.pfn(), level, leaf.is_writable()), (Pfn(0x1400), Level::L2, true));
-    assert!(mmu.host().frames.region().contains(root.pfn()));
+    assert!(mmu.host().frames.region().contains(root));
     assert_eq!(vmx.take_ops(), [], "installing a mapping needs no flush");
 
     // Dirty logging on: the core write-protects the huge leaf and asks for a flush: INVEPT of our EPTP.
@@ -233,9 +233,9 @@ fn mmu_on_bare_metal_host_fault_to_spte_to_invept_and_pml_to_ring() {
     // A write now faults again (write-protected) and is split to a 4 KiB leaf, marked in the ring.
     vmx.set_exit_ept_violation(0x182 | 0x8 | 0x20, 0x20_3008, 0x4000_3008);
     let VmExit::EptViolation(v) = read_exit(&vmx, AsId(0)).unwrap() else { panic!("not an EPT violation") };
-    let outcome = mmu.handle_fault(&mut cache, &root, v.fault, &mut sink).unwrap();
+    let outcome = mmu.handle_fault(&mut vcpu, v.fault, &mut sink).unwrap();
     assert_eq!(outcome, FaultOutcome::Fixed);
-    let (leaf, level) = walk(&mmu.host().frames, root.pfn(), Gfn(0x203)).unwrap();
+    let (leaf, level) = walk(&mmu.host().frames, root, Gfn(0x203)).unwrap();
     assert_eq!((leaf.pfn(), level), (Pfn(0x1403), Level::L1));
     // Whatever the split needed flushed went through INVEPT of the same EPTP.
     assert!(vmx.take_ops().iter().all(|op| *op == single));
@@ -259,11 +259,10 @@ fn mmu_on_bare_metal_host_fault_to_spte_to_invept_and_pml_to_ring() {
     let flush = mmu.write().delete_memslot(AsId(0), SlotId(1)).unwrap();
     flush.run(mmu.host());
     assert!(vmx.take_ops().contains(&single));
-    assert_eq!(walk(&mmu.host().frames, root.pfn(), Gfn(0x203)), None);
+    assert_eq!(walk(&mmu.host().frames, root, Gfn(0x203)), None);
     let tlb = mmu.host().tlb.stats();
     assert_eq!((tlb.errors, tlb.uncovered, tlb.all_context), (0, 0, 0));
     assert!(tlb.single_context >= 2);
-    mmu.put_root(root);
-    cache.release(mmu.host());
+    mmu.release_vcpu(&mut vcpu);
     drop(mmu);
 }

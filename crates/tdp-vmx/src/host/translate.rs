@@ -78,6 +78,11 @@ impl HostTranslate for IdentityTranslate<'_> {
                 level = candidate;
             }
         }
-        Ok(HostPage { pfn: Pfn(hpa >> PAGE_SHIFT), writable: true, level })
+        Ok(HostPage {
+            pfn: Pfn(hpa >> PAGE_SHIFT),
+            writable: true,
+            level,
+            memory: tdp_core::host::HostMemory::Ram,
+        })
     }
 }

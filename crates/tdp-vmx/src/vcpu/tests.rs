@@ -8,7 +8,7 @@ use tdp_core::addr::{AsId, Gfn, Gpa, Level, SlotId};
 use tdp_core::fault::AccessKind;
 use tdp_core::host::DirtySink;
 use tdp_core::memslot::{Memslot, SlotFlags};
-use tdp_core::mmu::{EmulateReason, Mmu, MmuConfig, PageCache, RootRef};
+use tdp_core::mmu::{EmulateReason, Mmu, MmuConfig, RootRef, VcpuMmu};
 
 use super::*;
 use crate::caps::{EptFeatures, VmxCapabilities};
@@ -63,26 +63,31 @@ struct Rig<'a> {
     mmu: TestMmu<'a>,
     ept: EptFeatures,
     config: MmuConfig,
-    cache: PageCache,
+    vcpu: VcpuMmu,
     marks: Marks,
 }
 
 impl Rig<'_> {
     /// [`handle_exit`] for the exit the fake CPU holds now, with the rig's cache and marks.
-    fn exit(&mut self, root: &RootRef, pml: Option<&mut Pml<'_>>) -> Result<ExitReport, HandleError> {
-        handle_exit(self.vmx, &self.mmu, &mut self.cache, root, pml, &mut self.marks)
+    fn exit(&mut self, pml: Option<&mut Pml<'_>>) -> Result<ExitReport, HandleError> {
+        handle_exit(self.vmx, &self.mmu, &mut self.vcpu, pml, &mut self.marks)
     }
 
     /// [`install_root`] with the rig's EPT features and configuration.
-    fn install(&self, root: &RootRef) -> Result<Eptp, RootError> {
-        install_root(self.vmx, &self.mmu.host().tlb, &self.ept, &self.config, root)
+    fn install(&self) -> Result<Eptp, RootError> {
+        install_root(self.vmx, &self.mmu.host().tlb, &self.ept, &self.config, self.root())
+    }
+
+    /// The vCPU's root.
+    fn root(&self) -> &RootRef {
+        self.vcpu.root().expect("with_loaded_root loaded a root")
     }
 }
 
-/// Runs `test` on a fresh [`Rig`] with the root of address space 0 loaded. `test` gives back the root it
-/// holds at the end (a test may reload it); that root is put and the cache released, so every test also
+/// Runs `test` on a fresh [`Rig`] with the root of address space 0 loaded. The vCPU's root at the end
+/// (a test may reload it) is put and the cache released, so every test also
 /// ends with the teardown a hypervisor does.
-fn with_loaded_root(config: MmuConfig, test: impl FnOnce(&mut Rig<'_>, RootRef) -> RootRef) {
+fn with_loaded_root(config: MmuConfig, test: impl FnOnce(&mut Rig<'_>)) {
     let vmx = vmx();
     let mut pages: Vec<TablePage> = (0..32).map(|_| TablePage::new()).collect();
     let mut rig = Rig {
@@ -90,20 +95,19 @@ fn with_loaded_root(config: MmuConfig, test: impl FnOnce(&mut Rig<'_>, RootRef) 
         mmu: mmu(&vmx, &mut pages, config),
         ept: VmxCapabilities::read(&vmx).ept_features().unwrap(),
         config,
-        cache: PageCache::new(),
+        vcpu: VcpuMmu::new(),
         marks: Marks::default(),
     };
-    let root = rig.mmu.load_root(&mut rig.cache, AsId(0)).unwrap();
-    let root = test(&mut rig, root);
-    rig.mmu.put_root(root);
-    rig.cache.release(rig.mmu.host());
+    rig.mmu.load_root(&mut rig.vcpu, AsId(0)).unwrap();
+    test(&mut rig);
+    rig.mmu.release_vcpu(&mut rig.vcpu);
 }
 
 #[test]
 fn i1_mmio_is_emulated_first_as_a_violation_then_as_a_misconfiguration() {
-    with_loaded_root(MmuConfig::EPT, |rig, root| {
+    with_loaded_root(MmuConfig::EPT, |rig| {
         rig.vmx.set_exit_ept_violation(0x181, 0x80_0010, 0);
-        let r = rig.exit(&root, None).unwrap();
+        let r = rig.exit(None).unwrap();
         let mmio = ExitAction::Emulate {
             gpa: Gpa(0x80_0010),
             access: AccessKind::Read,
@@ -112,13 +116,13 @@ fn i1_mmio_is_emulated_first_as_a_violation_then_as_a_misconfiguration() {
         assert_eq!((r.action, r.pml), (mmio, None));
         // The MMU installed an MMIO SPTE; the next access exits with a misconfiguration.
         rig.vmx.set_field(VmcsField::EXIT_REASON, 49);
-        let r = rig.exit(&root, None).unwrap();
+        let r = rig.exit(None).unwrap();
         assert!(matches!(r.exit, VmExit::EptMisconfig(_)));
         assert_eq!(r.action, mmio);
         assert!(rig.mmu.stats().mmio_sptes_created >= 1);
         // A write to the ROM is emulated too, and marks nothing.
         rig.vmx.set_exit_ept_violation(0x182, 0x100_0008, 0);
-        let r = rig.exit(&root, None).unwrap();
+        let r = rig.exit(None).unwrap();
         assert_eq!(
             r.action,
             ExitAction::Emulate {
@@ -128,15 +132,14 @@ fn i1_mmio_is_emulated_first_as_a_violation_then_as_a_misconfiguration() {
             }
         );
         assert_eq!(rig.marks.0, Vec::<u64>::new());
-        root
     });
 }
 
 #[test]
 fn i4_pml_full_exit_drains_512_and_resumes_and_other_exits_are_returned() {
-    with_loaded_root(MmuConfig::EPT_PML, |rig, root| {
+    with_loaded_root(MmuConfig::EPT_PML, |rig| {
         let vmx = rig.vmx;
-        let eptp = rig.install(&root).unwrap();
+        let eptp = rig.install().unwrap();
         assert_eq!(vmx.field(VmcsField::EPT_POINTER), Some(eptp.raw()));
         let log = PmlPage::new();
         let mut pml = Pml::enable(vmx, &rig.ept, eptp, &log).unwrap();
@@ -145,42 +148,41 @@ fn i4_pml_full_exit_drains_512_and_resumes_and_other_exits_are_returned() {
         }
         vmx.set_field(VmcsField::GUEST_PML_INDEX, 0xffff);
         vmx.set_field(VmcsField::EXIT_REASON, 62);
-        let r = rig.exit(&root, Some(&mut pml)).unwrap();
+        let r = rig.exit(Some(&mut pml)).unwrap();
         assert_eq!((r.exit, r.action), (VmExit::PmlFull, ExitAction::Resume));
         assert_eq!(r.pml.map(|d| (d.entries, d.was_full, d.marked)), Some((512, true, 512)));
         assert_eq!(rig.marks.0, (0..512).collect::<Vec<u64>>());
         vmx.set_field(VmcsField::EXIT_REASON, 0x8000_0021);
         vmx.set_field(VmcsField::EXIT_QUALIFICATION, 0);
-        let r = rig.exit(&root, Some(&mut pml)).unwrap();
+        let r = rig.exit(Some(&mut pml)).unwrap();
         assert!(matches!(r.action, ExitAction::EntryFailed { reason, .. } if reason.basic() == 33));
         assert_eq!(r.pml.map(|d| d.entries), Some(0));
         vmx.set_field(VmcsField::EXIT_REASON, 10);
-        let r = rig.exit(&root, None).unwrap();
+        let r = rig.exit(None).unwrap();
         assert_eq!(r.action, ExitAction::Unhandled(crate::exit::ExitReason(10)));
-        root
     });
 }
 
 #[test]
 fn i3_an_invalidated_root_is_reloaded_and_its_eptp_flushed_once_more() {
-    with_loaded_root(MmuConfig::EPT, |rig, root| {
-        let old = rig.install(&root).unwrap();
+    with_loaded_root(MmuConfig::EPT, |rig| {
+        let old = rig.install().unwrap();
         rig.vmx.set_exit_ept_violation(0x182, 0x5000, 0x5000);
-        assert_eq!(rig.exit(&root, None).unwrap().action, ExitAction::Resume);
+        assert_eq!(rig.exit(None).unwrap().action, ExitAction::Resume);
         let flush = rig.mmu.write().invalidate_roots(None);
         flush.run(rig.mmu.host());
         let single = |e: Eptp| Op::Invept { kind: InveptKind::SingleContext, eptp: e.raw() };
         assert_eq!(rig.vmx.take_ops(), [single(old)]);
-        let r = rig.exit(&root, None).unwrap();
+        let r = rig.exit(None).unwrap();
         assert_eq!(r.action, ExitAction::ReloadRoot);
         // What the hypervisor does: put the old root, retire its EPTP, load and install a new one.
-        rig.mmu.put_root(root);
+        rig.mmu.put_root(&mut rig.vcpu);
         rig.mmu.host().tlb.retire_eptp(old);
         rig.mmu.read().zap_invalidated_roots();
-        let root = rig.mmu.load_root(&mut rig.cache, AsId(0)).unwrap();
-        let new = rig.install(&root).unwrap();
+        rig.mmu.load_root(&mut rig.vcpu, AsId(0)).unwrap();
+        let new = rig.install().unwrap();
         assert_ne!(new, old);
-        assert_eq!(rig.exit(&root, None).unwrap().action, ExitAction::Resume);
+        assert_eq!(rig.exit(None).unwrap().action, ExitAction::Resume);
         use tdp_core::host::TlbFlush;
         rig.mmu.host().flush_all();
         rig.mmu.host().flush_all();
@@ -189,15 +191,14 @@ fn i3_an_invalidated_root_is_reloaded_and_its_eptp_flushed_once_more() {
             [single(old), single(new), single(new)],
             "the retired EPTP once, then not"
         );
-        root
     });
 }
 
 #[test]
 fn errors_name_the_step_and_change_nothing() {
-    with_loaded_root(MmuConfig::EPT, |rig, root| {
+    with_loaded_root(MmuConfig::EPT, |rig| {
         rig.vmx.set_exit_ept_violation(0x180, 0x5000, 0);
-        let err = rig.exit(&root, None).unwrap_err();
+        let err = rig.exit(None).unwrap_err();
         assert!(matches!(err, HandleError::Exit(ExitError::Qualification { .. })));
         assert!(
             alloc::string::ToString::to_string(&err).starts_with("decoding the exit: EPT-violation exit")
@@ -208,10 +209,9 @@ fn errors_name_the_step_and_change_nothing() {
             .unwrap();
         let before = rig.vmx.field(VmcsField::EPT_POINTER);
         assert_eq!(
-            install_root(rig.vmx, &rig.mmu.host().tlb, &sandy, &MmuConfig::EPT, &root),
+            install_root(rig.vmx, &rig.mmu.host().tlb, &sandy, &MmuConfig::EPT, rig.root()),
             Err(RootError::Eptp(EptpError::AccessedDirtyUnsupported))
         );
         assert_eq!(rig.vmx.field(VmcsField::EPT_POINTER), before);
-        root
     });
 }
