@@ -26,7 +26,8 @@ pub mod walker;
 
 pub use checker::{DirtyShadow, TableReport, Violation, check_tables, check_tlbs, check_translations};
 pub use host::{
-    AllocStats, FlushStats, GUEST_RAM_BASE_PFN, HostConfig, MockHost, POISON, PageState, TABLE_BASE_PFN,
+    AllocStats, FlushStats, GUEST_RAM_BASE_PFN, HostConfig, HostInvalidation, HostMmuError, HostMmuStats,
+    InvalidationHook, MockHost, POISON, PageState, TABLE_BASE_PFN, TranslateHook,
 };
 pub use machine::Machine;
 pub use pml::{Pml, PmlStats};

@@ -53,6 +53,7 @@ impl Machine {
     pub fn new(cfg: MmuConfig, host_cfg: HostConfig) -> Result<Machine, ConfigError> {
         let host = MockHost::new(host_cfg);
         let mmu = Arc::new(Mmu::new(host.clone(), cfg)?);
+        host.set_invalidation_hook(Some(notifier(Arc::downgrade(&mmu))));
         Ok(Machine { host, mmu, hw: Hardware::for_config(&cfg), next_vcpu: AtomicU32::new(0) })
     }
 
@@ -110,4 +111,45 @@ impl Machine {
         }
         if violations.is_empty() { Ok(()) } else { Err(violations) }
     }
+}
+
+/// The VM's MMU notifier for the host MMU (KVM's `kvm_mmu_notifier_invalidate_range_start/end`): a
+/// change of host pages `[hva, hva + pages)` invalidates the gfns of every memslot that maps them, one
+/// `invalidate_range_start` per slot (the token counts them) and as many ends. It holds the MMU weakly:
+/// the MMU owns the host, which owns this hook.
+fn notifier(mmu: std::sync::Weak<Mmu<MockHost>>) -> crate::host::InvalidationHook {
+    Arc::new(move |event| {
+        let Some(mmu) = mmu.upgrade() else {
+            return 0;
+        };
+        let mut exclusive = mmu.write();
+        match event {
+            crate::host::HostInvalidation::Start { hva, pages } => {
+                let end_hva = hva.saturating_add(pages.saturating_mul(PAGE_SIZE));
+                let ranges: Vec<_> = exclusive
+                    .memslots()
+                    .iter()
+                    .filter_map(|slot| {
+                        let slot_end = slot.host_base.saturating_add(slot.pages.saturating_mul(PAGE_SIZE));
+                        let (lo, hi) = (hva.max(slot.host_base), end_hva.min(slot_end));
+                        (lo < hi).then(|| {
+                            let first = (lo - slot.host_base) / PAGE_SIZE;
+                            let last = (hi - slot.host_base).div_ceil(PAGE_SIZE);
+                            (slot.as_id, Gfn(slot.base_gfn.0 + first), Gfn(slot.base_gfn.0 + last))
+                        })
+                    })
+                    .collect();
+                for &(as_id, start, end) in &ranges {
+                    exclusive.invalidate_range_start(as_id, start, end).expect("a non-empty range");
+                }
+                ranges.len() as u64
+            }
+            crate::host::HostInvalidation::End { token } => {
+                for _ in 0..token {
+                    exclusive.invalidate_range_end().expect("the matching start ran");
+                }
+                0
+            }
+        }
+    })
 }

@@ -255,7 +255,27 @@ impl Vcpu {
         gpa: Gpa,
         access: AccessKind,
     ) -> Result<AccessResult, VcpuError> {
+        self.access_storing(mmu, gpa, access, None)
+    }
+
+    /// [`Vcpu::access`], and for `Some(value)` the store of `value` at `gpa` into the translated frame,
+    /// done under the TLB lock with the translation, as an instruction's store retires before the
+    /// processor answers a TLB shootdown: a flush that returns has no store in flight through what it
+    /// flushed.
+    fn access_storing(
+        &mut self,
+        mmu: &Mmu<MockHost>,
+        gpa: Gpa,
+        access: AccessKind,
+        store: Option<u64>,
+    ) -> Result<AccessResult, VcpuError> {
         let need = access_right(access);
+        let host = mmu.host();
+        let store_into = |pfn: Pfn| {
+            if let Some(value) = store {
+                host.write_u64(pfn, gpa.page_offset(), value);
+            }
+        };
         let gfn = gpa.gfn();
         let mut root = self.entry_root(mmu)?;
         for _ in 0..MAX_ROUNDS {
@@ -274,6 +294,7 @@ impl Vcpu {
                     && (access != AccessKind::Write || cached.dirty || !hw.sets_accessed_dirty())
                 {
                     // A write through an entry not marked dirty walks again to set D, as hardware does.
+                    store_into(pfn);
                     return Ok(AccessResult::Done { pfn, rights: cached.rights, from_tlb: true });
                 }
                 let walked = walk_access(mmu.host(), hw, root, level, gpa, access, pml.as_mut());
@@ -281,6 +302,7 @@ impl Vcpu {
                     WalkOutcome::Translated { pfn, level, rights } => {
                         let first = Pfn(pfn.0 - (gfn.0 - gfn.align_down(level).0));
                         tlb.insert(root, gfn, TlbEntry { pfn: first, level, rights, dirty: walked.dirty });
+                        store_into(pfn);
                         Ok(AccessResult::Done { pfn, rights, from_tlb: false })
                     }
                     WalkOutcome::Violation { exit } => Err(Exit::Violation(exit)),
@@ -335,9 +357,7 @@ impl Vcpu {
     /// As [`Vcpu::access`]; [`VcpuError::Emulate`] when the access needs emulation (nothing written);
     /// [`VcpuError::Unaligned`].
     pub fn write_u64(&mut self, mmu: &Mmu<MockHost>, gpa: Gpa, value: u64) -> Result<Pfn, VcpuError> {
-        let pfn = self.data_access(mmu, gpa, AccessKind::Write)?;
-        mmu.host().write_u64(pfn, gpa.page_offset(), value);
-        Ok(pfn)
+        self.data_access(mmu, gpa, AccessKind::Write, Some(value))
     }
 
     /// Reads the `u64` at `gpa` (8-byte aligned) through an access.
@@ -345,7 +365,7 @@ impl Vcpu {
     /// # Errors
     /// As [`Vcpu::write_u64`].
     pub fn read_u64(&mut self, mmu: &Mmu<MockHost>, gpa: Gpa) -> Result<u64, VcpuError> {
-        let pfn = self.data_access(mmu, gpa, AccessKind::Read)?;
+        let pfn = self.data_access(mmu, gpa, AccessKind::Read, None)?;
         Ok(mmu.host().read_u64(pfn, gpa.page_offset()))
     }
 
@@ -354,11 +374,17 @@ impl Vcpu {
         mmu.release_vcpu(&mut self.mmu);
     }
 
-    fn data_access(&mut self, mmu: &Mmu<MockHost>, gpa: Gpa, access: AccessKind) -> Result<Pfn, VcpuError> {
+    fn data_access(
+        &mut self,
+        mmu: &Mmu<MockHost>,
+        gpa: Gpa,
+        access: AccessKind,
+        store: Option<u64>,
+    ) -> Result<Pfn, VcpuError> {
         if !gpa.0.is_multiple_of(8) || gpa.page_offset() > PAGE_SIZE - 8 {
             return Err(VcpuError::Unaligned { gpa });
         }
-        match self.access(mmu, gpa, access)? {
+        match self.access_storing(mmu, gpa, access, store)? {
             AccessResult::Done { pfn, .. } => Ok(pfn),
             AccessResult::Emulated(reason) => Err(VcpuError::Emulate { gpa, reason }),
         }

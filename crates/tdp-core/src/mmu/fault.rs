@@ -554,6 +554,6 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
 impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
     /// The leaf currently mapping `gfn` in `root` and its level, if any (for checkers and tests).
     pub fn lookup(&self, root: &RootRef, gfn: Gfn) -> Option<(Spte, Level)> {
-        self.lookup_pfn(root.pfn(), gfn)
+        self.lookup_in(root.pfn(), gfn)
     }
 }

@@ -72,9 +72,9 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         GfnWalk { table, shift }
     }
 
-    /// The leaf currently mapping `gfn` in the tree at `root`, and its level, if any (for checkers and
-    /// tests). An access-tracked leaf counts: it still maps the gfn.
-    pub(super) fn lookup_pfn(&self, root: Pfn, gfn: Gfn) -> Option<(Spte, Level)> {
+    /// The leaf currently mapping `gfn` in the tree whose root table is at `root`, and its level, if any
+    /// (for checkers and tests). An access-tracked leaf counts: it still maps the gfn.
+    pub fn lookup_in(&self, root: Pfn, gfn: Gfn) -> Option<(Spte, Level)> {
         let _walk = self.host.begin_walk();
         let (_, level, spte) = self.walk_gfn(root, gfn).leaf(gfn);
         (spte.is_present() && spte.is_leaf(level)).then_some((spte, level))

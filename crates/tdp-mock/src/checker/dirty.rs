@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use tdp_core::addr::{Gfn, PAGE_SHIFT, Pfn, SlotId};
+use tdp_core::addr::{Gfn, SlotId};
 use tdp_core::memslot::Memslot;
 
 use super::Violation;
@@ -122,8 +122,8 @@ impl DirtyShadow {
     fn read_slot(&self, host: &MockHost, slot: &Memslot) -> Vec<u64> {
         let mut words = Vec::with_capacity(slot.pages as usize * self.offsets.len());
         for page in 0..slot.pages {
-            let pfn = Pfn(slot.host_addr(Gfn(slot.base_gfn.0 + page)) >> PAGE_SHIFT);
-            words.extend(self.offsets.iter().map(|&off| host.read_u64(pfn, off)));
+            let hva = slot.host_addr(Gfn(slot.base_gfn.0 + page));
+            words.extend(self.offsets.iter().map(|&off| host.read_hva_u64(hva, off)));
         }
         words
     }

@@ -87,6 +87,17 @@ pub enum Violation {
         /// The frame in the leaf.
         found: Pfn,
     },
+    /// A leaf maps a host page that the host swapped out: the invalidation did not zap it, or a fault
+    /// installed a translation it made before the swap.
+    #[error("I1: leaf {spte:?} at {gfn:?} {level:?} maps a host page that is swapped out")]
+    LeafOfSwappedPage {
+        /// The leaf's first gfn.
+        gfn: Gfn,
+        /// Its level.
+        level: Level,
+        /// The leaf.
+        spte: Spte,
+    },
     /// A writable leaf in a read-only slot, or over a host-read-only page.
     #[error("I1: leaf {spte:?} at {gfn:?} {level:?} is writable, its slot or host page is not")]
     WritableBeyondSlot {
@@ -275,6 +286,7 @@ impl Violation {
             LeafWithoutSlot { .. }
             | LeafCrossesSlot { .. }
             | WrongFrame { .. }
+            | LeafOfSwappedPage { .. }
             | WritableBeyondSlot { .. }
             | HardwareDisagrees { .. }
             | MmioWrongGfn { .. }

@@ -54,7 +54,7 @@ pub fn check_tlbs(mmu: &Mmu<MockHost>, tlbs: &[&Tlb]) -> Result<usize, Vec<Viola
                 violations.push(Violation::TlbRootGone { root, gfn, cached });
                 continue;
             }
-            let check = EntryCheck { host: mmu.host(), hw, root, root_level, gfn, level, cached };
+            let check = EntryCheck { mmu, hw, root, root_level, gfn, level, cached };
             if let Some(v) = check.run() {
                 violations.push(v);
             }
@@ -65,7 +65,7 @@ pub fn check_tlbs(mmu: &Mmu<MockHost>, tlbs: &[&Tlb]) -> Result<usize, Vec<Viola
 }
 
 struct EntryCheck<'a> {
-    host: &'a MockHost,
+    mmu: &'a Mmu<MockHost>,
     hw: Hardware,
     root: Pfn,
     root_level: Level,
@@ -83,10 +83,16 @@ impl EntryCheck<'_> {
         let mut at = self.gfn;
         while at.0 < end {
             let walked =
-                walk_detail(self.host, self.hw, tree, at.gpa(), AccessKind::Read, WalkMode::Peek, None);
+                walk_detail(self.mmu.host(), self.hw, tree, at.gpa(), AccessKind::Read, WalkMode::Peek, None);
             let current = walked.outcome;
             let WalkOutcome::Translated { pfn, level, rights } = current else {
-                return Some(self.stale(at, current));
+                match self.aged_leaf(at) {
+                    Some(level) => {
+                        at = next_page(at, level);
+                        continue;
+                    }
+                    None => return Some(self.stale(at, current)),
+                }
             };
             if pfn != self.cached.pfn.add(at.0 - self.gfn.0) || !rights.contains(self.cached.rights) {
                 return Some(self.stale(at, current));
@@ -102,6 +108,25 @@ impl EntryCheck<'_> {
             at = next_page(at, level);
         }
         None
+    }
+
+    /// When hardware sees no translation at `at` because aging made the leaf access-tracked (EPT without
+    /// A/D bits), the cached entry is allowed to outlive it (aging owes no flush, KVM's rule) as long as
+    /// it names the same frame and no right the fast path would not give back: the leaf's saved R and
+    /// X, and W if it is MMU-writable. Returns the leaf's level then.
+    fn aged_leaf(&self, at: Gfn) -> Option<Level> {
+        let fmt = self.mmu.format();
+        let (spte, level) = self.mmu.lookup_in(self.root, at)?;
+        if !fmt.is_access_tracked(spte) {
+            return None;
+        }
+        let mut restorable = fmt.access(fmt.access_restored(spte));
+        if fmt.is_mmu_writable(spte) {
+            restorable |= tdp_core::spte::Access::WRITE;
+        }
+        let pfn = spte.pfn().add(at.0 - at.align_down(level).0);
+        (pfn == self.cached.pfn.add(at.0 - self.gfn.0) && restorable.contains(self.cached.rights))
+            .then_some(level)
     }
 
     fn stale(&self, at: Gfn, current: WalkOutcome) -> Violation {

@@ -125,13 +125,37 @@ impl Ctx<'_> {
         if !slot.contains(tdp_core::addr::Gfn(gfn.0 + level.pages() - 1)) {
             violations.push(Violation::LeafCrossesSlot { gfn, level, spte, slot: slot.id });
         }
-        let expected = Pfn(slot.host_addr(gfn) >> tdp_core::addr::PAGE_SHIFT);
+        // Where the host page lives now (its default frame unless the host MMU moved it).
+        let Some(expected) = self.host.host_frame(slot.host_addr(gfn)) else {
+            violations.push(Violation::LeafOfSwappedPage { gfn, level, spte });
+            return;
+        };
         if spte.pfn() != expected {
             violations.push(Violation::WrongFrame { gfn, level, expected, found: spte.pfn() });
         }
         let mut allowed = Access::READ | Access::EXEC;
-        if slot.is_writable() && !self.host.any_host_readonly(expected, level.pages()) {
+        if slot.is_writable()
+            && !self.host.any_host_readonly(expected, level.pages())
+            && !self.host.is_ksm_shared(slot.host_addr(gfn))
+        {
             allowed |= Access::WRITE;
+        }
+        if self.fmt.is_access_tracked(spte) {
+            // Aged without A/D bits: hardware must fault on it (not present) and what the fast path
+            // restores (R and X, W through MMU-writable) must stay within what the slot allows.
+            let mut restorable = self.fmt.access(self.fmt.access_restored(spte));
+            if self.fmt.is_mmu_writable(spte) {
+                restorable |= Access::WRITE;
+            }
+            if !allowed.contains(restorable) {
+                violations.push(Violation::WritableBeyondSlot { gfn, level, spte });
+            }
+            let seen = self.peek(gfn);
+            if matches!(seen, WalkOutcome::Translated { .. }) {
+                let rights = Access::empty();
+                violations.push(Violation::HardwareDisagrees { gfn, pfn: spte.pfn(), level, rights, seen });
+            }
+            return;
         }
         let rights = self.fmt.access(spte);
         if !allowed.contains(rights) {

@@ -7,9 +7,11 @@
 //! provides the knobs the I1 and I3 checkers need (read-only host pages, dropped flushes, yield hooks).
 
 mod arena;
+mod host_mmu;
 mod traits;
 
 pub use arena::{AllocStats, POISON, PageState, TABLE_BASE_PFN};
+pub use host_mmu::{HostInvalidation, HostMmuError, HostMmuStats, InvalidationHook};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -94,7 +96,11 @@ struct Inner {
     config: HostConfig,
     arena: Arena,
     readonly: std::sync::Mutex<BTreeSet<u64>>,
-    data: std::sync::Mutex<HashMap<Pfn, Box<[u8; PAGE_SIZE as usize]>>>,
+    /// Frames the host reports as device memory (uncacheable) rather than RAM.
+    device: std::sync::Mutex<BTreeSet<u64>>,
+    data: std::sync::Mutex<host_mmu::DataMap>,
+    /// How host pages map to frames, and the changes Linux makes to that under a VM.
+    host_mmu: host_mmu::HostMmu,
     tlbs: std::sync::Mutex<Vec<Weak<Tlb>>>,
     drop_flushes: AtomicBool,
     flushes_all: AtomicU64,
@@ -107,7 +113,13 @@ struct Inner {
     jitter_calls: AtomicU64,
     tables_unlinked: AtomicU64,
     yield_hook: std::sync::Mutex<Option<YieldHook>>,
+    /// Run after every translation, before the fault takes the MMU lock (see `set_translate_hook`).
+    translate_hook: std::sync::Mutex<Option<TranslateHook>>,
 }
+
+/// A callback run after a translation of `gfn` returned, while the fault holds no MMU lock: the moment
+/// a host change can make that translation stale.
+pub type TranslateHook = Arc<dyn Fn(tdp_core::addr::Gfn) + Send + Sync>;
 
 /// A callback run by [`MmuYield::yield_now`], i.e. while a long walk has dropped the MMU lock.
 pub type YieldHook = Arc<dyn Fn() + Send + Sync>;
@@ -155,7 +167,9 @@ impl MockHost {
             config,
             arena: Arena::new(config.table_capacity),
             readonly: std::sync::Mutex::new(BTreeSet::new()),
+            device: std::sync::Mutex::new(BTreeSet::new()),
             data: std::sync::Mutex::new(HashMap::new()),
+            host_mmu: host_mmu::HostMmu::default(),
             tlbs: std::sync::Mutex::new(Vec::new()),
             drop_flushes: AtomicBool::new(false),
             flushes_all: AtomicU64::new(0),
@@ -167,6 +181,7 @@ impl MockHost {
             jitter_calls: AtomicU64::new(0),
             tables_unlinked: AtomicU64::new(0),
             yield_hook: std::sync::Mutex::new(None),
+            translate_hook: std::sync::Mutex::new(None),
         }))
     }
 
@@ -253,6 +268,24 @@ impl MockHost {
             set.remove(&pfn.0);
         }
     }
+    /// Makes the host report frame `pfn` as device memory (`true`: a leaf mapping it is uncacheable) or
+    /// RAM again.
+    pub fn set_device_memory(&self, pfn: Pfn, device: bool) {
+        let mut set = lock(&self.0.device);
+        if device {
+            set.insert(pfn.0);
+        } else {
+            set.remove(&pfn.0);
+        }
+    }
+    /// What kind of memory frame `pfn` is.
+    pub fn memory_kind(&self, pfn: Pfn) -> tdp_core::host::HostMemory {
+        if lock(&self.0.device).contains(&pfn.0) {
+            tdp_core::host::HostMemory::Device
+        } else {
+            tdp_core::host::HostMemory::Ram
+        }
+    }
     /// Whether the host maps `pfn` read-only.
     pub fn is_host_readonly(&self, pfn: Pfn) -> bool {
         lock(&self.0.readonly).contains(&pfn.0)
@@ -268,7 +301,7 @@ impl MockHost {
             return None;
         }
         let readonly = lock(&self.0.readonly);
-        if readonly.contains(&pfn.0) {
+        if readonly.contains(&pfn.0) || self.0.host_mmu.any_changed(pfn.0, 1) {
             return Some(Level::L1);
         }
         let end_of_ram = GUEST_RAM_BASE_PFN + self.0.config.guest_ram_pages;
@@ -276,7 +309,10 @@ impl MockHost {
         while let Some(lower) = level.lower() {
             let start = pfn.0 & !(level.pages() - 1);
             let end = start + level.pages();
-            if start >= GUEST_RAM_BASE_PFN && end <= end_of_ram && readonly.range(start..end).next().is_none()
+            if start >= GUEST_RAM_BASE_PFN
+                && end <= end_of_ram
+                && readonly.range(start..end).next().is_none()
+                && !self.0.host_mmu.any_changed(start, level.pages())
             {
                 break;
             }
@@ -308,6 +344,73 @@ impl MockHost {
     fn data_offset(offset: u64) -> usize {
         assert!(offset <= PAGE_SIZE - 8, "offset {offset:#x} leaves no room for a u64 in a 4 KiB page");
         offset as usize
+    }
+
+    // ---- the host's own MMU ----
+
+    /// Registers the VM's MMU notifier, which every host-MMU change calls before and after it changes a
+    /// page (see [`HostInvalidation`]). [`crate::Machine`] registers one for its MMU.
+    pub fn set_invalidation_hook(&self, hook: Option<InvalidationHook>) {
+        self.0.host_mmu.set_hook(hook);
+    }
+    /// Runs `hook` after every translation, between the host's answer and the fault's install: a test
+    /// changes the host mapping there to race a fault deterministically.
+    pub fn set_translate_hook(&self, hook: Option<TranslateHook>) {
+        *lock(&self.0.translate_hook) = hook;
+    }
+    pub(crate) fn after_translate(&self, gfn: tdp_core::addr::Gfn) {
+        let hook = lock(&self.0.translate_hook).clone();
+        if let Some(hook) = hook {
+            hook(gfn);
+        }
+    }
+    /// Gives the host `count` frames from `start` (guest RAM that no memslot uses) to move pages to.
+    pub fn add_spare_frames(&self, start: Pfn, count: u64) {
+        self.0.host_mmu.add_spare((0..count).map(|i| start.add(i)));
+    }
+    /// Swaps out the host page at `hva` (a memslot's host address): the VM's translations of it are
+    /// invalidated, its bytes saved and its frame freed. The next translation swaps it back in, into
+    /// another frame.
+    ///
+    /// # Errors
+    /// [`HostMmuError`]; nothing changed.
+    pub fn swap_out(&self, hva: u64) -> Result<(), HostMmuError> {
+        self.0.host_mmu.swap_out(hva >> PAGE_SHIFT, &self.0.data)
+    }
+    /// Moves the host page at `hva` to a spare frame (page migration, compaction); returns the frame.
+    ///
+    /// # Errors
+    /// [`HostMmuError`]; nothing changed.
+    pub fn migrate_page(&self, hva: u64) -> Result<Pfn, HostMmuError> {
+        self.0.host_mmu.migrate(hva >> PAGE_SHIFT, &self.0.data)
+    }
+    /// KSM: merges the identical host pages at `a` and `b` into one read-only frame; a write through
+    /// either breaks the sharing again (copy-on-write, inside the VM's next translation for a write).
+    ///
+    /// # Errors
+    /// [`HostMmuError`], e.g. when the pages differ; nothing changed.
+    pub fn ksm_merge(&self, a: u64, b: u64) -> Result<(), HostMmuError> {
+        self.0.host_mmu.merge(a >> PAGE_SHIFT, b >> PAGE_SHIFT, &self.0.data)
+    }
+    /// The frame the host page at `hva` lives in now (`None` while swapped out).
+    pub fn host_frame(&self, hva: u64) -> Option<Pfn> {
+        self.0.host_mmu.frame_of(hva >> PAGE_SHIFT)
+    }
+    /// Whether the host page at `hva` is merged by KSM (shared, read-only until a write copies it).
+    pub fn is_ksm_shared(&self, hva: u64) -> bool {
+        self.0.host_mmu.is_shared(hva >> PAGE_SHIFT)
+    }
+    /// What the host MMU did so far.
+    pub fn host_mmu_stats(&self) -> HostMmuStats {
+        self.0.host_mmu.stats()
+    }
+    /// Reads the `u64` at byte `offset` of the host page at `hva`, wherever it lives now, without
+    /// swapping it in (a swapped-out page reads as what was saved).
+    pub fn read_hva_u64(&self, hva: u64, offset: u64) -> u64 {
+        match self.host_frame(hva) {
+            Some(pfn) => self.read_u64(pfn, offset),
+            None => self.0.host_mmu.read_swapped_u64(hva >> PAGE_SHIFT, Self::data_offset(offset)),
+        }
     }
 
     // ---- TLBs and flushes ----

@@ -9,8 +9,7 @@ use std::sync::atomic::Ordering;
 
 use tdp_core::addr::{AsId, Gfn, Level, PAGE_SHIFT, Pfn};
 use tdp_core::host::{
-    AllocError, HostFaultError, HostMemory, HostPage, HostTranslate, MmuEvents, MmuYield, Table, TableMemory,
-    TlbFlush,
+    AllocError, HostFaultError, HostPage, HostTranslate, MmuEvents, MmuYield, Table, TableMemory, TlbFlush,
 };
 use tdp_core::memslot::Memslot;
 use tdp_core::spte::Spte;
@@ -52,14 +51,51 @@ impl TableMemory for MockHost {
 
 impl HostTranslate for MockHost {
     fn translate(&self, slot: &Memslot, gfn: Gfn, write: bool) -> Result<HostPage, HostFaultError> {
-        // The mock has no copy-on-write to break: a write asks for nothing a read would not get.
-        let _ = write;
+        let page = self.translate_page(slot, gfn, write, true);
+        self.after_translate(gfn);
+        page
+    }
+
+    fn mapping_level(&self, slot: &Memslot, gfn: Gfn) -> Option<tdp_core::addr::Level> {
+        // Never swaps in or breaks sharing: the MMU asks this under its write lock.
+        self.translate_page(slot, gfn, false, false).ok().map(|page| page.level)
+    }
+}
+
+impl MockHost {
+    /// The host MMU's answer for `gfn` of `slot`: the page's current frame, swapped in (when
+    /// `fault_in`) or copied on a write to a shared page. A copy-on-write runs the VM's invalidation
+    /// hook, as Linux's fault path runs the MMU notifier; no MMU lock is held here.
+    fn translate_page(
+        &self,
+        slot: &Memslot,
+        gfn: Gfn,
+        write: bool,
+        fault_in: bool,
+    ) -> Result<HostPage, HostFaultError> {
         if !slot.contains(gfn) {
             return Err(HostFaultError::NoPage { gfn });
         }
-        let pfn = Pfn(slot.host_addr(gfn) >> PAGE_SHIFT);
-        let level = self.host_level(pfn).ok_or(HostFaultError::NoPage { gfn })?;
-        Ok(HostPage { pfn, writable: !self.is_host_readonly(pfn), level, memory: HostMemory::Ram })
+        let page = slot.host_addr(gfn) >> PAGE_SHIFT;
+        // A write to a shared page breaks the sharing, then looks again (another change may follow).
+        for _ in 0..8 {
+            match self.0.host_mmu.resolve(page, write, fault_in, &self.0.data) {
+                super::host_mmu::Resolved::Frame { pfn, changed, shared } => {
+                    let default_level = self.host_level(pfn).ok_or(HostFaultError::NoPage { gfn })?;
+                    let level = if changed { Level::L1 } else { default_level };
+                    let writable = !shared && !self.is_host_readonly(pfn);
+                    return Ok(HostPage { pfn, writable, level, memory: self.memory_kind(pfn) });
+                }
+                super::host_mmu::Resolved::NeedsCow => {
+                    self.0
+                        .host_mmu
+                        .break_cow(page, &self.0.data)
+                        .map_err(|_| HostFaultError::NoPage { gfn })?;
+                }
+                super::host_mmu::Resolved::Unavailable => return Err(HostFaultError::NoPage { gfn }),
+            }
+        }
+        Err(HostFaultError::NoPage { gfn })
     }
 }
 
