@@ -13,7 +13,7 @@ use tdp_core::addr::{AsId, Gfn, Gpa, Level, PAGE_SHIFT, Pfn, SlotId};
 use tdp_core::fault::{AccessKind, Fault, FaultKind};
 use tdp_core::host::{DirtySink, DirtySource};
 use tdp_core::memslot::{Memslot, SlotFlags};
-use tdp_core::mmu::{FaultOutcome, InvalidateError, Mmu, MmuConfig, PreFaultError, VcpuMmu};
+use tdp_core::mmu::{FaultOutcome, InvalidateError, MmuConfig, PreFaultError, VcpuMmu};
 use tdp_core::spte::{EptBits, SpteFormat};
 use tdp_mock::{AccessResult, HostConfig, Machine, MockHost, Vcpu};
 
