@@ -89,11 +89,15 @@ pub const EPT_MMU_WRITABLE: u64 = 1 << 58;
 pub const NPT_HOST_WRITABLE: u64 = 1 << 9;
 /// NPT software bit 10 (AVL): MMU-writable, as [`EPT_MMU_WRITABLE`].
 pub const NPT_MMU_WRITABLE: u64 = 1 << 10;
-/// Where an access-tracked EPT leaf keeps its R and X bits (bits 0 and 2 moved to 54 and 56), as KVM's
+/// Where an access-tracked EPT leaf keeps its R, W and X bits (bits 2:0 moved to 56:54), as KVM's
 /// `SHADOW_ACC_TRACK_SAVED_BITS_SHIFT`; bits 62:52 of an EPT leaf are ignored by the processor.
 pub const ACC_TRACK_SAVED_SHIFT: u32 = 54;
-/// The bits an access-tracked EPT leaf saves: R and X (W is dropped; MMU-writable says it may return).
-const ACC_TRACK_SAVED_MASK: u64 = EptBits::READ.bits() | EptBits::EXEC.bits();
+/// The bits an access-tracked EPT leaf saves: R, W and X. (KVM saves R and X and drops W, relying on
+/// a TLB flush after every dirty-logging pass; here the passes flush only what they change, so W is
+/// saved too and write protection clears the saved W as it clears W: see [`SpteFormat::write_protected`].)
+const ACC_TRACK_SAVED_MASK: u64 = EptBits::READ.bits() | EptBits::WRITE.bits() | EptBits::EXEC.bits();
+/// The saved W of an access-tracked leaf (bit 55).
+const ACC_TRACK_SAVED_WRITE: u64 = EptBits::WRITE.bits() << ACC_TRACK_SAVED_SHIFT;
 /// The bits access tracking clears in an EPT leaf without A/D bits, so that any access faults.
 const ACC_TRACK_CLEARED_MASK: u64 = EptBits::READ.bits() | EptBits::WRITE.bits() | EptBits::EXEC.bits();
 /// Bits 51:12: the physical address of the mapped page or of the next table.
@@ -521,9 +525,8 @@ impl SpteFormat {
     }
 
     /// `spte` aged (KVM's `mark_spte_for_access_track`): with A/D bits, A cleared; without, the
-    /// access-tracked form, R and X saved in bits 54 and 56 and R, W, X cleared. W is not saved: an
-    /// MMU-writable leaf gets it back from the fast path at its next write (with a dirty mark in a
-    /// logged slot). An already tracked leaf is returned as it is.
+    /// access-tracked form, R, W and X saved in bits 56:54 and cleared, so that the next access faults
+    /// and the fast path restores them all. An already tracked leaf is returned as it is.
     ///
     /// ```
     /// use tdp_core::addr::{Level, Pfn};
@@ -535,8 +538,9 @@ impl SpteFormat {
     /// let aged = fmt.access_tracked(leaf);
     /// assert!(fmt.is_access_tracked(aged) && fmt.access(aged).is_empty() && aged.is_present());
     /// assert!(fmt.is_mmu_writable(aged) && fmt.check(aged, Level::L1).is_ok());
-    /// let back = fmt.access_restored(aged);
-    /// assert_eq!(fmt.made_writable(back), leaf, "R and X come back; W through MMU-writable");
+    /// assert_eq!(fmt.access_restored(aged), leaf, "every right comes back");
+    /// let protected = fmt.write_protected(aged);
+    /// assert_eq!(fmt.access_restored(protected), fmt.write_protected(leaf), "write protection reaches the saved W");
     /// ```
     #[must_use]
     #[inline]
@@ -551,19 +555,19 @@ impl SpteFormat {
         Spte((spte.0 | saved) & !ACC_TRACK_CLEARED_MASK)
     }
 
-    /// A bit every access-tracked leaf has and no other present SPTE has (the saved R bit), for passes
-    /// that test many entries at once; 0 in formats with A/D bits, which have no access-tracked form.
+    /// The saved W bit of access-tracked leaves (bit 55), for passes that write-protect many entries
+    /// at once; 0 in formats with A/D bits, which have no access-tracked form.
     #[must_use]
     #[inline]
-    pub const fn access_tracked_marker(&self) -> u64 {
+    pub const fn access_tracked_write_bit(&self) -> u64 {
         if self.has_accessed_dirty() || self.kind as u8 != TdpKind::Ept as u8 {
             0
         } else {
-            EptBits::READ.bits() << ACC_TRACK_SAVED_SHIFT
+            ACC_TRACK_SAVED_WRITE
         }
     }
 
-    /// An access-tracked leaf with its R and X bits back (KVM's `restore_acc_track_spte`); any other
+    /// An access-tracked leaf with its saved rights back (KVM's `restore_acc_track_spte`); any other
     /// value unchanged.
     #[must_use]
     #[inline]
@@ -682,12 +686,13 @@ impl SpteFormat {
         )
     }
 
-    /// `spte` without the hardware W bit; MMU-writable stays, so the fast path may restore W (dirty-log
-    /// write protection, KVM's `wrprot_gfn_range`).
+    /// `spte` without the hardware W bit, and without the saved W of an access-tracked leaf;
+    /// MMU-writable stays, so the fast path may restore W (dirty-log write protection, KVM's
+    /// `wrprot_gfn_range`).
     #[must_use]
     #[inline]
     pub const fn write_protected(&self, spte: Spte) -> Spte {
-        Spte(spte.0 & !EptBits::WRITE.bits())
+        Spte(spte.0 & !(EptBits::WRITE.bits() | self.access_tracked_write_bit()))
     }
     /// `spte` with D clear (KVM's `clear_dirty_gfn_range` with A/D bits): hardware sets it, and logs
     /// the gfn to PML, at the next write.

@@ -230,16 +230,22 @@ fn an_access_tracked_leaf_comes_back_with_its_permissions() {
     }
     forget_tlbs(host);
     let fixed_before = vcpu.mmu_state().counters.fixed;
-    // A read restores R and X, not W.
+    // A read restores every saved right, W included: the leaf is as it was.
     done(vcpu.access(mmu, Gfn(4).gpa(), AccessKind::Read));
-    let (read_back, _) = mmu.lookup_in(root, Gfn(4)).expect("mapped");
-    assert_eq!(read_back, fmt.write_protected(writable));
-    // The write gets W back from MMU-writable, through the fast path: the leaf is as it was.
-    done(vcpu.access(mmu, Gfn(4).gpa(), AccessKind::Write));
     assert_eq!(mmu.lookup_in(root, Gfn(4)).map(|(s, _)| s), Some(writable));
     done(vcpu.access(mmu, ro.gpa(), AccessKind::Exec));
     assert_eq!(mmu.lookup_in(root, ro).map(|(s, _)| s), Some(readonly), "R and X back, never W");
-    assert_eq!(vcpu.mmu_state().counters.fixed, fixed_before + 3, "three fast-path fixes");
+    assert_eq!(vcpu.mmu_state().counters.fixed, fixed_before + 2, "two fast-path fixes");
+    // Write protection (dirty logging) reaches a tracked leaf's saved W; the write then gets W back
+    // through MMU-writable, with the fast path again.
+    assert!(mmu.age_gfn_range(AsId(0), Gfn(4), Gfn(5)));
+    mmu.write().set_memslot_flags(AsId(0), SlotId(0), SlotFlags::LOG_DIRTY).expect("slot").run(host);
+    let (protected, _) = mmu.lookup_in(root, Gfn(4)).expect("mapped");
+    assert_eq!(fmt.access_restored(protected), fmt.write_protected(writable), "the saved W is gone");
+    forget_tlbs(host);
+    done(vcpu.access(mmu, Gfn(4).gpa(), AccessKind::Write));
+    assert_eq!(mmu.lookup_in(root, Gfn(4)).map(|(s, _)| s), Some(writable));
+    assert_eq!(vcpu.mmu_state().counters.fixed, fixed_before + 3, "a third fast-path fix");
     m.check_all(&[&vcpu], &[slot]).expect("I1-I3");
     vcpu.release(mmu);
 }

@@ -24,8 +24,11 @@ use tdp_core::mmu::{FaultError, Mmu, MmuConfig};
 use tdp_mock::checker::check_translations_in;
 use tdp_mock::{AccessResult, HostConfig, MockHost, Tlb, Vcpu, VcpuError, check_tlbs};
 
-/// Accesses per vCPU thread.
+/// Accesses per vCPU thread, at least: with a disturbing thread the vCPUs keep going until it has run
+/// all its rounds, so that every round races with running vCPUs whatever the scheduler does.
 const ACCESSES: usize = 20_000;
+/// Rounds of the disturbing thread (a check every fourth).
+const DISTURB_ROUNDS: u64 = 400;
 /// Every how many table reads a walk yields while a third thread disturbs the vCPUs.
 const JITTER: u64 = 29;
 /// Pages in the slot: 16 MiB, 8 L1 tables when mapped with 4 KiB pages.
@@ -55,34 +58,36 @@ fn run(name: &'static str, cfg: MmuConfig, host: HostConfig, disturb: Disturb) {
     let slot = vm.add_slot(0, 0, PAGES, SlotFlags::empty());
     let expected = move |gfn: u64| Pfn((slot.host_base >> 12) + gfn);
     let vcpus = std::mem::take(&mut vm.vcpus);
-    let done = AtomicBool::new(false);
-    let start = Barrier::new(2);
+    // Set when the disturbing thread has run all its rounds (at once when there is none).
+    let done = AtomicBool::new(disturb == Disturb::Nothing);
+    let start = Barrier::new(if disturb == Disturb::Nothing { 2 } else { 3 });
     let mmu = &**vm.m.mmu();
     let results: Vec<(Vcpu, Seen)> = std::thread::scope(|s| {
         let disturber = (disturb != Disturb::Nothing).then(|| {
             s.spawn(|| {
                 let mut rng = Lcg(0x5eed);
-                let (mut rounds, mut checks) = (0u64, 0u64);
-                while !done.load(Ordering::Relaxed) {
-                    rounds += 1;
+                let mut checks = 0u64;
+                start.wait();
+                for round in 1..=DISTURB_ROUNDS {
                     match disturb {
-                        Disturb::Zap => zap_something(mmu, &mut rng, rounds),
+                        Disturb::Zap => zap_something(mmu, &mut rng, round),
                         _ => flip_a_host_page(mmu, &mut rng, expected),
                     }
-                    if rounds.is_multiple_of(4) {
-                        check_while_running(name, mmu, slot, rounds);
+                    if round.is_multiple_of(4) {
+                        check_while_running(name, mmu, slot, round);
                         checks += 1;
                     }
                     std::thread::yield_now();
                 }
-                (rounds, checks)
+                done.store(true, Ordering::Release);
+                checks
             })
         });
         let threads: Vec<_> = vcpus
             .into_iter()
             .enumerate()
             .map(|(i, mut vcpu)| {
-                let start = &start;
+                let (start, done) = (&start, &done);
                 s.spawn(move || {
                     // Same gfns in the same order, so the vCPUs fault the same pages at the same time;
                     // the access kinds differ.
@@ -90,7 +95,9 @@ fn run(name: &'static str, cfg: MmuConfig, host: HostConfig, disturb: Disturb) {
                     let mut kinds = Lcg(i as u64 + 1);
                     let mut seen = Seen::new();
                     start.wait();
-                    for n in 0..ACCESSES {
+                    let mut n = 0;
+                    while n < ACCESSES || !done.load(Ordering::Acquire) {
+                        n += 1;
                         let gfn = gfns.below(PAGES);
                         let kind = [Read, Write, Read, Exec][kinds.below(4) as usize];
                         match vcpu.access(mmu, Gfn(gfn).gpa(), kind) {
@@ -107,12 +114,11 @@ fn run(name: &'static str, cfg: MmuConfig, host: HostConfig, disturb: Disturb) {
                 })
             })
             .collect();
-        // Join everything before propagating a panic: the disturbing thread stops only when told.
+        // Join everything before propagating a panic.
         let results: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
-        done.store(true, Ordering::Relaxed);
         if let Some(disturber) = disturber {
-            let (rounds, checks) = disturber.join().expect("the disturbing thread panicked");
-            assert!(checks > 0, "{name}: the disturbing thread ran {rounds} rounds");
+            let checks = disturber.join().expect("the disturbing thread panicked");
+            assert_eq!(checks, DISTURB_ROUNDS / 4, "{name}: every check ran while the vCPUs ran");
         }
         results.into_iter().map(|r| r.expect("a vCPU thread panicked")).collect()
     });

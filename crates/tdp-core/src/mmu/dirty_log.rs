@@ -65,8 +65,6 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                 };
                 if new != old {
                     mmu.set_spte_exclusive(as_id, &mut it, new);
-                }
-                if new != old || may_hide_stale_write(&fmt, old) {
                     flush = flush.merge(Flush::range(as_id, it.gfn(), level.pages()));
                 }
                 it.next();
@@ -141,8 +139,6 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                     let new = fmt.write_protected(old);
                     if new != old {
                         mmu.set_spte_exclusive(slot.as_id, &mut it, new);
-                    }
-                    if new != old || may_hide_stale_write(&fmt, old) {
                         flush = flush.merge(Flush::range(slot.as_id, it.gfn(), level.pages()));
                     }
                 }
@@ -277,7 +273,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             let (lo, hi) = (start.max(base) - base, end.min(base + l2_pages) - base);
             let table = self.host.table(it.old_spte.pfn());
             let entries = &table[lo as usize..hi as usize];
-            if self.protect_leaves_one_by_one(as_id, entries, Gfn(base + lo), self.clear_bit()) {
+            if self.protect_leaves_one_by_one(as_id, entries, Gfn(base + lo), self.clear_mask()) {
                 *flush = flush.merge(Flush::range(as_id, Gfn(base + lo), hi - lo));
             }
             return 1;
@@ -295,12 +291,10 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             if let Some(table) = fmt.child_table(spte, Level::L2) {
                 tables[count] = table.0 << 9 | i as u64;
                 count += 1;
-            } else if spte.is_present() && spte.is_leaf(Level::L2) && spte.is_writable() {
+            } else if spte.is_present() && spte.is_leaf(Level::L2) && fmt.write_protected(spte) != spte {
                 let new = fmt.write_protected(spte);
                 let old = self.write_spte_exclusive(entry, spte, new);
                 self.handle_changed_spte(as_id, gfn, old, new, Level::L2, LockMode::Exclusive);
-                *flush = flush.merge(Flush::range(as_id, gfn, l2_pages));
-            } else if spte.is_present() && spte.is_leaf(Level::L2) && may_hide_stale_write(&fmt, spte) {
                 *flush = flush.merge(Flush::range(as_id, gfn, l2_pages));
             }
         }
@@ -317,6 +311,13 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             *flush = flush.merge(Flush::range(as_id, Gfn(lo), hi - lo));
         }
         len
+    }
+
+    /// What write protection clears in a 4 KiB leaf: [`Mmu::clear_bit`], plus the saved W of an
+    /// access-tracked leaf (aging owes no flush, so a TLB may still hold the W it saved: clearing it
+    /// changes the leaf, and the change's flush removes that W).
+    fn clear_mask(&self) -> u64 {
+        self.clear_bit() | if self.config.pml { 0 } else { self.format().access_tracked_write_bit() }
     }
 
     /// The bit the enable-logging pass clears in 4 KiB leaves: D with PML, else W.
@@ -341,9 +342,9 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         // writable entry, only when the bit is clear (KVM's `spte_needs_atomic_update`), and only lock
         // holders clear them: with both set (or without A/D bits) nothing but us writes the entry.
         let ready = MMU_PRESENT | fmt.accessed_mask() | fmt.dirty_mask() | clear;
-        // Access-tracked leaves (EPT without A/D) lost W to aging without a flush: a span holding one
-        // owes a flush although nothing in it changes (see `may_hide_stale_write`).
-        let look_at = clear | fmt.access_tracked_marker();
+        // Access-tracked leaves (EPT without A/D) keep their W in a saved bit, which protection clears
+        // too; no ready entry has it (a ready entry has W, a tracked one has not).
+        let look_at = self.clear_mask();
         let (spans, _) = self.host.table(table).as_chunks::<SPAN>();
         let mut changed = false;
         for (n, span) in spans.iter().enumerate() {
@@ -370,7 +371,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
                     changed = true;
                 } else if or_all(chunk) & look_at != 0 {
                     // Some entry has the bit (or is access-tracked), but not every entry is ready.
-                    changed |= self.protect_leaves_one_by_one(as_id, chunk, first, clear);
+                    changed |= self.protect_leaves_one_by_one(as_id, chunk, first, look_at);
                 }
             }
         }
@@ -412,7 +413,6 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             // Relaxed: see `protect_leaf_table`; the AND below covers hardware's updates.
             let old = entry.load(Ordering::Relaxed);
             if old & MMU_PRESENT == 0 || old & clear == 0 {
-                changed |= may_hide_stale_write(&fmt, Spte(old));
                 continue;
             }
             // Hardware sets A, or D on a writable entry, with a locked update when the bit is clear.
@@ -442,15 +442,6 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         self.set_spte_exclusive(as_id, it, self.format().nonleaf(child));
         self.count_split(level);
     }
-}
-
-/// Whether a present leaf that needs no change may still hide a writable translation in some TLB: an
-/// access-tracked, MMU-writable leaf lost W when aging tracked it, and aging owes no flush (KVM's rule).
-/// A dirty-logging pass that meets one owes its flush all the same, or a write through the stale entry
-/// would go unrecorded. (KVM flushes unconditionally after these passes, which covers the same case.)
-#[inline]
-fn may_hide_stale_write(fmt: &crate::spte::SpteFormat, spte: Spte) -> bool {
-    fmt.is_access_tracked(spte) && fmt.is_mmu_writable(spte)
 }
 
 /// The pages of a memslot that a re-protect mask names: gfns `[start, end)`, clipped to the slot.

@@ -112,18 +112,15 @@ impl EntryCheck<'_> {
 
     /// When hardware sees no translation at `at` because aging made the leaf access-tracked (EPT without
     /// A/D bits), the cached entry is allowed to outlive it (aging owes no flush, KVM's rule) as long as
-    /// it names the same frame and no right the fast path would not give back: the leaf's saved R and
-    /// X, and W if it is MMU-writable. Returns the leaf's level then.
+    /// it names the same frame and no right the leaf did not save (what the fast path gives back).
+    /// Returns the leaf's level then.
     fn aged_leaf(&self, at: Gfn) -> Option<Level> {
         let fmt = self.mmu.format();
         let (spte, level) = self.mmu.lookup_in(self.root, at)?;
         if !fmt.is_access_tracked(spte) {
             return None;
         }
-        let mut restorable = fmt.access(fmt.access_restored(spte));
-        if fmt.is_mmu_writable(spte) {
-            restorable |= tdp_core::spte::Access::WRITE;
-        }
+        let restorable = fmt.access(fmt.access_restored(spte));
         let pfn = spte.pfn().add(at.0 - at.align_down(level).0);
         (pfn == self.cached.pfn.add(at.0 - self.gfn.0) && restorable.contains(self.cached.rights))
             .then_some(level)

@@ -142,7 +142,7 @@ impl Ctx<'_> {
         }
         if self.fmt.is_access_tracked(spte) {
             // Aged without A/D bits: hardware must fault on it (not present) and what the fast path
-            // restores (R and X, W through MMU-writable) must stay within what the slot allows.
+            // restores (the saved rights, W through MMU-writable) must stay within what the slot allows.
             let mut restorable = self.fmt.access(self.fmt.access_restored(spte));
             if self.fmt.is_mmu_writable(spte) {
                 restorable |= Access::WRITE;

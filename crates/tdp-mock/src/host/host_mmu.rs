@@ -55,6 +55,12 @@ pub enum HostMmuError {
         /// The host address.
         hva: u64,
     },
+    /// One of the pages is already merged with another: the mock merges pairs only.
+    #[error("host page {hva:#x} is already shared")]
+    AlreadyShared {
+        /// The host address.
+        hva: u64,
+    },
     /// The pages to merge do not hold the same bytes.
     #[error("host pages {a:#x} and {b:#x} differ: KSM merges only identical pages")]
     NotIdentical {
@@ -193,23 +199,28 @@ impl HostMmu {
         }
     }
 
-    /// Runs `change` on the state between the hook's start and end for `pages` pages from `page`.
+    /// Runs `change` on the state between the hook's start and end for `pages` pages from `page`, widened
+    /// to whole host huge pages of `huge` pages: changing one page of a huge host mapping splits it, and
+    /// Linux invalidates the whole huge range when it splits (a transparent huge page's split runs the
+    /// notifier over all of it), or a fault could still install a huge leaf over the changed page.
     fn bracketed<T>(
         &self,
-        page: u64,
-        pages: u64,
+        (page, pages, huge): (u64, u64, u64),
         change: impl FnOnce(&mut State) -> Result<T, HostMmuError>,
     ) -> Result<T, HostMmuError> {
         let hook = lock(&self.hook).clone().ok_or(HostMmuError::NoHook)?;
-        let token = hook(HostInvalidation::Start { hva: page << PAGE_SHIFT, pages });
+        let huge = huge.max(1);
+        let first = page - page % huge;
+        let end = page.saturating_add(pages).div_ceil(huge).saturating_mul(huge);
+        let token = hook(HostInvalidation::Start { hva: first << PAGE_SHIFT, pages: end - first });
         let result = change(&mut lock(&self.state));
         hook(HostInvalidation::End { token });
         result
     }
 
     /// Swaps host page `page` out: its frame goes back to the spare frames, its bytes to swap.
-    pub(super) fn swap_out(&self, page: u64, data: &Mutex<DataMap>) -> Result<(), HostMmuError> {
-        self.bracketed(page, 1, |state| {
+    pub(super) fn swap_out(&self, page: u64, huge: u64, data: &Mutex<DataMap>) -> Result<(), HostMmuError> {
+        self.bracketed((page, 1, huge), |state| {
             let pfn = current(state, page)?;
             let bytes = lock(data).remove(&pfn);
             state.swapped.insert(page, bytes);
@@ -222,8 +233,8 @@ impl HostMmu {
     }
 
     /// Moves host page `page` to a spare frame, bytes and all; returns the new frame.
-    pub(super) fn migrate(&self, page: u64, data: &Mutex<DataMap>) -> Result<Pfn, HostMmuError> {
-        self.bracketed(page, 1, |state| {
+    pub(super) fn migrate(&self, page: u64, huge: u64, data: &Mutex<DataMap>) -> Result<Pfn, HostMmuError> {
+        self.bracketed((page, 1, huge), |state| {
             let old = current(state, page)?;
             if matches!(state.map.get(&page), Some(Mapping::Frame { shared: true, .. })) {
                 // A shared frame stays where it is: migrating it would move the other sharers too.
@@ -241,12 +252,23 @@ impl HostMmu {
 
     /// KSM: makes host pages `a` and `b` (identical bytes) share `a`'s frame, read-only; `b`'s frame
     /// goes to the spare frames.
-    pub(super) fn merge(&self, a: u64, b: u64, data: &Mutex<DataMap>) -> Result<(), HostMmuError> {
+    pub(super) fn merge(
+        &self,
+        (a, b): (u64, u64),
+        huge: u64,
+        data: &Mutex<DataMap>,
+    ) -> Result<(), HostMmuError> {
         let (first, pages) = (a.min(b), a.abs_diff(b) + 1);
-        self.bracketed(first, pages, |state| {
+        self.bracketed((first, pages, huge), |state| {
             let (fa, fb) = (current(state, a)?, current(state, b)?);
             if fa == fb {
                 return Ok(());
+            }
+            // Only unshared pages: `b`'s frame is freed below, which must leave no other page on it.
+            for page in [a, b] {
+                if matches!(state.map.get(&page), Some(Mapping::Frame { shared: true, .. })) {
+                    return Err(HostMmuError::AlreadyShared { hva: page << PAGE_SHIFT });
+                }
             }
             let mut data = lock(data);
             // A frame never written reads as zeros, like one written with zeros.
@@ -266,8 +288,8 @@ impl HostMmu {
     }
 
     /// Copy-on-write: gives host page `page`, shared by KSM, a private copy in a spare frame.
-    pub(super) fn break_cow(&self, page: u64, data: &Mutex<DataMap>) -> Result<(), HostMmuError> {
-        self.bracketed(page, 1, |state| {
+    pub(super) fn break_cow(&self, page: u64, huge: u64, data: &Mutex<DataMap>) -> Result<(), HostMmuError> {
+        self.bracketed((page, 1, huge), |state| {
             let Some(Mapping::Frame { pfn: shared, shared: true }) = state.map.get(&page).copied() else {
                 return Ok(()); // Another thread broke it first.
             };

@@ -375,14 +375,14 @@ impl MockHost {
     /// # Errors
     /// [`HostMmuError`]; nothing changed.
     pub fn swap_out(&self, hva: u64) -> Result<(), HostMmuError> {
-        self.0.host_mmu.swap_out(hva >> PAGE_SHIFT, &self.0.data)
+        self.0.host_mmu.swap_out(hva >> PAGE_SHIFT, self.huge_pages(), &self.0.data)
     }
     /// Moves the host page at `hva` to a spare frame (page migration, compaction); returns the frame.
     ///
     /// # Errors
     /// [`HostMmuError`]; nothing changed.
     pub fn migrate_page(&self, hva: u64) -> Result<Pfn, HostMmuError> {
-        self.0.host_mmu.migrate(hva >> PAGE_SHIFT, &self.0.data)
+        self.0.host_mmu.migrate(hva >> PAGE_SHIFT, self.huge_pages(), &self.0.data)
     }
     /// KSM: merges the identical host pages at `a` and `b` into one read-only frame; a write through
     /// either breaks the sharing again (copy-on-write, inside the VM's next translation for a write).
@@ -390,7 +390,11 @@ impl MockHost {
     /// # Errors
     /// [`HostMmuError`], e.g. when the pages differ; nothing changed.
     pub fn ksm_merge(&self, a: u64, b: u64) -> Result<(), HostMmuError> {
-        self.0.host_mmu.merge(a >> PAGE_SHIFT, b >> PAGE_SHIFT, &self.0.data)
+        self.0.host_mmu.merge((a >> PAGE_SHIFT, b >> PAGE_SHIFT), self.huge_pages(), &self.0.data)
+    }
+    /// Pages in the largest host mapping: a change to one page invalidates all of them (the split).
+    pub(crate) fn huge_pages(&self) -> u64 {
+        self.0.config.host_level.min(Level::L3).pages()
     }
     /// The frame the host page at `hva` lives in now (`None` while swapped out).
     pub fn host_frame(&self, hva: u64) -> Option<Pfn> {

@@ -89,7 +89,7 @@ impl MockHost {
                 super::host_mmu::Resolved::NeedsCow => {
                     self.0
                         .host_mmu
-                        .break_cow(page, &self.0.data)
+                        .break_cow(page, self.huge_pages(), &self.0.data)
                         .map_err(|_| HostFaultError::NoPage { gfn })?;
                 }
                 super::host_mmu::Resolved::Unavailable => return Err(HostFaultError::NoPage { gfn }),

@@ -1,0 +1,264 @@
+//! The host's side under load: two vCPU threads write and read a slot while a host thread, for a fixed
+//! number of operations, swaps pages out, migrates them, merges identical pages (KSM), ages ranges
+//! (lockless), zaps ranges, toggles dirty logging and invalidates roots; the vCPUs' writes to merged
+//! pages break the sharing (copy-on-write inside a translation). Every so many host operations all
+//! threads park at a quiescent point and the checkers run.
+//!
+//! Progress is counted, never timed: the host thread runs exactly `HOST_OPS` operations; the vCPUs run
+//! at least `ACCESSES` accesses each and keep going until the host thread is done; the quiescent points
+//! come every `CHECK_EVERY` host operations, with every thread parked on a barrier.
+//!
+//! Checks: I1 (no leaf maps a frame the host took away: `check_translations` against the host MMU's
+//! current frames, at every quiescent point), I3 (`check_tlbs`, with aging's no-flush rule), "no write
+//! lost" (each vCPU's last value in each of its pages is found where the host keeps the page now,
+//! swapped out or not), and I1-I3 with I2 (`check_all`) at the end.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+
+use common::{CONFIGS, Lcg, Vm};
+use tdp_core::addr::{AsId, Gfn, Gpa, Level, PAGE_SHIFT, Pfn, SlotId};
+use tdp_core::memslot::{Memslot, SlotFlags};
+use tdp_core::mmu::Mmu;
+use tdp_mock::checker::check_translations_in;
+use tdp_mock::{HostConfig, HostMmuError, MockHost, Tlb, Vcpu, VcpuError, check_tlbs};
+
+/// Pages in the slot. The last `KSM_PAGES` stay zero (the vCPUs write zeros there), so the host can merge
+/// them; the others are written by the vCPUs, vCPU `i` owning the gfns `g` with `g % 2 == i`.
+const PAGES: u64 = 0x400;
+const KSM_PAGES: u64 = 0x40;
+const WRITTEN: u64 = PAGES - KSM_PAGES;
+/// Host operations per configuration.
+const HOST_OPS: u64 = 600;
+/// Host operations between two quiescent points.
+const CHECK_EVERY: u64 = 60;
+/// Accesses each vCPU makes at least.
+const ACCESSES: u64 = 4000;
+/// Spare frames the host moves pages to.
+const SPARES: u64 = 256;
+/// Livelock reports (an access retried 64 times, e.g. while the host holds an invalidation) a vCPU
+/// tolerates in a row before the test fails.
+const MAX_LIVELOCKS: u32 = 100_000;
+
+/// What the threads share.
+struct Shared {
+    /// Set by the host thread when a quiescent point is due; the vCPUs park on `barrier`.
+    pause: AtomicBool,
+    barrier: Barrier,
+    /// Set when the host thread has run all its operations.
+    host_done: AtomicBool,
+    /// The last value written to each page (0: never).
+    last: Vec<AtomicU64>,
+    /// What went wrong. A failing thread records it and keeps taking part in the quiescent points
+    /// (a panic would leave the others waiting on the barrier forever); the test fails after the join.
+    errors: std::sync::Mutex<Vec<String>>,
+    failed: AtomicBool,
+}
+
+impl Shared {
+    fn fail(&self, error: String) {
+        self.errors.lock().expect("not poisoned").push(error);
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// A vCPU's side of the quiescent point: park while the host checks.
+    fn park_if_asked(&self) {
+        if self.pause.load(Ordering::Acquire) {
+            self.barrier.wait();
+            self.barrier.wait();
+        }
+    }
+}
+
+#[test]
+fn host_side_stress_faults_race_swap_migration_ksm_aging_zaps_logging_and_root_invalidation() {
+    for (name, cfg) in CONFIGS {
+        let host_cfg = HostConfig { host_level: Level::L2, yield_every: Some(97), ..HostConfig::default() };
+        let mut vm = Vm::new(name, cfg, host_cfg, 2);
+        let slot = vm.add_slot(0, 0, PAGES, SlotFlags::empty());
+        let spare = Pfn((vm.host().guest_ram_base() >> PAGE_SHIFT) + (1 << 20));
+        vm.host().add_spare_frames(spare, SPARES);
+        let shared = Shared {
+            pause: AtomicBool::new(false),
+            barrier: Barrier::new(3),
+            host_done: AtomicBool::new(false),
+            last: (0..PAGES).map(|_| AtomicU64::new(0)).collect(),
+            errors: std::sync::Mutex::new(Vec::new()),
+            failed: AtomicBool::new(false),
+        };
+        let mmu = Arc::clone(vm.m.mmu());
+        let vcpus = std::mem::take(&mut vm.vcpus);
+        let results: Vec<Vcpu> = std::thread::scope(|s| {
+            let host = s.spawn(|| host_thread(name, &mmu, slot, &shared));
+            let threads: Vec<_> = vcpus
+                .into_iter()
+                .enumerate()
+                .map(|(i, vcpu)| {
+                    let (mmu, shared) = (&mmu, &shared);
+                    s.spawn(move || vcpu_thread(name, i as u64, vcpu, mmu, shared))
+                })
+                .collect();
+            let vcpus: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
+            host.join().expect("the host thread panicked");
+            vcpus.into_iter().map(|r| r.expect("a vCPU thread panicked")).collect()
+        });
+        vm.vcpus = results;
+        let errors = shared.errors.lock().expect("not poisoned").clone();
+        assert!(errors.is_empty(), "{name}: {errors:#?}");
+        // Deterministic endings, so that every kind of change happened at least once whatever the
+        // interleaving: a merge and a write to it (copy-on-write), a swap-out and a read (swap-in).
+        let host = vm.host().clone();
+        let (ka, kb) = (slot.host_addr(Gfn(WRITTEN)), slot.host_addr(Gfn(WRITTEN + 1)));
+        for gfn in [WRITTEN, WRITTEN + 1] {
+            // A write first: it breaks any sharing the run left, so the two pages can be merged as a pair.
+            vm.vcpus[0].write_u64(&mmu, Gpa(gfn << PAGE_SHIFT), 0).expect("a write to a zero page");
+        }
+        host.ksm_merge(ka, kb).expect("zero pages merge");
+        vm.vcpus[0].write_u64(&mmu, Gpa(WRITTEN << PAGE_SHIFT), 0).expect("a write to a merged page");
+        host.swap_out(slot.host_addr(Gfn(2))).expect("swap out");
+        vm.vcpus[0].read_u64(&mmu, Gpa(2 << PAGE_SHIFT)).expect("a read swaps it in");
+        let stats = host.host_mmu_stats();
+        eprintln!(
+            "{name}: {stats:?} {:?} {:?}",
+            mmu.stats(),
+            vm.vcpus.iter().map(|v| v.mmu_state().counters).collect::<Vec<_>>()
+        );
+        assert!(stats.swap_outs > 1 && stats.swap_ins > 0 && stats.migrations > 0, "{name}: {stats:?}");
+        assert!(stats.merges > 0 && stats.cow_breaks > 0, "{name}: {stats:?}");
+        check_writes(name, &host, slot, &shared).expect("no write lost");
+        vm.check("the stress run");
+        drop(mmu);
+        vm.teardown();
+    }
+}
+
+fn vcpu_thread(name: &str, i: u64, mut vcpu: Vcpu, mmu: &Mmu<MockHost>, shared: &Shared) -> Vcpu {
+    let mut rng = Lcg(0xab5 + i);
+    let mut n = 0u64;
+    while n < ACCESSES || !shared.host_done.load(Ordering::Acquire) {
+        shared.park_if_asked();
+        if shared.failed.load(Ordering::Acquire) {
+            std::thread::yield_now();
+            continue;
+        }
+        n += 1;
+        let pick = rng.below(8);
+        let (gfn, store) = match pick {
+            // Its own pages: a value that says who wrote it and when.
+            0..=4 => (rng.below(WRITTEN / 2) * 2 + i, Some(((i + 1) << 40) | n)),
+            // The mergeable pages: only zeros, so they stay identical (a write breaks a merge).
+            5 => (WRITTEN + rng.below(KSM_PAGES), Some(0)),
+            _ => (rng.below(PAGES), None),
+        };
+        let gpa = Gpa((gfn << PAGE_SHIFT) + 8 * i);
+        let mut livelocks = 0;
+        while !shared.failed.load(Ordering::Acquire) {
+            let result = match store {
+                Some(value) => vcpu.write_u64(mmu, gpa, value).map(|_| ()),
+                None => vcpu.read_u64(mmu, gpa).map(|_| ()),
+            };
+            match result {
+                Ok(()) => break,
+                // Faults retry while an invalidation over the page runs; the host thread may be
+                // descheduled inside one. Keep trying, but let a quiescent point through.
+                Err(VcpuError::Livelock { .. }) if livelocks < MAX_LIVELOCKS => {
+                    livelocks += 1;
+                    shared.park_if_asked();
+                    std::thread::yield_now();
+                }
+                Err(e) => shared.fail(format!("{name}: vCPU {i} access {n} to gfn {gfn:#x}: {e}")),
+            }
+        }
+        if let Some(value) = store.filter(|_| gfn < WRITTEN) {
+            shared.last[gfn as usize].store(value, Ordering::Relaxed);
+        }
+    }
+    vcpu
+}
+
+fn host_thread(name: &str, mmu: &Mmu<MockHost>, slot: Memslot, shared: &Shared) {
+    let host = mmu.host();
+    let mut rng = Lcg(0x4057);
+    let mut logging = false;
+    for op in 1..=HOST_OPS {
+        let gfn = rng.below(PAGES);
+        match rng.below(8) {
+            0 => {
+                // Swap out a written page (a swapped one refuses: nothing to do).
+                let _ = host.swap_out(slot.host_addr(Gfn(gfn % WRITTEN)));
+            }
+            1 => match host.migrate_page(slot.host_addr(Gfn(gfn))) {
+                Ok(_) | Err(HostMmuError::Swapped { .. }) => {}
+                Err(e) => shared.fail(format!("{name}: migrating gfn {gfn:#x}: {e}")),
+            },
+            2 => {
+                let other = WRITTEN + rng.below(KSM_PAGES);
+                let _ = host
+                    .ksm_merge(slot.host_addr(Gfn(WRITTEN + gfn % KSM_PAGES)), slot.host_addr(Gfn(other)));
+            }
+            3 => {
+                mmu.age_gfn_range(AsId(0), Gfn(gfn), Gfn(gfn + 1 + rng.below(0x80)));
+            }
+            4 => {
+                let end = (gfn + 1 + rng.below(0x40)).min(PAGES);
+                mmu.write().zap_gfn_range(AsId(0), Gfn(gfn), Gfn(end)).run(host);
+            }
+            5 => {
+                logging = !logging;
+                let flags = if logging { SlotFlags::LOG_DIRTY } else { SlotFlags::empty() };
+                let flush =
+                    mmu.write().set_memslot_flags(AsId(0), SlotId(0), flags).expect("the slot exists");
+                flush.run(host);
+            }
+            6 => {
+                mmu.write().invalidate_roots(None).run(host);
+                mmu.read().zap_invalidated_roots();
+            }
+            _ => {
+                mmu.test_age_gfn_range(AsId(0), Gfn(gfn), Gfn(gfn + 8));
+            }
+        }
+        if op % CHECK_EVERY == 0 {
+            shared.pause.store(true, Ordering::Release);
+            shared.barrier.wait();
+            if let Err(e) =
+                check_quiescent(name, mmu, slot, op).and_then(|()| check_writes(name, host, slot, shared))
+            {
+                shared.fail(e);
+            }
+            shared.pause.store(false, Ordering::Release);
+            shared.barrier.wait();
+        }
+        if shared.failed.load(Ordering::Acquire) {
+            break;
+        }
+    }
+    shared.host_done.store(true, Ordering::Release);
+}
+
+/// I1 and I3 with every vCPU parked: each valid root against the host's current frames, every TLB.
+fn check_quiescent(name: &str, mmu: &Mmu<MockHost>, slot: Memslot, op: u64) -> Result<(), String> {
+    let tlbs = mmu.host().tlbs();
+    let tlbs: Vec<&Tlb> = tlbs.iter().map(|t| &**t).collect();
+    let mut errors = check_tlbs(mmu, &tlbs).err().unwrap_or_default();
+    for root in mmu.roots().into_iter().filter(|r| r.valid) {
+        errors.extend(check_translations_in(mmu, root.pfn, root.as_id, &[slot]).err().unwrap_or_default());
+    }
+    if errors.is_empty() { Ok(()) } else { Err(format!("{name}: host op {op}: {errors:#?}")) }
+}
+
+/// No write lost: each page holds, where the host keeps it now, the last value its vCPU wrote.
+fn check_writes(name: &str, host: &MockHost, slot: Memslot, shared: &Shared) -> Result<(), String> {
+    for gfn in 0..WRITTEN {
+        let expected = shared.last[gfn as usize].load(Ordering::Relaxed);
+        let found = host.read_hva_u64(slot.host_addr(Gfn(gfn)), 8 * (gfn % 2));
+        if found != expected {
+            return Err(format!(
+                "{name}: gfn {gfn:#x} lost a write: holds {found:#x}, last written {expected:#x}"
+            ));
+        }
+    }
+    Ok(())
+}
