@@ -8,11 +8,12 @@
 //!
 //! Keeps: I5 (sizes are validated here, with the values, before KVM sees them).
 
-use kvm_bindings::{
+use std::os::fd::AsFd;
+
+use crate::abi::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
-use kvm_ioctls::{Kvm, VmFd};
 use tdp_core::dirty_ring::{PML_ENTRIES, RESERVED_ENTRIES, RingConfig};
 
 use crate::error::{Errno, Error, Result};
@@ -21,38 +22,8 @@ use crate::sys;
 /// The path of KVM's device node.
 pub const KVM_PATH: &str = "/dev/kvm";
 
-/// Opens `/dev/kvm` with errors that say what is wrong (absent, or not permitted).
-///
-/// # Errors
-/// [`Error::NoKvm`] if the device does not exist, [`Error::KvmPermissionDenied`] if it cannot be opened
-/// for lack of rights, [`Error::Os`] otherwise.
-///
-/// ```
-/// match tdp_kvm::open_kvm() {
-///     Ok(kvm) => assert!(kvm.get_api_version() >= 12),
-///     Err(e) => println!("SKIPPED: {e}"),
-/// }
-/// ```
-pub fn open_kvm() -> Result<Kvm> {
-    Kvm::new().map_err(|e| open_error(KVM_PATH, e.errno()))
-}
-
-/// Opens KVM's device node at `path` (e.g. a `kvm_pvm` node or a test double), with the errors of
-/// [`open_kvm`] naming that path.
-///
-/// # Errors
-/// As [`open_kvm`].
-///
-/// ```
-/// let e = tdp_kvm::open_kvm_at(c"/nonexistent/kvm").unwrap_err();
-/// assert!(matches!(e, tdp_kvm::Error::NoKvm { ref path } if path == "/nonexistent/kvm"));
-/// ```
-pub fn open_kvm_at(path: &std::ffi::CStr) -> Result<Kvm> {
-    Kvm::new_with_path(path).map_err(|e| open_error(&path.to_string_lossy(), e.errno()))
-}
-
 /// What a failed `open` of KVM's device node means.
-fn open_error(path: &str, errno: i32) -> Error {
+pub(crate) fn open_error(path: &str, errno: i32) -> Error {
     match errno {
         libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::NoKvm { path: path.to_owned() },
         libc::EACCES | libc::EPERM => Error::KvmPermissionDenied { path: path.to_owned() },
@@ -121,18 +92,19 @@ impl RingSupport {
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-/// let vm = kvm.create_vm()?;
-/// match tdp_kvm::probe_dirty_ring(&vm) {
+/// let kvm = match tdp_kvm::fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = tdp_kvm::fd::create_vm(&kvm)?;
+/// match tdp_kvm::fd::probe_dirty_ring(&vm) {
 ///     Ok(s) => println!("{} offers up to {} entries", s.cap.name(), s.max_entries()),
 ///     Err(tdp_kvm::Error::NoDirtyRing) => println!("no dirty ring: use the bitmap"),
 ///     Err(e) => return Err(e.into()),
 /// }
 /// # Ok(()) }
 /// ```
-pub fn probe_dirty_ring(vm: &VmFd) -> Result<RingSupport> {
+pub fn probe_dirty_ring(vm: impl AsFd) -> Result<RingSupport> {
+    let vm = vm.as_fd();
     for cap in [RingCap::AcqRel, RingCap::Legacy] {
-        let max = sys::check_extension(sys::borrow(vm), cap.number())?;
+        let max = sys::check_extension(vm.as_fd(), cap.number())?;
         if max > 0 {
             return Ok(RingSupport { cap, max_bytes: u64::from(max.unsigned_abs()) });
         }
@@ -177,9 +149,9 @@ pub fn check_ring_size(support: &RingSupport, entries: u32) -> Result<RingConfig
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use tdp_kvm::Error;
-/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-/// let vm = kvm.create_vm()?;
-/// let (support, cfg) = match tdp_kvm::enable_dirty_ring(&vm, 4096) {
+/// let kvm = match tdp_kvm::fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = tdp_kvm::fd::create_vm(&kvm)?;
+/// let (support, cfg) = match tdp_kvm::fd::enable_dirty_ring(&vm, 4096) {
 ///     Ok(x) => x,
 ///     Err(Error::NoDirtyRing) => { println!("SKIPPED: no dirty ring on this host"); return Ok(()) }
 ///     Err(e) => return Err(e.into()),
@@ -187,15 +159,16 @@ pub fn check_ring_size(support: &RingSupport, entries: u32) -> Result<RingConfig
 /// assert_eq!(cfg.entries(), 4096);
 /// assert!(u64::from(cfg.bytes()) <= support.max_bytes);
 /// // Once vCPUs exist, a second enable is refused with a clear error.
-/// let _vcpu = vm.create_vcpu(0)?;
-/// assert!(matches!(tdp_kvm::enable_dirty_ring(&vm, 4096), Err(Error::RingAfterVcpus { .. })));
+/// let _vcpu = tdp_kvm::fd::create_vcpu(&vm, 0)?;
+/// assert!(matches!(tdp_kvm::fd::enable_dirty_ring(&vm, 4096), Err(Error::RingAfterVcpus { .. })));
 /// # Ok(()) }
 /// ```
-pub fn enable_dirty_ring(vm: &VmFd, entries: u32) -> Result<(RingSupport, RingConfig)> {
+pub fn enable_dirty_ring(vm: impl AsFd, entries: u32) -> Result<(RingSupport, RingConfig)> {
+    let vm = vm.as_fd();
     let support = probe_dirty_ring(vm)?;
     let cfg = check_ring_size(&support, entries)?;
     let bytes = u64::from(cfg.bytes());
-    match sys::enable_cap(sys::borrow(vm), support.cap.number(), bytes) {
+    match sys::enable_cap(vm.as_fd(), support.cap.number(), bytes) {
         Ok(()) => Ok((support, cfg)),
         Err(Errno(libc::EINVAL)) => {
             let pml_min = (RESERVED_ENTRIES + PML_ENTRIES) * 16;
@@ -219,14 +192,15 @@ pub fn enable_dirty_ring(vm: &VmFd, entries: u32) -> Result<(RingSupport, RingCo
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-/// let vm = kvm.create_vm()?;
-/// let flags = tdp_kvm::probe_manual_protect(&vm)?;
+/// let kvm = match tdp_kvm::fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = tdp_kvm::fd::create_vm(&kvm)?;
+/// let flags = tdp_kvm::fd::probe_manual_protect(&vm)?;
 /// println!("manual protect flags offered: {flags:#x}");
 /// # Ok(()) }
 /// ```
-pub fn probe_manual_protect(vm: &VmFd) -> Result<u64> {
-    let answer = sys::check_extension(sys::borrow(vm), KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)?;
+pub fn probe_manual_protect(vm: impl AsFd) -> Result<u64> {
+    let vm = vm.as_fd();
+    let answer = sys::check_extension(vm.as_fd(), KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)?;
     Ok(u64::from(answer.unsigned_abs()))
 }
 
@@ -241,29 +215,30 @@ pub fn probe_manual_protect(vm: &VmFd) -> Result<u64> {
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use tdp_kvm::Error;
-/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-/// let vm = kvm.create_vm()?;
-/// match tdp_kvm::enable_manual_protect(&vm, true) {
+/// let kvm = match tdp_kvm::fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = tdp_kvm::fd::create_vm(&kvm)?;
+/// match tdp_kvm::fd::enable_manual_protect(&vm, true) {
 ///     Ok(()) => println!("KVM_GET_DIRTY_LOG now only copies; KVM_CLEAR_DIRTY_LOG re-protects"),
 ///     Err(Error::CapabilityMissing { name, .. }) => println!("not offered: {name}"),
 ///     Err(e) => return Err(e.into()),
 /// }
 /// # Ok(()) }
 /// ```
-pub fn enable_manual_protect(vm: &VmFd, initially_set: bool) -> Result<()> {
+pub fn enable_manual_protect(vm: impl AsFd, initially_set: bool) -> Result<()> {
+    let vm = vm.as_fd();
     let offered = probe_manual_protect(vm)?;
     let missing = |name| Error::CapabilityMissing { name, number: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 };
-    if offered & u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE) == 0 {
+    if offered & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE == 0 {
         return Err(missing("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"));
     }
-    let mut flags = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+    let mut flags = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
     if initially_set {
-        if offered & u64::from(KVM_DIRTY_LOG_INITIALLY_SET) == 0 {
+        if offered & KVM_DIRTY_LOG_INITIALLY_SET == 0 {
             return Err(missing("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with KVM_DIRTY_LOG_INITIALLY_SET"));
         }
-        flags |= u64::from(KVM_DIRTY_LOG_INITIALLY_SET);
+        flags |= KVM_DIRTY_LOG_INITIALLY_SET;
     }
-    sys::enable_cap(sys::borrow(vm), KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)
+    sys::enable_cap(vm.as_fd(), KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)
         .map_err(|errno| Error::Ioctl { ioctl: "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)", errno })
 }
 

@@ -72,28 +72,40 @@
 //! is checked first; the kernel never writes outside memory we own).
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod abi;
 mod bitmap;
 mod caps;
 mod error;
+pub mod fd;
 mod mapping;
 mod ring;
+mod ring_full;
+#[cfg(feature = "kvm-ioctls")]
 mod run;
 mod sys;
+#[cfg(feature = "kvm-ioctls")]
 pub mod testing;
 mod tracker;
+#[cfg(feature = "kvm-ioctls")]
+mod vmfd;
 
-pub use bitmap::{DirtyLogBuffer, check_clear_range, clear_dirty_log, get_dirty_log};
-pub use caps::{
-    KVM_PATH, RingCap, RingSupport, check_ring_size, enable_dirty_ring, enable_manual_protect, open_kvm,
-    open_kvm_at, probe_dirty_ring, probe_manual_protect,
-};
+pub use bitmap::{ClearRange, DirtyLogBuffer};
+pub use caps::{KVM_PATH, RingCap, RingSupport, check_ring_size};
 pub use error::{Errno, Error, Result};
-pub use ring::{DirtyRing, reset_dirty_rings};
-pub use run::{KVM_EXIT_DIRTY_RING_FULL, RingFullEvent, Throttle, VcpuRunner};
+pub use ring::DirtyRing;
+pub use ring_full::{KVM_EXIT_DIRTY_RING_FULL, RingFullEvent, RingFullHandler, Throttle, is_ring_full_exit};
+#[cfg(feature = "kvm-ioctls")]
+pub use run::VcpuRunner;
 pub use tracker::{
     DirtyRate, DirtySets, DirtyTracker, SlotDirty, SlotSpec, TrackerStats, TrackingMode, VcpuHandle,
     VcpuRate, VcpuStats,
+};
+#[cfg(feature = "kvm-ioctls")]
+pub use vmfd::{
+    clear_dirty_log, enable_dirty_ring, enable_manual_protect, get_dirty_log, open_kvm, open_kvm_at,
+    probe_dirty_ring, probe_manual_protect, reset_dirty_rings,
 };
 
 #[cfg(test)]
@@ -108,7 +120,9 @@ mod tests {
         send_sync::<crate::DirtySets>();
         send::<crate::DirtyRing>();
         send::<crate::DirtyLogBuffer>();
+        #[cfg(feature = "kvm-ioctls")]
         send::<crate::VcpuRunner<'static>>();
+        send::<crate::RingFullHandler<'static>>();
         send_sync::<crate::Error>();
     }
 }

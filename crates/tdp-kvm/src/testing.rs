@@ -91,6 +91,12 @@ impl TestVm {
         Ok(Some(t))
     }
 
+    /// The VM's fd, for the fd API ([`crate::fd`]).
+    #[must_use]
+    pub fn vm_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        crate::sys::borrow(&self.vm)
+    }
+
     /// The host memory of the `i`-th slot given to [`TestVm::new_or_skip`], writable.
     pub fn memory_mut(&mut self, i: usize) -> Option<&mut [u8]> {
         let map = self.mem.get(i)?;

@@ -4,6 +4,9 @@
 //! Keeps: I5 (bad sizes are refused with the rule that broke, before KVM sees them; enabling after vCPUs
 //! exist is reported as such).
 
+// The tests drive VMs through kvm-ioctls (the default feature).
+#![cfg(feature = "kvm-ioctls")]
+
 use kvm_ioctls::{Kvm, VmFd};
 use tdp_core::dirty_ring::{DIRTY_GFN_F_MASK, RingError};
 use tdp_kvm::{

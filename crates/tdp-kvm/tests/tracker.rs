@@ -5,6 +5,9 @@
 //! Keeps: I4 (a collect that fails part-way keeps what it took; restore reports pages again) and I5
 //! (conflicting or empty slots are refused with the values).
 
+// The tests drive VMs through kvm-ioctls (the default feature).
+#![cfg(feature = "kvm-ioctls")]
+
 use tdp_core::addr::{AsId, Gpa, RingSlot, SlotId};
 use tdp_kvm::testing::{LogSetup, TestVm};
 use tdp_kvm::{DirtySets, DirtyTracker, Error, SlotSpec, TrackingMode};

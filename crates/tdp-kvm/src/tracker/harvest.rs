@@ -15,9 +15,9 @@ use tdp_core::dirty_ring::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_MASK, DirtyEntry};
 
 use super::stats::{add, get};
 use super::{DirtySets, DirtyTracker, SlotState, TrackingMode, VcpuState, lock, read};
-use crate::bitmap::{clear_whole_slot, get_dirty_log_fd};
+use crate::bitmap::{clear_whole_slot, get_dirty_log};
 use crate::error::{Error, Result};
-use crate::ring::{DirtyRing, reset_fd};
+use crate::ring::{DirtyRing, reset_dirty_rings};
 
 impl DirtyTracker {
     /// Harvests every source into `fresh` (slots added first) and re-protects. `entries` is scratch for
@@ -43,7 +43,7 @@ impl DirtyTracker {
                     // which the caller moves to the pending set.
                     publish(&slots, fresh, entries);
                 }
-                let reset = reset_fd(self.vm.as_fd())?;
+                let reset = reset_dirty_rings(self.vm.as_fd())?;
                 add(&self.counters.reset_entries, u64::from(reset));
             }
             TrackingMode::GetAndClear | TrackingMode::ClearLog => {
@@ -52,7 +52,7 @@ impl DirtyTracker {
                     let Some(buf) = &s.buf else { continue };
                     let mut buf = lock(buf, "bitmap buffer")?;
                     let key = s.spec.key().raw();
-                    get_dirty_log_fd(self.vm.as_fd(), key, &mut buf)?;
+                    get_dirty_log(self.vm.as_fd(), key, &mut buf)?;
                     let n = fresh
                         .add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages)
                         .merge_words(buf.words());
@@ -93,7 +93,7 @@ impl DirtyTracker {
         add(&v.counters.ring_full_exits, 1);
         // Reset before publishing: a collect that takes these pages from the pending set must find them
         // re-protected. If the reset fails, publish anyway (they were harvested) and report the error.
-        let reset = reset_fd(self.vm.as_fd());
+        let reset = reset_dirty_rings(self.vm.as_fd());
         {
             let slots = read(&self.slots, "slots")?;
             let mut pending = lock(&self.pending, "pending")?;
@@ -158,7 +158,7 @@ impl Batch {
     }
 
     /// Whether no entry is waiting.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "kvm-ioctls"))]
     pub(crate) fn is_empty(&self) -> bool {
         self.buckets.iter().all(|(_, l)| l.is_empty())
     }
@@ -186,7 +186,7 @@ fn publish(slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, batch: &mut Ba
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kvm-ioctls"))]
 mod tests {
     use tdp_core::addr::RingSlot;
     use tdp_core::dirty_ring::DirtyEntry;

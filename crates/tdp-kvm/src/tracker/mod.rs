@@ -27,11 +27,10 @@ mod stats;
 mod types;
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
-use kvm_ioctls::{VcpuFd, VmFd};
 use tdp_core::addr::{PAGE_SHIFT, RingSlot};
 
 pub use dirty_set::{DirtySets, SlotDirty};
@@ -43,7 +42,6 @@ pub(crate) use harvest::Batch;
 use crate::bitmap::DirtyLogBuffer;
 use crate::error::{Error, Result};
 use crate::ring::DirtyRing;
-use crate::sys;
 use stats::{Counters, VcpuCounters, add, get};
 
 struct SlotState {
@@ -98,24 +96,30 @@ fn read<'a, T>(m: &'a RwLock<T>, what: &'static str) -> Result<RwLockReadGuard<'
 }
 
 impl DirtyTracker {
-    /// A tracker for a VM whose dirty tracking is already set up as `mode` says (ring enabled, or manual
-    /// protection enabled, by the caller).
+    /// A tracker for the VM whose fd is `vm`, with dirty tracking already set up as `mode` says (ring
+    /// enabled with [`fd::enable_dirty_ring`](crate::fd::enable_dirty_ring), or manual protection with
+    /// [`fd::enable_manual_protect`](crate::fd::enable_manual_protect), by the caller). The tracker keeps
+    /// a duplicate of the fd, so it issues VM ioctls from any thread without borrowing the caller's.
     ///
     /// # Errors
     /// [`Error::Os`] if the VM fd cannot be duplicated.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tdp_kvm::testing::{LogSetup, TestVm};
-    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
-    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
-    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?; // manual protect enabled by TestVm
-    /// assert_eq!(tracker.mode(), TrackingMode::ClearLog);
+    /// use tdp_kvm::{DirtyTracker, TrackingMode, fd};
+    /// let kvm = match fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+    /// let vm = fd::create_vm(&kvm)?;
+    /// let tracker = DirtyTracker::from_fd(&vm, TrackingMode::GetAndClear)?;
+    /// assert_eq!(tracker.mode(), TrackingMode::GetAndClear);
     /// # Ok(()) }
     /// ```
-    pub fn new(vm: &VmFd, mode: TrackingMode) -> Result<Self> {
+    pub fn from_fd(vm: impl AsFd, mode: TrackingMode) -> Result<Self> {
+        let vm = vm.as_fd().try_clone_to_owned().map_err(|e| Error::Os {
+            op: "fcntl(F_DUPFD_CLOEXEC) of the vm fd",
+            errno: crate::Errno(e.raw_os_error().unwrap_or(0)),
+        })?;
         Ok(DirtyTracker {
-            vm: sys::dup_fd(vm.as_raw_fd())?,
+            vm,
             mode,
             slots: RwLock::new(BTreeMap::new()),
             vcpus: RwLock::new(Vec::new()),
@@ -123,70 +127,6 @@ impl DirtyTracker {
             collect: Mutex::new(Scratch::default()),
             counters: Counters::default(),
         })
-    }
-
-    /// Enables a dirty ring of `entries` entries per vCPU (before any vCPU exists) and returns a ring tracker.
-    ///
-    /// # Errors
-    /// As [`enable_dirty_ring`](crate::enable_dirty_ring).
-    ///
-    /// ```
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tdp_kvm::{DirtyTracker, Error, TrackingMode};
-    /// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-    /// let vm = kvm.create_vm()?;
-    /// match DirtyTracker::with_ring(&vm, 4096) {
-    ///     Ok(t) => assert!(matches!(t.mode(), TrackingMode::Ring(cfg) if cfg.entries() == 4096)),
-    ///     Err(Error::NoDirtyRing) => println!("no ring on this host"),
-    ///     Err(e) => return Err(e.into()),
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn with_ring(vm: &VmFd, entries: u32) -> Result<Self> {
-        let (_, cfg) = crate::enable_dirty_ring(vm, entries)?;
-        DirtyTracker::new(vm, TrackingMode::Ring(cfg))
-    }
-
-    /// A get-and-clear bitmap tracker (nothing to enable).
-    ///
-    /// # Errors
-    /// [`Error::Os`] if the VM fd cannot be duplicated.
-    ///
-    /// ```
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tdp_kvm::testing::{LogSetup, TestVm};
-    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
-    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::GetAndClear)? else { return Ok(()) };
-    /// let tracker = DirtyTracker::with_bitmap(&t.vm)?;
-    /// tracker.register_slot(SlotSpec::new(1, 0x10_0000, 256))?;
-    /// assert!(tracker.collect()?.is_empty(), "no guest ran, nothing is dirty");
-    /// # Ok(()) }
-    /// ```
-    pub fn with_bitmap(vm: &VmFd) -> Result<Self> {
-        DirtyTracker::new(vm, TrackingMode::GetAndClear)
-    }
-
-    /// Enables manual dirty-log protection (optionally `INITIALLY_SET`) and returns a clear-log tracker.
-    /// Enable it before slots get `KVM_MEM_LOG_DIRTY_PAGES`.
-    ///
-    /// # Errors
-    /// As [`enable_manual_protect`](crate::enable_manual_protect).
-    ///
-    /// ```
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tdp_kvm::{DirtyTracker, Error, TrackingMode};
-    /// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-    /// let vm = kvm.create_vm()?;
-    /// match DirtyTracker::with_clear_log(&vm, true) {
-    ///     Ok(t) => assert_eq!(t.mode(), TrackingMode::ClearLog),
-    ///     Err(Error::CapabilityMissing { name, .. }) => println!("no {name} on this host"),
-    ///     Err(e) => return Err(e.into()),
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn with_clear_log(vm: &VmFd, initially_set: bool) -> Result<Self> {
-        crate::enable_manual_protect(vm, initially_set)?;
-        DirtyTracker::new(vm, TrackingMode::ClearLog)
     }
 
     /// The tracking mode.
@@ -297,26 +237,31 @@ impl DirtyTracker {
         Ok(read(&self.slots, "slots")?.values().map(|s| s.spec).collect())
     }
 
-    /// Attaches a vCPU: maps its ring (ring mode) and gives it per-vCPU statistics. Call once per vCPU,
-    /// after creating it and before running it.
+    /// Attaches the vCPU whose fd is `vcpu`: maps its ring (ring mode) and gives it per-vCPU
+    /// statistics. Call once per vCPU, after creating it and before running it.
     ///
     /// # Errors
-    /// [`Error::Mmap`] if the ring cannot be mapped.
+    /// [`Error::RingNotMapped`] / [`Error::Mmap`] if the ring cannot be mapped.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tdp_kvm::testing::{LogSetup, TestVm};
-    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
-    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::Ring(4096))? else { return Ok(()) };
-    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::Ring(t.ring.ok_or("ring")?))?;
-    /// let vcpu = t.vm.create_vcpu(0)?;
-    /// assert_eq!(tracker.attach_vcpu(&vcpu)?.index(), 0);
+    /// use tdp_kvm::{DirtyTracker, Error, TrackingMode, fd};
+    /// let kvm = match fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+    /// let vm = fd::create_vm(&kvm)?;
+    /// let cfg = match fd::enable_dirty_ring(&vm, 4096) {
+    ///     Ok((_, cfg)) => cfg,
+    ///     Err(Error::NoDirtyRing) => { println!("SKIPPED: no ring"); return Ok(()) }
+    ///     Err(e) => return Err(e.into()),
+    /// };
+    /// let tracker = DirtyTracker::from_fd(&vm, TrackingMode::Ring(cfg))?;
+    /// let vcpu = fd::create_vcpu(&vm, 0)?;
+    /// assert_eq!(tracker.attach_vcpu_fd(&vcpu)?.index(), 0);
     /// assert_eq!(tracker.stats()?.per_vcpu.len(), 1);
     /// # Ok(()) }
     /// ```
-    pub fn attach_vcpu(&self, vcpu: &VcpuFd) -> Result<VcpuHandle> {
+    pub fn attach_vcpu_fd(&self, vcpu: impl AsFd) -> Result<VcpuHandle> {
         let ring = match self.mode {
-            TrackingMode::Ring(cfg) => Some(Mutex::new(DirtyRing::map(vcpu, cfg)?)),
+            TrackingMode::Ring(cfg) => Some(Mutex::new(DirtyRing::map_fd(vcpu, cfg)?)),
             TrackingMode::GetAndClear | TrackingMode::ClearLog => None,
         };
         let mut vcpus = self.vcpus.write().map_err(|_| Error::Poisoned { what: "vcpus" })?;
