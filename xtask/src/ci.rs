@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::{bochs as bochs_hv, cmd, fuzz, install, nostd};
+use crate::{bochs as bochs_hv, cmd, compat, fuzz, install, nostd};
 
 /// Proptest cases per property when the caller did not set `PROPTEST_CASES`: half of proptest's default
 /// of 256, to keep the test step within CI's time budget on two cores. Export `PROPTEST_CASES` to change.
@@ -44,6 +44,11 @@ pub const STEPS: &[Step] = &[
         name: "test",
         what: "cargo test --workspace (includes the tidy test), then cargo run -q -p tdp-examples --example kvm_dirty_ring",
         run: test,
+    },
+    Step {
+        name: "compat",
+        what: "cargo tree: tdp-kvm --no-default-features has no kvm-ioctls; fmt, clippy and run the VMMs of compat/kvm-ioctls-{0.19,0.22,0.25} on /dev/kvm (target/compat)",
+        run: || compat::run(true),
     },
     Step {
         name: "bochs",
@@ -94,6 +99,9 @@ pub fn fmt_write() -> Result<()> {
     cmd::run(cmd::cargo().args(["fmt", "--all"]))?;
     cmd::run(cmd::cargo().args(["fmt", "--manifest-path", "crates/tdp-core/fuzz/Cargo.toml"]))?;
     cmd::run(nostd::proof_cargo().arg("fmt"))?;
+    for dir in compat::CRATES {
+        cmd::run(cmd::cargo().args(["fmt", "--manifest-path", &format!("{dir}/Cargo.toml")]))?;
+    }
     cmd::run(bochs_hv::kernel_cargo().arg("fmt"))
 }
 
@@ -160,6 +168,9 @@ mod tests {
     #[test]
     fn ci_runs_every_habit16_step_in_order() {
         let names: Vec<&str> = STEPS.iter().map(|s| s.name).collect();
-        assert_eq!(names, ["install", "fmt", "clippy", "test", "bochs", "loom", "doc", "nostd", "fuzz"]);
+        assert_eq!(
+            names,
+            ["install", "fmt", "clippy", "test", "compat", "bochs", "loom", "doc", "nostd", "fuzz"]
+        );
     }
 }
