@@ -195,6 +195,16 @@ pub enum Error {
         /// Its guest-physical base.
         guest_base: u64,
     },
+    /// A VMM bitmap attached to a slot covers another number of pages than the slot.
+    #[error("memslot {slot:?} has {pages} pages but the VMM bitmap attached to it covers {bitmap_pages}")]
+    VmmBitmapSize {
+        /// The memslot.
+        slot: RingSlot,
+        /// The slot's pages.
+        pages: u64,
+        /// The bitmap's pages.
+        bitmap_pages: u64,
+    },
     /// The vCPU is not attached to the tracker (or its index is out of range).
     #[error("vCPU {index} is not attached to this tracker")]
     VcpuNotAttached {

@@ -90,6 +90,7 @@ pub mod testing;
 mod tracker;
 #[cfg(feature = "kvm-ioctls")]
 mod vmfd;
+mod vmm_bitmap;
 
 pub use bitmap::{ClearRange, DirtyLogBuffer};
 pub use caps::{KVM_PATH, RingCap, RingSupport, check_ring_size};
@@ -107,6 +108,7 @@ pub use vmfd::{
     clear_dirty_log, enable_dirty_ring, enable_manual_protect, get_dirty_log, open_kvm, open_kvm_at,
     probe_dirty_ring, probe_manual_protect, reset_dirty_rings,
 };
+pub use vmm_bitmap::VmmBitmap;
 
 #[cfg(test)]
 mod tests {

@@ -22,6 +22,7 @@
 //! [`TrackerStats`] and skipped; nothing is indexed with them).
 
 mod dirty_set;
+mod external;
 mod harvest;
 mod stats;
 mod types;
@@ -42,12 +43,15 @@ pub(crate) use harvest::Batch;
 use crate::bitmap::DirtyLogBuffer;
 use crate::error::{Error, Result};
 use crate::ring::DirtyRing;
+use crate::vmm_bitmap::VmmBitmap;
 use stats::{Counters, VcpuCounters, add, get};
 
 struct SlotState {
     spec: SlotSpec,
     /// The reusable `KVM_GET_DIRTY_LOG` buffer (bitmap modes only).
     buf: Option<Mutex<DirtyLogBuffer>>,
+    /// The VMM's own writes into the slot ([`DirtyTracker::attach_vmm_bitmap`]).
+    vmm: Option<VmmBitmap>,
 }
 
 /// What a collect reuses from one call to the next.
@@ -57,6 +61,8 @@ struct Scratch {
     fresh: DirtySets,
     /// Validated ring entries, bucketed by slot, before they enter `fresh`.
     entries: Batch,
+    /// Offsets taken from VMM bitmaps, before they enter `fresh`.
+    offsets: Vec<u64>,
 }
 
 pub(crate) struct VcpuState {
@@ -185,7 +191,7 @@ impl DirtyTracker {
             }
         }
         lock(&self.pending, "pending")?.add_slot(key, spec.guest_base, spec.pages);
-        slots.insert(key.raw(), SlotState { spec, buf });
+        slots.insert(key.raw(), SlotState { spec, buf, vmm: None });
         Ok(())
     }
 
@@ -328,10 +334,11 @@ impl DirtyTracker {
     /// ```
     pub fn collect_into(&self, out: &mut DirtySets) -> Result<u64> {
         let mut scratch = lock(&self.collect, "collect")?;
-        let Scratch { fresh, entries } = &mut *scratch;
+        let Scratch { fresh, entries, offsets } = &mut *scratch;
         fresh.clear();
         entries.clear();
-        if let Err(e) = self.harvest_all(fresh, entries) {
+        if let Err(e) = self.harvest_all(fresh, entries).and_then(|()| self.take_vmm_bitmaps(fresh, offsets))
+        {
             // Nothing is lost: what was taken from KVM goes to the pending set for the next collect.
             lock(&self.pending, "pending")?.merge(fresh);
             fresh.clear();
