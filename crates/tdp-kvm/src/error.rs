@@ -195,6 +195,14 @@ pub enum Error {
         /// Its guest-physical base.
         guest_base: u64,
     },
+    /// The operation needs another tracking mode than the tracker's.
+    #[error("{op} is not available in tracking mode {mode:?}")]
+    WrongMode {
+        /// The operation.
+        op: &'static str,
+        /// The tracker's mode.
+        mode: crate::TrackingMode,
+    },
     /// A VMM bitmap attached to a slot covers another number of pages than the slot.
     #[error("memslot {slot:?} has {pages} pages but the VMM bitmap attached to it covers {bitmap_pages}")]
     VmmBitmapSize {

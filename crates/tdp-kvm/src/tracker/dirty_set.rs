@@ -9,6 +9,8 @@
 //!
 //! Keeps: I4 (merging never drops a page) and I5 (a page outside its slot is refused, never indexed).
 
+mod shapes;
+
 use std::collections::BTreeMap;
 
 use tdp_core::addr::{Gpa, PAGE_SHIFT, RingSlot};

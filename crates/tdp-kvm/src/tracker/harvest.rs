@@ -46,7 +46,7 @@ impl DirtyTracker {
                 let reset = reset_dirty_rings(self.vm.as_fd())?;
                 add(&self.counters.reset_entries, u64::from(reset));
             }
-            TrackingMode::GetAndClear | TrackingMode::ClearLog => {
+            TrackingMode::GetAndClear | TrackingMode::ClearLog | TrackingMode::ClearLogChunked => {
                 let clear = self.mode == TrackingMode::ClearLog;
                 for s in slots.values() {
                     let Some(buf) = &s.buf else { continue };

@@ -21,6 +21,7 @@
 //! back) and I5 (ring entries naming an unknown slot or an offset beyond their slot are counted in
 //! [`TrackerStats`] and skipped; nothing is indexed with them).
 
+mod chunked;
 mod dirty_set;
 mod external;
 mod harvest;
@@ -169,7 +170,7 @@ impl DirtyTracker {
         };
         let buf = match self.mode {
             TrackingMode::Ring(_) => None,
-            TrackingMode::GetAndClear | TrackingMode::ClearLog => {
+            TrackingMode::GetAndClear | TrackingMode::ClearLog | TrackingMode::ClearLogChunked => {
                 Some(Mutex::new(DirtyLogBuffer::new(spec.pages)?))
             }
         };
@@ -268,7 +269,7 @@ impl DirtyTracker {
     pub fn attach_vcpu_fd(&self, vcpu: impl AsFd) -> Result<VcpuHandle> {
         let ring = match self.mode {
             TrackingMode::Ring(cfg) => Some(Mutex::new(DirtyRing::map_fd(vcpu, cfg)?)),
-            TrackingMode::GetAndClear | TrackingMode::ClearLog => None,
+            TrackingMode::GetAndClear | TrackingMode::ClearLog | TrackingMode::ClearLogChunked => None,
         };
         let mut vcpus = self.vcpus.write().map_err(|_| Error::Poisoned { what: "vcpus" })?;
         vcpus.push(Arc::new(VcpuState { ring, counters: VcpuCounters::default() }));

@@ -5,11 +5,18 @@ use tdp_core::dirty_ring::RingConfig;
 
 /// How the tracker learns which pages were dirtied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TrackingMode {
     /// `KVM_GET_DIRTY_LOG` without manual protection: get-and-clear per slot.
     GetAndClear,
     /// `KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG` with `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled.
     ClearLog,
+    /// Manual protection, cleared chunk by chunk by the caller: a collect only copies KVM's log; the
+    /// caller clears each 64-page chunk ([`DirtyTracker::clear_chunk`](crate::DirtyTracker::clear_chunk))
+    /// right before copying its pages, so no page is re-protected long before it is read, and a page
+    /// written after its chunk's clear is reported by the next collect. A chunk never cleared stays dirty
+    /// in KVM's log and is reported again: nothing is lost.
+    ClearLogChunked,
     /// Per-vCPU dirty rings of this geometry, enabled before any vCPU was created.
     Ring(RingConfig),
 }
