@@ -42,7 +42,7 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "test",
-        what: "cargo test --workspace (includes the tidy test), cargo test -p tdp-kvm --all-features --test vm_memory, then cargo run -q -p tdp-examples --example kvm_dirty_ring",
+        what: "cargo test --workspace (includes the tidy test), cargo test -p tdp-kvm --all-features --lib --test vm_memory, then cargo run -q -p tdp-examples --example kvm_dirty_ring",
         run: test,
     },
     Step {
@@ -135,9 +135,9 @@ fn test() -> Result<()> {
         cargo.env("PROPTEST_CASES", DEFAULT_PROPTEST_CASES);
     }
     cmd::run(&mut cargo)?;
-    // tdp-kvm's vm-memory test needs the non-default feature (the README's vm-memory wiring runs above,
+    // tdp-kvm's vm-memory test and serde round trips need non-default features (the README's vm-memory wiring runs above,
     // as a doctest of tdp-examples, which enables it).
-    cmd::run(cmd::cargo().args(["test", "-p", "tdp-kvm", "--all-features", "--test", "vm_memory"]))?;
+    cmd::run(cmd::cargo().args(["test", "-p", "tdp-kvm", "--all-features", "--lib", "--test", "vm_memory"]))?;
     // The /dev/kvm example is the first thing a VMM author runs, so CI runs it too (a few seconds; it
     // prints SKIPPED and succeeds where /dev/kvm cannot be opened).
     cmd::run(cmd::cargo().args(["run", "-q", "-p", "tdp-examples", "--example", "kvm_dirty_ring"]))

@@ -195,6 +195,28 @@ pub enum Error {
         /// Its guest-physical base.
         guest_base: u64,
     },
+    /// Dirty runs (e.g. deserialized) that do not describe a set of the slot's pages.
+    #[error("memslot {slot:?}: bad dirty run of {len} pages at page {first}: {why}")]
+    BadDirtyRuns {
+        /// The memslot.
+        slot: RingSlot,
+        /// The run's first page.
+        first: u64,
+        /// The run's length.
+        len: u64,
+        /// The rule it broke.
+        why: &'static str,
+    },
+    /// A dirty epoch that was committed away, or a checkpoint not taken yet.
+    #[error("checkpoint {requested} is not available (kept: {oldest}..={current})")]
+    EpochUnavailable {
+        /// The checkpoint asked for.
+        requested: u64,
+        /// The oldest kept.
+        oldest: u64,
+        /// The latest.
+        current: u64,
+    },
     /// The operation needs another tracking mode than the tracker's.
     #[error("{op} is not available in tracking mode {mode:?}")]
     WrongMode {

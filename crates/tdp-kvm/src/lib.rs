@@ -77,6 +77,7 @@
 pub mod abi;
 mod bitmap;
 mod caps;
+mod epochs;
 mod error;
 pub mod fd;
 mod mapping;
@@ -94,14 +95,15 @@ mod vmm_bitmap;
 
 pub use bitmap::{ClearRange, DirtyLogBuffer};
 pub use caps::{KVM_PATH, RingCap, RingSupport, check_ring_size};
+pub use epochs::DirtyEpochs;
 pub use error::{Errno, Error, Result};
 pub use ring::DirtyRing;
 pub use ring_full::{KVM_EXIT_DIRTY_RING_FULL, RingFullEvent, RingFullHandler, Throttle, is_ring_full_exit};
 #[cfg(feature = "kvm-ioctls")]
 pub use run::VcpuRunner;
 pub use tracker::{
-    DirtyRate, DirtySets, DirtyTracker, SlotDirty, SlotSpec, TrackerStats, TrackingMode, VcpuHandle,
-    VcpuRate, VcpuStats,
+    DirtyRate, DirtySets, DirtyTracker, MAX_SLOT_PAGES, SlotDirty, SlotSpec, TrackerStats, TrackingMode,
+    VcpuHandle, VcpuRate, VcpuStats,
 };
 #[cfg(feature = "kvm-ioctls")]
 pub use vmfd::{

@@ -9,7 +9,11 @@
 //!
 //! Keeps: I4 (merging never drops a page) and I5 (a page outside its slot is refused, never indexed).
 
+#[cfg(feature = "serde")]
+mod serde;
 mod shapes;
+
+pub use shapes::MAX_SLOT_PAGES;
 
 use std::collections::BTreeMap;
 

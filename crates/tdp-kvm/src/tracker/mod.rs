@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use tdp_core::addr::{PAGE_SHIFT, RingSlot};
 
-pub use dirty_set::{DirtySets, SlotDirty};
+pub use dirty_set::{DirtySets, MAX_SLOT_PAGES, SlotDirty};
 pub use stats::{DirtyRate, TrackerStats, VcpuRate, VcpuStats};
 pub use types::{SlotSpec, TrackingMode, VcpuHandle};
 

@@ -33,6 +33,11 @@ pub enum TrackingMode {
 /// assert_eq!(SlotSpec::from_region(1 << 16 | 2, 0, 4096).key(), RingSlot::new(AsId(1), SlotId(2)));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(into = "SlotSpecRepr", from = "SlotSpecRepr")
+)]
 pub struct SlotSpec {
     /// KVM's slot id (the low 16 bits of `kvm_userspace_memory_region.slot`).
     pub id: SlotId,
@@ -81,5 +86,30 @@ impl VcpuHandle {
     #[must_use]
     pub const fn index(self) -> usize {
         self.0
+    }
+}
+
+/// `SlotSpec` as plain numbers, for `serde` (`tdp-core`'s newtypes have no `serde`).
+#[cfg(feature = "serde")]
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SlotSpecRepr {
+    slot: u32,
+    guest_base: u64,
+    pages: u64,
+}
+
+#[cfg(feature = "serde")]
+impl From<SlotSpec> for SlotSpecRepr {
+    fn from(s: SlotSpec) -> Self {
+        SlotSpecRepr { slot: s.key().raw(), guest_base: s.guest_base.0, pages: s.pages }
+    }
+}
+
+#[cfg(feature = "serde")]
+impl From<SlotSpecRepr> for SlotSpec {
+    fn from(r: SlotSpecRepr) -> Self {
+        // Any values are representable; `register_slot` validates them.
+        let key = RingSlot::from_raw(r.slot);
+        SlotSpec { id: key.id(), as_id: key.as_id(), guest_base: Gpa(r.guest_base), pages: r.pages }
     }
 }

@@ -7,10 +7,15 @@
 //!
 //! Keeps: I4 (each shape holds exactly the set's pages: tested against the offsets).
 
-use tdp_core::addr::{Gpa, PAGE_SHIFT};
+use tdp_core::addr::{Gpa, PAGE_SHIFT, RingSlot};
 use tdp_core::dirty_bitmap::{PAGES_PER_WORD, words_for};
 
 use super::{Pages, SlotDirty};
+use crate::error::{Error, Result};
+
+/// KVM's largest memslot in pages (`KVM_MEM_MAX_NR_PAGES`, `(1 << 31) - 1` on 64-bit hosts): the bound on
+/// a slot rebuilt from untrusted data, which keeps its bitmap under 256 MiB.
+pub const MAX_SLOT_PAGES: u64 = (1 << 31) - 1;
 
 impl SlotDirty {
     /// The dirty pages as maximal runs of contiguous pages: `(first page's guest-physical address, bytes)`,
@@ -26,6 +31,61 @@ impl SlotDirty {
     pub fn ranges(&self) -> impl Iterator<Item = (Gpa, u64)> + '_ {
         let base = self.guest_base.0;
         self.page_runs().map(move |(first, n)| (Gpa(base + (first << PAGE_SHIFT)), n << PAGE_SHIFT))
+    }
+
+    /// Rebuilds a set from runs `(first page, pages)` (as [`page_runs`](SlotDirty::page_runs) gives them):
+    /// ascending, non-overlapping, non-empty, inside a slot of at most [`MAX_SLOT_PAGES`] pages. The work
+    /// and memory are bounded by the slot's bitmap, whatever the runs claim.
+    ///
+    /// # Errors
+    /// [`Error::BadDirtyRuns`] naming the first run that breaks a rule (or the slot size).
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gpa, RingSlot, SlotId};
+    /// use tdp_kvm::SlotDirty;
+    /// let slot = RingSlot::new(AsId(0), SlotId(0));
+    /// let s = SlotDirty::from_runs(slot, Gpa(0), 100, &[(3, 2), (10, 1)])?;
+    /// assert_eq!(s.offsets().collect::<Vec<_>>(), [3, 4, 10]);
+    /// assert!(SlotDirty::from_runs(slot, Gpa(0), 100, &[(99, 2)]).is_err(), "past the slot");
+    /// assert!(SlotDirty::from_runs(slot, Gpa(0), 100, &[(10, 1), (3, 1)]).is_err(), "not ascending");
+    /// # Ok::<(), tdp_kvm::Error>(())
+    /// ```
+    pub fn from_runs(slot: RingSlot, guest_base: Gpa, pages: u64, runs: &[(u64, u64)]) -> Result<Self> {
+        let bad = |first, len, why| Err(Error::BadDirtyRuns { slot, first, len, why });
+        if pages > MAX_SLOT_PAGES {
+            return bad(0, pages, "the slot is larger than KVM's largest memslot");
+        }
+        let mut total = 0u64;
+        let mut next_free = 0u64;
+        for &(first, len) in runs {
+            if len == 0 {
+                return bad(first, len, "an empty run");
+            }
+            if first < next_free {
+                return bad(first, len, "runs not ascending or overlapping");
+            }
+            match first.checked_add(len) {
+                Some(end) if end <= pages => next_free = end,
+                _ => return bad(first, len, "a run past the slot's end"),
+            }
+            total += len;
+        }
+        let mut s = SlotDirty::new(slot, guest_base, pages);
+        if total > words_for(pages) {
+            let mut words = vec![0u64; usize::try_from(words_for(pages)).unwrap_or(0)];
+            for &(first, len) in runs {
+                for p in first..first + len {
+                    if let Some(w) = words.get_mut((p / PAGES_PER_WORD) as usize) {
+                        *w |= 1 << (p % PAGES_PER_WORD);
+                    }
+                }
+            }
+            s.set = Pages::Dense { words, count: total };
+        } else {
+            let list: Vec<u64> = runs.iter().flat_map(|&(f, n)| f..f + n).collect();
+            s.set = Pages::Sparse(list);
+        }
+        Ok(s)
     }
 
     /// The dirty pages as maximal runs `(first page offset, pages)`, ascending.
