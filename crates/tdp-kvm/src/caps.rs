@@ -11,8 +11,8 @@
 use std::os::fd::AsFd;
 
 use crate::abi::{
-    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use tdp_core::dirty_ring::{PML_ENTRIES, RESERVED_ENTRIES, RingConfig};
 
@@ -130,8 +130,33 @@ pub fn probe_dirty_ring(vm: impl AsFd) -> Result<RingSupport> {
 /// # Ok::<(), Error>(())
 /// ```
 pub fn check_ring_size(support: &RingSupport, entries: u32) -> Result<RingConfig> {
+    check_ring_size_reserving(support, entries, 0)
+}
+
+/// [`check_ring_size`] for a host whose CPUs drain a dirty log of `cpu_log_entries` entries into the ring
+/// at each exit (Intel PML: [`PML_ENTRIES`], 512; AMD's posted PML may differ). KVM reserves 64 entries
+/// plus that log above the soft limit, and user space cannot ask it how many: a VMM that knows its host
+/// says so here, so the soft limit (where ring-full exits happen) is right.
+///
+/// # Errors
+/// As [`check_ring_size`]; also [`Error::BadRingSize`] if the reserve leaves no room.
+///
+/// ```
+/// use tdp_kvm::{RingCap, RingSupport, check_ring_size_reserving};
+/// let host = RingSupport { cap: RingCap::AcqRel, max_bytes: 1 << 20 };
+/// let cfg = check_ring_size_reserving(&host, 4096, 512)?;
+/// assert_eq!((cfg.reserved(), cfg.soft_limit()), (576, 3520));
+/// assert!(check_ring_size_reserving(&host, 512, 512).is_err(), "the reserve fills the ring");
+/// # Ok::<(), tdp_kvm::Error>(())
+/// ```
+pub fn check_ring_size_reserving(
+    support: &RingSupport,
+    entries: u32,
+    cpu_log_entries: u32,
+) -> Result<RingConfig> {
     let bytes = u64::from(entries) * 16;
-    let cfg = RingConfig::new(entries, 0).map_err(|source| Error::BadRingSize { bytes, source })?;
+    let cfg =
+        RingConfig::new(entries, cpu_log_entries).map_err(|source| Error::BadRingSize { bytes, source })?;
     if bytes > support.max_bytes {
         return Err(Error::RingLargerThanOffered { bytes, max_bytes: support.max_bytes });
     }
@@ -164,9 +189,32 @@ pub fn check_ring_size(support: &RingSupport, entries: u32) -> Result<RingConfig
 /// # Ok(()) }
 /// ```
 pub fn enable_dirty_ring(vm: impl AsFd, entries: u32) -> Result<(RingSupport, RingConfig)> {
+    enable_dirty_ring_reserving(vm, entries, 0)
+}
+
+/// [`enable_dirty_ring`] on a host whose CPUs drain a dirty log of `cpu_log_entries` entries into the ring
+/// (see [`check_ring_size_reserving`]); the returned geometry has KVM's reserve and soft limit.
+///
+/// # Errors
+/// As [`enable_dirty_ring`].
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let kvm = match tdp_kvm::fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = tdp_kvm::fd::create_vm(&kvm)?;
+/// if let Ok((_, cfg)) = tdp_kvm::fd::enable_dirty_ring_reserving(&vm, 4096, 512) {
+///     assert_eq!(cfg.soft_limit(), 4096 - 64 - 512);
+/// }
+/// # Ok(()) }
+/// ```
+pub fn enable_dirty_ring_reserving(
+    vm: impl AsFd,
+    entries: u32,
+    cpu_log_entries: u32,
+) -> Result<(RingSupport, RingConfig)> {
     let vm = vm.as_fd();
     let support = probe_dirty_ring(vm)?;
-    let cfg = check_ring_size(&support, entries)?;
+    let cfg = check_ring_size_reserving(&support, entries, cpu_log_entries)?;
     let bytes = u64::from(cfg.bytes());
     match sys::enable_cap(vm.as_fd(), support.cap.number(), bytes) {
         Ok(()) => Ok((support, cfg)),
@@ -181,6 +229,54 @@ pub fn enable_dirty_ring(vm: impl AsFd, entries: u32) -> Result<(RingSupport, Ri
         }
         Err(Errno(libc::E2BIG)) => Err(Error::RingLargerThanOffered { bytes, max_bytes: support.max_bytes }),
         Err(errno) => Err(Error::Ioctl { ioctl: "KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)", errno }),
+    }
+}
+
+/// Enables `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` on a VM whose ring is enabled with
+/// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` and which has no logged memslot yet (KVM's rules), so writes made
+/// without a running vCPU are logged in each slot's bitmap; then track with
+/// [`TrackingMode::RingWithBitmap`](crate::TrackingMode::RingWithBitmap). arm64 hosts need it; x86 hosts
+/// do not offer it.
+///
+/// # Errors
+/// [`Error::CapabilityMissing`] if the host does not offer it; [`Error::RingWithBitmapRefused`] if KVM
+/// answers `EINVAL` (no ACQ_REL ring yet, or a logged memslot exists already); [`Error::Ioctl`] otherwise.
+/// Nothing was enabled on error.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tdp_kvm::{Error, fd};
+/// let kvm = match fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = fd::create_vm(&kvm)?;
+/// let Ok(_) = fd::enable_dirty_ring(&vm, 4096) else { return Ok(()) };
+/// match fd::enable_ring_with_bitmap(&vm) {
+///     Ok(()) => println!("writes without a vCPU go to the bitmap: use TrackingMode::RingWithBitmap"),
+///     Err(Error::CapabilityMissing { number: 225, .. }) => println!("not offered (x86): TrackingMode::Ring"),
+///     Err(e) => return Err(e.into()),
+/// }
+/// # Ok(()) }
+/// ```
+pub fn enable_ring_with_bitmap(vm: impl AsFd) -> Result<()> {
+    let vm = vm.as_fd();
+    let offered = sys::check_extension(vm, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)?;
+    with_bitmap_outcome(offered, || sys::enable_cap(vm, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, 0))
+}
+
+/// What enabling ring-with-bitmap means for KVM's answers: `offered` (`KVM_CHECK_EXTENSION`) and the
+/// errno of `KVM_ENABLE_CAP`, which runs only if offered.
+fn with_bitmap_outcome(offered: i32, enable: impl FnOnce() -> Result<(), Errno>) -> Result<()> {
+    if offered <= 0 {
+        return Err(Error::CapabilityMissing {
+            name: "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
+            number: KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+        });
+    }
+    match enable() {
+        Ok(()) => Ok(()),
+        Err(Errno(libc::EINVAL)) => Err(Error::RingWithBitmapRefused),
+        Err(errno) => {
+            Err(Error::Ioctl { ioctl: "KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)", errno })
+        }
     }
 }
 
@@ -244,8 +340,31 @@ pub fn enable_manual_protect(vm: impl AsFd, initially_set: bool) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::open_error;
-    use crate::Error;
+    use super::{open_error, with_bitmap_outcome};
+    use crate::{Errno, Error};
+
+    /// This project's hosts lack the capability, so its logic is checked on KVM's possible answers.
+    #[test]
+    fn i5_ring_with_bitmap_is_enabled_only_when_offered_and_refusals_are_explained() {
+        let mut called = false;
+        let absent = with_bitmap_outcome(0, || {
+            called = true;
+            Ok(())
+        });
+        assert!(
+            matches!(absent, Err(Error::CapabilityMissing { number: 225, .. })) && !called,
+            "not enabled"
+        );
+        assert!(with_bitmap_outcome(1, || Ok(())).is_ok());
+        assert!(matches!(
+            with_bitmap_outcome(1, || Err(Errno(libc::EINVAL))),
+            Err(Error::RingWithBitmapRefused)
+        ));
+        assert!(matches!(
+            with_bitmap_outcome(1, || Err(Errno(libc::EPERM))),
+            Err(Error::Ioctl { errno: Errno(libc::EPERM), .. })
+        ));
+    }
 
     /// As root on a host with KVM the real failures cannot be produced, so the translation is checked on
     /// the errno values `open(2)` gives for them.

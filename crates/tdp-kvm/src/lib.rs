@@ -94,7 +94,7 @@ mod vmfd;
 mod vmm_bitmap;
 
 pub use bitmap::{ClearRange, DirtyLogBuffer};
-pub use caps::{KVM_PATH, RingCap, RingSupport, check_ring_size};
+pub use caps::{KVM_PATH, RingCap, RingSupport, check_ring_size, check_ring_size_reserving};
 pub use epochs::DirtyEpochs;
 pub use error::{Errno, Error, Result};
 pub use ring::DirtyRing;
@@ -103,7 +103,7 @@ pub use ring_full::{KVM_EXIT_DIRTY_RING_FULL, RingFullEvent, RingFullHandler, Th
 pub use run::VcpuRunner;
 pub use tracker::{
     DirtyRate, DirtySets, DirtyTracker, MAX_SLOT_PAGES, SlotDirty, SlotSpec, TrackerStats, TrackingMode,
-    VcpuHandle, VcpuRate, VcpuStats,
+    VcpuHandle, VcpuRate, VcpuStats, X86_PAGE_SIZE,
 };
 #[cfg(feature = "kvm-ioctls")]
 pub use vmfd::{

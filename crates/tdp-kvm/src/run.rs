@@ -80,7 +80,8 @@ impl<'t> VcpuRunner<'t> {
     /// [`Error::VcpuNotAttached`]; an error of `KVM_RESET_DIRTY_RINGS` (the harvested pages are pending
     /// all the same).
     pub fn run<R>(&mut self, vcpu: &mut VcpuFd, on_exit: impl FnOnce(VcpuExit<'_>) -> R) -> Result<R> {
-        let ring_mode = matches!(self.tracker.mode(), TrackingMode::Ring(_));
+        let ring_mode =
+            matches!(self.tracker.mode(), TrackingMode::Ring(_) | TrackingMode::RingWithBitmap(_));
         loop {
             // Entries harvested from this ring by anyone so far: if a ring-full exit finds nothing, this
             // tells a race with a collect (progress) from a stuck ring (none).

@@ -37,7 +37,7 @@ use tdp_core::addr::{PAGE_SHIFT, RingSlot};
 
 pub use dirty_set::{DirtySets, MAX_SLOT_PAGES, SlotDirty};
 pub use stats::{DirtyRate, TrackerStats, VcpuRate, VcpuStats};
-pub use types::{SlotSpec, TrackingMode, VcpuHandle};
+pub use types::{SlotSpec, TrackingMode, VcpuHandle, X86_PAGE_SIZE};
 
 pub(crate) use harvest::Batch;
 
@@ -92,6 +92,20 @@ impl std::fmt::Debug for DirtyTracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DirtyTracker").field("vm", &self.vm).field("mode", &self.mode).finish_non_exhaustive()
     }
+}
+
+/// Refuses a slot KVM cannot log for this tracker: guest_memfd, or a page size other than the host's
+/// logging granule (4 KiB on x86-64).
+fn check_loggable(spec: &SlotSpec) -> Result<()> {
+    if spec.is_guest_memfd() {
+        return Err(Error::GuestMemfdSlot { slot: spec.key() });
+    }
+    let supported =
+        if cfg!(target_arch = "x86_64") { types::X86_PAGE_SIZE } else { crate::sys::page_size() as u64 };
+    if spec.page_size != supported {
+        return Err(Error::UnsupportedPageSize { slot: spec.key(), page_size: spec.page_size, supported });
+    }
+    Ok(())
 }
 
 pub(crate) fn lock<'a, T>(m: &'a Mutex<T>, what: &'static str) -> Result<MutexGuard<'a, T>> {
@@ -164,15 +178,17 @@ impl DirtyTracker {
     /// ```
     pub fn register_slot(&self, spec: SlotSpec) -> Result<()> {
         let key = spec.key();
+        check_loggable(&spec)?;
         let end = spec.pages.checked_shl(PAGE_SHIFT).and_then(|b| b.checked_add(spec.guest_base.0));
         let Some(end) = end.filter(|_| spec.pages > 0 && spec.pages >> (64 - PAGE_SHIFT) == 0) else {
             return Err(Error::BadSlot { slot: key, pages: spec.pages, guest_base: spec.guest_base.0 });
         };
         let buf = match self.mode {
             TrackingMode::Ring(_) => None,
-            TrackingMode::GetAndClear | TrackingMode::ClearLog | TrackingMode::ClearLogChunked => {
-                Some(Mutex::new(DirtyLogBuffer::new(spec.pages)?))
-            }
+            TrackingMode::GetAndClear
+            | TrackingMode::ClearLog
+            | TrackingMode::ClearLogChunked
+            | TrackingMode::RingWithBitmap(_) => Some(Mutex::new(DirtyLogBuffer::new(spec.pages)?)),
         };
         let mut slots = self.slots.write().map_err(|_| Error::Poisoned { what: "slots" })?;
         for s in slots.values() {
@@ -268,7 +284,9 @@ impl DirtyTracker {
     /// ```
     pub fn attach_vcpu_fd(&self, vcpu: impl AsFd) -> Result<VcpuHandle> {
         let ring = match self.mode {
-            TrackingMode::Ring(cfg) => Some(Mutex::new(DirtyRing::map_fd(vcpu, cfg)?)),
+            TrackingMode::Ring(cfg) | TrackingMode::RingWithBitmap(cfg) => {
+                Some(Mutex::new(DirtyRing::map_fd(vcpu, cfg)?))
+            }
             TrackingMode::GetAndClear | TrackingMode::ClearLog | TrackingMode::ClearLogChunked => None,
         };
         let mut vcpus = self.vcpus.write().map_err(|_| Error::Poisoned { what: "vcpus" })?;
