@@ -37,9 +37,10 @@ pub(crate) fn open_error(path: &str, errno: i32) -> Error {
 /// use tdp_kvm::{RingCap, RingSupport};
 /// assert_eq!((RingCap::AcqRel.number(), RingCap::Legacy.number()), (223, 192));
 /// assert_eq!(RingCap::AcqRel.name(), "KVM_CAP_DIRTY_LOG_RING_ACQ_REL");
-/// assert_eq!(RingSupport { cap: RingCap::AcqRel, max_bytes: 1 << 20 }.max_entries(), 65536);
+/// assert_eq!(RingSupport::new(RingCap::AcqRel, 1 << 20).max_entries(), 65536);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RingCap {
     /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` (223, Linux 6.1+): flags are published and consumed with
     /// acquire/release ordering. Preferred.
@@ -69,6 +70,7 @@ impl RingCap {
 
 /// What a VM offers for the dirty ring: the capability to enable and the largest ring in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RingSupport {
     /// The capability [`enable_dirty_ring`] will enable.
     pub cap: RingCap,
@@ -77,6 +79,12 @@ pub struct RingSupport {
 }
 
 impl RingSupport {
+    /// A host's offer, as [`probe_dirty_ring`] finds it (or as a test states it).
+    #[must_use]
+    pub const fn new(cap: RingCap, max_bytes: u64) -> Self {
+        RingSupport { cap, max_bytes }
+    }
+
     /// The largest ring in entries (16 bytes each).
     #[must_use]
     pub const fn max_entries(&self) -> u64 {
@@ -121,11 +129,11 @@ pub fn probe_dirty_ring(vm: impl AsFd) -> Result<RingSupport> {
 ///
 /// ```
 /// use tdp_kvm::{Error, RingCap, RingSupport, check_ring_size};
-/// let host = RingSupport { cap: RingCap::AcqRel, max_bytes: 1 << 20 };
+/// let host = RingSupport::new(RingCap::AcqRel, 1 << 20);
 /// assert_eq!(check_ring_size(&host, 4096)?.soft_limit(), 4096 - 64);
 /// assert!(matches!(check_ring_size(&host, 1000), Err(Error::BadRingSize { bytes: 16000, .. })));
 /// assert!(matches!(check_ring_size(&host, 128), Err(Error::BadRingSize { .. }))); // below one page
-/// let small = RingSupport { cap: RingCap::Legacy, max_bytes: 65536 };
+/// let small = RingSupport::new(RingCap::Legacy, 65536);
 /// assert!(matches!(check_ring_size(&small, 8192), Err(Error::RingLargerThanOffered { .. })));
 /// # Ok::<(), Error>(())
 /// ```
@@ -143,7 +151,7 @@ pub fn check_ring_size(support: &RingSupport, entries: u32) -> Result<RingConfig
 ///
 /// ```
 /// use tdp_kvm::{RingCap, RingSupport, check_ring_size_reserving};
-/// let host = RingSupport { cap: RingCap::AcqRel, max_bytes: 1 << 20 };
+/// let host = RingSupport::new(RingCap::AcqRel, 1 << 20);
 /// let cfg = check_ring_size_reserving(&host, 4096, 512)?;
 /// assert_eq!((cfg.reserved(), cfg.soft_limit()), (576, 3520));
 /// assert!(check_ring_size_reserving(&host, 512, 512).is_err(), "the reserve fills the ring");

@@ -14,6 +14,7 @@ use crate::mapping::Mapping;
 
 /// How [`TestVm`] sets up dirty logging before it registers its slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LogSetup {
     /// Slots without `KVM_MEM_LOG_DIRTY_PAGES`.
     NotLogged,
