@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::{bochs as bochs_hv, cmd, compat, fuzz, install, nostd};
+use crate::{bochs as bochs_hv, cmd, compat, fuzz, hygiene, install, nostd};
 
 /// Proptest cases per property when the caller did not set `PROPTEST_CASES`: half of proptest's default
 /// of 256, to keep the test step within CI's time budget on two cores. Export `PROPTEST_CASES` to change.
@@ -49,6 +49,11 @@ pub const STEPS: &[Step] = &[
         name: "compat",
         what: "cargo tree: tdp-kvm --no-default-features has no kvm-ioctls; fmt, clippy and run the VMMs of compat/kvm-ioctls-{0.19,0.22,0.25} on /dev/kvm (target/compat)",
         run: || compat::run(true),
+    },
+    Step {
+        name: "hygiene",
+        what: "publishable crates: dependencies' rust-version <= ours, cargo package, cargo hack check --feature-powerset, cargo deny check licenses bans sources (installs cargo-hack and cargo-deny)",
+        run: hygiene::run,
     },
     Step {
         name: "bochs",
@@ -173,7 +178,10 @@ mod tests {
         let names: Vec<&str> = STEPS.iter().map(|s| s.name).collect();
         assert_eq!(
             names,
-            ["install", "fmt", "clippy", "test", "compat", "bochs", "loom", "doc", "nostd", "fuzz"]
+            [
+                "install", "fmt", "clippy", "test", "compat", "hygiene", "bochs", "loom", "doc", "nostd",
+                "fuzz"
+            ]
         );
     }
 }
