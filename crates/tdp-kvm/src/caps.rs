@@ -172,7 +172,7 @@ pub fn check_ring_size_reserving(
 }
 
 /// Enables a dirty ring of `entries` entries per vCPU on a VM that has no vCPU yet, with the best
-/// capability offered, and returns its geometry for [`DirtyRing::map`](crate::DirtyRing::map).
+/// capability offered, and returns its geometry for [`DirtyRing::map_fd`](crate::DirtyRing::map_fd).
 ///
 /// # Errors
 /// [`Error::NoDirtyRing`]; [`Error::BadRingSize`] / [`Error::RingLargerThanOffered`] (checked before the

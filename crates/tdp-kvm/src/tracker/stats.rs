@@ -42,7 +42,7 @@ pub(crate) fn get(c: &AtomicU64) -> u64 {
 pub struct VcpuStats {
     /// Pages (ring entries) harvested from this vCPU's ring so far; 0 in bitmap modes.
     pub harvested: u64,
-    /// Ring-full exits handled by [`VcpuRunner`](crate::VcpuRunner) so far.
+    /// Ring-full exits handled by [`RingFullHandler`](crate::RingFullHandler) (or `VcpuRunner`) so far.
     pub ring_full_exits: u64,
 }
 

@@ -128,7 +128,7 @@ impl SlotSpec {
     }
 }
 
-/// An attached vCPU's index in the tracker, for [`VcpuRunner`](crate::VcpuRunner) and statistics.
+/// An attached vCPU's index in the tracker, for [`RingFullHandler`](crate::RingFullHandler) (or `VcpuRunner`) and statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VcpuHandle(pub(crate) usize);
 
