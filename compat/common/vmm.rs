@@ -137,7 +137,7 @@ impl Mem {
 
     fn write_u64(&self, offset: u64, value: u64) -> Res<()> {
         let off = usize::try_from(offset)?;
-        if off % 8 != 0 || off + 8 > self.len {
+        if off % 8 != 0 || off.checked_add(8).is_none_or(|end| end > self.len) {
             return Err(format!("guest memory offset {offset:#x} out of range").into());
         }
         // SAFETY: in bounds and aligned (checked); no vCPU runs while the VMM writes or reads (single
@@ -148,7 +148,7 @@ impl Mem {
 
     fn read_u64(&self, offset: u64) -> Res<u64> {
         let off = usize::try_from(offset)?;
-        if off % 8 != 0 || off + 8 > self.len {
+        if off % 8 != 0 || off.checked_add(8).is_none_or(|end| end > self.len) {
             return Err(format!("guest memory offset {offset:#x} out of range").into());
         }
         // SAFETY: as in `write_u64`.

@@ -93,7 +93,8 @@ impl DirtyTracker {
             match first_page.checked_add(offset).filter(|&p| p < pages) {
                 Some(p) => offsets.push(p),
                 None => {
-                    let num_pages = u32::try_from(words.len() as u64 * PAGES_PER_WORD).unwrap_or(u32::MAX);
+                    let num_pages = u32::try_from((words.len() as u64).saturating_mul(PAGES_PER_WORD))
+                        .unwrap_or(u32::MAX);
                     return bad(BitmapError::OutOfRange { first_page, num_pages, pages });
                 }
             }
