@@ -199,6 +199,11 @@ impl SlotDirty {
 
     /// Adds `offsets`, sorted ascending, each below `pages` (checked by the caller; others are skipped).
     pub(crate) fn extend_sorted(&mut self, offsets: &[u64]) {
+        // Nothing to add: skip the merge sort and dedup (a collect merges every slot's pending set, most
+        // often empty, into its result).
+        if offsets.is_empty() {
+            return;
+        }
         match &mut self.set {
             Pages::Sparse(list) => {
                 let pages = self.pages;
