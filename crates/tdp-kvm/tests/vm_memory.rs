@@ -5,15 +5,22 @@
 //! page more or less. One round's result is given back with `restore`, as after a failed send: the next
 //! collect, with no write in between, reports exactly those pages again, guest's and device's.
 //!
-//! Runs with the dirty ring and with clear-log; prints `SKIPPED` without `/dev/kvm`.
+//! Runs with the dirty ring and with clear-log; prints `SKIPPED` without `/dev/kvm`. A third test has the
+//! device write while the vCPU runs on its own thread (with a small ring: ring-full exits meanwhile),
+//! parks the vCPU at a batch boundary after a counted number of batches, and checks the same union.
 
 // kvm-ioctls drives the guest; vm-memory is the device's view of guest memory.
 #![cfg(all(feature = "kvm-ioctls", feature = "vm-memory"))]
 
 use std::collections::BTreeSet;
 
-use tdp_guest::{GuestError, GuestExit, GuestSpec, GuestVm, Pattern, Workload};
-use tdp_kvm::{DirtySets, DirtyTracker, Error, SlotSpec, VmmBitmap};
+use std::time::{Duration, Instant};
+
+use tdp_guest::{
+    BatchGate, Decision, GuestError, GuestExit, GuestSpec, GuestVcpu, GuestVm, Pattern, Workload,
+    classify_exit,
+};
+use tdp_kvm::{DirtySets, DirtyTracker, Error, SlotSpec, VcpuHandle, VcpuRunner, VmmBitmap};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
@@ -143,4 +150,121 @@ fn i4_device_writes_through_vm_memory_are_collected_with_the_guests_dirty_ring()
 #[test]
 fn i4_device_writes_through_vm_memory_are_collected_with_the_guests_clear_log() -> TestResult {
     run(false)
+}
+
+/// The vCPU thread of the concurrent test: batches until the gate says stop, ring-full exits handled by
+/// the runner.
+fn vcpu_loop(
+    tracker: &DirtyTracker,
+    handle: VcpuHandle,
+    mut vcpu: GuestVcpu,
+    gate: &BatchGate,
+) -> Result<(), String> {
+    let mut runner = VcpuRunner::new(tracker, handle);
+    let outcome = loop {
+        match runner.run(vcpu.fd_mut(), |exit| classify_exit(&exit)) {
+            Ok(Ok(GuestExit::BatchDone { .. })) => {
+                if gate.at_batch_boundary() == Decision::Stop {
+                    break Ok(());
+                }
+            }
+            Ok(Ok(GuestExit::Interrupted)) => {}
+            Ok(Ok(GuestExit::DirtyRingFull)) => break Err("a ring-full exit escaped the runner".to_string()),
+            Ok(Err(unexpected)) => break Err(vcpu.exit_error(unexpected).to_string()),
+            Err(e) if e.is_interrupted() => {}
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    gate.leave();
+    outcome
+}
+
+#[test]
+fn i4_device_writes_while_the_guest_runs_are_collected_exactly() -> TestResult {
+    let mut vm = match GuestVm::new(GuestSpec::new(PAGES, 1)) {
+        Ok(vm) => vm,
+        Err(GuestError::OpenKvm(e)) => {
+            eprintln!("SKIPPED: cannot open /dev/kvm: {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // 256 entries (soft limit 192) against 5 x 64 random writes over 512 pages a round (~240 distinct
+    // pages): ring-full exits on the vCPU thread.
+    let tracker = match DirtyTracker::with_ring(vm.vm_fd(), 256) {
+        Ok(t) => t,
+        Err(e @ Error::NoDirtyRing) => {
+            eprintln!("SKIPPED: {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    vm.set_dirty_logging(true)?;
+    let region = vm.data_region();
+    let spec = SlotSpec::from_region(region.slot, region.guest_phys_addr, region.memory_size);
+    tracker.register_slot(spec)?;
+    let size = usize::try_from(region.memory_size)?;
+    // SAFETY: as in `run`: the data slot's mapping, owned by `vm`, which outlives `mem`; not unmapped by it.
+    let mmap = unsafe {
+        MmapRegion::<VmmBitmap>::build_raw(
+            region.userspace_addr as *mut u8,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+    }?;
+    let mem = GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(
+        mmap,
+        GuestAddress(region.guest_phys_addr),
+    )?])?;
+    let device_region = mem.find_region(GuestAddress(region.guest_phys_addr)).ok_or("no region")?;
+    tracker.attach_vmm_bitmap(spec.key(), device_region.bitmap())?;
+    vm.set_workload(0, &Workload::new(0, PAGES, 64, Pattern::Random).with_tag(false))?;
+    vm.set_iteration(1);
+    let vcpu = vm.create_vcpus()?.pop().ok_or("no vCPU")?;
+    let handle = tracker.attach_vcpu(vcpu.fd())?;
+    let gate = BatchGate::new(1);
+    let mut device_only = 0;
+    let (host, vcpu_result) = std::thread::scope(|s| {
+        let thread = s.spawn(|| vcpu_loop(&tracker, handle, vcpu, &gate));
+        let host = (|| -> TestResult {
+            for round in 1..=ROUNDS {
+                let start = vm.vcpu_stats(0)?.batches;
+                // The device writes while the vCPU runs.
+                let device: BTreeSet<u64> = (0..16).map(|i| (round * 41 + i * 31) % PAGES).collect();
+                for &p in &device {
+                    let at = GuestAddress(region.guest_phys_addr + p * 4096 + DEVICE_OFFSET);
+                    mem.write_obj(DEVICE_MARK | round, at)?;
+                }
+                // Counted progress: five more batches (the deadline only turns a hang into a failure).
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while vm.vcpu_stats(0)?.batches < start + 5 && gate.active() == 1 {
+                    if Instant::now() > deadline {
+                        return Err("the vCPU made no progress".into());
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                if !gate.pause_all(Duration::from_secs(30)) {
+                    return Err("the vCPU did not park".into());
+                }
+                let got = tracker.collect()?;
+                let guest: BTreeSet<u64> =
+                    (0..PAGES).filter(|&p| vm.page_iteration(p).is_ok_and(|v| v == round)).collect();
+                let expected: BTreeSet<u64> = guest.union(&device).copied().collect();
+                assert_eq!(offsets(&got), expected, "round {round}: collect != guest pages + device pages");
+                device_only += device.difference(&guest).count();
+                vm.set_iteration(round + 1);
+                gate.resume();
+            }
+            Ok(())
+        })();
+        gate.stop();
+        (host, thread.join())
+    });
+    vcpu_result.map_err(|_| "the vCPU thread panicked")??;
+    host?;
+    let stats = tracker.stats()?;
+    assert!(stats.per_vcpu[0].ring_full_exits > 0, "no ring-full exit: the ring never filled");
+    assert!(device_only >= 10, "only {device_only} device pages were device-only");
+    Ok(())
 }
