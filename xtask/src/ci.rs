@@ -37,7 +37,7 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "clippy",
-        what: "cargo clippy --workspace --all-targets -- -D warnings (and the no_std proof crate)",
+        what: "cargo clippy --workspace --all-targets -- -D warnings (and tdp-kvm with all and no default features, and the no_std proof crate)",
         run: clippy,
     },
     Step {
@@ -65,7 +65,11 @@ pub const STEPS: &[Step] = &[
         what: "RUSTFLAGS='--cfg loom' cargo test -p tdp-core --test loom_ring --release --target-dir target/loom",
         run: loom,
     },
-    Step { name: "doc", what: "RUSTDOCFLAGS='-D warnings' cargo doc --workspace --no-deps", run: doc },
+    Step {
+        name: "doc",
+        what: "RUSTDOCFLAGS='-D warnings' cargo doc --workspace --no-deps (and tdp-kvm with all and no default features)",
+        run: doc,
+    },
     Step {
         name: "nostd",
         what: "build xtask/nostd-proof, check it is a static ELF, run it, require exit 0",
@@ -125,6 +129,19 @@ fn fmt_check() -> Result<()> {
 
 fn clippy() -> Result<()> {
     cmd::run(cmd::cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // tdp-kvm's optional features (vm-memory, serde) and its build without kvm-ioctls.
+    for features in ["--all-features", "--no-default-features"] {
+        cmd::run(cmd::cargo().args([
+            "clippy",
+            "-p",
+            "tdp-kvm",
+            "--all-targets",
+            features,
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
     cmd::run(
         nostd::proof_cargo()
             .args(["clippy", "--release", "--target-dir"])
@@ -166,7 +183,15 @@ fn bochs() -> Result<()> {
 }
 
 fn doc() -> Result<()> {
-    cmd::run(cmd::cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))
+    cmd::run(cmd::cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    for features in ["--all-features", "--no-default-features"] {
+        cmd::run(
+            cmd::cargo()
+                .args(["doc", "-p", "tdp-kvm", "--no-deps", features])
+                .env("RUSTDOCFLAGS", "-D warnings"),
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
