@@ -80,10 +80,12 @@ impl<'t> VcpuRunner<'t> {
     /// [`Error::VcpuNotAttached`]; an error of `KVM_RESET_DIRTY_RINGS` (the harvested pages are pending
     /// all the same).
     pub fn run<R>(&mut self, vcpu: &mut VcpuFd, on_exit: impl FnOnce(VcpuExit<'_>) -> R) -> Result<R> {
+        // An unattached handle is an error in every mode, before the vCPU runs.
+        self.tracker.vcpu(self.handler.handle())?;
         let ring_mode =
             matches!(self.tracker.mode(), TrackingMode::Ring(_) | TrackingMode::RingWithBitmap(_));
         loop {
-            // Entries harvested from this ring by anyone so far: if a ring-full exit finds nothing, this
+            // Notes how much of the ring anyone has harvested: if a ring-full exit then finds nothing, this
             // tells a race with a collect (progress) from a stuck ring (none).
             if ring_mode {
                 self.handler.before_run()?;
