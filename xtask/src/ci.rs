@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::{bochs as bochs_hv, cmd, fuzz, install, nostd};
+use crate::{bochs as bochs_hv, cmd, compat, fuzz, hygiene, install, nostd};
 
 /// Proptest cases per property when the caller did not set `PROPTEST_CASES`: half of proptest's default
 /// of 256, to keep the test step within CI's time budget on two cores. Export `PROPTEST_CASES` to change.
@@ -37,13 +37,23 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "clippy",
-        what: "cargo clippy --workspace --all-targets -- -D warnings (and the no_std proof crate)",
+        what: "cargo clippy --workspace --all-targets -- -D warnings (and tdp-kvm with all and no default features, and the no_std proof crate)",
         run: clippy,
     },
     Step {
         name: "test",
-        what: "cargo test --workspace (includes the tidy test), then cargo run -q -p tdp-examples --example kvm_dirty_ring",
+        what: "cargo test --workspace (includes the tidy test), cargo test -p tdp-kvm --all-features --lib --test vm_memory, then cargo run -q -p tdp-examples --example kvm_dirty_ring",
         run: test,
+    },
+    Step {
+        name: "compat",
+        what: "cargo tree: tdp-kvm --no-default-features has no kvm-ioctls; fmt, clippy and run the VMMs of compat/kvm-ioctls-{0.19,0.22,0.25} on /dev/kvm (target/compat)",
+        run: || compat::run(true),
+    },
+    Step {
+        name: "hygiene",
+        what: "publishable crates: dependencies' rust-version <= ours, cargo package, cargo hack check --feature-powerset, cargo deny check licenses bans sources (installs cargo-hack and cargo-deny)",
+        run: hygiene::run,
     },
     Step {
         name: "bochs",
@@ -55,7 +65,11 @@ pub const STEPS: &[Step] = &[
         what: "RUSTFLAGS='--cfg loom' cargo test -p tdp-core --test loom_ring --release --target-dir target/loom",
         run: loom,
     },
-    Step { name: "doc", what: "RUSTDOCFLAGS='-D warnings' cargo doc --workspace --no-deps", run: doc },
+    Step {
+        name: "doc",
+        what: "RUSTDOCFLAGS='-D warnings' cargo doc --workspace --no-deps (and tdp-kvm with all and no default features)",
+        run: doc,
+    },
     Step {
         name: "nostd",
         what: "build xtask/nostd-proof, check it is a static ELF, run it, require exit 0",
@@ -94,6 +108,9 @@ pub fn fmt_write() -> Result<()> {
     cmd::run(cmd::cargo().args(["fmt", "--all"]))?;
     cmd::run(cmd::cargo().args(["fmt", "--manifest-path", "crates/tdp-core/fuzz/Cargo.toml"]))?;
     cmd::run(nostd::proof_cargo().arg("fmt"))?;
+    for dir in compat::CRATES {
+        cmd::run(cmd::cargo().args(["fmt", "--manifest-path", &format!("{dir}/Cargo.toml")]))?;
+    }
     cmd::run(bochs_hv::kernel_cargo().arg("fmt"))
 }
 
@@ -112,6 +129,19 @@ fn fmt_check() -> Result<()> {
 
 fn clippy() -> Result<()> {
     cmd::run(cmd::cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // tdp-kvm's optional features (vm-memory, serde) and its build without kvm-ioctls.
+    for features in ["--all-features", "--no-default-features"] {
+        cmd::run(cmd::cargo().args([
+            "clippy",
+            "-p",
+            "tdp-kvm",
+            "--all-targets",
+            features,
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
     cmd::run(
         nostd::proof_cargo()
             .args(["clippy", "--release", "--target-dir"])
@@ -127,6 +157,9 @@ fn test() -> Result<()> {
         cargo.env("PROPTEST_CASES", DEFAULT_PROPTEST_CASES);
     }
     cmd::run(&mut cargo)?;
+    // tdp-kvm's vm-memory test and serde round trips need non-default features (the README's vm-memory wiring runs above,
+    // as a doctest of tdp-examples, which enables it).
+    cmd::run(cmd::cargo().args(["test", "-p", "tdp-kvm", "--all-features", "--lib", "--test", "vm_memory"]))?;
     // The /dev/kvm example is the first thing a VMM author runs, so CI runs it too (a few seconds; it
     // prints SKIPPED and succeeds where /dev/kvm cannot be opened).
     cmd::run(cmd::cargo().args(["run", "-q", "-p", "tdp-examples", "--example", "kvm_dirty_ring"]))
@@ -150,7 +183,15 @@ fn bochs() -> Result<()> {
 }
 
 fn doc() -> Result<()> {
-    cmd::run(cmd::cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))
+    cmd::run(cmd::cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    for features in ["--all-features", "--no-default-features"] {
+        cmd::run(
+            cmd::cargo()
+                .args(["doc", "-p", "tdp-kvm", "--no-deps", features])
+                .env("RUSTDOCFLAGS", "-D warnings"),
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -160,6 +201,12 @@ mod tests {
     #[test]
     fn ci_runs_every_habit16_step_in_order() {
         let names: Vec<&str> = STEPS.iter().map(|s| s.name).collect();
-        assert_eq!(names, ["install", "fmt", "clippy", "test", "bochs", "loom", "doc", "nostd", "fuzz"]);
+        assert_eq!(
+            names,
+            [
+                "install", "fmt", "clippy", "test", "compat", "hygiene", "bochs", "loom", "doc", "nostd",
+                "fuzz"
+            ]
+        );
     }
 }

@@ -6,7 +6,11 @@
 //! - [`bench`](mod@bench): `cargo xtask bench`, the one-run benchmark of tdp beside its peers.
 //! - [`bochs`]: `cargo xtask bochs`, the bare-metal hypervisor under Bochs compared with tdp-mock.
 //! - [`ci`]: the ordered CI steps and the step runner that fails fast and names the failing step.
+//! - [`compat`]: the compat VMMs on kvm-ioctls 0.19, 0.22 and 0.25 (own workspaces under `compat/`), and
+//!   the check that tdp-kvm's fd API pulls in no kvm-ioctls.
 //! - [`cmd`]: running child commands with their command line echoed, and finding the repository root.
+//! - [`hygiene`]: crate hygiene of the publishable crates: `cargo package`, every feature combination,
+//!   `cargo deny` (licenses, bans, sources), dependencies' MSRV.
 //! - [`install`]: idempotent installation of rustup components and Debian packages.
 //! - [`nostd`]: building and running the `no_std` proof binary in `xtask/nostd-proof`.
 //! - [`elf`]: reading an ELF header to prove a binary is a static executable.
@@ -20,8 +24,10 @@ pub mod bench;
 pub mod bochs;
 pub mod ci;
 pub mod cmd;
+pub mod compat;
 pub mod elf;
 pub mod fuzz;
+pub mod hygiene;
 pub mod install;
 pub mod nostd;
 pub mod tidy;

@@ -18,7 +18,9 @@ enum Task {
     ///
     /// Steps: install (rustfmt and clippy, only if missing); fmt (cargo fmt --check); clippy
     /// (-D warnings, all targets); test (cargo test --workspace, which includes the tidy house rules;
-    /// PROPTEST_CASES defaults to 128 unless set); bochs (the bare-metal hypervisor under Bochs on two
+    /// PROPTEST_CASES defaults to 128 unless set); compat (tdp-kvm's fd API without kvm-ioctls, and the VMMs
+    /// of compat/ on kvm-ioctls 0.19, 0.22 and 0.25 run on /dev/kvm); hygiene (cargo package, every
+    /// feature combination, cargo deny, dependencies' MSRV, for the publishable crates); bochs (the bare-metal hypervisor under Bochs on two
     /// CPU models compared with tdp-mock, and its broken-ept build required to fail; installs Bochs);
     /// loom (the dirty ring's loom models: --cfg loom, release,
     /// target/loom); doc (cargo doc with -D warnings); nostd (build, check and run the no_std proof binary);
@@ -29,6 +31,12 @@ enum Task {
     /// The binary is #![no_std] and #![no_main], links tdp-core without std or libc, exercises it, and
     /// exits 0 only if tdp-core gave the expected answers.
     Nostd,
+    /// Lint and run the compat VMMs (compat/kvm-ioctls-*) on /dev/kvm, after checking that tdp-kvm without
+    /// default features has no kvm-ioctls.
+    Compat,
+    /// Crate hygiene of the publishable crates: dependencies' MSRV, cargo package, every feature combination
+    /// (cargo hack), cargo deny (licenses, bans, sources).
+    Hygiene,
     /// Format the workspace, the no_std proof crate and the Bochs kernel (examples/bochs-hv) in place.
     Fmt,
     /// Measure tdp beside its peers and limits in one run; print the table and write
@@ -73,6 +81,8 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Ci => xtask::ci::run_all(),
         Task::Nostd => xtask::nostd::prove(),
+        Task::Compat => xtask::compat::run(true),
+        Task::Hygiene => xtask::hygiene::run(),
         Task::Fmt => xtask::ci::fmt_write(),
         Task::Bench { quick } => xtask::bench::run(quick),
         Task::Bochs { models, broken } => xtask::bochs::run(&models, broken),

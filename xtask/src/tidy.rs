@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Directories below the repository root whose `.rs` files are checked.
-pub const ROOTS: &[&str] = &["crates", "xtask", "examples"];
+pub const ROOTS: &[&str] = &["crates", "xtask", "examples", "compat"];
 
 const IGNORE_ATTR: &str = concat!("#[", "ignore");
 const SHOULD_PANIC_ATTR: &str = concat!("#[", "should_panic");

@@ -11,9 +11,8 @@
 //! Keeps: I5 (every range and buffer is checked before the ioctl; the kernel can never write outside
 //! memory we own).
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
-use kvm_ioctls::VmFd;
 use tdp_core::dirty_bitmap::{BitmapError, PAGES_PER_WORD, dirty_offsets, words_for};
 
 use crate::error::{Errno, Error, Result};
@@ -116,15 +115,12 @@ impl DirtyLogBuffer {
 /// let Some(t) = TestVm::new_or_skip(&[(0, 0x10_0000, 256)], tdp_kvm::testing::LogSetup::ManualInitiallySet)? else { return Ok(()) };
 /// let mut buf = tdp_kvm::DirtyLogBuffer::new(256)?;
 /// // INITIALLY_SET: every page of a freshly logged slot is reported dirty.
-/// tdp_kvm::get_dirty_log(&t.vm, 0, &mut buf)?;
+/// tdp_kvm::fd::get_dirty_log(&t.vm_fd(), 0, &mut buf)?;
 /// assert_eq!(buf.count(), 256);
 /// # Ok(()) }
 /// ```
-pub fn get_dirty_log(vm: &VmFd, slot: u32, buf: &mut DirtyLogBuffer) -> Result<()> {
-    get_dirty_log_fd(sys::borrow(vm), slot, buf)
-}
-
-pub(crate) fn get_dirty_log_fd(vm: BorrowedFd<'_>, slot: u32, buf: &mut DirtyLogBuffer) -> Result<()> {
+pub fn get_dirty_log(vm: impl AsFd, slot: u32, buf: &mut DirtyLogBuffer) -> Result<()> {
+    let vm = vm.as_fd();
     let pages = buf.pages;
     let out = buf.as_mut_ptr();
     // SAFETY: `out` points at `buf.words` writable words owned by `buf` (borrowed mutably for the call),
@@ -138,49 +134,66 @@ pub(crate) fn get_dirty_log_fd(vm: BorrowedFd<'_>, slot: u32, buf: &mut DirtyLog
     }
 }
 
-/// Checks a `KVM_CLEAR_DIRTY_LOG` request against KVM's rules, in KVM's order: `first_page` a multiple of
-/// 64; the range inside the slot; `num_pages` a multiple of 64 unless it reaches the slot's end; the mask
-/// long enough.
+/// One `KVM_CLEAR_DIRTY_LOG` request: clear and re-protect the pages `first_page + i` of memslot `slot`
+/// whose bit `i` is set in `mask` (bit `i % 64` of word `i / 64`). `slot_pages` is the slot's size, so the
+/// range is checked against KVM's rules before the ioctl ([`ClearRange::check`]).
 ///
-/// # Errors
-/// [`Error::BadLogRange`] carrying the rule and values.
-///
-/// ```
-/// use tdp_kvm::{Error, check_clear_range};
-/// assert!(check_clear_range(7, 1000, 64, 64, 1).is_ok());
-/// assert!(check_clear_range(7, 1000, 960, 40, 1).is_ok()); // reaches the end: any length
-/// assert!(matches!(check_clear_range(7, 1000, 3, 64, 1), Err(Error::BadLogRange { slot: 7, .. })));
-/// assert!(check_clear_range(7, 1000, 0, 40, 1).is_err()); // not a multiple of 64, not the end
-/// assert!(check_clear_range(7, 1000, 960, 64, 1).is_err()); // past the end
-/// ```
-pub fn check_clear_range(
-    slot: u32,
-    pages: u64,
-    first_page: u64,
-    num_pages: u32,
-    mask_words: usize,
-) -> Result<()> {
-    let bad = |source| Err(Error::BadLogRange { slot, source });
-    if !first_page.is_multiple_of(PAGES_PER_WORD) {
-        return bad(BitmapError::Misaligned { first_page });
-    }
-    let n = u64::from(num_pages);
-    if first_page > pages || n > pages - first_page {
-        return bad(BitmapError::OutOfRange { first_page, num_pages, pages });
-    }
-    if !n.is_multiple_of(PAGES_PER_WORD) && first_page + n != pages {
-        return bad(BitmapError::BadLength { first_page, num_pages, pages });
-    }
-    if (mask_words as u64) < words_for(n) {
-        return bad(BitmapError::ShortMask { have: mask_words, need: words_for(n) });
-    }
-    Ok(())
+/// The fields are exactly the ioctl's arguments plus the slot size, so the struct is complete and is built
+/// with a literal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClearRange<'a> {
+    /// The memslot (`as_id << 16 | id`).
+    pub slot: u32,
+    /// The slot's size in pages.
+    pub slot_pages: u64,
+    /// The first page of the range: a multiple of 64.
+    pub first_page: u64,
+    /// Pages in the range: a multiple of 64, unless the range reaches the slot's end.
+    pub num_pages: u32,
+    /// Which pages of the range to clear.
+    pub mask: &'a [u64],
 }
 
-/// `KVM_CLEAR_DIRTY_LOG`: clears and re-protects the pages `first_page + i` of memslot `slot` whose bit `i`
-/// is set in `mask` (bit `i % 64` of word `i / 64`) and in KVM's log. `pages` is the slot's size, used to
-/// check the range before the ioctl ([`check_clear_range`]). Needs manual protection
-/// ([`enable_manual_protect`](crate::enable_manual_protect)) to be useful; KVM accepts it in any bitmap mode.
+impl ClearRange<'_> {
+    /// Checks the request against KVM's rules, in KVM's order: `first_page` a multiple of 64; the range
+    /// inside the slot; `num_pages` a multiple of 64 unless it reaches the slot's end; the mask long enough.
+    ///
+    /// # Errors
+    /// [`Error::BadLogRange`] carrying the rule and values.
+    ///
+    /// ```
+    /// use tdp_kvm::{ClearRange, Error};
+    /// let r = |first_page, num_pages| ClearRange { slot: 7, slot_pages: 1000, first_page, num_pages, mask: &[u64::MAX] };
+    /// assert!(r(64, 64).check().is_ok());
+    /// assert!(r(960, 40).check().is_ok()); // reaches the end: any length
+    /// assert!(matches!(r(3, 64).check(), Err(Error::BadLogRange { slot: 7, .. })));
+    /// assert!(r(0, 40).check().is_err()); // not a multiple of 64, not the end
+    /// assert!(r(960, 64).check().is_err()); // past the end
+    /// assert!(r(0, 128).check().is_err()); // the mask holds 64 pages only
+    /// ```
+    pub fn check(&self) -> Result<()> {
+        let ClearRange { slot, slot_pages: pages, first_page, num_pages, mask } = *self;
+        let bad = |source| Err(Error::BadLogRange { slot, source });
+        if !first_page.is_multiple_of(PAGES_PER_WORD) {
+            return bad(BitmapError::Misaligned { first_page });
+        }
+        let n = u64::from(num_pages);
+        if first_page > pages || n > pages - first_page {
+            return bad(BitmapError::OutOfRange { first_page, num_pages, pages });
+        }
+        if !n.is_multiple_of(PAGES_PER_WORD) && first_page + n != pages {
+            return bad(BitmapError::BadLength { first_page, num_pages, pages });
+        }
+        if (mask.len() as u64) < words_for(n) {
+            return bad(BitmapError::ShortMask { have: mask.len(), need: words_for(n) });
+        }
+        Ok(())
+    }
+}
+
+/// `KVM_CLEAR_DIRTY_LOG`: clears and re-protects the pages of `range` set in its mask (and in KVM's log).
+/// Needs manual protection ([`enable_manual_protect`](crate::fd::enable_manual_protect)) to be useful;
+/// KVM accepts it in any bitmap mode.
 ///
 /// # Errors
 /// [`Error::BadLogRange`] before the ioctl; [`Error::SlotNotLogged`], [`Error::BitmapDisabledByRing`],
@@ -189,36 +202,20 @@ pub fn check_clear_range(
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use tdp_kvm::testing::{LogSetup, TestVm};
+/// use tdp_kvm::{ClearRange, fd};
 /// let Some(t) = TestVm::new_or_skip(&[(0, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
 /// let mut buf = tdp_kvm::DirtyLogBuffer::new(256)?;
 /// // Clear pages 64..128 only; the other 192 stay dirty.
-/// tdp_kvm::clear_dirty_log(&t.vm, 0, 256, 64, 64, &[u64::MAX])?;
-/// tdp_kvm::get_dirty_log(&t.vm, 0, &mut buf)?;
+/// fd::clear_dirty_log(&t.vm_fd(), &ClearRange { slot: 0, slot_pages: 256, first_page: 64, num_pages: 64, mask: &[u64::MAX] })?;
+/// fd::get_dirty_log(&t.vm_fd(), 0, &mut buf)?;
 /// assert_eq!(buf.count(), 192);
 /// assert!(buf.iter_dirty().all(|p| !(64..128).contains(&p)));
 /// # Ok(()) }
 /// ```
-pub fn clear_dirty_log(
-    vm: &VmFd,
-    slot: u32,
-    pages: u64,
-    first_page: u64,
-    num_pages: u32,
-    mask: &[u64],
-) -> Result<()> {
-    clear_dirty_log_fd(sys::borrow(vm), slot, pages, first_page, num_pages, mask)
-}
-
-pub(crate) fn clear_dirty_log_fd(
-    vm: BorrowedFd<'_>,
-    slot: u32,
-    pages: u64,
-    first_page: u64,
-    num_pages: u32,
-    mask: &[u64],
-) -> Result<()> {
-    check_clear_range(slot, pages, first_page, num_pages, mask.len())?;
-    match sys::clear_dirty_log(vm, slot, first_page, num_pages, mask) {
+pub fn clear_dirty_log(vm: impl AsFd, range: &ClearRange<'_>) -> Result<()> {
+    range.check()?;
+    let ClearRange { slot, first_page, num_pages, mask, .. } = *range;
+    match sys::clear_dirty_log(vm.as_fd(), slot, first_page, num_pages, mask) {
         Ok(()) => Ok(()),
         Err(Errno(libc::ENOENT)) => Err(Error::SlotNotLogged { op: "KVM_CLEAR_DIRTY_LOG", slot }),
         Err(Errno(libc::ENXIO)) => Err(Error::BitmapDisabledByRing { op: "KVM_CLEAR_DIRTY_LOG" }),
@@ -244,7 +241,10 @@ pub(crate) fn clear_whole_slot(vm: BorrowedFd<'_>, slot: u32, pages: u64, words:
         };
         // Skip all-clean chunks: nothing to clear there.
         if mask.iter().any(|&w| w != 0) {
-            clear_dirty_log_fd(vm, slot, pages, first, n as u32, mask)?;
+            clear_dirty_log(
+                vm,
+                &ClearRange { slot, slot_pages: pages, first_page: first, num_pages: n as u32, mask },
+            )?;
         }
         first += n;
     }

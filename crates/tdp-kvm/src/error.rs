@@ -128,6 +128,12 @@ pub enum Error {
         /// A note if the size is also below what a host with PML needs.
         pml_note: &'static str,
     },
+    /// KVM refused `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` (`EINVAL`).
+    #[error(
+        "KVM refused KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (EINVAL): enable it after the ring \
+         (KVM_CAP_DIRTY_LOG_RING_ACQ_REL) and before any memslot has KVM_MEM_LOG_DIRTY_PAGES"
+    )]
+    RingWithBitmapRefused,
     /// An operation on a VM's rings was asked of a tracker or VM without a dirty ring.
     #[error("{op}: this vm does not track dirty pages with a dirty ring")]
     RingNotEnabled {
@@ -194,6 +200,65 @@ pub enum Error {
         pages: u64,
         /// Its guest-physical base.
         guest_base: u64,
+    },
+    /// Dirty runs (e.g. deserialized) that do not describe a set of the slot's pages.
+    #[error("memslot {slot:?}: bad dirty run of {len} pages at page {first}: {why}")]
+    BadDirtyRuns {
+        /// The memslot.
+        slot: RingSlot,
+        /// The run's first page.
+        first: u64,
+        /// The run's length.
+        len: u64,
+        /// The rule it broke.
+        why: &'static str,
+    },
+    /// A dirty epoch that was committed away, or a checkpoint not taken yet.
+    #[error("checkpoint {requested} is not available (kept: {oldest}..={current})")]
+    EpochUnavailable {
+        /// The checkpoint asked for.
+        requested: u64,
+        /// The oldest kept.
+        oldest: u64,
+        /// The latest.
+        current: u64,
+    },
+    /// The operation needs another tracking mode than the tracker's.
+    #[error("{op} is not available in tracking mode {mode:?}")]
+    WrongMode {
+        /// The operation.
+        op: &'static str,
+        /// The tracker's mode.
+        mode: crate::TrackingMode,
+    },
+    /// A VMM bitmap attached to a slot covers another number of pages than the slot.
+    #[error("memslot {slot:?} has {pages} pages but the VMM bitmap attached to it covers {bitmap_pages}")]
+    VmmBitmapSize {
+        /// The memslot.
+        slot: RingSlot,
+        /// The slot's pages.
+        pages: u64,
+        /// The bitmap's pages.
+        bitmap_pages: u64,
+    },
+    /// A guest_memfd memslot (`KVM_MEM_GUEST_MEMFD`): KVM refuses to log its dirty pages (as of Linux
+    /// 6.19), so the tracker would silently report none of them.
+    #[error("memslot {slot:?} is backed by guest_memfd, whose dirty pages KVM cannot log")]
+    GuestMemfdSlot {
+        /// The memslot.
+        slot: RingSlot,
+    },
+    /// A slot whose page size is not the one KVM logs in on this architecture.
+    #[error(
+        "memslot {slot:?}: page size {page_size} is not supported here (KVM logs {supported}-byte pages)"
+    )]
+    UnsupportedPageSize {
+        /// The memslot.
+        slot: RingSlot,
+        /// The page size asked for.
+        page_size: u64,
+        /// The one KVM logs in on this host.
+        supported: u64,
     },
     /// The vCPU is not attached to the tracker (or its index is out of range).
     #[error("vCPU {index} is not attached to this tracker")]

@@ -1,14 +1,23 @@
-//! KVM's dirty ring and dirty bitmap (with `KVM_CLEAR_DIRTY_LOG`) for VMMs built on `kvm-ioctls`.
+//! KVM's dirty ring and dirty bitmap (with `KVM_CLEAR_DIRTY_LOG`) for Rust VMMs, on any `kvm-ioctls`.
 //!
 //! `kvm-ioctls` offers `get_dirty_log` only: no `KVM_CLEAR_DIRTY_LOG`, no dirty ring. This crate adds them
-//! on the same `VmFd` / `VcpuFd` types, so a rust-vmm VMM adopts it without glue:
+//! on plain file descriptors ([`fd`]: `AsFd`, with its own copy of the few KVM ABI structs in [`abi`]), so
+//! a VMM keeps whatever `kvm-ioctls` version it pins; with the default feature `kvm-ioctls` the same
+//! operations also take that crate's (0.25) `VmFd` / `VcpuFd` at the crate root.
 //!
-//! - [`enable_dirty_ring`], [`DirtyRing`] (a vCPU's mapped ring, harvested with `tdp-core`'s consumer),
-//!   [`reset_dirty_rings`];
-//! - [`get_dirty_log`] into a reusable [`DirtyLogBuffer`], [`enable_manual_protect`], [`clear_dirty_log`];
-//! - [`DirtyTracker`]: one tracker over the three modes, usable from vCPU threads and a migration thread,
-//!   returning per-slot [`DirtySets`] and per-vCPU dirty rates;
-//! - [`VcpuRunner`]: `KVM_RUN` with `KVM_EXIT_DIRTY_RING_FULL` handled (harvest, reset, throttle hook).
+//! - [`fd::enable_dirty_ring`], [`DirtyRing`] (a vCPU's mapped ring, harvested with `tdp-core`'s
+//!   consumer), [`fd::reset_dirty_rings`];
+//! - [`fd::get_dirty_log`] into a reusable [`DirtyLogBuffer`], [`fd::enable_manual_protect`],
+//!   [`fd::clear_dirty_log`] of a [`ClearRange`];
+//! - [`DirtyTracker`]: one tracker over every mode ([`TrackingMode`]: ring, ring with bitmap, get-and-clear,
+//!   clear-log, clear-log chunk by chunk), usable from vCPU threads and a migration thread, returning
+//!   per-slot [`DirtySets`] (as offsets, `(gpa, len)` ranges, words or 64-page chunks) and per-vCPU dirty
+//!   rates; VMM and device writes through [`VmmBitmap`] (vm-memory's `Bitmap` with the `vm-memory`
+//!   feature) and external logs are merged in;
+//! - [`RingFullHandler`]: `KVM_EXIT_DIRTY_RING_FULL` in the VMM's own run loop (harvest, reset, throttle
+//!   hook); `VcpuRunner` (feature `kvm-ioctls`) runs a `kvm-ioctls` vCPU with it;
+//! - [`DirtyEpochs`]: dirty pages since a snapshot checkpoint, kept until committed (`serde` with the
+//!   feature of that name).
 //!
 //! # Wiring it into a VMM
 //! ```
@@ -72,29 +81,45 @@
 //! is checked first; the kernel never writes outside memory we own).
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod abi;
 mod bitmap;
 mod caps;
+mod epochs;
 mod error;
+pub mod fd;
 mod mapping;
 mod ring;
+mod ring_full;
+#[cfg(feature = "kvm-ioctls")]
 mod run;
 mod sys;
+#[cfg(feature = "kvm-ioctls")]
 pub mod testing;
 mod tracker;
+#[cfg(feature = "kvm-ioctls")]
+mod vmfd;
+mod vmm_bitmap;
 
-pub use bitmap::{DirtyLogBuffer, check_clear_range, clear_dirty_log, get_dirty_log};
-pub use caps::{
-    KVM_PATH, RingCap, RingSupport, check_ring_size, enable_dirty_ring, enable_manual_protect, open_kvm,
-    open_kvm_at, probe_dirty_ring, probe_manual_protect,
-};
+pub use bitmap::{ClearRange, DirtyLogBuffer};
+pub use caps::{KVM_PATH, RingCap, RingSupport, check_ring_size, check_ring_size_reserving};
+pub use epochs::DirtyEpochs;
 pub use error::{Errno, Error, Result};
-pub use ring::{DirtyRing, reset_dirty_rings};
-pub use run::{KVM_EXIT_DIRTY_RING_FULL, RingFullEvent, Throttle, VcpuRunner};
+pub use ring::DirtyRing;
+pub use ring_full::{KVM_EXIT_DIRTY_RING_FULL, RingFullEvent, RingFullHandler, Throttle, is_ring_full_exit};
+#[cfg(feature = "kvm-ioctls")]
+pub use run::VcpuRunner;
 pub use tracker::{
-    DirtyRate, DirtySets, DirtyTracker, SlotDirty, SlotSpec, TrackerStats, TrackingMode, VcpuHandle,
-    VcpuRate, VcpuStats,
+    DirtyRate, DirtySets, DirtyTracker, MAX_SLOT_PAGES, SlotDirty, SlotSpec, TrackerStats, TrackingMode,
+    VcpuHandle, VcpuRate, VcpuStats, X86_PAGE_SIZE,
 };
+#[cfg(feature = "kvm-ioctls")]
+pub use vmfd::{
+    clear_dirty_log, enable_dirty_ring, enable_manual_protect, get_dirty_log, open_kvm, open_kvm_at,
+    probe_dirty_ring, probe_manual_protect, reset_dirty_rings,
+};
+pub use vmm_bitmap::VmmBitmap;
 
 #[cfg(test)]
 mod tests {
@@ -108,7 +133,9 @@ mod tests {
         send_sync::<crate::DirtySets>();
         send::<crate::DirtyRing>();
         send::<crate::DirtyLogBuffer>();
+        #[cfg(feature = "kvm-ioctls")]
         send::<crate::VcpuRunner<'static>>();
+        send::<crate::RingFullHandler<'static>>();
         send_sync::<crate::Error>();
     }
 }

@@ -7,12 +7,13 @@
 //! here, across harvests: KVM keeps none for userspace.
 //!
 //! Keeps: I4 on the consumer side (entries are harvested in order, never skipped, each once; the reset
-//! that re-protects them is [`reset_dirty_rings`], which the caller must issue before reading pages).
+//! that re-protects them is [`reset_dirty_rings`](crate::fd::reset_dirty_rings), which the caller must issue before reading pages).
 
-use kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET;
-use kvm_ioctls::{VcpuFd, VmFd};
+use std::os::fd::AsFd;
+
 use tdp_core::dirty_ring::{DirtyEntry, DirtyGfn, DirtyRingConsumer, RingConfig};
 
+use crate::abi::KVM_DIRTY_LOG_PAGE_OFFSET;
 use crate::error::{Error, Result};
 use crate::mapping::Mapping;
 use crate::sys;
@@ -22,19 +23,19 @@ use crate::sys;
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use tdp_kvm::{DirtyRing, Error};
-/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-/// let vm = kvm.create_vm()?;
-/// let (_, cfg) = match tdp_kvm::enable_dirty_ring(&vm, 4096) {
+/// let kvm = match tdp_kvm::fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = tdp_kvm::fd::create_vm(&kvm)?;
+/// let (_, cfg) = match tdp_kvm::fd::enable_dirty_ring(&vm, 4096) {
 ///     Ok(x) => x,
 ///     Err(Error::NoDirtyRing) => { println!("SKIPPED: no dirty ring"); return Ok(()) }
 ///     Err(e) => return Err(e.into()),
 /// };
-/// let vcpu = vm.create_vcpu(0)?;
-/// let mut ring = DirtyRing::map(&vcpu, cfg)?;
+/// let vcpu = tdp_kvm::fd::create_vcpu(&vm, 0)?;
+/// let mut ring = DirtyRing::map_fd(&vcpu, cfg)?;
 /// assert_eq!(ring.entries().len(), 4096);
 /// // The guest has not run: nothing to harvest, nothing to reset.
 /// assert_eq!(ring.harvest(usize::MAX, |_| unreachable!()), 0);
-/// assert_eq!(tdp_kvm::reset_dirty_rings(&vm)?, 0);
+/// assert_eq!(tdp_kvm::fd::reset_dirty_rings(&vm)?, 0);
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
@@ -45,19 +46,21 @@ pub struct DirtyRing {
 }
 
 impl DirtyRing {
-    /// Maps `vcpu`'s ring (`cfg` as returned by [`enable_dirty_ring`](crate::enable_dirty_ring)). The
-    /// ring stays valid after the `VcpuFd` is dropped: the mapping holds its own reference to the file.
+    /// Maps the ring of the vCPU whose fd is `vcpu` (`cfg` as returned by
+    /// [`enable_dirty_ring`](crate::fd::enable_dirty_ring)). The ring stays valid after the vCPU fd is
+    /// closed: the mapping holds its own reference to the file.
+    ///
+    /// This is the ring's one consumer: KVM keeps no consumer index for user space, so two consumers of one
+    /// ring would each miss what the other harvested. Map a ring once (or let a
+    /// [`DirtyTracker`](crate::DirtyTracker) do it) and harvest it only through that mapping.
     ///
     /// # Errors
     /// [`Error::RingNotMapped`] if the VM has no dirty ring, or one of another size than `cfg` says;
     /// [`Error::Mmap`] if the kernel refuses the mapping.
-    pub fn map(vcpu: &VcpuFd, cfg: RingConfig) -> Result<Self> {
-        DirtyRing::map_fd(sys::borrow(vcpu), cfg)
-    }
-
-    pub(crate) fn map_fd(fd: std::os::fd::BorrowedFd<'_>, cfg: RingConfig) -> Result<Self> {
+    pub fn map_fd(vcpu: impl AsFd, cfg: RingConfig) -> Result<Self> {
+        let fd = vcpu.as_fd();
         let len = cfg.bytes() as usize;
-        let offset = i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * sys::page_size() as i64;
+        let offset = KVM_DIRTY_LOG_PAGE_OFFSET * sys::page_size() as i64;
         // One page more than the ring: mmap succeeds whatever the VM's ring size, and a page past the ring
         // raises SIGBUS on first access. Probing through the kernel (which gets EFAULT instead) checks that
         // the ring has exactly `cfg`'s size: its last byte readable (no smaller ring, or none), the byte
@@ -87,7 +90,7 @@ impl DirtyRing {
 
     /// Harvests up to `max` published entries in order, calling `f` for each, and returns how many. Marks
     /// each harvested (RESET flag); the kernel frees and re-protects them at the next
-    /// [`reset_dirty_rings`].
+    /// [`reset_dirty_rings`](crate::fd::reset_dirty_rings).
     pub fn harvest(&mut self, max: usize, f: impl FnMut(DirtyEntry)) -> usize {
         let (n, next) = {
             let ring = self.entries();
@@ -125,19 +128,15 @@ impl DirtyRing {
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-/// let vm = kvm.create_vm()?;
-/// if tdp_kvm::enable_dirty_ring(&vm, 4096).is_ok() {
-///     assert_eq!(tdp_kvm::reset_dirty_rings(&vm)?, 0); // nothing harvested yet
+/// let kvm = match tdp_kvm::fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = tdp_kvm::fd::create_vm(&kvm)?;
+/// if tdp_kvm::fd::enable_dirty_ring(&vm, 4096).is_ok() {
+///     assert_eq!(tdp_kvm::fd::reset_dirty_rings(&vm)?, 0); // nothing harvested yet
 /// }
 /// # Ok(()) }
 /// ```
-pub fn reset_dirty_rings(vm: &VmFd) -> Result<u32> {
-    reset_fd(sys::borrow(vm))
-}
-
-pub(crate) fn reset_fd(fd: std::os::fd::BorrowedFd<'_>) -> Result<u32> {
-    sys::reset_dirty_rings(fd).map_err(|e| match e {
+pub fn reset_dirty_rings(vm: impl AsFd) -> Result<u32> {
+    sys::reset_dirty_rings(vm.as_fd()).map_err(|e| match e {
         Error::Ioctl { errno: crate::Errno(libc::EINVAL), .. } => {
             Error::RingNotEnabled { op: "KVM_RESET_DIRTY_RINGS" }
         }

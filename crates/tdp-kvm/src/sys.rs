@@ -9,9 +9,9 @@
 
 use std::ffi::c_void;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log, kvm_enable_cap};
+use crate::abi::{KvmClearDirtyLog, KvmDirtyLog, KvmEnableCap};
 
 use crate::error::{Errno, Error};
 
@@ -28,15 +28,19 @@ const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
 
 /// `KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, struct kvm_dirty_log)`.
-pub(crate) const KVM_GET_DIRTY_LOG: u64 = ioc(IOC_WRITE, 0x42, size_of::<kvm_dirty_log>());
+pub(crate) const KVM_GET_DIRTY_LOG: u64 = ioc(IOC_WRITE, 0x42, size_of::<KvmDirtyLog>());
 /// `KVM_ENABLE_CAP = _IOW(KVMIO, 0xa3, struct kvm_enable_cap)`.
-pub(crate) const KVM_ENABLE_CAP: u64 = ioc(IOC_WRITE, 0xa3, size_of::<kvm_enable_cap>());
+pub(crate) const KVM_ENABLE_CAP: u64 = ioc(IOC_WRITE, 0xa3, size_of::<KvmEnableCap>());
 /// `KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
-pub(crate) const KVM_CLEAR_DIRTY_LOG: u64 = ioc(IOC_READ | IOC_WRITE, 0xc0, size_of::<kvm_clear_dirty_log>());
+pub(crate) const KVM_CLEAR_DIRTY_LOG: u64 = ioc(IOC_READ | IOC_WRITE, 0xc0, size_of::<KvmClearDirtyLog>());
 /// `KVM_RESET_DIRTY_RINGS = _IO(KVMIO, 0xc7)`, 0xAEC7.
 pub(crate) const KVM_RESET_DIRTY_RINGS: u64 = ioc(IOC_NONE, 0xc7, 0);
 /// `KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)`.
 pub(crate) const KVM_CHECK_EXTENSION: u64 = ioc(IOC_NONE, 0x03, 0);
+/// `KVM_CREATE_VM = _IO(KVMIO, 0x01)`.
+pub(crate) const KVM_CREATE_VM: u64 = ioc(IOC_NONE, 0x01, 0);
+/// `KVM_CREATE_VCPU = _IO(KVMIO, 0x41)`.
+pub(crate) const KVM_CREATE_VCPU: u64 = ioc(IOC_NONE, 0x41, 0);
 
 // The numbers as the kernel headers spell them, so an encoding slip cannot go unnoticed.
 const _: () = assert!(KVM_GET_DIRTY_LOG == 0x4010_AE42);
@@ -44,6 +48,7 @@ const _: () = assert!(KVM_ENABLE_CAP == 0x4068_AEA3);
 const _: () = assert!(KVM_CLEAR_DIRTY_LOG == 0xC018_AEC0);
 const _: () = assert!(KVM_RESET_DIRTY_RINGS == 0xAEC7);
 const _: () = assert!(KVM_CHECK_EXTENSION == 0xAE03);
+const _: () = assert!(KVM_CREATE_VM == 0xAE01 && KVM_CREATE_VCPU == 0xAE41);
 
 /// The last OS error as an [`Errno`].
 pub(crate) fn last_errno() -> Errno {
@@ -60,8 +65,7 @@ pub(crate) fn check_extension(vm: BorrowedFd<'_>, cap: u32) -> Result<i32, Error
 
 /// `KVM_ENABLE_CAP` on a VM fd. Returns the errno unwrapped, so callers can say what it means for their cap.
 pub(crate) fn enable_cap(vm: BorrowedFd<'_>, cap: u32, arg0: u64) -> Result<(), Errno> {
-    let mut req = kvm_enable_cap { cap, ..Default::default() };
-    req.args[0] = arg0;
+    let req = KvmEnableCap::new(cap, arg0);
     // SAFETY: KVM_ENABLE_CAP reads one `struct kvm_enable_cap` (the ioctl number encodes its size, asserted
     // above) from the pointer, which points at a live, initialised value of that type on our stack.
     let ret = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_ENABLE_CAP as _, &raw const req) };
@@ -91,11 +95,7 @@ pub(crate) fn reset_dirty_rings(vm: BorrowedFd<'_>) -> Result<u32, Error> {
 /// `out` must be valid for writes of `out_words` words, and every byte from `out + out_words * 8` up to
 /// whatever the kernel may write (see above) must be unmapped or otherwise owned by the caller.
 pub(crate) unsafe fn get_dirty_log(vm: BorrowedFd<'_>, slot: u32, out: *mut u64) -> Result<(), Errno> {
-    let log = kvm_dirty_log {
-        slot,
-        padding1: 0,
-        __bindgen_anon_1: kvm_bindings::kvm_dirty_log__bindgen_ty_1 { dirty_bitmap: out.cast::<c_void>() },
-    };
+    let log = KvmDirtyLog { slot, padding: 0, dirty_bitmap: out.cast::<c_void>() };
     // SAFETY: the kernel reads one `kvm_dirty_log` from our stack and writes the slot's bitmap to `out`;
     // the caller guarantees that memory (and a faulting guard after it).
     let ret = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_GET_DIRTY_LOG as _, &raw const log) };
@@ -118,13 +118,11 @@ pub(crate) fn clear_dirty_log(
     if (mask.len() as u64) < u64::from(num_pages).div_ceil(64) {
         return Err(Errno(libc::EFAULT));
     }
-    let log = kvm_clear_dirty_log {
+    let log = KvmClearDirtyLog {
         slot,
         num_pages,
         first_page,
-        __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
-            dirty_bitmap: mask.as_ptr().cast_mut().cast::<c_void>(),
-        },
+        dirty_bitmap: mask.as_ptr().cast_mut().cast::<c_void>(),
     };
     // SAFETY: the kernel reads one `kvm_clear_dirty_log` from our stack and `ceil(num_pages / 64)` words
     // from `mask` (checked above); it only reads the mask (copy_from_user), so the shared borrow suffices.
@@ -132,15 +130,19 @@ pub(crate) fn clear_dirty_log(
     if ret < 0 { Err(last_errno()) } else { Ok(()) }
 }
 
-/// A private duplicate of `fd` (close-on-exec), so a long-lived object can issue VM ioctls without
-/// borrowing the caller's `VmFd` for its whole life.
-pub(crate) fn dup_fd(fd: RawFd) -> Result<OwnedFd, Error> {
-    // SAFETY: F_DUPFD_CLOEXEC only reads the fd number; a bad number yields EBADF, checked below.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+/// An ioctl whose answer is a new fd (`KVM_CREATE_VM`, `KVM_CREATE_VCPU`), owned from here on.
+pub(crate) fn ioctl_new_fd(
+    fd: BorrowedFd<'_>,
+    req: u64,
+    arg: libc::c_ulong,
+    ioctl: &'static str,
+) -> Result<OwnedFd, Error> {
+    // SAFETY: both ioctls take their argument by value and touch no user memory; `fd` is live (borrowed).
+    let new = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) };
     if new < 0 {
-        return Err(Error::Os { op: "fcntl(F_DUPFD_CLOEXEC) of the vm fd", errno: last_errno() });
+        return Err(Error::Ioctl { ioctl, errno: last_errno() });
     }
-    // SAFETY: `new` is a fresh fd returned by the kernel to us; nothing else owns it.
+    // SAFETY: the kernel returned a fresh fd to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
@@ -151,6 +153,7 @@ pub(crate) fn page_size() -> usize {
     usize::try_from(ps).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096)
 }
 
+#[cfg(feature = "kvm-ioctls")]
 /// Borrows the fd of a `kvm-ioctls` object (which implements `AsRawFd` only) for as long as the object.
 pub(crate) fn borrow<T: AsRawFd>(owner: &T) -> BorrowedFd<'_> {
     // SAFETY: `VmFd` and `VcpuFd` own their fd (a `File`) and close it only on drop; the returned borrow

@@ -14,6 +14,7 @@ use crate::mapping::Mapping;
 
 /// How [`TestVm`] sets up dirty logging before it registers its slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LogSetup {
     /// Slots without `KVM_MEM_LOG_DIRTY_PAGES`.
     NotLogged,
@@ -89,6 +90,12 @@ impl TestVm {
             t.mem.push(map);
         }
         Ok(Some(t))
+    }
+
+    /// The VM's fd, for the fd API ([`crate::fd`]).
+    #[must_use]
+    pub fn vm_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        crate::sys::borrow(&self.vm)
     }
 
     /// The host memory of the `i`-th slot given to [`TestVm::new_or_skip`], writable.

@@ -9,6 +9,9 @@
 //!
 //! Keeps: I5 (a broken producer cannot make the runner loop) and I4 where the kernel keeps it.
 
+// The tests drive VMs through kvm-ioctls (the default feature).
+#![cfg(feature = "kvm-ioctls")]
+
 use std::collections::BTreeSet;
 
 use kvm_ioctls::VcpuExit;

@@ -4,9 +4,12 @@
 //!
 //! Keeps: I5 (every bad request is refused with the values, and leaves KVM's log as it was).
 
+// The tests drive VMs through kvm-ioctls (the default feature).
+#![cfg(feature = "kvm-ioctls")]
+
 use tdp_core::dirty_bitmap::BitmapError;
 use tdp_kvm::testing::{LogSetup, TestVm};
-use tdp_kvm::{DirtyLogBuffer, Error, clear_dirty_log, get_dirty_log};
+use tdp_kvm::{ClearRange, DirtyLogBuffer, Error, clear_dirty_log, get_dirty_log};
 
 const BASE: u64 = 0x10_0000;
 
@@ -26,8 +29,22 @@ fn initially_set_reports_every_page_and_clear_removes_exactly_the_mask() {
 
     // Clear every other page of 64..192 and the whole tail 960..1000 (40 pages: allowed, it ends the slot).
     let alternate = 0x5555_5555_5555_5555u64;
-    clear_dirty_log(&t.vm, 3, 1000, 64, 128, &[alternate, alternate]).unwrap();
-    clear_dirty_log(&t.vm, 3, 1000, 960, 40, &[u64::MAX]).unwrap();
+    clear_dirty_log(
+        &t.vm,
+        &ClearRange {
+            slot: 3,
+            slot_pages: 1000,
+            first_page: 64,
+            num_pages: 128,
+            mask: &[alternate, alternate],
+        },
+    )
+    .unwrap();
+    clear_dirty_log(
+        &t.vm,
+        &ClearRange { slot: 3, slot_pages: 1000, first_page: 960, num_pages: 40, mask: &[u64::MAX] },
+    )
+    .unwrap();
     get_dirty_log(&t.vm, 3, &mut buf).unwrap();
     assert_eq!(buf.count(), 1000 - 64 - 40);
     for p in 0..1000u64 {
@@ -37,7 +54,11 @@ fn initially_set_reports_every_page_and_clear_removes_exactly_the_mask() {
     }
     // Clearing what was reported leaves nothing.
     let words = buf.words().to_vec();
-    clear_dirty_log(&t.vm, 3, 1000, 0, 1000, &words).unwrap();
+    clear_dirty_log(
+        &t.vm,
+        &ClearRange { slot: 3, slot_pages: 1000, first_page: 0, num_pages: 1000, mask: &words },
+    )
+    .unwrap();
     get_dirty_log(&t.vm, 3, &mut buf).unwrap();
     assert_eq!(buf.count(), 0);
 }
@@ -69,7 +90,10 @@ fn i5_clear_log_range_errors_are_caught_before_the_ioctl_and_change_nothing() {
         return;
     };
     let mask = [u64::MAX; 16];
-    let err = |first, num, mask: &[u64]| match clear_dirty_log(&t.vm, 1, 1000, first, num, mask) {
+    let err = |first, num, mask: &[u64]| match clear_dirty_log(
+        &t.vm,
+        &ClearRange { slot: 1, slot_pages: 1000, first_page: first, num_pages: num, mask },
+    ) {
         Err(Error::BadLogRange { slot: 1, source }) => source,
         other => panic!("{first}+{num}: expected a range error, got {other:?}"),
     };
@@ -92,7 +116,11 @@ fn i5_unlogged_and_unknown_slots_are_named_in_the_error() {
     assert!(matches!(e, Error::SlotNotLogged { op: "KVM_GET_DIRTY_LOG", slot: 0 }), "{e:?}");
     let e = get_dirty_log(&t.vm, 7, &mut buf).unwrap_err();
     assert!(matches!(e, Error::SlotNotLogged { slot: 7, .. }), "{e:?}");
-    let e = clear_dirty_log(&t.vm, 0, 64, 0, 64, &[1]).unwrap_err();
+    let e = clear_dirty_log(
+        &t.vm,
+        &ClearRange { slot: 0, slot_pages: 64, first_page: 0, num_pages: 64, mask: &[1] },
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::SlotNotLogged { op: "KVM_CLEAR_DIRTY_LOG", slot: 0 }), "{e:?}");
 }
 
@@ -118,6 +146,10 @@ fn i5_bitmap_ioctls_on_a_ring_vm_say_the_ring_disables_them() {
     let mut buf = DirtyLogBuffer::new(64).unwrap();
     let e = get_dirty_log(&t.vm, 0, &mut buf).unwrap_err();
     assert!(matches!(e, Error::BitmapDisabledByRing { op: "KVM_GET_DIRTY_LOG" }), "{e:?}");
-    let e = clear_dirty_log(&t.vm, 0, 64, 0, 64, &[1]).unwrap_err();
+    let e = clear_dirty_log(
+        &t.vm,
+        &ClearRange { slot: 0, slot_pages: 64, first_page: 0, num_pages: 64, mask: &[1] },
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::BitmapDisabledByRing { op: "KVM_CLEAR_DIRTY_LOG" }), "{e:?}");
 }

@@ -4,6 +4,9 @@
 //! Keeps: I5 (bad sizes are refused with the rule that broke, before KVM sees them; enabling after vCPUs
 //! exist is reported as such).
 
+// The tests drive VMs through kvm-ioctls (the default feature).
+#![cfg(feature = "kvm-ioctls")]
+
 use kvm_ioctls::{Kvm, VmFd};
 use tdp_core::dirty_ring::{DIRTY_GFN_F_MASK, RingError};
 use tdp_kvm::{
@@ -81,7 +84,7 @@ fn i5_bad_ring_sizes_are_refused_before_the_ioctl_with_the_rule() {
         Error::BadRingSize { source: RingError::TooLarge { max: 65536, .. }, .. }
     ));
     // Larger than this host offers, if the host offers less than the ABI maximum.
-    let host = tdp_kvm::RingSupport { cap: s.cap, max_bytes: 8192 };
+    let host = tdp_kvm::RingSupport::new(s.cap, 8192);
     assert!(matches!(
         check_ring_size(&host, 1024),
         Err(Error::RingLargerThanOffered { bytes: 16384, max_bytes: 8192 })

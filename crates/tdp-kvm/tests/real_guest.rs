@@ -13,6 +13,9 @@
 //!
 //! Each test prints `SKIPPED` and returns when `/dev/kvm` (or the mode's capability) is missing.
 
+// The tests drive VMs through kvm-ioctls (the default feature).
+#![cfg(feature = "kvm-ioctls")]
+
 #[path = "real_guest/harness.rs"]
 mod harness;
 

@@ -6,6 +6,9 @@
 //! Keeps: I4 across ring-full exits and concurrent collects (the union of every collect is exactly the set
 //! of pages the guest wrote: none lost, none invented).
 
+// The tests drive VMs through kvm-ioctls (the default feature).
+#![cfg(feature = "kvm-ioctls")]
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 

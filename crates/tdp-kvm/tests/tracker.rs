@@ -5,9 +5,12 @@
 //! Keeps: I4 (a collect that fails part-way keeps what it took; restore reports pages again) and I5
 //! (conflicting or empty slots are refused with the values).
 
+// The tests drive VMs through kvm-ioctls (the default feature).
+#![cfg(feature = "kvm-ioctls")]
+
 use tdp_core::addr::{AsId, Gpa, RingSlot, SlotId};
 use tdp_kvm::testing::{LogSetup, TestVm};
-use tdp_kvm::{DirtySets, DirtyTracker, Error, SlotSpec, TrackingMode};
+use tdp_kvm::{DirtySets, DirtyTracker, Error, SlotSpec, TrackingMode, abi};
 
 const A: u64 = 0x10_0000;
 const B: u64 = 0x100_0000;
@@ -98,7 +101,7 @@ fn i5_slot_registration_refuses_conflicts_and_empty_ranges() {
     let overlap = tracker.register_slot(SlotSpec::new(2, A + 15 * 4096, 16)).unwrap_err();
     assert!(matches!(overlap, Error::SlotConflict { why: "overlapping guest-physical ranges", .. }));
     // The same range in another address space (SMM) is fine.
-    let smm = SlotSpec { as_id: AsId(1), ..SlotSpec::new(1, A, 16) };
+    let smm = SlotSpec::new(1, A, 16).with_as_id(AsId(1));
     tracker.register_slot(smm).unwrap();
     assert!(matches!(tracker.register_slot(SlotSpec::new(3, B, 0)), Err(Error::BadSlot { pages: 0, .. })));
     assert!(matches!(
@@ -137,4 +140,20 @@ fn ring_tracker_refuses_a_second_enable_after_vcpus() {
         Err(Error::RingAfterVcpus { .. } | Error::NoDirtyRing) => {}
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+#[test]
+fn i5_guest_memfd_slots_and_foreign_page_sizes_are_refused_with_the_slot() {
+    let Some(t) = TestVm::new_or_skip(&[], LogSetup::NotLogged).unwrap() else { return };
+    let tracker = DirtyTracker::new(&t.vm, TrackingMode::GetAndClear).unwrap();
+    let memfd = SlotSpec::new(1, A, 16).with_flags(abi::KVM_MEM_LOG_DIRTY_PAGES | abi::KVM_MEM_GUEST_MEMFD);
+    let e = tracker.register_slot(memfd).unwrap_err();
+    assert!(matches!(e, Error::GuestMemfdSlot { slot } if slot == memfd.key()), "{e}");
+    assert!(e.to_string().contains("guest_memfd"), "{e}");
+    let arm64 = SlotSpec::new(1, A, 16).with_page_size(65536);
+    let e = tracker.register_slot(arm64).unwrap_err();
+    assert!(matches!(e, Error::UnsupportedPageSize { page_size: 65536, supported: 4096, .. }), "{e}");
+    assert!(tracker.slots().unwrap().is_empty(), "nothing registered on error");
+    tracker.register_slot(SlotSpec::new(1, A, 16).with_page_size(4096)).unwrap();
+    assert_eq!(tracker.slots().unwrap().len(), 1);
 }

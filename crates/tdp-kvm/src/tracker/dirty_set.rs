@@ -9,6 +9,12 @@
 //!
 //! Keeps: I4 (merging never drops a page) and I5 (a page outside its slot is refused, never indexed).
 
+#[cfg(feature = "serde")]
+mod serde;
+mod shapes;
+
+pub use shapes::MAX_SLOT_PAGES;
+
 use std::collections::BTreeMap;
 
 use tdp_core::addr::{Gpa, PAGE_SHIFT, RingSlot};
@@ -193,6 +199,11 @@ impl SlotDirty {
 
     /// Adds `offsets`, sorted ascending, each below `pages` (checked by the caller; others are skipped).
     pub(crate) fn extend_sorted(&mut self, offsets: &[u64]) {
+        // Nothing to add: skip the merge sort and dedup (a collect merges every slot's pending set, most
+        // often empty, into its result).
+        if offsets.is_empty() {
+            return;
+        }
         match &mut self.set {
             Pages::Sparse(list) => {
                 let pages = self.pages;

@@ -15,51 +15,50 @@ use tdp_core::dirty_ring::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_MASK, DirtyEntry};
 
 use super::stats::{add, get};
 use super::{DirtySets, DirtyTracker, SlotState, TrackingMode, VcpuState, lock, read};
-use crate::bitmap::{clear_whole_slot, get_dirty_log_fd};
+use crate::bitmap::{clear_whole_slot, get_dirty_log};
 use crate::error::{Error, Result};
-use crate::ring::{DirtyRing, reset_fd};
+use crate::ring::{DirtyRing, reset_dirty_rings};
 
 impl DirtyTracker {
     /// Harvests every source into `fresh` (slots added first) and re-protects. `entries` is scratch for
     /// ring entries.
     pub(super) fn harvest_all(&self, fresh: &mut DirtySets, entries: &mut Batch) -> Result<()> {
-        let slots = read(&self.slots, "slots")?;
-        for s in slots.values() {
-            fresh.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages);
-        }
-        match self.mode {
-            TrackingMode::Ring(_) => {
-                let vcpus: Vec<Arc<VcpuState>> = read(&self.vcpus, "vcpus")?.clone();
-                drop(slots);
-                for v in &vcpus {
-                    let Some(ring) = &v.ring else { continue };
-                    let mut ring = lock(ring, "ring")?;
-                    let slots = read(&self.slots, "slots")?;
-                    let n = ring.harvest(usize::MAX, |e| self.validate(&slots, e, entries));
-                    add(&v.counters.harvested, n as u64);
-                    self.note_full(&ring, n);
-                    add(&self.counters.harvested, n as u64);
-                    // Published ring by ring: if a later ring or the reset fails, these are in `fresh`,
-                    // which the caller moves to the pending set.
-                    publish(&slots, fresh, entries);
-                }
-                let reset = reset_fd(self.vm.as_fd())?;
-                add(&self.counters.reset_entries, u64::from(reset));
+        let plan = Plan::of(self.mode);
+        {
+            let slots = read(&self.slots, "slots")?;
+            for s in slots.values() {
+                fresh.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages);
             }
-            TrackingMode::GetAndClear | TrackingMode::ClearLog => {
-                let clear = self.mode == TrackingMode::ClearLog;
-                for s in slots.values() {
-                    let Some(buf) = &s.buf else { continue };
-                    let mut buf = lock(buf, "bitmap buffer")?;
-                    let key = s.spec.key().raw();
-                    get_dirty_log_fd(self.vm.as_fd(), key, &mut buf)?;
-                    let n = fresh
-                        .add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages)
-                        .merge_words(buf.words());
-                    add(&self.counters.harvested, n);
-                    if clear {
-                        clear_whole_slot(self.vm.as_fd(), key, s.spec.pages, buf.words())?;
-                    }
+        }
+        if plan.rings {
+            let vcpus: Vec<Arc<VcpuState>> = read(&self.vcpus, "vcpus")?.clone();
+            for v in &vcpus {
+                let Some(ring) = &v.ring else { continue };
+                let mut ring = lock(ring, "ring")?;
+                let slots = read(&self.slots, "slots")?;
+                let n = ring.harvest(usize::MAX, |e| self.validate(&slots, e, entries));
+                add(&v.counters.harvested, n as u64);
+                self.note_full(&ring, n);
+                add(&self.counters.harvested, n as u64);
+                // Published ring by ring: if a later ring or the reset fails, these are in `fresh`,
+                // which the caller moves to the pending set.
+                publish(&slots, fresh, entries);
+            }
+            let reset = reset_dirty_rings(self.vm.as_fd())?;
+            add(&self.counters.reset_entries, u64::from(reset));
+        }
+        if plan.bitmap {
+            let slots = read(&self.slots, "slots")?;
+            for s in slots.values() {
+                let Some(buf) = &s.buf else { continue };
+                let mut buf = lock(buf, "bitmap buffer")?;
+                let key = s.spec.key().raw();
+                get_dirty_log(self.vm.as_fd(), key, &mut buf)?;
+                let n =
+                    fresh.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages).merge_words(buf.words());
+                add(&self.counters.harvested, n);
+                if plan.clear {
+                    clear_whole_slot(self.vm.as_fd(), key, s.spec.pages, buf.words())?;
                 }
             }
         }
@@ -93,7 +92,7 @@ impl DirtyTracker {
         add(&v.counters.ring_full_exits, 1);
         // Reset before publishing: a collect that takes these pages from the pending set must find them
         // re-protected. If the reset fails, publish anyway (they were harvested) and report the error.
-        let reset = reset_fd(self.vm.as_fd());
+        let reset = reset_dirty_rings(self.vm.as_fd());
         {
             let slots = read(&self.slots, "slots")?;
             let mut pending = lock(&self.pending, "pending")?;
@@ -124,6 +123,30 @@ impl DirtyTracker {
             .filter(|e| e.flags.load(Ordering::Acquire) & DIRTY_GFN_F_MASK == DIRTY_GFN_F_DIRTY)
             .count();
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+}
+
+/// What a collect does in a mode: harvest the rings (then `KVM_RESET_DIRTY_RINGS`), get each slot's bitmap,
+/// and clear what it got (`KVM_CLEAR_DIRTY_LOG`). Kept as data so every mode's plan is tested, including
+/// ring-with-bitmap, which this project's hosts do not offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub(crate) rings: bool,
+    pub(crate) bitmap: bool,
+    pub(crate) clear: bool,
+}
+
+impl Plan {
+    pub(crate) const fn of(mode: TrackingMode) -> Plan {
+        let (rings, bitmap, clear) = match mode {
+            TrackingMode::Ring(_) => (true, false, false),
+            // Rings first: the bitmap holds only what no vCPU logged; without manual protection (which
+            // KVM refuses alongside a ring) its get also clears and re-protects.
+            TrackingMode::RingWithBitmap(_) => (true, true, false),
+            TrackingMode::GetAndClear | TrackingMode::ClearLogChunked => (false, true, false),
+            TrackingMode::ClearLog => (false, true, true),
+        };
+        Plan { rings, bitmap, clear }
     }
 }
 
@@ -158,7 +181,7 @@ impl Batch {
     }
 
     /// Whether no entry is waiting.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "kvm-ioctls"))]
     pub(crate) fn is_empty(&self) -> bool {
         self.buckets.iter().all(|(_, l)| l.is_empty())
     }
@@ -187,6 +210,24 @@ fn publish(slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, batch: &mut Ba
 }
 
 #[cfg(test)]
+mod plan_tests {
+    use tdp_core::dirty_ring::RingConfig;
+
+    use super::{Plan, TrackingMode};
+
+    #[test]
+    fn i4_every_mode_harvests_every_source_it_has_and_clears_only_in_clear_log() {
+        let cfg = RingConfig::new(4096, 0).unwrap();
+        let p = |rings, bitmap, clear| Plan { rings, bitmap, clear };
+        assert_eq!(Plan::of(TrackingMode::Ring(cfg)), p(true, false, false));
+        assert_eq!(Plan::of(TrackingMode::RingWithBitmap(cfg)), p(true, true, false));
+        assert_eq!(Plan::of(TrackingMode::GetAndClear), p(false, true, false));
+        assert_eq!(Plan::of(TrackingMode::ClearLog), p(false, true, true));
+        assert_eq!(Plan::of(TrackingMode::ClearLogChunked), p(false, true, false), "the caller clears");
+    }
+}
+
+#[cfg(all(test, feature = "kvm-ioctls"))]
 mod tests {
     use tdp_core::addr::RingSlot;
     use tdp_core::dirty_ring::DirtyEntry;

@@ -21,35 +21,38 @@
 //! back) and I5 (ring entries naming an unknown slot or an offset beyond their slot are counted in
 //! [`TrackerStats`] and skipped; nothing is indexed with them).
 
+mod chunked;
 mod dirty_set;
+mod external;
 mod harvest;
 mod stats;
 mod types;
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
-use kvm_ioctls::{VcpuFd, VmFd};
 use tdp_core::addr::{PAGE_SHIFT, RingSlot};
 
-pub use dirty_set::{DirtySets, SlotDirty};
+pub use dirty_set::{DirtySets, MAX_SLOT_PAGES, SlotDirty};
 pub use stats::{DirtyRate, TrackerStats, VcpuRate, VcpuStats};
-pub use types::{SlotSpec, TrackingMode, VcpuHandle};
+pub use types::{SlotSpec, TrackingMode, VcpuHandle, X86_PAGE_SIZE};
 
 pub(crate) use harvest::Batch;
 
 use crate::bitmap::DirtyLogBuffer;
 use crate::error::{Error, Result};
 use crate::ring::DirtyRing;
-use crate::sys;
+use crate::vmm_bitmap::VmmBitmap;
 use stats::{Counters, VcpuCounters, add, get};
 
 struct SlotState {
     spec: SlotSpec,
     /// The reusable `KVM_GET_DIRTY_LOG` buffer (bitmap modes only).
     buf: Option<Mutex<DirtyLogBuffer>>,
+    /// The VMM's own writes into the slot ([`DirtyTracker::attach_vmm_bitmap`]).
+    vmm: Option<VmmBitmap>,
 }
 
 /// What a collect reuses from one call to the next.
@@ -59,6 +62,8 @@ struct Scratch {
     fresh: DirtySets,
     /// Validated ring entries, bucketed by slot, before they enter `fresh`.
     entries: Batch,
+    /// Offsets taken from VMM bitmaps, before they enter `fresh`.
+    offsets: Vec<u64>,
 }
 
 pub(crate) struct VcpuState {
@@ -89,6 +94,20 @@ impl std::fmt::Debug for DirtyTracker {
     }
 }
 
+/// Refuses a slot KVM cannot log for this tracker: guest_memfd, or a page size other than the host's
+/// logging granule (4 KiB on x86-64).
+fn check_loggable(spec: &SlotSpec) -> Result<()> {
+    if spec.is_guest_memfd() {
+        return Err(Error::GuestMemfdSlot { slot: spec.key() });
+    }
+    let supported =
+        if cfg!(target_arch = "x86_64") { types::X86_PAGE_SIZE } else { crate::sys::page_size() as u64 };
+    if spec.page_size != supported {
+        return Err(Error::UnsupportedPageSize { slot: spec.key(), page_size: spec.page_size, supported });
+    }
+    Ok(())
+}
+
 pub(crate) fn lock<'a, T>(m: &'a Mutex<T>, what: &'static str) -> Result<MutexGuard<'a, T>> {
     m.lock().map_err(|_| Error::Poisoned { what })
 }
@@ -98,24 +117,30 @@ fn read<'a, T>(m: &'a RwLock<T>, what: &'static str) -> Result<RwLockReadGuard<'
 }
 
 impl DirtyTracker {
-    /// A tracker for a VM whose dirty tracking is already set up as `mode` says (ring enabled, or manual
-    /// protection enabled, by the caller).
+    /// A tracker for the VM whose fd is `vm`, with dirty tracking already set up as `mode` says (ring
+    /// enabled with [`fd::enable_dirty_ring`](crate::fd::enable_dirty_ring), or manual protection with
+    /// [`fd::enable_manual_protect`](crate::fd::enable_manual_protect), by the caller). The tracker keeps
+    /// a duplicate of the fd, so it issues VM ioctls from any thread without borrowing the caller's.
     ///
     /// # Errors
     /// [`Error::Os`] if the VM fd cannot be duplicated.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tdp_kvm::testing::{LogSetup, TestVm};
-    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
-    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
-    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?; // manual protect enabled by TestVm
-    /// assert_eq!(tracker.mode(), TrackingMode::ClearLog);
+    /// use tdp_kvm::{DirtyTracker, TrackingMode, fd};
+    /// let kvm = match fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+    /// let vm = fd::create_vm(&kvm)?;
+    /// let tracker = DirtyTracker::from_fd(&vm, TrackingMode::GetAndClear)?;
+    /// assert_eq!(tracker.mode(), TrackingMode::GetAndClear);
     /// # Ok(()) }
     /// ```
-    pub fn new(vm: &VmFd, mode: TrackingMode) -> Result<Self> {
+    pub fn from_fd(vm: impl AsFd, mode: TrackingMode) -> Result<Self> {
+        let vm = vm.as_fd().try_clone_to_owned().map_err(|e| Error::Os {
+            op: "fcntl(F_DUPFD_CLOEXEC) of the vm fd",
+            errno: crate::Errno(e.raw_os_error().unwrap_or(0)),
+        })?;
         Ok(DirtyTracker {
-            vm: sys::dup_fd(vm.as_raw_fd())?,
+            vm,
             mode,
             slots: RwLock::new(BTreeMap::new()),
             vcpus: RwLock::new(Vec::new()),
@@ -123,70 +148,6 @@ impl DirtyTracker {
             collect: Mutex::new(Scratch::default()),
             counters: Counters::default(),
         })
-    }
-
-    /// Enables a dirty ring of `entries` entries per vCPU (before any vCPU exists) and returns a ring tracker.
-    ///
-    /// # Errors
-    /// As [`enable_dirty_ring`](crate::enable_dirty_ring).
-    ///
-    /// ```
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tdp_kvm::{DirtyTracker, Error, TrackingMode};
-    /// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-    /// let vm = kvm.create_vm()?;
-    /// match DirtyTracker::with_ring(&vm, 4096) {
-    ///     Ok(t) => assert!(matches!(t.mode(), TrackingMode::Ring(cfg) if cfg.entries() == 4096)),
-    ///     Err(Error::NoDirtyRing) => println!("no ring on this host"),
-    ///     Err(e) => return Err(e.into()),
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn with_ring(vm: &VmFd, entries: u32) -> Result<Self> {
-        let (_, cfg) = crate::enable_dirty_ring(vm, entries)?;
-        DirtyTracker::new(vm, TrackingMode::Ring(cfg))
-    }
-
-    /// A get-and-clear bitmap tracker (nothing to enable).
-    ///
-    /// # Errors
-    /// [`Error::Os`] if the VM fd cannot be duplicated.
-    ///
-    /// ```
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tdp_kvm::testing::{LogSetup, TestVm};
-    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
-    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::GetAndClear)? else { return Ok(()) };
-    /// let tracker = DirtyTracker::with_bitmap(&t.vm)?;
-    /// tracker.register_slot(SlotSpec::new(1, 0x10_0000, 256))?;
-    /// assert!(tracker.collect()?.is_empty(), "no guest ran, nothing is dirty");
-    /// # Ok(()) }
-    /// ```
-    pub fn with_bitmap(vm: &VmFd) -> Result<Self> {
-        DirtyTracker::new(vm, TrackingMode::GetAndClear)
-    }
-
-    /// Enables manual dirty-log protection (optionally `INITIALLY_SET`) and returns a clear-log tracker.
-    /// Enable it before slots get `KVM_MEM_LOG_DIRTY_PAGES`.
-    ///
-    /// # Errors
-    /// As [`enable_manual_protect`](crate::enable_manual_protect).
-    ///
-    /// ```
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tdp_kvm::{DirtyTracker, Error, TrackingMode};
-    /// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
-    /// let vm = kvm.create_vm()?;
-    /// match DirtyTracker::with_clear_log(&vm, true) {
-    ///     Ok(t) => assert_eq!(t.mode(), TrackingMode::ClearLog),
-    ///     Err(Error::CapabilityMissing { name, .. }) => println!("no {name} on this host"),
-    ///     Err(e) => return Err(e.into()),
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn with_clear_log(vm: &VmFd, initially_set: bool) -> Result<Self> {
-        crate::enable_manual_protect(vm, initially_set)?;
-        DirtyTracker::new(vm, TrackingMode::ClearLog)
     }
 
     /// The tracking mode.
@@ -217,15 +178,17 @@ impl DirtyTracker {
     /// ```
     pub fn register_slot(&self, spec: SlotSpec) -> Result<()> {
         let key = spec.key();
+        check_loggable(&spec)?;
         let end = spec.pages.checked_shl(PAGE_SHIFT).and_then(|b| b.checked_add(spec.guest_base.0));
         let Some(end) = end.filter(|_| spec.pages > 0 && spec.pages >> (64 - PAGE_SHIFT) == 0) else {
             return Err(Error::BadSlot { slot: key, pages: spec.pages, guest_base: spec.guest_base.0 });
         };
         let buf = match self.mode {
             TrackingMode::Ring(_) => None,
-            TrackingMode::GetAndClear | TrackingMode::ClearLog => {
-                Some(Mutex::new(DirtyLogBuffer::new(spec.pages)?))
-            }
+            TrackingMode::GetAndClear
+            | TrackingMode::ClearLog
+            | TrackingMode::ClearLogChunked
+            | TrackingMode::RingWithBitmap(_) => Some(Mutex::new(DirtyLogBuffer::new(spec.pages)?)),
         };
         let mut slots = self.slots.write().map_err(|_| Error::Poisoned { what: "slots" })?;
         for s in slots.values() {
@@ -245,7 +208,7 @@ impl DirtyTracker {
             }
         }
         lock(&self.pending, "pending")?.add_slot(key, spec.guest_base, spec.pages);
-        slots.insert(key.raw(), SlotState { spec, buf });
+        slots.insert(key.raw(), SlotState { spec, buf, vmm: None });
         Ok(())
     }
 
@@ -297,27 +260,34 @@ impl DirtyTracker {
         Ok(read(&self.slots, "slots")?.values().map(|s| s.spec).collect())
     }
 
-    /// Attaches a vCPU: maps its ring (ring mode) and gives it per-vCPU statistics. Call once per vCPU,
-    /// after creating it and before running it.
+    /// Attaches the vCPU whose fd is `vcpu`: maps its ring (ring mode) and gives it per-vCPU
+    /// statistics. Call once per vCPU, after creating it and before running it.
     ///
     /// # Errors
-    /// [`Error::Mmap`] if the ring cannot be mapped.
+    /// [`Error::RingNotMapped`] / [`Error::Mmap`] if the ring cannot be mapped.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tdp_kvm::testing::{LogSetup, TestVm};
-    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
-    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::Ring(4096))? else { return Ok(()) };
-    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::Ring(t.ring.ok_or("ring")?))?;
-    /// let vcpu = t.vm.create_vcpu(0)?;
-    /// assert_eq!(tracker.attach_vcpu(&vcpu)?.index(), 0);
+    /// use tdp_kvm::{DirtyTracker, Error, TrackingMode, fd};
+    /// let kvm = match fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+    /// let vm = fd::create_vm(&kvm)?;
+    /// let cfg = match fd::enable_dirty_ring(&vm, 4096) {
+    ///     Ok((_, cfg)) => cfg,
+    ///     Err(Error::NoDirtyRing) => { println!("SKIPPED: no ring"); return Ok(()) }
+    ///     Err(e) => return Err(e.into()),
+    /// };
+    /// let tracker = DirtyTracker::from_fd(&vm, TrackingMode::Ring(cfg))?;
+    /// let vcpu = fd::create_vcpu(&vm, 0)?;
+    /// assert_eq!(tracker.attach_vcpu_fd(&vcpu)?.index(), 0);
     /// assert_eq!(tracker.stats()?.per_vcpu.len(), 1);
     /// # Ok(()) }
     /// ```
-    pub fn attach_vcpu(&self, vcpu: &VcpuFd) -> Result<VcpuHandle> {
+    pub fn attach_vcpu_fd(&self, vcpu: impl AsFd) -> Result<VcpuHandle> {
         let ring = match self.mode {
-            TrackingMode::Ring(cfg) => Some(Mutex::new(DirtyRing::map(vcpu, cfg)?)),
-            TrackingMode::GetAndClear | TrackingMode::ClearLog => None,
+            TrackingMode::Ring(cfg) | TrackingMode::RingWithBitmap(cfg) => {
+                Some(Mutex::new(DirtyRing::map_fd(vcpu, cfg)?))
+            }
+            TrackingMode::GetAndClear | TrackingMode::ClearLog | TrackingMode::ClearLogChunked => None,
         };
         let mut vcpus = self.vcpus.write().map_err(|_| Error::Poisoned { what: "vcpus" })?;
         vcpus.push(Arc::new(VcpuState { ring, counters: VcpuCounters::default() }));
@@ -383,10 +353,11 @@ impl DirtyTracker {
     /// ```
     pub fn collect_into(&self, out: &mut DirtySets) -> Result<u64> {
         let mut scratch = lock(&self.collect, "collect")?;
-        let Scratch { fresh, entries } = &mut *scratch;
+        let Scratch { fresh, entries, offsets } = &mut *scratch;
         fresh.clear();
         entries.clear();
-        if let Err(e) = self.harvest_all(fresh, entries) {
+        if let Err(e) = self.harvest_all(fresh, entries).and_then(|()| self.take_vmm_bitmaps(fresh, offsets))
+        {
             // Nothing is lost: what was taken from KVM goes to the pending set for the next collect.
             lock(&self.pending, "pending")?.merge(fresh);
             fresh.clear();

@@ -38,15 +38,17 @@ pub(crate) fn get(c: &AtomicU64) -> u64 {
 
 /// One vCPU's cumulative figures in a [`TrackerStats`] snapshot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VcpuStats {
     /// Pages (ring entries) harvested from this vCPU's ring so far; 0 in bitmap modes.
     pub harvested: u64,
-    /// Ring-full exits handled by [`VcpuRunner`](crate::VcpuRunner) so far.
+    /// Ring-full exits handled by [`RingFullHandler`](crate::RingFullHandler) (or `VcpuRunner`) so far.
     pub ring_full_exits: u64,
 }
 
 /// A snapshot of the tracker's cumulative counters. Two snapshots give a [`DirtyRate`].
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct TrackerStats {
     /// When the snapshot was taken.
     pub at: Instant,
@@ -75,17 +77,18 @@ impl TrackerStats {
     /// came in the wrong order reads as zero, never as a huge number.
     ///
     /// ```
-    /// use std::time::{Duration, Instant};
-    /// use tdp_kvm::{TrackerStats, VcpuStats};
-    /// let t0 = Instant::now();
-    /// let snap = |at, a, b| TrackerStats {
-    ///     at, per_vcpu_exact: true, per_vcpu: vec![VcpuStats { harvested: a, ring_full_exits: 0 }, VcpuStats { harvested: b, ring_full_exits: 0 }],
-    ///     harvested: a + b, collects: 0, invalid_slot: 0, invalid_offset: 0, reset_entries: 0, full_rings: 0,
-    /// };
-    /// let rate = snap(t0 + Duration::from_secs(2), 300, 100).rate_since(&snap(t0, 100, 100));
-    /// assert_eq!(rate.pages, 200);
-    /// assert_eq!(rate.pages_per_sec, 100.0);
-    /// assert_eq!(rate.per_vcpu.unwrap()[0].pages_per_sec, 100.0);
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tdp_kvm::testing::{LogSetup, TestVm};
+    /// use tdp_kvm::{DirtyTracker, SlotSpec, TrackingMode};
+    /// let Some(t) = TestVm::new_or_skip(&[(1, 0x10_0000, 256)], LogSetup::ManualInitiallySet)? else { return Ok(()) };
+    /// let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog)?;
+    /// tracker.register_slot(SlotSpec::new(1, 0x10_0000, 256))?;
+    /// let before = tracker.stats()?;
+    /// tracker.collect()?; // INITIALLY_SET: 256 pages
+    /// let rate = tracker.stats()?.rate_since(&before);
+    /// assert_eq!(rate.pages, 256);
+    /// assert_eq!(before.rate_since(&tracker.stats()?).pages, 0, "snapshots in the wrong order read as zero");
+    /// # Ok(()) }
     /// ```
     #[must_use]
     pub fn rate_since(&self, earlier: &TrackerStats) -> DirtyRate {
@@ -114,6 +117,7 @@ impl TrackerStats {
 
 /// One vCPU's dirty rate over a window.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct VcpuRate {
     /// Pages harvested from its ring in the window.
     pub pages: u64,
@@ -125,6 +129,7 @@ pub struct VcpuRate {
 
 /// Dirty rate over a window between two [`TrackerStats`] snapshots.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct DirtyRate {
     /// The window's length.
     pub window: Duration,
@@ -134,4 +139,35 @@ pub struct DirtyRate {
     pub pages_per_sec: f64,
     /// Per vCPU, exact, with the dirty ring; `None` with the bitmap, which has no per-vCPU attribution.
     pub per_vcpu: Option<Vec<VcpuRate>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{TrackerStats, VcpuStats};
+
+    #[test]
+    fn rates_per_vcpu_are_per_second_of_the_window() {
+        let t0 = Instant::now();
+        let snap = |at, a, b| TrackerStats {
+            at,
+            per_vcpu_exact: true,
+            per_vcpu: vec![
+                VcpuStats { harvested: a, ring_full_exits: 0 },
+                VcpuStats { harvested: b, ring_full_exits: 0 },
+            ],
+            harvested: a + b,
+            collects: 0,
+            invalid_slot: 0,
+            invalid_offset: 0,
+            reset_entries: 0,
+            full_rings: 0,
+        };
+        let rate = snap(t0 + Duration::from_secs(2), 300, 100).rate_since(&snap(t0, 100, 100));
+        assert_eq!(rate.pages, 200);
+        assert!((rate.pages_per_sec - 100.0).abs() < 1e-9);
+        let per_vcpu = rate.per_vcpu.unwrap();
+        assert!((per_vcpu[0].pages_per_sec - 100.0).abs() < 1e-9 && per_vcpu[1].pages == 0);
+    }
 }

@@ -1,0 +1,157 @@
+//! Crate hygiene for the publishable crates ([`PUBLISHABLE`]): `cargo package` (verified builds of the
+//! packaged sources), every feature combination checked (`cargo hack --feature-powerset`), `cargo deny`
+//! on licenses, bans and sources, and the stated MSRV.
+//!
+//! What is not checked, and why: `cargo deny`'s advisories need the RustSec database from GitHub, which
+//! this machine cannot reach. The MSRV (the workspace's `rust-version`) cannot be built with, as only the
+//! stable and nightly toolchains exist and rustup has no network; what is checked instead is that every
+//! crate in the normal dependency closure of the publishable crates declares a `rust-version` no newer
+//! than ours (a dependency that needs a newer compiler is the usual way an MSRV breaks), and clippy's
+//! `incompatible_msrv` lint, on in the clippy step, flags our own uses of std APIs newer than it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::cmd;
+
+/// The crates meant for crates.io.
+pub const PUBLISHABLE: &[&str] = &["tdp-core", "tdp-mock", "tdp-vmx", "tdp-kvm"];
+/// `cargo install` versions for the tools this step needs when they are missing.
+const CARGO_HACK_VERSION: &str = "^0.6";
+const CARGO_DENY_VERSION: &str = "^0.20";
+
+/// Runs every hygiene check, installing `cargo-hack` and `cargo-deny` first when missing.
+///
+/// # Errors
+/// The first failing check.
+pub fn run() -> Result<()> {
+    msrv_of_dependencies()?;
+    let packages: Vec<String> =
+        PUBLISHABLE.iter().flat_map(|p| ["-p".to_string(), (*p).to_string()]).collect();
+    cmd::run(cmd::cargo().args(["package", "--allow-dirty"]).args(&packages))?;
+    ensure_tool("hack", "cargo-hack", CARGO_HACK_VERSION)?;
+    cmd::run(cmd::cargo().args(["hack", "check", "--feature-powerset"]).args(&packages))?;
+    ensure_tool("deny", "cargo-deny", CARGO_DENY_VERSION)?;
+    println!("(cargo deny: advisories not checked: the RustSec database is out of this machine's reach)");
+    cmd::run(cmd::cargo().args(["deny", "--all-features", "check", "licenses", "bans", "sources"]))
+}
+
+fn ensure_tool(sub: &str, krate: &str, version: &str) -> Result<()> {
+    if cmd::succeeds(cmd::cargo().args([sub, "--version"])) {
+        return Ok(());
+    }
+    cmd::run(cmd::cargo().args(["install", krate, "--locked", "--version", version]))?;
+    if !cmd::succeeds(cmd::cargo().args([sub, "--version"])) {
+        bail!("`cargo {sub}` still unavailable after `cargo install {krate}`");
+    }
+    Ok(())
+}
+
+/// Every crate in the normal (non-dev, non-build) dependency closure of [`PUBLISHABLE`], all features
+/// on, must declare no `rust-version` newer than the workspace's.
+///
+/// # Errors
+/// If `cargo metadata` fails or a dependency needs a newer compiler (all such are named).
+pub fn msrv_of_dependencies() -> Result<()> {
+    let out = cmd::cargo().args(["metadata", "--format-version", "1", "--all-features"]).output()?;
+    if !out.status.success() {
+        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let meta: Value = serde_json::from_slice(&out.stdout).context("cargo metadata's JSON")?;
+    let (ours, too_new, checked) = check_msrv(&meta)?;
+    if !too_new.is_empty() {
+        bail!("dependencies need a newer compiler than our rust-version {ours}: {too_new:?}");
+    }
+    println!(
+        "msrv: {checked} crates in the publishable crates' dependency closure declare rust-version <= {ours}"
+    );
+    Ok(())
+}
+
+/// (our MSRV, the dependencies declaring a newer one, how many crates were checked).
+fn check_msrv(meta: &Value) -> Result<(String, Vec<String>, usize)> {
+    let packages = meta["packages"].as_array().context("packages")?;
+    let by_id: BTreeMap<&str, &Value> =
+        packages.iter().filter_map(|p| Some((p["id"].as_str()?, p))).collect();
+    let ours = packages
+        .iter()
+        .find(|p| p["name"] == "tdp-core")
+        .and_then(|p| p["rust_version"].as_str())
+        .context("tdp-core's rust-version")?
+        .to_string();
+    let nodes: BTreeMap<&str, &Value> = meta["resolve"]["nodes"]
+        .as_array()
+        .context("resolve")?
+        .iter()
+        .filter_map(|n| Some((n["id"].as_str()?, n)))
+        .collect();
+    let mut todo: Vec<&str> = packages
+        .iter()
+        .filter(|p| PUBLISHABLE.iter().any(|n| p["name"] == *n))
+        .filter_map(|p| p["id"].as_str())
+        .collect();
+    let mut seen = BTreeSet::new();
+    while let Some(id) = todo.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        for dep in nodes.get(id).and_then(|n| n["deps"].as_array()).into_iter().flatten() {
+            let normal = dep["dep_kinds"].as_array().is_some_and(|k| k.iter().any(|k| k["kind"].is_null()));
+            if normal && let Some(pkg) = dep["pkg"].as_str() {
+                todo.push(pkg);
+            }
+        }
+    }
+    let too_new = seen
+        .iter()
+        .filter_map(|id| by_id.get(id))
+        .filter_map(|p| Some((p["name"].as_str()?, p["version"].as_str()?, p["rust_version"].as_str()?)))
+        .filter(|(_, _, rv)| newer(rv, &ours))
+        .map(|(n, v, rv)| format!("{n} {v} (rust-version {rv})"))
+        .collect();
+    Ok((ours, too_new, seen.len()))
+}
+
+/// Whether version `a` (`major.minor[.patch]`) is newer than `b`.
+fn newer(a: &str, b: &str) -> bool {
+    let parse = |s: &str| -> Vec<u64> { s.split('.').map(|x| x.parse().unwrap_or(0)).collect() };
+    let (mut a, mut b) = (parse(a), parse(b));
+    a.resize(3, 0);
+    b.resize(3, 0);
+    a > b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_msrv, newer};
+
+    #[test]
+    fn versions_compare_by_number_and_a_too_new_dependency_is_named() {
+        assert!(
+            newer("1.90", "1.88")
+                && newer("1.88.1", "1.88")
+                && !newer("1.88.0", "1.88")
+                && !newer("1.9", "1.88")
+        );
+        let meta = serde_json::json!({
+            "packages": [
+                {"id": "core", "name": "tdp-core", "version": "0.1.0", "rust_version": "1.88"},
+                {"id": "dep", "name": "fresh", "version": "2.0.0", "rust_version": "1.91"},
+                {"id": "dev", "name": "devonly", "version": "1.0.0", "rust_version": "1.99"},
+            ],
+            "resolve": {"nodes": [
+                {"id": "core", "deps": [
+                    {"pkg": "dep", "dep_kinds": [{"kind": null}]},
+                    {"pkg": "dev", "dep_kinds": [{"kind": "dev"}]},
+                ]},
+                {"id": "dep", "deps": []},
+                {"id": "dev", "deps": []},
+            ]},
+        });
+        let (ours, too_new, checked) = check_msrv(&meta).unwrap();
+        assert_eq!((ours.as_str(), checked), ("1.88", 2));
+        assert_eq!(too_new, ["fresh 2.0.0 (rust-version 1.91)"], "the dev-only dependency is not counted");
+    }
+}
