@@ -38,7 +38,7 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest that dirties memory and live-migrate it by pre-copy to a destination over TCP.
     Migrate(MigrateArgs),
-    /// Be a migration destination: accept one migration and verify it.
+    /// Be a migration destination: serve migrations (one with --once) and verify each.
     Receive(ReceiveArgs),
     /// Measure a guest's dirty rate per vCPU over a window.
     DirtyRate(DirtyRateArgs),
@@ -119,9 +119,20 @@ pub struct ReceiveArgs {
     /// The most guest memory to accept.
     #[arg(long, default_value = "16G", value_parser = size_arg)]
     pub max_memory: u64,
-    /// Seconds to wait for the source's next message.
+    /// Seconds a session's source has for each message (waiting for it included; a trickle cannot
+    /// stretch it), and to reconnect after a lost connection.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idle_timeout_s: u64,
+    /// Seconds a new connection has to send a complete, valid Hello.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub handshake_timeout_s: u64,
+    /// The most connections served at once; further ones are closed as soon as they are accepted.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_connections: u16,
+    /// Exit after one session (0 if its memory matched the source's, else 1), as a script wants;
+    /// without it the receiver serves session after session until it is stopped.
+    #[arg(long)]
+    pub once: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

@@ -78,13 +78,7 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
     let (addr, local) = match args.to {
         Some(addr) => (addr, None),
         None => {
-            let rcfg = ReceiverConfig {
-                max_memory: crate::cli::MAX_MEMORY,
-                exit_after_rounds: None,
-                drop_after_rounds: None,
-                corrupt_page: None,
-                idle_timeout: Duration::from_secs(60),
-            };
+            let rcfg = ReceiverConfig::new(crate::cli::MAX_MEMORY);
             match receiver::spawn_loopback(rcfg) {
                 Ok((addr, handle)) => (addr, Some(handle)),
                 Err(e) => {
@@ -192,7 +186,9 @@ fn print_migrate_json(
     });
 }
 
-/// `tdp receive`: serves one migration, returns the exit code after printing the report.
+/// `tdp receive`: serves migrations, printing a report for each; with `--once` returns the exit code
+/// of the first session (0 when its memory matched the source's). Connections that are not sessions
+/// are logged on stderr and never end it.
 ///
 /// ```
 /// use clap::Parser;
@@ -213,42 +209,53 @@ pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
             return EXIT_FAILED;
         }
     };
-    match listener.local_addr() {
-        Ok(a) => eprintln!("tdp receive: listening on {a}"),
-        Err(e) => {
-            eprintln!("error: cannot read the bound address: {e}");
-            return EXIT_FAILED;
-        }
-    }
     let cfg = ReceiverConfig {
         max_memory: args.max_memory,
         exit_after_rounds: args.exit_after_rounds,
         drop_after_rounds: args.drop_after_rounds,
         corrupt_page: args.corrupt_page,
         idle_timeout: Duration::from_secs(args.idle_timeout_s),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout_s),
+        max_connections: usize::from(args.max_connections),
     };
-    match receiver::accept_and_serve(&listener, cfg) {
-        Ok(r) => {
-            if args.json {
-                output::print_json(&r);
-            } else {
-                crate::say!(
-                    "received {} pages into {} of memory from {} in {} rounds ({} lost connection(s) resumed), {} ms; digest {}; source verdict: {}",
-                    r.pages_received,
-                    crate::units::human_bytes(r.pages * crate::units::PAGE_SIZE),
-                    r.peer,
-                    r.rounds,
-                    r.reconnects,
-                    r.elapsed_ms,
-                    r.digest,
-                    if r.matched { "memory identical" } else { "MISMATCH" }
-                );
-            }
-            if r.matched { EXIT_OK } else { EXIT_FAILED }
+    let bound = listener.local_addr();
+    let mut server = match bound.and_then(|a| receiver::Server::new(listener, cfg).map(|s| (a, s))) {
+        Ok((addr, server)) => {
+            eprintln!("tdp receive: listening on {addr}");
+            server
         }
         Err(e) => {
-            eprintln!("error: receiving failed: {e}");
-            EXIT_FAILED
+            eprintln!("error: cannot set up the listener: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    loop {
+        let code = match server.next_session() {
+            Ok(r) => {
+                if args.json {
+                    output::print_json(&r);
+                } else {
+                    crate::say!(
+                        "received {} pages into {} of memory from {} in {} rounds ({} lost connection(s) resumed), {} ms; digest {}; source verdict: {}",
+                        r.pages_received,
+                        crate::units::human_bytes(r.pages * crate::units::PAGE_SIZE),
+                        r.peer,
+                        r.rounds,
+                        r.reconnects,
+                        r.elapsed_ms,
+                        r.digest,
+                        if r.matched { "memory identical" } else { "MISMATCH" }
+                    );
+                }
+                if r.matched { EXIT_OK } else { EXIT_FAILED }
+            }
+            Err(e) => {
+                eprintln!("error: receiving failed: {}", crate::sanitize::escape_control(&e.to_string()));
+                EXIT_FAILED
+            }
+        };
+        if args.once {
+            return code;
         }
     }
 }

@@ -28,6 +28,8 @@
 //! - [`proto`]: the wire protocol; [`link`]: the source's end; [`receiver`]: the destination.
 //! - [`guest`]: what a running guest offers; [`kvm`]: a real KVM guest (tdp-guest + tdp-kvm);
 //!   [`mock`]: the tdp-mock machine used when `/dev/kvm` is unusable.
+//! - [`deadline`]: reads and writes due by a deadline; [`sanitize`]: peer text made printable;
+//!   [`hostmem`]: the host's available memory.
 //! - [`pending`]: pages owed to the destination; [`dirty_rate`]; [`units`]: sizes, rates, addresses;
 //!   [`output`]: text and JSON reports.
 //!
@@ -59,8 +61,10 @@ pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod converge;
+pub mod deadline;
 pub mod dirty_rate;
 pub mod guest;
+pub mod hostmem;
 pub mod kvm;
 pub mod link;
 pub mod migrate;
@@ -69,4 +73,5 @@ pub mod output;
 pub mod pending;
 pub mod proto;
 pub mod receiver;
+pub mod sanitize;
 pub mod units;

@@ -7,9 +7,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::deadline::{Deadlined, Timeouts};
 use crate::proto::{ErrorCode, MAX_RUN, Message, PAGE_SIZE, ProtoError, VERSION};
+use crate::sanitize::escape_control;
 
-/// How long the source waits for any answer before it calls the destination dead.
+/// How long the source waits for any answer, or for the destination to take one frame, before it calls
+/// the destination dead: a deadline per frame, which a destination that reads or answers a byte at a
+/// time cannot stretch.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A failure on the link, with the peer and what was being done.
@@ -74,7 +78,7 @@ impl Link<TcpStream> {
     }
 }
 
-impl<S: Read + Write> Link<S> {
+impl<S: Read + Write + Timeouts> Link<S> {
     /// Wraps a connected stream to `peer`; `bandwidth` limits the sending rate in bytes/s.
     pub fn new(stream: S, peer: String, bandwidth: Option<u64>) -> Link<S> {
         let limiter = bandwidth.filter(|&b| b > 0).map(|b| Limiter {
@@ -116,15 +120,16 @@ impl<S: Read + Write> Link<S> {
                 std::thread::sleep(due - elapsed);
             }
         }
-        let result = self.stream.write_all(&self.scratch);
+        let result = Deadlined::new(&mut self.stream, REPLY_TIMEOUT).write_all(&self.scratch);
         result.map_err(|e| self.fail(op, describe(&e)))?;
         self.bytes_sent += n;
         Ok(())
     }
 
     fn recv(&mut self, op: &str) -> Result<Message, LinkError> {
-        match Message::read_from(&mut self.stream) {
+        match Message::read_from(&mut Deadlined::new(&mut self.stream, REPLY_TIMEOUT)) {
             Ok(Message::Error { code, text }) => {
+                let text = escape_control(&text);
                 Err(self.fail(op, format!("the destination reported error {code}: {text}")))
             }
             Ok(m) => Ok(m),
@@ -199,7 +204,9 @@ impl<S: Read + Write> Link<S> {
     /// [`LinkError`] if the write fails.
     pub fn done(&mut self, matched: bool) -> Result<(), LinkError> {
         self.send(&Message::Done { matched }, "sending Done")?;
-        self.stream.flush().map_err(|e| self.fail("flushing", describe(&e)))
+        Deadlined::new(&mut self.stream, REPLY_TIMEOUT)
+            .flush()
+            .map_err(|e| self.fail("flushing", describe(&e)))
     }
 
     /// Sends an `Error` frame, best effort (the link may already be gone).

@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::converge::{Convergence, Decision, Policy, RoundObservation};
+use crate::deadline::Timeouts;
 use crate::guest::Guest;
 use crate::link::{Link, LinkError};
 use crate::pending::PendingSet;
@@ -50,9 +51,7 @@ pub struct Options {
 /// let cfg = GuestConfig { memory: 1 << 20, vcpus: 2, pattern: Pattern::Random, rate_pages: 4096,
 ///     mode: Mode::Ring, ring_entries: 512, fill: false };
 /// let mut guest = MockGuest::start(cfg)?;
-/// let rcfg = ReceiverConfig { max_memory: 1 << 30, exit_after_rounds: None, drop_after_rounds: None,
-///     corrupt_page: None,
-///     idle_timeout: Duration::from_secs(10) };
+/// let rcfg = ReceiverConfig { idle_timeout: Duration::from_secs(10), ..ReceiverConfig::new(1 << 30) };
 /// let (addr, destination) = spawn_loopback(rcfg)?;
 /// let policy = Policy { max_rounds: 5, downtime_target: Duration::from_millis(50), dirty_limit: true,
 ///     vcpu_quota: None };
@@ -66,7 +65,7 @@ pub struct Options {
 ///
 /// # Errors
 /// [`MigrationFailure`] with the cause, the pages still owed and whether the guest runs.
-pub fn migrate<S: Read + Write>(
+pub fn migrate<S: Read + Write + Timeouts>(
     guest: &mut dyn Guest,
     connect: &mut dyn FnMut() -> Result<Link<S>, LinkError>,
     opts: Options,
@@ -134,7 +133,7 @@ struct Migration<S> {
     bytes_before: u64,
 }
 
-impl<S: Read + Write> Migration<S> {
+impl<S: Read + Write + Timeouts> Migration<S> {
     fn link(&mut self) -> Result<&mut Link<S>, FailureCause> {
         self.link.as_mut().ok_or_else(|| {
             FailureCause::Link(LinkError {
@@ -331,7 +330,7 @@ impl<S: Read + Write> Migration<S> {
 /// Sends every pending page as runs, then ends the round and waits for its acknowledgement. Pages move
 /// from `pending` to an in-flight set as they are written and are dropped only on the acknowledgement;
 /// on any failure the in-flight pages go back into `pending`. Returns the pages sent.
-fn send_round<S: Read + Write>(
+fn send_round<S: Read + Write + Timeouts>(
     guest: &dyn Guest,
     link: &mut Link<S>,
     pending: &mut PendingSet,
@@ -349,7 +348,7 @@ fn send_round<S: Read + Write>(
     }
 }
 
-fn send_pages<S: Read + Write>(
+fn send_pages<S: Read + Write + Timeouts>(
     guest: &dyn Guest,
     link: &mut Link<S>,
     pages: &PendingSet,

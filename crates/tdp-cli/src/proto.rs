@@ -271,10 +271,14 @@ impl Message {
     /// frame included), and the decoding errors for a malformed frame.
     pub fn read_from(r: &mut impl Read) -> Result<Message, ProtoError> {
         let mut len = [0u8; 4];
-        match r.read(&mut len[..1]) {
-            Ok(0) => return Err(ProtoError::Closed),
-            Ok(_) => {}
-            Err(e) => return Err(ProtoError::Io { op: "reading a frame", source: e }),
+        loop {
+            match r.read(&mut len[..1]) {
+                Ok(0) => return Err(ProtoError::Closed),
+                Ok(_) => break,
+                // A signal (a stop and continue, say) interrupted the wait: nothing was read, wait again.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ProtoError::Io { op: "reading a frame", source: e }),
+            }
         }
         r.read_exact(&mut len[1..]).map_err(ProtoError::io("reading a frame length"))?;
         let len = u32::from_le_bytes(len);

@@ -105,6 +105,14 @@ impl Read for Breaks {
         self.inner.read(buf)
     }
 }
+impl crate::deadline::Timeouts for Breaks {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_read_timeout(t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+}
 impl Write for Breaks {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if buf.len() > self.budget {
@@ -124,13 +132,7 @@ fn receiver() -> (
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let cfg = ReceiverConfig {
-        max_memory: 1 << 30,
-        exit_after_rounds: None,
-        drop_after_rounds: None,
-        corrupt_page: None,
-        idle_timeout: Duration::from_secs(10),
-    };
+    let cfg = ReceiverConfig { idle_timeout: Duration::from_secs(10), ..ReceiverConfig::new(1 << 30) };
     let t = std::thread::spawn(move || accept_and_serve(&listener, cfg));
     (addr, t)
 }
