@@ -1,5 +1,5 @@
 //! Reads and writes with an overall deadline: [`Deadlined`] re-arms the socket timeout before every
-//! system call with the time *left*, so a peer that trickles one byte a second cannot stretch a frame
+//! system call with the time *left* (in slices, so a stop signal is noticed within a quarter second), so a peer that trickles one byte a second cannot stretch a frame
 //! past its deadline (a plain `SO_RCVTIMEO` restarts with every byte). Interrupted calls (`EINTR`, e.g.
 //! after the process was stopped and continued) are retried.
 //!
@@ -52,21 +52,42 @@ impl<T: Timeouts + ?Sized> Timeouts for &mut T {
 }
 
 /// `inner` with every read and write due by `deadline`; past it, calls fail with
-/// [`io::ErrorKind::TimedOut`] naming `limit`.
+/// [`io::ErrorKind::TimedOut`] naming `limit`. Once SIGINT or SIGTERM arrived (see
+/// [`crate::signals`]) calls fail with a stop error, except a write that already sent part of its
+/// frame: it gets [`STOP_GRACE`] to finish, so the `Error` frame that follows is read as one.
 pub struct Deadlined<'a, S> {
     inner: &'a mut S,
     deadline: Instant,
     limit: Duration,
+    stoppable: bool,
+    wrote: bool,
 }
+
+/// How long a frame already partly written may take to finish after a stop signal.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
 impl<'a, S: Timeouts> Deadlined<'a, S> {
     /// Everything through this wrapper must be done within `limit` from now.
     pub fn new(inner: &'a mut S, limit: Duration) -> Deadlined<'a, S> {
-        Deadlined { inner, deadline: Instant::now() + limit, limit }
+        Deadlined { inner, deadline: Instant::now() + limit, limit, stoppable: true, wrote: false }
     }
 
-    /// The time left, or the timeout error when none is.
-    fn left(&self) -> io::Result<Duration> {
+    /// As [`Deadlined::new`], but a stop signal does not end it: for the `Error` frame that tells the
+    /// peer why the connection ends.
+    pub fn unstoppable(inner: &'a mut S, limit: Duration) -> Deadlined<'a, S> {
+        Deadlined { stoppable: false, ..Deadlined::new(inner, limit) }
+    }
+
+    /// The time left, capped at [`crate::signals::CHECK_EVERY`] so a stop signal is seen; the timeout
+    /// error when none is left, or a stop error when SIGINT or SIGTERM arrived.
+    fn left(&mut self) -> io::Result<Duration> {
+        if let Some(sig) = crate::signals::received().filter(|_| self.stoppable) {
+            if !self.wrote {
+                return Err(io::Error::other(format!("interrupted by {}", sig.name())));
+            }
+            self.deadline = self.deadline.min(Instant::now() + STOP_GRACE);
+            self.stoppable = false;
+        }
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             Err(io::Error::new(
@@ -74,7 +95,7 @@ impl<'a, S: Timeouts> Deadlined<'a, S> {
                 format!("not done within the {:.1} s deadline", self.limit.as_secs_f64()),
             ))
         } else {
-            Ok(left)
+            Ok(left.min(crate::signals::CHECK_EVERY))
         }
     }
 }
@@ -88,7 +109,8 @@ fn again(e: &io::Error) -> bool {
 impl<S: Read + Timeouts> Read for Deadlined<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            self.inner.set_read_timeout(Some(self.left()?))?;
+            let left = self.left()?;
+            self.inner.set_read_timeout(Some(left))?;
             match self.inner.read(buf) {
                 Err(e) if again(&e) => {}
                 r => return r,
@@ -100,9 +122,14 @@ impl<S: Read + Timeouts> Read for Deadlined<'_, S> {
 impl<S: Write + Timeouts> Write for Deadlined<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            self.inner.set_write_timeout(Some(self.left()?))?;
+            let left = self.left()?;
+            self.inner.set_write_timeout(Some(left))?;
             match self.inner.write(buf) {
                 Err(e) if again(&e) => {}
+                Ok(n) => {
+                    self.wrote |= n > 0;
+                    return Ok(n);
+                }
                 r => return r,
             }
         }

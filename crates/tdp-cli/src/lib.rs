@@ -29,7 +29,7 @@
 //! - [`guest`]: what a running guest offers; [`kvm`]: a real KVM guest (tdp-guest + tdp-kvm);
 //!   [`mock`]: the tdp-mock machine used when `/dev/kvm` is unusable.
 //! - [`deadline`]: reads and writes due by a deadline; [`sanitize`]: peer text made printable;
-//!   [`hostmem`]: the host's available memory.
+//!   [`hostmem`]: the host's available memory; [`signals`]: SIGINT/SIGTERM as a stop request.
 //! - [`pending`]: pages owed to the destination; [`dirty_rate`]; [`units`]: sizes, rates, addresses;
 //!   [`output`]: text and JSON reports.
 //!
@@ -74,4 +74,5 @@ pub mod pending;
 pub mod proto;
 pub mod receiver;
 pub mod sanitize;
+pub mod signals;
 pub mod units;

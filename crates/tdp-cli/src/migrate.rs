@@ -96,7 +96,10 @@ pub fn migrate<S: Read + Write + Timeouts>(
             let _ = guest.harvest(&mut pending);
             let writes = |g: &dyn Guest| g.figures().iter().map(|f| f.writes).sum::<u64>();
             let before = writes(guest);
-            let _ = guest.run_for(Duration::from_millis(200), &mut pending);
+            // Proof that the guest runs on, except when the user asked to stop.
+            if !matches!(error, FailureCause::Interrupted(_)) {
+                let _ = guest.run_for(Duration::from_millis(200), &mut pending);
+            }
             let dirtied_after = writes(guest).saturating_sub(before);
             // Hand what is owed back to the tracker too: the next harvest (another attempt) reports it.
             let given_back = guest.give_back(&pending).is_ok();
@@ -140,6 +143,7 @@ impl<S: Read + Write + Timeouts> Migration<S> {
                 peer: "?".into(),
                 op: "sending".into(),
                 cause: "not connected".into(),
+                timed_out: false,
             })
         })
     }
@@ -154,6 +158,14 @@ impl<S: Read + Write + Timeouts> Migration<S> {
         pending: &mut PendingSet,
         progress: &mut dyn Progress,
     ) -> Result<(), FailureCause> {
+        if let Some(sig) = crate::signals::received() {
+            return Err(FailureCause::Interrupted(sig));
+        }
+        if error.timed_out {
+            // A destination silent for the whole reply timeout is gone: the documented timeout holds.
+            let cause = format!("{}; not reconnecting to a destination that stopped answering", error.cause);
+            return Err(LinkError { cause, ..error }.into());
+        }
         let first = error;
         let (mut error, mut attempts) = (None::<LinkError>, 0);
         // Close the broken connection first: the destination learns of the break only when it ends.
@@ -357,6 +369,9 @@ fn send_pages<S: Read + Write + Timeouts>(
     let mut buf = vec![0u8; MAX_RUN as usize * PAGE_SIZE];
     let mut sent = 0;
     for (first, count) in pages.runs(u64::from(MAX_RUN)) {
+        if let Some(sig) = crate::signals::received() {
+            return Err(FailureCause::Interrupted(sig));
+        }
         let bytes = count as usize * PAGE_SIZE;
         for (i, chunk) in buf[..bytes].chunks_exact_mut(PAGE_SIZE).enumerate() {
             guest.read_page(first + i as u64, chunk)?;

@@ -90,6 +90,9 @@ pub enum FailureCause {
     /// The source guest failed.
     #[error("source guest: {0}")]
     Guest(#[from] GuestError),
+    /// SIGINT or SIGTERM asked the command to stop.
+    #[error("interrupted by {}", .0.name())]
+    Interrupted(crate::signals::Signal),
 }
 
 /// Hooks the loop reports to (the progress bar).

@@ -156,6 +156,7 @@ fn connector(
             peer: addr.to_string(),
             op: "connecting".into(),
             cause: e.to_string(),
+            timed_out: false,
         })?;
         Ok(Link::new(Breaks { inner, budget }, addr.to_string(), None))
     }

@@ -116,11 +116,13 @@ impl Server {
         }
         let p = slot.parked.take()?;
         drop(slot);
-        eprintln!(
-            "tdp receive: the session from {} ends: its source did not reconnect within {} s",
-            p.error.peer,
-            self.cfg.idle_timeout.as_secs()
-        );
+        if self.cfg.log_connections {
+            eprintln!(
+                "tdp receive: the session from {} ends: its source did not reconnect within {} s",
+                p.error.peer,
+                self.cfg.idle_timeout.as_secs()
+            );
+        }
         Some(ReceiveError {
             op: "waiting for the source to reconnect".into(),
             cause: format!(
@@ -170,7 +172,9 @@ impl Server {
             .stack_size(THREAD_STACK)
             .spawn(move || {
                 let line = connection(stream, peer, &cfg, &guard.0, &tx);
-                eprintln!("tdp receive: connection from {peer} {}", escape_control(&line));
+                if cfg.log_connections {
+                    eprintln!("tdp receive: connection from {peer} {}", escape_control(&line));
+                }
                 drop(guard);
             });
         if let Err(e) = spawned {
@@ -201,13 +205,15 @@ fn connection(
                 (the source was sent an Error frame)"
             .into();
     };
-    eprintln!(
-        "tdp receive: session {:#x} from {peer} {}: {} pages ({})",
-        o.session,
-        if resumed { "resumed" } else { "opened" },
-        o.pages,
-        crate::units::human_bytes(s.bytes() as u64)
-    );
+    if cfg.log_connections {
+        eprintln!(
+            "tdp receive: session {:#x} from {peer} {}: {} pages ({})",
+            o.session,
+            if resumed { "resumed" } else { "opened" },
+            o.pages,
+            crate::units::human_bytes(s.bytes() as u64)
+        );
+    }
     let result = run_session(&mut stream, &peer_s, cfg, &mut s, resumed);
     drop(stream);
     let mut slot = lock(&shared.slot);
