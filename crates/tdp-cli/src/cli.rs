@@ -25,6 +25,8 @@ pub const MAX_MEMORY: u64 = tdp_guest::layout::MAX_DATA_PAGES * PAGE_SIZE;
 pub const BATCH_PAGES: u64 = crate::kvm::BATCH;
 /// Default KVM guest memory.
 pub const DEFAULT_MEMORY: u64 = 256 * MIB;
+/// The default link cap, QEMU's default max-bandwidth: 128 MiB/s.
+pub const DEFAULT_BANDWIDTH: Rate = Rate { pages_per_sec: 128 * MIB / PAGE_SIZE };
 /// Default mock guest memory (the model is far slower than hardware).
 pub const DEFAULT_MOCK_MEMORY: u64 = 32 * MIB;
 

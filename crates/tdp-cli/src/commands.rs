@@ -124,6 +124,14 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
     if !args.json {
         let how = if local.is_some() { " (loopback receiver started by this command)" } else { "" };
         crate::say!("destination: {addr}{how}");
+        match bandwidth {
+            Some(_) if args.bandwidth == crate::cli::DEFAULT_BANDWIDTH => crate::say!(
+                "link: capped at {}, the default (QEMU's max-bandwidth); --bandwidth max lifts it",
+                args.bandwidth
+            ),
+            Some(_) => crate::say!("link: capped at {} by --bandwidth", args.bandwidth),
+            None => crate::say!("link: not capped (--bandwidth max)"),
+        }
     }
 
     // From here SIGINT and SIGTERM end the migration cleanly instead of killing the process.
@@ -285,13 +293,13 @@ pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
                     output::print_json(&r);
                 } else {
                     crate::say!(
-                        "received {} pages into {} of memory from {} in {} rounds ({} lost connection(s) resumed), {} ms; digest {}; source verdict: {}",
+                        "received {} pages into {} of memory from {} in {} rounds ({} lost connection(s) resumed), {}; digest {}; source verdict: {}",
                         r.pages_received,
                         crate::units::human_bytes(r.pages * crate::units::PAGE_SIZE),
                         r.peer,
                         r.rounds,
                         r.reconnects,
-                        r.elapsed_ms,
+                        output::duration(r.elapsed_ms as f64),
                         r.digest,
                         if r.matched { "memory identical" } else { "MISMATCH" }
                     );

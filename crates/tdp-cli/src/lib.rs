@@ -31,7 +31,7 @@
 //! - [`deadline`]: reads and writes due by a deadline; [`sanitize`]: peer text made printable;
 //!   [`hostmem`]: the host's available memory; [`signals`]: SIGINT/SIGTERM as a stop request.
 //! - [`pending`]: pages owed to the destination; [`dirty_rate`]; [`units`]: sizes, rates, addresses;
-//!   [`output`]: text and JSON reports.
+//!   [`output`]: text and JSON reports; [`progress`]: the live progress on stderr.
 //!
 //! Keeps: I4 end to end (a harvested page reaches the destination or stays pending; the final digest
 //! comparison proves it) and I5 for the command line and the network peer.
@@ -71,6 +71,7 @@ pub mod migrate;
 pub mod mock;
 pub mod output;
 pub mod pending;
+pub mod progress;
 pub mod proto;
 pub mod receiver;
 pub mod sanitize;

@@ -218,7 +218,7 @@ impl<S: Read + Write + Timeouts> Migration<S> {
         progress: &mut dyn Progress,
     ) -> Result<u64, FailureCause> {
         loop {
-            match send_round(guest, self.link()?, pending, round) {
+            match send_round(guest, self.link()?, pending, round, progress) {
                 Ok(n) => return Ok(n),
                 Err(FailureCause::Link(e)) => self.reconnect(e, guest, connect, pending, progress)?,
                 Err(e) => return Err(e),
@@ -347,9 +347,10 @@ fn send_round<S: Read + Write + Timeouts>(
     link: &mut Link<S>,
     pending: &mut PendingSet,
     round: u32,
+    progress: &mut dyn Progress,
 ) -> Result<u64, FailureCause> {
     let mut in_flight = pending.take();
-    let result = send_pages(guest, link, &in_flight, round);
+    let result = send_pages(guest, link, &in_flight, round, progress);
     match result.and_then(|sent| link.end_round(round, sent).map(|_| sent).map_err(FailureCause::from)) {
         Ok(sent) => Ok(sent),
         Err(e) => {
@@ -365,9 +366,12 @@ fn send_pages<S: Read + Write + Timeouts>(
     link: &mut Link<S>,
     pages: &PendingSet,
     round: u32,
+    progress: &mut dyn Progress,
 ) -> Result<u64, FailureCause> {
     let mut buf = vec![0u8; MAX_RUN as usize * PAGE_SIZE];
     let mut sent = 0;
+    let total = pages.len();
+    progress.sent(round, 0, total);
     for (first, count) in pages.runs(u64::from(MAX_RUN)) {
         if let Some(sig) = crate::signals::received() {
             return Err(FailureCause::Interrupted(sig));
@@ -378,6 +382,7 @@ fn send_pages<S: Read + Write + Timeouts>(
         }
         link.send_pages(first, &buf[..bytes], round)?;
         sent += count;
+        progress.sent(round, sent, total);
     }
     Ok(sent)
 }

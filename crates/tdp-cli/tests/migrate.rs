@@ -485,3 +485,37 @@ fn a_destination_that_stops_reading_times_out_at_the_documented_30_s() {
     assert!(took < tdp_cli::link::REPLY_TIMEOUT + std::time::Duration::from_secs(15), "{took:?}: {stderr}");
     assert!(stderr.contains("not reconnecting to a destination that stopped answering"), "{stderr}");
 }
+
+#[test]
+fn progress_is_printed_as_plain_lines_when_stderr_is_not_a_terminal() {
+    // About two seconds of bulk copy: at least one line a second with pages, percent, rate and ETA.
+    let out = run(&[
+        "migrate",
+        "--backend",
+        "mock",
+        "--memory",
+        "4M",
+        "--bandwidth",
+        "2MiB/s",
+        "--max-rounds",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", both(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("link: capped at 2.0 MiB/s (512 pages/s) by --bandwidth"), "{stdout}");
+    let bulk: Vec<&str> =
+        stderr.lines().filter(|l| l.starts_with("tdp migrate: round 0 (bulk copy): ")).collect();
+    assert!(!bulk.is_empty(), "{stderr}");
+    for l in &bulk {
+        assert!(l.contains("/1024 pages (") && l.contains("%), ") && l.contains(" MiB/s, ETA "), "{l}");
+    }
+    assert!(stderr.contains("tdp migrate: round 0 (bulk copy) done: 1024 pages in "), "{stderr}");
+    // The default cap is named in the first lines.
+    let out = run(&["migrate", "--backend", "mock", "--memory", "1M"]);
+    let head: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().take(5).map(str::to_owned).collect();
+    assert!(
+        head.iter().any(|l| l.contains("capped at 128.0 MiB/s") && l.contains("the default")),
+        "{head:?}"
+    );
+}

@@ -163,7 +163,7 @@ fn i5_a_session_survives_garbage_and_a_rival_source_on_other_connections() {
     // A slow link keeps the session going for about four seconds.
     let src = common::tdp()
         .args(["migrate", "--to", &addr, "--json", "--backend", "mock", "--memory", "8M"])
-        .args(["--bandwidth", "2MiB/s", "--retries", "0", "--max-rounds", "1", "--dirty-rate", "256K"])
+        .args(["--bandwidth", "2MiB/s", "--retries", "0", "--max-rounds", "1", "--dirty-rate", "1M"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

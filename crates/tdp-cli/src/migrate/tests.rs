@@ -189,7 +189,7 @@ fn i4_pages_of_a_failed_round_stay_pending() {
     let mut link = Link::new(Breaks { inner: stream, budget: 20 * PAGE_SIZE + 200 }, "test".into(), None);
     link.hello(64, 1, false).unwrap();
     let before = pending.clone();
-    let err = send_round(&guest, &mut link, &mut pending, 1).unwrap_err();
+    let err = send_round(&guest, &mut link, &mut pending, 1, &mut Silent).unwrap_err();
     assert!(err.to_string().contains("sending pages of round 1"), "{err}");
     assert_eq!(pending, before, "every page of the failed round, sent or not, is still owed");
 }
