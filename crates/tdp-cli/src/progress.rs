@@ -135,6 +135,6 @@ mod tests {
         let l = line(0, 2560, 10240, Duration::from_secs(2));
         assert_eq!(l, "tdp migrate: round 0 (bulk copy): 2560/10240 pages (25%), 5.0 MiB/s, ETA 6000.0 ms");
         assert!(line(3, 0, 10, Duration::ZERO).ends_with("ETA unknown"));
-        assert!(line(1, 1, 1_000_000, Duration::from_secs(1)).ends_with("ETA 1000.0 s"));
+        assert!(line(1, 1000, 21_000, Duration::from_secs(1)).ends_with("ETA 20.0 s"));
     }
 }
