@@ -126,7 +126,8 @@ pub struct ReceiveArgs {
     /// Address to listen on, HOST:PORT (port 0: any free port; the bound address is printed on stderr).
     #[arg(long, value_parser = listen_arg)]
     pub listen: std::net::SocketAddr,
-    /// The most guest memory to accept.
+    /// The most guest memory to accept (each session is also checked against the memory the host has
+    /// available when it opens).
     #[arg(long, default_value = "16G", value_parser = size_arg, allow_hyphen_values = true)]
     pub max_memory: u64,
     /// Seconds a session's source has for each message (waiting for it included; a trickle cannot

@@ -333,7 +333,14 @@ impl Message {
                 if c.0.len() > MAX_ERROR_TEXT {
                     return Err(bad());
                 }
-                let text = String::from_utf8_lossy(std::mem::take(&mut c.0)).into_owned();
+                let mut text = String::from_utf8_lossy(std::mem::take(&mut c.0)).into_owned();
+                // Invalid bytes grow into U+FFFD (3 bytes each): cut back to the limit, so that the
+                // message decoded is one `encode` writes unchanged (found by the proto_decode fuzz target).
+                let mut end = text.len().min(MAX_ERROR_TEXT);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
                 Message::Error { code, text }
             }
             9 => Message::Done { matched: c.flag().ok_or_else(bad)? },

@@ -1,5 +1,7 @@
 //! Receiver tests over scripted streams: a session applies pages and digests them; bad sessions are
-//! refused with an `Error` frame; a lost connection keeps the session for a resumption.
+//! refused with an `Error` frame; a lost connection keeps the session for a resumption. (The server
+//! around `serve`, which keeps serving after a refused connection, is tested in another process by
+//! `tests/receiver_server.rs`.)
 
 use super::*;
 
@@ -159,7 +161,7 @@ fn i5_a_stray_connection_does_not_end_a_held_session() {
 }
 
 #[test]
-fn i5_garbage_before_any_session_fails_the_receiver() {
+fn i5_garbage_is_refused_and_creates_no_session() {
     let mut garbage = Script { input: std::io::Cursor::new(vec![0xff; 16]), output: Vec::new() };
     let mut session = None;
     let e = serve(&mut garbage, "stray".into(), CFG, &mut session).expect_err("garbage is refused");
