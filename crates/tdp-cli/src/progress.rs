@@ -91,8 +91,8 @@ impl Progress for Bar {
         match self.mode {
             Mode::Hidden => {}
             Mode::Terminal => {
-                self.bar.set_position(done.saturating_mul(PAGE_SIZE));
                 self.bar.set_message(format!("{}: {done}/{total} pages", round_name(round)));
+                self.bar.set_position(done.saturating_mul(PAGE_SIZE));
             }
             Mode::Lines => {
                 let due = self.last_line.is_none_or(|t| t.elapsed() >= LINE_EVERY);
