@@ -109,6 +109,7 @@ pub struct MigrateArgs {
     #[arg(long, value_parser = rate_arg, allow_hyphen_values = true)]
     pub vcpu_dirty_limit: Option<Rate>,
     /// Limit the link to this rate, as QEMU's max-bandwidth (whose default this is); `max` for no limit.
+    /// At least 64 pages/s (256 KiB/s), one run of pages a second.
     #[arg(long, default_value = "128MiB/s", value_parser = rate_or_max, allow_hyphen_values = true)]
     pub bandwidth: Rate,
     /// Times a broken connection is re-established before the migration fails (the destination resumes
@@ -278,11 +279,25 @@ impl GuestArgs {
 }
 
 impl MigrateArgs {
-    /// Checks the combinations of flags that clap cannot: a fixed vCPU quota needs the dirty limit on.
+    /// Checks what clap cannot: a fixed vCPU quota needs the dirty limit on, and a link cap must carry
+    /// a full run of pages (one frame) every second.
     ///
     /// # Errors
-    /// [`UnitError::Range`] naming the conflicting flags.
+    /// [`UnitError::Range`] naming the conflicting flags or the value.
     pub fn check(&self) -> Result<(), UnitError> {
+        let run = u64::from(crate::proto::MAX_RUN);
+        let bw = self.bandwidth.pages_per_sec;
+        if bw != 0 && bw < run {
+            return Err(UnitError::Range {
+                what: "--bandwidth",
+                value: self.bandwidth.to_string(),
+                why: format!(
+                    "must be at least {run} pages/s (256 KiB/s) or `max`: pages travel in runs of up to \
+                     {run}, and a slower link would leave the destination waiting longer than a second \
+                     between frames (and past its idle timeout below about 1 page/s)"
+                ),
+            });
+        }
         if self.dirty_limit == OnOff::Off
             && let Some(q) = self.vcpu_dirty_limit
         {

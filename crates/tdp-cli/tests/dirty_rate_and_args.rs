@@ -83,6 +83,7 @@ fn i5_bad_arguments_exit_non_zero_with_a_message() {
         (&["receive", "--listen", "127.0.0.1:0", "--max-memory", "-5"], "a negative size"),
         (&["migrate", "--bandwidth", "18446744073709551615p/s"], "too large"),
         (&["migrate", "--bandwidth", "-1M"], "a negative rate"),
+        (&["migrate", "--bandwidth", "1p/s"], "at least 64 pages/s"),
         (
             &["migrate", "--dirty-limit", "off", "--vcpu-dirty-limit", "1p/s"],
             "conflicts with --dirty-limit off",
