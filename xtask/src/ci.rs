@@ -77,7 +77,7 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "fuzz",
-        what: "every cargo-fuzz target of crates/tdp-core/fuzz for 20 s (installs cargo-fuzz if missing)",
+        what: "every cargo-fuzz target of crates/tdp-core/fuzz and crates/tdp-cli/fuzz for 20 s (installs cargo-fuzz if missing)",
         run: fuzz::smoke,
     },
 ];
@@ -106,7 +106,10 @@ pub fn run_all() -> Result<()> {
 /// If `cargo fmt` fails.
 pub fn fmt_write() -> Result<()> {
     cmd::run(cmd::cargo().args(["fmt", "--all"]))?;
-    cmd::run(cmd::cargo().args(["fmt", "--manifest-path", "crates/tdp-core/fuzz/Cargo.toml"]))?;
+    for project in fuzz::PROJECTS {
+        let manifest = format!("{project}/fuzz/Cargo.toml");
+        cmd::run(cmd::cargo().args(["fmt", "--manifest-path", manifest.as_str()]))?;
+    }
     cmd::run(nostd::proof_cargo().arg("fmt"))?;
     for dir in compat::CRATES {
         cmd::run(cmd::cargo().args(["fmt", "--manifest-path", &format!("{dir}/Cargo.toml")]))?;
@@ -116,14 +119,11 @@ pub fn fmt_write() -> Result<()> {
 
 fn fmt_check() -> Result<()> {
     cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
-    // The fuzz crate is its own workspace, outside `--all`.
-    cmd::run(cmd::cargo().args([
-        "fmt",
-        "--manifest-path",
-        "crates/tdp-core/fuzz/Cargo.toml",
-        "--",
-        "--check",
-    ]))?;
+    // The fuzz crates are their own workspaces, outside `--all`.
+    for project in fuzz::PROJECTS {
+        let manifest = format!("{project}/fuzz/Cargo.toml");
+        cmd::run(cmd::cargo().args(["fmt", "--manifest-path", manifest.as_str(), "--", "--check"]))?;
+    }
     cmd::run(nostd::proof_cargo().args(["fmt", "--", "--check"]))
 }
 

@@ -1,5 +1,6 @@
-//! `cargo xtask fuzz`: installs `cargo-fuzz` when it is missing, then runs the fuzz targets of
-//! `crates/tdp-core/fuzz` for a chosen time each; CI's `fuzz` step runs a short smoke of every target.
+//! `cargo xtask fuzz`: installs `cargo-fuzz` when it is missing, then runs the fuzz targets of every
+//! fuzz project ([`PROJECTS`]: `crates/tdp-core/fuzz`, `crates/tdp-cli/fuzz`) for a chosen time each;
+//! CI's `fuzz` step runs a short smoke of every target.
 //!
 //! Everything a run generates lands under `target/`: the build in `target/fuzz`, the corpus in
 //! `target/fuzz-corpus/<target>` and crash inputs in `target/fuzz-artifacts/<target>/`, so nothing appears
@@ -116,10 +117,13 @@ pub fn parse_seconds(s: &str) -> Result<u64, String> {
     }
 }
 
-/// The fuzz project's directory.
+/// The crates with a cargo-fuzz project in their `fuzz/` directory (their targets' names differ).
+pub const PROJECTS: [&str; 2] = ["crates/tdp-core", "crates/tdp-cli"];
+
+/// The fuzz project directories.
 #[must_use]
-pub fn fuzz_dir() -> PathBuf {
-    cmd::repo_root().join("crates/tdp-core/fuzz")
+pub fn fuzz_dirs() -> Vec<PathBuf> {
+    PROJECTS.iter().map(|p| cmd::repo_root().join(p).join("fuzz")).collect()
 }
 
 /// `cargo xtask fuzz`: runs `targets` for `seconds` each, built with `sanitizer`, installing
@@ -131,15 +135,23 @@ pub fn fuzz_dir() -> PathBuf {
 pub fn run(targets: &Targets, seconds: u64, sanitizer: Sanitizer) -> Result<()> {
     ensure_cargo_fuzz()?;
     let toolchain = Toolchain::detect();
-    let known = list_targets(&toolchain)?;
-    let chosen: Vec<String> = match targets {
+    let mut known = Vec::new();
+    for project in PROJECTS {
+        known.extend(list_targets(&toolchain, project)?.into_iter().map(|t| (project, t)));
+    }
+    let chosen: Vec<(&str, String)> = match targets {
         Targets::All => known,
-        Targets::One(name) if known.contains(name) => vec![name.clone()],
-        Targets::One(name) => bail!("no fuzz target `{name}`; the targets are: {}", known.join(", ")),
+        Targets::One(name) => match known.iter().find(|(_, t)| t == name) {
+            Some(k) => vec![k.clone()],
+            None => {
+                let names: Vec<&str> = known.iter().map(|(_, t)| t.as_str()).collect();
+                bail!("no fuzz target `{name}`; the targets are: {}", names.join(", "))
+            }
+        },
     };
-    for target in &chosen {
+    for (project, target) in &chosen {
         let started = Instant::now();
-        run_target(&toolchain, target, seconds, sanitizer)?;
+        run_target(&toolchain, project, target, seconds, sanitizer)?;
         println!(
             "fuzz target {target}: no failure in {:.1?} (build and {seconds} s of fuzzing)",
             started.elapsed()
@@ -199,9 +211,9 @@ impl Toolchain {
         }
     }
 
-    /// `cargo fuzz <subcommand>`, run in `crates/tdp-core` (cargo-fuzz finds `fuzz/` from there), with
-    /// the variables of the `cargo run` that started xtask removed so that they cannot pick the toolchain.
-    fn cargo_fuzz(&self, subcommand: &str) -> Command {
+    /// `cargo fuzz <subcommand>`, run in `project` (cargo-fuzz finds `fuzz/` from there), with the
+    /// variables of the `cargo run` that started xtask removed so that they cannot pick the toolchain.
+    fn cargo_fuzz(&self, project: &str, subcommand: &str) -> Command {
         let mut cargo = match self {
             Toolchain::Nightly => {
                 let mut c = Command::new("rustup");
@@ -217,14 +229,14 @@ impl Toolchain {
         for var in ["CARGO", "RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN", "CARGO_TARGET_DIR"] {
             cargo.env_remove(var);
         }
-        cargo.current_dir(cmd::repo_root().join("crates/tdp-core")).args(["fuzz", subcommand]);
+        cargo.current_dir(cmd::repo_root().join(project)).args(["fuzz", subcommand]);
         cargo
     }
 }
 
-/// The targets `cargo fuzz list` names.
-fn list_targets(toolchain: &Toolchain) -> Result<Vec<String>> {
-    let mut list = toolchain.cargo_fuzz("list");
+/// The targets `cargo fuzz list` names in `project`.
+fn list_targets(toolchain: &Toolchain, project: &str) -> Result<Vec<String>> {
+    let mut list = toolchain.cargo_fuzz(project, "list");
     let line = cmd::display(&list);
     let output = list.output().with_context(|| format!("cannot start `{line}`"))?;
     if !output.status.success() {
@@ -246,7 +258,13 @@ fn is_target_name(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-fn run_target(toolchain: &Toolchain, target: &str, seconds: u64, sanitizer: Sanitizer) -> Result<()> {
+fn run_target(
+    toolchain: &Toolchain,
+    project: &str,
+    target: &str,
+    seconds: u64,
+    sanitizer: Sanitizer,
+) -> Result<()> {
     let root = cmd::repo_root();
     let corpus = root.join("target/fuzz-corpus").join(target);
     let artifacts = root.join("target/fuzz-artifacts").join(target);
@@ -254,7 +272,7 @@ fn run_target(toolchain: &Toolchain, target: &str, seconds: u64, sanitizer: Sani
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let before = list_files(&artifacts);
-    let mut cargo = toolchain.cargo_fuzz("run");
+    let mut cargo = toolchain.cargo_fuzz(project, "run");
     cargo.args(["--sanitizer", sanitizer.as_str()]);
     cargo.arg(target).arg("--target-dir").arg(root.join("target/fuzz")).arg(&corpus).arg("--");
     cargo.args(libfuzzer_args(seconds, &artifacts));
@@ -264,7 +282,7 @@ fn run_target(toolchain: &Toolchain, target: &str, seconds: u64, sanitizer: Sani
             return Err(err.context(format!("fuzz target `{target}` failed (no crash input was written)")));
         };
         let replay = format!(
-            "cd crates/tdp-core && {} fuzz run --sanitizer {sanitizer} --target-dir ../../target/fuzz {target} {}",
+            "cd {project} && {} fuzz run --sanitizer {sanitizer} --target-dir ../../target/fuzz {target} {}",
             toolchain.cargo_for_humans(),
             input.display()
         );
@@ -357,18 +375,21 @@ mod tests {
     }
 
     #[test]
-    fn the_fuzz_project_stays_out_of_the_workspace_and_its_output_out_of_the_repo() {
+    fn the_fuzz_projects_stay_out_of_the_workspace_and_their_output_out_of_the_repo() {
         let root = cmd::repo_root();
         let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
-        assert!(
-            manifest.contains("\"crates/tdp-core/fuzz\""),
-            "the root workspace must exclude the fuzz crate"
-        );
-        let fuzz = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).unwrap();
-        assert!(fuzz.contains("cargo-fuzz = true") && fuzz.contains("[workspace]"));
         let ignore = std::fs::read_to_string(root.join(".gitignore")).unwrap();
-        for pattern in ["fuzz/artifacts", "fuzz/corpus"] {
-            assert!(ignore.lines().any(|l| l.contains(pattern)), ".gitignore does not cover {pattern}");
+        for (project, dir) in PROJECTS.iter().zip(fuzz_dirs()) {
+            assert!(
+                manifest.contains(&format!("\"{project}/fuzz\"")),
+                "the root workspace must exclude {project}/fuzz"
+            );
+            let fuzz = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+            assert!(fuzz.contains("cargo-fuzz = true") && fuzz.contains("[workspace]"), "{project}");
+            for pattern in ["fuzz/artifacts", "fuzz/corpus"] {
+                let want = format!("/{project}/{pattern}");
+                assert!(ignore.lines().any(|l| l == want), ".gitignore does not cover {want}");
+            }
         }
     }
 }

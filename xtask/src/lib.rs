@@ -15,7 +15,7 @@
 //! - [`nostd`]: building and running the `no_std` proof binary in `xtask/nostd-proof`.
 //! - [`elf`]: reading an ELF header to prove a binary is a static executable.
 //! - [`fuzz`]: `cargo xtask fuzz` and CI's fuzz smoke: installing cargo-fuzz and running the targets of
-//!   `crates/tdp-core/fuzz` with their output kept under `target/`.
+//!   `crates/tdp-core/fuzz` and `crates/tdp-cli/fuzz` with their output kept under `target/`.
 //! - [`tidy`]: the house rules (module headers, banned test attributes, SAFETY comments) as a checker
 //!   that `tests/tidy.rs` runs over the tree.
 #![forbid(unsafe_code)]

@@ -60,7 +60,8 @@ enum Task {
         #[arg(long)]
         broken: bool,
     },
-    /// Run the cargo-fuzz targets of crates/tdp-core/fuzz (installs cargo-fuzz if it is missing).
+    /// Run the cargo-fuzz targets of crates/tdp-core/fuzz and crates/tdp-cli/fuzz (installs cargo-fuzz if
+    /// it is missing).
     ///
     /// Corpus, crash inputs and the build go under target/ (fuzz-corpus/, fuzz-artifacts/, fuzz/). A
     /// crash, a hang (one input running over 10 s) or a leak fails the run and prints the input's path.

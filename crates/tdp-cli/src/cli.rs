@@ -17,10 +17,16 @@ use crate::units::{
 
 /// The smallest guest: 16 pages.
 pub const MIN_MEMORY: u64 = 16 * PAGE_SIZE;
-/// The largest KVM guest this command builds (the loopback destination holds a second copy).
-pub const MAX_MEMORY: u64 = 8 << 30;
+/// The largest KVM guest: `tdp-guest`'s data region (508 GiB). Below it, what the host can hold is the
+/// limit, checked against `MemAvailable` when the command starts (twice the guest with the loopback
+/// destination, which holds a copy).
+pub const MAX_MEMORY: u64 = tdp_guest::layout::MAX_DATA_PAGES * PAGE_SIZE;
+/// Pages each vCPU writes per batch; the guest is paused and paced only between batches.
+pub const BATCH_PAGES: u64 = crate::kvm::BATCH;
 /// Default KVM guest memory.
 pub const DEFAULT_MEMORY: u64 = 256 * MIB;
+/// The default link cap, QEMU's default max-bandwidth: 128 MiB/s.
+pub const DEFAULT_BANDWIDTH: Rate = Rate { pages_per_sec: 128 * MIB / PAGE_SIZE };
 /// Default mock guest memory (the model is far slower than hardware).
 pub const DEFAULT_MOCK_MEMORY: u64 = 32 * MIB;
 
@@ -38,7 +44,7 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest that dirties memory and live-migrate it by pre-copy to a destination over TCP.
     Migrate(MigrateArgs),
-    /// Be a migration destination: accept one migration and verify it.
+    /// Be a migration destination: serve migrations (one with --once) and verify each.
     Receive(ReceiveArgs),
     /// Measure a guest's dirty rate per vCPU over a window.
     DirtyRate(DirtyRateArgs),
@@ -47,8 +53,10 @@ pub enum Command {
 /// What guest to run.
 #[derive(Debug, Clone, Args)]
 pub struct GuestArgs {
-    /// Guest memory, e.g. 256M or 1G [default: 256M on KVM, 32M on the mock].
-    #[arg(long, value_parser = size_arg)]
+    /// Guest memory, e.g. 256M or 2G [default: 256M on KVM, 32M on the mock]. On KVM: 64 KiB to 508
+    /// GiB and what the host has available (`tdp migrate` without --to needs twice: the loopback
+    /// destination holds a copy); on the mock: 64 KiB to 1 GiB.
+    #[arg(long, value_parser = size_arg, allow_hyphen_values = true)]
     pub memory: Option<u64>,
     /// vCPUs (1 to 31).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=31))]
@@ -57,7 +65,9 @@ pub struct GuestArgs {
     #[arg(long, value_enum, default_value = "random")]
     pub pattern: Pattern,
     /// The guest's dirty rate over all vCPUs: e.g. 64MiB/s or 20000pages/s; `max` for as fast as it can.
-    #[arg(long, default_value = "64MiB/s", value_parser = rate_or_max)]
+    /// At least 64 pages/s per vCPU: each vCPU writes batches of 64 pages and is paused only between
+    /// them, so a slower batch would hold a pause past its deadline.
+    #[arg(long, default_value = "64MiB/s", value_parser = rate_or_max, allow_hyphen_values = true)]
     pub dirty_rate: Rate,
     /// How dirty pages are tracked: the dirty ring, the bitmap (get-and-clear) or the bitmap with clear-log.
     #[arg(long, value_enum, default_value = "ring")]
@@ -96,10 +106,11 @@ pub struct MigrateArgs {
     #[arg(long, value_enum, default_value = "on")]
     pub dirty_limit: OnOff,
     /// A fixed per-vCPU dirty quota for the throttle (e.g. 4MiB/s) instead of the computed one.
-    #[arg(long, value_parser = rate_arg)]
+    #[arg(long, value_parser = rate_arg, allow_hyphen_values = true)]
     pub vcpu_dirty_limit: Option<Rate>,
     /// Limit the link to this rate, as QEMU's max-bandwidth (whose default this is); `max` for no limit.
-    #[arg(long, default_value = "128MiB/s", value_parser = rate_or_max)]
+    /// At least 64 pages/s (256 KiB/s), one run of pages a second.
+    #[arg(long, default_value = "128MiB/s", value_parser = rate_or_max, allow_hyphen_values = true)]
     pub bandwidth: Rate,
     /// Times a broken connection is re-established before the migration fails (the destination resumes
     /// the session; the pages owed, the failed round's included, are sent again).
@@ -116,12 +127,24 @@ pub struct ReceiveArgs {
     /// Address to listen on, HOST:PORT (port 0: any free port; the bound address is printed on stderr).
     #[arg(long, value_parser = listen_arg)]
     pub listen: std::net::SocketAddr,
-    /// The most guest memory to accept.
-    #[arg(long, default_value = "16G", value_parser = size_arg)]
+    /// The most guest memory to accept (each session is also checked against the memory the host has
+    /// available when it opens).
+    #[arg(long, default_value = "16G", value_parser = size_arg, allow_hyphen_values = true)]
     pub max_memory: u64,
-    /// Seconds to wait for the source's next message.
+    /// Seconds a session's source has for each message (waiting for it included; a trickle cannot
+    /// stretch it), and to reconnect after a lost connection.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idle_timeout_s: u64,
+    /// Seconds a new connection has to send a complete, valid Hello.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub handshake_timeout_s: u64,
+    /// The most connections served at once; further ones are closed as soon as they are accepted.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_connections: u16,
+    /// Exit after one session (0 if its memory matched the source's, else 1), as a script wants;
+    /// without it the receiver serves session after session until it is stopped.
+    #[arg(long)]
+    pub once: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -200,11 +223,17 @@ impl GuestArgs {
     /// ```
     ///
     /// # Errors
-    /// [`UnitError::Range`] for memory outside 64 KiB..=8 GiB (1 GiB on the mock), a memory size not a
-    /// multiple of 4 KiB, or a bad ring size.
+    /// [`UnitError::Range`] for memory outside 64 KiB..=508 GiB (1 GiB on the mock), a memory size not
+    /// a multiple of 4 KiB, a dirty rate below what the guest can honour, or a bad ring size.
     pub fn configs(&self) -> Result<(GuestConfig, GuestConfig), UnitError> {
         let memory = self.memory.unwrap_or(DEFAULT_MEMORY);
-        check_range("--memory", memory, MIN_MEMORY, MAX_MEMORY, human_bytes)?;
+        let mock_memory = self.memory.unwrap_or(DEFAULT_MOCK_MEMORY);
+        if self.backend == Backend::Mock {
+            let max = crate::mock::MAX_MOCK_MEMORY;
+            check_range("--memory (on the mock)", mock_memory, MIN_MEMORY, max, human_bytes)?;
+        } else {
+            check_range("--memory (on KVM)", memory, MIN_MEMORY, MAX_MEMORY, human_bytes)?;
+        }
         if !memory.is_multiple_of(PAGE_SIZE) {
             return Err(UnitError::Range {
                 what: "--memory",
@@ -217,15 +246,15 @@ impl GuestArgs {
             let why = format!("each of the {vcpus} vCPUs needs at least one page of its own");
             return Err(UnitError::Range { what: "--memory", value: human_bytes(memory), why });
         }
-        let mock_memory = self.memory.unwrap_or(DEFAULT_MOCK_MEMORY);
-        if self.backend == Backend::Mock || self.memory.is_some() {
-            check_range(
-                "--memory (on the mock)",
-                mock_memory,
-                MIN_MEMORY,
-                crate::mock::MAX_MOCK_MEMORY,
-                human_bytes,
-            )?;
+        let rate = self.dirty_rate.pages_per_sec;
+        let min_rate = vcpus * BATCH_PAGES;
+        if rate != 0 && rate < min_rate {
+            let why = format!(
+                "must be at least {min_rate} pages/s with {vcpus} vCPUs (or `max`): each vCPU writes \
+                 batches of {BATCH_PAGES} pages and can be paused only between batches, so a slower \
+                 rate would hold a pause for more than a second; use fewer vCPUs for a lower rate"
+            );
+            return Err(UnitError::Range { what: "--dirty-rate", value: format!("{rate} pages/s"), why });
         }
         let e = self.ring_entries;
         if !e.is_power_of_two() || !(512..=65536).contains(&e) {
@@ -244,11 +273,51 @@ impl GuestArgs {
             ring_entries: e,
             fill: self.fill,
         };
-        Ok((cfg, GuestConfig { memory: mock_memory.min(crate::mock::MAX_MOCK_MEMORY), ..cfg }))
+        // With `auto` the mock may stand in for KVM: it refuses memory over its limit when it starts.
+        Ok((cfg, GuestConfig { memory: mock_memory, ..cfg }))
     }
 }
 
 impl MigrateArgs {
+    /// Checks what clap cannot: a fixed vCPU quota needs the dirty limit on, and a link cap must carry
+    /// a full run of pages (one frame) every second.
+    ///
+    /// # Errors
+    /// [`UnitError::Range`] naming the conflicting flags or the value.
+    pub fn check(&self) -> Result<(), UnitError> {
+        let run = u64::from(crate::proto::MAX_RUN);
+        let bw = self.bandwidth.pages_per_sec;
+        if bw != 0 && bw < run {
+            return Err(UnitError::Range {
+                what: "--bandwidth",
+                value: self.bandwidth.to_string(),
+                why: format!(
+                    "must be at least {run} pages/s (256 KiB/s) or `max`: pages travel in runs of up to \
+                     {run}, and a slower link would leave the destination waiting longer than a second \
+                     between frames (and past its idle timeout below about 1 page/s)"
+                ),
+            });
+        }
+        if self.dirty_limit == OnOff::Off
+            && let Some(q) = self.vcpu_dirty_limit
+        {
+            return Err(UnitError::Range {
+                what: "--vcpu-dirty-limit",
+                value: q.to_string(),
+                why: "conflicts with --dirty-limit off: the quota is what the dirty limit enforces, and \
+                      it is off; drop one of the two"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The bandwidth cap in bytes/s (`None`: unlimited).
+    #[must_use]
+    pub fn bandwidth_bytes(&self) -> Option<u64> {
+        self.bandwidth.pages_per_sec.checked_mul(PAGE_SIZE).filter(|&b| b > 0)
+    }
+
     /// The convergence policy.
     #[must_use]
     pub fn policy(&self) -> crate::converge::Policy {

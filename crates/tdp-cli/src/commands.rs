@@ -40,6 +40,31 @@ fn summary(guest: &dyn Guest, fallback: Option<String>, cfg: &crate::guest::Gues
     }
 }
 
+/// Checks that the host can hold `copies` copies of a KVM guest of `memory` bytes (the mock has its own
+/// 1 GiB limit), against `MemAvailable`; when it cannot, the message names the figures.
+fn host_can_hold(backend: crate::backend::Backend, memory: u64, copies: u64) -> Result<(), String> {
+    if backend == crate::backend::Backend::Mock {
+        return Ok(());
+    }
+    let Some(available) = crate::hostmem::available() else { return Ok(()) };
+    let need = memory.saturating_mul(copies);
+    if need <= available {
+        return Ok(());
+    }
+    let show = crate::units::human_bytes;
+    let what = if copies == 2 {
+        format!("the guest and the loopback destination's copy of it need {}", show(need))
+    } else {
+        format!("the guest needs {}", show(need))
+    };
+    Err(format!(
+        "--memory {}: {what}, but this host has {} available (MemAvailable in /proc/meminfo){}",
+        show(memory),
+        show(available),
+        if copies == 2 { "; send to a destination elsewhere with --to HOST:PORT, or" } else { ";" },
+    ) + " use a smaller --memory")
+}
+
 /// `tdp migrate`: returns the exit code after printing the report.
 ///
 /// ```
@@ -51,10 +76,15 @@ fn summary(guest: &dyn Guest, fallback: Option<String>, cfg: &crate::guest::Gues
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
-    let (kvm_cfg, mock_cfg) = match args.guest.configs() {
+    let (kvm_cfg, mock_cfg) = match args.guest.configs().and_then(|c| args.check().map(|()| c)) {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
+    // The loopback destination holds a second copy of the guest's memory.
+    let copies = if args.to.is_some() { 1 } else { 2 };
+    if let Err(e) = host_can_hold(args.guest.backend, kvm_cfg.memory, copies) {
+        return usage(e);
+    }
     let started =
         match backend::start_with_device(args.guest.backend, &args.guest.kvm_device, kvm_cfg, mock_cfg) {
             Ok(s) => s,
@@ -74,16 +104,13 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
     }
 
     // The destination: a loopback receiver on a thread, or the one named by --to.
-    let bandwidth = Some(args.bandwidth.pages_per_sec * crate::units::PAGE_SIZE).filter(|&b| b > 0);
+    let bandwidth = args.bandwidth_bytes();
     let (addr, local) = match args.to {
         Some(addr) => (addr, None),
         None => {
             let rcfg = ReceiverConfig {
-                max_memory: crate::cli::MAX_MEMORY,
-                exit_after_rounds: None,
-                drop_after_rounds: None,
-                corrupt_page: None,
-                idle_timeout: Duration::from_secs(60),
+                log_connections: false,
+                ..ReceiverConfig::new(guest.pages() * crate::units::PAGE_SIZE)
             };
             match receiver::spawn_loopback(rcfg) {
                 Ok((addr, handle)) => (addr, Some(handle)),
@@ -97,8 +124,21 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
     if !args.json {
         let how = if local.is_some() { " (loopback receiver started by this command)" } else { "" };
         crate::say!("destination: {addr}{how}");
+        match bandwidth {
+            Some(_) if args.bandwidth == crate::cli::DEFAULT_BANDWIDTH => crate::say!(
+                "link: capped at {}, the default (QEMU's max-bandwidth); --bandwidth max lifts it",
+                args.bandwidth
+            ),
+            Some(_) => crate::say!("link: capped at {} by --bandwidth", args.bandwidth),
+            None => crate::say!("link: not capped (--bandwidth max)"),
+        }
     }
 
+    // From here SIGINT and SIGTERM end the migration cleanly instead of killing the process.
+    if let Err(e) = crate::signals::install() {
+        eprintln!("error: cannot install the SIGINT/SIGTERM handlers: {e}");
+        return EXIT_FAILED;
+    }
     let mut bar = Bar::new(args.json);
     let opts = Options { policy: args.policy(), retries: args.retries };
     let result = migrate(guest.as_mut(), &mut || Link::connect(addr, bandwidth), opts, &mut bar);
@@ -147,26 +187,36 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
                     crate::say!("{n}");
                 }
             }
+            let shutdown = guest.shutdown();
+            // A loopback receiver saw the source's Error frame and ends; it is not waited for.
+            drop(local);
+            if let crate::migrate::FailureCause::Interrupted(sig) = f.error {
+                eprintln!(
+                    "error: migration interrupted by {}: the destination was sent an Error frame, the source guest is shut down ({} pages were still owed after {} completed rounds)",
+                    sig.name(),
+                    f.pending_pages,
+                    f.rounds_done
+                );
+                return sig.exit_code();
+            }
             eprintln!("error: {msg}");
             if f.guest_running {
                 eprintln!(
-                    "the source guest is still running: its {} vCPUs {} and wrote {} pages in the 200 ms after the failure; {} dirty pages are kept for another attempt{} (after {} completed rounds)",
+                    "the source guest kept running after the failure: its {} vCPUs {} and wrote {} pages in the next 200 ms; {} pages were still owed to the destination, none lost{} (after {} completed rounds); it is now shut down as tdp migrate exits{}",
                     guest.vcpus(),
                     if f.was_paused { "were resumed" } else { "kept running" },
                     f.dirtied_after,
                     f.pending_pages,
                     if f.given_back { ", given back to the dirty tracker" } else { "" },
-                    f.rounds_done
+                    f.rounds_done,
+                    if shutdown.is_ok() { "" } else { " (stopping it failed)" }
                 );
             } else {
                 eprintln!(
-                    "the source guest is NOT running after the failure ({} pages pending)",
+                    "the source guest did NOT run again after the failure ({} pages pending); it is now shut down",
                     f.pending_pages
                 );
             }
-            let _ = guest.shutdown();
-            // A loopback receiver would see the source's Error frame and end; it is not waited for.
-            drop(local);
             EXIT_FAILED
         }
     }
@@ -192,7 +242,9 @@ fn print_migrate_json(
     });
 }
 
-/// `tdp receive`: serves one migration, returns the exit code after printing the report.
+/// `tdp receive`: serves migrations, printing a report for each; with `--once` returns the exit code
+/// of the first session (0 when its memory matched the source's). Connections that are not sessions
+/// are logged on stderr and never end it.
 ///
 /// ```
 /// use clap::Parser;
@@ -213,42 +265,54 @@ pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
             return EXIT_FAILED;
         }
     };
-    match listener.local_addr() {
-        Ok(a) => eprintln!("tdp receive: listening on {a}"),
-        Err(e) => {
-            eprintln!("error: cannot read the bound address: {e}");
-            return EXIT_FAILED;
-        }
-    }
     let cfg = ReceiverConfig {
         max_memory: args.max_memory,
         exit_after_rounds: args.exit_after_rounds,
         drop_after_rounds: args.drop_after_rounds,
         corrupt_page: args.corrupt_page,
         idle_timeout: Duration::from_secs(args.idle_timeout_s),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout_s),
+        max_connections: usize::from(args.max_connections),
+        log_connections: true,
     };
-    match receiver::accept_and_serve(&listener, cfg) {
-        Ok(r) => {
-            if args.json {
-                output::print_json(&r);
-            } else {
-                crate::say!(
-                    "received {} pages into {} of memory from {} in {} rounds ({} lost connection(s) resumed), {} ms; digest {}; source verdict: {}",
-                    r.pages_received,
-                    crate::units::human_bytes(r.pages * crate::units::PAGE_SIZE),
-                    r.peer,
-                    r.rounds,
-                    r.reconnects,
-                    r.elapsed_ms,
-                    r.digest,
-                    if r.matched { "memory identical" } else { "MISMATCH" }
-                );
-            }
-            if r.matched { EXIT_OK } else { EXIT_FAILED }
+    let bound = listener.local_addr();
+    let mut server = match bound.and_then(|a| receiver::Server::new(listener, cfg).map(|s| (a, s))) {
+        Ok((addr, server)) => {
+            eprintln!("tdp receive: listening on {addr}");
+            server
         }
         Err(e) => {
-            eprintln!("error: receiving failed: {e}");
-            EXIT_FAILED
+            eprintln!("error: cannot set up the listener: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    loop {
+        let code = match server.next_session() {
+            Ok(r) => {
+                if args.json {
+                    output::print_json(&r);
+                } else {
+                    crate::say!(
+                        "received {} pages into {} of memory from {} in {} rounds ({} lost connection(s) resumed), {}; digest {}; source verdict: {}",
+                        r.pages_received,
+                        crate::units::human_bytes(r.pages * crate::units::PAGE_SIZE),
+                        r.peer,
+                        r.rounds,
+                        r.reconnects,
+                        output::duration(r.elapsed_ms as f64),
+                        r.digest,
+                        if r.matched { "memory identical" } else { "MISMATCH" }
+                    );
+                }
+                if r.matched { EXIT_OK } else { EXIT_FAILED }
+            }
+            Err(e) => {
+                eprintln!("error: receiving failed: {}", crate::sanitize::escape_control(&e.to_string()));
+                EXIT_FAILED
+            }
+        };
+        if args.once {
+            return code;
         }
     }
 }
@@ -268,6 +332,9 @@ pub fn dirty_rate_cmd(args: &DirtyRateArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
+    if let Err(e) = host_can_hold(args.guest.backend, kvm_cfg.memory, 1) {
+        return usage(e);
+    }
     let mut started =
         match backend::start_with_device(args.guest.backend, &args.guest.kvm_device, kvm_cfg, mock_cfg) {
             Ok(s) => s,

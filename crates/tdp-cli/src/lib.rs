@@ -28,8 +28,10 @@
 //! - [`proto`]: the wire protocol; [`link`]: the source's end; [`receiver`]: the destination.
 //! - [`guest`]: what a running guest offers; [`kvm`]: a real KVM guest (tdp-guest + tdp-kvm);
 //!   [`mock`]: the tdp-mock machine used when `/dev/kvm` is unusable.
+//! - [`deadline`]: reads and writes due by a deadline; [`sanitize`]: peer text made printable;
+//!   [`hostmem`]: the host's available memory; [`signals`]: SIGINT/SIGTERM as a stop request.
 //! - [`pending`]: pages owed to the destination; [`dirty_rate`]; [`units`]: sizes, rates, addresses;
-//!   [`output`]: text and JSON reports.
+//!   [`output`]: text and JSON reports; [`progress`]: the live progress on stderr.
 //!
 //! Keeps: I4 end to end (a harvested page reaches the destination or stays pending; the final digest
 //! comparison proves it) and I5 for the command line and the network peer.
@@ -59,14 +61,19 @@ pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod converge;
+pub mod deadline;
 pub mod dirty_rate;
 pub mod guest;
+pub mod hostmem;
 pub mod kvm;
 pub mod link;
 pub mod migrate;
 pub mod mock;
 pub mod output;
 pub mod pending;
+pub mod progress;
 pub mod proto;
 pub mod receiver;
+pub mod sanitize;
+pub mod signals;
 pub mod units;

@@ -7,10 +7,18 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::deadline::{Deadlined, Timeouts};
 use crate::proto::{ErrorCode, MAX_RUN, Message, PAGE_SIZE, ProtoError, VERSION};
+use crate::sanitize::escape_control;
 
-/// How long the source waits for any answer before it calls the destination dead.
+/// How long the source waits for any answer, or for the destination to take one frame, before it calls
+/// the destination dead: a deadline per frame, which a destination that reads or answers a byte at a
+/// time cannot stretch.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the source tries to deliver its `Error` frame when it gives up: a destination that stopped
+/// reading does not hold the exit past the reply timeout plus this.
+pub const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A failure on the link, with the peer and what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +30,14 @@ pub struct LinkError {
     pub op: String,
     /// Why it failed.
     pub cause: String,
+    /// The destination did not answer, or take what was sent, within [`REPLY_TIMEOUT`]: it is taken as
+    /// gone, and not reconnected to.
+    pub timed_out: bool,
+}
+
+/// Whether a socket error is the deadline passing.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
 }
 
 /// A socket error in words that say what happened to the peer, with the system's text after it.
@@ -64,6 +80,7 @@ impl Link<TcpStream> {
             peer: peer.clone(),
             op: op.into(),
             cause: describe(&e),
+            timed_out: false,
         };
         let stream =
             TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| err("connecting", e))?;
@@ -74,7 +91,7 @@ impl Link<TcpStream> {
     }
 }
 
-impl<S: Read + Write> Link<S> {
+impl<S: Read + Write + Timeouts> Link<S> {
     /// Wraps a connected stream to `peer`; `bandwidth` limits the sending rate in bytes/s.
     pub fn new(stream: S, peer: String, bandwidth: Option<u64>) -> Link<S> {
         let limiter = bandwidth.filter(|&b| b > 0).map(|b| Limiter {
@@ -98,7 +115,7 @@ impl<S: Read + Write> Link<S> {
     }
 
     fn fail(&self, op: impl Into<String>, cause: impl std::fmt::Display) -> LinkError {
-        LinkError { peer: self.peer.clone(), op: op.into(), cause: cause.to_string() }
+        LinkError { peer: self.peer.clone(), op: op.into(), cause: cause.to_string(), timed_out: false }
     }
 
     fn send(&mut self, msg: &Message, op: &str) -> Result<(), LinkError> {
@@ -116,23 +133,23 @@ impl<S: Read + Write> Link<S> {
                 std::thread::sleep(due - elapsed);
             }
         }
-        let result = self.stream.write_all(&self.scratch);
-        result.map_err(|e| self.fail(op, describe(&e)))?;
+        let result = Deadlined::new(&mut self.stream, REPLY_TIMEOUT).write_all(&self.scratch);
+        result.map_err(|e| LinkError { timed_out: is_timeout(&e), ..self.fail(op, describe(&e)) })?;
         self.bytes_sent += n;
         Ok(())
     }
 
     fn recv(&mut self, op: &str) -> Result<Message, LinkError> {
-        match Message::read_from(&mut self.stream) {
+        match Message::read_from(&mut Deadlined::new(&mut self.stream, REPLY_TIMEOUT)) {
             Ok(Message::Error { code, text }) => {
+                let text = escape_control(&text);
                 Err(self.fail(op, format!("the destination reported error {code}: {text}")))
             }
             Ok(m) => Ok(m),
-            Err(ProtoError::Io { source, .. })
-                if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
-            {
-                Err(self.fail(op, format!("no answer within {} s", REPLY_TIMEOUT.as_secs())))
-            }
+            Err(ProtoError::Io { source, .. }) if is_timeout(&source) => Err(LinkError {
+                timed_out: true,
+                ..self.fail(op, format!("no answer within {} s", REPLY_TIMEOUT.as_secs()))
+            }),
             Err(ProtoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
                 Err(self.fail(op, "the peer closed the connection in the middle of a message"))
             }
@@ -199,12 +216,15 @@ impl<S: Read + Write> Link<S> {
     /// [`LinkError`] if the write fails.
     pub fn done(&mut self, matched: bool) -> Result<(), LinkError> {
         self.send(&Message::Done { matched }, "sending Done")?;
-        self.stream.flush().map_err(|e| self.fail("flushing", describe(&e)))
+        Deadlined::new(&mut self.stream, REPLY_TIMEOUT)
+            .flush()
+            .map_err(|e| self.fail("flushing", describe(&e)))
     }
 
-    /// Sends an `Error` frame, best effort (the link may already be gone).
+    /// Sends an `Error` frame, best effort (the link may already be gone): within [`ABORT_TIMEOUT`],
+    /// even after a stop signal.
     pub fn abort(&mut self, text: &str) {
-        let _ = self
-            .send(&Message::Error { code: ErrorCode::Other as u16, text: text.to_owned() }, "sending Error");
+        Message::Error { code: ErrorCode::Other as u16, text: text.to_owned() }.encode(&mut self.scratch);
+        let _ = Deadlined::unstoppable(&mut self.stream, ABORT_TIMEOUT).write_all(&self.scratch);
     }
 }

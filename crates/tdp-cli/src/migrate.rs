@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::converge::{Convergence, Decision, Policy, RoundObservation};
+use crate::deadline::Timeouts;
 use crate::guest::Guest;
 use crate::link::{Link, LinkError};
 use crate::pending::PendingSet;
@@ -50,9 +51,7 @@ pub struct Options {
 /// let cfg = GuestConfig { memory: 1 << 20, vcpus: 2, pattern: Pattern::Random, rate_pages: 4096,
 ///     mode: Mode::Ring, ring_entries: 512, fill: false };
 /// let mut guest = MockGuest::start(cfg)?;
-/// let rcfg = ReceiverConfig { max_memory: 1 << 30, exit_after_rounds: None, drop_after_rounds: None,
-///     corrupt_page: None,
-///     idle_timeout: Duration::from_secs(10) };
+/// let rcfg = ReceiverConfig { idle_timeout: Duration::from_secs(10), ..ReceiverConfig::new(1 << 30) };
 /// let (addr, destination) = spawn_loopback(rcfg)?;
 /// let policy = Policy { max_rounds: 5, downtime_target: Duration::from_millis(50), dirty_limit: true,
 ///     vcpu_quota: None };
@@ -66,7 +65,7 @@ pub struct Options {
 ///
 /// # Errors
 /// [`MigrationFailure`] with the cause, the pages still owed and whether the guest runs.
-pub fn migrate<S: Read + Write>(
+pub fn migrate<S: Read + Write + Timeouts>(
     guest: &mut dyn Guest,
     connect: &mut dyn FnMut() -> Result<Link<S>, LinkError>,
     opts: Options,
@@ -97,7 +96,10 @@ pub fn migrate<S: Read + Write>(
             let _ = guest.harvest(&mut pending);
             let writes = |g: &dyn Guest| g.figures().iter().map(|f| f.writes).sum::<u64>();
             let before = writes(guest);
-            let _ = guest.run_for(Duration::from_millis(200), &mut pending);
+            // Proof that the guest runs on, except when the user asked to stop.
+            if !matches!(error, FailureCause::Interrupted(_)) {
+                let _ = guest.run_for(Duration::from_millis(200), &mut pending);
+            }
             let dirtied_after = writes(guest).saturating_sub(before);
             // Hand what is owed back to the tracker too: the next harvest (another attempt) reports it.
             let given_back = guest.give_back(&pending).is_ok();
@@ -134,13 +136,14 @@ struct Migration<S> {
     bytes_before: u64,
 }
 
-impl<S: Read + Write> Migration<S> {
+impl<S: Read + Write + Timeouts> Migration<S> {
     fn link(&mut self) -> Result<&mut Link<S>, FailureCause> {
         self.link.as_mut().ok_or_else(|| {
             FailureCause::Link(LinkError {
                 peer: "?".into(),
                 op: "sending".into(),
                 cause: "not connected".into(),
+                timed_out: false,
             })
         })
     }
@@ -155,6 +158,14 @@ impl<S: Read + Write> Migration<S> {
         pending: &mut PendingSet,
         progress: &mut dyn Progress,
     ) -> Result<(), FailureCause> {
+        if let Some(sig) = crate::signals::received() {
+            return Err(FailureCause::Interrupted(sig));
+        }
+        if error.timed_out {
+            // A destination silent for the whole reply timeout is gone: the documented timeout holds.
+            let cause = format!("{}; not reconnecting to a destination that stopped answering", error.cause);
+            return Err(LinkError { cause, ..error }.into());
+        }
         let first = error;
         let (mut error, mut attempts) = (None::<LinkError>, 0);
         // Close the broken connection first: the destination learns of the break only when it ends.
@@ -207,7 +218,7 @@ impl<S: Read + Write> Migration<S> {
         progress: &mut dyn Progress,
     ) -> Result<u64, FailureCause> {
         loop {
-            match send_round(guest, self.link()?, pending, round) {
+            match send_round(guest, self.link()?, pending, round, progress) {
                 Ok(n) => return Ok(n),
                 Err(FailureCause::Link(e)) => self.reconnect(e, guest, connect, pending, progress)?,
                 Err(e) => return Err(e),
@@ -331,14 +342,15 @@ impl<S: Read + Write> Migration<S> {
 /// Sends every pending page as runs, then ends the round and waits for its acknowledgement. Pages move
 /// from `pending` to an in-flight set as they are written and are dropped only on the acknowledgement;
 /// on any failure the in-flight pages go back into `pending`. Returns the pages sent.
-fn send_round<S: Read + Write>(
+fn send_round<S: Read + Write + Timeouts>(
     guest: &dyn Guest,
     link: &mut Link<S>,
     pending: &mut PendingSet,
     round: u32,
+    progress: &mut dyn Progress,
 ) -> Result<u64, FailureCause> {
     let mut in_flight = pending.take();
-    let result = send_pages(guest, link, &in_flight, round);
+    let result = send_pages(guest, link, &in_flight, round, progress);
     match result.and_then(|sent| link.end_round(round, sent).map(|_| sent).map_err(FailureCause::from)) {
         Ok(sent) => Ok(sent),
         Err(e) => {
@@ -349,21 +361,28 @@ fn send_round<S: Read + Write>(
     }
 }
 
-fn send_pages<S: Read + Write>(
+fn send_pages<S: Read + Write + Timeouts>(
     guest: &dyn Guest,
     link: &mut Link<S>,
     pages: &PendingSet,
     round: u32,
+    progress: &mut dyn Progress,
 ) -> Result<u64, FailureCause> {
     let mut buf = vec![0u8; MAX_RUN as usize * PAGE_SIZE];
     let mut sent = 0;
+    let total = pages.len();
+    progress.sent(round, 0, total);
     for (first, count) in pages.runs(u64::from(MAX_RUN)) {
+        if let Some(sig) = crate::signals::received() {
+            return Err(FailureCause::Interrupted(sig));
+        }
         let bytes = count as usize * PAGE_SIZE;
         for (i, chunk) in buf[..bytes].chunks_exact_mut(PAGE_SIZE).enumerate() {
             guest.read_page(first + i as u64, chunk)?;
         }
         link.send_pages(first, &buf[..bytes], round)?;
         sent += count;
+        progress.sent(round, sent, total);
     }
     Ok(sent)
 }

@@ -1,14 +1,13 @@
-//! Reports: the text `tdp` prints for people, the JSON object it prints with `--json`, and the progress
-//! bar (indicatif, on stderr, hidden under `--json` or when stderr is not a terminal).
+//! Reports: the text `tdp` prints for people (durations over 10 s in seconds) and the JSON object it
+//! prints with `--json`; the live progress is [`crate::progress`].
 
-use std::io::IsTerminal;
-
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::dirty_rate::DirtyRateReport;
 use crate::guest::{GuestConfig, Mode, Pattern};
-use crate::migrate::{MigrationReport, Progress, RoundReport};
+use crate::migrate::{MigrationReport, RoundReport};
+
+pub use crate::progress::Bar;
 use crate::units::{Rate, human_bytes};
 
 /// The guest as the reports describe it.
@@ -97,26 +96,31 @@ pub fn migration_text(r: &MigrationReport) -> String {
     }
     s.push_str(&format!("stop-and-copy: {}\n", r.stop_reason));
     s.push_str(&format!(
-        "final round: {} pages sent with the vCPUs paused; downtime {:.1} ms\n",
-        r.final_pages, r.downtime_ms
+        "final round: {} pages sent with the vCPUs paused; downtime {}\n",
+        r.final_pages,
+        duration(r.downtime_ms)
     ));
     s.push_str(&format!(
-        "total: {} rounds + final, {} pages sent ({}), {:.0} ms\n",
+        "total: {} rounds + final, {} pages sent ({}), {}\n",
         r.rounds.len(),
         r.pages_sent,
         human_bytes(r.bytes_sent),
-        r.total_ms
+        duration(r.total_ms)
     ));
     for (i, v) in r.vcpus.iter().enumerate() {
         s.push_str(&format!(
-            "vCPU {i}: {} page writes, {} ring-full exits, throttled at {} exits ({} ms asleep)\n",
-            v.writes, v.ring_full_exits, v.throttled_exits, v.throttle_ms
+            "vCPU {i}: {} page writes, {} ring-full exits, throttled at {} exits ({} asleep)\n",
+            v.writes,
+            v.ring_full_exits,
+            v.throttled_exits,
+            duration(v.throttle_ms as f64)
         ));
     }
     if r.verified {
         s.push_str(&format!(
-            "verified: destination memory equals the source byte for byte (BLAKE3 {}, {:.0} ms)\n",
-            r.destination_digest, r.verify_ms
+            "verified: destination memory equals the source byte for byte (BLAKE3 {}, {})\n",
+            r.destination_digest,
+            duration(r.verify_ms)
         ));
     } else {
         s.push_str(&format!(
@@ -129,13 +133,13 @@ pub fn migration_text(r: &MigrationReport) -> String {
 
 fn round_line(x: &RoundReport) -> String {
     format!(
-        "{:>5} {:>11} {:>9} {:>12.1} {:>12.1} {:>11.1} ms  {}",
+        "{:>5} {:>11} {:>9} {:>12.1} {:>12.1} {:>14}  {}",
         x.round,
         x.pages_sent,
         x.dirtied,
         x.dirty_rate_mib_s,
         x.throughput_mib_s,
-        x.estimated_downtime_ms,
+        duration(x.estimated_downtime_ms),
         x.vcpu_quota.map_or_else(|| "-".to_owned(), |q| q.to_string())
     )
 }
@@ -143,7 +147,7 @@ fn round_line(x: &RoundReport) -> String {
 /// The text report of a dirty-rate measurement.
 #[must_use]
 pub fn dirty_rate_text(r: &DirtyRateReport) -> String {
-    let mut s = format!("window: {:.0} ms; per vCPU from {}\n", r.window_ms, r.per_vcpu_source);
+    let mut s = format!("window: {}; per vCPU from {}\n", duration(r.window_ms), r.per_vcpu_source);
     for v in &r.vcpus {
         s.push_str(&format!(
             "vCPU {}: {:.0} pages/s ({:.1} MiB/s), {} pages in the window\n",
@@ -157,46 +161,13 @@ pub fn dirty_rate_text(r: &DirtyRateReport) -> String {
     s
 }
 
-/// The progress bar of a migration, as a [`Progress`].
-pub struct Bar {
-    bar: ProgressBar,
-    notes: Vec<String>,
-}
-
-impl Bar {
-    /// A spinner on stderr, hidden when `hidden` or when stderr is not a terminal.
-    #[must_use]
-    pub fn new(hidden: bool) -> Bar {
-        let target = if hidden || !std::io::stderr().is_terminal() {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
-        };
-        let bar = ProgressBar::with_draw_target(None, target);
-        if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed}] {msg}") {
-            bar.set_style(style);
-        }
-        bar.enable_steady_tick(std::time::Duration::from_millis(100));
-        bar.set_message("bulk copy (round 0)");
-        Bar { bar, notes: Vec::new() }
-    }
-
-    /// Removes the bar and returns the notes collected.
-    pub fn finish(self) -> Vec<String> {
-        self.bar.finish_and_clear();
-        self.notes
-    }
-}
-
-impl Progress for Bar {
-    fn round(&mut self, r: &RoundReport, pending: u64) {
-        self.bar.set_message(format!(
-            "round {} sent {} pages; {} dirty pending; dirty {:.1} MiB/s, link {:.1} MiB/s",
-            r.round, r.pages_sent, pending, r.dirty_rate_mib_s, r.throughput_mib_s
-        ));
-    }
-    fn note(&mut self, text: &str) {
-        // Printed with the report (the bar may be hidden); kept in order.
-        self.notes.push(text.to_owned());
-    }
+/// A duration for people: milliseconds up to 10 s (`232.5 ms`), seconds beyond (`139.2 s`).
+///
+/// ```
+/// use tdp_cli::output::duration;
+/// assert_eq!((duration(232.46), duration(9_999.0), duration(139_185.0)), ("232.5 ms".into(), "9999.0 ms".into(), "139.2 s".into()));
+/// ```
+#[must_use]
+pub fn duration(ms: f64) -> String {
+    if ms.abs() > 10_000.0 { format!("{:.1} s", ms / 1e3) } else { format!("{ms:.1} ms") }
 }

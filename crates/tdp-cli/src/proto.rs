@@ -271,10 +271,14 @@ impl Message {
     /// frame included), and the decoding errors for a malformed frame.
     pub fn read_from(r: &mut impl Read) -> Result<Message, ProtoError> {
         let mut len = [0u8; 4];
-        match r.read(&mut len[..1]) {
-            Ok(0) => return Err(ProtoError::Closed),
-            Ok(_) => {}
-            Err(e) => return Err(ProtoError::Io { op: "reading a frame", source: e }),
+        loop {
+            match r.read(&mut len[..1]) {
+                Ok(0) => return Err(ProtoError::Closed),
+                Ok(_) => break,
+                // A signal (a stop and continue, say) interrupted the wait: nothing was read, wait again.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ProtoError::Io { op: "reading a frame", source: e }),
+            }
         }
         r.read_exact(&mut len[1..]).map_err(ProtoError::io("reading a frame length"))?;
         let len = u32::from_le_bytes(len);
@@ -329,7 +333,14 @@ impl Message {
                 if c.0.len() > MAX_ERROR_TEXT {
                     return Err(bad());
                 }
-                let text = String::from_utf8_lossy(std::mem::take(&mut c.0)).into_owned();
+                let mut text = String::from_utf8_lossy(std::mem::take(&mut c.0)).into_owned();
+                // Invalid bytes grow into U+FFFD (3 bytes each): cut back to the limit, so that the
+                // message decoded is one `encode` writes unchanged (found by the proto_decode fuzz target).
+                let mut end = text.len().min(MAX_ERROR_TEXT);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
                 Message::Error { code, text }
             }
             9 => Message::Done { matched: c.flag().ok_or_else(bad)? },

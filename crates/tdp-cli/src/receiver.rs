@@ -1,18 +1,34 @@
-//! The destination: `tdp receive` (and the loopback receiver `tdp migrate` starts on a thread). It
-//! serves one migration session: holds the guest memory the source announces, applies page runs,
-//! acknowledges rounds and answers the digest request with a BLAKE3 digest of everything it holds. A
-//! connection lost mid-session does not lose the memory: the receiver waits (up to its idle timeout)
-//! for the source to reconnect and resume the session (see [`crate::proto`]).
+//! The destination: `tdp receive` (and the loopback receiver `tdp migrate` starts on a thread). A
+//! session holds the guest memory the source announces, applies page runs, acknowledges rounds and
+//! answers the digest request with a BLAKE3 digest of everything it holds. A connection lost
+//! mid-session does not lose the memory: the session waits (up to its idle timeout) for the source to
+//! reconnect and resume it (see [`crate::proto`]).
 //!
-//! Keeps: I5 for the network peer (memory allocated only after the size passed `max_memory`; page runs
-//! checked against it; protocol violations are answered with an `Error` frame and a clear error).
+//! This module is one connection's protocol: [`handshake`] (a valid `Hello` within the handshake
+//! deadline), [`Session::open`] (the memory, reserved fallibly), [`run_session`] (the rounds).
+//! [`server`] is the accept loop around it: connections on threads, bounded in number, garbage
+//! logged and survived.
+//!
+//! Keeps: I5 for the network peer (memory reserved only after the size passed `max_memory` and the
+//! host's available memory, and fallibly; page runs and round numbers checked with checked arithmetic;
+//! every frame due by a deadline a trickle cannot stretch; protocol violations answered with an `Error`
+//! frame and a clear error; the peer's text escaped before it is printed).
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::deadline::{Deadlined, Timeouts};
 use crate::proto::{ErrorCode, Message, PAGE_SIZE, ProtoError, VERSION};
+use crate::sanitize::escape_control;
+
+pub mod server;
+
+pub use server::{Server, accept_and_serve, spawn_loopback};
+
+/// How long a new connection has, by default, to deliver a complete valid `Hello`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most connections served at once by default; more are closed as soon as they are accepted.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
 
 /// What the receiver accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,8 +43,34 @@ pub struct ReceiverConfig {
     /// Test hook: flip a byte of this page before computing the digest, so the source must see a
     /// mismatch (proof that the verification can fail).
     pub corrupt_page: Option<u64>,
-    /// How long to wait for the next message, and for a source to reconnect.
+    /// The deadline of each frame of a session (waiting for it included), and how long a session whose
+    /// connection was lost waits for its source to reconnect.
     pub idle_timeout: Duration,
+    /// The deadline of a new connection's `Hello`, from the moment it is accepted.
+    pub handshake_timeout: Duration,
+    /// The most connections served at once (at least 1); the server closes further ones at once.
+    pub max_connections: usize,
+    /// Log each connection's end (and each session's start) on stderr, one line each; off for the
+    /// loopback destination inside `tdp migrate`.
+    pub log_connections: bool,
+}
+
+impl ReceiverConfig {
+    /// A receiver of up to `max_memory` bytes with the default timeouts and connection limit and no
+    /// test hooks.
+    #[must_use]
+    pub const fn new(max_memory: u64) -> ReceiverConfig {
+        ReceiverConfig {
+            max_memory,
+            exit_after_rounds: None,
+            drop_after_rounds: None,
+            corrupt_page: None,
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            log_connections: true,
+        }
+    }
 }
 
 /// The most times one session may be resumed after a lost connection.
@@ -55,7 +97,7 @@ pub struct Received {
     pub elapsed_ms: u64,
 }
 
-/// A failed session (or connection).
+/// A failed session (or connection). `cause` holds no control characters (peer text is escaped).
 #[derive(Debug, thiserror::Error)]
 #[error("source {peer}: {op}: {cause}")]
 pub struct ReceiveError {
@@ -70,6 +112,7 @@ pub struct ReceiveError {
 }
 
 /// One migration's state at the destination, kept across connections.
+#[derive(Debug)]
 pub struct Session {
     id: u64,
     pages: u64,
@@ -82,219 +125,211 @@ pub struct Session {
     started: Instant,
 }
 
-/// Accepts connections on `listener` and serves one session, resuming it after lost connections.
-///
-/// ```
-/// use std::time::Duration;
-/// use tdp_cli::link::Link;
-/// use tdp_cli::receiver::{accept_and_serve, ReceiverConfig};
-///
-/// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-/// let addr = listener.local_addr()?;
-/// let cfg = ReceiverConfig { max_memory: 1 << 20, exit_after_rounds: None, drop_after_rounds: None,
-///     corrupt_page: None, idle_timeout: Duration::from_secs(5) };
-/// let dest = std::thread::spawn(move || accept_and_serve(&listener, cfg));
-/// let mut link = Link::connect(addr, None)?;
-/// assert!(!link.hello(2, 42, false)?, "a new session");
-/// link.send_pages(1, &[7u8; 4096], 0)?;
-/// link.end_round(0, 1)?;
-/// let (hash, received) = link.digest()?;
-/// link.done(true)?;
-/// let mut memory = vec![0u8; 2 * 4096];
-/// memory[4096..].fill(7);
-/// assert_eq!((hash, received), (*blake3::hash(&memory).as_bytes(), 1));
-/// assert!(dest.join().map_err(|_| "receiver thread")??.matched);
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-///
-/// # Errors
-/// [`ReceiveError`] for a failed accept, a refused session, or a connection lost with no reconnection
-/// within the idle timeout.
-pub fn accept_and_serve(listener: &TcpListener, cfg: ReceiverConfig) -> Result<Received, ReceiveError> {
-    let local = listener.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string());
-    let mut session: Option<Session> = None;
-    loop {
-        let waiting = session.is_some();
-        let (stream, peer) =
-            accept(listener, waiting.then_some(cfg.idle_timeout)).map_err(|e| ReceiveError {
-                peer: local.clone(),
-                op: if waiting {
-                    "waiting for the source to reconnect".into()
-                } else {
-                    "accepting a connection".into()
-                },
-                cause: e.to_string(),
-                resumable: false,
-            })?;
-        let peer = peer.to_string();
-        let setup = |e: std::io::Error| ReceiveError {
-            peer: peer.clone(),
-            op: "configuring the socket".into(),
-            cause: e.to_string(),
-            resumable: false,
+/// What a valid `Hello` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opening {
+    /// The session number.
+    pub session: u64,
+    /// Pages of guest memory announced (1 to the receiver's limit).
+    pub pages: u64,
+    /// Whether the source asks to continue a session it lost.
+    pub resume: bool,
+}
+
+/// Why a session could not be given memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CannotHold(pub String);
+
+impl Session {
+    /// A new session of `o.pages` zeroed pages. The memory is reserved with a fallible allocation,
+    /// after checking it against the host's available memory (`/proc/meminfo`), so a size the host
+    /// cannot give is refused, never an abort.
+    ///
+    /// # Errors
+    /// [`CannotHold`] naming the size and what the host has.
+    pub fn open(o: &Opening, reconnects: u32) -> Result<Session, CannotHold> {
+        let bytes = o.pages.checked_mul(PAGE_SIZE as u64);
+        let shown = |b: u64| crate::units::human_bytes(b);
+        let Some(len) = bytes.and_then(|b| usize::try_from(b).ok()) else {
+            return Err(CannotHold(format!("{} pages do not fit this host's address space", o.pages)));
         };
-        stream.set_nonblocking(false).map_err(setup)?;
-        stream.set_read_timeout(Some(cfg.idle_timeout)).map_err(setup)?;
-        stream.set_nodelay(true).map_err(setup)?;
-        match serve(stream, peer, cfg, &mut session) {
-            Ok(r) => return Ok(r),
-            Err(e) if e.resumable && session.as_ref().is_some_and(|s| s.reconnects < MAX_RECONNECTS) => {
-                if let Some(s) = &mut session {
-                    s.reconnects += 1;
-                }
-                eprintln!(
-                    "tdp receive: {e}; keeping the session's memory and waiting for the source to reconnect"
-                );
-            }
-            Err(e) => return Err(e),
+        if let Some(avail) = crate::hostmem::available().filter(|&a| (len as u64) > a) {
+            return Err(CannotHold(format!(
+                "{} of guest memory is more than this host has available ({} MemAvailable)",
+                shown(len as u64),
+                shown(avail)
+            )));
         }
-    }
-}
-
-/// Accepts one connection, waiting at most `timeout` when given.
-fn accept(
-    listener: &TcpListener,
-    timeout: Option<Duration>,
-) -> std::io::Result<(TcpStream, std::net::SocketAddr)> {
-    let Some(timeout) = timeout else {
-        listener.set_nonblocking(false)?;
-        return listener.accept();
-    };
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok(c) => return Ok(c),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no connection within {} s", timeout.as_secs()),
-                ));
-            }
-            Err(e) => return Err(e),
+        let mut memory = Vec::new();
+        if let Err(e) = memory.try_reserve_exact(len) {
+            return Err(CannotHold(format!("cannot allocate {} of guest memory: {e}", shown(len as u64))));
         }
-    }
-}
-
-/// Serves one connection from `peer` for `session` (created by the connection's `Hello`, or resumed).
-///
-/// # Errors
-/// [`ReceiveError`] naming the peer, the step and the cause; `resumable` when the connection was lost
-/// rather than the session refused. The source gets an `Error` frame first when the cause is its own
-/// message.
-pub fn serve<S: Read + Write>(
-    mut stream: S,
-    peer: String,
-    cfg: ReceiverConfig,
-    session: &mut Option<Session>,
-) -> Result<Received, ReceiveError> {
-    let fail = |op: &str, cause: String, resumable: bool| ReceiveError {
-        peer: peer.clone(),
-        op: op.into(),
-        cause,
-        resumable,
-    };
-    let mut scratch = Vec::new();
-    let mut refuse = |stream: &mut S, code: ErrorCode, op: &str, cause: String| {
-        let _ = Message::Error { code: code as u16, text: cause.clone() }.write_to(stream, &mut scratch);
-        fail(op, cause, false)
-    };
-    // A connection that fails before its Hello was accepted touches no session: while one is held, the
-    // receiver keeps waiting for its source (the error is marked resumable).
-    let hello = match Message::read_from(&mut stream) {
-        Ok(Message::Hello { version, page_size, pages, session, resume }) => {
-            let too_big = pages == 0 || pages.saturating_mul(PAGE_SIZE as u64) > cfg.max_memory;
-            if version != VERSION {
-                let cause =
-                    format!("the source speaks protocol version {version}, this destination {VERSION}");
-                Err(refuse(&mut stream, ErrorCode::Version, "checking Hello", cause))
-            } else if page_size as usize != PAGE_SIZE {
-                let cause = format!("page size {page_size} is not supported (only {PAGE_SIZE})");
-                Err(refuse(&mut stream, ErrorCode::Protocol, "checking Hello", cause))
-            } else if too_big {
-                let cause = format!(
-                    "{pages} pages ({} bytes) is outside 1 page to the receiver's limit of {} (see --max-memory)",
-                    pages.saturating_mul(PAGE_SIZE as u64),
-                    crate::units::human_bytes(cfg.max_memory)
-                );
-                Err(refuse(&mut stream, ErrorCode::TooLarge, "checking Hello", cause))
-            } else {
-                Ok((session, pages, resume))
-            }
+        // Zeroed a block at a time by memcpy (fast in debug builds too); the capacity is already there.
+        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        while memory.len() < len {
+            let n = (len - memory.len()).min(ZEROS.len());
+            memory.extend_from_slice(&ZEROS[..n]);
         }
-        Ok(other) => {
-            let cause = format!("expected Hello, got {}", other.name());
-            Err(refuse(&mut stream, ErrorCode::Protocol, "starting the session", cause))
-        }
-        Err(e) => Err(fail("waiting for Hello", e.to_string(), false)),
-    };
-    let (id, pages, resume) = hello.map_err(|e| ReceiveError { resumable: true, ..e })?;
-    let resumed = resume && session.as_ref().is_some_and(|s| s.id == id && s.pages == pages);
-    if !resumed {
-        let len = usize::try_from(pages * PAGE_SIZE as u64)
-            .map_err(|_| fail("allocating memory", "too large".into(), false))?;
-        let reconnects = session.as_ref().map_or(0, |s| s.reconnects);
-        *session = Some(Session {
-            id,
-            pages,
-            memory: vec![0u8; len],
+        Ok(Session {
+            id: o.session,
+            pages: o.pages,
+            memory,
             rounds: 0,
             received: 0,
             digest: None,
             dropped: false,
             reconnects,
             started: Instant::now(),
-        });
+        })
     }
-    let Some(s) = session.as_mut() else {
-        return Err(fail("starting the session", "no session".into(), false));
+
+    /// Whether this session is the one `o` asks to resume.
+    #[must_use]
+    pub fn resumes(&self, o: &Opening) -> bool {
+        o.resume && self.id == o.session && self.pages == o.pages
+    }
+
+    /// Counts one more lost connection; `false` when the session may not be resumed again.
+    pub fn lost_connection(&mut self) -> bool {
+        if self.reconnects >= MAX_RECONNECTS {
+            return false;
+        }
+        self.reconnects += 1;
+        true
+    }
+
+    /// Bytes of guest memory held.
+    #[must_use]
+    pub fn bytes(&self) -> usize {
+        self.memory.len()
+    }
+}
+
+/// Sends an `Error` frame (best effort, within `limit`) and builds the matching error.
+fn refuse<S: Write + Timeouts>(
+    stream: &mut S,
+    limit: Duration,
+    peer: &str,
+    code: ErrorCode,
+    op: &str,
+    cause: String,
+) -> ReceiveError {
+    let mut scratch = Vec::new();
+    let _ = Message::Error { code: code as u16, text: cause.clone() }
+        .write_to(&mut Deadlined::new(stream, limit), &mut scratch);
+    ReceiveError { peer: peer.to_owned(), op: op.into(), cause, resumable: false }
+}
+
+/// Reads the connection's first frame within `cfg.handshake_timeout` and checks that it is a `Hello`
+/// this receiver can serve (version, page size, size within `max_memory`).
+///
+/// # Errors
+/// [`ReceiveError`] (not resumable) for anything else; when the peer spoke the protocol, it got an
+/// `Error` frame first.
+pub fn handshake<S: Read + Write + Timeouts>(
+    stream: &mut S,
+    peer: &str,
+    cfg: &ReceiverConfig,
+) -> Result<Opening, ReceiveError> {
+    let limit = cfg.handshake_timeout;
+    let first = Message::read_from(&mut Deadlined::new(&mut *stream, limit));
+    let mut no = |code, op: &str, cause| Err(refuse(stream, limit, peer, code, op, cause));
+    match first {
+        Ok(Message::Hello { version, page_size, pages, session, resume }) => {
+            let bytes = pages.checked_mul(PAGE_SIZE as u64);
+            if version != VERSION {
+                let cause =
+                    format!("the source speaks protocol version {version}, this destination {VERSION}");
+                no(ErrorCode::Version, "checking Hello", cause)
+            } else if page_size as usize != PAGE_SIZE {
+                let cause = format!("page size {page_size} is not supported (only {PAGE_SIZE})");
+                no(ErrorCode::Protocol, "checking Hello", cause)
+            } else if pages == 0 || bytes.is_none_or(|b| b > cfg.max_memory) {
+                let cause = format!(
+                    "{pages} pages is outside 1 page to the receiver's limit of {} (see --max-memory)",
+                    crate::units::human_bytes(cfg.max_memory)
+                );
+                no(ErrorCode::TooLarge, "checking Hello", cause)
+            } else {
+                Ok(Opening { session, pages, resume })
+            }
+        }
+        Ok(Message::Error { code, text }) => Err(ReceiveError {
+            peer: peer.to_owned(),
+            op: "waiting for Hello".into(),
+            cause: format!("the peer sent error {code}: {}", escape_control(&text)),
+            resumable: false,
+        }),
+        Ok(other) => {
+            let cause = format!("expected Hello, got {}", other.name());
+            no(ErrorCode::Protocol, "starting the session", cause)
+        }
+        Err(e @ ProtoError::Io { .. }) | Err(e @ ProtoError::Closed) => Err(ReceiveError {
+            peer: peer.to_owned(),
+            op: "waiting for Hello".into(),
+            cause: e.to_string(),
+            resumable: false,
+        }),
+        Err(e) => no(ErrorCode::Protocol, "waiting for Hello", e.to_string()),
+    }
+}
+
+/// Serves session `s` on a connection whose `Hello` was accepted: sends `Welcome` (`resumed` when the
+/// session continues), then applies rounds until `Done`. Every frame is due within `cfg.idle_timeout`.
+///
+/// # Errors
+/// [`ReceiveError`] naming the peer, the step and the cause; `resumable` when the connection was lost
+/// rather than the session refused. The source gets an `Error` frame first when the cause is its own
+/// message.
+pub fn run_session<S: Read + Write + Timeouts>(
+    stream: &mut S,
+    peer: &str,
+    cfg: &ReceiverConfig,
+    s: &mut Session,
+    resumed: bool,
+) -> Result<Received, ReceiveError> {
+    let limit = cfg.idle_timeout;
+    let fail = |op: &str, cause: String, resumable: bool| ReceiveError {
+        peer: peer.to_owned(),
+        op: op.into(),
+        cause,
+        resumable,
     };
     let mut out = Vec::new();
-    Message::Welcome { version: VERSION, resumed, received: s.received }
-        .write_to(&mut stream, &mut out)
-        .map_err(|e| fail("sending Welcome", e.to_string(), true))?;
-
+    let mut send = |stream: &mut S, m: Message, op: &str| {
+        m.write_to(&mut Deadlined::new(stream, limit), &mut out).map_err(|e| fail(op, e.to_string(), true))
+    };
+    send(stream, Message::Welcome { version: VERSION, resumed, received: s.received }, "sending Welcome")?;
     loop {
-        let msg = match Message::read_from(&mut stream) {
+        let at = format!("in round {}", s.rounds);
+        let msg = match Message::read_from(&mut Deadlined::new(&mut *stream, limit)) {
             Ok(m) => m,
             Err(ProtoError::Closed) => {
                 let cause = "the source closed the connection before the migration finished".into();
-                return Err(fail(&format!("in round {}", s.rounds), cause, true));
+                return Err(fail(&at, cause, true));
             }
-            Err(e @ ProtoError::Io { .. }) => {
-                return Err(fail(&format!("in round {}", s.rounds), e.to_string(), true));
-            }
-            Err(e) => {
-                let cause = e.to_string();
-                return Err(refuse(
-                    &mut stream,
-                    ErrorCode::Protocol,
-                    &format!("reading round {}", s.rounds),
-                    cause,
-                ));
-            }
+            Err(e @ ProtoError::Io { .. }) => return Err(fail(&at, e.to_string(), true)),
+            Err(e) => return Err(refuse(stream, limit, peer, ErrorCode::Protocol, &at, e.to_string())),
         };
         match msg {
             Message::Pages { first, data } => {
                 let count = (data.len() / PAGE_SIZE) as u64;
-                if first.checked_add(count).is_none_or(|end| end > s.pages) {
+                let Some(dst) = page_range(s, first, data.len()) else {
                     let cause =
                         format!("pages {first}..+{count} lie outside the {} pages announced", s.pages);
-                    return Err(refuse(&mut stream, ErrorCode::Protocol, "applying pages", cause));
-                }
-                let at = first as usize * PAGE_SIZE;
-                s.memory[at..at + data.len()].copy_from_slice(&data);
-                s.received += count;
+                    return Err(refuse(stream, limit, peer, ErrorCode::Protocol, "applying pages", cause));
+                };
+                dst.copy_from_slice(&data);
+                s.received = s.received.saturating_add(count);
                 s.digest = None;
             }
             Message::RoundEnd { round, .. } => {
-                s.rounds = round + 1;
-                Message::RoundAck { round, received: s.received }
-                    .write_to(&mut stream, &mut out)
-                    .map_err(|e| fail("acknowledging a round", e.to_string(), true))?;
+                let Some(next) = round.checked_add(1) else {
+                    let cause = format!("round number {round} leaves no room for the round after it");
+                    return Err(refuse(stream, limit, peer, ErrorCode::Protocol, &at, cause));
+                };
+                s.rounds = next;
+                send(stream, Message::RoundAck { round, received: s.received }, "acknowledging a round")?;
                 if cfg.exit_after_rounds.is_some_and(|n| s.rounds >= n) {
                     // The test hook: vanish as a killed process would, without a goodbye.
                     eprintln!("tdp receive: --exit-after-rounds {} reached: exiting abruptly", s.rounds);
@@ -303,64 +338,99 @@ pub fn serve<S: Read + Write>(
                 if !s.dropped && cfg.drop_after_rounds.is_some_and(|n| s.rounds >= n) {
                     s.dropped = true;
                     // The test hook: the connection breaks (dropped with the stream), the session stays.
-                    return Err(fail(
-                        &format!("after round {round}"),
-                        "connection dropped by --drop-after-rounds".into(),
-                        true,
-                    ));
+                    let cause = "connection dropped by --drop-after-rounds".into();
+                    return Err(fail(&format!("after round {round}"), cause, true));
                 }
             }
             Message::DigestRequest => {
-                if let Some(page) = cfg.corrupt_page.filter(|&p| p < s.pages) {
-                    let at = page as usize * PAGE_SIZE;
-                    s.memory[at] ^= 0x5a;
+                if let Some(page) = cfg.corrupt_page
+                    && let Some(byte) = page_range(s, page, PAGE_SIZE).and_then(|p| p.first_mut())
+                {
+                    *byte ^= 0x5a;
                     eprintln!("tdp receive: --corrupt-page {page}: flipped a byte before the digest");
                 }
                 let hash = *blake3::hash(&s.memory).as_bytes();
                 s.digest = Some(hex(&hash));
-                Message::Digest { hash, received: s.received }
-                    .write_to(&mut stream, &mut out)
-                    .map_err(|e| fail("sending the digest", e.to_string(), true))?;
+                send(stream, Message::Digest { hash, received: s.received }, "sending the digest")?;
             }
             Message::Done { matched } => {
                 let Some(digest) = s.digest.clone() else {
-                    return Err(refuse(
-                        &mut stream,
-                        ErrorCode::Protocol,
-                        "finishing",
-                        "Done before any digest".into(),
-                    ));
+                    let cause = "Done before any digest".into();
+                    return Err(refuse(stream, limit, peer, ErrorCode::Protocol, "finishing", cause));
                 };
-                let _ = stream.flush();
+                let _ = Deadlined::new(&mut *stream, limit).flush();
                 return Ok(Received {
-                    peer: peer.clone(),
+                    peer: peer.to_owned(),
                     pages: s.pages,
                     rounds: s.rounds,
                     pages_received: s.received,
                     digest,
                     matched,
                     reconnects: s.reconnects,
-                    elapsed_ms: s.started.elapsed().as_millis() as u64,
+                    elapsed_ms: u64::try_from(s.started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 });
             }
             Message::Error { code, text } => {
-                return Err(fail(
-                    &format!("in round {}", s.rounds),
-                    format!("the source aborted (error {code}): {text}"),
-                    false,
-                ));
+                let cause = format!("the source aborted (error {code}): {}", escape_control(&text));
+                return Err(fail(&at, cause, false));
             }
             other => {
                 let cause = format!("unexpected {} message", other.name());
-                return Err(refuse(
-                    &mut stream,
-                    ErrorCode::Protocol,
-                    &format!("in round {}", s.rounds),
-                    cause,
-                ));
+                return Err(refuse(stream, limit, peer, ErrorCode::Protocol, &at, cause));
             }
         }
     }
+}
+
+/// The bytes of `len` bytes of pages from page `first`, if they lie inside the session's memory.
+fn page_range(s: &mut Session, first: u64, len: usize) -> Option<&mut [u8]> {
+    let at = usize::try_from(first).ok()?.checked_mul(PAGE_SIZE)?;
+    s.memory.get_mut(at..at.checked_add(len)?)
+}
+
+/// Serves one connection from `peer` for `session` (created by the connection's `Hello`, or resumed)
+/// without threads: [`handshake`], [`Session::open`] (or the held session) and [`run_session`]. A
+/// connection that fails before its `Hello` was accepted leaves `session` alone and its error is
+/// marked resumable (the session may still be resumed); a session that loses its connection stays in
+/// `session`.
+///
+/// ```
+/// use tdp_cli::proto::Message;
+/// use tdp_cli::receiver::{serve, ReceiverConfig};
+/// // Anything but a tdp stream is refused with a clear error; no session is created.
+/// let mut session = None;
+/// let mut http = std::io::Cursor::new(b"GET / HTTP/1.1\r\n\r\n".to_vec());
+/// let e = serve(&mut http, "probe".into(), ReceiverConfig::new(1 << 20), &mut session).unwrap_err();
+/// assert!(e.to_string().contains("bad frame length"), "{e}");
+/// assert!(session.is_none());
+/// ```
+///
+/// # Errors
+/// As [`handshake`] and [`run_session`]; [`ErrorCode::TooLarge`] when the memory cannot be held.
+pub fn serve<S: Read + Write + Timeouts>(
+    mut stream: S,
+    peer: String,
+    cfg: ReceiverConfig,
+    session: &mut Option<Session>,
+) -> Result<Received, ReceiveError> {
+    let o = handshake(&mut stream, &peer, &cfg).map_err(|e| ReceiveError { resumable: true, ..e })?;
+    let resumed = session.as_ref().is_some_and(|s| s.resumes(&o));
+    let mut s = match session.take() {
+        Some(s) if resumed => s,
+        held => {
+            let reconnects = held.as_ref().map_or(0, |s| s.reconnects);
+            drop(held);
+            Session::open(&o, reconnects).map_err(|CannotHold(cause)| {
+                let limit = cfg.handshake_timeout;
+                refuse(&mut stream, limit, &peer, ErrorCode::TooLarge, "reserving memory", cause)
+            })?
+        }
+    };
+    let r = run_session(&mut stream, &peer, &cfg, &mut s, resumed);
+    if r.as_ref().is_err_and(|e| e.resumable) {
+        *session = Some(s);
+    }
+    r
 }
 
 /// Lower-case hex of `bytes`.
@@ -369,24 +439,8 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Binds a loopback listener and serves one session on a thread: the destination plain `tdp migrate`
-/// uses. Returns the bound address and the thread.
-///
-/// # Errors
-/// The bind failure.
-pub fn spawn_loopback(
-    cfg: ReceiverConfig,
-) -> std::io::Result<(std::net::SocketAddr, std::thread::JoinHandle<Result<Received, ReceiveError>>)> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let handle = std::thread::Builder::new()
-        .name("tdp-receive".into())
-        .spawn(move || accept_and_serve(&listener, cfg))?;
-    Ok((addr, handle))
-}
-
 /// The stream type a receiver serves, for callers that name it.
-pub type Stream = TcpStream;
+pub type Stream = std::net::TcpStream;
 
 #[cfg(test)]
 mod tests;

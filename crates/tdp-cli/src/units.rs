@@ -33,6 +33,16 @@ pub enum UnitError {
         /// The text given.
         text: String,
     },
+    /// A size or rate below zero.
+    #[error("{what}: {text:?} is a negative {kind}")]
+    Negative {
+        /// What the value is for.
+        what: &'static str,
+        /// `size` or `rate`.
+        kind: &'static str,
+        /// The text given.
+        text: String,
+    },
     /// Outside the accepted range.
     #[error("{what}: {value} is out of range: {why}")]
     Range {
@@ -74,6 +84,9 @@ const SIZE_FORMS: &str =
 pub fn parse_size(what: &'static str, text: &str) -> Result<u64, UnitError> {
     let syntax = || UnitError::Syntax { what, text: text.to_owned(), expected: SIZE_FORMS };
     let t = text.trim();
+    if t.starts_with('-') {
+        return Err(UnitError::Negative { what, kind: "size", text: text.to_owned() });
+    }
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
     if num.is_empty() {
@@ -129,6 +142,9 @@ const RATE_FORMS: &str = "a rate such as 64MiB/s, 64M, 512K/s or 20000pages/s (s
 pub fn parse_rate(what: &'static str, text: &str) -> Result<Rate, UnitError> {
     let syntax = || UnitError::Syntax { what, text: text.to_owned(), expected: RATE_FORMS };
     let lower = text.trim().to_ascii_lowercase();
+    if lower.starts_with('-') {
+        return Err(UnitError::Negative { what, kind: "rate", text: text.to_owned() });
+    }
     let body = lower.strip_suffix("/s").or_else(|| lower.strip_suffix("ps")).unwrap_or(&lower).trim();
     for unit in ["pages", "page", "p"] {
         if let Some(num) = body.strip_suffix(unit) {
@@ -136,7 +152,11 @@ pub fn parse_rate(what: &'static str, text: &str) -> Result<Rate, UnitError> {
             if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(syntax());
             }
-            let pages = num.parse().map_err(|_| UnitError::Overflow { what, text: text.to_owned() })?;
+            let pages: u64 = num.parse().map_err(|_| UnitError::Overflow { what, text: text.to_owned() })?;
+            // Every rate is also used in bytes: it must stay countable in bytes per second.
+            if pages.checked_mul(PAGE_SIZE).is_none() {
+                return Err(UnitError::Overflow { what, text: text.to_owned() });
+            }
             return Ok(Rate { pages_per_sec: pages });
         }
     }
@@ -237,7 +257,10 @@ mod tests {
 
     #[test]
     fn sizes_reject_garbage_and_overflow() {
-        for text in ["", "M", "-1", "1.5G", "12X", "1 G B", "0x100"] {
+        for text in ["-1", "-1G", " -4096"] {
+            assert!(matches!(parse_size("s", text), Err(UnitError::Negative { .. })), "{text}");
+        }
+        for text in ["", "M", "1.5G", "12X", "1 G B", "0x100"] {
             assert!(matches!(parse_size("s", text), Err(UnitError::Syntax { .. })), "{text}");
         }
         assert!(matches!(parse_size("s", "99999999999999999999"), Err(UnitError::Overflow { .. })));
@@ -257,6 +280,9 @@ mod tests {
         for bad in ["", "/s", "pages/s", "fast", "1.5M/s", "-3p/s"] {
             assert!(pps(bad).is_err(), "{bad}");
         }
+        // Rates are used in bytes too: one whose byte count overflows u64 is refused.
+        assert!(matches!(parse_rate("r", "18446744073709551615p/s"), Err(UnitError::Overflow { .. })));
+        assert_eq!(pps("4503599627370495p/s"), Ok(u64::MAX / PAGE_SIZE));
     }
 
     #[test]

@@ -60,7 +60,7 @@ fn i5_bad_arguments_exit_non_zero_with_a_message() {
         (&["migrate", "--memory", "1.5G"], "memory"),
         (&["migrate", "--memory", "99999999999999999999"], "too large"),
         (&["migrate", "--memory", "4K"], "--memory"),
-        (&["migrate", "--memory", "64G"], "--memory"),
+        (&["migrate", "--memory", "64G"], "--memory 64 GiB: the guest and the loopback destination's copy"),
         (&["migrate", "--memory", "4097"], "--memory"),
         (&["migrate", "--backend", "mock", "--memory", "4G"], "on the mock"),
         (&["migrate", "--vcpus", "0"], "vcpus"),
@@ -78,6 +78,21 @@ fn i5_bad_arguments_exit_non_zero_with_a_message() {
         (&["receive", "--listen", "127.0.0.1:0", "--max-memory", "lots"], "max-memory"),
         (&["dirty-rate", "--window-ms", "0"], "window-ms"),
         (&["frobnicate"], "frobnicate"),
+        (&["migrate", "--memory", "-1"], "a negative size"),
+        (&["migrate", "--memory", "-1G"], "a negative size"),
+        (&["receive", "--listen", "127.0.0.1:0", "--max-memory", "-5"], "a negative size"),
+        (&["migrate", "--bandwidth", "18446744073709551615p/s"], "too large"),
+        (&["migrate", "--bandwidth", "-1M"], "a negative rate"),
+        (&["migrate", "--bandwidth", "1p/s"], "at least 64 pages/s"),
+        (
+            &["migrate", "--dirty-limit", "off", "--vcpu-dirty-limit", "1p/s"],
+            "conflicts with --dirty-limit off",
+        ),
+        (&["migrate", "--dirty-rate", "1p/s"], "at least 128 pages/s with 2 vCPUs"),
+        (&["dirty-rate", "--dirty-rate", "1p/s", "--vcpus", "3"], "at least 192 pages/s with 3 vCPUs"),
+        (&["migrate", "--backend", "kvm", "--memory", "600G"], "508 GiB"),
+        (&["migrate", "--backend", "kvm", "--memory", "400G"], "MemAvailable"),
+        (&["dirty-rate", "--backend", "kvm", "--memory", "400G"], "MemAvailable"),
     ];
     for (args, want) in cases {
         let out = run(args);
@@ -98,5 +113,5 @@ fn i5_unreachable_destination_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{}", both(&out));
     assert!(stderr.contains(&format!("destination {to}: connecting")), "{stderr}");
-    assert!(stderr.contains("still running"), "{stderr}");
+    assert!(stderr.contains("kept running after the failure"), "{stderr}");
 }

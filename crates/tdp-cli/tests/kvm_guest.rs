@@ -41,7 +41,16 @@ fn i4_every_written_page_is_harvested_in_every_mode() {
         };
         let mut g = KvmGuest::start(cfg).expect("a KVM guest");
         let mut harvested = PendingSet::new(g.pages());
-        g.run_for(Duration::from_millis(200), &mut harvested).expect("harvests");
+        // Run until the rings have filled (or a generous deadline passes): on a busy machine the vCPU
+        // threads may get little CPU in any fixed window.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            g.run_for(Duration::from_millis(200), &mut harvested).expect("harvests");
+            let exits: u64 = g.figures().iter().map(|f| f.ring_full_exits).sum();
+            if mode != Mode::Ring || exits > 0 || std::time::Instant::now() > deadline {
+                break;
+            }
+        }
         g.pause().expect("pause");
         g.harvest(&mut harvested).expect("final harvest");
         let written = written_pages(&g);

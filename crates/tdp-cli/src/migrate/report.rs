@@ -90,6 +90,9 @@ pub enum FailureCause {
     /// The source guest failed.
     #[error("source guest: {0}")]
     Guest(#[from] GuestError),
+    /// SIGINT or SIGTERM asked the command to stop.
+    #[error("interrupted by {}", .0.name())]
+    Interrupted(crate::signals::Signal),
 }
 
 /// Hooks the loop reports to (the progress bar).
@@ -98,6 +101,11 @@ pub trait Progress {
     fn round(&mut self, r: &RoundReport, pending: u64);
     /// Something worth a line (throttle changes, stop-and-copy).
     fn note(&mut self, text: &str);
+    /// `done` of the `total` pages of round `round` are sent (called after each run, for a live
+    /// display; the default ignores it).
+    fn sent(&mut self, round: u32, done: u64, total: u64) {
+        let _ = (round, done, total);
+    }
 }
 
 /// A [`Progress`] that ignores everything.

@@ -105,6 +105,14 @@ impl Read for Breaks {
         self.inner.read(buf)
     }
 }
+impl crate::deadline::Timeouts for Breaks {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_read_timeout(t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+}
 impl Write for Breaks {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if buf.len() > self.budget {
@@ -124,13 +132,7 @@ fn receiver() -> (
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let cfg = ReceiverConfig {
-        max_memory: 1 << 30,
-        exit_after_rounds: None,
-        drop_after_rounds: None,
-        corrupt_page: None,
-        idle_timeout: Duration::from_secs(10),
-    };
+    let cfg = ReceiverConfig { idle_timeout: Duration::from_secs(10), ..ReceiverConfig::new(1 << 30) };
     let t = std::thread::spawn(move || accept_and_serve(&listener, cfg));
     (addr, t)
 }
@@ -154,6 +156,7 @@ fn connector(
             peer: addr.to_string(),
             op: "connecting".into(),
             cause: e.to_string(),
+            timed_out: false,
         })?;
         Ok(Link::new(Breaks { inner, budget }, addr.to_string(), None))
     }
@@ -186,7 +189,7 @@ fn i4_pages_of_a_failed_round_stay_pending() {
     let mut link = Link::new(Breaks { inner: stream, budget: 20 * PAGE_SIZE + 200 }, "test".into(), None);
     link.hello(64, 1, false).unwrap();
     let before = pending.clone();
-    let err = send_round(&guest, &mut link, &mut pending, 1).unwrap_err();
+    let err = send_round(&guest, &mut link, &mut pending, 1, &mut Silent).unwrap_err();
     assert!(err.to_string().contains("sending pages of round 1"), "{err}");
     assert_eq!(pending, before, "every page of the failed round, sent or not, is still owed");
 }

@@ -105,3 +105,19 @@ fn random_bytes_never_panic() {
         while Message::read_from(&mut r).is_ok() {}
     }
 }
+
+#[test]
+fn i5_an_error_text_of_invalid_utf8_decodes_to_what_encodes_unchanged() {
+    // 1024 invalid bytes become 1024 replacement characters (3 bytes each) when decoded.
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&(1 + 2 + MAX_ERROR_TEXT as u32).to_le_bytes());
+    frame.push(8);
+    frame.extend_from_slice(&1u16.to_le_bytes());
+    frame.extend(std::iter::repeat_n(0xff, MAX_ERROR_TEXT));
+    let m = Message::read_from(&mut frame.as_slice()).expect("a valid Error frame");
+    let Message::Error { text, .. } = &m else { panic!("{m:?}") };
+    assert!(text.len() <= MAX_ERROR_TEXT, "{}", text.len());
+    let mut buf = Vec::new();
+    m.encode(&mut buf);
+    assert_eq!(Message::read_from(&mut buf.as_slice()).expect("re-decodes"), m);
+}

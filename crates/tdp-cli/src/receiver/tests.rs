@@ -1,15 +1,12 @@
 //! Receiver tests over scripted streams: a session applies pages and digests them; bad sessions are
-//! refused with an `Error` frame; a lost connection keeps the session for a resumption.
+//! refused with an `Error` frame; a lost connection keeps the session for a resumption. (The server
+//! around `serve`, which keeps serving after a refused connection, is tested in another process by
+//! `tests/receiver_server.rs`.)
 
 use super::*;
 
-const CFG: ReceiverConfig = ReceiverConfig {
-    max_memory: 1 << 20,
-    exit_after_rounds: None,
-    drop_after_rounds: None,
-    corrupt_page: None,
-    idle_timeout: Duration::from_secs(5),
-};
+const CFG: ReceiverConfig =
+    ReceiverConfig { idle_timeout: Duration::from_secs(5), ..ReceiverConfig::new(1 << 20) };
 
 /// A duplex stand-in: reads a scripted input, collects what the receiver writes.
 struct Script {
@@ -19,6 +16,14 @@ struct Script {
 impl Read for Script {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.input.read(buf)
+    }
+}
+impl crate::deadline::Timeouts for Script {
+    fn set_read_timeout(&self, _: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_write_timeout(&self, _: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
     }
 }
 impl Write for Script {
@@ -156,10 +161,50 @@ fn i5_a_stray_connection_does_not_end_a_held_session() {
 }
 
 #[test]
-fn i5_garbage_before_any_session_fails_the_receiver() {
+fn i5_garbage_is_refused_and_creates_no_session() {
     let mut garbage = Script { input: std::io::Cursor::new(vec![0xff; 16]), output: Vec::new() };
     let mut session = None;
     let e = serve(&mut garbage, "stray".into(), CFG, &mut session).expect_err("garbage is refused");
     assert!(e.to_string().contains("bad frame length"), "{e}");
     assert!(session.is_none());
+}
+
+#[test]
+fn i5_a_round_number_at_u32_max_is_refused_not_wrapped() {
+    let (r, replies) = run(&[hello(4), Message::RoundEnd { round: u32::MAX, pages: 0 }]);
+    let err = r.expect_err("refused").to_string();
+    assert!(err.contains("round number 4294967295"), "{err}");
+    assert!(replies.iter().any(|m| matches!(m, Message::Error { .. })), "{replies:?}");
+}
+
+#[test]
+fn i5_page_runs_at_the_end_of_u64_are_refused() {
+    let data = vec![1u8; PAGE_SIZE];
+    for first in [u64::MAX, u64::MAX / PAGE_SIZE as u64, 4] {
+        let (r, _) = run(&[hello(4), Message::Pages { first, data: data.clone() }]);
+        assert!(r.expect_err("refused").to_string().contains("outside"), "{first}");
+    }
+}
+
+#[test]
+fn i5_the_source_text_is_escaped() {
+    let text = "\x1b]0;pwned\x07\r\nerror: fake line".to_owned();
+    let (r, _) = run(&[hello(4), Message::Error { code: 4, text }]);
+    let err = r.expect_err("the source aborted").to_string();
+    assert!(!err.chars().any(char::is_control), "{err:?}");
+    assert!(err.contains("\\u{1b}]0;pwned\\u{7}\\r\\nerror: fake line"), "{err}");
+}
+
+#[test]
+fn i5_memory_the_host_cannot_give_is_refused_with_the_figure() {
+    // Far more than any host has available (1 PiB), below the configured limit.
+    let cfg = ReceiverConfig::new(u64::MAX);
+    let o = Opening { session: 1, pages: 1 << 38, resume: false };
+    let CannotHold(why) = Session::open(&o, 0).expect_err("refused");
+    assert!(why.contains("MemAvailable"), "{why}");
+    let mut s = Script { input: std::io::Cursor::new(frames(&[hello(1 << 38)])), output: Vec::new() };
+    let e = serve(&mut s, "test".into(), cfg, &mut None).expect_err("refused");
+    assert!(e.to_string().contains("more than this host has available"), "{e}");
+    let mut out = s.output.as_slice();
+    assert!(matches!(Message::read_from(&mut out), Ok(Message::Error { code: 3, .. })));
 }
