@@ -23,12 +23,14 @@
 //! - [`report`]: rows, the table, the JSON file, the metadata accounting and the targets.
 //! - [`targets`]: the dirty-tracking targets, judged from the rows.
 
+pub mod aging;
 pub mod floor;
 pub mod harvest;
 pub mod host;
 pub mod kvm;
 pub mod logging;
 pub mod ours;
+pub mod parallel;
 pub mod peer;
 pub mod plot;
 pub mod report;

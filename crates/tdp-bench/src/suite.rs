@@ -69,14 +69,16 @@ pub fn arena_pages(pages: u64, level: Level) -> usize {
 }
 
 /// The groups of comparisons, by the name `--only` takes.
-pub const GROUPS: [&str; 11] = [
+pub const GROUPS: [&str; 13] = [
     "fault_4k",
+    "fault_4k_parallel",
     "fault_2m",
     "zap_range",
     "zap_all",
     "metadata",
     "ring",
     "enable_logging",
+    "aging",
     "harvest",
     "kvm_harvest",
     "kvm_dirtying",
@@ -95,12 +97,14 @@ pub fn run(cfg: &Config, only: impl Fn(&str) -> bool, mut progress: impl FnMut(&
     let mut out = Outcome::default();
     let groups: [(&str, &str, Measure); GROUPS.len()] = [
         ("fault_4k", "4 KiB faults in a fresh table vs x86_64 map_to", fault_4k),
+        ("fault_4k_parallel", "4 KiB faults from one and two threads (scaling)", crate::parallel::measure),
         ("fault_2m", "2 MiB faults vs x86_64 map_to (2 MiB pages)", fault_2m),
         ("zap_range", "zap of 1 GiB of 4 KiB leaves vs x86_64 unmap and sweeps", zap_range),
         ("zap_all", "zap_all teardown of a 1 GiB tree vs x86_64 unmap + clean_up", zap_all),
         ("metadata", "metadata per table page", |_, out| metadata(out)),
         ("ring", "dirty ring push + harvest + reset vs rtrb push + pop", ring::measure),
         ("enable_logging", "enable-logging pass over 1, 16 GiB of 4K leaves vs sweeps", logging::measure),
+        ("aging", "aging pass over 1 GiB of 4K leaves (young, then idle) vs sweeps", crate::aging::measure),
         ("harvest", "harvest of 1000 dirty pages vs memory size: ring vs bitmap", |cfg, out| {
             let series = harvest::measure(cfg, out);
             out.harvest = Some(series);
