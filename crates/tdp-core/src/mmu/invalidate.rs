@@ -24,9 +24,28 @@ use crate::sync::{AtomicU64, Ordering};
 use super::ExclusiveMmu;
 use crate::host::Host;
 
-/// The invalidation state of one VM.
+/// The invalidation state of one VM: the sequence count, the depth and the range (KVM's
+/// `mmu_invalidate_seq`, `mmu_invalidate_in_progress` and `mmu_invalidate_range_start/end`).
+///
+/// An [`super::Mmu`] keeps one and drives it from [`ExclusiveMmu::invalidate_range_start`] / `end` and
+/// its fault path; it is public so that its protocol can be model-checked on its own (the loom model in
+/// `tests/loom_invalidation.rs`). [`Invalidation::begin`] and [`Invalidation::end`] are called under the
+/// MMU's write lock, [`Invalidation::must_retry`] under either side, [`Invalidation::snapshot`] with no
+/// lock, before the host translation it guards.
+///
+/// ```
+/// use tdp_core::addr::Gfn;
+/// use tdp_core::mmu::Invalidation;
+/// let inv = Invalidation::new();
+/// let seq = inv.snapshot();
+/// inv.begin(Gfn(8), Gfn(16)).unwrap();
+/// assert!(inv.must_retry(seq, Gfn(9)) && !inv.must_retry(seq, Gfn(20)));
+/// inv.end().unwrap();
+/// assert!(inv.must_retry(seq, Gfn(20)), "any end since the snapshot retries");
+/// assert!(!inv.must_retry(inv.snapshot(), Gfn(9)));
+/// ```
 #[derive(Debug)]
-pub(super) struct Invalidation {
+pub struct Invalidation {
     /// Bumped by every `invalidate_range_end` (KVM's `mmu_invalidate_seq`).
     seq: AtomicU64,
     /// Invalidations started and not yet ended (KVM's `mmu_invalidate_in_progress`).
@@ -53,8 +72,16 @@ pub enum InvalidateError {
     },
 }
 
+impl Default for Invalidation {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Invalidation {
-    pub(super) const fn new() -> Self {
+    /// Nothing in progress, sequence count 0.
+    #[must_use]
+    pub fn new() -> Self {
         Invalidation {
             seq: AtomicU64::new(0),
             in_progress: AtomicU64::new(0),
@@ -66,14 +93,16 @@ impl Invalidation {
     /// The sequence count, read by a fault before it translates (KVM's `mmu_seq = kvm->mmu_invalidate_seq;
     /// smp_rmb()`). Acquire pairs with the Release bump in `end`.
     #[inline]
-    pub(super) fn snapshot(&self) -> u64 {
+    #[must_use]
+    pub fn snapshot(&self) -> u64 {
         self.seq.load(Ordering::Acquire)
     }
 
     /// KVM's `mmu_invalidate_retry_gfn`: whether a fault on `gfn` that read `seq` before translating must
     /// retry. Called under the MMU lock (either side).
     #[inline]
-    pub(super) fn must_retry(&self, seq: u64, gfn: Gfn) -> bool {
+    #[must_use]
+    pub fn must_retry(&self, seq: u64, gfn: Gfn) -> bool {
         // Relaxed: written under the write lock, read under the read lock; the lock orders them.
         if self.in_progress.load(Ordering::Relaxed) != 0
             && gfn.0 >= self.start.load(Ordering::Relaxed)
@@ -85,15 +114,59 @@ impl Invalidation {
     }
 
     /// Whether an invalidation covering `gfn` is in progress now (for pre-fault, which stops there).
-    pub(super) fn in_progress_at(&self, gfn: Gfn) -> bool {
+    #[must_use]
+    pub fn in_progress_at(&self, gfn: Gfn) -> bool {
         self.in_progress.load(Ordering::Relaxed) != 0
             && gfn.0 >= self.start.load(Ordering::Relaxed)
             && gfn.0 < self.end.load(Ordering::Relaxed)
     }
 
     /// Invalidations in progress.
-    pub(super) fn depth(&self) -> u64 {
+    #[must_use]
+    pub fn depth(&self) -> u64 {
         self.in_progress.load(Ordering::Relaxed)
+    }
+
+    /// Records an invalidation of `[start, end)` in progress (KVM's `kvm_mmu_invalidate_begin` and
+    /// `kvm_mmu_invalidate_range_add`): the range becomes the union of those in progress. Under the MMU
+    /// write lock; the caller then zaps the range and flushes.
+    ///
+    /// # Errors
+    /// [`InvalidateError::EmptyRange`] when `end <= start`; nothing changed.
+    pub fn begin(&self, start: Gfn, end: Gfn) -> Result<(), InvalidateError> {
+        if end <= start {
+            return Err(InvalidateError::EmptyRange { start, end });
+        }
+        // Relaxed: the write lock orders these against every reader (faults read them under the lock).
+        let depth = self.in_progress.load(Ordering::Relaxed);
+        if depth == 0 {
+            self.start.store(start.0, Ordering::Relaxed);
+            self.end.store(end.0, Ordering::Relaxed);
+        } else {
+            self.start.store(start.0.min(self.start.load(Ordering::Relaxed)), Ordering::Relaxed);
+            self.end.store(end.0.max(self.end.load(Ordering::Relaxed)), Ordering::Relaxed);
+        }
+        // A saturating add keeps even a runaway host from wrapping the count back to "nothing in progress".
+        self.in_progress.store(depth.saturating_add(1), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends the innermost invalidation (KVM's `kvm_mmu_invalidate_end`): bumps the sequence count, so
+    /// that every fault that read it before retries, then drops the depth. Under the MMU write lock.
+    ///
+    /// # Errors
+    /// [`InvalidateError::NotStarted`] when none is in progress; nothing changed.
+    pub fn end(&self) -> Result<(), InvalidateError> {
+        let depth = self.in_progress.load(Ordering::Relaxed);
+        let Some(depth) = depth.checked_sub(1) else {
+            return Err(InvalidateError::NotStarted);
+        };
+        // Release: a fault that reads the new count (Acquire, before translating) sees the host's new
+        // mapping, which the host changed before calling this. The bump comes before the depth drops,
+        // as KVM's smp_wmb() orders them, for readers outside the lock.
+        self.seq.fetch_add(1, Ordering::Release);
+        self.in_progress.store(depth, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -141,22 +214,7 @@ impl<H: Host, R: lock_api::RawRwLock> ExclusiveMmu<'_, H, R> {
         start: Gfn,
         end: Gfn,
     ) -> Result<(), InvalidateError> {
-        if end <= start {
-            return Err(InvalidateError::EmptyRange { start, end });
-        }
-        let inv = &self.mmu.invalidation;
-        // Relaxed: the write lock orders these against every reader (faults read them under the lock).
-        let depth = inv.in_progress.load(Ordering::Relaxed);
-        if depth == 0 {
-            inv.start.store(start.0, Ordering::Relaxed);
-            inv.end.store(end.0, Ordering::Relaxed);
-        } else {
-            inv.start.store(start.0.min(inv.start.load(Ordering::Relaxed)), Ordering::Relaxed);
-            inv.end.store(end.0.max(inv.end.load(Ordering::Relaxed)), Ordering::Relaxed);
-        }
-        // At most one start per call; u64 cannot overflow in practice, but a saturating add keeps even
-        // a runaway host from wrapping the count back to "nothing in progress".
-        inv.in_progress.store(depth.saturating_add(1), Ordering::Relaxed);
+        self.mmu.invalidation.begin(start, end)?;
         // The old host pages must be unreachable when this returns: zap and flush now (KVM flushes
         // before the notifier returns).
         self.zap_gfn_range(as_id, start, end).run(&self.mmu.host);
@@ -170,17 +228,7 @@ impl<H: Host, R: lock_api::RawRwLock> ExclusiveMmu<'_, H, R> {
     /// # Errors
     /// [`InvalidateError::NotStarted`] when no invalidation is in progress; nothing changed.
     pub fn invalidate_range_end(&mut self) -> Result<(), InvalidateError> {
-        let inv = &self.mmu.invalidation;
-        let depth = inv.in_progress.load(Ordering::Relaxed);
-        let Some(depth) = depth.checked_sub(1) else {
-            return Err(InvalidateError::NotStarted);
-        };
-        // Release: a fault that reads the new count (Acquire, before translating) sees the host's new
-        // mapping, which the host changed before calling this. The bump comes before the count drops,
-        // as KVM's smp_wmb() orders them, for readers outside the lock.
-        inv.seq.fetch_add(1, Ordering::Release);
-        inv.in_progress.store(depth, Ordering::Relaxed);
-        Ok(())
+        self.mmu.invalidation.end()
     }
 
     /// Invalidations in progress (for checkers and tests).

@@ -27,7 +27,7 @@ mod zap;
 
 pub use cache::{FaultCounters, PAGE_CACHE_CAPACITY, PageCache};
 pub use fault::{EmulateReason, FaultError, FaultOutcome};
-pub use invalidate::InvalidateError;
+pub use invalidate::{InvalidateError, Invalidation};
 pub use prefault::PreFaultError;
 pub use root::{RootInfo, RootRef};
 pub use stats::MmuStats;
@@ -45,7 +45,6 @@ use crate::memslot::{Memslot, MemslotSet, SlotError, SlotFlags};
 use crate::spte::SpteFormat;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
-use invalidate::Invalidation;
 use root::RootList;
 use stats::Stats;
 
