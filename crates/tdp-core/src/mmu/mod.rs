@@ -6,7 +6,7 @@
 //! only with compare-exchange and retry, [`Mmu::write`] an [`ExclusiveMmu`] for memslot changes, zaps
 //! and teardown.
 //!
-//! Keeps: I1 (a leaf never allows more than its memslot: [`SharedMmu::page_fault`]), I2 (tables removed
+//! Keeps: I1 (a leaf never allows more than its memslot: [`Mmu::handle_fault`]), I2 (tables removed
 //! from a tree are frozen entry by entry and freed deferred: `spte_ops`), I3 (every operation that can
 //! leave a stale translation flushes or returns a [`Flush`]).
 
