@@ -392,6 +392,12 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         for (i, entry) in entries.iter().enumerate() {
             let old = entry.load(Ordering::Relaxed);
             entry.store(old & !clear, Ordering::Relaxed);
+            // The bulk path's share of `handle_changed_spte`'s debug check (nothing in release builds).
+            debug_assert!(
+                self.format().check(Spte(old & !clear), Level::L1).is_ok(),
+                "{:?}",
+                Spte(old & !clear)
+            );
             // A leaf that stays a leaf: no statistics change, only the event (free for a host without
             // events: the default method is empty and the loop compiles to the ANDs).
             let gfn = Gfn(first.0 + i as u64);
@@ -427,6 +433,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
                 old
             };
             changed = true;
+            debug_assert!(fmt.check(Spte(old & !clear), Level::L1).is_ok(), "{:?}", Spte(old & !clear));
             // A leaf that stays a leaf: no statistics change, only the event.
             let gfn = Gfn(first.0 + i as u64);
             self.host.spte_changed(as_id, gfn, Level::L1, Spte(old), Spte(old & !clear));

@@ -137,6 +137,16 @@ impl LeafTemplates {
     }
 }
 
+/// A fault once the host has translated it: its memslot (the vCPU's copy), gfn, host page and whether
+/// it is a write.
+#[derive(Clone, Copy, Debug)]
+struct Translated<'s> {
+    slot: &'s Memslot,
+    gfn: Gfn,
+    host: HostPage,
+    write: bool,
+}
+
 /// What a fault installs: `spte` at `level` on `gfn`'s path in `as_id`.
 #[derive(Clone, Copy, Debug)]
 struct Target {
@@ -219,7 +229,8 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if shared.slots.generation() != copied_at || self.invalidation.must_retry(seq, gfn) {
             return Ok(FaultOutcome::Retry);
         }
-        Ok(shared.map_translated(&mut vcpu.cache, root, &slot, gfn, host, write, dirty))
+        let translated = Translated { slot: &slot, gfn, host, write };
+        Ok(shared.map_translated(&mut vcpu.cache, root, translated, dirty))
     }
 
     /// Whether the fast path may fix `fault` (KVM's `page_fault_can_be_fast`): a write on a present
@@ -266,18 +277,15 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
 
     /// Installs the leaf for a translated fault: the common case (a writable 4 KiB leaf) straight
     /// through, the rest out of line.
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn map_translated(
         &self,
         cache: &mut PageCache,
         root: &RootRef,
-        slot: &Memslot,
-        gfn: Gfn,
-        host: HostPage,
-        write: bool,
+        translated: Translated<'_>,
         dirty: &mut dyn DirtySink,
     ) -> FaultOutcome {
+        let Translated { slot, gfn, host, write } = translated;
         let mmu = self.mmu;
         // Keeps every table the walk below can reach allocated until the fault returns.
         let _walk = mmu.host.begin_walk();

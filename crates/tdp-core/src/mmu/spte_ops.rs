@@ -1,6 +1,14 @@
 //! Changing SPTEs: the compare-exchange setter for the shared lock, the exclusive setter for the write
 //! lock, and `handle_changed_spte`, the bookkeeping every change goes through.
 //!
+//! Every change of a live SPTE goes through the two setters, except three documented bulk paths that
+//! skip `handle_changed_spte` because they change no statistics and free nothing, and that still run
+//! [`crate::spte::SpteFormat::check`] on the new value in debug builds and emit the same `spte_changed`
+//! event: the enable-logging and re-protect passes over tables of 4 KiB leaves (`dirty_log.rs`:
+//! `clear_ready`, `protect_leaves_one_by_one`), the fast path (`fast_path.rs`) and aging (`age.rs`), the
+//! last two lock-free compare-exchanges. (Filling a private table before it is linked, in a split, is
+//! not a change of a live SPTE: nothing can see it until the linking compare-exchange, which is one.)
+//!
 //! Keeps: I2. When a non-leaf SPTE stops pointing to its table, the table is removed: each of its
 //! entries is frozen (exchanged with the frozen value, so a racing compare-exchange on it fails and its
 //! writer retries), each child is handled in turn (recursively for subtables), and the page goes to
