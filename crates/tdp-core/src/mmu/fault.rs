@@ -173,21 +173,21 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         fault: Fault,
         dirty: &mut dyn DirtySink,
     ) -> Result<FaultOutcome, FaultError> {
+        // The root's validity is checked under the lock below (an invalid root only costs this fault a
+        // translation), and by each path that takes the lock earlier.
         let Some(root) = vcpu.root.as_ref() else {
             return Ok(FaultOutcome::ReloadRoot);
         };
-        if !root.is_valid() {
-            return Ok(FaultOutcome::ReloadRoot);
-        }
         let as_id = root.as_id();
         let gfn = fault.gpa.gfn();
         // Beyond what the tables can map (`max_gfn`) a gfn has no memslot (every slot ends at or below
         // it), and nothing may be cached for it: the access is emulated every time.
-        if gfn >= self.config.max_gfn() {
+        if gfn >= self.max_gfn {
             return Ok(FaultOutcome::Emulate(EmulateReason::Mmio));
         }
         let write = fault.access == AccessKind::Write;
-        if fault.kind == FaultKind::Misconfig || self.may_be_fast(fault) {
+        // One test for the common case (a violation on a non-present entry, with A/D bits).
+        if fault.kind != (FaultKind::Violation { present: false }) || self.fast_on_any_violation {
             let shared = self.read();
             if let Some(outcome) =
                 shared.fault_before_translation(root, &mut vcpu.slot.index, fault, dirty)?
@@ -196,24 +196,22 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
             }
         }
         let seq = self.invalidation.snapshot();
-        let generation = self.slots_generation.load(Ordering::Acquire);
-        let slot = match vcpu.slot.get(as_id, gfn, generation) {
-            Some(slot) => slot,
-            None => {
-                let shared = self.read();
-                let Some(slot) = shared.slots.find_hinted(as_id, gfn, &mut vcpu.slot.index).copied() else {
-                    return Ok(shared.no_slot_fault(&mut vcpu.cache, root, gfn));
-                };
-                vcpu.slot.copy = Some((slot, shared.slots.generation()));
-                slot
-            }
-        };
+        let mut generation = self.slots_generation.load(Ordering::Acquire);
+        if !vcpu.slot.covers(as_id, gfn, generation) {
+            let shared = self.read();
+            let Some(slot) = shared.slots.find_hinted(as_id, gfn, &mut vcpu.slot.index).copied() else {
+                return Ok(shared.no_slot_fault(&mut vcpu.cache, root, gfn));
+            };
+            generation = shared.slots.generation();
+            vcpu.slot.set(slot, generation);
+        }
+        let slot = &vcpu.slot.slot;
         if write && !slot.is_writable() {
             return Ok(FaultOutcome::Emulate(EmulateReason::ReadOnlySlot));
         }
         // Without the MMU lock: the host may block here (swap-in, copy-on-write). Invalidations that
         // overlap this translation are caught below.
-        let host = self.host.translate(&slot, gfn, write)?;
+        let host = self.host.translate(slot, gfn, write)?;
         if write && !host.writable {
             return Err(HostFaultError::ReadOnly { gfn }.into());
         }
@@ -223,27 +221,11 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if !root.is_valid() {
             return Ok(FaultOutcome::ReloadRoot);
         }
-        let Some((_, copied_at)) = vcpu.slot.copy else {
-            return Ok(FaultOutcome::Retry);
-        };
-        if shared.slots.generation() != copied_at || self.invalidation.must_retry(seq, gfn) {
+        if shared.slots.generation() != generation || self.invalidation.must_retry(seq, gfn) {
             return Ok(FaultOutcome::Retry);
         }
-        let translated = Translated { slot: &slot, gfn, host, write };
+        let translated = Translated { slot, gfn, host, write };
         Ok(shared.map_translated(&mut vcpu.cache, root, translated, dirty))
-    }
-
-    /// Whether the fast path may fix `fault` (KVM's `page_fault_can_be_fast`): a write on a present
-    /// leaf (write-protected for dirty logging), or, without A/D bits, any violation, which may be an
-    /// access-tracked leaf.
-    #[inline]
-    fn may_be_fast(&self, fault: Fault) -> bool {
-        match fault.kind {
-            FaultKind::Violation { present } => {
-                (present && fault.access == AccessKind::Write) || !self.config.format.has_accessed_dirty()
-            }
-            FaultKind::Misconfig => false,
-        }
     }
 }
 

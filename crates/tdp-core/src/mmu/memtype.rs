@@ -14,14 +14,11 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
     /// VM's non-coherent-DMA state ([`crate::spte::SpteFormat::memtype_bits`]).
     #[inline]
     pub(super) fn memtype_bits(&self, memory: HostMemory) -> u64 {
-        let fmt = &self.config.format;
         match memory {
-            HostMemory::Ram => {
-                // Relaxed: changed under the write lock, which then zaps every leaf; read under the read lock.
-                let coherent = !self.noncoherent_dma.load(Ordering::Relaxed);
-                fmt.memtype_bits(MemType::WriteBack, coherent)
-            }
-            HostMemory::Device => fmt.memtype_bits(MemType::Uncacheable, false),
+            // Relaxed: changed under the write lock, which then invalidates every root; read under the
+            // read lock.
+            HostMemory::Ram => self.ram_memtype.load(Ordering::Relaxed),
+            HostMemory::Device => self.device_memtype,
         }
     }
 
@@ -70,6 +67,19 @@ impl<H: Host, R: lock_api::RawRwLock> ExclusiveMmu<'_, H, R> {
         if self.mmu.noncoherent_dma.swap(noncoherent, Ordering::Relaxed) == noncoherent {
             return crate::flush::Flush::none();
         }
+        self.mmu.ram_memtype.store(ram_bits(self.mmu.format(), noncoherent), Ordering::Relaxed);
         self.invalidate_roots(None)
     }
+}
+
+/// The memory-type bits of a RAM leaf: write-back, the guest PAT ignored unless a device does
+/// non-coherent DMA.
+pub(super) fn ram_bits(fmt: &crate::spte::SpteFormat, noncoherent_dma: bool) -> u64 {
+    fmt.memtype_bits(MemType::WriteBack, !noncoherent_dma)
+}
+
+/// The memory-type bits of a device leaf: uncacheable, the guest PAT honoured (it can only make the type
+/// stronger).
+pub(super) fn device_bits(fmt: &crate::spte::SpteFormat) -> u64 {
+    fmt.memtype_bits(MemType::Uncacheable, false)
 }

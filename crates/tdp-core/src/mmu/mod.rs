@@ -134,6 +134,13 @@ pub struct Mmu<H: Host, R: RawRwLock = spin::RwLock<()>> {
     slots_generation: AtomicU64,
     /// The VM has a device doing non-coherent DMA: leaves then honour the guest's PAT (no EPT IPAT).
     noncoherent_dma: AtomicBool,
+    /// The memory-type bits of a RAM leaf now (they change with `noncoherent_dma`), and of a device leaf.
+    ram_memtype: AtomicU64,
+    device_memtype: u64,
+    /// `config.max_gfn()`, computed once for the fault path.
+    max_gfn: Gfn,
+    /// Without A/D bits any violation may hit an access-tracked leaf, which the fast path restores.
+    fast_on_any_violation: bool,
 }
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
@@ -161,6 +168,10 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             invalidation: Invalidation::new(),
             slots_generation: AtomicU64::new(0),
             noncoherent_dma: AtomicBool::new(false),
+            ram_memtype: AtomicU64::new(memtype::ram_bits(&config.format, false)),
+            device_memtype: memtype::device_bits(&config.format),
+            max_gfn: config.max_gfn(),
+            fast_on_any_violation: !config.format.has_accessed_dirty(),
         })
     }
 

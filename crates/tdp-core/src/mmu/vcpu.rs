@@ -51,22 +51,43 @@ pub struct VcpuMmu {
 }
 
 /// The memslot a vCPU faulted in last.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub(super) struct SlotHint {
     /// Index of the slot in the set, tried first by a lookup under the lock (KVM's `last_used_slot`).
     pub(super) index: usize,
-    /// A copy of the slot and the memslot generation it was copied at; valid while that generation is.
-    pub(super) copy: Option<(Memslot, u64)>,
+    /// A copy of the slot, valid while the memslot generation is `generation`.
+    pub(super) slot: Memslot,
+    /// The generation the copy was taken at; [`SlotHint::NONE`] before the first copy (no memslot set
+    /// reaches it: the generation counts changes).
+    generation: u64,
+}
+
+impl Default for SlotHint {
+    fn default() -> Self {
+        Self::EMPTY
+    }
 }
 
 impl SlotHint {
-    /// The copied slot if it was copied at `generation` and covers `gfn` of `as_id`.
+    /// The generation of no copy.
+    const NONE: u64 = u64::MAX;
+    /// No copy yet.
+    pub(super) const EMPTY: SlotHint = SlotHint {
+        index: 0,
+        slot: Memslot::new(AsId(0), crate::addr::SlotId(0), Gfn(0), 0, 0, crate::memslot::SlotFlags::empty()),
+        generation: Self::NONE,
+    };
+
+    /// Whether the copy was taken at `generation` and covers `gfn` of `as_id`.
     #[inline]
-    pub(super) fn get(&self, as_id: AsId, gfn: Gfn, generation: u64) -> Option<Memslot> {
-        match self.copy {
-            Some((slot, at)) if at == generation && slot.as_id == as_id && slot.contains(gfn) => Some(slot),
-            _ => None,
-        }
+    pub(super) fn covers(&self, as_id: AsId, gfn: Gfn, generation: u64) -> bool {
+        self.generation == generation && self.slot.as_id == as_id && self.slot.contains(gfn)
+    }
+
+    /// Keeps a copy of `slot`, current at `generation`.
+    pub(super) fn set(&mut self, slot: Memslot, generation: u64) {
+        self.slot = slot;
+        self.generation = generation;
     }
 }
 
@@ -77,7 +98,7 @@ impl VcpuMmu {
         VcpuMmu {
             cache: PageCache::new(),
             counters: FaultCounters { fixed: 0, spurious: 0, retried: 0, emulated: 0 },
-            slot: SlotHint { index: 0, copy: None },
+            slot: SlotHint::EMPTY,
             root: None,
         }
     }
