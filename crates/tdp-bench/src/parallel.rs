@@ -92,7 +92,9 @@ impl TlbFlush for SyncHost {
 impl MmuYield for SyncHost {}
 impl MmuEvents for SyncHost {}
 
-/// Faults gfns `[start, end)` for write on `vcpu`; returns how many were not `Fixed`.
+/// Faults gfns `[start, end)` for write on `vcpu`, each until it is fixed (the threads share the upper
+/// tables, so a fault that loses the race to link one retries, as a vCPU re-executes); returns how many
+/// faults ended in anything else.
 fn fault_range(mmu: &Mmu<SyncHost>, vcpu: &mut VcpuMmu, start: u64, end: u64) -> u64 {
     let mut not_fixed = 0;
     for gfn in start..end {
@@ -102,9 +104,17 @@ fn fault_range(mmu: &Mmu<SyncHost>, vcpu: &mut VcpuMmu, start: u64, end: u64) ->
             access: AccessKind::Write,
             kind: FaultKind::Violation { present: false },
         };
-        not_fixed += u64::from(
-            mmu.handle_fault(vcpu, std::hint::black_box(fault), &mut ()) != Ok(FaultOutcome::Fixed),
-        );
+        let mut retries = 0u32;
+        loop {
+            match mmu.handle_fault(vcpu, std::hint::black_box(fault), &mut ()) {
+                Ok(FaultOutcome::Fixed) => break,
+                Ok(FaultOutcome::Retry) if retries < 1000 => retries += 1,
+                _ => {
+                    not_fixed += 1;
+                    break;
+                }
+            }
+        }
     }
     not_fixed
 }
