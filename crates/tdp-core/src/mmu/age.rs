@@ -85,44 +85,92 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
     }
 
     /// Ages (or, without `clear`, tests) the leaves of `[start, end)` in the tree at `root`.
+    ///
+    /// The walk stops at level 2: a table of 4 KiB leaves is scanned whole ([`Mmu::age_leaf_table`]),
+    /// one load and one test per entry, as the enable-logging pass does; huge leaves are aged where the
+    /// walk meets them.
     fn age_root(&self, root: crate::addr::Pfn, as_id: AsId, start: Gfn, end: Gfn, clear: bool) -> bool {
         let fmt = *self.format();
         let mut young = false;
         // The iterator holds a walk guard for as long as it walks: no table it can reach is reused.
-        let mut it = TdpIter::new(&self.host, &fmt, root, self.config.root_level, Level::L1, start, end);
+        let mut it = TdpIter::new(&self.host, &fmt, root, self.config.root_level, Level::L2, start, end);
         while it.valid() {
             let old = it.old_spte;
             let level = it.level();
-            let is_young = old.is_present()
-                && old.is_leaf(level)
-                && if fmt.has_accessed_dirty() { fmt.is_accessed(old) } else { !fmt.is_access_tracked(old) };
-            if !is_young {
-                it.next();
+            if let Some(table) = fmt.child_table(old, level).filter(|_| level == Level::L2) {
+                let base = it.gfn();
+                let lo = start.0.saturating_sub(base.0).min(512) as usize;
+                let hi = end.0.saturating_sub(base.0).min(512) as usize;
+                young |= self.age_leaf_table(table, as_id, base, lo..hi, clear);
+                if young && !clear {
+                    return true;
+                }
+            } else if old.is_present() && old.is_leaf(level) && self.is_young(old) {
+                young = true;
+                if !clear {
+                    return true;
+                }
+                self.age_entry(it.entry(), old, level, as_id, it.gfn());
+            }
+            it.next();
+        }
+        young
+    }
+
+    /// Ages (or tests) entries `range` of the table of 4 KiB leaves at `table`, whose first gfn is
+    /// `base`; returns whether any was young. The caller holds a walk guard.
+    fn age_leaf_table(
+        &self,
+        table: crate::addr::Pfn,
+        as_id: AsId,
+        base: Gfn,
+        range: core::ops::Range<usize>,
+        clear: bool,
+    ) -> bool {
+        let mut young = false;
+        for (i, entry) in self.host.table(table)[range.clone()].iter().enumerate() {
+            // Acquire, as the iterator's loads: pairs with the Release of whichever change installed it.
+            let old = Spte(entry.load(Ordering::Acquire));
+            if !(old.is_present() && self.is_young(old)) {
                 continue;
             }
             young = true;
             if !clear {
                 return true;
             }
-            let new = if fmt.has_accessed_dirty() {
-                clear_accessed(it.entry(), old, level, fmt.accessed_mask())
-            } else {
-                let tracked = fmt.access_tracked(old);
-                // Losing the race leaves the leaf as the winner made it: at worst young once more (KVM).
-                it.entry()
-                    .compare_exchange(old.0, tracked.0, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                    .then_some((old, tracked))
-            };
-            if let Some((was, now)) = new
-                && was != now
-            {
-                debug_assert!(fmt.check(now, level).is_ok(), "aging made {now:?}");
-                self.host.spte_changed(as_id, it.gfn(), level, was, now);
-            }
-            it.next();
+            let gfn = Gfn(base.0 + (range.start + i) as u64);
+            self.age_entry(entry, old, Level::L1, as_id, gfn);
         }
         young
+    }
+
+    /// Whether the present leaf `spte` was used since it was last aged.
+    #[inline]
+    fn is_young(&self, spte: Spte) -> bool {
+        let fmt = self.format();
+        if fmt.has_accessed_dirty() { fmt.is_accessed(spte) } else { !fmt.is_access_tracked(spte) }
+    }
+
+    /// Ages the young leaf `entry` (last read as `old`) at `level`, mapping from `gfn`: clears A, or makes
+    /// it access-tracked; emits the event.
+    fn age_entry(&self, entry: &crate::sync::AtomicU64, old: Spte, level: Level, as_id: AsId, gfn: Gfn) {
+        let fmt = self.format();
+        let new = if fmt.has_accessed_dirty() {
+            clear_accessed(entry, old, level, fmt.accessed_mask())
+        } else {
+            let tracked = fmt.access_tracked(old);
+            // Losing the race leaves the leaf as the winner made it: at worst young once more (KVM).
+            entry
+                .compare_exchange(old.0, tracked.0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+                .then_some((old, tracked))
+        };
+        if let Some((was, now)) = new
+            && was != now
+        {
+            debug_assert!(fmt.check(now, level).is_ok(), "aging made {now:?}");
+            self.host.spte_changed(as_id, gfn, level, was, now);
+        }
     }
 }
 

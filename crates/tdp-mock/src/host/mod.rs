@@ -261,22 +261,12 @@ impl MockHost {
     /// Makes the host mapping of `pfn` read-only (`true`) or writable again. A read-only page is mapped
     /// by the host at 4 KiB, and no huge host mapping covers it.
     pub fn set_host_readonly(&self, pfn: Pfn, readonly: bool) {
-        let mut set = lock(&self.0.readonly);
-        if readonly {
-            set.insert(pfn.0);
-        } else {
-            set.remove(&pfn.0);
-        }
+        set_member(&self.0.readonly, pfn, readonly);
     }
     /// Makes the host report frame `pfn` as device memory (`true`: a leaf mapping it is uncacheable) or
     /// RAM again.
     pub fn set_device_memory(&self, pfn: Pfn, device: bool) {
-        let mut set = lock(&self.0.device);
-        if device {
-            set.insert(pfn.0);
-        } else {
-            set.remove(&pfn.0);
-        }
+        set_member(&self.0.device, pfn, device);
     }
     /// What kind of memory frame `pfn` is.
     pub fn memory_kind(&self, pfn: Pfn) -> tdp_core::host::HostMemory {
@@ -466,5 +456,15 @@ impl MockHost {
 
     fn flushes_applied(&self) -> bool {
         !self.0.drop_flushes.load(Ordering::Relaxed)
+    }
+}
+
+/// Puts `pfn` into the frame set `set` (`member`) or takes it out.
+fn set_member(set: &std::sync::Mutex<BTreeSet<u64>>, pfn: Pfn, member: bool) {
+    let mut set = lock(set);
+    if member {
+        set.insert(pfn.0);
+    } else {
+        set.remove(&pfn.0);
     }
 }
