@@ -165,7 +165,15 @@ impl<S: Read + Write + Timeouts> Link<S> {
     pub fn hello(&mut self, pages: u64, session: u64, resume: bool) -> Result<bool, LinkError> {
         let hello = Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, pages, session, resume };
         self.send(&hello, "sending Hello")?;
-        match self.recv("waiting for Welcome")? {
+        let reply = self.recv("waiting for Welcome");
+        if reply.is_err()
+            && let Some(sig) = crate::signals::received()
+        {
+            // A signal cut the handshake short: the destination has opened the session, so tell it why
+            // the source is going away (the caller never gets a link to abort).
+            self.abort(&format!("interrupted by {}", sig.name()));
+        }
+        match reply? {
             Message::Welcome { version: VERSION, resumed, .. } => Ok(resumed),
             Message::Welcome { version, .. } => Err(self.fail(
                 "waiting for Welcome",

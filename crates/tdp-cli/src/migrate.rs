@@ -88,6 +88,8 @@ pub fn migrate<S: Read + Write + Timeouts>(
     match m.run(guest, connect, opts.policy, progress, &mut pending) {
         Ok(r) => Ok(r),
         Err(error) => {
+            // A signal is the cause of whatever failed after it arrived (a read it interrupted, say).
+            let error = crate::signals::received().map_or(error, FailureCause::Interrupted);
             if let Some(link) = &mut m.link {
                 link.abort(&error.to_string());
             }
