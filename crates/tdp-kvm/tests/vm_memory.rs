@@ -35,6 +35,36 @@ const RESTORED_ROUND: u64 = 3;
 const DEVICE_OFFSET: u64 = 2048;
 const DEVICE_MARK: u64 = 0xdead_0000;
 
+/// Registers `vm`'s data slot with `tracker` and returns the device's view of it: vm-memory over the
+/// slot's host memory, whose `VmmBitmap` is attached to the tracker. `vm` must outlive the view.
+fn device_view(
+    vm: &GuestVm,
+    tracker: &DirtyTracker,
+) -> Result<GuestMemoryMmap<VmmBitmap>, Box<dyn std::error::Error>> {
+    let region = vm.data_region();
+    let spec = SlotSpec::from_region(region.slot, region.guest_phys_addr, region.memory_size);
+    tracker.register_slot(spec)?;
+    let size = usize::try_from(region.memory_size)?;
+    // SAFETY: `userspace_addr..+size` is the data slot's mapping, owned by `vm`, which the caller keeps
+    // alive longer than the view; a raw-built region does not unmap it. The guest and the device access
+    // it concurrently only through volatile/atomic accesses, as with any guest memory.
+    let mmap = unsafe {
+        MmapRegion::<VmmBitmap>::build_raw(
+            region.userspace_addr as *mut u8,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+    }?;
+    let mem = GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(
+        mmap,
+        GuestAddress(region.guest_phys_addr),
+    )?])?;
+    let device_region = mem.find_region(GuestAddress(region.guest_phys_addr)).ok_or("no region")?;
+    tracker.attach_vmm_bitmap(spec.key(), device_region.bitmap())?;
+    Ok(mem)
+}
+
 fn offsets(sets: &DirtySets) -> BTreeSet<u64> {
     sets.iter().flat_map(|s| s.offsets().collect::<Vec<_>>()).collect()
 }
@@ -62,28 +92,7 @@ fn run(ring: bool) -> TestResult {
     };
     vm.set_dirty_logging(true)?;
     let region = vm.data_region();
-    let spec = SlotSpec::from_region(region.slot, region.guest_phys_addr, region.memory_size);
-    tracker.register_slot(spec)?;
-
-    // The device's view: vm-memory over the data slot's host memory, with a VmmBitmap per region.
-    let size = usize::try_from(region.memory_size)?;
-    // SAFETY: `userspace_addr..+size` is the data slot's mapping, owned by `vm`, which outlives `mem`
-    // (declared earlier, dropped later); a raw-built region does not unmap it. The guest and the device
-    // access it concurrently only through volatile/atomic accesses, as with any guest memory.
-    let mmap = unsafe {
-        MmapRegion::<VmmBitmap>::build_raw(
-            region.userspace_addr as *mut u8,
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-    }?;
-    let mem = GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(
-        mmap,
-        GuestAddress(region.guest_phys_addr),
-    )?])?;
-    let device_region = mem.find_region(GuestAddress(region.guest_phys_addr)).ok_or("no region")?;
-    tracker.attach_vmm_bitmap(spec.key(), device_region.bitmap())?;
+    let mem = device_view(&vm, &tracker)?;
 
     vm.set_workload(0, &Workload::new(0, PAGES, 48, Pattern::Random).with_tag(false))?;
     vm.set_iteration(1);
@@ -201,24 +210,7 @@ fn i4_device_writes_while_the_guest_runs_are_collected_exactly() -> TestResult {
     };
     vm.set_dirty_logging(true)?;
     let region = vm.data_region();
-    let spec = SlotSpec::from_region(region.slot, region.guest_phys_addr, region.memory_size);
-    tracker.register_slot(spec)?;
-    let size = usize::try_from(region.memory_size)?;
-    // SAFETY: as in `run`: the data slot's mapping, owned by `vm`, which outlives `mem`; not unmapped by it.
-    let mmap = unsafe {
-        MmapRegion::<VmmBitmap>::build_raw(
-            region.userspace_addr as *mut u8,
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-    }?;
-    let mem = GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(
-        mmap,
-        GuestAddress(region.guest_phys_addr),
-    )?])?;
-    let device_region = mem.find_region(GuestAddress(region.guest_phys_addr)).ok_or("no region")?;
-    tracker.attach_vmm_bitmap(spec.key(), device_region.bitmap())?;
+    let mem = device_view(&vm, &tracker)?;
     vm.set_workload(0, &Workload::new(0, PAGES, 64, Pattern::Random).with_tag(false))?;
     vm.set_iteration(1);
     let vcpu = vm.create_vcpus()?.pop().ok_or("no vCPU")?;

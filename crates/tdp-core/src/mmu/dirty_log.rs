@@ -315,9 +315,10 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
 
     /// What write protection clears in a 4 KiB leaf: [`Mmu::clear_bit`], plus the saved W of an
     /// access-tracked leaf (aging owes no flush, so a TLB may still hold the W it saved: clearing it
-    /// changes the leaf, and the change's flush removes that W).
+    /// changes the leaf, and the change's flush removes that W). Formats with A/D bits, which PML needs,
+    /// have no saved W: the bit is 0 there.
     fn clear_mask(&self) -> u64 {
-        self.clear_bit() | if self.config.pml { 0 } else { self.format().access_tracked_write_bit() }
+        self.clear_bit() | self.format().access_tracked_write_bit()
     }
 
     /// The bit the enable-logging pass clears in 4 KiB leaves: D with PML, else W.

@@ -280,6 +280,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             // L1 in a logged slot or when the host maps 4 KiB; see `goal_level`).
             let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype);
             debug_assert_eq!(self.goal_level(slot, gfn, host.pfn, host.level), Level::L1);
+            debug_assert_eq!(leaf, self.expected_leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype));
             let target = Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf };
             (self.map_from(cache, walk, target), LeafWrite::Writable)
         } else {
@@ -288,6 +289,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
                 if writable { LeafWrite::Writable } else { self.leaf_write_otherwise(slot, host.writable) };
             let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
             let leaf = mmu.leaf_templates.leaf(pfn, level, leaf_write, memtype);
+            debug_assert_eq!(leaf, self.expected_leaf(pfn, level, leaf_write, memtype));
             let target = Target { as_id: root.as_id(), gfn, level, spte: leaf };
             (self.map_other(cache, root, walk, target), leaf_write)
         };
@@ -328,6 +330,13 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             (true, true) => LeafWrite::WriteProtected,
             (_, host_writable) => LeafWrite::ReadOnly { host_writable },
         }
+    }
+
+    /// What [`SpteFormat::leaf`] makes of a fault's leaf with memory-type bits `memtype`, to check the
+    /// templates against in debug builds.
+    fn expected_leaf(&self, pfn: Pfn, level: Level, write: LeafWrite, memtype: u64) -> Spte {
+        let fmt = self.mmu.format();
+        Spte((fmt.leaf(pfn, level, fault_attrs(write)).0 & !fmt.memtype_mask()) | memtype)
     }
 
     /// The root level's index shift.

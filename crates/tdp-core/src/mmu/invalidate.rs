@@ -104,16 +104,12 @@ impl Invalidation {
     #[must_use]
     pub fn must_retry(&self, seq: u64, gfn: Gfn) -> bool {
         // Relaxed: written under the write lock, read under the read lock; the lock orders them.
-        if self.in_progress.load(Ordering::Relaxed) != 0
-            && gfn.0 >= self.start.load(Ordering::Relaxed)
-            && gfn.0 < self.end.load(Ordering::Relaxed)
-        {
-            return true;
-        }
-        self.seq.load(Ordering::Relaxed) != seq
+        self.in_progress_at(gfn) || self.seq.load(Ordering::Relaxed) != seq
     }
 
-    /// Whether an invalidation covering `gfn` is in progress now (for pre-fault, which stops there).
+    /// Whether an invalidation covering `gfn` is in progress now (pre-fault stops there). Under the MMU
+    /// lock (either side).
+    #[inline]
     #[must_use]
     pub fn in_progress_at(&self, gfn: Gfn) -> bool {
         self.in_progress.load(Ordering::Relaxed) != 0

@@ -122,7 +122,9 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
                     // Zapped again before we looked: map it once more.
                 }
                 FaultOutcome::Retry => {
-                    if self.read().invalidation_in_progress_at(gfn) {
+                    // Under the read lock, which orders the invalidation state.
+                    let _shared = self.read();
+                    if self.invalidation.in_progress_at(gfn) {
                         return Err(PreFaultError::Invalidation(gpa));
                     }
                 }
@@ -131,12 +133,5 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
             }
         }
         Err(PreFaultError::Busy(gpa))
-    }
-}
-
-impl<H: Host, R: lock_api::RawRwLock> super::SharedMmu<'_, H, R> {
-    /// Whether an MMU-notifier invalidation covering `gfn` is in progress.
-    pub(super) fn invalidation_in_progress_at(&self, gfn: Gfn) -> bool {
-        self.mmu.invalidation.in_progress_at(gfn)
     }
 }

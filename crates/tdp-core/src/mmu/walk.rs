@@ -34,13 +34,8 @@ impl<'a> GfnWalk<'a> {
     /// The level of the walk's table entries.
     #[inline(always)]
     pub(super) fn level(&self) -> Level {
-        match self.shift / BITS_PER_LEVEL {
-            0 => Level::L1,
-            1 => Level::L2,
-            2 => Level::L3,
-            3 => Level::L4,
-            _ => Level::L5,
-        }
+        // The shift of a walk is (level - 1) * 9 for a level of the tree, so the level exists.
+        Level::new((self.shift / BITS_PER_LEVEL + 1) as u8).unwrap_or(Level::L5)
     }
 
     /// The entry on `gfn`'s path, its level and its value (loaded with Acquire).

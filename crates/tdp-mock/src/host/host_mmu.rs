@@ -175,10 +175,7 @@ impl HostMmu {
         let mut state = lock(&self.state);
         match state.map.get(&page).copied() {
             None => Resolved::Frame { pfn: Pfn(page), changed: false, shared: false },
-            Some(Mapping::Frame { pfn, shared }) if shared && write => {
-                let _ = pfn;
-                Resolved::NeedsCow
-            }
+            Some(Mapping::Frame { shared: true, .. }) if write => Resolved::NeedsCow,
             Some(Mapping::Frame { pfn, shared }) => Resolved::Frame { pfn, changed: true, shared },
             Some(Mapping::Swapped) if !fault_in => Resolved::Unavailable,
             Some(Mapping::Swapped) => {
