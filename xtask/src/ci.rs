@@ -57,7 +57,7 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "bochs",
-        what: "fmt and clippy examples/bochs-hv, boot it under Bochs (skylake_x, sandy_bridge), compare with tdp-mock, require broken-ept to fail",
+        what: "fmt and clippy examples/bochs-hv, boot it under Bochs (skylake_x, sandy_bridge), compare with tdp-mock, require broken-ept, broken-age and broken-remap to fail",
         run: bochs,
     },
     Step {
