@@ -19,7 +19,7 @@
 //! use tdp_core::mmu::{Mmu, VcpuMmu};
 //! use tdp_svm::asid::{AsidAllocator, TlbControl};
 //! use tdp_svm::caps::SvmCapabilities;
-//! use tdp_svm::exit::code;
+//! use tdp_svm::exit::{code, SvmExit};
 //! use tdp_svm::fake::{bochs, FakeSvm};
 //! use tdp_svm::host::{IdentityRegion, IdentityTranslate, PhysRange, RingSink, SvmHost, TableFrames, TablePage};
 //! use tdp_svm::instr::{GuestRegs, SvmInstructions};
@@ -61,7 +61,10 @@
 //! // 4. Run: the guest writes gpa 0x3008 (a #NPF, as Bochs reports it), then halts.
 //! svm.push_npf(0x1_0000_0006, 0x3008);
 //! let mut regs = GuestRegs::default();
-//! let mut cx = RunContext { mmu_vcpu: &mut mmu_vcpu, svm_vcpu: &mut svm_vcpu, regs: &mut regs, features: &npt };
+//! let mut npfs = 0;
+//! let mut count = |_: &Vmcb, r: &tdp_svm::vcpu::ExitReport| npfs += u32::from(matches!(r.exit, SvmExit::Npf(_)));
+//! let mut cx = RunContext { mmu_vcpu: &mut mmu_vcpu, svm_vcpu: &mut svm_vcpu, regs: &mut regs, features: &npt,
+//!                           observe: &mut count };
 //! let report = run(&svm, &mmu, &mmu.host().tlb, &mut vmcb, &mut cx, &mut sink, RingSink::must_exit, 100)?;
 //! assert_eq!(report.action, ExitAction::Unhandled(code::HLT)); // the #NPF was mapped on the way
 //! // The first VMRUN flushed the new root's ASID; the second needed no flush.
@@ -82,6 +85,8 @@
 //! assert_eq!(svm.take_entries()[0].tlb_control, TlbControl::FlushAsid.raw()); // the reset's flush
 //! consumer.harvest(usize::MAX, |e| dirty.push(e.offset));
 //! assert_eq!(dirty, [3, 3]); // logged again
+//! drop(cx);
+//! assert_eq!(npfs, 2);
 //! mmu.release_vcpu(&mut mmu_vcpu);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

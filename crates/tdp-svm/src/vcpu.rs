@@ -212,7 +212,6 @@ pub enum RunError {
 }
 
 /// Everything [`run`] works on besides the MMU and the VMCB.
-#[derive(Debug)]
 pub struct RunContext<'a> {
     /// The vCPU's MMU state.
     pub mmu_vcpu: &'a mut VcpuMmu,
@@ -222,6 +221,19 @@ pub struct RunContext<'a> {
     pub regs: &'a mut GuestRegs,
     /// The nested-paging features (for root reloads).
     pub features: &'a NptFeatures,
+    /// Called with every exit and what [`handle_exit`] made of it (tracing, counters).
+    pub observe: &'a mut dyn FnMut(&Vmcb, &ExitReport),
+}
+
+impl core::fmt::Debug for RunContext<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RunContext")
+            .field("mmu_vcpu", &self.mmu_vcpu)
+            .field("svm_vcpu", &self.svm_vcpu)
+            .field("regs", &self.regs)
+            .field("features", &self.features)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The exit loop: VMRUN, decode, let the MMU fix #NPFs and reload invalidated roots, and VMRUN again,
@@ -245,6 +257,7 @@ pub fn run<H: Host, R: RawRwLock, S: DirtySink>(
     for _ in 0..max_exits {
         cx.svm_vcpu.enter(svm, vmcb, cx.regs, flush);
         let report = handle_exit(vmcb, mmu, cx.mmu_vcpu, sink)?;
+        (cx.observe)(vmcb, &report);
         match report.action {
             ExitAction::Resume if !must_exit(sink) => {}
             ExitAction::ReloadRoot => {
