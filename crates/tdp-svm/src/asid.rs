@@ -37,7 +37,11 @@ impl TlbControl {
     /// ```
     #[must_use]
     pub const fn for_one_guest(features: SvmFeatureBits) -> TlbControl {
-        if features.contains(SvmFeatureBits::FLUSH_BY_ASID) { TlbControl::FlushAsid } else { TlbControl::FlushAll }
+        if features.contains(SvmFeatureBits::FLUSH_BY_ASID) {
+            TlbControl::FlushAsid
+        } else {
+            TlbControl::FlushAll
+        }
     }
 
     /// The raw byte for the VMCB.

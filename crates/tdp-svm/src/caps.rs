@@ -4,7 +4,7 @@
 //! needs ([`NptFeatures`]).
 //!
 //! Source: AMD64 Architecture Programmer's Manual Vol. 2 (publication 24593, revision 3.41), section
-//! 15.4 "Enabling SVM" (the test sequence: CPUID Fn8000_0001_ECX[SVM], then VM_CR.SVMDIS), and Vol. 3
+//! 15.4 "Enabling SVM" (the test sequence: CPUID Fn8000_0001_ECX bit SVM, then VM_CR.SVMDIS), and Vol. 3
 //! appendix E.4.9 "Function 8000_000Ah - SVM Revision and Feature Identification" (EAX bits 7:0 SVM
 //! revision, EBX the number of ASIDs, EDX the feature bits in [`SvmFeatureBits`]). Cross-checked
 //! against Linux's `arch/x86/include/asm/cpufeatures.h` (word 15).
@@ -157,7 +157,8 @@ impl SvmCapabilities {
         let max = svm.cpuid(LEAF_EXT_MAX, 0).eax;
         let ext = if max >= LEAF_EXT_FEATURES { svm.cpuid(LEAF_EXT_FEATURES, 0) } else { Default::default() };
         let has_svm = ext.ecx & EXT_ECX_SVM != 0;
-        let phys_bits = if max >= LEAF_ADDR_SIZES { (svm.cpuid(LEAF_ADDR_SIZES, 0).eax & 0xff) as u8 } else { 36 };
+        let phys_bits =
+            if max >= LEAF_ADDR_SIZES { (svm.cpuid(LEAF_ADDR_SIZES, 0).eax & 0xff) as u8 } else { 36 };
         let (revision, asids, features) = if has_svm && max >= LEAF_SVM {
             let leaf = svm.cpuid(LEAF_SVM, 0);
             ((leaf.eax & 0xff) as u8, leaf.ebx, SvmFeatureBits::from_bits_retain(leaf.edx))
@@ -224,7 +225,10 @@ impl NptFeatures {
     /// ```
     #[must_use]
     pub const fn mmu_config(&self) -> MmuConfig {
-        let format = SpteFormat::npt(NptOptions { max_phys_bits: self.phys_bits, max_leaf_level: self.max_leaf_level });
+        let format = SpteFormat::npt(NptOptions {
+            max_phys_bits: self.phys_bits,
+            max_leaf_level: self.max_leaf_level,
+        });
         MmuConfig { format, root_level: Level::L4, pml: false }
     }
 }

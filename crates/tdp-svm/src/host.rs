@@ -6,7 +6,9 @@
 //! are vendor-neutral and are `tdp-vmx`'s, re-exported here so a user of this crate names only
 //! `tdp_svm` (they move to a crate both backends share in issue 14's second part).
 
-pub use tdp_vmx::host::{FrameStats, FramesError, FramesWalkGuard, IdentityTranslate, PhysRange, TableFrames};
+pub use tdp_vmx::host::{
+    FrameStats, FramesError, FramesWalkGuard, IdentityTranslate, PhysRange, TableFrames,
+};
 pub use tdp_vmx::raw::{IdentityRegion, TablePage};
 pub use tdp_vmx::ring_sink::{RingSink, SinkAllocError, SinkStats};
 
@@ -52,7 +54,11 @@ pub struct SvmHost<'a, 'r> {
 impl<'a, 'r> SvmHost<'a, 'r> {
     /// The host over `frames` and `translate`, flushing as `features` allow.
     #[must_use]
-    pub const fn new(frames: TableFrames<'a>, translate: IdentityTranslate<'r>, features: &NptFeatures) -> Self {
+    pub const fn new(
+        frames: TableFrames<'a>,
+        translate: IdentityTranslate<'r>,
+        features: &NptFeatures,
+    ) -> Self {
         SvmHost { frames, translate, tlb: AsidFlush::new(features.flush_one) }
     }
 }

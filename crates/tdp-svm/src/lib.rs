@@ -85,7 +85,6 @@
 //! assert_eq!(svm.take_entries()[0].tlb_control, TlbControl::FlushAsid.raw()); // the reset's flush
 //! consumer.harvest(usize::MAX, |e| dirty.push(e.offset));
 //! assert_eq!(dirty, [3, 3]); // logged again
-//! drop(cx);
 //! assert_eq!(npfs, 2);
 //! mmu.release_vcpu(&mut mmu_vcpu);
 //! # Ok::<(), Box<dyn std::error::Error>>(())

@@ -76,7 +76,13 @@ impl SvmVcpu {
     }
 
     /// One VMRUN: [`SvmVcpu::prepare_entry`], [`SvmInstructions::vmrun`], [`SvmVcpu::after_exit`].
-    pub fn enter(&mut self, svm: &impl SvmInstructions, vmcb: &mut Vmcb, regs: &mut GuestRegs, flush: &AsidFlush) {
+    pub fn enter(
+        &mut self,
+        svm: &impl SvmInstructions,
+        vmcb: &mut Vmcb,
+        regs: &mut GuestRegs,
+        flush: &AsidFlush,
+    ) {
         self.prepare_entry(vmcb, flush);
         svm.vmrun(vmcb, regs);
         self.after_exit(vmcb);

@@ -112,10 +112,10 @@ pub fn probe() -> Result<(), String> {
     let mut exits = 0u64;
     let mut observe = |vmcb: &Vmcb, report: &ExitReport| {
         exits += 1;
-        if let SvmExit::Npf(npf) = report.exit {
-            if npf_log.len() < 16 {
-                npf_log.push((npf.error_code, vmcb.control.exit_info2));
-            }
+        if let SvmExit::Npf(npf) = report.exit
+            && npf_log.len() < 16
+        {
+            npf_log.push((npf.error_code, vmcb.control.exit_info2));
         }
     };
     let mut cx = RunContext {
@@ -126,8 +126,16 @@ pub fn probe() -> Result<(), String> {
         observe: &mut observe,
     };
     let outcome = loop {
-        let report = match run(&svm, &mmu, &mmu.host().tlb, &mut vmcb, &mut cx, &mut sink, RingSink::must_exit, MAX_EXITS)
-        {
+        let report = match run(
+            &svm,
+            &mmu,
+            &mmu.host().tlb,
+            &mut vmcb,
+            &mut cx,
+            &mut sink,
+            RingSink::must_exit,
+            MAX_EXITS,
+        ) {
             Ok(r) => r,
             Err(e) => break Err(format!("exit loop: {e}")),
         };
@@ -155,7 +163,6 @@ pub fn probe() -> Result<(), String> {
             Err(e) => break Err(e),
         }
     };
-    drop(cx);
     for (i, (info1, info2)) in npf_log.iter().enumerate() {
         println!("SVM-PROBE npf {i}: EXITINFO1={info1:#x} EXITINFO2={info2:#x}");
     }
@@ -185,7 +192,11 @@ pub fn probe() -> Result<(), String> {
     }
     mmu.release_vcpu(&mut mmu_vcpu);
     if failures.is_empty() {
-        println!("SVM-RESULT pass: {} harvests as expected, {} MMIO reads emulated", p.harvests.len(), p.mmio_reads);
+        println!(
+            "SVM-RESULT pass: {} harvests as expected, {} MMIO reads emulated",
+            p.harvests.len(),
+            p.mmio_reads
+        );
     } else {
         println!("SVM-RESULT fail: {failures:?}");
     }
@@ -282,7 +293,9 @@ impl Probe {
                 let slot = SlotId(u16::try_from(regs.rdi).map_err(|_| "slot out of range")?);
                 let mut w = mmu.write();
                 let flags = w.memslots().get(AS_ID, slot).map(|s| s.flags).ok_or("no such slot")?;
-                let flush = w.set_memslot_flags(AS_ID, slot, flags | SlotFlags::LOG_DIRTY).map_err(|e| format!("{e}"))?;
+                let flush = w
+                    .set_memslot_flags(AS_ID, slot, flags | SlotFlags::LOG_DIRTY)
+                    .map_err(|e| format!("{e}"))?;
                 drop(w);
                 flush.run(mmu.host());
                 self.logging = true;
@@ -323,7 +336,10 @@ impl Probe {
         let mut last = BTreeSet::new();
         for &(gpa, value) in guest::WRITES.iter().rev() {
             if last.insert(gpa) && guest::read_u64(gpa) != value {
-                failures.push(format!("guest memory at {gpa:#x} holds {:#x}, expected {value:#x}", guest::read_u64(gpa)));
+                failures.push(format!(
+                    "guest memory at {gpa:#x} holds {:#x}, expected {value:#x}",
+                    guest::read_u64(gpa)
+                ));
             }
         }
     }

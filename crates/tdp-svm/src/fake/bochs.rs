@@ -91,4 +91,5 @@ pub const ATHLON64_VENICE: BochsModel = BochsModel {
 };
 
 /// Every model above.
-pub const ALL: &[BochsModel] = &[RYZEN, ZAMBEZI, TRINITY_APU, PHENOM_8650_TOLIMAN, TURION64_TYLER, ATHLON64_VENICE];
+pub const ALL: &[BochsModel] =
+    &[RYZEN, ZAMBEZI, TRINITY_APU, PHENOM_8650_TOLIMAN, TURION64_TYLER, ATHLON64_VENICE];
