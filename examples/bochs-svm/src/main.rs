@@ -31,6 +31,7 @@ mod layout;
 #[path = "../../bochs-hv/src/rt.rs"]
 mod rt;
 mod run;
+mod smp;
 #[path = "../../bochs-hv/src/serial.rs"]
 mod serial;
 
@@ -42,6 +43,7 @@ extern "C" fn kmain(_multiboot_info: u32) -> ! {
     let mut brand = [0u8; 48];
     let model = cpu::brand(&mut brand);
     println!("bochs-svm: {model}");
+    println!("SVM-PROBE other processors that ran the wake-up stub: {}", smp::wake_others());
     match run::probe() {
         Ok(()) => {}
         Err(e) => println!("SVM-RESULT fail {e}"),
