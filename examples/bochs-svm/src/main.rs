@@ -31,9 +31,9 @@ mod layout;
 #[path = "../../bochs-hv/src/rt.rs"]
 mod rt;
 mod run;
-mod smp;
 #[path = "../../bochs-hv/src/serial.rs"]
 mod serial;
+mod smp;
 
 /// The Rust entry point, called by the boot code with the multiboot2 information address.
 extern "C" fn kmain(_multiboot_info: u32) -> ! {

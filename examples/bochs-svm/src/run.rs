@@ -13,8 +13,8 @@ use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, RingC
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{EmulateReason, Mmu, VcpuMmu};
 use tdp_core::sync::Ordering;
-use tdp_svm::asid::AsidAllocator;
-use tdp_svm::caps::{LEAF_EXT_FEATURES, LEAF_SVM, SvmCapabilities};
+use tdp_svm::asid::{AsidAllocator, TlbControl};
+use tdp_svm::caps::{LEAF_EXT_FEATURES, LEAF_SVM, NptFeatures, SvmCapabilities};
 use tdp_svm::exit::{SvmExit, code};
 use tdp_svm::host::{IdentityRegion, IdentityTranslate, PhysRange, RingSink, SvmHost, TableFrames};
 use tdp_svm::instr::{GuestRegs, SvmInstructions};
@@ -81,7 +81,13 @@ pub fn probe() -> Result<(), String> {
     // used by nothing else: the kernel ends below it (checked above) and guest RAM starts above it.
     let region = unsafe { IdentityRegion::from_raw(TABLE_POOL_START, pages) };
     let frames = TableFrames::new(region).map_err(|e| format!("table pool: {e}"))?;
-    let host = SvmHost::new(frames, IdentityTranslate::new(&GUEST_RAM, Level::L2), &npt);
+    // The `no-tlb-flush` experiment: flush requests are honoured with TLB_CONTROL 00h.
+    let flushing = if cfg!(feature = "no-tlb-flush") {
+        NptFeatures { flush_one: TlbControl::DoNothing, ..npt }
+    } else {
+        npt
+    };
+    let host = SvmHost::new(frames, IdentityTranslate::new(&GUEST_RAM, Level::L2), &flushing);
     let config = npt.mmu_config();
     let mmu: ProbeMmu = Mmu::new(host, config).map_err(|e| format!("MMU: {e}"))?;
     for (id, gfn, pages) in SLOTS {
@@ -99,7 +105,12 @@ pub fn probe() -> Result<(), String> {
     let mut svm_vcpu = SvmVcpu::new(asid, &mmu.host().tlb);
     let root = mmu_vcpu.root().ok_or("no root")?;
     let ncr3 = install_root(&mut vmcb, &mut svm_vcpu, &npt, &config, root).map_err(|e| format!("{e}"))?;
-    println!("SVM-PROBE nCR3={:#x} ASID={} flush value={:?}", ncr3.raw(), asid.raw(), npt.flush_one);
+    println!(
+        "SVM-PROBE nCR3={:#x} ASID={} flush value={:?}",
+        ncr3.raw(),
+        asid.raw(),
+        mmu.host().tlb.flush_one()
+    );
 
     let cfg = RingConfig::new(RING_ENTRIES as u32, 64).map_err(|e| format!("ring: {e}"))?;
     let producer = DirtyRingProducer::new(&RING, cfg).map_err(|e| format!("ring: {e}"))?;
