@@ -8,8 +8,6 @@
 //! Register (ICR)" (xAPIC: low dword at APIC base + 0x300, bits 19:18 = 11b "all excluding self",
 //! delivery mode 101b INIT, 110b STARTUP); AMD APM Vol. 2 section 16.5 describes the same for AMD.
 
-use core::cell::UnsafeCell;
-
 use crate::boot::Page;
 use crate::cpu;
 
@@ -28,11 +26,9 @@ const STUB_CODE: [u8; 19] = [
     0xfc, 0x90,
 ];
 
-/// A page directory for 3-4 GiB holding only the APIC's 2 MiB page (uncached).
-struct PdCell(UnsafeCell<Page>);
-// SAFETY: written once by `map_apic` on the only processor in long mode, before anything reads it.
-unsafe impl Sync for PdCell {}
-static APIC_PD: PdCell = PdCell(UnsafeCell::new(Page::zeroed()));
+/// A page directory for 3-4 GiB holding only the APIC's 2 MiB page (uncached); written once by
+/// `map_apic`, then read by the MMU.
+static APIC_PD: Page = Page::zeroed();
 
 /// Maps the APIC's page: PDPT[3] of the boot tables points at [`APIC_PD`], whose entry for 0xFEE00000
 /// is a 2 MiB page, present, writable, PWT and PCD.
@@ -43,7 +39,7 @@ fn map_apic() {
     unsafe {
         let pml4 = (cpu::cr3() & !0xfff) as *const u64;
         let pdpt = (*pml4 & 0x000f_ffff_ffff_f000) as *mut u64;
-        let pd = (*APIC_PD.0.get()).0.get() as *mut [u64; 512];
+        let pd = APIC_PD.0.get();
         (*pd)[((APIC_BASE >> 21) & 511) as usize] = APIC_BASE | 0x9b;
         *pdpt.add(3) = pd as u64 | 3;
         core::arch::asm!("mov rax, cr3", "mov cr3, rax", out("rax") _, options(nostack));
