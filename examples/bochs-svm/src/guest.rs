@@ -11,6 +11,12 @@
 //! 5. `VMMCALL` harvest 0 (expects gfns 0x201 and 0x203), then writes `DATA + 0x1000` again;
 //! 6. `VMMCALL` harvest 1 (expects gfn 0x201), then `VMMCALL` done.
 //!
+//! With a second processor, vCPU 0 continues (before `done`) and vCPU 1 runs its own code at `CODE1`,
+//! both in the dirty-logged race slot (`RACE`): barrier 1; phase A, both write the 16 shared pages (vCPU 0
+//! ascending, vCPU 1 descending, so they meet) and then 16 pages of their own; barrier 2; each harvests
+//! its own ring (which re-protects what it harvested); barrier 3; phase B, each writes its own pages
+//! again (write-protected now: #NPF, logged); barrier 4; each harvests again; barrier 5; done.
+//!
 //! Hypercalls: RBX holds the number, RDI the argument.
 
 use crate::layout::host_addr;
@@ -19,9 +25,12 @@ use crate::layout::host_addr;
 pub const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;
 const PD: u64 = 0x3000;
-/// Where the guest's code starts, and its first instruction.
+/// Where vCPU 0's code starts, and its first instruction.
 pub const CODE: u64 = 0x1_0000;
-const CODE_END: u64 = 0x2_0000;
+/// Where vCPU 1's code starts.
+pub const CODE1: u64 = 0x1_8000;
+/// The end of both.
+pub const CODE_END: u64 = 0x2_0000;
 /// The guest's initial stack pointer (nothing is pushed).
 pub const STACK_TOP: u64 = 0x9000;
 /// The dirty-logged slot's first byte (gfn 0x200).
@@ -46,6 +55,22 @@ pub const HC_START_LOGGING: u64 = 3;
 pub const HC_HARVEST: u64 = 4;
 /// Hypercall: an MMIO read returned the wrong value (RDI = which read, RAX = what was read).
 pub const HC_FAIL: u64 = 2;
+/// Hypercall: wait until both vCPUs reached barrier RDI.
+pub const HC_BARRIER: u64 = 5;
+/// Hypercall: harvest this vCPU's own ring (number RDI of the two-vCPU part) and reset it.
+pub const HC_HARVEST_MINE: u64 = 6;
+
+/// The race slot's first gfn (512 pages, dirty-logged from the start).
+pub const RACE: u64 = 0x400;
+/// Pages both vCPUs write.
+pub const SHARED_PAGES: core::ops::Range<u64> = RACE..RACE + 16;
+/// Each vCPU's own pages.
+pub const OWN_PAGES: [core::ops::Range<u64>; 2] = [RACE + 16..RACE + 32, RACE + 32..RACE + 48];
+
+/// What vCPU `cpu` writes to page `gfn` in phase `phase` (0 = A, 1 = B).
+pub const fn race_value(phase: u64, cpu: u64, gfn: u64) -> u64 {
+    ((0xa0 + phase * 0x10 + cpu) << 40) | gfn
+}
 
 /// The value an emulated MMIO read of `gpa` returns.
 pub const fn mmio_value(gpa: u64) -> u64 {
@@ -108,11 +133,40 @@ pub fn read_u64(gpa: u64) -> u64 {
     unsafe { core::ptr::read_volatile(host_addr(gpa) as *const u64) }
 }
 
-/// Writes the page tables and the code; returns the entry point.
+/// Writes phase `phase` of vCPU `cpu`'s race writes.
+fn race(e: &mut Emitter, cpu: u64, phase: u64) -> Result<(), &'static str> {
+    if phase == 0 {
+        let shared: alloc::vec::Vec<u64> =
+            if cpu == 0 { SHARED_PAGES.collect() } else { SHARED_PAGES.rev().collect() };
+        for gfn in shared {
+            e.write(gfn << 12, race_value(0, cpu, gfn))?;
+        }
+    }
+    for gfn in OWN_PAGES[cpu as usize].clone() {
+        e.write(gfn << 12, race_value(phase, cpu, gfn))?;
+    }
+    Ok(())
+}
+
+/// The two-vCPU part of vCPU `cpu`'s code.
+fn two_vcpus(e: &mut Emitter, cpu: u64) -> Result<(), &'static str> {
+    e.hypercall(HC_BARRIER, 1)?;
+    race(e, cpu, 0)?;
+    e.hypercall(HC_BARRIER, 2)?;
+    e.hypercall(HC_HARVEST_MINE, 0)?;
+    e.hypercall(HC_BARRIER, 3)?;
+    race(e, cpu, 1)?;
+    e.hypercall(HC_BARRIER, 4)?;
+    e.hypercall(HC_HARVEST_MINE, 1)?;
+    e.hypercall(HC_BARRIER, 5)
+}
+
+/// Writes the page tables and the code; returns vCPU 0's and vCPU 1's entry points. With `smp`, both
+/// run the two-vCPU part (vCPU 0 after its own steps).
 ///
 /// # Errors
 /// When the code does not fit.
-pub fn build() -> Result<u64, &'static str> {
+pub fn build(smp: bool) -> Result<(u64, u64), &'static str> {
     write_guest(PML4, &(PDPT | 3).to_le_bytes());
     write_guest(PDPT, &(PD | 3).to_le_bytes());
     for i in 0..512u64 {
@@ -129,7 +183,19 @@ pub fn build() -> Result<u64, &'static str> {
     e.hypercall(HC_HARVEST, 0)?;
     e.write(WRITES[4].0, WRITES[4].1)?;
     e.hypercall(HC_HARVEST, 1)?;
+    if smp {
+        two_vcpus(&mut e, 0)?;
+    }
     e.hypercall(HC_DONE, 0)?;
     e.bytes(&[0xf4, 0xeb, 0xfd])?; // hlt; jmp back to it
-    Ok(CODE)
+    if e.at > CODE1 {
+        return Err("vCPU 0's code runs into vCPU 1's");
+    }
+    let mut e = Emitter { at: CODE1 };
+    if smp {
+        two_vcpus(&mut e, 1)?;
+    }
+    e.hypercall(HC_DONE, 0)?;
+    e.bytes(&[0xf4, 0xeb, 0xfd])?;
+    Ok((CODE, CODE1))
 }

@@ -23,6 +23,7 @@ mod boot;
 #[allow(dead_code)]
 mod cpu;
 mod guest;
+mod hv;
 #[path = "../../bochs-hv/src/idt.rs"]
 #[allow(dead_code)]
 mod idt;
@@ -43,7 +44,6 @@ extern "C" fn kmain(_multiboot_info: u32) -> ! {
     let mut brand = [0u8; 48];
     let model = cpu::brand(&mut brand);
     println!("bochs-svm: {model}");
-    println!("SVM-PROBE other processors that ran the wake-up stub: {}", smp::wake_others());
     match run::probe() {
         Ok(()) => {}
         Err(e) => println!("SVM-RESULT fail {e}"),

@@ -1,50 +1,37 @@
-//! The probe: capabilities, enabling SVM, the MMU and the VMCB, the exit loop (`tdp_svm::vcpu::run`,
-//! which hands #NPFs to tdp-core's fault handler), MMIO emulation, the hypercalls (start logging,
-//! harvest, done), and the checks whose outcome is the `SVM-RESULT` line.
+//! The probe on the bootstrap processor: capabilities, enabling SVM, the shared MMU and memslots, the
+//! guest, waking the second processor when there is one, vCPU 0's run ([`crate::hv::run_cpu`]), and the
+//! checks whose outcome is the `SVM-RESULT` line.
 
-use alloc::boxed::Box;
 use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use tdp_core::addr::{AsId, Gfn, Level, Pfn, SlotId};
-use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, RingConfig};
-use tdp_core::memslot::{Memslot, SlotFlags};
-use tdp_core::mmu::{EmulateReason, Mmu, VcpuMmu};
+use tdp_core::addr::{Gfn, Level, Pfn, SlotId};
+use tdp_core::memslot::Memslot;
+use tdp_core::mmu::Mmu;
 use tdp_core::sync::Ordering;
-use tdp_svm::asid::{AsidAllocator, TlbControl};
+use tdp_svm::asid::TlbControl;
 use tdp_svm::caps::{LEAF_EXT_FEATURES, LEAF_SVM, NptFeatures, SvmCapabilities};
-use tdp_svm::exit::{SvmExit, code};
-use tdp_svm::host::{IdentityRegion, IdentityTranslate, PhysRange, RingSink, SvmHost, TableFrames};
-use tdp_svm::instr::{GuestRegs, SvmInstructions};
+use tdp_svm::host::{IdentityRegion, IdentityTranslate, PhysRange, SvmHost, TableFrames};
+use tdp_svm::instr::SvmInstructions;
 use tdp_svm::msr;
 use tdp_svm::raw::{HsavePage, X86Svm};
-use tdp_svm::vcpu::{ExitAction, ExitReport, RunContext, SvmVcpu, install_root, run};
-use tdp_svm::vmcb::{InterceptMisc1, InterceptMisc2, PAT_RESET, Vmcb, VmcbSegment};
 
-use crate::guest::{self, DATA, HC_DONE, HC_FAIL, HC_HARVEST, HC_START_LOGGING};
+use crate::guest::{self, OWN_PAGES, SHARED_PAGES};
+use crate::hv::{self, AS_ID, Outcome, ProbeMmu, SLOTS, Shared};
 use crate::layout::{GUEST_HOST_BASE, RAM_END, TABLE_POOL_END, TABLE_POOL_START, host_addr};
-use crate::println;
+use crate::{println, smp};
 
 static HSAVE: HsavePage = HsavePage::new();
 static GUEST_RAM: [PhysRange; 1] = [PhysRange { start: GUEST_HOST_BASE, end: RAM_END }];
-const RING_ENTRIES: usize = 1024;
-static RING: [DirtyGfn; RING_ENTRIES] = [const { DirtyGfn::zeroed() }; RING_ENTRIES];
 
-/// Exits after which the run is declared stuck.
-const MAX_EXITS: u64 = 1000;
-const AS_ID: AsId = AsId(0);
-/// (slot, first gfn, pages): slot 0 holds the guest's tables, code and stack; slot 1 is the logged data.
-const SLOTS: [(u16, u64, u64); 2] = [(0, 0, 512), (1, DATA >> 12, 512)];
-/// The gfns each harvest must hold.
+/// The gfns each harvest of vCPU 0's one-vCPU part must hold.
 const HARVESTS: [&[u64]; 2] = [&[0x201, 0x203], &[0x201]];
 
 unsafe extern "C" {
     static __kernel_end: u8;
 }
-
-type ProbeMmu = Mmu<SvmHost<'static, 'static>>;
 
 /// Everything from the capabilities to the result line.
 pub fn probe() -> Result<(), String> {
@@ -54,8 +41,8 @@ pub fn probe() -> Result<(), String> {
     }
     // SAFETY: CPL 0; the first GiB is identity-mapped (boot code), so every address below is physical;
     // VM_CR, VM_HSAVE_PA and EFER.SVME are touched only after `npt_features` found SVM present and not
-    // disabled, and VMRUN only after both; the one VMCB runs a guest confined by nested tables tdp-core
-    // builds over the two memslots in guest RAM, with VMRUN intercepted.
+    // disabled, and VMRUN only after both; the VMCBs run a guest confined by nested tables tdp-core
+    // builds over the memslots in guest RAM, with VMRUN intercepted.
     let svm = unsafe { X86Svm::new() };
     let ext = svm.cpuid(LEAF_EXT_FEATURES, 0);
     let leaf_a = svm.cpuid(LEAF_SVM, 0);
@@ -88,111 +75,79 @@ pub fn probe() -> Result<(), String> {
         npt
     };
     let host = SvmHost::new(frames, IdentityTranslate::new(&GUEST_RAM, Level::L2), &flushing);
-    let config = npt.mmu_config();
-    let mmu: ProbeMmu = Mmu::new(host, config).map_err(|e| format!("MMU: {e}"))?;
-    for (id, gfn, pages) in SLOTS {
+    let mmu: ProbeMmu = Mmu::new(host, npt.mmu_config()).map_err(|e| format!("MMU: {e}"))?;
+    for (id, gfn, pages, flags) in SLOTS {
         guest::zero(gfn << 12, pages);
-        let slot = Memslot::new(AS_ID, SlotId(id), Gfn(gfn), pages, host_addr(gfn << 12), SlotFlags::empty());
+        let slot = Memslot::new(AS_ID, SlotId(id), Gfn(gfn), pages, host_addr(gfn << 12), flags);
         mmu.write().insert_memslot(slot).map_err(|e| format!("memslot {id}: {e}"))?;
     }
-    let entry = guest::build()?;
-
-    let mut vmcb = Box::new(Vmcb::new());
-    setup_vmcb(&mut vmcb, entry);
-    let mut mmu_vcpu = VcpuMmu::new();
-    mmu.load_root(&mut mmu_vcpu, AS_ID).map_err(|e| format!("root: {e}"))?;
-    let asid = AsidAllocator::new(npt.asids).alloc().map_err(|e| format!("ASID: {e}"))?;
-    let mut svm_vcpu = SvmVcpu::new(asid, &mmu.host().tlb);
-    let root = mmu_vcpu.root().ok_or("no root")?;
-    let ncr3 = install_root(&mut vmcb, &mut svm_vcpu, &npt, &config, root).map_err(|e| format!("{e}"))?;
-    println!(
-        "SVM-PROBE nCR3={:#x} ASID={} flush value={:?}",
-        ncr3.raw(),
-        asid.raw(),
-        mmu.host().tlb.flush_one()
-    );
-
-    let cfg = RingConfig::new(RING_ENTRIES as u32, 64).map_err(|e| format!("ring: {e}"))?;
-    let producer = DirtyRingProducer::new(&RING, cfg).map_err(|e| format!("ring: {e}"))?;
-    let mut consumer = DirtyRingConsumer::new(&RING, cfg).map_err(|e| format!("ring: {e}"))?;
-    let mut sink = RingSink::new(producer).map_err(|e| format!("ring sink: {e}"))?;
-
-    let mut p = Probe::default();
-    let mut regs = GuestRegs::default();
-    let mut npf_log: Vec<(u64, u64)> = Vec::new();
-    let mut exits = 0u64;
-    let mut observe = |vmcb: &Vmcb, report: &ExitReport| {
-        exits += 1;
-        if let SvmExit::Npf(npf) = report.exit
-            && npf_log.len() < 16
-        {
-            npf_log.push((npf.error_code, vmcb.control.exit_info2));
+    // Whether a second processor exists is known only after waking it, and it needs the shared state
+    // first: build the two-vCPU guest, wake, and let vCPU 0 skip the two-vCPU part if nobody answered.
+    let (entry0, entry1) = guest::build(true)?;
+    let shared = hv::SHARED.call_once(|| Shared { mmu, npt, entries: [entry0, entry1] });
+    println!("SVM-PROBE flush value {:?}", shared.mmu.host().tlb.flush_one());
+    let others = smp::wake_others()?;
+    println!("SVM-PROBE other processors that ran the wake-up trampoline: {others}");
+    if others == 0 {
+        // Rebuild vCPU 0's code without the two-vCPU part (the guest has not run yet).
+        let (entry0, _) = guest::build(false)?;
+        if entry0 != shared.entries[0] {
+            return Err(String::from("vCPU 0's entry point moved"));
         }
-    };
-    let mut cx = RunContext {
-        mmu_vcpu: &mut mmu_vcpu,
-        svm_vcpu: &mut svm_vcpu,
-        regs: &mut regs,
-        features: &npt,
-        observe: &mut observe,
-    };
-    let outcome = loop {
-        let report = match run(
-            &svm,
-            &mmu,
-            &mmu.host().tlb,
-            &mut vmcb,
-            &mut cx,
-            &mut sink,
-            RingSink::must_exit,
-            MAX_EXITS,
-        ) {
-            Ok(r) => r,
-            Err(e) => break Err(format!("exit loop: {e}")),
-        };
-        if sink.must_exit() {
-            break Err(format!("dirty ring soft-full: {:?}", sink.stats()));
-        }
-        let rip = vmcb.save.rip;
-        let step = match report.action {
-            ExitAction::Emulate { gpa, reason: EmulateReason::Mmio, .. } => p.emulate_mmio(&mut vmcb, gpa.0),
-            ExitAction::Unhandled(code::VMMCALL) => {
-                let next = if npt.nrip_save { vmcb.control.next_rip } else { rip + 3 };
-                p.nrips.push((rip, vmcb.control.next_rip));
-                let r = p.hypercall(&mmu, &mut sink, &mut consumer, cx.regs);
-                vmcb.save.rip = next;
-                r
-            }
-            other => Err(format!(
-                "unexpected exit {other:?} (code {:#x}, info1 {:#x}, info2 {:#x}) at rip {rip:#x}",
-                vmcb.control.exit_code, vmcb.control.exit_info1, vmcb.control.exit_info2
-            )),
-        };
-        match step {
-            Ok(false) => {}
-            Ok(true) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
-    for (i, (info1, info2)) in npf_log.iter().enumerate() {
+    }
+
+    let out0 = hv::run_cpu(0, &svm, shared);
+    let out1 = if others > 0 { Some(smp::wait_for_ap()) } else { None };
+    report(shared, &out0, out1.as_ref());
+    Ok(())
+}
+
+/// Prints what both vCPUs saw and the verdict.
+fn report(shared: &Shared, out0: &Outcome, out1: Option<&Result<Outcome, String>>) {
+    let mmu = &shared.mmu;
+    for (i, (info1, info2)) in out0.npfs.iter().enumerate() {
         println!("SVM-PROBE npf {i}: EXITINFO1={info1:#x} EXITINFO2={info2:#x}");
     }
-    println!("SVM-PROBE nRIP at VMMCALLs (rip, nrip): {:x?}", p.nrips);
+    println!("SVM-PROBE nRIP at VMMCALLs (rip, nrip): {:x?}", out0.nrips);
+    println!("SVM-PROBE vCPU 0: {} exits, faults {:?}, ring {:?}", out0.exits, out0.counters, out0.ring);
+    let mut failures = Vec::new();
+    if let Some(e) = &out0.error {
+        failures.push(e.clone());
+    }
+    if !out0.done {
+        failures.push(String::from("vCPU 0 did not finish"));
+    }
+    for (i, want) in HARVESTS.iter().enumerate() {
+        let got: Vec<u64> = out0.harvests.get(i).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        if got != *want {
+            failures.push(format!("harvest {i}: {got:x?}, expected {want:x?}"));
+        }
+    }
+    if out0.mmio_reads != 2 {
+        failures.push(format!("{} MMIO reads emulated, expected 2", out0.mmio_reads));
+    }
+    let mut last = BTreeSet::new();
+    for &(gpa, value) in guest::WRITES.iter().rev() {
+        if last.insert(gpa) && guest::read_u64(gpa) != value {
+            failures.push(format!(
+                "guest memory at {gpa:#x} holds {:#x}, expected {value:#x}",
+                guest::read_u64(gpa)
+            ));
+        }
+    }
+    match out1 {
+        None => println!("SVM-PROBE one processor: the two-vCPU part did not run"),
+        Some(Err(e)) => failures.push(format!("vCPU 1: {e}")),
+        Some(Ok(out1)) => two_vcpus(out0, out1, &mut failures),
+    }
     println!(
-        "SVM-PROBE {exits} exits; flushes {:?}; ring {:?}; table pages in use {}",
+        "SVM-PROBE flushes {:?}; table pages in use {}",
         mmu.host().tlb.stats(),
-        sink.stats(),
         mmu.host().frames.stats().in_use
     );
-    let root = mmu_vcpu.root().map(|r| r.pfn());
-    let mut failures = Vec::new();
-    if let Err(e) = outcome {
-        failures.push(e);
-    }
-    p.check(&mut failures);
-    if let Some(root) = root {
-        for gfn in [0x10, 0x200, 0x201, 0x202, 0x203] {
-            let (level, spte) = walk(&mmu, root, gfn);
+    if let Some(root) = out0.root {
+        for gfn in [0x10, 0x200, 0x201, 0x202, 0x203, 0x400, 0x410, 0x420] {
+            let (level, spte) = walk(mmu, root, gfn);
             println!(
                 "SVM-PROBE npt gfn {gfn:#x}: {level:?} leaf {spte:#018x} (A={} D={} W={})",
                 spte >> 5 & 1,
@@ -201,40 +156,81 @@ pub fn probe() -> Result<(), String> {
             );
         }
     }
-    mmu.release_vcpu(&mut mmu_vcpu);
     if failures.is_empty() {
+        let vcpus = if out1.is_some() { 2 } else { 1 };
         println!(
-            "SVM-RESULT pass: {} harvests as expected, {} MMIO reads emulated",
-            p.harvests.len(),
-            p.mmio_reads
+            "SVM-RESULT pass: {vcpus} vCPU(s), {} harvests as expected, {} MMIO reads emulated",
+            out0.harvests.len()
+                + out0.own_harvests.len()
+                + out1.and_then(|o| o.as_ref().ok()).map_or(0, |o| o.own_harvests.len()),
+            out0.mmio_reads
         );
     } else {
         println!("SVM-RESULT fail: {failures:?}");
     }
-    Ok(())
 }
 
-/// The guest's initial state: 64-bit mode, identity paging at `guest::PML4`, flat segments; HLT,
-/// shutdown, every exception, VMRUN and VMMCALL intercepted.
-fn setup_vmcb(vmcb: &mut Vmcb, entry: u64) {
-    let c = &mut vmcb.control;
-    c.intercept_exceptions = 0xffff_ffff;
-    c.intercept_misc1 = InterceptMisc1::HLT | InterceptMisc1::SHUTDOWN;
-    c.intercept_misc2 = InterceptMisc2::VMRUN | InterceptMisc2::VMMCALL;
-    let s = &mut vmcb.save;
-    s.cs = VmcbSegment::from_descriptor(0x08, 0x00af_9b00_0000_ffff);
-    let data = VmcbSegment::from_descriptor(0x10, 0x00cf_9300_0000_ffff);
-    (s.ds, s.es, s.ss) = (data, data, data);
-    s.efer = msr::EFER_SVME | msr::EFER_LME | msr::EFER_LMA;
-    s.cr0 = 0x8000_0031; // PG, NE, ET, PE
-    s.cr4 = 0x20; // PAE
-    s.cr3 = guest::PML4;
-    s.rflags = 0x2;
-    s.rip = entry;
-    s.rsp = guest::STACK_TOP;
-    s.dr6 = 0xffff_0ff0;
-    s.dr7 = 0x400;
-    s.g_pat = PAT_RESET;
+/// The two-vCPU checks: both finished; phase A's harvests together hold every page written exactly
+/// (each vCPU's own pages in its own ring); phase B's hold each vCPU's own pages in its own ring; memory
+/// holds the last values (a shared page one of the two vCPUs' values).
+fn two_vcpus(out0: &Outcome, out1: &Outcome, failures: &mut Vec<String>) {
+    println!("SVM-PROBE vCPU 1: {} exits, faults {:?}, ring {:?}", out1.exits, out1.counters, out1.ring);
+    if let Some(e) = &out1.error {
+        failures.push(e.clone());
+    }
+    if !out1.done {
+        failures.push(String::from("vCPU 1 did not finish"));
+    }
+    let outs = [out0, out1];
+    for (cpu, out) in outs.iter().enumerate() {
+        for (n, set) in out.own_harvests.iter().enumerate() {
+            println!("SVM-PROBE vCPU {cpu} own harvest {n}: {} pages {set:x?}", set.len());
+        }
+        if out.own_harvests.len() != 2 {
+            failures.push(format!("vCPU {cpu}: {} own harvests, expected 2", out.own_harvests.len()));
+        }
+    }
+    let empty = BTreeSet::new();
+    let h = |cpu: usize, n: usize| outs[cpu].own_harvests.get(n).unwrap_or(&empty);
+    let all: BTreeSet<u64> = SHARED_PAGES.chain(OWN_PAGES[0].clone()).chain(OWN_PAGES[1].clone()).collect();
+    let union: BTreeSet<u64> = h(0, 0).union(h(1, 0)).copied().collect();
+    if union != all {
+        failures
+            .push(format!("phase A: the rings hold {union:x?}, expected the {} pages written", all.len()));
+    }
+    let both: Vec<u64> = h(0, 0).intersection(h(1, 0)).copied().collect();
+    println!("SVM-PROBE phase A: {} pages in both rings {both:x?}", both.len());
+    for (cpu, pages) in OWN_PAGES.iter().enumerate() {
+        let own: BTreeSet<u64> = pages.clone().collect();
+        if !own.is_subset(h(cpu, 0)) {
+            failures.push(format!("phase A: vCPU {cpu}'s own pages are not all in its ring"));
+        }
+        if *h(cpu, 1) != own {
+            failures
+                .push(format!("phase B: vCPU {cpu}'s ring holds {:x?}, expected its own pages", h(cpu, 1)));
+        }
+        for gfn in pages.clone() {
+            let want = guest::race_value(1, cpu as u64, gfn);
+            let got = guest::read_u64(gfn << 12);
+            if got != want {
+                failures.push(format!("gfn {gfn:#x} holds {got:#x}, expected {want:#x}"));
+            }
+        }
+    }
+    let winners: Vec<u64> = SHARED_PAGES
+        .map(|gfn| {
+            let got = guest::read_u64(gfn << 12);
+            if got == guest::race_value(0, 0, gfn) {
+                0
+            } else if got == guest::race_value(0, 1, gfn) {
+                1
+            } else {
+                failures.push(format!("shared gfn {gfn:#x} holds {got:#x}"));
+                9
+            }
+        })
+        .collect();
+    println!("SVM-PROBE shared pages, last writer per page: {winners:?}");
 }
 
 /// The leaf mapping `gfn` in the nested tables at `root`: its level and value (0 when none).
@@ -253,105 +249,4 @@ fn walk(mmu: &ProbeMmu, root: Pfn, gfn: u64) -> (Option<Level>, u64) {
         table = Pfn((e & 0x000f_ffff_ffff_f000) >> 12);
     }
     (None, 0)
-}
-
-/// What the run saw.
-#[derive(Default)]
-struct Probe {
-    logging: bool,
-    harvests: Vec<BTreeSet<u64>>,
-    mmio_reads: u64,
-    nrips: Vec<(u64, u64)>,
-    done: bool,
-}
-
-impl Probe {
-    /// Emulates `mov rax, [moffs64]` (REX.W A1) at the guest's RIP.
-    fn emulate_mmio(&mut self, vmcb: &mut Vmcb, gpa: u64) -> Result<bool, String> {
-        let rip = vmcb.save.rip;
-        if !(guest::CODE..guest::CODE + 0x1_0000 - 10).contains(&rip) {
-            return Err(format!("MMIO at {gpa:#x} from rip {rip:#x} outside the guest code"));
-        }
-        let mut insn = [0u8; 10];
-        // SAFETY: `rip` lies in the guest's code area (checked above), identity-mapped guest RAM nothing
-        // else writes while the guest is stopped.
-        unsafe { core::ptr::copy_nonoverlapping(host_addr(rip) as *const u8, insn.as_mut_ptr(), 10) };
-        let mut moffs = [0u8; 8];
-        moffs.copy_from_slice(&insn[2..]);
-        if insn[..2] != [0x48, 0xa1] || u64::from_le_bytes(moffs) != gpa {
-            return Err(format!("cannot emulate {insn:x?} at rip {rip:#x} for MMIO at {gpa:#x}"));
-        }
-        vmcb.save.rax = guest::mmio_value(gpa);
-        vmcb.save.rip = rip + 10;
-        self.mmio_reads += 1;
-        Ok(false)
-    }
-
-    fn hypercall(
-        &mut self,
-        mmu: &ProbeMmu,
-        sink: &mut RingSink<'static>,
-        consumer: &mut DirtyRingConsumer<'static>,
-        regs: &GuestRegs,
-    ) -> Result<bool, String> {
-        match regs.rbx {
-            HC_DONE => {
-                self.done = true;
-                Ok(true)
-            }
-            HC_FAIL => Err(format!("MMIO read {} returned the wrong value", regs.rdi)),
-            HC_START_LOGGING => {
-                let slot = SlotId(u16::try_from(regs.rdi).map_err(|_| "slot out of range")?);
-                let mut w = mmu.write();
-                let flags = w.memslots().get(AS_ID, slot).map(|s| s.flags).ok_or("no such slot")?;
-                let flush = w
-                    .set_memslot_flags(AS_ID, slot, flags | SlotFlags::LOG_DIRTY)
-                    .map_err(|e| format!("{e}"))?;
-                drop(w);
-                flush.run(mmu.host());
-                self.logging = true;
-                Ok(false)
-            }
-            HC_HARVEST => {
-                if regs.rdi != self.harvests.len() as u64 {
-                    return Err(format!("harvest {} out of order", regs.rdi));
-                }
-                let mut set = BTreeSet::new();
-                consumer.harvest(usize::MAX, |e| {
-                    let base = SLOTS.iter().find(|s| s.0 == e.slot.id().0).map_or(u64::MAX, |s| s.1);
-                    set.insert(base.wrapping_add(e.offset));
-                });
-                let (_, flush) = sink.reset_by(|ring| mmu.write().reset_dirty_ring(ring));
-                flush.run(mmu.host());
-                println!("SVM-PROBE harvest {}: {set:x?}", regs.rdi);
-                self.harvests.push(set);
-                Ok(false)
-            }
-            other => Err(format!("unknown hypercall {other}")),
-        }
-    }
-
-    fn check(&self, failures: &mut Vec<String>) {
-        if !self.done {
-            failures.push(String::from("the guest did not finish"));
-        }
-        for (i, want) in HARVESTS.iter().enumerate() {
-            let got: Vec<u64> = self.harvests.get(i).map(|s| s.iter().copied().collect()).unwrap_or_default();
-            if got != *want {
-                failures.push(format!("harvest {i}: {got:x?}, expected {want:x?}"));
-            }
-        }
-        if self.mmio_reads != 2 {
-            failures.push(format!("{} MMIO reads emulated, expected 2", self.mmio_reads));
-        }
-        let mut last = BTreeSet::new();
-        for &(gpa, value) in guest::WRITES.iter().rev() {
-            if last.insert(gpa) && guest::read_u64(gpa) != value {
-                failures.push(format!(
-                    "guest memory at {gpa:#x} holds {:#x}, expected {value:#x}",
-                    guest::read_u64(gpa)
-                ));
-            }
-        }
-    }
 }
