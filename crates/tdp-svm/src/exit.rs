@@ -60,7 +60,7 @@ impl NpfExit {
     /// use tdp_core::addr::{AsId, Gpa};
     /// use tdp_core::fault::{AccessKind, FaultKind};
     /// use tdp_svm::exit::NpfExit;
-    /// // What Bochs reports for a guest write to a GPA with no nested entry (recipes/bochs-svm.md).
+    /// // What Bochs reports for a guest write to a GPA with no nested entry (docs/recipes/bochs-svm.md).
     /// let npf = NpfExit::decode(AsId(0), 0x1_0000_0006, 0x30_1008)?;
     /// assert_eq!((npf.fault.gpa, npf.fault.access), (Gpa(0x30_1008), AccessKind::Write));
     /// assert_eq!((npf.fault.kind, npf.guest_walk), (FaultKind::Violation { present: false }, false));

@@ -1,5 +1,6 @@
 //! CPUID and MSR values of Bochs 2.7's AMD CPU models (Debian's build), as its log prints them at
-//! reset and as a kernel read them inside Bochs (docs/recipes/bochs-svm.md), for [`super::FakeSvm::new`].
+//! reset and as `examples/bochs-svm` read them inside Bochs (docs/recipes/bochs-svm.md), for
+//! [`super::FakeSvm::new`].
 //!
 //! Only the leaves the backend reads are kept: 8000_0000h, 8000_0001h, 8000_0008h, 8000_000Ah.
 
@@ -10,7 +11,8 @@ pub struct BochsModel {
     pub name: &'static str,
     /// `(leaf, [eax, ebx, ecx, edx])` for subleaf 0.
     pub cpuid: &'static [(u32, [u32; 4])],
-    /// VM_CR as read inside Bochs.
+    /// VM_CR as read inside Bochs. Bochs 2.7 does not implement VM_CR: RDMSR returns 0 (and logs
+    /// "Unknown register"), so every recorded model has 0 here.
     pub vm_cr: u64,
 }
 
