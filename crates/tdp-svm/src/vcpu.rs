@@ -34,7 +34,7 @@ pub struct SvmVcpu {
 
 impl SvmVcpu {
     /// A vCPU tagged with `asid`, current with `flush`'s requests so far (a new ASID holds no
-    /// translations) .
+    /// translations).
     #[must_use]
     pub fn new(asid: Asid, flush: &AsidFlush) -> SvmVcpu {
         SvmVcpu { asid, seen: flush.generation(), local_flush: false }

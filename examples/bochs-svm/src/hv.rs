@@ -47,6 +47,8 @@ pub struct Shared {
     pub npt: NptFeatures,
     /// The guest's entry points, per vCPU.
     pub entries: [u64; 2],
+    /// The VM's ASIDs, one per vCPU.
+    pub asids: spin::Mutex<AsidAllocator>,
 }
 
 /// Set by the bootstrap processor before it wakes the other.
@@ -86,6 +88,8 @@ pub struct Outcome {
     pub root: Option<tdp_core::addr::Pfn>,
     /// The ring's counters.
     pub ring: Option<tdp_svm::host::SinkStats>,
+    /// The vCPU's ASID.
+    pub asid: u32,
 }
 
 /// The guest's initial state for the vCPU entering at `entry`: 64-bit mode, identity paging at
@@ -131,12 +135,8 @@ fn run_inner(cpu: usize, svm: &X86Svm, shared: &Shared, out: &mut Outcome) -> Re
     setup_vmcb(&mut vmcb, shared.entries[cpu]);
     let mut mmu_vcpu = VcpuMmu::new();
     mmu.load_root(&mut mmu_vcpu, AS_ID).map_err(|e| format!("root: {e}"))?;
-    // ASID 1 for vCPU 0, 2 for vCPU 1.
-    let mut asids = AsidAllocator::new(npt.asids);
-    let mut asid = asids.alloc().map_err(|e| format!("ASID: {e}"))?;
-    for _ in 0..cpu {
-        asid = asids.alloc().map_err(|e| format!("ASID: {e}"))?;
-    }
+    let asid = shared.asids.lock().alloc().map_err(|e| format!("ASID: {e}"))?;
+    out.asid = asid.raw();
     let mut svm_vcpu = SvmVcpu::new(asid, &mmu.host().tlb);
     let root = mmu_vcpu.root().ok_or("no root")?;
     install_root(&mut vmcb, &mut svm_vcpu, npt, mmu.config(), root).map_err(|e| format!("{e}"))?;
@@ -188,7 +188,7 @@ fn run_inner(cpu: usize, svm: &X86Svm, shared: &Shared, out: &mut Outcome) -> Re
                 emulate_mmio(&mut vmcb, gpa.0, out)
             }
             ExitAction::Unhandled(code::VMMCALL) => {
-                let next = if npt.nrip_save { vmcb.control.next_rip } else { rip + 3 };
+                let next = if npt.nrip_save { vmcb.control.next_rip } else { rip.wrapping_add(3) };
                 out.nrips.push((rip, vmcb.control.next_rip));
                 let r = hypercall(cpu, mmu, &mut sink, &mut consumer, cx.regs, out);
                 vmcb.save.rip = next;

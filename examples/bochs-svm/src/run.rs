@@ -11,7 +11,7 @@ use tdp_core::addr::{Gfn, Level, Pfn, SlotId};
 use tdp_core::memslot::Memslot;
 use tdp_core::mmu::Mmu;
 use tdp_core::sync::Ordering;
-use tdp_svm::asid::TlbControl;
+use tdp_svm::asid::{AsidAllocator, TlbControl};
 use tdp_svm::caps::{LEAF_EXT_FEATURES, LEAF_SVM, NptFeatures, SvmCapabilities};
 use tdp_svm::host::{IdentityRegion, IdentityTranslate, PhysRange, SvmHost, TableFrames};
 use tdp_svm::instr::SvmInstructions;
@@ -84,7 +84,8 @@ pub fn probe() -> Result<(), String> {
     // Whether a second processor exists is known only after waking it, and it needs the shared state
     // first: build the two-vCPU guest, wake, and let vCPU 0 skip the two-vCPU part if nobody answered.
     let (entry0, entry1) = guest::build(true)?;
-    let shared = hv::SHARED.call_once(|| Shared { mmu, npt, entries: [entry0, entry1] });
+    let asids = spin::Mutex::new(AsidAllocator::new(npt.asids));
+    let shared = hv::SHARED.call_once(|| Shared { mmu, npt, entries: [entry0, entry1], asids });
     println!("SVM-PROBE flush value {:?}", shared.mmu.host().tlb.flush_one());
     let others = smp::wake_others()?;
     println!("SVM-PROBE other processors that ran the wake-up trampoline: {others}");
@@ -174,7 +175,10 @@ fn report(shared: &Shared, out0: &Outcome, out1: Option<&Result<Outcome, String>
 /// (each vCPU's own pages in its own ring); phase B's hold each vCPU's own pages in its own ring; memory
 /// holds the last values (a shared page one of the two vCPUs' values).
 fn two_vcpus(out0: &Outcome, out1: &Outcome, failures: &mut Vec<String>) {
-    println!("SVM-PROBE vCPU 1: {} exits, faults {:?}, ring {:?}", out1.exits, out1.counters, out1.ring);
+    println!(
+        "SVM-PROBE vCPU 1: ASID {}, {} exits, faults {:?}, ring {:?}",
+        out1.asid, out1.exits, out1.counters, out1.ring
+    );
     if let Some(e) = &out1.error {
         failures.push(e.clone());
     }
