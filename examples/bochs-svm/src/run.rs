@@ -110,7 +110,10 @@ fn report(shared: &Shared, out0: &Outcome, out1: Option<&Result<Outcome, String>
         println!("SVM-PROBE npf {i}: EXITINFO1={info1:#x} EXITINFO2={info2:#x}");
     }
     println!("SVM-PROBE nRIP at VMMCALLs (rip, nrip): {:x?}", out0.nrips);
-    println!("SVM-PROBE vCPU 0: {} exits, faults {:?}, ring {:?}", out0.exits, out0.counters, out0.ring);
+    println!(
+        "SVM-PROBE vCPU 0: ASID {}, {} exits, faults {:?}, ring {:?}",
+        out0.asid, out0.exits, out0.counters, out0.ring
+    );
     let mut failures = Vec::new();
     if let Some(e) = &out0.error {
         failures.push(e.clone());
