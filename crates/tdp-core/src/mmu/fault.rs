@@ -188,7 +188,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         let write = fault.access == AccessKind::Write;
         // One test for the common case (a violation on a non-present entry, with A/D bits).
         if fault.kind != (FaultKind::Violation { present: false }) || self.fast_on_any_violation {
-            let shared = self.read_for_fault(vcpu.group.unwrap_or(0));
+            let shared = self.read_for_fault(vcpu.group);
             if let Some(outcome) =
                 shared.fault_before_translation(root, &mut vcpu.slot.index, fault, dirty)?
             {
@@ -198,7 +198,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         let seq = self.invalidation.snapshot();
         let mut generation = self.slots_generation.load(Ordering::Acquire);
         if !vcpu.slot.covers(as_id, gfn, generation) {
-            let shared = self.read_for_fault(vcpu.group.unwrap_or(0));
+            let shared = self.read_for_fault(vcpu.group);
             let Some(slot) = shared.slots.find_hinted(as_id, gfn, &mut vcpu.slot.index).copied() else {
                 return Ok(shared.no_slot_fault(&mut vcpu.cache, root, gfn));
             };
@@ -215,7 +215,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if write && !host.writable {
             return Err(HostFaultError::ReadOnly { gfn }.into());
         }
-        let shared = self.read_for_fault(vcpu.group.unwrap_or(0));
+        let shared = self.read_for_fault(vcpu.group);
         // Checked again under the lock: invalidation happens under the write lock, so a root valid now
         // stays valid (and untouched by the zap of invalid roots) until this fault drops the lock.
         if !root.is_valid() {

@@ -34,7 +34,7 @@ pub(super) const GROUPS: usize = 32;
 const WRITER: u64 = 1 << 63;
 
 /// One group's line.
-struct Group {
+pub(super) struct GroupLine {
     /// Faults inside the read side through this group, and [`WRITER`].
     word: AtomicU64,
     /// Present leaves per level as this group's deltas (wrapping; the sum over groups is the count).
@@ -43,7 +43,7 @@ struct Group {
 
 /// The groups' lines.
 pub(super) struct VcpuGroups {
-    groups: [CachePadded<Group>; GROUPS],
+    groups: [CachePadded<GroupLine>; GROUPS],
     next_group: AtomicU64,
 }
 
@@ -51,7 +51,7 @@ impl VcpuGroups {
     pub(super) fn new() -> Self {
         VcpuGroups {
             groups: core::array::from_fn(|_| {
-                CachePadded::new(Group {
+                CachePadded::new(GroupLine {
                     word: AtomicU64::new(0),
                     leaves: core::array::from_fn(|_| AtomicU64::new(0)),
                 })
@@ -65,28 +65,10 @@ impl VcpuGroups {
         (self.next_group.fetch_add(1, Ordering::Relaxed) % GROUPS as u64) as u8
     }
 
+    /// Group `group`'s line (any number: it is masked).
     #[inline]
-    fn group(&self, group: u8) -> &Group {
+    pub(super) fn line(&self, group: u8) -> &GroupLine {
         &self.groups[usize::from(group) & (GROUPS - 1)]
-    }
-
-    /// Enters the read side through `group`; false (nothing held) when a writer is there.
-    #[inline]
-    fn try_enter(&self, group: u8) -> bool {
-        let word = &self.group(group).word;
-        // Acquire: a writer's changes, made before it cleared the bit this add found clear, are seen.
-        if word.fetch_add(1, Ordering::Acquire) & WRITER == 0 {
-            return true;
-        }
-        word.fetch_sub(1, Ordering::Relaxed);
-        false
-    }
-
-    /// Leaves the read side entered through `group`. Release: the writer that waits for the count to
-    /// drain sees everything the fault did.
-    #[inline]
-    fn exit(&self, group: u8) {
-        self.group(group).word.fetch_sub(1, Ordering::Release);
     }
 
     /// Called by the holder of the write lock: keeps faults out of their groups and waits for those
@@ -110,15 +92,6 @@ impl VcpuGroups {
         }
     }
 
-    /// Adds `n` (may be negative) to the leaves at `level`, in `group`'s share.
-    #[inline]
-    pub(super) fn add_leaves(&self, group: u8, level: Level, n: i64) {
-        // Statistics: no other data is published through them, so Relaxed.
-        if let Some(counter) = self.group(group).leaves.get(level.idx()) {
-            counter.fetch_add(n as u64, Ordering::Relaxed);
-        }
-    }
-
     /// Present leaves per level, summed over the groups.
     pub(super) fn leaves(&self) -> [u64; 3] {
         core::array::from_fn(|level| {
@@ -127,7 +100,36 @@ impl VcpuGroups {
     }
 }
 
-/// The memslots as a reader holds them: through the lock's read side, or through a reader group.
+impl GroupLine {
+    /// Enters the read side through this group; false (nothing held) when a writer is there.
+    #[inline]
+    fn try_enter(&self) -> bool {
+        // Acquire: a writer's changes, made before it cleared the bit this add found clear, are seen.
+        if self.word.fetch_add(1, Ordering::Acquire) & WRITER == 0 {
+            return true;
+        }
+        self.word.fetch_sub(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Leaves the read side entered through this group. Release: the writer that waits for the count
+    /// to drain sees everything the fault did.
+    #[inline]
+    fn exit(&self) {
+        self.word.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Adds `n` (may be negative) to this group's share of the leaves at `level`.
+    #[inline]
+    pub(super) fn add_leaves(&self, level: Level, n: i64) {
+        // Statistics: no other data is published through them, so Relaxed.
+        if let Some(counter) = self.leaves.get(level.idx()) {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The memslots as a reader holds them: through the lock's read side, or through a vCPU group.
 pub(super) enum SlotsRead<'a, R: RawRwLock> {
     /// An ordinary read guard of the MMU lock.
     Locked(RwLockReadGuard<'a, R, MemslotSet>),
@@ -135,43 +137,42 @@ pub(super) enum SlotsRead<'a, R: RawRwLock> {
     Group {
         /// The lock's data, valid while the count is held (no writer holds the lock's data then).
         slots: &'a MemslotSet,
-        /// The lock, to fall back to when the group is given up for a while.
-        lock: &'a RwLock<R, MemslotSet>,
-        groups: &'a VcpuGroups,
-        group: u8,
+        /// The group's line, whose count is held.
+        line: &'a GroupLine,
     },
     /// Nothing held: only inside [`SlotsRead::unlocked`], while the yield runs.
     Released,
 }
 
 impl<'a, R: RawRwLock> SlotsRead<'a, R> {
-    /// The read side for a fault of `group`: the group's count, or the lock's read side while a writer
-    /// is there.
+    /// The read side for a fault whose vCPU group has `line`: the group's count, or the lock's read
+    /// side while a writer is there.
     #[inline]
-    pub(super) fn for_fault(lock: &'a RwLock<R, MemslotSet>, groups: &'a VcpuGroups, group: u8) -> Self {
-        if groups.try_enter(group) {
+    pub(super) fn for_fault(lock: &'a RwLock<R, MemslotSet>, line: &'a GroupLine) -> Self {
+        if line.try_enter() {
             // SAFETY: the group's count is held and no writer was there when it was taken: a writer sets
             // its bit in every group and waits for each count to drain before it touches the data
             // (`block`), and clears the bits only when done with it, so the data is not written (and no
             // `&mut` to it exists) until this guard drops.
             let slots = unsafe { &*lock.data_ptr() };
-            SlotsRead::Group { slots, lock, groups, group }
+            SlotsRead::Group { slots, line }
         } else {
             SlotsRead::Locked(lock.read())
         }
     }
 
-    /// Runs `f` with the read side dropped, then takes it again (a yield).
-    pub(super) fn unlocked<U>(this: &mut Self, f: impl FnOnce() -> U) -> U {
+    /// Runs `f` with the read side dropped, then takes it again from `lock` (the lock it was taken
+    /// from): a yield.
+    pub(super) fn unlocked<U>(this: &mut Self, lock: &'a RwLock<R, MemslotSet>, f: impl FnOnce() -> U) -> U {
         match this {
             SlotsRead::Locked(guard) => RwLockReadGuard::unlocked(guard, f),
-            SlotsRead::Group { lock, groups, group, .. } => {
-                let (lock, groups, group) = (*lock, *groups, *group);
+            SlotsRead::Group { line, .. } => {
+                let line = *line;
                 // Dropping the group's guard leaves the group; `Released` holds nothing, so a panic in
                 // `f` leaves nothing to give back twice.
                 *this = SlotsRead::Released;
                 let result = f();
-                *this = SlotsRead::for_fault(lock, groups, group);
+                *this = SlotsRead::for_fault(lock, line);
                 result
             }
             SlotsRead::Released => unreachable!("a released read side is replaced before it is used"),
@@ -195,8 +196,8 @@ impl<R: RawRwLock> Deref for SlotsRead<'_, R> {
 impl<R: RawRwLock> Drop for SlotsRead<'_, R> {
     #[inline]
     fn drop(&mut self) {
-        if let SlotsRead::Group { groups, group, .. } = self {
-            groups.exit(*group);
+        if let SlotsRead::Group { line, .. } = self {
+            line.exit();
         }
     }
 }

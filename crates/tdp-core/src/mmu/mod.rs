@@ -206,13 +206,14 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
 
     /// Takes the MMU lock for read: faults and other compare-exchange paths.
     pub fn read(&self) -> SharedMmu<'_, H, R> {
-        SharedMmu { mmu: self, slots: SlotsRead::Locked(self.lock.read()), group: 0 }
+        SharedMmu { mmu: self, slots: SlotsRead::Locked(self.lock.read()), line: self.groups.line(0) }
     }
     /// The read side for a fault of a vCPU in reader group `group`: its group's count, which no other
     /// group writes, unless a writer is there.
     #[inline]
     fn read_for_fault(&self, group: u8) -> SharedMmu<'_, H, R> {
-        SharedMmu { mmu: self, slots: SlotsRead::for_fault(&self.lock, &self.groups, group), group }
+        let line = self.groups.line(group);
+        SharedMmu { mmu: self, slots: SlotsRead::for_fault(&self.lock, line), line }
     }
     /// Takes the MMU lock for write: memslot changes, zaps, root invalidation.
     pub fn write(&self) -> ExclusiveMmu<'_, H, R> {
@@ -239,8 +240,9 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// [`AllocError`] when a new root is needed and no page can be had; the vCPU then has no root.
     pub fn load_root(&self, vcpu: &mut VcpuMmu, as_id: AsId) -> Result<crate::addr::Pfn, AllocError> {
         self.put_root(vcpu);
-        if vcpu.group.is_none() {
-            vcpu.group = Some(self.groups.assign());
+        if !vcpu.group_assigned {
+            vcpu.group = self.groups.assign();
+            vcpu.group_assigned = true;
         }
         self.topup(&mut vcpu.cache)?;
         let _shared = self.lock.read();
@@ -328,9 +330,9 @@ impl<H: Host, R: RawRwLock> Drop for Mmu<H, R> {
 pub struct SharedMmu<'a, H: Host, R: RawRwLock> {
     mmu: &'a Mmu<H, R>,
     slots: SlotsRead<'a, R>,
-    /// The group of the vCPU whose fault holds this (0 for other readers): where the leaves it installs
-    /// are counted.
-    group: u8,
+    /// The line of the vCPU group whose fault holds this (group 0's for other readers): where the
+    /// leaves it installs are counted.
+    line: &'a groups::GroupLine,
 }
 
 /// The MMU with its lock held for write.

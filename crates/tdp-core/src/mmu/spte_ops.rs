@@ -86,13 +86,21 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
     /// The bookkeeping of a leaf appearing where nothing was, counted in group `group`: the common case
     /// of [`Mmu::handle_changed_spte`].
     #[inline(always)]
-    pub(super) fn leaf_appeared(&self, group: u8, as_id: AsId, gfn: Gfn, old: Spte, new: Spte, level: Level) {
+    pub(super) fn leaf_appeared(
+        &self,
+        line: &super::groups::GroupLine,
+        as_id: AsId,
+        gfn: Gfn,
+        old: Spte,
+        new: Spte,
+        level: Level,
+    ) {
         #[cfg(debug_assertions)]
         if let Err(e) = self.format().check(new, level) {
             panic!("SPTE change at {gfn:?} {level:?} in {as_id:?}: {e}");
         }
         self.host.spte_changed(as_id, gfn, level, old, new);
-        self.groups.add_leaves(group, level, 1);
+        line.add_leaves(level, 1);
     }
 
     /// Sets the iterator's entry to `new` under the write lock (KVM's `tdp_mmu_iter_set_spte`). Uses an
@@ -147,7 +155,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         }
         // The fault path's common case, kept short: a leaf appears where nothing was.
         if !old.is_present() && new.is_present() && new.is_leaf(level) {
-            self.leaf_appeared(0, as_id, gfn, old, new, level);
+            self.leaf_appeared(self.groups.line(0), as_id, gfn, old, new, level);
             return;
         }
         #[cfg(debug_assertions)]
@@ -174,10 +182,10 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
             "a present leaf changed frame without being zapped first: {old:?} -> {new:?}"
         );
         if was_leaf {
-            self.groups.add_leaves(0, level, -1);
+            self.groups.line(0).add_leaves(level, -1);
         }
         if is_leaf {
-            self.groups.add_leaves(0, level, 1);
+            self.groups.line(0).add_leaves(level, 1);
         }
         if let Some(child) = fmt.child_table(old, level)
             && fmt.child_table(new, level) != Some(child)
@@ -242,7 +250,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
     /// (the leaf itself and the new table were counted when the SPTE changed).
     pub(super) fn count_split(&self, level: Level) {
         let child_level = level.lower().expect("only huge leaves are split");
-        self.groups.add_leaves(0, child_level, 512);
+        self.groups.line(0).add_leaves(child_level, 512);
         super::stats::Stats::bump(&self.stats.huge_splits);
     }
 }
@@ -265,7 +273,7 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         // Orderings as in `cmpxchg_spte`.
         match entry.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
-                self.mmu.leaf_appeared(self.group, as_id, gfn, old, new, level);
+                self.mmu.leaf_appeared(self.line, as_id, gfn, old, new, level);
                 Ok(())
             }
             Err(current) => Err(Spte(current)),

@@ -52,8 +52,9 @@ pub struct VcpuMmu {
     pub(super) slot: SlotHint,
     pub(super) root: Option<RootRef>,
     /// The group whose cache line the vCPU's faults write (their read side of the MMU lock, their leaf
-    /// counts); assigned when the vCPU loads its first root.
-    pub(super) group: Option<u8>,
+    /// counts); assigned when the vCPU loads its first root (0 until then).
+    pub(super) group: u8,
+    pub(super) group_assigned: bool,
 }
 
 /// The memslot a vCPU faulted in last.
@@ -106,7 +107,8 @@ impl VcpuMmu {
             counters: FaultCounters { fixed: 0, spurious: 0, retried: 0, emulated: 0 },
             slot: SlotHint::EMPTY,
             root: None,
-            group: None,
+            group: 0,
+            group_assigned: false,
         }
     }
 

@@ -121,7 +121,7 @@ impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
         while let Some((root, as_id)) = mmu.roots.take_invalid() {
             let slots = &mut self.slots;
             mmu.zap_root(root, as_id, LockMode::Shared, &mut || {
-                SlotsRead::unlocked(slots, || mmu.host.yield_now());
+                SlotsRead::unlocked(slots, &mmu.lock, || mmu.host.yield_now());
             });
             mmu.release_root(root);
         }
