@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{Server, both, json, kvm_or_skip, run};
-use tdp_cli::proto::{MAX_RUN, Message, PAGE_SIZE, VERSION};
+use tdp_cli::proto::{MAX_RUN, Message, PAGE_SIZE, SlotInfo, VERSION};
 
 /// A generous bound for anything the receiver does in response to a connection.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -26,8 +26,10 @@ fn frame(m: &Message) -> Vec<u8> {
     buf
 }
 
+/// A `Hello` for one memslot (slot 0 at address 0) of `pages` pages.
 fn hello(pages: u64, session: u64) -> Message {
-    Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, pages, session, resume: false }
+    let slots = vec![SlotInfo::new(0, 0, pages)];
+    Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, session, resume: false, slots }
 }
 
 /// Sends `bytes` on a new connection and closes it.
@@ -329,22 +331,33 @@ fn hostile(kind: usize, round: u64) -> Vec<u8> {
             h[5..9].copy_from_slice(b"HTTP"); // a Hello with a bad magic
             h
         }
-        9 => frame(&Message::Hello { version: 99, page_size: 4096, pages: 4, session: 1, resume: false }),
+        9 => {
+            let mut h = frame(&hello(4, round));
+            h[9..11].copy_from_slice(&99u16.to_le_bytes()); // another protocol version
+            h
+        }
         10 => {
-            frame(&Message::Hello { version: VERSION, page_size: 512, pages: 4, session: 1, resume: false })
+            let slots = vec![SlotInfo::new(0, 0, 4)];
+            frame(&Message::Hello { version: VERSION, page_size: 512, session: 1, resume: false, slots })
         }
         11 => frame(&hello(0, round)),
         12 => frame(&hello(u64::MAX, round)),
         13 => frame(&hello((1 << 40) / PAGE_SIZE as u64, round)), // over --max-memory
         14 => frame(&Message::Welcome { version: VERSION, resumed: true, received: u64::MAX }),
-        15 => frame(&Message::Pages { first: u64::MAX, data: vec![0; PAGE_SIZE] }),
+        15 => frame(&Message::Pages { slot: 0, first: u64::MAX, data: vec![0; PAGE_SIZE] }),
         16 => frame(&Message::RoundEnd { round: u32::MAX, pages: u64::MAX }),
         17 => frame(&Message::Error { code: 4, text: "\x1b[31m\r\nforged".into() }),
         18 => [&b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..], &noise[..20]].concat(), // TLS
         _ => {
-            // A session that sends a run past its memory, then a run as long as allowed.
-            h.extend(frame(&Message::Pages { first: 3, data: vec![0; 2 * PAGE_SIZE] }));
-            h.extend(frame(&Message::Pages { first: 0, data: vec![0; MAX_RUN as usize * PAGE_SIZE] }));
+            // A session that sends a run past its memory, a run of a slot it did not announce, then a
+            // run as long as allowed.
+            h.extend(frame(&Message::Pages { slot: 0, first: 3, data: vec![0; 2 * PAGE_SIZE] }));
+            h.extend(frame(&Message::Pages { slot: 1, first: 0, data: vec![0; PAGE_SIZE] }));
+            h.extend(frame(&Message::Pages {
+                slot: 0,
+                first: 0,
+                data: vec![0; MAX_RUN as usize * PAGE_SIZE],
+            }));
             h
         }
     }
