@@ -22,7 +22,7 @@ use crate::receiver::hex;
 
 mod report;
 
-pub use report::{FailureCause, MigrationFailure, MigrationReport, Progress, RoundReport, Silent};
+pub use report::{FailureCause, MigrationFailure, MigrationReport, Progress, RoundReport, Silent, SlotSent};
 
 /// How to migrate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,7 +74,10 @@ pub fn migrate<S: Read + Write + Timeouts>(
 ) -> Result<MigrationReport, MigrationFailure> {
     let mut pending = PendingSet::full(guest.slots());
     let session = session_id();
+    let slots =
+        guest.slots().iter().map(|&slot| SlotSent { slot, pages_sent: 0, dirty_pages_sent: 0 }).collect();
     let mut m = Migration {
+        slots,
         started: Instant::now(),
         rounds: Vec::new(),
         sent_total: 0,
@@ -127,6 +130,8 @@ fn session_id() -> u64 {
 }
 
 struct Migration<S> {
+    /// What was sent of each slot.
+    slots: Vec<SlotSent>,
     started: Instant,
     rounds: Vec<RoundReport>,
     sent_total: u64,
@@ -221,8 +226,18 @@ impl<S: Read + Write + Timeouts> Migration<S> {
         progress: &mut dyn Progress,
     ) -> Result<u64, FailureCause> {
         loop {
+            // A round that succeeds sends the whole pending set: what each slot holds now is what it sent.
+            let per_slot: Vec<u64> = self.slots.iter().map(|s| pending.len_of(s.slot.slot)).collect();
             match send_round(guest, self.link()?, pending, round, progress) {
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    for (s, sent) in self.slots.iter_mut().zip(per_slot) {
+                        s.pages_sent += sent;
+                        if round > 0 {
+                            s.dirty_pages_sent += sent;
+                        }
+                    }
+                    return Ok(n);
+                }
                 Err(FailureCause::Link(e)) => self.reconnect(e, guest, connect, pending, progress)?,
                 Err(e) => return Err(e),
             }
@@ -337,6 +352,7 @@ impl<S: Read + Write + Timeouts> Migration<S> {
             source_digest: hex(&source),
             destination_digest: hex(&dest),
             verified,
+            slots: std::mem::take(&mut self.slots),
             vcpus: guest.figures(),
         })
     }

@@ -112,6 +112,12 @@ pub fn migration_text(r: &MigrationReport) -> String {
         human_bytes(r.bytes_sent),
         duration(r.total_ms)
     ));
+    for x in &r.slots {
+        s.push_str(&format!(
+            "{}: {} pages sent, {} of them dirtied after the bulk copy\n",
+            x.slot, x.pages_sent, x.dirty_pages_sent
+        ));
+    }
     for (i, v) in r.vcpus.iter().enumerate() {
         s.push_str(&format!(
             "vCPU {i}: {} page writes, {} ring-full exits, throttled at {} exits ({} asleep)\n",
@@ -123,7 +129,7 @@ pub fn migration_text(r: &MigrationReport) -> String {
     }
     if r.verified {
         s.push_str(&format!(
-            "verified: destination memory equals the source byte for byte (BLAKE3 {}, {})\n",
+            "verified: destination memory equals the source byte for byte, every memslot (BLAKE3 {}, {})\n",
             r.destination_digest,
             duration(r.verify_ms)
         ));

@@ -225,6 +225,13 @@ fn i4_pages_dirtied_in_every_slot_reach_the_destination_under_their_slot() {
     assert_eq!(held.len(), 2);
     assert_eq!(r.rounds.iter().map(|x| x.pages_sent).collect::<Vec<_>>(), [64 + CODE_PAGES, 2, 1]);
     assert_eq!(r.final_pages, 2);
+    let sent: Vec<(u32, u64, u64)> =
+        r.slots.iter().map(|s| (s.slot.slot, s.pages_sent, s.dirty_pages_sent)).collect();
+    assert_eq!(
+        sent,
+        [(CODE, CODE_PAGES + 3, 3), (DATA, 64 + 2, 2)],
+        "each dirty page went out under its slot"
+    );
 }
 
 #[test]
@@ -243,6 +250,7 @@ fn i4_a_slot_whose_dirty_pages_are_not_sent_fails_the_verification() {
     let source = slot_digests(&guest);
     assert_ne!(got.slots[0].digest, source[0].1, "the code slot differs");
     assert_eq!(got.slots[1].digest, source[1].1, "the data slot is intact");
+    assert_eq!(r.slots[0].dirty_pages_sent, 0, "no code page went out after the bulk copy");
 }
 
 #[test]
