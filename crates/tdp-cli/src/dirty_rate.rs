@@ -248,7 +248,7 @@ pub fn measure_sampling(
     // A pass hashes every sampled page; halfway through it notes the time and the guest's write counts:
     // a page's place in the shuffled order is uniform, so the middle of a pass is where its pages are
     // hashed on average, and the time between the two middles is how long a sampled page was watched.
-    let mut pass = |guest: &dyn Guest| -> Result<(Vec<[u8; 32]>, Instant, Vec<u64>), GuestError> {
+    let mut pass = |guest: &dyn Guest| -> Result<Pass, GuestError> {
         let mut middle = None;
         let mut hashes = Vec::with_capacity(order.len());
         for (k, &(i, p)) in order.iter().enumerate() {
@@ -258,18 +258,18 @@ pub fn measure_sampling(
             guest.read_page(slots[i].slot, p, &mut buf)?;
             hashes.push(*blake3::hash(&buf).as_bytes());
         }
-        let (at, w) = middle.unwrap_or_else(|| (Instant::now(), writes(guest)));
-        Ok((hashes, at, w))
+        let (middle, writes) = middle.unwrap_or_else(|| (Instant::now(), writes(guest)));
+        Ok(Pass { hashes, middle, writes })
     };
     let mut scratch = PendingSet::new(&slots);
     guest.harvest(&mut scratch)?;
-    let (before, start, writes_before) = pass(guest)?;
+    let Pass { hashes: before, middle: start, writes: writes_before } = pass(guest)?;
     // The second pass's middle comes half a pass after it starts: start it that much early (a pass takes
     // about as long as the last one, which ended half a pass after its middle).
     let half_pass = start.elapsed();
     let rest = window.saturating_sub(half_pass + half_pass);
     guest.run_for(rest, &mut scratch)?;
-    let (after, end, writes_after) = pass(guest)?;
+    let Pass { hashes: after, middle: end, writes: writes_after } = pass(guest)?;
     let secs = end.duration_since(start).as_secs_f64().max(1e-9);
 
     let mut per_slot: Vec<SlotSample> =
@@ -302,6 +302,16 @@ pub fn measure_sampling(
     };
     let source = "guest writes per vCPU (sampling cannot tell vCPUs apart)";
     Ok(report(secs, &counts, &counts, estimated, source, Some(figures)))
+}
+
+/// One hashing pass of [`measure_sampling`].
+struct Pass {
+    /// Each sampled page's hash, in the pass's order.
+    hashes: Vec<[u8; 32]>,
+    /// When the pass was halfway.
+    middle: Instant,
+    /// The vCPUs' write counts then.
+    writes: Vec<u64>,
 }
 
 fn writes(guest: &dyn Guest) -> Vec<u64> {

@@ -128,7 +128,7 @@ fn the_three_modes_agree_on_a_known_dirtying_rate() {
                         );
                     }
                     let writes: u64 = r.vcpus.iter().map(|v| v.writes).sum();
-                    premise.then(|| (r, writes, slots, share))
+                    premise.then_some((r, writes, slots, share))
                 })
                 .unwrap_or_else(|| {
                     panic!("{}: the window stretched past its premise three times", s.backend)
