@@ -694,6 +694,14 @@ impl SpteFormat {
     pub const fn write_protected(&self, spte: Spte) -> Spte {
         Spte(spte.0 & !(EptBits::WRITE.bits() | self.access_tracked_write_bit()))
     }
+    /// `spte` without W, without MMU-writable and without the saved W of an access-tracked leaf (KVM's
+    /// `kvm_tdp_mmu_write_protect_gfn`, for write tracking): unlike [`SpteFormat::write_protected`],
+    /// the fast path can no longer make it writable; only a fault that finds the gfn untracked can.
+    #[must_use]
+    #[inline]
+    pub const fn write_protected_for_tracking(&self, spte: Spte) -> Spte {
+        Spte(self.write_protected(spte).0 & !self.mmu_writable_mask)
+    }
     /// `spte` with D clear (KVM's `clear_dirty_gfn_range` with A/D bits): hardware sets it, and logs
     /// the gfn to PML, at the next write.
     #[must_use]

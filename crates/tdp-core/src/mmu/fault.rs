@@ -46,6 +46,9 @@ pub enum EmulateReason {
     Mmio,
     /// A write to a read-only memslot (KVM exits to the VMM as MMIO).
     ReadOnlySlot,
+    /// A write to a write-tracked gfn (KVM's page-track, `RET_PF_WRITE_PROTECTED`): whoever tracks it
+    /// emulates the write (and, shadowing a nested hypervisor's tables, mirrors it).
+    WriteTracked,
 }
 
 /// A fault that could not be handled. The tables are consistent after every one of these.
@@ -145,6 +148,10 @@ struct Translated<'s> {
     gfn: Gfn,
     host: HostPage,
     write: bool,
+    /// The gfn is write-tracked (and the access is not a write): a read-only leaf.
+    tracked: bool,
+    /// Some gfn of the VM is write-tracked: huge leaves must avoid them.
+    tracking: bool,
 }
 
 /// What a fault installs: `spte` at `level` on `gfn`'s path in `as_id`.
@@ -224,7 +231,13 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if shared.slots.generation() != generation || self.invalidation.must_retry(seq, gfn) {
             return Ok(FaultOutcome::Retry);
         }
-        let translated = Translated { slot, gfn, host, write };
+        let track = shared.slots.write_track();
+        let tracking = !track.is_empty();
+        let tracked = tracking && track.is_tracked(as_id, gfn);
+        if tracked && write {
+            return Ok(FaultOutcome::Emulate(EmulateReason::WriteTracked));
+        }
+        let translated = Translated { slot, gfn, host, write, tracked, tracking };
         Ok(shared.map_translated(&mut vcpu.cache, root, translated, dirty))
     }
 }
@@ -267,13 +280,13 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         translated: Translated<'_>,
         dirty: &mut dyn DirtySink,
     ) -> FaultOutcome {
-        let Translated { slot, gfn, host, write } = translated;
+        let Translated { slot, gfn, host, write, tracked, tracking } = translated;
         let mmu = self.mmu;
         // Keeps every table the walk below can reach allocated until the fault returns.
         let _walk = mmu.host.begin_walk();
         let walk = mmu.walk_gfn(root.pfn(), gfn);
         let logged = slot.is_dirty_logged();
-        let writable = slot.is_writable() && host.writable && (write || !logged);
+        let writable = slot.is_writable() && host.writable && (write || !logged) && !tracked;
         let memtype = mmu.memtype_bits(host.memory);
         let (outcome, leaf_write) = if writable && (logged || host.level == Level::L1) {
             // The common case, written out for the compiler: a writable 4 KiB leaf (the goal level is
@@ -285,7 +298,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             (self.map_from(cache, walk, target), LeafWrite::Writable)
         } else if writable {
             // A writable leaf where the host maps huge in an unlogged slot: the 2 MiB (or 1 GiB) fault.
-            let level = self.huge_goal_level(slot, gfn, host.pfn, host.level);
+            let level = self.huge_goal_level(slot, gfn, host.pfn, host.level, tracking);
             debug_assert_eq!(level, self.goal_level(slot, gfn, host.pfn, host.level));
             let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
             let leaf = mmu.leaf_templates.leaf(pfn, level, LeafWrite::Writable, memtype);
@@ -299,7 +312,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             (outcome, LeafWrite::Writable)
         } else {
             let level = self.goal_level(slot, gfn, host.pfn, host.level);
-            let leaf_write = self.leaf_write_otherwise(slot, host.writable);
+            let leaf_write = self.leaf_write_otherwise(slot, host.writable, tracked);
             let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
             let leaf = mmu.leaf_templates.leaf(pfn, level, leaf_write, memtype);
             debug_assert_eq!(leaf, self.expected_leaf(pfn, level, leaf_write, memtype));
@@ -332,10 +345,14 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     }
 
     /// The writability of a fault's leaf when it is not simply [`LeafWrite::Writable`] (a read in a
-    /// logged slot, a read-only slot or host page).
+    /// logged slot, a read-only slot or host page, a write-tracked gfn).
     #[cold]
     #[inline(never)]
-    fn leaf_write_otherwise(&self, slot: &Memslot, host_writable: bool) -> LeafWrite {
+    fn leaf_write_otherwise(&self, slot: &Memslot, host_writable: bool, tracked: bool) -> LeafWrite {
+        if tracked {
+            // Write-tracked: not MMU-writable, so that the fast path cannot make it writable.
+            return LeafWrite::ReadOnly { host_writable };
+        }
         match (slot.is_writable(), host_writable) {
             // A read in a logged slot must leave the first write visible: to the fast path
             // (write-protected) or, with PML, to hardware's D bit and log (clean).
@@ -386,7 +403,16 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         if slot.is_dirty_logged() || host_level == Level::L1 {
             return Level::L1;
         }
-        self.huge_goal_level(slot, gfn, pfn, host_level)
+        let tracking = !self.slots.write_track().is_empty();
+        self.huge_goal_level(slot, gfn, pfn, host_level, tracking)
+    }
+
+    /// Whether a write-tracked gfn lies in `[start, start + pages)` of `as_id`: no huge leaf may cover
+    /// it. Out of line: only a VM that tracks something asks.
+    #[cold]
+    #[inline(never)]
+    fn any_tracked_in(&self, as_id: AsId, start: Gfn, pages: u64) -> bool {
+        self.slots.write_track().any_in(as_id, start, pages)
     }
 
     /// [`SharedMmu::goal_level`] when the host maps the page huge and the slot is not logged: the
@@ -394,7 +420,14 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     /// lies in the slot ([`Memslot::allows_huge`]) and maps frames aligned like the gfns. Written on
     /// index shifts (one mask per level), as it runs on every huge fault.
     #[inline]
-    fn huge_goal_level(&self, slot: &Memslot, gfn: Gfn, pfn: Pfn, host_level: Level) -> Level {
+    fn huge_goal_level(
+        &self,
+        slot: &Memslot,
+        gfn: Gfn,
+        pfn: Pfn,
+        host_level: Level,
+        tracking: bool,
+    ) -> Level {
         let top = (host_level as u8).min(self.mmu.format().max_leaf_level() as u8);
         let host_page = slot.host_base >> crate::addr::PAGE_SHIFT;
         let slot_end = slot.base_gfn.0 + slot.pages;
@@ -402,9 +435,12 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         while shift > 0 {
             let mask = (1u64 << shift) - 1;
             let start = gfn.0 & !mask;
-            // `Memslot::allows_huge`, and the frame aligned like the gfn.
+            // `Memslot::allows_huge`, the frame aligned like the gfn, and no write-tracked gfn below.
             let fits = start >= slot.base_gfn.0 && start + mask < slot_end;
-            if fits && ((slot.base_gfn.0 ^ host_page) | (pfn.0 ^ gfn.0)) & mask == 0 {
+            if fits
+                && ((slot.base_gfn.0 ^ host_page) | (pfn.0 ^ gfn.0)) & mask == 0
+                && !(tracking && self.any_tracked_in(slot.as_id, Gfn(start), mask + 1))
+            {
                 break;
             }
             shift -= crate::addr::BITS_PER_LEVEL;

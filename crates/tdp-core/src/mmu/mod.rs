@@ -24,6 +24,7 @@ mod groups;
 mod root;
 mod spte_ops;
 mod stats;
+mod track;
 mod vcpu;
 mod walk;
 mod zap;

@@ -8,6 +8,10 @@
 //! Keeps: I1's reference side: the slot a gfn falls in (or none: MMIO) is what every mapping must agree
 //! with, and the generation changes on every update so that no cached MMIO SPTE outlives a slot change.
 
+mod track;
+
+pub use track::{TrackError, WriteTrack};
+
 use alloc::vec::Vec;
 
 use bitflags::bitflags;
@@ -205,13 +209,27 @@ pub struct MemslotSet {
     slots: Vec<Memslot>,
     generation: u64,
     max_gfn: Gfn,
+    track: WriteTrack,
 }
 
 impl MemslotSet {
     /// An empty set for tables that map gfns below `max_gfn`.
     #[must_use]
     pub const fn new(max_gfn: Gfn) -> Self {
-        MemslotSet { slots: Vec::new(), generation: 0, max_gfn }
+        MemslotSet { slots: Vec::new(), generation: 0, max_gfn, track: WriteTrack::new() }
+    }
+
+    /// The write-tracked gfns ([`WriteTrack`]).
+    #[must_use]
+    #[inline]
+    pub fn write_track(&self) -> &WriteTrack {
+        &self.track
+    }
+
+    /// The write-tracked gfns, to change (the MMU does, under its write lock, with the protection
+    /// that goes with it).
+    pub(crate) fn write_track_mut(&mut self) -> &mut WriteTrack {
+        &mut self.track
     }
 
     /// Counts updates; MMIO SPTEs are tagged with its low bits.
@@ -346,7 +364,9 @@ impl MemslotSet {
             .position(|s| s.as_id == as_id && s.id == id)
             .ok_or(SlotError::NotFound { as_id, id })?;
         self.generation += 1;
-        Ok(self.slots.remove(at))
+        let slot = self.slots.remove(at);
+        self.track.forget_range(slot.as_id, slot.base_gfn, slot.end_gfn());
+        Ok(slot)
     }
 
     /// Changes the flags of slot `id` (KVM allows only the dirty-logging flag to change) and returns the
