@@ -500,6 +500,13 @@ impl SpteFormat {
     pub const fn is_executable(&self, spte: Spte) -> bool {
         spte.0 & (self.x_mask | self.nx_mask) == self.x_mask
     }
+    /// `spte` with instruction fetches forbidden (EPT: X clear; NPT: NX set): a huge leaf under the NX
+    /// huge-page mitigation (KVM's `make_spte` stripping `ACC_EXEC_MASK`).
+    #[must_use]
+    #[inline]
+    pub const fn non_executable(&self, spte: Spte) -> Spte {
+        Spte((spte.0 & !self.x_mask) | self.nx_mask)
+    }
     /// The accessed bit (always false without A/D).
     #[must_use]
     #[inline]

@@ -152,6 +152,16 @@ struct Translated<'s> {
     tracked: bool,
     /// Some gfn of the VM is write-tracked: huge leaves must avoid them.
     tracking: bool,
+    /// The access is an instruction fetch (the NX huge-page mitigation maps it small).
+    exec: bool,
+}
+
+/// What linking a table on a fault's path needs to know of the fault.
+#[derive(Clone, Copy)]
+struct Links {
+    as_id: AsId,
+    gfn: Gfn,
+    nx_track: u8,
 }
 
 /// What a fault installs: `spte` at `level` on `gfn`'s path in `as_id`.
@@ -161,6 +171,9 @@ struct Target {
     gfn: Gfn,
     level: Level,
     spte: Spte,
+    /// A fetch under the NX huge-page mitigation that could have mapped at this level (as a number; 0
+    /// otherwise): the tables it links at that level or below are tracked for recovery.
+    nx_track: u8,
 }
 
 impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
@@ -237,7 +250,8 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if tracked && write {
             return Ok(FaultOutcome::Emulate(EmulateReason::WriteTracked));
         }
-        let translated = Translated { slot, gfn, host, write, tracked, tracking };
+        let exec = fault.access == AccessKind::Exec;
+        let translated = Translated { slot, gfn, host, write, tracked, tracking, exec };
         Ok(shared.map_translated(&mut vcpu.cache, root, translated, dirty))
     }
 }
@@ -280,7 +294,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         translated: Translated<'_>,
         dirty: &mut dyn DirtySink,
     ) -> FaultOutcome {
-        let Translated { slot, gfn, host, write, tracked, tracking } = translated;
+        let Translated { slot, gfn, host, write, tracked, tracking, exec } = translated;
         let mmu = self.mmu;
         // Keeps every table the walk below can reach allocated until the fault returns.
         let _walk = mmu.host.begin_walk();
@@ -294,16 +308,21 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype);
             debug_assert_eq!(self.goal_level(slot, gfn, host.pfn, host.level), Level::L1);
             debug_assert_eq!(leaf, self.expected_leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype));
-            let target = Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf };
+            let target = Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf, nx_track: 0 };
             (self.map_from(cache, walk, target), LeafWrite::Writable)
         } else if writable {
             // A writable leaf where the host maps huge in an unlogged slot: the 2 MiB (or 1 GiB) fault.
             let level = self.huge_goal_level(slot, gfn, host.pfn, host.level, tracking);
             debug_assert_eq!(level, self.goal_level(slot, gfn, host.pfn, host.level));
+            let nx = mmu.nx.enabled();
+            let (level, nx_track) = if nx { self.nx_goal(root, gfn, level, exec) } else { (level, 0) };
             let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
-            let leaf = mmu.leaf_templates.leaf(pfn, level, LeafWrite::Writable, memtype);
+            let mut leaf = mmu.leaf_templates.leaf(pfn, level, LeafWrite::Writable, memtype);
             debug_assert_eq!(leaf, self.expected_leaf(pfn, level, LeafWrite::Writable, memtype));
-            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf };
+            if nx && level > Level::L1 {
+                leaf = mmu.format().non_executable(leaf);
+            }
+            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track };
             let outcome = if level.shift_in_frames() <= walk.shift {
                 self.map_from(cache, walk, target)
             } else {
@@ -312,11 +331,16 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             (outcome, LeafWrite::Writable)
         } else {
             let level = self.goal_level(slot, gfn, host.pfn, host.level);
+            let nx = mmu.nx.enabled();
+            let (level, nx_track) = if nx { self.nx_goal(root, gfn, level, exec) } else { (level, 0) };
             let leaf_write = self.leaf_write_otherwise(slot, host.writable, tracked);
             let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
-            let leaf = mmu.leaf_templates.leaf(pfn, level, leaf_write, memtype);
+            let mut leaf = mmu.leaf_templates.leaf(pfn, level, leaf_write, memtype);
             debug_assert_eq!(leaf, self.expected_leaf(pfn, level, leaf_write, memtype));
-            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf };
+            if nx && level > Level::L1 {
+                leaf = mmu.format().non_executable(leaf);
+            }
+            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track };
             (self.map_other(cache, root, walk, target), leaf_write)
         };
         if logged && leaf_write == LeafWrite::Writable && outcome == FaultOutcome::Fixed {
@@ -387,7 +411,11 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         let Some(mmio) = mmu.format().mmio(gfn, self.slots.generation()) else {
             return FaultOutcome::Emulate(EmulateReason::Mmio);
         };
-        match self.map(cache, root, Target { as_id: root.as_id(), gfn, level: Level::L1, spte: mmio }) {
+        match self.map(
+            cache,
+            root,
+            Target { as_id: root.as_id(), gfn, level: Level::L1, spte: mmio, nx_track: 0 },
+        ) {
             FaultOutcome::Fixed => {
                 Stats::bump(&mmu.stats.mmio_sptes_created);
                 FaultOutcome::Emulate(EmulateReason::Mmio)
@@ -405,6 +433,22 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         }
         let tracking = !self.slots.write_track().is_empty();
         self.huge_goal_level(slot, gfn, pfn, host_level, tracking)
+    }
+
+    /// The NX huge-page mitigation, when it is on, on a goal `level` (KVM's `kvm_mmu_hugepage_adjust`
+    /// with `huge_page_disallowed`, and `disallowed_hugepage_adjust`): a fetch maps 4 KiB, and the
+    /// tables it links up to `level` are tracked (the returned number); any other access maps huge, but
+    /// below a table a fetch linked. The caller makes a huge leaf non-executable.
+    #[cold]
+    #[inline(never)]
+    fn nx_goal(&self, root: &RootRef, gfn: Gfn, level: Level, exec: bool) -> (Level, u8) {
+        if level == Level::L1 {
+            return (level, 0);
+        }
+        if exec {
+            return (Level::L1, level as u8);
+        }
+        (self.mmu.nx_disallowed_adjust(root.pfn(), gfn, level), 0)
     }
 
     /// Whether a write-tracked gfn lies in `[start, start + pages)` of `as_id`: no huge leaf may cover
@@ -492,7 +536,8 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     #[inline(always)]
     fn map_from(&self, cache: &mut PageCache, walk: GfnWalk<'a>, target: Target) -> FaultOutcome {
         let mmu = self.mmu;
-        let Target { as_id, gfn, level: goal, spte: new } = target;
+        let Target { as_id, gfn, level: goal, spte: new, nx_track } = target;
+        let target_links = Links { as_id, gfn, nx_track };
         let goal_shift = goal.shift_in_frames();
         let (mut table, mut shift) = (walk.table, walk.shift);
         debug_assert!(goal_shift <= shift, "the walk starts at or above its goal");
@@ -507,7 +552,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             let child = if old.is_present() && !old.is_large() {
                 old.pfn()
             } else {
-                match self.link_table(cache, as_id, entry, old, gfn, shift) {
+                match self.link_table(cache, entry, old, &target_links, shift) {
                     Ok(child) => child,
                     Err(outcome) => return outcome,
                 }
@@ -570,12 +615,12 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     fn link_table(
         &self,
         cache: &mut PageCache,
-        as_id: AsId,
         entry: &AtomicU64,
         old: Spte,
-        gfn: Gfn,
+        links: &Links,
         shift: u32,
     ) -> Result<Pfn, FaultOutcome> {
+        let Links { as_id, gfn, nx_track } = *links;
         let mmu = self.mmu;
         let fmt = mmu.format();
         let level = Level::new((shift / BITS_PER_LEVEL + 1) as u8).expect("the walk stays within L1-L5");
@@ -605,6 +650,9 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         }
         if splitting {
             mmu.count_split(level);
+        }
+        if level as u8 <= nx_track {
+            mmu.nx.track(child, as_id, gfn, level);
         }
         Ok(child)
     }

@@ -207,6 +207,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         let fmt = self.format();
         let frozen = fmt.frozen();
         self.stats.add_tables(-1);
+        self.nx.untrack(pfn);
         self.host.table_linked(pfn, level, false);
         let table = self.host.table(pfn);
         for (i, entry) in table.iter().enumerate() {
