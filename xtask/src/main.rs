@@ -72,7 +72,8 @@ enum Task {
         /// Seconds of fuzzing per target (building not counted).
         #[arg(long, default_value_t = xtask::fuzz::DEFAULT_SECONDS, value_parser = xtask::fuzz::parse_seconds)]
         seconds: u64,
-        /// `none` (bounds checks and debug assertions only: tdp-core has one `unsafe` block, in `mmu::groups`) or `address`.
+        /// `none` (bounds checks and debug assertions only; tdp-core has one `unsafe` block, in
+        /// `mmu::groups`) or `address`.
         #[arg(long, default_value_t)]
         sanitizer: xtask::fuzz::Sanitizer,
     },
