@@ -70,6 +70,16 @@ fn an_executed_huge_range_is_split_and_recovered_once_execution_stops() {
         assert_eq!(level(&m, &vcpu, 30), Some(Level::L2), "{name}: huge again after recovery");
         let stats = m.mmu().stats();
         assert_eq!((stats.nx_huge_splits, stats.nx_recovered), (0, 1), "{name}");
+        // The trace events and the vCPU's counters saw the same story.
+        let trace = m.host().trace_counts();
+        let counters = vcpu.mmu_state().counters;
+        assert_eq!((trace.huge_splits, trace.nx_recovered), (1, 1), "{name}: {trace:?}");
+        assert_eq!(trace.faults, counters.taken, "{name}: one event per fault handled");
+        assert_eq!(
+            counters.taken,
+            counters.fixed + counters.spurious + counters.retried + counters.emulated,
+            "{name}: {counters:?}"
+        );
         m.check_all(&[&vcpu], &[slot]).unwrap_or_else(|v| panic!("{name}: {v:?}"));
         vcpu.release(m.mmu());
     }

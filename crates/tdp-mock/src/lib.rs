@@ -29,7 +29,7 @@ pub use checker::{
 };
 pub use host::{
     AllocStats, FlushStats, GUEST_RAM_BASE_PFN, HostConfig, HostInvalidation, HostMmuError, HostMmuStats,
-    InvalidationHook, MockHost, POISON, PageState, TABLE_BASE_PFN, TranslateHook,
+    InvalidationHook, MockHost, POISON, PageState, TABLE_BASE_PFN, TraceCounts, TranslateHook,
 };
 pub use machine::Machine;
 pub use pml::{Pml, PmlStats};

@@ -212,6 +212,8 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
             if let Some(outcome) =
                 shared.fault_before_translation(root, &mut vcpu.slot.index, fault, dirty)?
             {
+                // Fixed before any translation: by the fast path.
+                vcpu.counters.fast += u64::from(outcome == FaultOutcome::Fixed);
                 return Ok(outcome);
             }
         }
@@ -418,6 +420,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         ) {
             FaultOutcome::Fixed => {
                 Stats::bump(&mmu.stats.mmio_sptes_created);
+                mmu.host.mmio_spte_installed(root.as_id(), gfn);
                 FaultOutcome::Emulate(EmulateReason::Mmio)
             }
             FaultOutcome::Spurious => FaultOutcome::Emulate(EmulateReason::Mmio),
@@ -649,7 +652,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             return Err(FaultOutcome::Retry);
         }
         if splitting {
-            mmu.count_split(level);
+            mmu.count_split(as_id, gfn, level);
         }
         if level as u8 <= nx_track {
             mmu.nx.track(child, as_id, gfn, level);

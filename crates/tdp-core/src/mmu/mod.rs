@@ -312,6 +312,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         // The top-up left at least `pages_per_fault` pages, more than a fault may take.
         let outcome = self.fault(vcpu, fault, dirty)?;
         vcpu.counters.count(outcome);
+        self.host.fault_handled(&fault, outcome);
         Ok(outcome)
     }
 

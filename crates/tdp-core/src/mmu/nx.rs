@@ -182,6 +182,7 @@ impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
             let logged = self.slots.find(t.as_id, t.gfn).is_some_and(|s| s.is_dirty_logged());
             if !logged && self.unlink_table(table, t) {
                 done.zapped += 1;
+                mmu.host.nx_recovered(t.as_id, t.gfn, t.level);
                 flush = flush.merge(Flush::range(t.as_id, t.gfn, t.level.pages()));
             } else {
                 done.dropped += 1;
