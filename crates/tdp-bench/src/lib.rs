@@ -29,6 +29,7 @@ pub mod harvest;
 pub mod host;
 pub mod kvm;
 pub mod logging;
+pub mod nx;
 pub mod ours;
 pub mod parallel;
 pub mod peer;

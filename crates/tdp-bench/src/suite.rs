@@ -69,7 +69,7 @@ pub fn arena_pages(pages: u64, level: Level) -> usize {
 }
 
 /// The groups of comparisons, by the name `--only` takes.
-pub const GROUPS: [&str; 13] = [
+pub const GROUPS: [&str; 14] = [
     "fault_4k",
     "fault_4k_parallel",
     "fault_2m",
@@ -79,6 +79,7 @@ pub const GROUPS: [&str; 13] = [
     "ring",
     "enable_logging",
     "aging",
+    "nx_recovery",
     "harvest",
     "kvm_harvest",
     "kvm_dirtying",
@@ -105,6 +106,11 @@ pub fn run(cfg: &Config, only: impl Fn(&str) -> bool, mut progress: impl FnMut(&
         ("ring", "dirty ring push + harvest + reset vs rtrb push + pop", ring::measure),
         ("enable_logging", "enable-logging pass over 1, 16 GiB of 4K leaves vs sweeps", logging::measure),
         ("aging", "aging pass over 1 GiB of 4K leaves (young, then idle) vs sweeps", crate::aging::measure),
+        (
+            "nx_recovery",
+            "NX huge-page recovery over 1 GiB of tracked tables vs freeze sweep",
+            crate::nx::measure,
+        ),
         ("harvest", "harvest of 1000 dirty pages vs memory size: ring vs bitmap", |cfg, out| {
             let series = harvest::measure(cfg, out);
             out.harvest = Some(series);
