@@ -4,7 +4,7 @@
 //! For each chosen CPU model it installs what is missing (Bochs, its BIOS images, GRUB and xorriso, as
 //! Debian packages), builds the kernel and a GRUB multiboot2 ISO, runs Bochs headless (the `rfb` display
 //! with no client, the debugger told to continue) with a timeout, and reads the `TDP-RESULT {json}` line
-//! the kernel writes to COM1 (a file). It then runs `tdp-vmx`'s `scenario_mock` example for the same
+//! the kernel writes to COM1 (a file). It then runs `tdp-metal`'s `scenario_mock` example for the same
 //! models and requires, per model: every check passed on both; the same dirty set at every harvest (the
 //! guest's page-table pages, which EPT A/D may report dirty under Bochs, set aside); the same
 //! translations of every sampled gfn (slot, slot-relative page, level, permissions, or MMIO / none);
@@ -54,7 +54,7 @@ pub const KNOWN_MODELS: &[&str] = &[
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The must-fail builds: each is the kernel built with `--features broken-<name>`, and the mock run
-/// with `--broken <name>` (`tdp_vmx::scenario::Broken`).
+/// with `--broken <name>` (`tdp_metal::scenario::Broken`).
 pub const BROKEN_VARIANTS: &[&str] = &["ept", "age", "remap"];
 
 /// Which kernel build.
@@ -316,7 +316,7 @@ fn boot(variant: Variant, model: &str, iso: &Path) -> Result<(RunResult, f64)> {
 /// Runs `scenario_mock` for `models` (the must-fail variant `broken`, if any) and parses its result lines.
 fn mock_results(models: &[String], broken: Option<&str>) -> Result<Vec<RunResult>> {
     let mut cargo = cmd::cargo();
-    cargo.args(["run", "-q", "-p", "tdp-vmx", "--example", "scenario_mock", "--"]).args(models);
+    cargo.args(["run", "-q", "-p", "tdp-metal", "--example", "scenario_mock", "--"]).args(models);
     if let Some(name) = broken {
         cargo.args(["--broken", name]);
     }

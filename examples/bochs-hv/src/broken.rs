@@ -14,7 +14,7 @@ use tdp_vmx::caps::EptFeatures;
 use tdp_vmx::eptp::Eptp;
 use tdp_vmx::inv::invept_context;
 use tdp_vmx::raw::X86Vmx;
-use tdp_vmx::scenario::{AS_ID, unprotect_leaves};
+use tdp_vmx::scenario::{AS_ID, Paging, unprotect_leaves};
 
 use crate::host::HvHost;
 
@@ -37,7 +37,7 @@ pub fn unprotect_slot(
     };
     let frames = mmu.host().frames.region();
     let ad = mmu.format().has_accessed_dirty();
-    let changed = unprotect_leaves(|pfn| frames.table(Pfn(pfn)), root.pfn().0, base, pages, ad);
+    let changed = unprotect_leaves(Paging::Ept, |pfn| frames.table(Pfn(pfn)), root.pfn().0, base, pages, ad);
     let eptp = Eptp::new(features, mmu.config(), root.pfn()).map_err(|e| format!("broken-ept: {e}"))?;
     invept_context(vmx, features, eptp).map_err(|e| format!("broken-ept INVEPT: {e}"))?;
     Ok(changed)

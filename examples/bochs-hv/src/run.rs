@@ -22,7 +22,7 @@ use tdp_vmx::instr::{VmxError, VmxInstructions};
 use tdp_vmx::pml::Pml;
 use tdp_vmx::raw::X86Vmx;
 use tdp_vmx::ring_sink::RingSink;
-use tdp_vmx::scenario::{AS_ID, Observed, Scenario, Translation, mmio_value, translate};
+use tdp_vmx::scenario::{AS_ID, Observed, Paging, Scenario, Translation, mmio_value, translate};
 use tdp_vmx::vcpu::{ExitAction, handle_exit, install_root};
 use tdp_vmx::vmcs::{VmInstructionError, VmcsField as F};
 
@@ -242,7 +242,7 @@ impl Hv<'_, '_> {
             .into_iter()
             .map(|gfn| Translation {
                 gfn,
-                kind: translate(|t, i| read_entry(host, t, i), root, gfn, &self.bases),
+                kind: translate(Paging::Ept, |t, i| read_entry(host, t, i), root, gfn, &self.bases),
             })
             .collect()
     }

@@ -25,7 +25,7 @@ pub fn parse_output(text: &str) -> Result<RunResult> {
 }
 
 /// The broken build `variant` must have run (a result line), say it is that variant, and fail the
-/// check that the variant names in its line (`must_fail`, from `tdp_vmx::scenario::Broken`).
+/// check that the variant names in its line (`must_fail`, from `tdp_metal::scenario::Broken`).
 pub fn check_broken(r: &RunResult, variant: &str) -> Result<()> {
     if r.broken.as_deref() != Some(variant) {
         bail!("the result says the kernel was built as {:?}, not broken-{variant}", r.broken);

@@ -1,16 +1,16 @@
-//! Runs the shared Bochs / mock scenario ([`tdp_vmx::scenario::SCENARIO`]) on `tdp-mock` and prints its
+//! Runs the shared Bochs / mock scenario ([`tdp_metal::scenario::SCENARIO`]) on `tdp-mock` and prints its
 //! `TDP-RESULT {json}` line, for `cargo xtask bochs` to compare with the Bochs hypervisor's.
 //!
-//! Usage: `cargo run -p tdp-vmx --example scenario_mock -- [--broken ept|age|remap] [MODEL]...` (default models:
-//! corei7_skylake_x and corei7_sandy_bridge_2600k). Each model's run uses the dirty-logging mode the
+//! Usage: `cargo run -p tdp-vmx --example scenario_mock -- [--broken ept|npt|age|remap] [MODEL]...` (default models:
+//! corei7_skylake_x and corei7_sandy_bridge_2600k; AMD models such as ryzen run under NPT). Each model's run uses the dirty-logging mode the
 //! hypervisor picks for it; `--broken NAME` makes the mistake of the hypervisor's `broken-NAME` build
-//! (`tdp_vmx::scenario::Broken`), so the checks must fail. Exits 1 when a run's checks fail, 2 on a usage or setup error.
+//! (`tdp_metal::scenario::Broken`), so the checks must fail. Exits 1 when a run's checks fail, 2 on a usage or setup error.
 
 mod run;
 
 use std::process::ExitCode;
 
-use tdp_vmx::scenario::Broken;
+use tdp_metal::scenario::Broken;
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         args.remove(at);
         broken = Broken::from_name(&name);
         if broken.is_none() {
-            eprintln!("scenario_mock: --broken takes one of ept, age, remap (got `{name}`)");
+            eprintln!("scenario_mock: --broken takes one of ept, npt, age, remap (got `{name}`)");
             return ExitCode::from(2);
         }
     }
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     let mut failed = false;
     for model in &models {
         let Some(mode) = run::Mode::for_model(model) else {
-            eprintln!("scenario_mock: unknown or EPT-less CPU model `{model}`");
+            eprintln!("scenario_mock: unknown CPU model, or one without EPT or NPT, `{model}`");
             return ExitCode::from(2);
         };
         match run::run(model, mode, broken) {
