@@ -1,6 +1,6 @@
 //! `bochs-hv`: a bare-metal test hypervisor for tdp-core, booted by GRUB under Bochs.
 //!
-//! It enters VMX operation, builds the guest of `tdp_vmx::scenario::SCENARIO` (identity page tables and
+//! It enters VMX operation, builds the guest of `tdp_metal::scenario::SCENARIO` (identity page tables and
 //! one code sequence per step, [`guest`]), backs its memslots with identity-mapped RAM, lets tdp-core's
 //! `Mmu` build every EPT entry from the faults the guest takes ([`run`]), logs dirty pages into a
 //! tdp-core dirty ring (by write protection, or by PML and D bits when the CPU has them), checks each
@@ -10,10 +10,11 @@
 //! Layout: [`boot`] (multiboot2, long mode, GDT/TSS), [`idt`], [`serial`], [`rt`] (panic, mem*, heap,
 //! shutdown), [`cpu`], [`vmx`] (VMXON, entry/exit trampoline), [`vmcs`] (VMCS contents), [`layout`]
 //! (physical memory map), [`host`] (tdp-core's host traits), [`ring`] (dirty ring memory, PML page,
-//! ring reset target), [`guest`], [`run`], [`host_steps`] (aging and moving a page), and with the
+//! ring memory), [`guest`], [`run`], [`host_steps`] (logging, harvests, aging, moving a page, MMIO
+//! emulation, sampling: the vendor-neutral part, which `examples/bochs-svm` includes too), and with the
 //! `broken-ept` feature [`broken`] (the other must-fail builds, `broken-age` and `broken-remap`, are
-//! switches inside [`host_steps`]). The VMX
-//! instructions, capability decoding, EPTP, exit decoding, PML drain and ring sink come from `tdp-vmx`.
+//! switches passed to [`host_steps`]). The VMX instructions, capability decoding, EPTP, exit decoding
+//! and PML drain come from `tdp-vmx`; the ring sink and the scenario from `tdp-metal`.
 #![no_std]
 #![no_main]
 #![no_builtins]
@@ -45,21 +46,21 @@ use tdp_core::addr::Level;
 use tdp_core::dirty_ring::{DirtyRingConsumer, DirtyRingProducer};
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{Mmu, VcpuMmu};
+use tdp_metal::ring_sink::RingSink;
+use tdp_metal::scenario::report::{RunInfo, write_result_line};
+use tdp_metal::scenario::{
+    AS_ID, Broken, Observed, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT, SCENARIO,
+};
 use tdp_vmx::caps::VmxCapabilities;
 use tdp_vmx::eptp::Eptp;
 use tdp_vmx::pml::Pml;
 use tdp_vmx::raw::X86Vmx;
-use tdp_vmx::ring_sink::RingSink;
-use tdp_vmx::scenario::report::{RunInfo, write_result_line};
-use tdp_vmx::scenario::{
-    AS_ID, Broken, Observed, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT, SCENARIO,
-};
 
 use crate::boot::Page;
 use crate::host::HvHost;
 
 /// The must-fail variant this kernel was built as (at most one `broken-*` feature).
-const BROKEN: Option<Broken> = if cfg!(feature = "broken-ept") {
+pub(crate) const BROKEN: Option<Broken> = if cfg!(feature = "broken-ept") {
     Some(Broken::Ept)
 } else if cfg!(feature = "broken-age") {
     Some(Broken::Age)
@@ -68,6 +69,9 @@ const BROKEN: Option<Broken> = if cfg!(feature = "broken-ept") {
 } else {
     None
 };
+
+/// The guest's hypercall instruction (`guest` emits it): VMCALL.
+pub(crate) const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
 
 static VMXON_REGION: Page = Page::zeroed();
 static VMCS_REGION: Page = Page::zeroed();
@@ -158,17 +162,7 @@ fn hypervise(model: &str) -> Result<(), String> {
     seen.flushes = flushes.requests;
     seen.invepts = flushes.single_context + flushes.all_context;
     seen.translations = hv.sample();
-    let translate = &mmu.host().translate;
-    seen.host_reads = SCENARIO
-        .expected_host_reads()
-        .into_iter()
-        .map(|(gpa, _)| {
-            let at = translate.current_address(layout::host_addr(gpa));
-            // SAFETY: `at` is an 8-byte aligned address (the scenario validates remap addresses) in
-            // identity-mapped guest RAM (the page's current frame); the guest has stopped.
-            (gpa, unsafe { core::ptr::read_volatile(at as *const u64) })
-        })
-        .collect();
+    seen.host_reads = host_steps::host_reads(&SCENARIO, &mmu.host().translate);
     let checks = SCENARIO.evaluate(&seen);
     let info = RunInfo {
         runner: "bochs",

@@ -8,6 +8,8 @@ use serde::Deserialize;
 pub const RESULT_PREFIX: &str = "TDP-RESULT ";
 /// The prefix of the kernel's panic / exception line.
 const PANIC_PREFIX: &str = "TDP-PANIC ";
+/// The prefix of `bochs-svm`'s two-processor line: `pass: ...`, `fail: ...` or `skipped: ...`.
+pub const SMP_PREFIX: &str = "TDP-SMP ";
 
 /// The result line of a run's output, parsed; a panic line or no result line is an error.
 ///
@@ -21,7 +23,22 @@ pub fn parse_output(text: &str) -> Result<RunResult> {
         let tail: Vec<&str> = text.lines().rev().take(5).collect();
         bail!("no {RESULT_PREFIX:?} line in the output; last lines: {tail:?}");
     };
-    serde_json::from_str(json).with_context(|| format!("cannot parse the result: {json}"))
+    let mut result: RunResult =
+        serde_json::from_str(json).with_context(|| format!("cannot parse the result: {json}"))?;
+    result.smp = text.lines().find_map(|l| l.strip_prefix(SMP_PREFIX)).map(str::to_string);
+    Ok(result)
+}
+
+/// A run with two processors must have run its two-vCPU part and passed it.
+///
+/// # Errors
+/// No `TDP-SMP` line, or one that does not say `pass`.
+pub fn check_smp(r: &RunResult) -> Result<()> {
+    match r.smp.as_deref() {
+        Some(line) if line.starts_with("pass") => Ok(()),
+        Some(line) => bail!("the two-vCPU part did not pass: {line}"),
+        None => bail!("no {SMP_PREFIX:?} line: the kernel stopped before its two-vCPU part"),
+    }
 }
 
 /// The broken build `variant` must have run (a result line), say it is that variant, and fail the
@@ -105,7 +122,7 @@ pub struct RunResult {
     pub runner: String,
     /// The CPU (Bochs: its brand string; mock: the model name).
     pub model: String,
-    /// `EPT_PML` or `EPT`.
+    /// `EPT_PML`, `EPT` or `NPT`.
     pub mmu: String,
     /// The must-fail variant it was built as (`ept`, `age`, `remap`), if any.
     pub broken: Option<String>,
@@ -149,6 +166,9 @@ pub struct RunResult {
     pub failed: u64,
     /// `pass` or `fail`.
     pub verdict: String,
+    /// `bochs-svm`'s `TDP-SMP` line after its prefix, when it printed one (not part of the JSON).
+    #[serde(default)]
+    pub smp: Option<String>,
 }
 
 impl RunResult {
@@ -251,5 +271,17 @@ mod tests {
             diffs.len() == 2 && diffs[0].starts_with("young") && diffs[1].starts_with("moved"),
             "{diffs:?}"
         );
+    }
+
+    #[test]
+    fn a_two_processor_run_must_print_a_passing_smp_line() {
+        let r = parsed();
+        assert!(r.smp.is_none() && check_smp(&r).is_err(), "no TDP-SMP line");
+        let pass = parse_output(&format!("{LINE}\nTDP-SMP pass: 2 vCPUs\n")).unwrap();
+        check_smp(&pass).unwrap();
+        for line in ["TDP-SMP fail: [\"phase B\"]", "TDP-SMP skipped: one processor"] {
+            let r = parse_output(&format!("{LINE}\n{line}\n")).unwrap();
+            assert!(check_smp(&r).is_err(), "{line}");
+        }
     }
 }

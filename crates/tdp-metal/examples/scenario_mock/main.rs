@@ -1,7 +1,7 @@
 //! Runs the shared Bochs / mock scenario ([`tdp_metal::scenario::SCENARIO`]) on `tdp-mock` and prints its
 //! `TDP-RESULT {json}` line, for `cargo xtask bochs` to compare with the Bochs hypervisor's.
 //!
-//! Usage: `cargo run -p tdp-vmx --example scenario_mock -- [--broken ept|npt|age|remap] [MODEL]...` (default models:
+//! Usage: `cargo run -p tdp-metal --example scenario_mock -- [--broken ept|npt|age|remap] [MODEL]...` (default models:
 //! corei7_skylake_x and corei7_sandy_bridge_2600k; AMD models such as ryzen run under NPT). Each model's run uses the dirty-logging mode the
 //! hypervisor picks for it; `--broken NAME` makes the mistake of the hypervisor's `broken-NAME` build
 //! (`tdp_metal::scenario::Broken`), so the checks must fail. Exits 1 when a run's checks fail, 2 on a usage or setup error.
