@@ -99,13 +99,12 @@ impl Kernel {
         }
     }
 
-    /// Emulated processors for the correct build's run: two on AMD models, where the kernel runs its
-    /// two-vCPU part after the scenario (the must-fail builds boot with one).
+    /// Emulated processors for the correct build's run: two, where the kernel runs its two-vCPU part
+    /// after the scenario (the must-fail builds boot with one).
     #[must_use]
     pub const fn cpus(self) -> u32 {
         match self {
-            Kernel::Vmx => 1,
-            Kernel::Svm => 2,
+            Kernel::Vmx | Kernel::Svm => 2,
         }
     }
 }

@@ -1,33 +1,30 @@
 //! One vCPU on one processor: its VMCB, ASID, root and dirty ring, and the exit loop
 //! (`tdp_svm::vcpu::run`, which hands #NPFs to tdp-core's fault handler on the MMU every processor
 //! shares) up to the next exit the hypervisor handles ([`Vcpu`]); and the two-vCPU part's run on each
-//! processor ([`run_cpu`]: barriers, harvests of the vCPU's own ring), on the bootstrap processor for
-//! vCPU 0 and on the second processor (from `crate::smp`) for vCPU 1.
+//! processor ([`run_cpu`], its hypercalls in `crate::smp_guest`), on the bootstrap processor for vCPU 0
+//! and on the second processor ([`ap_run`], called by `crate::smp`) for vCPU 1.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::String;
-use core::sync::atomic::{AtomicU64, Ordering};
 
-use tdp_core::addr::{Pfn, SlotId};
+use tdp_core::addr::Pfn;
 use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, RingConfig};
 use tdp_core::fault::npf_code;
-use tdp_core::mmu::{FaultCounters, Mmu, VcpuMmu};
+use tdp_core::mmu::{Mmu, VcpuMmu};
 use tdp_metal::scenario::AS_ID;
 use tdp_svm::asid::AsidAllocator;
 use tdp_svm::caps::NptFeatures;
 use tdp_svm::exit::{SvmExit, code};
-use tdp_svm::host::{RingSink, SinkStats, SvmHost};
-use tdp_svm::instr::GuestRegs;
+use tdp_svm::host::{RingSink, SvmHost};
+use tdp_svm::instr::{GuestRegs, SvmInstructions};
 use tdp_svm::msr;
-use tdp_svm::raw::X86Svm;
+use tdp_svm::raw::{HsavePage, X86Svm};
 use tdp_svm::vcpu::{ExitAction, ExitReport, RunContext, SvmVcpu, install_root, run};
 use tdp_svm::vmcb::{InterceptMisc1, InterceptMisc2, PAT_RESET, Vmcb, VmcbSegment};
 
 use crate::guest;
-use crate::host_steps;
-use crate::smp_guest::{HC_BARRIER, HC_HARVEST_MINE, RACE};
+use crate::smp_guest::{self, SmpOutcome};
 
 /// The MMU every processor shares.
 pub type SvmMmu = Mmu<SvmHost<'static, 'static>>;
@@ -53,10 +50,6 @@ const MAX_EXITS: u64 = 10_000;
 const SMP_RING_ENTRIES: usize = 1024;
 static SMP_RINGS: [[DirtyGfn; SMP_RING_ENTRIES]; 2] =
     [const { [const { DirtyGfn::zeroed() }; SMP_RING_ENTRIES] }; 2];
-/// The last barrier each vCPU reached.
-static BARRIERS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
-/// Spins a barrier waits at most before it fails.
-const BARRIER_SPINS: u64 = 50_000_000;
 
 /// The guest's initial state for a vCPU entering at `entry`: 64-bit mode, identity paging at
 /// `guest::PML4`, flat segments; HLT, shutdown, every exception, VMRUN and VMMCALL intercepted.
@@ -225,35 +218,38 @@ impl<'s> Vcpu<'s> {
     }
 }
 
-/// What one vCPU's two-vCPU run saw.
-#[derive(Default)]
-pub struct Outcome {
-    /// The first error, if any.
-    pub error: Option<String>,
-    /// The guest reached its `done` hypercall.
-    pub done: bool,
-    /// Exits taken.
-    pub exits: u64,
-    /// The harvests of this vCPU's own ring.
-    pub own_harvests: alloc::vec::Vec<BTreeSet<u64>>,
-    /// What the vCPU's faults came to.
-    pub counters: Option<FaultCounters>,
-    /// The ring's counters.
-    pub ring: Option<SinkStats>,
-    /// The vCPU's ASID.
-    pub asid: u32,
+/// The second processor's host save area.
+static AP_HSAVE: HsavePage = HsavePage::new();
+
+/// The second processor's work (called by `crate::smp` in long mode): enables SVM on it with its own
+/// host save area and runs vCPU 1's two-vCPU part.
+pub fn ap_run() -> SmpOutcome {
+    let Some(shared) = SHARED.get() else {
+        return SmpOutcome { error: Some(String::from("vCPU 1: no shared MMU")), ..SmpOutcome::default() };
+    };
+    // SAFETY: CPL 0 on the same identity mapping as the bootstrap processor; CPUID reported SVM with
+    // nested paging there (every processor of a Bochs machine is the same model) before the shared state
+    // was set; the VMCB `run_cpu` runs confines its guest to tdp-core's tables.
+    let svm = unsafe { X86Svm::new() };
+    svm.set_hsave(&AP_HSAVE);
+    svm.enable_svme();
+    crate::smp::AP_STAGE.store(2, core::sync::atomic::Ordering::Release);
+    run_cpu(1, &svm, shared)
 }
 
 /// Runs vCPU `cpu`'s (0 or 1) two-vCPU part on this processor, whose SVM is enabled, to its end or
 /// first error.
-pub fn run_cpu(cpu: usize, svm: &X86Svm, shared: &Shared) -> Outcome {
-    let mut out = Outcome::default();
+pub fn run_cpu(cpu: usize, svm: &X86Svm, shared: &Shared) -> SmpOutcome {
+    let mut out = SmpOutcome::default();
     match Vcpu::new(svm, shared, shared.smp_entries[cpu], &SMP_RINGS[cpu], 64) {
         Ok(mut vcpu) => {
-            out.asid = vcpu.svm_vcpu.asid().raw();
+            out.tag = vcpu.svm_vcpu.asid().raw();
+            let entry_flushes = shared.mmu.host().tlb.stats().entry_flushes;
             if let Err(e) = smp_loop(cpu, &mut vcpu, &mut out) {
                 out.error = Some(format!("vCPU {cpu}: {e}"));
             }
+            // Both vCPUs' flushing VMRUNs together (the counter is VM-wide); the report prints it once.
+            out.entry_flushes = shared.mmu.host().tlb.stats().entry_flushes - entry_flushes;
             out.exits = vcpu.exits;
             out.counters = Some(vcpu.mmu_vcpu.counters);
             out.ring = Some(vcpu.sink.stats());
@@ -262,14 +258,12 @@ pub fn run_cpu(cpu: usize, svm: &X86Svm, shared: &Shared) -> Outcome {
         Err(e) => out.error = Some(format!("vCPU {cpu}: {e}")),
     }
     if out.error.is_some() {
-        // Release the other vCPU from any barrier: this one will never reach it.
-        BARRIERS[cpu].store(u64::MAX, Ordering::Release);
+        smp_guest::give_up(cpu);
     }
     out
 }
 
-fn smp_loop(cpu: usize, vcpu: &mut Vcpu<'_>, out: &mut Outcome) -> Result<(), String> {
-    let base = |id: SlotId| if id == crate::run::RACE_SLOT { RACE } else { u64::MAX };
+fn smp_loop(cpu: usize, vcpu: &mut Vcpu<'_>, out: &mut SmpOutcome) -> Result<(), String> {
     loop {
         let action = vcpu.next_exit()?;
         if action != ExitAction::Unhandled(code::VMMCALL) {
@@ -277,39 +271,9 @@ fn smp_loop(cpu: usize, vcpu: &mut Vcpu<'_>, out: &mut Outcome) -> Result<(), St
         }
         vcpu.skip_vmmcall();
         let (number, arg) = (vcpu.regs.rbx, vcpu.regs.rdi);
-        match number {
-            guest::HC_DONE => {
-                out.done = true;
-                BARRIERS[cpu].store(u64::MAX - 1, Ordering::Release);
-                return Ok(());
-            }
-            HC_BARRIER => barrier(cpu, arg)?,
-            HC_HARVEST_MINE => {
-                if arg != out.own_harvests.len() as u64 {
-                    return Err(format!("own harvest {arg} out of order"));
-                }
-                let mmu = vcpu.mmu();
-                out.own_harvests.push(host_steps::harvest_slots(
-                    mmu,
-                    base,
-                    &mut vcpu.sink,
-                    &mut vcpu.consumer,
-                ));
-            }
-            other => return Err(format!("unknown hypercall {other}")),
+        let mmu = vcpu.mmu();
+        if smp_guest::hypercall(cpu, number, arg, mmu, &mut vcpu.sink, &mut vcpu.consumer, out)? {
+            return Ok(());
         }
     }
-}
-
-/// Waits until the other vCPU reached barrier `n` (or gave up).
-fn barrier(cpu: usize, n: u64) -> Result<(), String> {
-    BARRIERS[cpu].store(n, Ordering::Release);
-    for _ in 0..BARRIER_SPINS {
-        match BARRIERS[1 - cpu].load(Ordering::Acquire) {
-            u64::MAX => return Err(format!("the other vCPU failed before barrier {n}")),
-            m if m >= n => return Ok(()),
-            _ => core::hint::spin_loop(),
-        }
-    }
-    Err(format!("barrier {n} not reached by the other vCPU"))
 }

@@ -12,8 +12,9 @@
 //! `TDP-PANIC` line.
 //!
 //! Shared with `examples/bochs-hv` by path (not copied): the boot path, IDT, serial port, runtime,
-//! memory layout, the scenario's guest generator (`guest`) and the vendor-neutral hypervisor steps
-//! (`host_steps`: logging, harvests, aging, moving a page, MMIO emulation, sampling). Everything SVM
+//! memory layout, the scenario's guest generator (`guest`), the vendor-neutral hypervisor steps
+//! (`host_steps`: logging, harvests, aging, moving a page, MMIO emulation, sampling), the second
+//! processor's wake-up (`smp`) and the two-vCPU part's guest, hypercalls and checks (`smp_guest`). Everything SVM
 //! comes from `tdp-svm`, the ring sink and the scenario from `tdp-metal`. The must-fail builds:
 //! `broken-npt` gives W and D back to the nested leaves the core protected for dirty logging,
 //! `broken-age` ages without clearing, `broken-remap` moves the page without the MMU notifier.
@@ -46,10 +47,14 @@ mod run;
 mod scenario;
 #[path = "../../bochs-hv/src/serial.rs"]
 mod serial;
+#[path = "../../bochs-hv/src/smp.rs"]
 mod smp;
+#[path = "../../bochs-hv/src/smp_guest.rs"]
 mod smp_guest;
 
 use tdp_metal::scenario::Broken;
+
+pub(crate) use hv::ap_run;
 
 /// The guest's hypercall instruction (`guest` emits it): VMMCALL.
 pub(crate) const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];

@@ -3,12 +3,11 @@
 //! when a second processor answers, the two-vCPU part (vCPU 0 here, vCPU 1 there, [`crate::hv::run_cpu`])
 //! and its `TDP-SMP` line.
 
-use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use tdp_core::addr::{Gfn, Level, SlotId};
+use tdp_core::addr::{Gfn, Level};
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::Mmu;
 use tdp_metal::scenario::report::{RunInfo, write_result_line};
@@ -21,9 +20,9 @@ use tdp_svm::instr::SvmInstructions;
 use tdp_svm::msr;
 use tdp_svm::raw::{HsavePage, X86Svm};
 
-use crate::hv::{self, Outcome, Shared, SvmMmu};
+use crate::hv::{self, Shared, SvmMmu};
 use crate::layout::{GUEST_HOST_BASE, RAM_END, TABLE_POOL_END, TABLE_POOL_START, host_addr};
-use crate::smp_guest::{self, OWN_PAGES, RACE, RACE_PAGES, SHARED_PAGES};
+use crate::smp_guest::{self, RACE, RACE_PAGES, RACE_SLOT};
 use crate::{BROKEN, guest, println, serial, smp};
 
 static HSAVE: HsavePage = HsavePage::new();
@@ -31,9 +30,6 @@ static GUEST_RAM: [PhysRange; 1] = [PhysRange { start: GUEST_HOST_BASE, end: RAM
 /// The pages the host moved to another frame (the scenario's remap steps), one entry per pool frame.
 static MOVED: [MovedPage; REMAP_POOL_PAGES as usize] =
     [const { MovedPage::new() }; REMAP_POOL_PAGES as usize];
-
-/// The two-vCPU part's memslot (dirty-logged from its insertion), inserted after the scenario.
-pub const RACE_SLOT: SlotId = SlotId(7);
 
 unsafe extern "C" {
     static __kernel_end: u8;
@@ -122,86 +118,15 @@ fn two_vcpus(svm: &X86Svm, shared: &'static Shared) -> Result<(), String> {
         return Ok(());
     }
     let out0 = hv::run_cpu(0, svm, shared);
-    let out1 = smp::wait_for_ap();
-    let mut failures = Vec::new();
-    match &out1 {
-        Err(e) => failures.push(format!("vCPU 1: {e}")),
-        Ok(out1) => check_two_vcpus(&out0, out1, &mut failures),
-    }
-    if let Some(e) = &out0.error {
-        failures.push(e.clone());
-    }
-    println!("SVM-PROBE flushes after the two-vCPU part: {:?}", shared.mmu.host().tlb.stats());
+    let failures = match smp::wait_for_ap() {
+        Err(e) => alloc::vec![format!("vCPU 1: {e}")],
+        Ok(out1) => smp_guest::check([&out0, &out1]),
+    };
+    println!("SMP flushes: {:?}", shared.mmu.host().tlb.stats());
     if failures.is_empty() {
         println!("TDP-SMP pass: 2 vCPUs, {others} other processor(s)");
     } else {
         println!("TDP-SMP fail: {failures:?}");
     }
     Ok(())
-}
-
-/// The two-vCPU checks: both finished; phase A's harvests together hold every page written exactly
-/// (each vCPU's own pages in its own ring); phase B's hold each vCPU's own pages in its own ring; memory
-/// holds the last values (a shared page one of the two vCPUs' values).
-fn check_two_vcpus(out0: &Outcome, out1: &Outcome, failures: &mut Vec<String>) {
-    let outs = [out0, out1];
-    for (cpu, out) in outs.iter().enumerate() {
-        println!(
-            "SVM-PROBE vCPU {cpu}: ASID {}, {} exits, faults {:?}, ring {:?}",
-            out.asid, out.exits, out.counters, out.ring
-        );
-        if let Some(e) = &out.error {
-            failures.push(e.clone());
-        }
-        if !out.done {
-            failures.push(format!("vCPU {cpu} did not finish"));
-        }
-        for (n, set) in out.own_harvests.iter().enumerate() {
-            println!("SVM-PROBE vCPU {cpu} own harvest {n}: {} pages {set:x?}", set.len());
-        }
-        if out.own_harvests.len() != 2 {
-            failures.push(format!("vCPU {cpu}: {} own harvests, expected 2", out.own_harvests.len()));
-        }
-    }
-    let empty = BTreeSet::new();
-    let h = |cpu: usize, n: usize| outs[cpu].own_harvests.get(n).unwrap_or(&empty);
-    let all: BTreeSet<u64> = SHARED_PAGES.chain(OWN_PAGES[0].clone()).chain(OWN_PAGES[1].clone()).collect();
-    let union: BTreeSet<u64> = h(0, 0).union(h(1, 0)).copied().collect();
-    if union != all {
-        failures
-            .push(format!("phase A: the rings hold {union:x?}, expected the {} pages written", all.len()));
-    }
-    let both: Vec<u64> = h(0, 0).intersection(h(1, 0)).copied().collect();
-    println!("SVM-PROBE phase A: {} pages in both rings {both:x?}", both.len());
-    for (cpu, pages) in OWN_PAGES.iter().enumerate() {
-        let own: BTreeSet<u64> = pages.clone().collect();
-        if !own.is_subset(h(cpu, 0)) {
-            failures.push(format!("phase A: vCPU {cpu}'s own pages are not all in its ring"));
-        }
-        if *h(cpu, 1) != own {
-            failures
-                .push(format!("phase B: vCPU {cpu}'s ring holds {:x?}, expected its own pages", h(cpu, 1)));
-        }
-        for gfn in pages.clone() {
-            let want = smp_guest::race_value(1, cpu as u64, gfn);
-            let got = smp_guest::read_u64(gfn << 12);
-            if got != want {
-                failures.push(format!("gfn {gfn:#x} holds {got:#x}, expected {want:#x}"));
-            }
-        }
-    }
-    let winners: Vec<u64> = SHARED_PAGES
-        .map(|gfn| {
-            let got = smp_guest::read_u64(gfn << 12);
-            if got == smp_guest::race_value(0, 0, gfn) {
-                0
-            } else if got == smp_guest::race_value(0, 1, gfn) {
-                1
-            } else {
-                failures.push(format!("shared gfn {gfn:#x} holds {got:#x}"));
-                9
-            }
-        })
-        .collect();
-    println!("SVM-PROBE shared pages, last writer per page: {winners:?}");
 }
