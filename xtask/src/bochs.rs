@@ -40,8 +40,10 @@ pub const APT_PACKAGES: &[&str] =
     &["bochs", "bochsbios", "vgabios", "grub-pc-bin", "grub-common", "xorriso", "mtools"];
 
 /// The models run when none is given: one with EPT A/D and PML, one without A/D (write protection), and
-/// one AMD model with nested paging (with two processors).
-pub const DEFAULT_MODELS: &[&str] = &["corei7_skylake_x", "corei7_sandy_bridge_2600k", "ryzen"];
+/// two AMD models with nested paging: one with NRIP save and flush-by-ASID, one with neither (RIP
+/// advanced by the hypervisor, TLB_CONTROL 01h).
+pub const DEFAULT_MODELS: &[&str] =
+    &["corei7_skylake_x", "corei7_sandy_bridge_2600k", "ryzen", "phenom_8650_toliman"];
 
 /// The models the comparison knows a dirty-logging mode for (Bochs models with EPT).
 pub const KNOWN_MODELS: &[&str] = &[

@@ -21,7 +21,7 @@ enum Task {
     /// PROPTEST_CASES defaults to 128 unless set); compat (tdp-kvm's fd API without kvm-ioctls, and the VMMs
     /// of compat/ on kvm-ioctls 0.19, 0.22 and 0.25 run on /dev/kvm); hygiene (cargo package, every
     /// feature combination, cargo deny, dependencies' MSRV, for the publishable crates); bochs (the bare-metal hypervisors under Bochs on two
-    /// Intel models and one AMD model, with two processors there, compared with tdp-mock, and their broken-ept/npt, broken-age and broken-remap builds required to fail; installs Bochs);
+    /// Intel and two AMD models, with two processors, compared with tdp-mock, and their broken-ept/npt, broken-age and broken-remap builds required to fail; installs Bochs);
     /// loom (the dirty ring's loom models: --cfg loom, release,
     /// target/loom); doc (cargo doc with -D warnings); nostd (build, check and run the no_std proof binary);
     /// fuzz (every fuzz target for a short smoke run). Nothing can be skipped: CI runs exactly this.
@@ -55,7 +55,7 @@ enum Task {
     /// grub-common, xorriso, mtools). Results and logs go under target/bochs/.
     Bochs {
         /// A Bochs CPU model with EPT or NPT (repeatable); default: corei7_skylake_x,
-        /// corei7_sandy_bridge_2600k and ryzen.
+        /// corei7_sandy_bridge_2600k, ryzen and phenom_8650_toliman.
         #[arg(long = "model", value_parser = xtask::bochs::parse_model)]
         models: Vec<String>,
         /// Only the must-fail runs of the broken-* builds.

@@ -121,7 +121,9 @@ pub struct SmpOutcome {
     pub ring: Option<SinkStats>,
     /// The vCPU's TLB tag (ASID or VPID; 0 when none).
     pub tag: u32,
-    /// Flushes this vCPU ran on entry for requests made elsewhere (a flush request checked on entry).
+    /// Flushes on entry (a flush request checked on entry). VMX: this vCPU's entry INVEPTs (its first
+    /// entry's included). SVM: VMRUNs that carried TLB_CONTROL while this vCPU ran, both vCPUs' (tdp-svm
+    /// counts them VM-wide).
     pub entry_flushes: u64,
 }
 
@@ -187,7 +189,7 @@ pub fn check(outs: [&SmpOutcome; 2]) -> Vec<String> {
     let mut failures = Vec::new();
     for (cpu, out) in outs.iter().enumerate() {
         println!(
-            "SMP vCPU {cpu}: tag {}, {} exits, {} flushes on entry, faults {:?}, ring {:?}",
+            "SMP vCPU {cpu}: tag {}, {} exits, {} entry flushes, faults {:?}, ring {:?}",
             out.tag, out.exits, out.entry_flushes, out.counters, out.ring
         );
         if let Some(e) = &out.error {
