@@ -32,7 +32,7 @@ use crate::{cmd, install};
 
 pub mod result;
 
-use result::{RESULT_PREFIX, check_broken, check_smp};
+use result::{RESULT_PREFIX, SMP_PREFIX, SmpResult, check_broken, check_smp, compare_smp, parse_smp};
 pub use result::{RunResult, compare, parse_output};
 
 /// The Debian packages a run needs (`shared/recipes/bochs-vmx.md`, "Packages").
@@ -180,6 +180,7 @@ fn run_kernel(kernel: Kernel, models: &[String], broken_only: bool, report: &mut
     if !broken_only {
         let iso = build_iso(kernel, Variant::Correct)?;
         let mock = mock_results(models, None)?;
+        let mock_smp = if kernel.cpus() > 1 { mock_smp_results(models)? } else { Vec::new() };
         for model in models {
             let (bochs, secs) = boot(kernel, Variant::Correct, model, &iso)?;
             let mock = mock
@@ -205,7 +206,15 @@ fn run_kernel(kernel: Kernel, models: &[String], broken_only: bool, report: &mut
                 mock.verdict,
                 mock.ept_violations,
                 bochs.harvests.iter().map(Vec::len).collect::<Vec<_>>(),
-                bochs.smp.as_deref().map(|s| format!("; two vCPUs: {s}")).unwrap_or_default(),
+                match check_smp(&bochs) {
+                    Ok(smp) => format!(
+                        "; two vCPUs: {}, phase A {} pages, phase B {:?}",
+                        smp.verdict,
+                        smp.phase_a.len(),
+                        smp.phase_b.iter().map(Vec::len).collect::<Vec<_>>()
+                    ),
+                    Err(_) => String::new(),
+                },
             )?;
             if bochs.verdict != "pass" || mock.verdict != "pass" || !differences.is_empty() {
                 println!("{report}");
@@ -219,7 +228,15 @@ fn run_kernel(kernel: Kernel, models: &[String], broken_only: bool, report: &mut
                 );
             }
             if kernel.cpus() > 1 {
-                check_smp(&bochs).with_context(|| format!("{model}: the two-processor run"))?;
+                let smp = check_smp(&bochs).with_context(|| format!("{model}: the two-processor run"))?;
+                let mock = mock_smp
+                    .iter()
+                    .find(|r| &r.model == model)
+                    .with_context(|| format!("no two-vCPU mock result for {model}"))?;
+                let differences = compare_smp(smp, mock);
+                if !differences.is_empty() {
+                    bail!("{model}: the two-vCPU part on Bochs and on the mock disagree: {differences:?}");
+                }
             }
         }
     }
@@ -417,6 +434,27 @@ fn boot(kernel: Kernel, variant: Variant, model: &str, iso: &Path) -> Result<(Ru
         format!("{model} ({}): see {} and bochs.log there", variant.dir_name(), run_dir.display())
     })?;
     Ok((result, secs))
+}
+
+/// Runs `scenario_mock --smp` for `models` and parses its two-vCPU result lines.
+fn mock_smp_results(models: &[String]) -> Result<Vec<SmpResult>> {
+    let mut cargo = cmd::cargo();
+    cargo.args(["run", "-q", "-p", "tdp-metal", "--example", "scenario_mock", "--", "--smp"]).args(models);
+    let line = cmd::display(&cargo);
+    println!("$ {line}");
+    let output = cargo.stderr(Stdio::inherit()).output().with_context(|| format!("cannot start `{line}`"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut results = Vec::new();
+    for smp in stdout.lines().filter_map(|l| l.strip_prefix(SMP_PREFIX)) {
+        match parse_smp(smp)? {
+            result::SmpLine::Ran(r) => results.push(r),
+            result::SmpLine::Not(what) => bail!("`{line}`: {what}"),
+        }
+    }
+    if results.len() != models.len() {
+        bail!("`{line}` ({}) printed {} results for {} models", output.status, results.len(), models.len());
+    }
+    Ok(results)
 }
 
 /// Runs `scenario_mock` for `models` (the must-fail variant `broken`, if any) and parses its result lines.

@@ -24,6 +24,7 @@ extern crate alloc;
 mod host_steps;
 mod judge;
 pub mod report;
+pub mod smp;
 mod tables;
 #[cfg(test)]
 mod tests;

@@ -5,10 +5,12 @@
 //! since the last age; the page the host moved is mapped to its new frame, which holds its last write.
 //! Each broken variant (leaves unprotected behind the MMU's back, aging that never clears, a page moved
 //! without the MMU notifier: what `bochs-hv --features broken-<name>` does) must fail its own check and
-//! only the checks that follow from it.
+//! only the checks that follow from it. The two-vCPU part passes in every mode.
 
 #[path = "../examples/scenario_mock/run.rs"]
 mod run;
+#[path = "../examples/scenario_mock/smp.rs"]
+mod smp;
 
 use run::Mode;
 use tdp_metal::scenario::{Broken, Mapping, Paging, REMAP_POOL_SLOT, SCENARIO};
@@ -128,4 +130,15 @@ fn broken_variants_fail_their_checks_under_npt() {
 fn a_table_corruption_of_the_other_vendor_is_refused() {
     assert!(run::run("ryzen", Mode::Npt, Some(Broken::Ept)).is_err());
     assert!(run::run("corei7_skylake_x", Mode::Pml, Some(Broken::Npt)).is_err());
+}
+
+#[test]
+fn the_two_vcpu_part_passes_on_the_mock_and_agrees_across_modes() {
+    let runs: Vec<_> = [Mode::Pml, Mode::WriteProtect, Mode::Npt].map(|mode| smp::run(mode).unwrap()).into();
+    for seen in &runs {
+        assert_eq!(seen.check(), Vec::<String>::new());
+        assert_eq!(seen.own_harvests.each_ref().map(Vec::len), [2, 2]);
+    }
+    assert!(runs.iter().all(|r| r.agreed() == runs[0].agreed()), "the agreed part depends on nothing");
+    assert_eq!(runs[0].agreed().phase_a.len(), 48);
 }

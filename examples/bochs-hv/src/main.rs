@@ -199,5 +199,5 @@ fn hypervise(model: &str) -> Result<(), String> {
         // A must-fail build proves the scenario's checks; the two-vCPU part is the correct build's.
         return Ok(());
     }
-    smp_run::two_vcpus(vmx, caps, features)
+    smp_run::two_vcpus(model, vmx, caps, features)
 }

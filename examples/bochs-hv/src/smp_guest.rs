@@ -1,14 +1,10 @@
-//! The two-vCPU part, run after the scenario when a second processor answered, and everything about it
-//! that does not depend on the vendor (both kernels use this file, `examples/bochs-svm` by path): each
-//! vCPU's code (vCPU 0 at [`SMP_CODE0`], vCPU 1 at [`SMP_CODE1`], both in the system slot, beside the
-//! scenario's code) written with the scenario guest's emitter (`crate::guest`), its hypercalls
-//! ([`hypercall`]), what each vCPU saw ([`SmpOutcome`]) and the checks on both ([`check`]).
-//!
-//! What both do, in the race slot ([`RACE`], 512 pages, dirty-logged from its insertion): barrier 1;
-//! phase A, both write the 16 shared pages (vCPU 0 ascending, vCPU 1 descending, so they meet) and then
-//! 16 pages of their own; barrier 2; each harvests its own ring (which re-protects what it harvested);
-//! barrier 3; phase B, each writes its own pages again (write-protected now: #NPF, logged); barrier 4;
-//! each harvests again; barrier 5; done.
+//! The two-vCPU part (`tdp_metal::scenario::smp`, the description the mock re-run shares), run after the
+//! scenario when a second processor answered, and everything about it that does not depend on the
+//! vendor (both kernels use this file, `examples/bochs-svm` by path): each vCPU's code (vCPU 0 at
+//! [`SMP_CODE0`], vCPU 1 at [`SMP_CODE1`], both in the system slot, beside the scenario's code) generated
+//! from its program with the scenario guest's emitter (`crate::guest`), its hypercalls ([`hypercall`]),
+//! what each vCPU saw ([`SmpOutcome`]) and the report ([`report`]: the shared checks and the `TDP-SMP`
+//! line).
 //!
 //! Hypercalls: RBX holds the number, RDI the argument.
 
@@ -23,6 +19,9 @@ use tdp_core::dirty_ring::DirtyRingConsumer;
 use tdp_core::host::Host;
 use tdp_core::mmu::{FaultCounters, Mmu};
 use tdp_metal::ring_sink::{RingSink, SinkStats};
+use tdp_metal::scenario::smp::{
+    OWN_PAGES, RACE, RACE_SLOT, SHARED_PAGES, SmpObserved, SmpStep, program, write_smp_line,
+};
 
 use crate::guest::{BuildError, Emitter, HC_DONE};
 use crate::host_steps;
@@ -41,23 +40,6 @@ pub const HC_BARRIER: u64 = 7;
 /// Hypercall: harvest this vCPU's own ring (number RDI of the two-vCPU part) and reset it.
 pub const HC_HARVEST_MINE: u64 = 8;
 
-/// The race slot's id (inserted after the scenario, dirty-logged from its insertion).
-pub const RACE_SLOT: SlotId = SlotId(7);
-/// The race slot's first gfn: past the scenario's slots (which end at 0x480 and whose remap invalidates
-/// up to 0x600) and below its MMIO gfn (0x800).
-pub const RACE: u64 = 0x600;
-/// Pages in the race slot.
-pub const RACE_PAGES: u64 = 0x200;
-/// Pages both vCPUs write.
-pub const SHARED_PAGES: core::ops::Range<u64> = RACE..RACE + 16;
-/// Each vCPU's own pages.
-pub const OWN_PAGES: [core::ops::Range<u64>; 2] = [RACE + 16..RACE + 32, RACE + 32..RACE + 48];
-
-/// What vCPU `cpu` writes to page `gfn` in phase `phase` (0 = A, 1 = B).
-pub const fn race_value(phase: u64, cpu: u64, gfn: u64) -> u64 {
-    ((0xa0 + phase * 0x10 + cpu) << 40) | gfn
-}
-
 /// Reads a u64 of guest RAM at `gpa` (after the run).
 pub fn read_u64(gpa: u64) -> u64 {
     // SAFETY: guest RAM is identity-mapped host memory reserved for the guest (see `layout`); the guest
@@ -65,39 +47,21 @@ pub fn read_u64(gpa: u64) -> u64 {
     unsafe { core::ptr::read_volatile(host_addr(gpa) as *const u64) }
 }
 
-/// Writes phase `phase` of vCPU `cpu`'s race writes.
-fn race(e: &mut Emitter, cpu: u64, phase: u64) -> Result<(), BuildError> {
-    if phase == 0 {
-        let shared: alloc::vec::Vec<u64> =
-            if cpu == 0 { SHARED_PAGES.collect() } else { SHARED_PAGES.rev().collect() };
-        for gfn in shared {
-            e.write(Gpa(gfn << 12), race_value(0, cpu, gfn))?;
-        }
-    }
-    for gfn in OWN_PAGES[cpu as usize].clone() {
-        e.write(Gpa(gfn << 12), race_value(phase, cpu, gfn))?;
-    }
-    Ok(())
-}
-
-/// Writes both vCPUs' code (the scenario guest's page tables are already in place); returns their
-/// entry points.
+/// Writes both vCPUs' code from their programs (the scenario guest's page tables are already in
+/// place); returns their entry points.
 ///
 /// # Errors
 /// When the code does not fit.
 pub fn build() -> Result<[u64; 2], BuildError> {
     for (cpu, (at, end)) in [(SMP_CODE0, SMP_CODE1), (SMP_CODE1, SMP_CODE_END)].into_iter().enumerate() {
-        let cpu = cpu as u64;
         let mut e = Emitter { at, end };
-        e.hypercall(HC_BARRIER, 1, 0)?;
-        race(&mut e, cpu, 0)?;
-        e.hypercall(HC_BARRIER, 2, 0)?;
-        e.hypercall(HC_HARVEST_MINE, 0, 0)?;
-        e.hypercall(HC_BARRIER, 3, 0)?;
-        race(&mut e, cpu, 1)?;
-        e.hypercall(HC_BARRIER, 4, 0)?;
-        e.hypercall(HC_HARVEST_MINE, 1, 0)?;
-        e.hypercall(HC_BARRIER, 5, 0)?;
+        for step in program(cpu) {
+            match step {
+                SmpStep::Barrier(n) => e.hypercall(HC_BARRIER, n, 0)?,
+                SmpStep::Write { gfn, value } => e.write(Gpa(gfn << 12), value)?,
+                SmpStep::HarvestMine(n) => e.hypercall(HC_HARVEST_MINE, n, 0)?,
+            }
+        }
         e.hypercall(HC_DONE, 0, 0)?;
         e.bytes(&[0xf4, 0xeb, 0xfd])?; // hlt; jmp back to it
     }
@@ -182,69 +146,33 @@ pub fn hypercall<H: Host>(
     }
 }
 
-/// The two-vCPU checks: both finished; phase A's harvests together hold every page written exactly
-/// (each vCPU's own pages in its own ring); phase B's hold each vCPU's own pages in its own ring; memory
-/// holds the last values (a shared page one of the two vCPUs' values). Returns the failures.
-pub fn check(outs: [&SmpOutcome; 2]) -> Vec<String> {
-    let mut failures = Vec::new();
+/// Prints what each vCPU saw and the `TDP-SMP {json}` line: the shared checks
+/// (`tdp_metal::scenario::smp::SmpObserved::check`) on both vCPUs' harvests and the memory they wrote.
+pub fn report(model: &str, outs: [&SmpOutcome; 2]) {
+    let mut seen = SmpObserved::default();
     for (cpu, out) in outs.iter().enumerate() {
         println!(
             "SMP vCPU {cpu}: tag {}, {} exits, {} entry flushes, faults {:?}, ring {:?}",
             out.tag, out.exits, out.entry_flushes, out.counters, out.ring
         );
-        if let Some(e) = &out.error {
-            failures.push(e.clone());
-        }
-        if !out.done {
-            failures.push(format!("vCPU {cpu} did not finish"));
-        }
         for (n, set) in out.own_harvests.iter().enumerate() {
             println!("SMP vCPU {cpu} own harvest {n}: {} pages {set:x?}", set.len());
         }
-        if out.own_harvests.len() != 2 {
-            failures.push(format!("vCPU {cpu}: {} own harvests, expected 2", out.own_harvests.len()));
-        }
+        seen.errors[cpu] = out.error.clone();
+        seen.done[cpu] = out.done;
+        seen.own_harvests[cpu] = out.own_harvests.clone();
     }
-    let empty = BTreeSet::new();
-    let h = |cpu: usize, n: usize| outs[cpu].own_harvests.get(n).unwrap_or(&empty);
-    let all: BTreeSet<u64> = SHARED_PAGES.chain(OWN_PAGES[0].clone()).chain(OWN_PAGES[1].clone()).collect();
-    let union: BTreeSet<u64> = h(0, 0).union(h(1, 0)).copied().collect();
-    if union != all {
-        failures
-            .push(format!("phase A: the rings hold {union:x?}, expected the {} pages written", all.len()));
-    }
-    let both: Vec<u64> = h(0, 0).intersection(h(1, 0)).copied().collect();
-    println!("SMP phase A: {} pages in both rings {both:x?}", both.len());
-    for (cpu, pages) in OWN_PAGES.iter().enumerate() {
-        let own: BTreeSet<u64> = pages.clone().collect();
-        if !own.is_subset(h(cpu, 0)) {
-            failures.push(format!("phase A: vCPU {cpu}'s own pages are not all in its ring"));
-        }
-        if *h(cpu, 1) != own {
-            failures
-                .push(format!("phase B: vCPU {cpu}'s ring holds {:x?}, expected its own pages", h(cpu, 1)));
-        }
-        for gfn in pages.clone() {
-            let want = race_value(1, cpu as u64, gfn);
-            let got = read_u64(gfn << 12);
-            if got != want {
-                failures.push(format!("gfn {gfn:#x} holds {got:#x}, expected {want:#x}"));
-            }
-        }
-    }
-    let winners: Vec<u64> = SHARED_PAGES
-        .map(|gfn| {
-            let got = read_u64(gfn << 12);
-            if got == race_value(0, 0, gfn) {
-                0
-            } else if got == race_value(0, 1, gfn) {
-                1
-            } else {
-                failures.push(format!("shared gfn {gfn:#x} holds {got:#x}"));
-                9
-            }
-        })
+    seen.memory = SHARED_PAGES
+        .chain(OWN_PAGES[0].clone())
+        .chain(OWN_PAGES[1].clone())
+        .map(|g| (g, read_u64(g << 12)))
         .collect();
-    println!("SMP shared pages, last writer per page: {winners:?}");
-    failures
+    seen.memory.sort_unstable();
+    let _ = write_smp_line(&mut crate::serial::Serial, "bochs", model, &seen);
+}
+
+/// Prints the `TDP-SMP` line of a run whose second vCPU never reported (`error`).
+pub fn report_lost(model: &str, out0: &SmpOutcome, error: String) {
+    let lost = SmpOutcome { error: Some(error), ..SmpOutcome::default() };
+    report(model, [out0, &lost]);
 }

@@ -29,9 +29,10 @@ use tdp_vmx::vmcs::{VmInstructionError, VmcsField as F};
 
 use crate::boot::Page;
 use crate::layout::host_addr;
-use crate::smp_guest::{self, RACE, RACE_PAGES, RACE_SLOT, SmpOutcome};
+use crate::smp_guest::{self, SmpOutcome};
 use crate::vmx::{self, GuestRegs};
 use crate::{MMU, VMX, println, smp};
+use tdp_metal::scenario::smp::{RACE, RACE_PAGES, RACE_SLOT, SMP_PREFIX};
 
 /// What the second processor needs from the first, set before it is woken.
 struct SmpShared {
@@ -59,11 +60,16 @@ const MAX_EXITS: u64 = 10_000;
 const EXIT_VMCALL: u16 = 18;
 
 /// Inserts the race slot, wakes the second processor and runs vCPU 0 here while it runs vCPU 1, then
-/// prints the `TDP-SMP` line (`skipped` when no second processor answered).
+/// prints the `TDP-SMP` line (`TDP-SMP skipped` when no second processor answered).
 ///
 /// # Errors
 /// The race slot or the two-vCPU guest cannot be set up, or the trampoline is malformed.
-pub fn two_vcpus(vmx: &X86Vmx, caps: VmxCapabilities, features: EptFeatures) -> Result<(), String> {
+pub fn two_vcpus(
+    model: &str,
+    vmx: &X86Vmx,
+    caps: VmxCapabilities,
+    features: EptFeatures,
+) -> Result<(), String> {
     let mmu = MMU.get().ok_or("no MMU")?;
     let entries = smp_guest::build().map_err(|e| format!("two-vCPU guest: {e}"))?;
     SMP.call_once(|| SmpShared { caps, features, entries });
@@ -72,20 +78,15 @@ pub fn two_vcpus(vmx: &X86Vmx, caps: VmxCapabilities, features: EptFeatures) -> 
     mmu.write().insert_memslot(race).map_err(|e| format!("race memslot: {e}"))?;
     let others = smp::wake_others()?;
     if others == 0 {
-        println!("TDP-SMP skipped: one processor");
+        println!("{SMP_PREFIX}skipped: one processor");
         return Ok(());
     }
     let out0 = run_cpu(0, vmx);
-    let failures = match smp::wait_for_ap() {
-        Err(e) => alloc::vec![format!("vCPU 1: {e}")],
-        Ok(out1) => smp_guest::check([&out0, &out1]),
-    };
-    println!("SMP flushes: {:?}", mmu.host().tlb.stats());
-    if failures.is_empty() {
-        println!("TDP-SMP pass: 2 vCPUs, {others} other processor(s)");
-    } else {
-        println!("TDP-SMP fail: {failures:?}");
+    match smp::wait_for_ap() {
+        Err(e) => smp_guest::report_lost(model, &out0, e),
+        Ok(out1) => smp_guest::report(model, [&out0, &out1]),
     }
+    println!("SMP flushes: {:?}, other processors: {others}", mmu.host().tlb.stats());
     Ok(())
 }
 

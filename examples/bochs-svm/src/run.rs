@@ -22,8 +22,9 @@ use tdp_svm::raw::{HsavePage, X86Svm};
 
 use crate::hv::{self, Shared, SvmMmu};
 use crate::layout::{GUEST_HOST_BASE, RAM_END, TABLE_POOL_END, TABLE_POOL_START, host_addr};
-use crate::smp_guest::{self, RACE, RACE_PAGES, RACE_SLOT};
+use crate::smp_guest;
 use crate::{BROKEN, guest, println, serial, smp};
+use tdp_metal::scenario::smp::{RACE, RACE_PAGES, RACE_SLOT, SMP_PREFIX};
 
 static HSAVE: HsavePage = HsavePage::new();
 static GUEST_RAM: [PhysRange; 1] = [PhysRange { start: GUEST_HOST_BASE, end: RAM_END }];
@@ -103,30 +104,25 @@ pub fn main(model: &str) -> Result<(), String> {
         // A must-fail build proves the scenario's checks; the two-vCPU part is the correct build's.
         return Ok(());
     }
-    two_vcpus(&svm, shared)
+    two_vcpus(model, &svm, shared)
 }
 
 /// The two-vCPU part: inserts the race slot, wakes the second processor and runs vCPU 0 here while it
 /// runs vCPU 1, then prints the `TDP-SMP` line (`skipped` when no second processor answered).
-fn two_vcpus(svm: &X86Svm, shared: &'static Shared) -> Result<(), String> {
+fn two_vcpus(model: &str, svm: &X86Svm, shared: &'static Shared) -> Result<(), String> {
     let race =
         Memslot::new(AS_ID, RACE_SLOT, Gfn(RACE), RACE_PAGES, host_addr(RACE << 12), SlotFlags::LOG_DIRTY);
     shared.mmu.write().insert_memslot(race).map_err(|e| format!("race memslot: {e}"))?;
     let others = smp::wake_others()?;
     if others == 0 {
-        println!("TDP-SMP skipped: one processor");
+        println!("{SMP_PREFIX}skipped: one processor");
         return Ok(());
     }
     let out0 = hv::run_cpu(0, svm, shared);
-    let failures = match smp::wait_for_ap() {
-        Err(e) => alloc::vec![format!("vCPU 1: {e}")],
-        Ok(out1) => smp_guest::check([&out0, &out1]),
-    };
-    println!("SMP flushes: {:?}", shared.mmu.host().tlb.stats());
-    if failures.is_empty() {
-        println!("TDP-SMP pass: 2 vCPUs, {others} other processor(s)");
-    } else {
-        println!("TDP-SMP fail: {failures:?}");
+    match smp::wait_for_ap() {
+        Err(e) => smp_guest::report_lost(model, &out0, e),
+        Ok(out1) => smp_guest::report(model, [&out0, &out1]),
     }
+    println!("SMP flushes: {:?}, other processors: {others}", shared.mmu.host().tlb.stats());
     Ok(())
 }

@@ -102,13 +102,16 @@ impl MockRun {
 }
 
 /// The ring producer as the vCPU's dirty sink, shared with the harvest (which resets it).
-struct RingSink {
-    producer: DirtyRingProducer<'static>,
-    lost: u64,
+pub struct RingSink {
+    /// The producer.
+    pub producer: DirtyRingProducer<'static>,
+    /// Marks a full ring refused.
+    pub lost: u64,
 }
 
+/// A [`RingSink`] shared between the vCPU (its dirty sink) and the harvest.
 #[derive(Clone)]
-struct SharedSink(Arc<Mutex<RingSink>>);
+pub struct SharedSink(pub Arc<Mutex<RingSink>>);
 
 impl DirtySink for SharedSink {
     fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn, _source: DirtySource) {
