@@ -30,8 +30,16 @@ pub fn run() -> Result<()> {
     msrv_of_dependencies()?;
     let packages: Vec<String> =
         PUBLISHABLE.iter().flat_map(|p| ["-p".to_string(), (*p).to_string()]).collect();
+    // Its own target directory, emptied first: cargo takes a registry crate's build for fresh by its
+    // version alone, and ours keep version 0.1.0 from commit to commit, so a dependent would otherwise be
+    // verified against an earlier commit's build of a sibling (this failed here: tdp-mock against a
+    // tdp-core without the APIs it now uses).
+    let target = cmd::repo_root().join("target/hygiene-package");
+    if target.exists() {
+        std::fs::remove_dir_all(&target).with_context(|| format!("cannot remove {}", target.display()))?;
+    }
     forget_extracted_packages()?;
-    cmd::run(cmd::cargo().args(["package", "--allow-dirty"]).args(&packages))?;
+    cmd::run(cmd::cargo().args(["package", "--allow-dirty", "--target-dir"]).arg(&target).args(&packages))?;
     ensure_tool("hack", "cargo-hack", CARGO_HACK_VERSION)?;
     cmd::run(cmd::cargo().args(["hack", "check", "--feature-powerset"]).args(&packages))?;
     ensure_tool("deny", "cargo-deny", CARGO_DENY_VERSION)?;
@@ -40,10 +48,9 @@ pub fn run() -> Result<()> {
 }
 
 /// Removes the sources cargo extracted from earlier `cargo package` runs' temporary registry
-/// (`$CARGO_HOME/registry/src/*/<crate>-<version>`). The version does not change between commits, and
-/// cargo does not extract a crate again over an existing directory, so a dependent would be verified
-/// against an earlier commit's sources (this failed once here: tdp-mock against a tdp-core without the
-/// APIs it now uses). A fresh machine has nothing to remove.
+/// (`$CARGO_HOME/registry/src/*/<crate>-<version>`): cargo does not extract a crate again over an
+/// existing directory, and ours keep their version between commits. A fresh machine has nothing to
+/// remove.
 ///
 /// # Errors
 /// A directory that exists but cannot be removed.
