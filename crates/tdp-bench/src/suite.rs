@@ -69,7 +69,7 @@ pub fn arena_pages(pages: u64, level: Level) -> usize {
 }
 
 /// The groups of comparisons, by the name `--only` takes.
-pub const GROUPS: [&str; 13] = [
+pub const GROUPS: [&str; 15] = [
     "fault_4k",
     "fault_4k_parallel",
     "fault_2m",
@@ -79,6 +79,8 @@ pub const GROUPS: [&str; 13] = [
     "ring",
     "enable_logging",
     "aging",
+    "recover_huge",
+    "eager_split",
     "harvest",
     "kvm_harvest",
     "kvm_dirtying",
@@ -105,6 +107,16 @@ pub fn run(cfg: &Config, only: impl Fn(&str) -> bool, mut progress: impl FnMut(&
         ("ring", "dirty ring push + harvest + reset vs rtrb push + pop", ring::measure),
         ("enable_logging", "enable-logging pass over 1, 16 GiB of 4K leaves vs sweeps", logging::measure),
         ("aging", "aging pass over 1 GiB of 4K leaves (young, then idle) vs sweeps", crate::aging::measure),
+        (
+            "recover_huge",
+            "stop logging over 1 GiB at 4K: in-place recovery vs zap + refault, and vs sweeps",
+            crate::recover::measure_recover,
+        ),
+        (
+            "eager_split",
+            "split 1 GiB of 2M leaves (enable, first clear) vs allocating and filling a table",
+            crate::recover::measure_split,
+        ),
         ("harvest", "harvest of 1000 dirty pages vs memory size: ring vs bitmap", |cfg, out| {
             let series = harvest::measure(cfg, out);
             out.harvest = Some(series);
