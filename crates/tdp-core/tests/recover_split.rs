@@ -288,12 +288,23 @@ fn recovery_races_faults_at_every_yield() {
     }
 }
 
+/// Counts a thread done when dropped.
+struct Done(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+}
+
 #[test]
 fn recovery_races_faulting_threads() {
-    // Two vCPU threads write a counted number of pages while this thread turns logging on and off a
-    // counted number of times; every page then holds its last write and every checker passes.
+    // Two vCPU threads write a counted number of pages, and a third thread runs a counted number of
+    // MMU-notifier invalidations (start, then end) over random 2 MiB ranges, while this thread turns
+    // logging on and off a counted number of times; every page then holds its last write and every
+    // checker passes.
     const ROUNDS: usize = 12;
-    const WRITES: u64 = 4000;
+    const WRITES: u64 = 2000;
     for config in CONFIGS {
         let host = HostConfig { host_level: Level::L2, yield_every: Some(7), ..HostConfig::default() };
         let mut vm = Vm::new(config, host);
@@ -307,16 +318,40 @@ fn recovery_races_faulting_threads() {
             .map(|(t, mut v)| {
                 let (mmu, done) = (Arc::clone(&mmu), Arc::clone(&done));
                 std::thread::spawn(move || {
+                    // Counts this thread done even if it panics, so the others stop waiting for it.
+                    let _done = Done(done);
                     for n in 0..WRITES {
                         // Thread t writes pages of its parity only, so the last write of each is known.
                         let off = (n % (SLOT_PAGES / 2)) * 2 + t as u64;
-                        v.write_u64(&mmu, Gfn(base + off).gpa(), n << 8 | t as u64).expect("write");
+                        let gpa = Gfn(base + off).gpa();
+                        // An access may find its range invalidated at every retry of one round.
+                        let mut rounds = 0;
+                        while let Err(e) = v.write_u64(&mmu, gpa, n << 8 | t as u64) {
+                            rounds += 1;
+                            assert!(
+                                matches!(e, tdp_mock::VcpuError::Livelock { .. }) && rounds < 1000,
+                                "write {n}: {e}"
+                            );
+                        }
                     }
-                    done.fetch_add(1, std::sync::atomic::Ordering::Release);
                     v
                 })
             })
             .collect();
+        let invalidator = {
+            let (mmu, done) = (Arc::clone(&mmu), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while n < 500 || done.load(std::sync::atomic::Ordering::Acquire) < 2 {
+                    n += 1;
+                    let start = Gfn(base + (n * 7 % 4) * 512);
+                    let end = Gfn(start.0 + 512);
+                    mmu.write().invalidate_range_start(AsId(0), start, end).expect("a range");
+                    std::thread::yield_now();
+                    mmu.write().invalidate_range_end().expect("started");
+                }
+            })
+        };
         let mut toggles = 0;
         while toggles < ROUNDS * 2 || done.load(std::sync::atomic::Ordering::Acquire) < 2 {
             let on = toggles % 2 == 0;
@@ -331,6 +366,7 @@ fn recovery_races_faulting_threads() {
                 .run(mmu.host());
         }
         vm.vcpus = handles.into_iter().map(|h| h.join().expect("vCPU thread")).collect();
+        invalidator.join().expect("invalidating thread");
         vm.check();
         let mut last = std::collections::BTreeMap::new();
         for t in 0..2u64 {

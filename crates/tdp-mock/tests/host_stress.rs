@@ -1,6 +1,8 @@
 //! The host's side under load: two vCPU threads write and read a slot while a host thread, for a fixed
 //! number of operations, swaps pages out, migrates them, merges identical pages (KSM), ages ranges
-//! (lockless), zaps ranges, toggles dirty logging and invalidates roots; the vCPUs' writes to merged
+//! (lockless), zaps ranges, toggles dirty logging (one start in two with a log that starts all-set, then
+//! cleared range by range; each stop runs the in-place huge-page recovery, which the host's page changes
+//! mostly refuse here, as they leave the host mapping at 4 KiB) and invalidates roots; the vCPUs' writes to merged
 //! pages break the sharing (copy-on-write inside a translation). Every so many host operations all
 //! threads park at a quiescent point and the checkers run.
 //!
@@ -181,7 +183,9 @@ fn vcpu_thread(name: &str, i: u64, mut vcpu: Vcpu, mmu: &Mmu<MockHost>, shared: 
 fn host_thread(name: &str, mmu: &Mmu<MockHost>, slot: Memslot, shared: &Shared) {
     let host = mmu.host();
     let mut rng = Lcg(0x4057);
-    let mut logging = false;
+    // Logging off, on, off, on with a log that starts all-set (then split and protected range by range
+    // as it is cleared), and so on; every stop runs the in-place recovery under the read lock.
+    let mut logging = 0u64;
     for op in 1..=HOST_OPS {
         let gfn = rng.below(PAGES);
         match rng.below(8) {
@@ -206,8 +210,12 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, slot: Memslot, shared: &Shared) 
                 mmu.write().zap_gfn_range(AsId(0), Gfn(gfn), Gfn(end)).run(host);
             }
             5 => {
-                logging = !logging;
-                let flags = if logging { SlotFlags::LOG_DIRTY } else { SlotFlags::empty() };
+                logging = (logging + 1) % 4;
+                let flags = match logging {
+                    1 => SlotFlags::LOG_DIRTY,
+                    3 => SlotFlags::LOG_DIRTY | SlotFlags::LOG_INITIALLY_SET,
+                    _ => SlotFlags::empty(),
+                };
                 let flush =
                     mmu.write().set_memslot_flags(AsId(0), SlotId(0), flags).expect("the slot exists");
                 flush.run(host);
@@ -215,6 +223,11 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, slot: Memslot, shared: &Shared) 
             6 => {
                 mmu.write().invalidate_roots(None).run(host);
                 mmu.read().zap_invalidated_roots();
+            }
+            _ if logging == 3 => {
+                // A clear of the all-set log: the window's huge pages split (pages allocated with the
+                // lock dropped), its pages protected.
+                mmu.write().reprotect_dirty(AsId(0), SlotId(0), gfn & !63, rng.next() | 1).run(host);
             }
             _ => {
                 mmu.test_age_gfn_range(AsId(0), Gfn(gfn), Gfn(gfn + 8));

@@ -89,7 +89,7 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         {
             let mut cache = PageCache::new();
             // A failure leaves the huge leaves to the write protection below (KVM's "try" split).
-            let _ = self.split_range(as_id, window.start, window.end, &mut cache);
+            let _ = self.split_range(as_id, (window.start, window.end), &mut cache, true);
             cache.release(&self.mmu.host);
         }
         // Looked up again: the split may have dropped the lock, and the slot may have changed meanwhile.
@@ -285,18 +285,21 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         let Some(slot) = self.slots.get(as_id, id).copied() else {
             return Ok(());
         };
-        self.split_range(as_id, slot.base_gfn, slot.end_gfn(), cache)
+        self.split_range(as_id, (slot.base_gfn, slot.end_gfn()), cache, false)
     }
 
     /// Splits every huge leaf that maps a gfn of `[start, end)` in the roots of `as_id` down to 4 KiB
     /// (KVM's `kvm_tdp_mmu_try_split_huge_pages` with the write lock): table pages from `cache`, refilled
     /// with the lock dropped (KVM's `tdp_mmu_alloc_sp_for_split`, which drops the lock and retries).
+    ///
+    /// With `one_at_a_time`, each refill allocates one page, as KVM's does, rather than a burst: for the
+    /// short ranges of a clear, whose unused pages would go straight back.
     fn split_range(
         &mut self,
         as_id: AsId,
-        start: Gfn,
-        end: Gfn,
+        (start, end): (Gfn, Gfn),
         cache: &mut PageCache,
+        one_at_a_time: bool,
     ) -> Result<(), AllocError> {
         let mmu = self.mmu;
         let fmt = *mmu.format();
@@ -322,9 +325,18 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                         break;
                     }
                     let slots = &mut self.slots;
-                    result = it.yield_with(|| {
-                        ExclusiveMmu::unlocked(mmu, slots, || cache.topup(&mmu.host, fill, 1))
-                    });
+                    let refill = |cache: &mut PageCache| {
+                        if !one_at_a_time {
+                            return cache.topup(&mmu.host, fill, 1);
+                        }
+                        let pfn = mmu.host.alloc_table(fill)?;
+                        // The cache is empty here, so the page fits.
+                        cache
+                            .put_back(pfn)
+                            .map_err(|pfn| mmu.host.free_table_now(pfn))
+                            .map_err(|()| AllocError)
+                    };
+                    result = it.yield_with(|| ExclusiveMmu::unlocked(mmu, slots, || refill(cache)));
                     if result.is_err() {
                         break;
                     }
