@@ -205,7 +205,7 @@ pub fn measure_recover(cfg: &Config, out: &mut Outcome) {
     let rounds = Rounds::<5>::run(cfg.warmup, cfg.reps, || {
         round += 1;
         let mut r = [0.0; 5];
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             r[RECOVER] = recovery(&arena, pages);
             (r[ZAP], r[ZAP_REFAULT], refaults) = zap_and_refault(&arena, pages);
         } else {

@@ -275,7 +275,8 @@ fn recovery_races_faults_at_every_yield() {
         vm.machine.host().set_yield_hook(None);
         let steps = *step.lock().expect("step");
         assert!(steps >= 5, "{config:?}: the recovery yielded {steps} times");
-        vm.vcpus.push(Arc::try_unwrap(other).ok().expect("hook dropped").into_inner().expect("vcpu"));
+        let Ok(other) = Arc::try_unwrap(other) else { panic!("the hook still holds the vCPU") };
+        vm.vcpus.push(other.into_inner().expect("vcpu"));
         assert_eq!(vm.leaves()[1], 4, "{config:?}: every 2 MiB page recovered despite the races");
         vm.check();
         // Every write made at a yield is there.
