@@ -528,3 +528,57 @@ fn i4_initially_set_writes_after_a_clear_are_all_reported() {
         }
     }
 }
+
+#[test]
+fn a_1g_table_is_recovered_as_a_1g_leaf_where_the_host_maps_1g() {
+    // EPT and NPT both map 1 GiB pages; the host maps guest RAM at 1 GiB (the mock's default).
+    for config in [MmuConfig::EPT, MmuConfig::NPT] {
+        let machine = Machine::new(config, HostConfig::default()).expect("valid config");
+        let pages = Level::L3.pages();
+        let slot = machine.ram_slot(AsId(0), SlotId(1), Gfn(pages), pages, SlotFlags::LOG_DIRTY);
+        machine.mmu().write().insert_memslot(slot).expect("slot");
+        let mut vcpu = machine.new_vcpu(AsId(0));
+        // A few pages in three 2 MiB ranges, the first present one not at the start.
+        for off in [513, 1000, 7 * 512 + 3, 300 * 512] {
+            vcpu.write_u64(machine.mmu(), Gfn(pages + off).gpa(), off).expect("write");
+        }
+        assert_eq!(machine.mmu().stats().leaves, [4, 0, 0]);
+        let mmu = machine.mmu();
+        mmu.write().set_memslot_flags(AsId(0), slot.id, SlotFlags::empty()).expect("slot").run(mmu.host());
+        assert_eq!(mmu.stats().leaves, [0, 0, 1], "{config:?}: one 1 GiB leaf");
+        let reference = Memslot { flags: SlotFlags::empty(), ..slot };
+        if let Err(v) = machine.check_all(&[&vcpu], &[reference]) {
+            panic!("{config:?}: {v:?}");
+        }
+        let faults = vcpu.mmu_state().counters.fixed;
+        for off in [0, 513, 1000, 7 * 512 + 3, 300 * 512, pages - 1] {
+            let want = if off == 0 || off == pages - 1 { 0 } else { off };
+            assert_eq!(vcpu.read_u64(mmu, Gfn(pages + off).gpa()).expect("read"), want, "{config:?}: {off}");
+        }
+        assert_eq!(vcpu.mmu_state().counters.fixed, faults, "no refault");
+        vcpu.release(mmu);
+    }
+}
+
+#[test]
+fn initially_set_clearing_64_pages_of_a_1g_leaf_splits_only_down_their_path() {
+    for config in [MmuConfig::EPT, MmuConfig::NPT] {
+        let machine = Machine::new(config, HostConfig::default()).expect("valid config");
+        let pages = Level::L3.pages();
+        let slot = machine.ram_slot(AsId(0), SlotId(1), Gfn(pages), pages, SlotFlags::empty());
+        machine.mmu().write().insert_memslot(slot).expect("slot");
+        let mut vcpu = machine.new_vcpu(AsId(0));
+        vcpu.write_u64(machine.mmu(), Gfn(pages).gpa(), 1).expect("write");
+        let mmu = machine.mmu();
+        assert_eq!(mmu.stats().leaves, [0, 0, 1], "{config:?}: one 1 GiB leaf");
+        let logging = SlotFlags::LOG_DIRTY | SlotFlags::LOG_INITIALLY_SET;
+        mmu.write().set_memslot_flags(AsId(0), slot.id, logging).expect("slot").run(mmu.host());
+        mmu.write().reprotect_dirty(AsId(0), slot.id, 5 * 512 + 64, u64::MAX).run(mmu.host());
+        assert_eq!(mmu.stats().leaves, [512, 511, 0], "{config:?}: 1 GiB -> 2 MiB -> 4 KiB on the path");
+        let reference = Memslot { flags: logging, ..slot };
+        if let Err(v) = machine.check_all(&[&vcpu], &[reference]) {
+            panic!("{config:?}: {v:?}");
+        }
+        vcpu.release(mmu);
+    }
+}

@@ -292,8 +292,9 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     /// (KVM's `kvm_tdp_mmu_try_split_huge_pages` with the write lock): table pages from `cache`, refilled
     /// with the lock dropped (KVM's `tdp_mmu_alloc_sp_for_split`, which drops the lock and retries).
     ///
-    /// With `one_at_a_time`, each refill allocates one page, as KVM's does, rather than a burst: for the
-    /// short ranges of a clear, whose unused pages would go straight back.
+    /// With `one_at_a_time`, each refill allocates what one split needs (one page, three for a 1 GiB
+    /// leaf), as KVM allocates one page per split, rather than a burst: for the short ranges of a clear,
+    /// whose unused pages would go straight back.
     fn split_range(
         &mut self,
         as_id: AsId,
@@ -325,16 +326,23 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                         break;
                     }
                     let slots = &mut self.slots;
+                    // What splitting this leaf down to 4 KiB needs: a 1 GiB leaf's split leaves a 2 MiB
+                    // leaf at the same gfn, where the walk may not yield again, and a short range may
+                    // cross into a second one.
+                    let need = if level > Level::L2 { 3 } else { 1 };
                     let refill = |cache: &mut PageCache| {
                         if !one_at_a_time {
-                            return cache.topup(&mmu.host, fill, 1);
+                            return cache.topup(&mmu.host, fill, need);
                         }
-                        let pfn = mmu.host.alloc_table(fill)?;
-                        // The cache is empty here, so the page fits.
-                        cache
-                            .put_back(pfn)
-                            .map_err(|pfn| mmu.host.free_table_now(pfn))
-                            .map_err(|()| AllocError)
+                        for _ in 0..need {
+                            let pfn = mmu.host.alloc_table(fill)?;
+                            // The cache was empty, and holds far more than three pages.
+                            cache
+                                .put_back(pfn)
+                                .map_err(|pfn| mmu.host.free_table_now(pfn))
+                                .map_err(|()| AllocError)?;
+                        }
+                        Ok(())
                     };
                     result = it.yield_with(|| ExclusiveMmu::unlocked(mmu, slots, || refill(cache)));
                     if result.is_err() {
