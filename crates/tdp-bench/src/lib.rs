@@ -14,6 +14,8 @@
 //! - [`floor`]: the design floor of a 4 KiB fault (read lock, atomic walk, compare-exchanges), a limit.
 //! - [`ring`]: dirty-ring push + harvest + reset throughput beside the `rtrb` SPSC queue.
 //! - [`logging`]: the enable-logging pass over 1 and 16 GiB of 4 KiB leaves beside two sweeps.
+//! - [`recover`]: huge pages recovered in place when logging stops, against zap + refault; eager
+//!   splitting at enable and at the first clear, against allocating and filling a table.
 //! - [`harvest`]: harvest cost against memory size at 1000 dirty pages, ring against bitmap.
 //! - [`kvm`]: on real `/dev/kvm`: harvest cost (ring, bitmap, raw `kvm-ioctls`), guest dirtying
 //!   throughput under each kind of logging, live migration with the `tdp` command.
@@ -34,6 +36,7 @@ pub mod ours;
 pub mod parallel;
 pub mod peer;
 pub mod plot;
+pub mod recover;
 pub mod report;
 pub mod ring;
 pub mod suite;

@@ -22,7 +22,7 @@ struct Args {
     #[arg(long)]
     reps: Option<usize>,
     /// Run only these groups (comma-separated): fault_4k, fault_2m, zap_range, zap_all, metadata, ring,
-    /// enable_logging, harvest.
+    /// enable_logging, aging, recover_huge, eager_split, harvest, ...
     #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(suite::GROUPS))]
     only: Vec<String>,
     /// Where to write the JSON summary [default: <workspace>/target/bench/summary.json].

@@ -69,7 +69,7 @@ pub fn arena_pages(pages: u64, level: Level) -> usize {
 }
 
 /// The groups of comparisons, by the name `--only` takes.
-pub const GROUPS: [&str; 14] = [
+pub const GROUPS: [&str; 16] = [
     "fault_4k",
     "fault_4k_parallel",
     "fault_2m",
@@ -80,6 +80,8 @@ pub const GROUPS: [&str; 14] = [
     "enable_logging",
     "aging",
     "nx_recovery",
+    "recover_huge",
+    "eager_split",
     "harvest",
     "kvm_harvest",
     "kvm_dirtying",
@@ -110,6 +112,16 @@ pub fn run(cfg: &Config, only: impl Fn(&str) -> bool, mut progress: impl FnMut(&
             "nx_recovery",
             "NX huge-page recovery over 1 GiB of tracked tables vs freeze sweep",
             crate::nx::measure,
+        ),
+        (
+            "recover_huge",
+            "stop logging over 1 GiB at 4K: in-place recovery vs zap + refault, and vs sweeps",
+            crate::recover::measure_recover,
+        ),
+        (
+            "eager_split",
+            "split 1 GiB of 2M leaves (enable, first clear) vs allocating and filling a table",
+            crate::recover::measure_split,
         ),
         ("harvest", "harvest of 1000 dirty pages vs memory size: ring vs bitmap", |cfg, out| {
             let series = harvest::measure(cfg, out);

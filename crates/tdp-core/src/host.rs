@@ -117,8 +117,9 @@ pub trait HostTranslate {
     fn translate(&self, slot: &Memslot, gfn: Gfn, write: bool) -> Result<HostPage, HostFaultError>;
 
     /// The level at which the host maps `gfn` of `slot` now, without faulting anything in and without
-    /// blocking (KVM's `host_pfn_mapping_level`); `None` when it is not mapped. The MMU asks it under the
-    /// write lock when it decides whether a huge leaf could replace a table (stopping dirty logging).
+    /// blocking (KVM's `host_pfn_mapping_level`); `None` when it is not mapped. The MMU asks it under its
+    /// lock (the read side, concurrently with faults) when it decides whether a huge leaf could replace a
+    /// table (stopping dirty logging: `SharedMmu::recover_huge_pages`).
     /// The default asks [`HostTranslate::translate`] for a read, which is right for a host whose
     /// translation never blocks; a host whose translation may block must override it.
     fn mapping_level(&self, slot: &Memslot, gfn: Gfn) -> Option<Level> {

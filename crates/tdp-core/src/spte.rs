@@ -741,6 +741,29 @@ impl SpteFormat {
         Spte(bits)
     }
 
+    /// The huge leaf at `level` that replaces a table whose leaves include `small` (KVM's
+    /// `make_huge_spte`, for in-place recovery): `small`'s permissions, software and A/D bits, the
+    /// page-size bit, and its frame aligned down to `level`. The caller checks that the table's gfns map
+    /// contiguous host frames (the host maps them at `level` or above) and that `small`'s frame sits at
+    /// the same offset in the huge page as its gfn.
+    ///
+    /// ```
+    /// use tdp_core::addr::{Level, Pfn, PtIndex};
+    /// use tdp_core::spte::{LeafAttrs, LeafWrite, MemType, SpteFormat};
+    /// let fmt = SpteFormat::EPT_AD;
+    /// let attrs =
+    ///     LeafAttrs { write: LeafWrite::WriteProtected, exec: true, memtype: MemType::WriteBack, accessed: true };
+    /// let huge = fmt.leaf(Pfn(0x400), Level::L2, attrs);
+    /// let child = fmt.split_child(huge, Level::L2, PtIndex::new(7).unwrap());
+    /// assert_eq!(fmt.huge_from(child, Level::L2), huge);
+    /// ```
+    #[must_use]
+    #[inline]
+    pub const fn huge_from(&self, small: Spte, level: Level) -> Spte {
+        let below = (level.pages() - 1) << PAGE_SHIFT;
+        Spte((small.0 | EptBits::PAGE_SIZE.bits()) & !below)
+    }
+
     /// An MMIO SPTE for `gfn`, tagged with the low bits of memslot `generation`. `None` when the format
     /// has no MMIO caching or `gfn` does not fit below the reserved bit.
     #[must_use]

@@ -128,3 +128,22 @@ fn with_the_mitigation_off_huge_leaves_execute_and_nothing_is_tracked() {
     m.check_all(&[&vcpu], &[slot]).unwrap_or_else(|v| panic!("{v:?}"));
     vcpu.release(m.mmu());
 }
+
+#[test]
+fn stopping_logging_leaves_fetched_tables_to_nx_recovery() {
+    let (m, slot, mut vcpu) = machine(MmuConfig::EPT);
+    // A fetch splits range 0 (a tracked table); data in range 1 is mapped huge.
+    access(&m, &mut vcpu, 20, AccessKind::Exec);
+    access(&m, &mut vcpu, 600, AccessKind::Read);
+    let logged = |flags| m.mmu().write().set_memslot_flags(AsId(0), SlotId(0), flags).expect("slot");
+    logged(SlotFlags::LOG_DIRTY).run(m.host());
+    access(&m, &mut vcpu, 601, AccessKind::Write);
+    logged(SlotFlags::empty()).run(m.host());
+    assert_eq!(level(&m, &vcpu, 20), Some(Level::L1), "the fetched range is not rebuilt huge");
+    assert!(access(&m, &mut vcpu, 20, AccessKind::Exec).contains(Access::EXEC));
+    assert_eq!(level(&m, &vcpu, 601), Some(Level::L2), "the data range is recovered");
+    let rights = access(&m, &mut vcpu, 601, AccessKind::Read);
+    assert!(!rights.contains(Access::EXEC), "a recovered huge leaf is not executable under NX");
+    m.check_all(&[&vcpu], &[slot]).unwrap_or_else(|v| panic!("{v:?}"));
+    vcpu.release(m.mmu());
+}

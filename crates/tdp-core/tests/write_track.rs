@@ -170,3 +170,21 @@ fn tracking_needs_a_memslot_and_dies_with_it() {
     assert!(m.mmu().read().memslots().write_track().is_empty(), "KVM frees the counts with the slot");
     drop(vcpu);
 }
+
+#[test]
+fn stopping_logging_recovers_no_huge_leaf_over_a_tracked_gfn() {
+    for (name, cfg) in CONFIGS {
+        let (m, slot, mut vcpu) = machine(cfg, SlotFlags::LOG_DIRTY);
+        // Two 2 MiB ranges mapped at 4 KiB while logging; a gfn of the first is tracked.
+        for gfn in [3, TRACKED + 1, 600, 601] {
+            access(&m, &mut vcpu, gfn, AccessKind::Write);
+        }
+        track(&m, TRACKED);
+        let flush = m.mmu().write().set_memslot_flags(AsId(0), SlotId(0), SlotFlags::empty()).expect("slot");
+        flush.run(m.host());
+        assert_eq!(level(&m, &vcpu, 600), Some(Level::L2), "{name}: the untracked range is recovered");
+        assert_eq!(level(&m, &vcpu, 3), Some(Level::L1), "{name}: the tracked gfn's range stays small");
+        m.check_all(&[&vcpu], &[slot]).unwrap_or_else(|v| panic!("{name}: {v:?}"));
+        vcpu.release(m.mmu());
+    }
+}

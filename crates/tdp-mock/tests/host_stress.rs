@@ -1,9 +1,12 @@
 //! The host's side under load: two vCPU threads write, read and execute in a slot while a host thread,
 //! for a fixed number of operations, swaps pages out, migrates them, merges identical pages (KSM), ages
-//! ranges (lockless), zaps ranges, toggles dirty logging, invalidates roots, write-tracks and untracks
-//! pages and recovers NX huge pages (the mitigation is on); the vCPUs' writes to merged pages break the
-//! sharing (copy-on-write inside a translation), their writes to tracked pages are emulated. Every so
-//! many host operations all threads park at a quiescent point and the checkers run.
+//! ranges (lockless), zaps ranges, toggles dirty logging (one start in two with a log that starts
+//! all-set, then cleared range by range; each stop runs the in-place huge-page recovery, which the
+//! host's page changes mostly refuse here, as they leave the host mapping at 4 KiB), invalidates roots,
+//! write-tracks and untracks pages and recovers NX huge pages (the mitigation is on); the vCPUs' writes
+//! to merged pages break the sharing (copy-on-write inside a translation), their writes to tracked pages
+//! are emulated. Every so many host operations all threads park at a quiescent point and the checkers
+//! run.
 //!
 //! Progress is counted, never timed: the host thread runs exactly `HOST_OPS` operations; the vCPUs run
 //! at least `ACCESSES` accesses each and keep going until the host thread is done; the quiescent points
@@ -224,7 +227,9 @@ fn retry(mut access: impl FnMut() -> Result<(), VcpuError>, shared: &Shared) -> 
 fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code]: [Memslot; 2], shared: &Shared) {
     let host = mmu.host();
     let mut rng = Lcg(0x4057);
-    let mut logging = false;
+    // Logging off, on, off, on with a log that starts all-set (then split and protected range by range
+    // as it is cleared), and so on; every stop runs the in-place recovery under the read lock.
+    let mut logging = 0u64;
     let mut tracked: Vec<u64> = Vec::new();
     for op in 1..=HOST_OPS {
         let gfn = rng.below(PAGES);
@@ -270,8 +275,12 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code]: [Memslot; 2], shar
                 mmu.write().zap_gfn_range(AsId(0), Gfn(gfn), Gfn(end)).run(host);
             }
             5 => {
-                logging = !logging;
-                let flags = if logging { SlotFlags::LOG_DIRTY } else { SlotFlags::empty() };
+                logging = (logging + 1) % 4;
+                let flags = match logging {
+                    1 => SlotFlags::LOG_DIRTY,
+                    3 => SlotFlags::LOG_DIRTY | SlotFlags::LOG_INITIALLY_SET,
+                    _ => SlotFlags::empty(),
+                };
                 let flush =
                     mmu.write().set_memslot_flags(AsId(0), SlotId(0), flags).expect("the slot exists");
                 flush.run(host);
@@ -279,6 +288,11 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code]: [Memslot; 2], shar
             6 => {
                 mmu.write().invalidate_roots(None).run(host);
                 mmu.read().zap_invalidated_roots();
+            }
+            _ if logging == 3 => {
+                // A clear of the all-set log: the window's huge pages split (pages allocated with the
+                // lock dropped), its pages protected.
+                mmu.write().reprotect_dirty(AsId(0), SlotId(0), gfn & !63, rng.next() | 1).run(host);
             }
             _ => {
                 mmu.test_age_gfn_range(AsId(0), Gfn(gfn), Gfn(gfn + 8));

@@ -130,9 +130,13 @@ impl DirtyBitmap {
     /// A bitmap for a slot of `pages` pages, clean, or with every page dirty when `initially_set`
     /// (`KVM_DIRTY_LOG_INITIALLY_SET`, see [`DirtyTrackingMode::initially_set`]).
     ///
-    /// With `initially_set` the MMU skips the write-protect pass when logging starts, as KVM does: every
-    /// page already counts as dirty, and pages are protected lazily, 64 at a time, when
-    /// [`clear`](DirtyBitmap::clear) re-protects them.
+    /// With `initially_set`, turn the slot's logging on with
+    /// [`SlotFlags::LOG_INITIALLY_SET`](crate::memslot::SlotFlags::LOG_INITIALLY_SET) (see
+    /// [`SlotFlags::logging`](crate::memslot::SlotFlags::logging)): the MMU then skips the write-protect
+    /// pass, as KVM does, since every page already counts as dirty, and the pages of each range are
+    /// split (huge leaves) and protected lazily, 64 at a time, when [`clear`](DirtyBitmap::clear)
+    /// re-protects them through the MMU's `reprotect_dirty`. Without that flag the MMU protects the
+    /// whole slot at once, which is correct too, only slower.
     ///
     /// # Errors
     /// [`BitmapError::NoMemory`] if the words cannot be allocated; nothing is allocated then.

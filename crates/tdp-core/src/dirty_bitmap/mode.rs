@@ -41,7 +41,8 @@ pub enum DirtyTrackingMode {
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: `KVM_GET_DIRTY_LOG` only copies, `KVM_CLEAR_DIRTY_LOG` clears.
     ManualProtect {
         /// `KVM_DIRTY_LOG_INITIALLY_SET`: bitmaps start with every page dirty, and the MMU skips the
-        /// write-protect pass when logging starts.
+        /// write-protect pass when logging starts, if the slot's flags say so
+        /// ([`SlotFlags::logging`](crate::memslot::SlotFlags::logging)).
         initially_set: bool,
     },
     /// The dirty ring (`KVM_CAP_DIRTY_LOG_RING` / `_ACQ_REL`): per-vCPU rings replace the bitmap, and
@@ -93,8 +94,10 @@ impl DirtyTrackingMode {
     }
 
     /// Whether new bitmaps start with every page dirty (pass it to
-    /// [`DirtyBitmap::new`](super::DirtyBitmap::new)); the MMU then skips the write-protect pass when
-    /// logging starts, as KVM's `kvm_mmu_slot_apply_flags` does.
+    /// [`DirtyBitmap::new`](super::DirtyBitmap::new)). The MMU learns it from the slot's flags: turn
+    /// logging on with [`SlotFlags::logging`](crate::memslot::SlotFlags::logging)`(mode)`, and it skips
+    /// the write-protect pass, as KVM's `kvm_mmu_slot_apply_flags` does, and splits and protects each
+    /// range when [`DirtyBitmap::clear`](super::DirtyBitmap::clear) re-protects it.
     #[must_use]
     pub const fn initially_set(self) -> bool {
         matches!(self, DirtyTrackingMode::ManualProtect { initially_set: true })

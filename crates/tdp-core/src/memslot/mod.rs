@@ -26,6 +26,33 @@ bitflags! {
         const LOG_DIRTY = 1 << 0;
         /// The guest may not write the slot; writes exit to the VMM as MMIO.
         const READONLY = 1 << 1;
+        /// With [`SlotFlags::LOG_DIRTY`]: the slot's dirty log starts with every page dirty (KVM's
+        /// `KVM_DIRTY_LOG_INITIALLY_SET`, a VM-wide capability in KVM, here given per slot: see
+        /// [`crate::dirty_bitmap::DirtyTrackingMode::initially_set`]). Turning logging on then skips
+        /// the write-protect pass, and each range is split and protected when it is first cleared
+        /// (`ExclusiveMmu::reprotect_dirty`, KVM cb00a70b). Not a KVM memslot flag (bit 31 is no
+        /// `KVM_MEM_*` value); it may change only together with `LOG_DIRTY` or while logging is off.
+        const LOG_INITIALLY_SET = 1 << 31;
+    }
+}
+
+impl SlotFlags {
+    /// The flags that turn dirty logging on in `mode`: [`SlotFlags::LOG_DIRTY`], with
+    /// [`SlotFlags::LOG_INITIALLY_SET`] when the mode's bitmaps start all-set.
+    ///
+    /// ```
+    /// use tdp_core::dirty_bitmap::DirtyTrackingMode;
+    /// use tdp_core::memslot::SlotFlags;
+    /// let mode = DirtyTrackingMode::ManualProtect { initially_set: true };
+    /// assert_eq!(SlotFlags::logging(mode), SlotFlags::LOG_DIRTY | SlotFlags::LOG_INITIALLY_SET);
+    /// ```
+    #[must_use]
+    pub const fn logging(mode: crate::dirty_bitmap::DirtyTrackingMode) -> SlotFlags {
+        if mode.initially_set() {
+            SlotFlags::LOG_DIRTY.union(SlotFlags::LOG_INITIALLY_SET)
+        } else {
+            SlotFlags::LOG_DIRTY
+        }
     }
 }
 
@@ -92,6 +119,14 @@ impl Memslot {
     pub const fn offset_of(&self, gfn: Gfn) -> u64 {
         gfn.0 - self.base_gfn.0
     }
+    /// Whether the slot is dirty-logged with a log that started all-set
+    /// ([`SlotFlags::LOG_INITIALLY_SET`]): its huge pages are split, and its pages protected, range by
+    /// range as the log is cleared.
+    #[must_use]
+    #[inline]
+    pub const fn is_log_initially_set(&self) -> bool {
+        self.flags.contains(SlotFlags::LOG_DIRTY.union(SlotFlags::LOG_INITIALLY_SET))
+    }
     /// Whether the guest may write the slot.
     #[must_use]
     #[inline]
@@ -151,6 +186,15 @@ pub enum SlotError {
     BadAddressSpace {
         /// The bad id.
         as_id: AsId,
+    },
+    /// [`SlotFlags::LOG_INITIALLY_SET`] would change while the slot stays dirty-logged: pages left
+    /// writable because the log started all-set would never be protected.
+    #[error("slot {id:?} in {as_id:?} is dirty-logged: LOG_INITIALLY_SET can change only with LOG_DIRTY")]
+    InitiallySetChange {
+        /// The address space.
+        as_id: AsId,
+        /// The slot.
+        id: SlotId,
     },
     /// The new slot overlaps an existing one in the same address space.
     #[error("slot {new:?} overlaps slot {existing:?} in {as_id:?}")]

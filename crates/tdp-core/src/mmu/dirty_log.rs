@@ -1,5 +1,10 @@
 //! Dirty logging in the MMU: the pass that starts logging a memslot, eager splitting of its huge pages,
-//! re-protection of harvested pages (ring reset, bitmap clear), and the pass that stops logging.
+//! re-protection of harvested pages (ring reset, bitmap clear), and the pass that stops logging, which
+//! recovers huge pages in place (KVM 6.13's `kvm_tdp_mmu_recover_huge_pages`).
+//!
+//! With a log that starts all-set ([`crate::memslot::SlotFlags::LOG_INITIALLY_SET`], KVM's
+//! `KVM_DIRTY_LOG_INITIALLY_SET`) nothing is protected when logging starts; each range is split and
+//! protected when it is first cleared ([`ExclusiveMmu::reprotect_dirty`], KVM cb00a70b).
 //!
 //! How a write gets recorded depends on the hardware ([`super::MmuConfig::pml`]):
 //! - with PML (Intel, EPT A/D bits): 4 KiB leaves keep W and lose D; hardware sets D at the next write and
@@ -28,8 +33,9 @@ const WRITE_BIT: u64 = EptBits::WRITE.bits();
 use crate::sync::{AtomicU64, Ordering};
 
 use super::cache::PageCache;
+use super::groups::SlotsRead;
 use super::spte_ops::LockMode;
-use super::{ExclusiveMmu, Mmu};
+use super::{ExclusiveMmu, Mmu, SharedMmu};
 
 impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     /// Re-protects the pages of slot `id` named by `mask` (bit `i` is page `base_offset + i` of the
@@ -37,8 +43,56 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     /// lose D with PML or W without; huge leaves lose W. Offsets outside the slot are ignored, so a
     /// batch built from consumer-writable ring memory cannot reach beyond its slot (I5).
     ///
+    /// In a slot whose log started all-set ([`Memslot::is_log_initially_set`]), the huge leaves that
+    /// map the window from the mask's first to its last page are first split down to 4 KiB (KVM's
+    /// `kvm_arch_mmu_enable_log_dirty_pt_masked`, which eagerly splits since cb00a70b): those huge
+    /// leaves were left writable when logging started. The split runs under the write lock, as KVM's
+    /// does under `KVM_CLEAR_DIRTY_LOG`; its table pages are allocated with the lock dropped. When none
+    /// can be had, the huge leaves are only write-protected, and the next write splits them.
+    ///
     /// The caller owes the returned flush before it reads the pages' contents.
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gfn, Gpa, SlotId};
+    /// use tdp_core::fault::{AccessKind, Fault, FaultKind};
+    /// use tdp_core::memslot::{Memslot, SlotFlags};
+    /// use tdp_core::mmu::{Mmu, MmuConfig, VcpuMmu};
+    /// use tdp_mock::{HostConfig, MockHost};
+    ///
+    /// let host = MockHost::new(HostConfig::default());
+    /// let ram = host.guest_ram_base();
+    /// let mmu: Mmu<MockHost> = Mmu::new(host, MmuConfig::EPT).unwrap();
+    /// mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(1), Gfn(0), 1024, ram, SlotFlags::empty()))?;
+    /// let mut vcpu = VcpuMmu::new();
+    /// mmu.load_root(&mut vcpu, AsId(0)).unwrap();
+    /// for gpa in [0, 0x20_0000] {
+    ///     let fault = Fault { as_id: AsId(0), gpa: Gpa(gpa), access: AccessKind::Write,
+    ///                         kind: FaultKind::Violation { present: false } };
+    ///     mmu.handle_fault(&mut vcpu, fault, &mut ()).unwrap();
+    /// }
+    /// assert_eq!(mmu.stats().leaves, [0, 2, 0], "two 2 MiB leaves");
+    ///
+    /// // Logging with a log that starts all-set: nothing is protected or split yet.
+    /// let logging = SlotFlags::LOG_DIRTY | SlotFlags::LOG_INITIALLY_SET;
+    /// mmu.write().set_memslot_flags(AsId(0), SlotId(1), logging)?.run(mmu.host());
+    /// assert_eq!(mmu.stats().leaves, [0, 2, 0]);
+    /// // Clearing pages 512..576 splits the second huge page only, and protects those 64 pages.
+    /// mmu.write().reprotect_dirty(AsId(0), SlotId(1), 512, u64::MAX).run(mmu.host());
+    /// assert_eq!(mmu.stats().leaves, [512, 1, 0]);
+    /// mmu.release_vcpu(&mut vcpu);
+    /// # Ok::<(), tdp_core::memslot::SlotError>(())
+    /// ```
     pub fn reprotect_dirty(&mut self, as_id: AsId, id: SlotId, base_offset: u64, mask: u64) -> Flush {
+        if let Some(slot) = self.slots.get(as_id, id).copied()
+            && slot.is_log_initially_set()
+            && let Some(window) = MaskWindow::new(&slot, base_offset, mask)
+        {
+            let mut cache = PageCache::new();
+            // A failure leaves the huge leaves to the write protection below (KVM's "try" split).
+            let _ = self.split_range(as_id, (window.start, window.end), &mut cache, true);
+            cache.release(&self.mmu.host);
+        }
+        // Looked up again: the split may have dropped the lock, and the slot may have changed meanwhile.
         let Some(slot) = self.slots.get(as_id, id).copied() else {
             return Flush::none();
         };
@@ -149,41 +203,70 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         flush
     }
 
-    /// The pass that stops dirty logging on `slot` (KVM's `kvm_mmu_zap_collapsible_sptes`): zaps every
-    /// table that a huge leaf could replace, so that the next faults map huge pages again. It flushes
-    /// itself, per root, before the zapped tables can be reused, so it owes nothing.
+    /// The pass that stops dirty logging on `slot` (KVM 6.13's `kvm_mmu_recover_huge_pages`, which
+    /// `kvm_mmu_slot_apply_flags` runs under the read lock): drops the write lock, recovers the slot's
+    /// huge pages in place with [`SharedMmu::recover_huge_pages`] under the read lock, and takes the
+    /// write lock again. The recovery flushes itself, so nothing is owed.
     pub(super) fn stop_dirty_logging(&mut self, slot: &Memslot) -> Flush {
+        let mmu = self.mmu;
+        let (as_id, id) = (slot.as_id, slot.id);
+        ExclusiveMmu::unlocked(mmu, &mut self.slots, || mmu.read().recover_huge_pages(as_id, id));
+        Flush::none()
+    }
+
+    /// The stop-logging pass of KVM up to 6.12 (`kvm_mmu_zap_collapsible_sptes`): zaps every table of
+    /// slot `id` that a huge leaf could replace, so that the next faults map huge pages again, one
+    /// fault per huge page. [`ExclusiveMmu::set_memslot_flags`] no longer uses it (KVM 6.13 removed
+    /// it for [`SharedMmu::recover_huge_pages`]); it stays as the baseline the benchmarks measure
+    /// recovery against. Does nothing in a dirty-logged slot. Returns how many tables it zapped; it
+    /// flushes itself, per root, before the zapped tables can be reused.
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gfn, SlotId};
+    /// use tdp_core::memslot::{Memslot, SlotFlags};
+    /// use tdp_core::mmu::{Mmu, MmuConfig};
+    /// use tdp_mock::{HostConfig, MockHost};
+    ///
+    /// let host = MockHost::new(HostConfig::default());
+    /// let ram = host.guest_ram_base();
+    /// let mmu: Mmu<MockHost> = Mmu::new(host, MmuConfig::EPT).unwrap();
+    /// mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(1), Gfn(0), 512, ram, SlotFlags::empty()))?;
+    /// assert_eq!(mmu.write().zap_collapsible(AsId(0), SlotId(1)), 0, "nothing mapped");
+    /// # Ok::<(), tdp_core::memslot::SlotError>(())
+    /// ```
+    pub fn zap_collapsible(&mut self, as_id: AsId, id: SlotId) -> usize {
+        let Some(slot) = self.slots.get(as_id, id).copied() else {
+            return 0;
+        };
+        if slot.is_dirty_logged() {
+            return 0;
+        }
         let mmu = self.mmu;
         let fmt = *mmu.format();
         let nonpresent = fmt.nonpresent();
-        let mut flush = Flush::none();
-        for (root, _) in mmu.roots.acquire_all(Some(slot.as_id)) {
-            let mut it = mmu.slot_iter(root, slot, Level::L2);
+        let mut zapped = 0;
+        for (root, _) in mmu.roots.acquire_all(Some(as_id)) {
+            let mut flush = Flush::none();
+            let mut it = mmu.slot_iter(root, &slot, Level::L2);
             while it.valid() {
                 let level = it.level();
                 if it.old_spte.is_table(level)
                     && level <= fmt.max_leaf_level()
-                    && self.could_be_huge(slot, it.gfn(), level)
+                    && mmu.could_be_huge(&slot, it.gfn(), level)
                 {
-                    mmu.set_spte_exclusive(slot.as_id, &mut it, nonpresent);
-                    flush = flush.merge(Flush::range(slot.as_id, it.gfn(), level.pages()));
+                    mmu.set_spte_exclusive(as_id, &mut it, nonpresent);
+                    flush = flush.merge(Flush::range(as_id, it.gfn(), level.pages()));
+                    zapped += 1;
                 }
                 it.next();
             }
             // The zapped tables are freed deferred: flush while this walk's guard (inside `it`) still
             // holds them back, so hardware never walks a reused page through a cached entry.
-            core::mem::replace(&mut flush, Flush::none()).run(&mmu.host);
+            flush.run(&mmu.host);
             drop(it);
             mmu.release_root(root);
         }
-        flush
-    }
-
-    /// Whether a fault in `slot` could map the `level` entry at `gfn` with one huge leaf.
-    fn could_be_huge(&self, slot: &Memslot, gfn: Gfn, level: Level) -> bool {
-        let first = gfn.max(slot.base_gfn);
-        slot.allows_huge(first, level)
-            && self.mmu.host.mapping_level(slot, first).is_some_and(|host_level| host_level >= level)
+        zapped
     }
 
     /// Splits every huge leaf of slot `id` down to 4 KiB now, instead of at the first write (KVM's eager
@@ -202,12 +285,34 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         let Some(slot) = self.slots.get(as_id, id).copied() else {
             return Ok(());
         };
+        self.split_range(as_id, (slot.base_gfn, slot.end_gfn()), cache, false)
+    }
+
+    /// Splits every huge leaf that maps a gfn of `[start, end)` in the roots of `as_id` down to 4 KiB
+    /// (KVM's `kvm_tdp_mmu_try_split_huge_pages` with the write lock): table pages from `cache`, refilled
+    /// with the lock dropped (KVM's `tdp_mmu_alloc_sp_for_split`, which drops the lock and retries).
+    ///
+    /// With `one_at_a_time`, each refill allocates what one split needs (one page, three for a 1 GiB
+    /// leaf), as KVM allocates one page per split, rather than a burst: for the short ranges of a clear,
+    /// whose unused pages would go straight back.
+    fn split_range(
+        &mut self,
+        as_id: AsId,
+        (start, end): (Gfn, Gfn),
+        cache: &mut PageCache,
+        one_at_a_time: bool,
+    ) -> Result<(), AllocError> {
         let mmu = self.mmu;
         let fmt = *mmu.format();
         let fill = fmt.nonpresent();
+        let mut result = Ok(());
         for (root, _) in mmu.roots.acquire_all(Some(as_id)) {
-            let mut it = mmu.slot_iter(root, &slot, Level::L2);
-            let mut result = Ok(());
+            if result.is_err() {
+                // Out of pages: the other roots' references are only given back.
+                mmu.release_root(root);
+                continue;
+            }
+            let mut it = TdpIter::new(&mmu.host, &fmt, root, mmu.config.root_level, Level::L2, start, end);
             while it.valid() {
                 let level = it.level();
                 let old = it.old_spte;
@@ -221,9 +326,25 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                         break;
                     }
                     let slots = &mut self.slots;
-                    result = it.yield_with(|| {
-                        ExclusiveMmu::unlocked(mmu, slots, || cache.topup(&mmu.host, fill, 1))
-                    });
+                    // What splitting this leaf down to 4 KiB needs: a 1 GiB leaf's split leaves a 2 MiB
+                    // leaf at the same gfn, where the walk may not yield again, and a short range may
+                    // cross into a second one.
+                    let need = if level > Level::L2 { 3 } else { 1 };
+                    let refill = |cache: &mut PageCache| {
+                        if !one_at_a_time {
+                            return cache.topup(&mmu.host, fill, need);
+                        }
+                        for _ in 0..need {
+                            let pfn = mmu.host.alloc_table(fill)?;
+                            // The cache was empty, and holds far more than three pages.
+                            cache
+                                .put_back(pfn)
+                                .map_err(|pfn| mmu.host.free_table_now(pfn))
+                                .map_err(|()| AllocError)?;
+                        }
+                        Ok(())
+                    };
+                    result = it.yield_with(|| ExclusiveMmu::unlocked(mmu, slots, || refill(cache)));
                     if result.is_err() {
                         break;
                     }
@@ -233,14 +354,169 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                 // Step into the new table: at 2 MiB its entries are huge leaves again, split in turn.
                 it.next();
             }
+            drop(it);
             mmu.release_root(root);
-            result?;
         }
-        Ok(())
+        result
+    }
+}
+
+impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
+    /// Recovers the huge pages of slot `id` in place, under the read lock (KVM 6.13's
+    /// `kvm_tdp_mmu_recover_huge_pages`, "Recover TDP MMU huge page mappings in-place instead of
+    /// zapping"): each table that one huge leaf can replace is replaced by it with one
+    /// compare-exchange, so no translation is lost and no vCPU refaults. A table qualifies when the
+    /// slot allows a huge leaf there ([`Memslot::allows_huge`]), the host maps its gfns at that level
+    /// or above ([`crate::host::HostTranslate::mapping_level`]), no invalidation in progress covers it,
+    /// and it holds a present leaf; the huge leaf is that first leaf's frame aligned down, with its
+    /// rights and bits ([`crate::spte::SpteFormat::huge_from`], KVM's `make_huge_spte`). The table
+    /// removed goes the usual way (frozen, children handled, freed deferred). Tables of 4 KiB leaves
+    /// become 2 MiB leaves; tables under a 1 GiB entry, if the format and host allow it, a 1 GiB leaf.
+    ///
+    /// Does nothing in a dirty-logged slot (KVM warns there), and stops if the slot changes while a
+    /// yield has dropped the lock. Flushes itself before any removed table can be reused. Returns how
+    /// many tables were replaced.
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gfn, Gpa, SlotId};
+    /// use tdp_core::fault::{AccessKind, Fault, FaultKind};
+    /// use tdp_core::memslot::{Memslot, SlotFlags};
+    /// use tdp_core::mmu::{Mmu, MmuConfig, VcpuMmu};
+    /// use tdp_mock::{HostConfig, MockHost};
+    ///
+    /// let host = MockHost::new(HostConfig::default());
+    /// let ram = host.guest_ram_base();
+    /// let mmu: Mmu<MockHost> = Mmu::new(host, MmuConfig::EPT).unwrap();
+    /// let logged = Memslot::new(AsId(0), SlotId(1), Gfn(0), 512, ram, SlotFlags::LOG_DIRTY);
+    /// mmu.write().insert_memslot(logged)?;
+    /// let mut vcpu = VcpuMmu::new();
+    /// mmu.load_root(&mut vcpu, AsId(0)).unwrap();
+    /// for page in 0..4 {
+    ///     let fault = Fault { as_id: AsId(0), gpa: Gpa(page * 4096), access: AccessKind::Write,
+    ///                         kind: FaultKind::Violation { present: false } };
+    ///     mmu.handle_fault(&mut vcpu, fault, &mut ()).unwrap();
+    /// }
+    /// assert_eq!(mmu.stats().leaves, [4, 0, 0], "logged: mapped at 4 KiB");
+    /// // Stopping logging recovers the 2 MiB leaf in place (set_memslot_flags runs this pass).
+    /// mmu.write().set_memslot_flags(AsId(0), SlotId(1), SlotFlags::empty())?.run(mmu.host());
+    /// assert_eq!(mmu.stats().leaves, [0, 1, 0]);
+    /// assert_eq!(mmu.read().recover_huge_pages(AsId(0), SlotId(1)), 0, "nothing left to recover");
+    /// mmu.release_vcpu(&mut vcpu);
+    /// # Ok::<(), tdp_core::memslot::SlotError>(())
+    /// ```
+    pub fn recover_huge_pages(&mut self, as_id: AsId, id: SlotId) -> usize {
+        let mmu = self.mmu;
+        let Some(slot) = self.slots.get(as_id, id).copied() else {
+            return 0;
+        };
+        if slot.is_dirty_logged() {
+            return 0;
+        }
+        let fmt = *mmu.format();
+        let mut recovered = 0;
+        let mut stop = false;
+        for (root, _) in mmu.roots.acquire_valid(as_id) {
+            if stop {
+                mmu.release_root(root);
+                continue;
+            }
+            let mut flush = Flush::none();
+            let mut it = mmu.slot_iter(root, &slot, Level::L2);
+            while it.valid() {
+                if it.may_yield() && mmu.host.should_yield() {
+                    // The yield drops the walk guard, which lets the tables removed so far be reused.
+                    core::mem::replace(&mut flush, Flush::none()).run(&mmu.host);
+                    let slots = &mut self.slots;
+                    it.yield_with(|| SlotsRead::unlocked(slots, &mmu.lock, || mmu.host.yield_now()));
+                    // Logging may have started again (or the slot gone) while the lock was dropped.
+                    if self.slots.get(as_id, id) != Some(&slot) {
+                        stop = true;
+                        break;
+                    }
+                    continue;
+                }
+                let level = it.level();
+                if level <= fmt.max_leaf_level()
+                    && it.old_spte.is_table(level)
+                    // No huge leaf over a write-tracked gfn (KVM's `lpage_info` disallow count).
+                    && !self.slots.write_track().any_in(as_id, it.gfn(), level.pages())
+                    && let Some(huge) = mmu.huge_replacement(&slot, &it)
+                {
+                    if mmu.set_spte_atomic(as_id, &mut it, huge).is_err() {
+                        // Another writer changed the entry: look at its new value.
+                        continue;
+                    }
+                    flush = flush.merge(Flush::range(as_id, it.gfn(), level.pages()));
+                    recovered += 1;
+                }
+                it.next();
+            }
+            // The removed tables are freed deferred: flush while this walk's guard still holds them back.
+            flush.run(&mmu.host);
+            drop(it);
+            mmu.release_root(root);
+        }
+        recovered
     }
 }
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
+    /// Whether a fault in `slot` could map the `level` entry at `gfn` with one huge leaf (KVM's
+    /// `kvm_mmu_max_mapping_level` against `level`): the slot allows it and the host maps the gfn at
+    /// `level` or above.
+    fn could_be_huge(&self, slot: &Memslot, gfn: Gfn, level: Level) -> bool {
+        slot.allows_huge(gfn, level)
+            && self.host.mapping_level(slot, gfn).is_some_and(|host_level| host_level >= level)
+    }
+
+    /// The huge leaf that can replace the table linked at the iterator (KVM's `recover_huge_pages_range`
+    /// and `tdp_mmu_make_huge_spte`), or `None`: a huge leaf is not allowed there, an invalidation in
+    /// progress covers the range, a fetch linked the table under the NX mitigation, the table holds no
+    /// present leaf, or its first leaf's frame does not sit at its gfn's offset in the huge page. Under
+    /// the NX mitigation the leaf is not executable.
+    fn huge_replacement(&self, slot: &Memslot, it: &TdpIter<'_, H>) -> Option<Spte> {
+        let fmt = self.format();
+        let (gfn, level) = (it.gfn(), it.level());
+        let end = Gfn(gfn.0 + level.pages());
+        // KVM 6.13 does not look at invalidations here: a range being invalidated has had its leaves
+        // zapped, so it holds no leaf to build from, unless the host changes part of a huge mapping
+        // without invalidating all of it. Skipping such a range costs nothing and trusts no host.
+        if !self.could_be_huge(slot, gfn, level) || self.invalidation.in_progress_over(gfn, end) {
+            return None;
+        }
+        let child = fmt.child_table(it.old_spte, level)?;
+        // A table a fetch linked under the NX mitigation holds executable pages: leave it to NX recovery.
+        if self.nx.is_tracked(child) {
+            return None;
+        }
+        let (small, small_gfn) = self.first_leaf(child, level.lower()?, gfn)?;
+        let huge = fmt.huge_from(small, level);
+        // Under the NX mitigation a huge leaf is not executable (KVM's `make_huge_spte`).
+        let huge = if self.nx.enabled() { fmt.non_executable(huge) } else { huge };
+        (huge.pfn().0 + (small_gfn.0 - gfn.0) == small.pfn().0).then_some(huge)
+    }
+
+    /// The first present leaf, in pre-order, of the table `table` whose entries are at `level` and map
+    /// from `base`, with the gfn it maps. Reads under the caller's walk guard; a frozen entry (a table
+    /// being removed by another thread) reads as not present.
+    fn first_leaf(&self, table: Pfn, level: Level, base: Gfn) -> Option<(Spte, Gfn)> {
+        for (i, entry) in self.host.table(table).iter().enumerate() {
+            // Acquire: pairs with the Release that linked a child table here.
+            let spte = Spte(entry.load(Ordering::Acquire));
+            if !spte.is_present() {
+                continue;
+            }
+            let gfn = Gfn(base.0 + i as u64 * level.pages());
+            if spte.is_leaf(level) {
+                return Some((spte, gfn));
+            }
+            if let Some(found) = self.first_leaf(spte.pfn(), level.lower()?, gfn) {
+                return Some(found);
+            }
+        }
+        None
+    }
+
     /// A walk of `slot`'s gfns in the tree at `root`, down to `min_level`.
     fn slot_iter(&self, root: Pfn, slot: &Memslot, min_level: Level) -> TdpIter<'_, H> {
         TdpIter::new(

@@ -117,6 +117,16 @@ impl Invalidation {
             && gfn.0 < self.end.load(Ordering::Relaxed)
     }
 
+    /// Whether an invalidation in progress now covers any gfn of `[start, end)`. Under the MMU lock
+    /// (either side). In-place huge-page recovery skips such a range.
+    #[inline]
+    #[must_use]
+    pub fn in_progress_over(&self, start: Gfn, end: Gfn) -> bool {
+        self.in_progress.load(Ordering::Relaxed) != 0
+            && start.0 < self.end.load(Ordering::Relaxed)
+            && end.0 > self.start.load(Ordering::Relaxed)
+    }
+
     /// Invalidations in progress.
     #[must_use]
     pub fn depth(&self) -> u64 {

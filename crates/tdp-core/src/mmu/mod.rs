@@ -406,13 +406,18 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         Ok(flush)
     }
 
-    /// Changes a slot's flags. Only [`SlotFlags::LOG_DIRTY`] may change, as in KVM. Turning logging on
-    /// write-protects the slot's leaves (or, with A/D bits, cleans its 4 KiB leaves and write-protects
-    /// its huge ones); turning it off zaps the tables that huge leaves can replace. The caller owes the
-    /// returned flush; for logging it must run before the first harvest.
+    /// Changes a slot's flags. Only [`SlotFlags::LOG_DIRTY`] may change, as in KVM, and with it
+    /// [`SlotFlags::LOG_INITIALLY_SET`]. Turning logging on write-protects the slot's leaves (or, with
+    /// PML, cleans its 4 KiB leaves and write-protects its huge ones), unless the log starts all-set
+    /// (`LOG_INITIALLY_SET`): then nothing changes now, and each range is split and protected when it is
+    /// first cleared ([`ExclusiveMmu::reprotect_dirty`]). Turning logging off recovers huge pages in
+    /// place ([`SharedMmu::recover_huge_pages`], KVM 6.13): the write lock is dropped and the read lock
+    /// taken for that pass, which flushes itself. The caller owes the returned flush; for logging it
+    /// must run before the first harvest.
     ///
     /// # Errors
-    /// [`SlotError::NotFound`], or [`SlotError::ReadOnlyChange`] when the read-only flag would change.
+    /// [`SlotError::NotFound`]; [`SlotError::ReadOnlyChange`] when the read-only flag would change;
+    /// [`SlotError::InitiallySetChange`] when `LOG_INITIALLY_SET` would change while logging stays on.
     pub fn set_memslot_flags(
         &mut self,
         as_id: AsId,
@@ -423,10 +428,19 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         if old.flags.contains(SlotFlags::READONLY) != flags.contains(SlotFlags::READONLY) {
             return Err(SlotError::ReadOnlyChange { as_id, id });
         }
+        let initially_set = SlotFlags::LOG_INITIALLY_SET;
+        if old.is_dirty_logged()
+            && flags.contains(SlotFlags::LOG_DIRTY)
+            && old.flags.contains(initially_set) != flags.contains(initially_set)
+        {
+            return Err(SlotError::InitiallySetChange { as_id, id });
+        }
         self.slots.set_flags(as_id, id, flags)?;
         self.after_generation_bump();
         let new = Memslot { flags, ..old };
         Ok(match (old.is_dirty_logged(), new.is_dirty_logged()) {
+            // Every page already counts as dirty: nothing to protect until a range is cleared.
+            (false, true) if new.is_log_initially_set() => Flush::none(),
             (false, true) => self.start_dirty_logging(&new),
             (true, false) => self.stop_dirty_logging(&new),
             _ => Flush::none(),

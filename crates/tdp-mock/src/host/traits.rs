@@ -57,7 +57,7 @@ impl HostTranslate for MockHost {
     }
 
     fn mapping_level(&self, slot: &Memslot, gfn: Gfn) -> Option<tdp_core::addr::Level> {
-        // Never swaps in or breaks sharing: the MMU asks this under its write lock.
+        // Never swaps in or breaks sharing: the MMU asks this under its lock.
         self.translate_page(slot, gfn, false, false).ok().map(|page| page.level)
     }
 }
