@@ -16,7 +16,7 @@
 use lock_api::{RawRwLock, RwLockWriteGuard};
 
 use crate::addr::{AsId, Gfn, Level, Pfn, RingSlot, SlotId};
-use crate::dirty_ring::{DirtyRingProducer, ReprotectBatch, ResetStats, ResetTarget};
+use crate::dirty_ring::{DirtyRingProducer, ReprotectBatch, ResetStats, ResetTarget, RingMemory};
 use crate::flush::Flush;
 use crate::host::{AllocError, Host};
 use crate::iter::TdpIter;
@@ -105,7 +105,10 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     /// assert_eq!((stats.reset, stats.invalid), (2, 1));
     /// # Ok::<(), tdp_core::memslot::SlotError>(())
     /// ```
-    pub fn reset_dirty_ring(&mut self, ring: &mut DirtyRingProducer<'_>) -> (ResetStats, Flush) {
+    pub fn reset_dirty_ring<M: RingMemory>(
+        &mut self,
+        ring: &mut DirtyRingProducer<'_, M>,
+    ) -> (ResetStats, Flush) {
         let mut target = MmuResetTarget { mmu: self, flush: Flush::none() };
         let stats = ring.reset(&mut target);
         (stats, target.flush)
