@@ -15,11 +15,12 @@ use tdp_core::addr::{Gfn, Level};
 use tdp_core::mmu::MmuConfig;
 use tdp_core::spte::{EptBits, SpteFormat};
 
+use crate::config::{Config, PAGES_1G, arena_pages};
 use crate::host::Arena;
 use crate::ours::OurTree;
+use crate::outcome::Outcome;
 use crate::peer::{atomic_clear_sweep, plain_clear_sweep, scalar_clear_sweep};
 use crate::report::Row;
-use crate::suite::{Config, Outcome, PAGES_1G, arena_pages};
 use crate::timing::{Rounds, ns_per_op};
 
 /// The MMU configurations measured: a name for the rows (empty for the default, EPT with A/D bits) and
