@@ -35,8 +35,8 @@ pub const CARGO_FUZZ_VERSION: &str = "^0.13";
 ///
 /// `none` is the default: `tdp-core` denies `unsafe` code, so an out-of-bounds access is already a
 /// bounds-check panic, and without AddressSanitizer the targets build faster and run about four times as
-/// many inputs per second (measured: 20,000 against 4,800 execs/s for `bitmap_clear`). `address` is there
-/// for code that gains `unsafe`.
+/// many inputs per second (measured for `bitmap_clear`: docs/benchmarks.md, "Measurements behind choices
+/// in the code"). `address` is there for code that gains `unsafe`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Sanitizer {
     /// No sanitizer: bounds checks, debug assertions and overflow checks only.
