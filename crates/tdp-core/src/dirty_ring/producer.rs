@@ -154,6 +154,17 @@ impl<'a, M: RingMemory> DirtyRingProducer<'a, M> {
     ///
     /// # Errors
     /// [`RingError::LengthMismatch`] unless the memory has `cfg.entries()` entries; it is untouched.
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, RingSlot, SlotId};
+    /// use tdp_core::dirty_ring::{DirtyGfn, DirtyRingProducer, RingConfig};
+    /// let cfg = RingConfig::new(256, 0)?;
+    /// let memory: Box<[DirtyGfn]> = (0..256).map(|_| DirtyGfn::zeroed()).collect();
+    /// let mut producer = DirtyRingProducer::with_memory(memory, cfg)?; // owns the ring, no lifetime to carry
+    /// let _ = producer.push(RingSlot::new(AsId(0), SlotId(0)), 1)?;
+    /// assert_eq!(producer.len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn with_memory(ring: M, cfg: RingConfig) -> Result<Self, RingError> {
         cfg.check_len(ring.entries())?;
         for entry in ring.entries() {
