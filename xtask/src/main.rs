@@ -91,9 +91,9 @@ enum Task {
         /// Targets run at once.
         #[arg(long, default_value_t = 1, value_parser = xtask::soak::parse_jobs)]
         jobs: usize,
-        /// One target (a fuzz target or `host_stress`) instead of all.
-        #[arg(long)]
-        target: Option<String>,
+        /// A target to run (a fuzz target or `host_stress`; repeatable); default: every target.
+        #[arg(long = "target")]
+        targets: Vec<String>,
         /// `none` or `address`, as for `cargo xtask fuzz`.
         #[arg(long, default_value_t)]
         sanitizer: xtask::fuzz::Sanitizer,
@@ -110,8 +110,8 @@ fn main() -> Result<()> {
         Task::Bench { quick } => xtask::bench::run(quick),
         Task::Bochs { models, broken } => xtask::bochs::run(&models, broken),
         Task::Fuzz { target, seconds, sanitizer } => xtask::fuzz::run(&target, seconds, sanitizer),
-        Task::Soak { minutes, jobs, target, sanitizer } => {
-            xtask::soak::run(target.as_deref(), minutes, jobs, sanitizer)
+        Task::Soak { minutes, jobs, targets, sanitizer } => {
+            xtask::soak::run(&targets, minutes, jobs, sanitizer)
         }
     }
 }
@@ -148,15 +148,16 @@ mod tests {
     fn soak_arguments_default_to_an_hour_per_target_one_at_a_time() {
         use xtask::fuzz::Sanitizer;
         let parse = |args: &[&str]| match Cli::try_parse_from(["cargo xtask", "soak"].iter().chain(args)) {
-            Ok(Cli { task: Task::Soak { minutes, jobs, target, sanitizer } }) => {
-                Ok((minutes, jobs, target, sanitizer))
+            Ok(Cli { task: Task::Soak { minutes, jobs, targets, sanitizer } }) => {
+                Ok((minutes, jobs, targets, sanitizer))
             }
             Ok(_) => panic!("`soak` parsed as another task"),
             Err(e) => Err(e),
         };
-        assert_eq!(parse(&[]).unwrap(), (60, 1, None, Sanitizer::None));
-        let args = ["--minutes", "5", "--jobs", "2", "--target", "host_stress"];
-        assert_eq!(parse(&args).unwrap(), (5, 2, Some("host_stress".into()), Sanitizer::None));
+        assert_eq!(parse(&[]).unwrap(), (60, 1, vec![], Sanitizer::None));
+        let args = ["--minutes", "5", "--jobs", "2", "--target", "host_stress", "--target", "mmu_ops"];
+        let targets = vec!["host_stress".to_owned(), "mmu_ops".to_owned()];
+        assert_eq!(parse(&args).unwrap(), (5, 2, targets, Sanitizer::None));
         for bad in [&["--minutes", "0"][..], &["--minutes", "1h"], &["--jobs", "0"], &["--jobs", "-1"]] {
             assert!(parse(bad).is_err(), "{bad:?} accepted");
         }

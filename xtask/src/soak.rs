@@ -205,21 +205,21 @@ impl Job {
     }
 }
 
-/// `cargo xtask soak`: `only` (a target name, or every target when `None`) for `minutes` each, `jobs`
-/// at once, fuzz targets built with `sanitizer`.
+/// `cargo xtask soak`: the targets named in `only` (every target when it is empty) for `minutes` each,
+/// `jobs` at once, fuzz targets built with `sanitizer`.
 ///
 /// # Errors
 /// If a build fails, a target name is unknown, the summary cannot be written, or anything was found
 /// (after the summary is printed).
-pub fn run(only: Option<&str>, minutes: u64, jobs: usize, sanitizer: Sanitizer) -> Result<()> {
+pub fn run(only: &[String], minutes: u64, jobs: usize, sanitizer: Sanitizer) -> Result<()> {
     fuzz::ensure_cargo_fuzz()?;
     let toolchain = Toolchain::detect();
     let known = fuzz::all_targets(&toolchain)?;
     let names: Vec<&str> = known.iter().map(|(_, t)| t.as_str()).chain([STRESS]).collect();
-    if let Some(name) = only.filter(|n| !names.contains(n)) {
+    if let Some(name) = only.iter().find(|n| !names.contains(&n.as_str())) {
         bail!("no soak target `{name}`; the targets are: {}", names.join(", "));
     }
-    let wanted = |name: &str| only.is_none_or(|o| o == name);
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut queue = Vec::new();
     for project in fuzz::PROJECTS {
         if known.iter().any(|(p, t)| *p == project && wanted(t)) {
