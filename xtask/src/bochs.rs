@@ -1,5 +1,5 @@
 //! `cargo xtask bochs`: the bare-metal test hypervisor (`examples/bochs-hv`) under Bochs, compared with
-//! the same scenario on `tdp-mock`, plus the must-fail run of its `broken-ept` build.
+//! the same scenario on `tdp-mock`, plus the must-fail runs of its `broken-*` builds.
 //!
 //! For each chosen CPU model it installs what is missing (Bochs, its BIOS images, GRUB and xorriso, as
 //! Debian packages), builds the kernel and a GRUB multiboot2 ISO, runs Bochs headless (the `rfb` display
@@ -8,10 +8,12 @@
 //! models and requires, per model: every check passed on both; the same dirty set at every harvest (the
 //! guest's page-table pages, which EPT A/D may report dirty under Bochs, set aside); the same
 //! translations of every sampled gfn (slot, slot-relative page, level, permissions, or MMIO / none);
-//! the same MMIO emulation. Finally it boots the `broken-ept` build, which gives W (and D) back to the
-//! leaves the core protected for dirty logging, and requires its verdict to be `fail` with a failed
-//! harvest check (proof that the checks can fail), and the same observations as the mock run with the
-//! same corruption.
+//! the same MMIO emulation; the same pages young at every age step and the same contents of the moved
+//! page. Finally it boots each must-fail build ([`BROKEN_VARIANTS`]: `broken-ept` gives W (and D) back
+//! to the leaves the core protected for dirty logging, `broken-age` ages without clearing,
+//! `broken-remap` moves a page without the MMU notifier) and requires its verdict to be `fail` with the
+//! check its variant names among the failures (proof that the checks can fail), and the same
+//! observations as the mock run with the same mistake.
 //!
 //! Everything goes under `target/bochs/` (kernel builds in `target/bochs/cargo`, one directory per
 //! variant and model with its `bochsrc.txt`, `serial.txt` and `bochs.log`).
@@ -51,20 +53,24 @@ pub const KNOWN_MODELS: &[&str] = &[
 /// How long one Bochs run may take; a run takes about 1.5 s.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The must-fail builds: each is the kernel built with `--features broken-<name>`, and the mock run
+/// with `--broken <name>` (`tdp_vmx::scenario::Broken`).
+pub const BROKEN_VARIANTS: &[&str] = &["ept", "age", "remap"];
+
 /// Which kernel build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     /// The hypervisor as shipped.
     Correct,
-    /// Built with `--features broken-ept`: must fail.
-    Broken,
+    /// Built with `--features broken-<name>`: must fail.
+    Broken(&'static str),
 }
 
 impl Variant {
-    fn name(self) -> &'static str {
+    fn dir_name(self) -> String {
         match self {
-            Variant::Correct => "correct",
-            Variant::Broken => "broken-ept",
+            Variant::Correct => "correct".to_string(),
+            Variant::Broken(name) => format!("broken-{name}"),
         }
     }
 }
@@ -103,7 +109,7 @@ pub fn run(models: &[String], broken_only: bool) -> Result<()> {
     let mut report = String::new();
     if !broken_only {
         let iso = build_iso(Variant::Correct)?;
-        let mock = mock_results(&models, false)?;
+        let mock = mock_results(&models, None)?;
         for model in &models {
             let (bochs, secs) = boot(Variant::Correct, model, &iso)?;
             let mock = mock
@@ -140,24 +146,29 @@ pub fn run(models: &[String], broken_only: bool) -> Result<()> {
             }
         }
     }
-    let iso = build_iso(Variant::Broken)?;
-    let mock = mock_results(&models, true)?;
-    for model in &models {
-        let (broken, secs) = boot(Variant::Broken, model, &iso)?;
-        let mock =
-            mock.iter().find(|r| &r.model == model).with_context(|| format!("no mock result for {model}"))?;
-        let differences = compare(&broken, mock);
-        if !differences.is_empty() {
-            bail!("{model}: the broken-ept build on Bochs and the broken mock run disagree: {differences:?}");
+    for &name in BROKEN_VARIANTS {
+        let variant = Variant::Broken(name);
+        let iso = build_iso(variant)?;
+        let mock = mock_results(&models, Some(name))?;
+        for model in &models {
+            let (broken, secs) = boot(variant, model, &iso)?;
+            let mock = mock
+                .iter()
+                .find(|r| &r.model == model)
+                .with_context(|| format!("no mock result for {model}"))?;
+            let differences = compare(&broken, mock);
+            if !differences.is_empty() {
+                bail!("{model}: broken-{name} on Bochs and the broken mock run disagree: {differences:?}");
+            }
+            let failed = broken.failed_checks();
+            writeln!(
+                report,
+                "{model} broken-{name}: verdict {} as required and as on the broken mock run ({secs:.1} s), failed: {failed:?}",
+                broken.verdict
+            )?;
+            check_broken(&broken, name)
+                .with_context(|| format!("{model}: the broken-{name} build did not fail as it must"))?;
         }
-        let failed = broken.failed_checks();
-        writeln!(
-            report,
-            "{model} broken-ept: verdict {} as required and as on the broken mock run ({secs:.1} s), failed: {failed:?}",
-            broken.verdict
-        )?;
-        check_broken(&broken)
-            .with_context(|| format!("{model}: the broken-ept build did not fail as it must"))?;
     }
     print!("{report}");
     println!("bochs: all runs as required in {:.1?}", started.elapsed());
@@ -183,10 +194,14 @@ pub fn kernel_cargo() -> Command {
 /// A formatting difference or a lint.
 pub fn lint() -> Result<()> {
     cmd::run(kernel_cargo().args(["fmt", "--", "--check"]))?;
-    for features in [&[][..], &["--features", "broken-ept"]] {
+    let features = BROKEN_VARIANTS.iter().map(|name| Some(format!("broken-{name}")));
+    for feature in std::iter::once(None).chain(features) {
         let mut cargo = kernel_cargo();
         cargo.args(["clippy", "--release", "--target-dir"]).arg(work_dir().join("cargo"));
-        cmd::run(cargo.args(features).args(["--", "-D", "warnings"]))?;
+        if let Some(feature) = feature {
+            cargo.args(["--features", &feature]);
+        }
+        cmd::run(cargo.args(["--", "-D", "warnings"]))?;
     }
     Ok(())
 }
@@ -202,12 +217,12 @@ fn work_dir() -> PathBuf {
 fn build_iso(variant: Variant) -> Result<PathBuf> {
     let mut cargo = kernel_cargo();
     cargo.args(["build", "--release", "--target-dir"]).arg(work_dir().join("cargo"));
-    if variant == Variant::Broken {
-        cargo.args(["--features", "broken-ept"]);
+    if let Variant::Broken(name) = variant {
+        cargo.args(["--features", &format!("broken-{name}")]);
     }
     cmd::run(&mut cargo)?;
     let elf = work_dir().join("cargo/x86_64-unknown-linux-gnu/release/bochs-hv");
-    let out = work_dir().join(variant.name());
+    let out = work_dir().join(variant.dir_name());
     let boot = out.join("iso/boot");
     std::fs::create_dir_all(boot.join("grub"))
         .with_context(|| format!("cannot create {}", boot.display()))?;
@@ -254,7 +269,7 @@ pub fn bochsrc(model: &str, iso: &Path, run_dir: &Path) -> String {
 
 /// Boots `iso` on `model` and returns the kernel's result and the run's wall time in seconds.
 fn boot(variant: Variant, model: &str, iso: &Path) -> Result<(RunResult, f64)> {
-    let run_dir = work_dir().join(variant.name()).join(model);
+    let run_dir = work_dir().join(variant.dir_name()).join(model);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     let serial = run_dir.join("serial.txt");
     let _ = std::fs::remove_file(&serial);
@@ -282,7 +297,7 @@ fn boot(variant: Variant, model: &str, iso: &Path) -> Result<(RunResult, f64)> {
             child.wait()?;
             bail!(
                 "{model} ({}): Bochs still running after {RUN_TIMEOUT:?}; killed (see {})",
-                variant.name(),
+                variant.dir_name(),
                 run_dir.display()
             );
         }
@@ -293,17 +308,17 @@ fn boot(variant: Variant, model: &str, iso: &Path) -> Result<(RunResult, f64)> {
     let text = std::fs::read_to_string(&serial)
         .with_context(|| format!("no serial output in {}", serial.display()))?;
     let result = parse_output(&text).with_context(|| {
-        format!("{model} ({}): see {} and bochs.log there", variant.name(), run_dir.display())
+        format!("{model} ({}): see {} and bochs.log there", variant.dir_name(), run_dir.display())
     })?;
     Ok((result, secs))
 }
 
-/// Runs `scenario_mock` for `models` (the broken variant with `broken`) and parses its result lines.
-fn mock_results(models: &[String], broken: bool) -> Result<Vec<RunResult>> {
+/// Runs `scenario_mock` for `models` (the must-fail variant `broken`, if any) and parses its result lines.
+fn mock_results(models: &[String], broken: Option<&str>) -> Result<Vec<RunResult>> {
     let mut cargo = cmd::cargo();
     cargo.args(["run", "-q", "-p", "tdp-vmx", "--example", "scenario_mock", "--"]).args(models);
-    if broken {
-        cargo.arg("--broken");
+    if let Some(name) = broken {
+        cargo.args(["--broken", name]);
     }
     let line = cmd::display(&cargo);
     println!("$ {line}");

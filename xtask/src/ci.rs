@@ -57,12 +57,12 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "bochs",
-        what: "fmt and clippy examples/bochs-hv, boot it under Bochs (skylake_x, sandy_bridge), compare with tdp-mock, require broken-ept to fail",
+        what: "fmt and clippy examples/bochs-hv, boot it under Bochs (skylake_x, sandy_bridge), compare with tdp-mock, require broken-ept, broken-age and broken-remap to fail",
         run: bochs,
     },
     Step {
         name: "loom",
-        what: "RUSTFLAGS='--cfg loom' cargo test -p tdp-core --test loom_ring --test loom_invalidation --release --target-dir target/loom",
+        what: "RUSTFLAGS='--cfg loom' cargo test -p tdp-core --test loom_ring --test loom_invalidation --test loom_freeze --release --target-dir target/loom",
         run: loom,
     },
     Step {
@@ -165,14 +165,16 @@ fn test() -> Result<()> {
     cmd::run(cmd::cargo().args(["run", "-q", "-p", "tdp-examples", "--example", "kvm_dirty_ring"]))
 }
 
-/// The loom models of the dirty ring protocol (`crates/tdp-core/tests/loom_ring.rs`) and of the
-/// invalidation retry rule (`crates/tdp-core/tests/loom_invalidation.rs`), run on the shipped
+/// The loom models of the dirty ring protocol (`crates/tdp-core/tests/loom_ring.rs`), of the
+/// invalidation retry rule (`crates/tdp-core/tests/loom_invalidation.rs`) and of a removed table's
+/// freeze-and-free against the lockless ager (`crates/tdp-core/tests/loom_freeze.rs`), run on the shipped
 /// code: `--cfg loom` swaps `tdp_core::sync` to loom's atomics. Release mode, because loom runs every
 /// model hundreds of times; a separate target directory, because `--cfg loom` changes the flags of every
 /// crate and would otherwise throw away the normal build.
 fn loom() -> Result<()> {
     let mut cargo = cmd::cargo();
-    cargo.args(["test", "-p", "tdp-core", "--test", "loom_ring", "--test", "loom_invalidation", "--release"]);
+    cargo.args(["test", "-p", "tdp-core", "--release"]);
+    cargo.args(["--test", "loom_ring", "--test", "loom_invalidation", "--test", "loom_freeze"]);
     cmd::run(cargo.args(["--target-dir", "target/loom"]).env("RUSTFLAGS", "--cfg loom"))
 }
 

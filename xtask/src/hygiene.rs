@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::cmd;
 
 /// The crates meant for crates.io.
-pub const PUBLISHABLE: &[&str] = &["tdp-core", "tdp-mock", "tdp-vmx", "tdp-kvm"];
+pub const PUBLISHABLE: &[&str] = &["tdp-core", "tdp-mock", "tdp-vmx", "tdp-svm", "tdp-kvm"];
 /// `cargo install` versions for the tools this step needs when they are missing.
 const CARGO_HACK_VERSION: &str = "^0.6";
 const CARGO_DENY_VERSION: &str = "^0.20";

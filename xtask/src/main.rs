@@ -21,7 +21,7 @@ enum Task {
     /// PROPTEST_CASES defaults to 128 unless set); compat (tdp-kvm's fd API without kvm-ioctls, and the VMMs
     /// of compat/ on kvm-ioctls 0.19, 0.22 and 0.25 run on /dev/kvm); hygiene (cargo package, every
     /// feature combination, cargo deny, dependencies' MSRV, for the publishable crates); bochs (the bare-metal hypervisor under Bochs on two
-    /// CPU models compared with tdp-mock, and its broken-ept build required to fail; installs Bochs);
+    /// CPU models compared with tdp-mock, and its broken-ept, broken-age and broken-remap builds required to fail; installs Bochs);
     /// loom (the dirty ring's loom models: --cfg loom, release,
     /// target/loom); doc (cargo doc with -D warnings); nostd (build, check and run the no_std proof binary);
     /// fuzz (every fuzz target for a short smoke run). Nothing can be skipped: CI runs exactly this.
@@ -47,7 +47,7 @@ enum Task {
         quick: bool,
     },
     /// Boot the bare-metal test hypervisor (examples/bochs-hv) under Bochs for each CPU model, compare
-    /// with the same scenario on tdp-mock, and require the broken-ept build to fail.
+    /// with the same scenario on tdp-mock, and require the broken-ept, broken-age and broken-remap builds to fail.
     ///
     /// Installs the Debian packages it needs when missing (bochs, bochsbios, vgabios, grub-pc-bin,
     /// grub-common, xorriso, mtools). Results and logs go under target/bochs/.
@@ -56,7 +56,7 @@ enum Task {
         /// corei7_sandy_bridge_2600k.
         #[arg(long = "model", value_parser = xtask::bochs::parse_model)]
         models: Vec<String>,
-        /// Only the must-fail runs of the broken-ept build.
+        /// Only the must-fail runs of the broken-* builds.
         #[arg(long)]
         broken: bool,
     },

@@ -69,7 +69,8 @@ pub struct GuestArgs {
     /// them, so a slower batch would hold a pause past its deadline.
     #[arg(long, default_value = "64MiB/s", value_parser = rate_or_max, allow_hyphen_values = true)]
     pub dirty_rate: Rate,
-    /// How dirty pages are tracked: the dirty ring, the bitmap (get-and-clear) or the bitmap with clear-log.
+    /// How dirty pages are tracked: the dirty ring, the bitmap (get-and-clear) or the bitmap with
+    /// clear-log; `tdp dirty-rate` also takes `sampling` (no logging: QEMU's page-sampling mode).
     #[arg(long, value_enum, default_value = "ring")]
     pub mode: Mode,
     /// Dirty ring entries per vCPU (a power of two, 512 to 65536). Small rings exit often, which is
@@ -154,9 +155,10 @@ pub struct ReceiveArgs {
     /// Test hook: drop the connection once after acknowledging this many rounds, keeping the session.
     #[arg(long, hide = true)]
     pub drop_after_rounds: Option<u32>,
-    /// Test hook: flip a byte of this page before the digest, so the source must report a mismatch.
-    #[arg(long, hide = true)]
-    pub corrupt_page: Option<u64>,
+    /// Test hook: flip a byte of page PAGE of memslot SLOT (`SLOT:PAGE`) before the digest, so the
+    /// source must report a mismatch.
+    #[arg(long, hide = true, value_parser = slot_page_arg)]
+    pub corrupt_page: Option<(u32, u64)>,
 }
 
 /// `tdp dirty-rate`.
@@ -168,6 +170,14 @@ pub struct DirtyRateArgs {
     /// The measuring window in ms.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub window_ms: u64,
+    /// With `--mode sampling`: pages sampled per GiB of guest memory (QEMU's `sample-pages`, default
+    /// 512), at least one per memslot; 262144 samples every page.
+    #[arg(long, default_value_t = crate::dirty_rate::DEFAULT_SAMPLE_PAGES_PER_GIB,
+          value_parser = clap::value_parser!(u32).range(1..=262_144))]
+    pub sample_pages: u32,
+    /// With `--mode sampling`: the seed of the sample (default: from the clock), to repeat a measurement.
+    #[arg(long)]
+    pub sample_seed: Option<u64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -201,6 +211,12 @@ fn rate_or_max(s: &str) -> Result<Rate, UnitError> {
         return Ok(Rate { pages_per_sec: 0 });
     }
     rate_arg(s)
+}
+/// `SLOT:PAGE`, two unsigned decimal numbers.
+fn slot_page_arg(s: &str) -> Result<(u32, u64), UnitError> {
+    let syntax = || UnitError::Syntax { what: "--corrupt-page", text: s.to_owned(), expected: "SLOT:PAGE" };
+    let (slot, page) = s.split_once(':').ok_or_else(syntax)?;
+    Ok((slot.trim().parse().map_err(|_| syntax())?, page.trim().parse().map_err(|_| syntax())?))
 }
 fn dest_arg(s: &str) -> Result<std::net::SocketAddr, UnitError> {
     parse_addr("destination", s, false)
@@ -279,12 +295,22 @@ impl GuestArgs {
 }
 
 impl MigrateArgs {
-    /// Checks what clap cannot: a fixed vCPU quota needs the dirty limit on, and a link cap must carry
-    /// a full run of pages (one frame) every second.
+    /// Checks what clap cannot: a migration needs dirty logging (not `--mode sampling`), a fixed vCPU
+    /// quota needs the dirty limit on, and a link cap must carry a full run of pages (one frame) every
+    /// second.
     ///
     /// # Errors
     /// [`UnitError::Range`] naming the conflicting flags or the value.
     pub fn check(&self) -> Result<(), UnitError> {
+        if self.guest.mode == Mode::Sampling {
+            return Err(UnitError::Range {
+                what: "--mode",
+                value: "sampling".into(),
+                why: "sampling only measures a dirty rate (tdp dirty-rate): a migration must know every \
+                      page dirtied, so use ring, bitmap or clear-log"
+                    .into(),
+            });
+        }
         let run = u64::from(crate::proto::MAX_RUN);
         let bw = self.bandwidth.pages_per_sec;
         if bw != 0 && bw < run {

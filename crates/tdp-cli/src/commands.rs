@@ -31,7 +31,8 @@ fn summary(guest: &dyn Guest, fallback: Option<String>, cfg: &crate::guest::Gues
         backend: guest.backend(),
         fallback,
         machine: guest.describe(),
-        memory: guest.pages() * crate::units::PAGE_SIZE,
+        memory: cfg.memory,
+        slots: guest.slots().to_vec(),
         vcpus: guest.vcpus(),
         pattern: cfg.pattern,
         target_dirty_pages_per_sec: cfg.rate_pages,
@@ -157,10 +158,11 @@ pub fn migrate_cmd(args: &MigrateArgs) -> i32 {
                 crate::say_raw!("{}", output::migration_text(&report));
                 if let Some(Ok(Ok(r))) = &receiver_result {
                     crate::say!(
-                        "destination: received {} pages in {} rounds into {} pages of memory",
+                        "destination: received {} pages in {} rounds into {} pages of memory in {} memslots",
                         r.pages_received,
                         r.rounds,
-                        r.pages
+                        r.pages,
+                        r.slots.len()
                     );
                 }
             }
@@ -293,9 +295,10 @@ pub fn receive_cmd(args: &ReceiveArgs) -> i32 {
                     output::print_json(&r);
                 } else {
                     crate::say!(
-                        "received {} pages into {} of memory from {} in {} rounds ({} lost connection(s) resumed), {}; digest {}; source verdict: {}",
+                        "received {} pages into {} of memory ({} memslots) from {} in {} rounds ({} lost connection(s) resumed), {}; digest {}; source verdict: {}",
                         r.pages_received,
                         crate::units::human_bytes(r.pages * crate::units::PAGE_SIZE),
+                        r.slots.len(),
                         r.peer,
                         r.rounds,
                         r.reconnects,
@@ -345,8 +348,16 @@ pub fn dirty_rate_cmd(args: &DirtyRateArgs) -> i32 {
         };
     let cfg = if started.guest.backend() == "mock" { mock_cfg } else { kvm_cfg };
     let summary = summary(started.guest.as_ref(), started.fallback.take(), &cfg);
-    let report =
-        crate::dirty_rate::measure(started.guest.as_mut(), cfg.mode, Duration::from_millis(args.window_ms));
+    let sampling = crate::dirty_rate::Sampling {
+        pages_per_gib: u64::from(args.sample_pages),
+        seed: args.sample_seed.unwrap_or_else(crate::dirty_rate::clock_seed),
+    };
+    let report = crate::dirty_rate::measure_with(
+        started.guest.as_mut(),
+        cfg.mode,
+        Duration::from_millis(args.window_ms),
+        sampling,
+    );
     let shutdown = started.guest.shutdown();
     match report {
         Ok(r) => {

@@ -5,11 +5,15 @@
 //! harvest into the caller's [`PendingSet`] and re-protects those pages *before* it returns, so a write
 //! that lands after the harvest is reported by the next one (I4); a page read after `harvest` returned
 //! is at least as new as the harvest.
+//!
+//! A guest's memory is every memslot it has ([`Guest::slots`]): a migration sends all of them and its
+//! digest covers all of them. Pages are named by `(slot, page in the slot)` from the tracker to the wire.
 
 use std::time::Duration;
 
 use crate::converge::Throttle;
 use crate::pending::PendingSet;
+use crate::proto::{MemoryDigest, SlotInfo};
 
 /// How the guest dirties its memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -33,6 +37,9 @@ pub enum Mode {
     Bitmap,
     /// The bitmap with manual protect: get, then `KVM_CLEAR_DIRTY_LOG` of what was got.
     ClearLog,
+    /// No dirty logging at all: `tdp dirty-rate` hashes a random sample of pages at the start and the
+    /// end of its window (QEMU's page-sampling mode). A migration cannot run on it.
+    Sampling,
 }
 
 impl Mode {
@@ -43,6 +50,7 @@ impl Mode {
         match self {
             Mode::Ring => "ring-full exits",
             Mode::Bitmap | Mode::ClearLog => "batch exits (the bitmap has no per-vCPU exit)",
+            Mode::Sampling => "batch exits (nothing is logged)",
         }
     }
 }
@@ -111,8 +119,12 @@ pub trait Guest {
     fn backend(&self) -> &'static str;
     /// A line saying what runs the guest and how it is tracked, for the report.
     fn describe(&self) -> String;
-    /// Pages of memory the guest has (all of them are migrated).
-    fn pages(&self) -> u64;
+    /// The guest's memslots, in ascending slot order: all of its memory, all of it migrated.
+    fn slots(&self) -> &[SlotInfo];
+    /// Pages of memory the guest has, every slot's.
+    fn pages(&self) -> u64 {
+        self.slots().iter().map(|s| s.pages).sum()
+    }
     /// vCPUs.
     fn vcpus(&self) -> usize;
     /// The throttle the vCPUs honour at their exits.
@@ -133,11 +145,11 @@ pub trait Guest {
     /// The tracker could not take them (they stay in `pages`, which the caller keeps).
     fn give_back(&mut self, pages: &PendingSet) -> Result<u64, GuestError>;
 
-    /// Copies page `page` into `buf`.
+    /// Copies page `page` of memslot `slot` into `buf`.
     ///
     /// # Errors
-    /// A page index beyond the memory.
-    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), GuestError>;
+    /// A slot the guest lacks or a page index beyond it.
+    fn read_page(&self, slot: u32, page: u64, buf: &mut [u8]) -> Result<(), GuestError>;
 
     /// Stops every vCPU at its next exit and waits until all are stopped.
     ///
@@ -177,17 +189,46 @@ pub trait Guest {
         Ok(total)
     }
 
-    /// BLAKE3 digest of the whole memory, read page by page (call with the vCPUs paused).
+    /// The protocol's digest ([`MemoryDigest`]) of all memory, every slot, read page by page (call with
+    /// the vCPUs paused).
     ///
     /// # Errors
     /// As [`read_page`](Guest::read_page).
     fn digest(&self) -> Result<[u8; 32], GuestError> {
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; crate::proto::PAGE_SIZE];
-        for page in 0..self.pages() {
-            self.read_page(page, &mut buf)?;
-            hasher.update(&buf);
+        let mut digest = MemoryDigest::new();
+        for s in self.slots() {
+            hash_slot(self, s, &mut digest)?;
         }
-        Ok(*hasher.finalize().as_bytes())
+        Ok(digest.finish())
     }
+
+    /// The digest of each slot alone (a [`MemoryDigest`] of that one slot), to tell which slot differs.
+    ///
+    /// # Errors
+    /// As [`read_page`](Guest::read_page).
+    fn slot_digests(&self) -> Result<Vec<(SlotInfo, [u8; 32])>, GuestError> {
+        self.slots()
+            .iter()
+            .map(|s| {
+                let mut digest = MemoryDigest::new();
+                hash_slot(self, s, &mut digest)?;
+                Ok((*s, digest.finish()))
+            })
+            .collect()
+    }
+}
+
+/// Adds slot `s` of `guest` to `digest`: its header, then its pages.
+fn hash_slot<G: Guest + ?Sized>(
+    guest: &G,
+    s: &SlotInfo,
+    digest: &mut MemoryDigest,
+) -> Result<(), GuestError> {
+    let mut buf = vec![0u8; crate::proto::PAGE_SIZE];
+    digest.slot(s);
+    for page in 0..s.pages {
+        guest.read_page(s.slot, page, &mut buf)?;
+        digest.pages(&buf);
+    }
+    Ok(())
 }

@@ -5,8 +5,16 @@
 //! thread parks when the migration pauses the guest, paces itself to the workload's rate and, with the
 //! bitmap, applies the throttle.
 //!
-//! What migrates is the data memslot (the guest's RAM under test). The code slot (page tables, program,
-//! control page) is set up by the host on both sides and is not part of the migrated image.
+//! What migrates is all guest memory: both memslots, each dirty-logged and registered with the tracker.
+//! The code slot (slot 0: GDT, control page, program, page tables) is guest memory the guest writes too
+//! (its vCPU blocks in the control page at every batch, the accessed and dirty bits of its page tables),
+//! and the data slot (slot 1) is the RAM it dirties. Each page the tracker reports keeps its slot.
+//!
+//! With [`Mode::Sampling`] nothing is logged (no slot has `KVM_MEM_LOG_DIRTY_PAGES`, harvests report
+//! nothing): `tdp dirty-rate` hashes sampled pages instead. So that every guest write changes the page
+//! it writes (the guest writes the iteration number, which the host otherwise leaves alone), each vCPU
+//! thread advances the iteration number after each batch in that mode only: a host write to the
+//! control page, which no dirty log would see, so it is never done while a migration tracks the guest.
 //!
 //! Keeps: I4 through `tdp-kvm` (a collect re-protects before it returns; ring-full harvests land in the
 //! tracker's pending set) and the [`Guest::harvest`] contract on top of it.
@@ -20,12 +28,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tdp_core::addr::{AsId, Gpa, RingSlot, SlotId};
-use tdp_guest::{BatchGate, DATA_GPA, DATA_SLOT, GuestExit, GuestSpec, GuestVm, Workload, classify_exit};
+use tdp_guest::{
+    BatchGate, CODE_SLOT, DATA_GPA, DATA_SLOT, GuestExit, GuestSpec, GuestVm, Workload, classify_exit,
+};
 use tdp_kvm::{DirtySets, DirtyTracker, SlotSpec, Throttle as RingThrottle, VcpuRunner};
 
 use crate::converge::{Pacer, Throttle};
 use crate::guest::{Guest, GuestConfig, GuestError, Harvest, Mode, Pattern, VcpuFigures};
 use crate::pending::PendingSet;
+use crate::proto::SlotInfo;
 
 /// Pages each vCPU writes per batch (one `OUT` exit per batch).
 pub const BATCH: u64 = 64;
@@ -52,6 +63,8 @@ pub struct KvmGuest {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     cfg: GuestConfig,
+    /// The code slot, then the data slot.
+    slots: [SlotInfo; 2],
     harvested_at_last: Vec<u64>,
     paused: bool,
 }
@@ -64,7 +77,8 @@ struct Shared {
 
 impl KvmGuest {
     /// Opens `/dev/kvm`, builds the VM with `cfg.memory` bytes of data memory, enables the tracking mode,
-    /// turns dirty logging on and starts one thread per vCPU.
+    /// turns dirty logging on for both memslots (not with [`Mode::Sampling`]) and starts one thread per
+    /// vCPU.
     ///
     /// ```
     /// use tdp_cli::guest::{Guest, GuestConfig, Mode, Pattern};
@@ -78,7 +92,7 @@ impl KvmGuest {
     ///     Err(KvmStartError::Unavailable(why)) => { eprintln!("SKIPPED: {why}"); return Ok(()); }
     ///     Err(e) => return Err(e.into()),
     /// };
-    /// let mut pending = PendingSet::new(guest.pages());
+    /// let mut pending = PendingSet::new(guest.slots());
     /// guest.run_for(std::time::Duration::from_millis(50), &mut pending)?;
     /// assert!(!pending.is_empty(), "the guest dirtied pages");
     /// guest.shutdown()?;
@@ -112,7 +126,8 @@ impl KvmGuest {
         };
         let tracker = match cfg.mode {
             Mode::Ring => DirtyTracker::with_ring(vm.vm_fd(), cfg.ring_entries),
-            Mode::Bitmap => DirtyTracker::with_bitmap(vm.vm_fd()),
+            // Sampling: a tracker with no slot, only for the vCPU runner; nothing is logged.
+            Mode::Bitmap | Mode::Sampling => DirtyTracker::with_bitmap(vm.vm_fd()),
             Mode::ClearLog => DirtyTracker::with_clear_log(vm.vm_fd(), false),
         };
         let tracker = match tracker {
@@ -125,10 +140,21 @@ impl KvmGuest {
             }
             Err(e) => return Err(GuestError::new("setting up dirty tracking", e).into()),
         };
-        tracker
-            .register_slot(SlotSpec::new(DATA_SLOT as u16, DATA_GPA, vm.data_pages()))
-            .map_err(|e| GuestError::new("registering the data memslot with the tracker", e))?;
-        vm.set_dirty_logging(true).map_err(|e| GuestError::new("turning dirty logging on", e))?;
+        let slots = [
+            SlotInfo::new(CODE_SLOT, 0, vm.code_pages()),
+            SlotInfo::new(DATA_SLOT, DATA_GPA, vm.data_pages()),
+        ];
+        if cfg.mode != Mode::Sampling {
+            for s in &slots {
+                tracker.register_slot(SlotSpec::new(s.slot as u16, s.gpa, s.pages)).map_err(|e| {
+                    GuestError::new(format!("registering memslot {} with the tracker", s.slot), e)
+                })?;
+            }
+            vm.set_code_dirty_logging(true)
+                .map_err(|e| GuestError::new("turning dirty logging on for the code memslot", e))?;
+            vm.set_dirty_logging(true)
+                .map_err(|e| GuestError::new("turning dirty logging on for the data memslot", e))?;
+        }
         let shares = pages.div_ceil(cfg.vcpus as u64);
         let batch = BATCH.min(shares.max(1));
         let mut batches = Vec::with_capacity(cfg.vcpus);
@@ -168,6 +194,7 @@ impl KvmGuest {
             shared,
             threads: Vec::new(),
             cfg,
+            slots,
             harvested_at_last: vec![0; cfg.vcpus],
             paused: false,
         };
@@ -178,8 +205,10 @@ impl KvmGuest {
             let batch = batches.get(index).copied().unwrap_or(batch);
             let ring = cfg.mode == Mode::Ring;
             let rate = cfg.rate_pages as f64 / cfg.vcpus as f64;
+            let sampling = (cfg.mode == Mode::Sampling).then(|| Arc::clone(&guest.vm));
             let spawned = std::thread::Builder::new().name(format!("kvm-vcpu{index}")).spawn(move || {
-                let result = vcpu_thread(vcpu, &tracker, handle, &gate, &shared, ring, batch, rate);
+                let work = Work { ring, batch, rate, sampling };
+                let result = vcpu_thread(vcpu, &tracker, handle, &gate, &shared, work);
                 gate.leave();
                 if let Err(e) = result {
                     let mut slot = shared.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -202,18 +231,28 @@ impl KvmGuest {
     }
 }
 
+/// How one vCPU thread runs its batches.
+struct Work {
+    /// The dirty ring tracks (the throttle acts at ring-full exits, not batch exits).
+    ring: bool,
+    /// Pages per batch.
+    batch: u64,
+    /// The vCPU's share of the workload's rate, pages/s (0: unpaced).
+    rate: f64,
+    /// Sampling mode: the VM whose iteration number advances after each batch.
+    sampling: Option<Arc<GuestVm>>,
+}
+
 /// One vCPU's thread: run batches until the gate says stop.
-#[allow(clippy::too_many_arguments)]
 fn vcpu_thread(
     mut vcpu: tdp_guest::GuestVcpu,
     tracker: &DirtyTracker,
     handle: tdp_kvm::VcpuHandle,
     gate: &BatchGate,
     shared: &Shared,
-    ring: bool,
-    batch: u64,
-    rate: f64,
+    work: Work,
 ) -> Result<(), String> {
+    let Work { ring, batch, rate, sampling } = work;
     let index = vcpu.index();
     let mut ring_pacer = Pacer::new();
     let mut last_total = 0u64;
@@ -240,6 +279,10 @@ fn vcpu_thread(
         };
         match exit {
             Ok(GuestExit::BatchDone { .. }) => {
+                if let Some(vm) = &sampling {
+                    // The next batch writes a new value (see the module docs: sampling mode only).
+                    vm.set_iteration(vm.iteration().wrapping_add(1));
+                }
                 if !ring {
                     shared.throttle.pace(index, &mut batch_pacer, batch);
                 }
@@ -268,11 +311,15 @@ impl Guest for KvmGuest {
             Mode::ClearLog => {
                 "KVM dirty bitmap with manual protect (KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG)".to_owned()
             }
+            Mode::Sampling => "no dirty logging (page sampling)".to_owned(),
         };
-        format!("KVM guest on /dev/kvm (CPL3 program on {} vCPU threads), {tracker}", self.cfg.vcpus)
+        format!(
+            "KVM guest on /dev/kvm (CPL3 program on {} vCPU threads; code memslot {} pages, data memslot {} pages), {tracker}",
+            self.cfg.vcpus, self.slots[0].pages, self.slots[1].pages
+        )
     }
-    fn pages(&self) -> u64 {
-        self.vm.data_pages()
+    fn slots(&self) -> &[SlotInfo] {
+        &self.slots
     }
     fn vcpus(&self) -> usize {
         self.cfg.vcpus
@@ -285,12 +332,37 @@ impl Guest for KvmGuest {
     }
 
     fn harvest(&mut self, into: &mut PendingSet) -> Result<Harvest, GuestError> {
+        if self.cfg.mode == Mode::Sampling {
+            if let Some(e) = self.error() {
+                return Err(GuestError::new("running the KVM vCPUs", e));
+            }
+            return Ok(Harvest::default());
+        }
         let sets = self.tracker.collect().map_err(|e| GuestError::new("collecting dirty pages", e))?;
         let before = into.len();
+        let mut outside = None;
         for slot in sets.iter() {
+            let id = slot.slot().raw();
             for offset in slot.offsets() {
-                into.insert(offset);
+                if into.covers(id, offset) {
+                    into.insert(id, offset);
+                } else {
+                    outside.get_or_insert((id, offset));
+                }
             }
+        }
+        if let Some((slot, offset)) = outside {
+            // The tracker knows only the two slots registered above: a page elsewhere is a bug to report,
+            // and the pages harvested with it are kept (in `into`, or in `sets` for the caller to see).
+            self.tracker
+                .restore(&sets)
+                .map_err(|e| GuestError::new("giving pages back to the tracker", e))?;
+            return Err(GuestError::new(
+                "collecting dirty pages",
+                format!(
+                    "the tracker reported page {offset} of memslot {slot}, which the guest does not have"
+                ),
+            ));
         }
         let stats = self.tracker.stats().map_err(|e| GuestError::new("reading tracker statistics", e))?;
         let per_vcpu = if stats.per_vcpu_exact {
@@ -314,20 +386,37 @@ impl Guest for KvmGuest {
     }
 
     fn give_back(&mut self, pages: &PendingSet) -> Result<u64, GuestError> {
+        if self.cfg.mode == Mode::Sampling {
+            return Ok(0);
+        }
         let mut sets = DirtySets::default();
-        let slot = sets.add_slot(
-            RingSlot::new(AsId(0), SlotId(DATA_SLOT as u16)),
-            Gpa(DATA_GPA),
-            self.vm.data_pages(),
-        );
-        for page in pages.iter() {
-            slot.insert(page);
+        for s in &self.slots {
+            sets.add_slot(RingSlot::new(AsId(0), SlotId(s.slot as u16)), Gpa(s.gpa), s.pages);
+        }
+        for (slot, page) in pages.iter() {
+            let inserted = sets.get_mut(RingSlot::from_raw(slot)).is_some_and(|s| s.insert(page));
+            if !inserted {
+                return Err(GuestError::new(
+                    "giving pages back to the tracker",
+                    format!("page {page} of memslot {slot} is not in the guest's memory"),
+                ));
+            }
         }
         self.tracker.restore(&sets).map_err(|e| GuestError::new("giving pages back to the tracker", e))
     }
 
-    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        self.vm.copy_data_page(page, buf).map_err(|e| GuestError::new(format!("reading data page {page}"), e))
+    fn read_page(&self, slot: u32, page: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        let read = match slot {
+            CODE_SLOT => self.vm.copy_code_page(page, buf),
+            DATA_SLOT => self.vm.copy_data_page(page, buf),
+            _ => {
+                return Err(GuestError::new(
+                    format!("reading page {page} of memslot {slot}"),
+                    "no such memslot",
+                ));
+            }
+        };
+        read.map_err(|e| GuestError::new(format!("reading page {page} of memslot {slot}"), e))
     }
 
     fn pause(&mut self) -> Result<(), GuestError> {

@@ -9,16 +9,18 @@
 //! tdp receive --listen 0.0.0.0:7788   # a destination; the bound address is printed on stderr
 //! tdp migrate --to HOST:7788          # send to it
 //! tdp dirty-rate --window-ms 1000     # per-vCPU dirty rate, as QEMU's calc-dirty-rate with the ring
+//! tdp dirty-rate --mode sampling      # no logging: hash a random sample of pages (QEMU's page-sampling)
 //! ```
 //! Without a usable `/dev/kvm` (or with `--backend mock`) the guest runs on the tdp-mock machine, and
 //! the output says so. Exit codes: 0 success, 1 failure (the message names what failed), 2 bad arguments.
 //!
 //! # How a migration goes
-//! Round 0 sends every page; each later round sends what the tracker harvested while the previous one
-//! was sent (the harvest re-protects the pages before they are read). After each round the source
-//! estimates the downtime from the link's measured throughput and the pages left; at the target, or at
-//! `--max-rounds`, it pauses the vCPUs, harvests once more and sends the rest (stop-and-copy), then
-//! compares the destination's digest of its memory with its own. When the guest dirties faster than the
+//! Round 0 sends every page of every memslot; each later round sends what the tracker harvested (each
+//! page under its slot) while the previous one was sent (the harvest re-protects the pages before they
+//! are read). After each round the source estimates the downtime from the link's measured throughput and
+//! the pages left; at the target, or at `--max-rounds`, it pauses the vCPUs, harvests once more and sends
+//! the rest (stop-and-copy), then compares the destination's digest of all its memory, every slot, with
+//! its own. When the guest dirties faster than the
 //! link moves, vCPUs over their quota sleep at their ring-full exits (bitmap: batch exits), as QEMU's
 //! dirty-limit. Pages leave the pending set only when the destination acknowledges their round; a
 //! broken connection is re-established (`--retries`) and the destination resumes the session.

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::deadline::{Deadlined, Timeouts};
-use crate::proto::{ErrorCode, MAX_RUN, Message, PAGE_SIZE, ProtoError, VERSION};
+use crate::proto::{ErrorCode, MAX_RUN, Message, PAGE_SIZE, ProtoError, SlotInfo, VERSION};
 use crate::sanitize::escape_control;
 
 /// How long the source waits for any answer, or for the destination to take one frame, before it calls
@@ -157,13 +157,14 @@ impl<S: Read + Write + Timeouts> Link<S> {
         }
     }
 
-    /// Opens session `session` for `pages` pages (asking to resume it when `resume`) and waits for the
-    /// destination's welcome. Returns whether the destination resumed the session.
+    /// Opens session `session` for the guest memory in `slots` (asking to resume it when `resume`) and
+    /// waits for the destination's welcome. Returns whether the destination resumed the session.
     ///
     /// # Errors
-    /// [`LinkError`] if the destination refuses (version, size) or the connection fails.
-    pub fn hello(&mut self, pages: u64, session: u64, resume: bool) -> Result<bool, LinkError> {
-        let hello = Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, pages, session, resume };
+    /// [`LinkError`] if the destination refuses (version, slot table, size) or the connection fails.
+    pub fn hello(&mut self, slots: &[SlotInfo], session: u64, resume: bool) -> Result<bool, LinkError> {
+        let slots = slots.to_vec();
+        let hello = Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, session, resume, slots };
         self.send(&hello, "sending Hello")?;
         let reply = self.recv("waiting for Welcome");
         if reply.is_err()
@@ -183,13 +184,14 @@ impl<S: Read + Write + Timeouts> Link<S> {
         }
     }
 
-    /// Sends the pages from `first` whose contents are `data` (1 to [`MAX_RUN`] whole pages).
+    /// Sends the pages of memslot `slot` from `first` whose contents are `data` (1 to [`MAX_RUN`] whole
+    /// pages).
     ///
     /// # Errors
     /// [`LinkError`] if the write fails.
-    pub fn send_pages(&mut self, first: u64, data: &[u8], round: u32) -> Result<(), LinkError> {
+    pub fn send_pages(&mut self, slot: u32, first: u64, data: &[u8], round: u32) -> Result<(), LinkError> {
         debug_assert!(data.len().is_multiple_of(PAGE_SIZE) && data.len() <= MAX_RUN as usize * PAGE_SIZE);
-        crate::proto::encode_pages(first, data, &mut self.scratch);
+        crate::proto::encode_pages(slot, first, data, &mut self.scratch);
         self.write_scratch(&format!("sending pages of round {round}"))
     }
 

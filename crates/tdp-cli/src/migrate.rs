@@ -1,7 +1,8 @@
-//! The pre-copy loop of `tdp migrate`: a bulk copy of every page (round 0), rounds that send what the
-//! tracker harvested while the previous round was sent, a convergence decision after each round
-//! ([`crate::converge`]), then stop-and-copy: pause the vCPUs, harvest once more, send the rest, and
-//! compare the destination's digest with the source's own.
+//! The pre-copy loop of `tdp migrate`: a bulk copy of every page of every memslot (round 0), rounds that
+//! send what the tracker harvested while the previous round was sent (each page under the slot the
+//! tracker reported it in), a convergence decision after each round ([`crate::converge`]), then
+//! stop-and-copy: pause the vCPUs, harvest once more, send the rest, and compare the destination's
+//! digest of all its memory, every slot, with the source's own.
 //!
 //! Dirty state is never lost: a page leaves the pending set only when the round that carried it was
 //! acknowledged by the destination. If a round fails, the pages it sent go back into the pending set
@@ -21,7 +22,7 @@ use crate::receiver::hex;
 
 mod report;
 
-pub use report::{FailureCause, MigrationFailure, MigrationReport, Progress, RoundReport, Silent};
+pub use report::{FailureCause, MigrationFailure, MigrationReport, Progress, RoundReport, Silent, SlotSent};
 
 /// How to migrate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,9 +72,12 @@ pub fn migrate<S: Read + Write + Timeouts>(
     opts: Options,
     progress: &mut dyn Progress,
 ) -> Result<MigrationReport, MigrationFailure> {
-    let mut pending = PendingSet::full(guest.pages());
+    let mut pending = PendingSet::full(guest.slots());
     let session = session_id();
+    let slots =
+        guest.slots().iter().map(|&slot| SlotSent { slot, pages_sent: 0, dirty_pages_sent: 0 }).collect();
     let mut m = Migration {
+        slots,
         started: Instant::now(),
         rounds: Vec::new(),
         sent_total: 0,
@@ -126,6 +130,8 @@ fn session_id() -> u64 {
 }
 
 struct Migration<S> {
+    /// What was sent of each slot.
+    slots: Vec<SlotSent>,
     started: Instant,
     rounds: Vec<RoundReport>,
     sent_total: u64,
@@ -193,7 +199,7 @@ impl<S: Read + Write + Timeouts> Migration<S> {
             attempts += 1;
             std::thread::sleep(Duration::from_millis(100));
             let attempt = connect()
-                .and_then(|mut link| link.hello(guest.pages(), self.session, true).map(|r| (link, r)));
+                .and_then(|mut link| link.hello(guest.slots(), self.session, true).map(|r| (link, r)));
             match attempt {
                 Ok((link, resumed)) => {
                     self.link = Some(link);
@@ -201,7 +207,7 @@ impl<S: Read + Write + Timeouts> Migration<S> {
                     self.resent += pending.len();
                     if !resumed {
                         progress.note("the destination did not resume the session: every page is sent again");
-                        pending.insert_run(0, guest.pages());
+                        pending.fill();
                     }
                     return Ok(());
                 }
@@ -220,8 +226,18 @@ impl<S: Read + Write + Timeouts> Migration<S> {
         progress: &mut dyn Progress,
     ) -> Result<u64, FailureCause> {
         loop {
+            // A round that succeeds sends the whole pending set: what each slot holds now is what it sent.
+            let per_slot: Vec<u64> = self.slots.iter().map(|s| pending.len_of(s.slot.slot)).collect();
             match send_round(guest, self.link()?, pending, round, progress) {
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    for (s, sent) in self.slots.iter_mut().zip(per_slot) {
+                        s.pages_sent += sent;
+                        if round > 0 {
+                            s.dirty_pages_sent += sent;
+                        }
+                    }
+                    return Ok(n);
+                }
                 Err(FailureCause::Link(e)) => self.reconnect(e, guest, connect, pending, progress)?,
                 Err(e) => return Err(e),
             }
@@ -237,7 +253,7 @@ impl<S: Read + Write + Timeouts> Migration<S> {
         pending: &mut PendingSet,
     ) -> Result<MigrationReport, FailureCause> {
         let mut link = connect()?;
-        link.hello(guest.pages(), self.session, false)?;
+        link.hello(guest.slots(), self.session, false)?;
         self.link = Some(link);
         let mut conv = Convergence::new(policy, guest.vcpus());
         // Marks made since logging started are covered by the bulk copy; harvesting re-arms them.
@@ -336,6 +352,7 @@ impl<S: Read + Write + Timeouts> Migration<S> {
             source_digest: hex(&source),
             destination_digest: hex(&dest),
             verified,
+            slots: std::mem::take(&mut self.slots),
             vcpus: guest.figures(),
         })
     }
@@ -374,15 +391,15 @@ fn send_pages<S: Read + Write + Timeouts>(
     let mut sent = 0;
     let total = pages.len();
     progress.sent(round, 0, total);
-    for (first, count) in pages.runs(u64::from(MAX_RUN)) {
+    for (slot, first, count) in pages.runs(u64::from(MAX_RUN)) {
         if let Some(sig) = crate::signals::received() {
             return Err(FailureCause::Interrupted(sig));
         }
         let bytes = count as usize * PAGE_SIZE;
         for (i, chunk) in buf[..bytes].chunks_exact_mut(PAGE_SIZE).enumerate() {
-            guest.read_page(first + i as u64, chunk)?;
+            guest.read_page(slot, first + i as u64, chunk)?;
         }
-        link.send_pages(first, &buf[..bytes], round)?;
+        link.send_pages(slot, first, &buf[..bytes], round)?;
         sent += count;
         progress.sent(round, sent, total);
     }

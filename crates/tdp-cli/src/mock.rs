@@ -1,7 +1,13 @@
 //! [`MockGuest`]: the [`Guest`] used when `/dev/kvm` cannot be used — a tdp-mock machine (software
 //! EPT walker, TLBs, host memory) whose simulated vCPUs run on threads and write through tdp-core's MMU
 //! with dirty logging on, tracked by tdp-core's dirty ring (one `DirtyRingProducer` per vCPU, harvested
-//! by the vCPU itself at soft-full "exits" and by the migration thread) or its dirty bitmap.
+//! by the vCPU itself at soft-full "exits" and by the migration thread) or its dirty bitmaps (one per
+//! memslot).
+//!
+//! Guest memory is two memslots, like the KVM guest's: the data slot (slot 0, the RAM the workload
+//! dirties) and a control slot (slot 1, [`CONTROL_PAGES`] pages after it, where each vCPU stores its
+//! batch count after every batch, as the KVM guest's program updates its vCPU block). Both are logged and
+//! both migrate. With [`Mode::Sampling`] neither is logged.
 //!
 //! Lock order: the MMU lock, then a vCPU's ring lock (the fault path marks a page under the MMU read
 //! lock; a harvest takes the MMU write lock, then the ring). A harvest re-protects under the write lock
@@ -28,9 +34,14 @@ use tdp_mock::{HostConfig, Machine, MockHost};
 use crate::converge::Throttle;
 use crate::guest::{Guest, GuestConfig, GuestError, Harvest, Mode, VcpuFigures};
 use crate::pending::PendingSet;
+use crate::proto::SlotInfo;
 
-/// The memory slot the mock guest dirties.
+/// The memory slot the mock guest's workload dirties.
 const SLOT: SlotId = SlotId(0);
+/// The control memslot: one page per vCPU (modulo its size) holding its batch count.
+pub(crate) const CONTROL_SLOT: SlotId = SlotId(1);
+/// Pages in the control memslot.
+pub const CONTROL_PAGES: u64 = 32;
 /// The largest mock guest: the model keeps page contents in a map and reads them a word at a time.
 pub const MAX_MOCK_MEMORY: u64 = 1 << 30;
 
@@ -39,12 +50,15 @@ pub struct MockGuest {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     cfg: GuestConfig,
+    /// The data slot, then the control slot.
+    layout: [SlotInfo; 2],
 }
 
 /// State shared by the vCPU threads and the migration thread.
 pub(crate) struct Shared {
     pub(crate) machine: Machine,
     pub(crate) slot: Memslot,
+    pub(crate) control_slot: Memslot,
     pub(crate) tracker: Tracker,
     pub(crate) throttle: Throttle,
     /// Pages harvested by vCPUs at their own ring-full exits, waiting for the next harvest.
@@ -78,7 +92,11 @@ pub(crate) struct VcpuCounters {
 /// Where the marks go.
 pub(crate) enum Tracker {
     Rings(Vec<Mutex<VcpuRing>>),
-    Bitmap { bitmap: DirtyBitmap, manual: bool },
+    /// One bitmap per memslot (data, control), by slot id; unmarked with [`Mode::Sampling`].
+    Bitmap {
+        bitmaps: Vec<(SlotId, DirtyBitmap)>,
+        manual: bool,
+    },
 }
 
 /// One vCPU's ring: both halves, sharing the ring memory, made once when the guest starts.
@@ -100,7 +118,7 @@ impl MockGuest {
     /// let cfg = GuestConfig { memory: 1 << 20, vcpus: 2, pattern: Pattern::Random, rate_pages: 0,
     ///     mode: Mode::Ring, ring_entries: 256, fill: false };
     /// let mut guest = MockGuest::start(cfg)?;
-    /// let mut pending = PendingSet::new(guest.pages());
+    /// let mut pending = PendingSet::new(guest.slots());
     /// let h = guest.run_for(std::time::Duration::from_millis(50), &mut pending)?;
     /// assert!(h.new_pages > 0 && !pending.is_empty());
     /// guest.shutdown()?;
@@ -117,20 +135,27 @@ impl MockGuest {
                 format!("memory must be 4 KiB to {} on the mock", crate::units::human_bytes(MAX_MOCK_MEMORY)),
             ));
         }
+        // The control slot starts at the first 2 MiB boundary after the data slot.
+        let control_gfn = pages.next_multiple_of(512);
         let host_cfg = HostConfig {
             table_capacity: (pages / 512 + 64) as usize,
-            guest_ram_pages: pages.next_multiple_of(512),
+            guest_ram_pages: control_gfn + 512,
             host_level: Level::L1,
             yield_every: None,
         };
         let machine = Machine::new(MmuConfig::EPT, host_cfg)
             .map_err(|e| GuestError::new("creating the mock machine", format!("{e:?}")))?;
-        let slot = machine.ram_slot(AsId(0), SLOT, Gfn(0), pages, SlotFlags::LOG_DIRTY);
-        machine
-            .mmu()
-            .write()
-            .insert_memslot(slot)
-            .map_err(|e| GuestError::new("inserting the mock memslot", format!("{e:?}")))?;
+        let flags = if cfg.mode == Mode::Sampling { SlotFlags::empty() } else { SlotFlags::LOG_DIRTY };
+        let slot = machine.ram_slot(AsId(0), SLOT, Gfn(0), pages, flags);
+        let control = machine.ram_slot(AsId(0), CONTROL_SLOT, Gfn(control_gfn), CONTROL_PAGES, flags);
+        for s in [slot, control] {
+            machine
+                .mmu()
+                .write()
+                .insert_memslot(s)
+                .map_err(|e| GuestError::new("inserting the mock memslots", format!("{e:?}")))?;
+        }
+        let layout = [slot, control].map(|s| SlotInfo::new(u32::from(s.id.0), s.base_gfn.gpa().0, s.pages));
         let tracker = match cfg.mode {
             Mode::Ring => {
                 let rcfg = RingConfig::new(cfg.ring_entries, 0)
@@ -150,18 +175,25 @@ impl MockGuest {
                     .collect::<Result<_, GuestError>>()?;
                 Tracker::Rings(rings)
             }
-            Mode::Bitmap | Mode::ClearLog => Tracker::Bitmap {
-                bitmap: DirtyBitmap::new(pages, false)
-                    .map_err(|e| GuestError::new("allocating the dirty bitmap", format!("{e:?}")))?,
+            Mode::Bitmap | Mode::ClearLog | Mode::Sampling => Tracker::Bitmap {
+                bitmaps: [slot, control]
+                    .iter()
+                    .map(|s| {
+                        DirtyBitmap::new(s.pages, false)
+                            .map(|b| (s.id, b))
+                            .map_err(|e| GuestError::new("allocating the dirty bitmaps", format!("{e:?}")))
+                    })
+                    .collect::<Result<_, _>>()?,
                 manual: cfg.mode == Mode::ClearLog,
             },
         };
         let shared = Arc::new(Shared {
             machine,
             slot,
+            control_slot: control,
             tracker,
             throttle: Throttle::new(cfg.vcpus),
-            early: Mutex::new(PendingSet::new(pages)),
+            early: Mutex::new(PendingSet::new(&layout)),
             in_flight: RwLock::new(()),
             control: Mutex::new(Control::default()),
             wake: Condvar::new(),
@@ -179,13 +211,13 @@ impl MockGuest {
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    let mut guest = MockGuest { shared, threads, cfg };
+                    let mut guest = MockGuest { shared, threads, cfg, layout };
                     let _ = guest.shutdown();
                     return Err(GuestError::new(format!("spawning mock vCPU {index}"), e));
                 }
             }
         }
-        Ok(MockGuest { shared, threads, cfg })
+        Ok(MockGuest { shared, threads, cfg, layout })
     }
 
     /// Dirty ring pushes refused because a ring was completely full (each a lost mark): always 0 unless
@@ -212,7 +244,7 @@ impl Shared {
         let mut w = mmu.write();
         let mut r = lock(ring);
         let seen = r.consumer.harvest(usize::MAX, |e| {
-            into.insert(e.offset);
+            into.insert(e.slot.raw(), e.offset);
         }) as u64;
         let (_stats, flush) = w.reset_dirty_ring(&mut r.producer);
         r.soft_full = false;
@@ -237,11 +269,15 @@ impl Guest for MockGuest {
             Mode::Ring => format!("tdp-core dirty ring ({} entries per vCPU)", self.cfg.ring_entries),
             Mode::Bitmap => "tdp-core dirty bitmap (get-and-clear)".to_owned(),
             Mode::ClearLog => "tdp-core dirty bitmap (manual protect: get, then clear)".to_owned(),
+            Mode::Sampling => "no dirty logging (page sampling)".to_owned(),
         };
-        format!("tdp-mock machine, not KVM (simulated vCPUs on threads, software EPT walker), {tracker}")
+        format!(
+            "tdp-mock machine, not KVM (simulated vCPUs on threads, software EPT walker; data memslot {} pages, control memslot {} pages), {tracker}",
+            self.layout[0].pages, self.layout[1].pages
+        )
     }
-    fn pages(&self) -> u64 {
-        self.shared.slot.pages
+    fn slots(&self) -> &[SlotInfo] {
+        &self.layout
     }
     fn vcpus(&self) -> usize {
         self.cfg.vcpus
@@ -266,27 +302,29 @@ impl Guest for MockGuest {
                 let early = lock(&s.early).take();
                 into.merge(&early);
             }
-            Tracker::Bitmap { bitmap, manual } => {
-                let mmu = s.mmu();
-                let mut out = vec![0u64; bitmap.words()];
-                let flush = {
-                    let mut w = mmu.write();
-                    let reprotect = |base, mask| w.reprotect_dirty(AsId(0), SLOT, base, mask);
-                    if *manual {
-                        bitmap
-                            .get(&mut out)
-                            .map_err(|e| GuestError::new("getting the dirty log", format!("{e:?}")))?;
-                        let n = u32::try_from(bitmap.pages())
-                            .map_err(|_| GuestError::new("clearing the dirty log", "slot too large"))?;
-                        bitmap.clear(0, n, &out, reprotect)
-                    } else {
-                        bitmap.get_and_clear(&mut out, reprotect)
+            Tracker::Bitmap { bitmaps, manual } => {
+                for (id, bitmap) in bitmaps {
+                    let mmu = s.mmu();
+                    let mut out = vec![0u64; bitmap.words()];
+                    let flush = {
+                        let mut w = mmu.write();
+                        let reprotect = |base, mask| w.reprotect_dirty(AsId(0), *id, base, mask);
+                        if *manual {
+                            bitmap
+                                .get(&mut out)
+                                .map_err(|e| GuestError::new("getting the dirty log", format!("{e:?}")))?;
+                            let n = u32::try_from(bitmap.pages())
+                                .map_err(|_| GuestError::new("clearing the dirty log", "slot too large"))?;
+                            bitmap.clear(0, n, &out, reprotect)
+                        } else {
+                            bitmap.get_and_clear(&mut out, reprotect)
+                        }
+                        .map_err(|e| GuestError::new("harvesting the dirty bitmap", format!("{e:?}")))?
+                    };
+                    flush.run(mmu.host());
+                    for page in tdp_core::dirty_bitmap::dirty_offsets(&out) {
+                        into.insert(u32::from(id.0), page);
                     }
-                    .map_err(|e| GuestError::new("harvesting the dirty bitmap", format!("{e:?}")))?
-                };
-                flush.run(mmu.host());
-                for page in tdp_core::dirty_bitmap::dirty_offsets(&out) {
-                    into.insert(page);
                 }
             }
         }
@@ -302,12 +340,26 @@ impl Guest for MockGuest {
         Ok(lock(&self.shared.early).merge(pages))
     }
 
-    fn read_page(&self, page: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        let slot = &self.shared.slot;
+    fn read_page(&self, slot: u32, page: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        let slot = match [&self.shared.slot, &self.shared.control_slot]
+            .into_iter()
+            .find(|s| u32::from(s.id.0) == slot)
+        {
+            Some(s) => s,
+            None => {
+                return Err(GuestError::new(
+                    format!("reading page {page} of memslot {slot}"),
+                    "no such memslot",
+                ));
+            }
+        };
         if page >= slot.pages || buf.len() < crate::proto::PAGE_SIZE {
-            return Err(GuestError::new(format!("reading page {page}"), "beyond the guest's memory"));
+            return Err(GuestError::new(
+                format!("reading page {page} of memslot {}", slot.id.0),
+                "beyond the memslot",
+            ));
         }
-        let pfn = tdp_core::addr::Pfn(slot.host_addr(Gfn(page)) >> 12);
+        let pfn = tdp_core::addr::Pfn(slot.host_addr(Gfn(slot.base_gfn.0 + page)) >> 12);
         let host = self.shared.machine.host();
         for (i, word) in buf[..crate::proto::PAGE_SIZE].chunks_exact_mut(8).enumerate() {
             word.copy_from_slice(&host.read_u64(pfn, i as u64 * 8).to_le_bytes());

@@ -19,8 +19,10 @@ pub struct GuestSummary {
     pub fallback: Option<String>,
     /// What runs the guest and how it is tracked.
     pub machine: String,
-    /// Guest memory, bytes.
+    /// Guest RAM the workload dirties (`--memory`: the data memslot), bytes.
     pub memory: u64,
+    /// Every memslot of the guest: all of them migrate, and the digest covers all of them.
+    pub slots: Vec<crate::proto::SlotInfo>,
     /// vCPUs.
     pub vcpus: usize,
     /// Dirty pattern.
@@ -42,9 +44,12 @@ impl GuestSummary {
         } else {
             format!("at {}", Rate { pages_per_sec: cfg.rate_pages })
         };
+        let all: u64 = self.slots.iter().map(|s| s.pages).sum();
         format!(
-            "guest: {}, {} vCPUs, {} pattern {rate}\nmachine: {}",
+            "guest: {} ({} in {} memslots), {} vCPUs, {} pattern {rate}\nmachine: {}",
             human_bytes(self.memory),
+            human_bytes(all * crate::units::PAGE_SIZE),
+            self.slots.len(),
             self.vcpus,
             clap::ValueEnum::to_possible_value(&self.pattern)
                 .map_or_else(String::new, |v| v.get_name().to_owned()),
@@ -107,6 +112,12 @@ pub fn migration_text(r: &MigrationReport) -> String {
         human_bytes(r.bytes_sent),
         duration(r.total_ms)
     ));
+    for x in &r.slots {
+        s.push_str(&format!(
+            "{}: {} pages sent, {} of them dirtied after the bulk copy\n",
+            x.slot, x.pages_sent, x.dirty_pages_sent
+        ));
+    }
     for (i, v) in r.vcpus.iter().enumerate() {
         s.push_str(&format!(
             "vCPU {i}: {} page writes, {} ring-full exits, throttled at {} exits ({} asleep)\n",
@@ -118,7 +129,7 @@ pub fn migration_text(r: &MigrationReport) -> String {
     }
     if r.verified {
         s.push_str(&format!(
-            "verified: destination memory equals the source byte for byte (BLAKE3 {}, {})\n",
+            "verified: destination memory equals the source byte for byte, every memslot (BLAKE3 {}, {})\n",
             r.destination_digest,
             duration(r.verify_ms)
         ));
@@ -158,6 +169,16 @@ pub fn dirty_rate_text(r: &DirtyRateReport) -> String {
         "total (distinct pages): {:.0} pages/s ({:.1} MiB/s)\n",
         r.total_pages_per_sec, r.total_mib_per_sec
     ));
+    if let Some(x) = &r.sampling {
+        let (sampled, changed) = x.slots.iter().fold((0, 0), |(n, c), s| (n + s.sampled, c + s.changed));
+        s.push_str(&format!(
+            "sampling: {changed} of {sampled} sampled pages changed ({} per GiB, {} memslots, seed {}); standard error {:.0} pages/s\n",
+            x.pages_per_gib,
+            x.slots.len(),
+            x.seed,
+            x.stderr_pages_per_sec
+        ));
+    }
     s
 }
 

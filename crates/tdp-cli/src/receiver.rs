@@ -1,6 +1,7 @@
 //! The destination: `tdp receive` (and the loopback receiver `tdp migrate` starts on a thread). A
-//! session holds the guest memory the source announces, applies page runs, acknowledges rounds and
-//! answers the digest request with a BLAKE3 digest of everything it holds. A connection lost
+//! session holds the guest memory the source announces (every memslot of its `Hello` table, in one
+//! allocation), applies page runs to the slot each names, acknowledges rounds and answers the digest
+//! request with the protocol's digest of everything it holds, every slot. A connection lost
 //! mid-session does not lose the memory: the session waits (up to its idle timeout) for the source to
 //! reconnect and resume it (see [`crate::proto`]).
 //!
@@ -9,8 +10,10 @@
 //! [`server`] is the accept loop around it: connections on threads, bounded in number, garbage
 //! logged and survived.
 //!
-//! Keeps: I5 for the network peer (memory reserved only after the size passed `max_memory` and the
-//! host's available memory, and fallibly; page runs and round numbers checked with checked arithmetic;
+//! Keeps: I5 for the network peer (memory reserved only after the slot table passed
+//! [`validate_slots`] and its size `max_memory` and the host's available memory, and fallibly; page runs
+//! checked against the slot they name (a slot not announced is refused), round numbers with checked
+//! arithmetic;
 //! every frame due by a deadline a trickle cannot stretch; protocol violations answered with an `Error`
 //! frame and a clear error; the peer's text escaped before it is printed).
 
@@ -18,7 +21,9 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::deadline::{Deadlined, Timeouts};
-use crate::proto::{ErrorCode, Message, PAGE_SIZE, ProtoError, VERSION};
+use crate::proto::{
+    ErrorCode, MemoryDigest, Message, PAGE_SIZE, ProtoError, SlotInfo, VERSION, validate_slots,
+};
 use crate::sanitize::escape_control;
 
 pub mod server;
@@ -40,9 +45,9 @@ pub struct ReceiverConfig {
     /// Test hook: close the connection once (keeping the session) after acknowledging this many rounds,
     /// as a network failure would.
     pub drop_after_rounds: Option<u32>,
-    /// Test hook: flip a byte of this page before computing the digest, so the source must see a
-    /// mismatch (proof that the verification can fail).
-    pub corrupt_page: Option<u64>,
+    /// Test hook: flip a byte of this page (memslot, page in the slot) before computing the digest, so
+    /// the source must see a mismatch (proof that the verification covers that slot).
+    pub corrupt_page: Option<(u32, u64)>,
     /// The deadline of each frame of a session (waiting for it included), and how long a session whose
     /// connection was lost waits for its source to reconnect.
     pub idle_timeout: Duration,
@@ -76,18 +81,30 @@ impl ReceiverConfig {
 /// The most times one session may be resumed after a lost connection.
 pub const MAX_RECONNECTS: u32 = 8;
 
+/// One memslot a finished session held.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReceivedSlot {
+    /// The slot as announced.
+    #[serde(flatten)]
+    pub info: SlotInfo,
+    /// Hex digest of this slot alone (a [`MemoryDigest`] of the one slot), to tell which slot differs.
+    pub digest: String,
+}
+
 /// What a finished session looked like.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Received {
     /// The source's address.
     pub peer: String,
-    /// Pages of memory held.
+    /// Pages of memory held, every slot's.
     pub pages: u64,
+    /// The memslots held, in the `Hello` table's order.
+    pub slots: Vec<ReceivedSlot>,
     /// Rounds received (final round included).
     pub rounds: u32,
     /// Pages applied (repeats included).
     pub pages_received: u64,
-    /// Hex digest of the memory held.
+    /// Hex digest of the memory held, every slot (the digest the source compared).
     pub digest: String,
     /// The source's verdict on the digests.
     pub matched: bool,
@@ -116,24 +133,35 @@ pub struct ReceiveError {
 pub struct Session {
     id: u64,
     pages: u64,
+    /// The slot table, and each slot's first byte in `memory`.
+    slots: Vec<(SlotInfo, usize)>,
     memory: Vec<u8>,
     rounds: u32,
     received: u64,
-    digest: Option<String>,
+    /// The digest last sent (all memory, and each slot's), until a page changes.
+    digest: Option<(String, Vec<ReceivedSlot>)>,
     dropped: bool,
     reconnects: u32,
     started: Instant,
 }
 
 /// What a valid `Hello` asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opening {
     /// The session number.
     pub session: u64,
-    /// Pages of guest memory announced (1 to the receiver's limit).
-    pub pages: u64,
+    /// The guest's memslots (a table [`validate_slots`] accepts, within the receiver's limit).
+    pub slots: Vec<SlotInfo>,
     /// Whether the source asks to continue a session it lost.
     pub resume: bool,
+}
+
+impl Opening {
+    /// Pages of guest memory announced, every slot's (saturating: a validated table cannot overflow).
+    #[must_use]
+    pub fn pages(&self) -> u64 {
+        self.slots.iter().fold(0u64, |t, s| t.saturating_add(s.pages))
+    }
 }
 
 /// Why a session could not be given memory.
@@ -141,18 +169,26 @@ pub struct Opening {
 pub struct CannotHold(pub String);
 
 impl Session {
-    /// A new session of `o.pages` zeroed pages. The memory is reserved with a fallible allocation,
-    /// after checking it against the host's available memory (`/proc/meminfo`), so a size the host
-    /// cannot give is refused, never an abort.
+    /// A new session of zeroed memory for every slot of `o`. The memory is reserved with a fallible
+    /// allocation, after checking it against the host's available memory (`/proc/meminfo`), so a size
+    /// the host cannot give is refused, never an abort.
     ///
     /// # Errors
-    /// [`CannotHold`] naming the size and what the host has.
+    /// [`CannotHold`] naming the size and what the host has, or the rule an invalid slot table breaks.
     pub fn open(o: &Opening, reconnects: u32) -> Result<Session, CannotHold> {
-        let bytes = o.pages.checked_mul(PAGE_SIZE as u64);
+        let pages = validate_slots(&o.slots).map_err(|e| CannotHold(e.0))?;
+        let bytes = pages.checked_mul(PAGE_SIZE as u64);
         let shown = |b: u64| crate::units::human_bytes(b);
         let Some(len) = bytes.and_then(|b| usize::try_from(b).ok()) else {
-            return Err(CannotHold(format!("{} pages do not fit this host's address space", o.pages)));
+            return Err(CannotHold(format!("{pages} pages do not fit this host's address space")));
         };
+        // Each slot's base: below `len`, which fits in usize, so no sum overflows.
+        let mut slots = Vec::with_capacity(o.slots.len());
+        let mut base = 0usize;
+        for s in &o.slots {
+            slots.push((*s, base));
+            base += s.pages as usize * PAGE_SIZE;
+        }
         if let Some(avail) = crate::hostmem::available().filter(|&a| (len as u64) > a) {
             return Err(CannotHold(format!(
                 "{} of guest memory is more than this host has available ({} MemAvailable)",
@@ -172,7 +208,8 @@ impl Session {
         }
         Ok(Session {
             id: o.session,
-            pages: o.pages,
+            pages,
+            slots,
             memory,
             rounds: 0,
             received: 0,
@@ -186,7 +223,7 @@ impl Session {
     /// Whether this session is the one `o` asks to resume.
     #[must_use]
     pub fn resumes(&self, o: &Opening) -> bool {
-        o.resume && self.id == o.session && self.pages == o.pages
+        o.resume && self.id == o.session && self.slots.iter().map(|(s, _)| s).eq(o.slots.iter())
     }
 
     /// Counts one more lost connection; `false` when the session may not be resumed again.
@@ -202,6 +239,47 @@ impl Session {
     #[must_use]
     pub fn bytes(&self) -> usize {
         self.memory.len()
+    }
+
+    /// The memslots held, in the `Hello` table's order.
+    pub fn slots(&self) -> impl Iterator<Item = SlotInfo> + '_ {
+        self.slots.iter().map(|(s, _)| *s)
+    }
+
+    /// The bytes of `len` bytes of pages of memslot `slot` from page `first`. `Err` names why not: a
+    /// slot not announced, or a run that does not lie inside it.
+    fn pages_mut(&mut self, slot: u32, first: u64, len: usize) -> Result<&mut [u8], String> {
+        let Ok(i) = self.slots.binary_search_by_key(&slot, |(s, _)| s.slot) else {
+            let announced: Vec<u32> = self.slots.iter().map(|(s, _)| s.slot).collect();
+            return Err(format!("memslot {slot} was not announced in Hello (announced: {announced:?})"));
+        };
+        let (info, base) = self.slots[i];
+        let count = (len / PAGE_SIZE) as u64;
+        let inside = first.checked_add(count).is_some_and(|end| end <= info.pages);
+        if !inside {
+            return Err(format!("pages {first}..+{count} lie outside memslot {slot}'s {} pages", info.pages));
+        }
+        // Inside the slot, so `first * PAGE_SIZE + len` is below the slot's size, which fits in usize.
+        let at = base + first as usize * PAGE_SIZE;
+        self.memory
+            .get_mut(at..at + len)
+            .ok_or_else(|| format!("memslot {slot}: pages beyond the memory held"))
+    }
+
+    /// The protocol's digest of all memory ([`MemoryDigest`]), and each slot's alone.
+    fn digests(&self) -> ([u8; 32], Vec<ReceivedSlot>) {
+        let mut all = MemoryDigest::new();
+        let mut each = Vec::with_capacity(self.slots.len());
+        for (info, base) in &self.slots {
+            let bytes = self.memory.get(*base..*base + info.pages as usize * PAGE_SIZE).unwrap_or_default();
+            all.slot(info);
+            all.pages(bytes);
+            let mut one = MemoryDigest::new();
+            one.slot(info);
+            one.pages(bytes);
+            each.push(ReceivedSlot { info: *info, digest: hex(&one.finish()) });
+        }
+        (all.finish(), each)
     }
 }
 
@@ -221,7 +299,7 @@ fn refuse<S: Write + Timeouts>(
 }
 
 /// Reads the connection's first frame within `cfg.handshake_timeout` and checks that it is a `Hello`
-/// this receiver can serve (version, page size, size within `max_memory`).
+/// this receiver can serve (version, page size, a valid slot table, size within `max_memory`).
 ///
 /// # Errors
 /// [`ReceiveError`] (not resumable) for anything else; when the peer spoke the protocol, it got an
@@ -235,8 +313,9 @@ pub fn handshake<S: Read + Write + Timeouts>(
     let first = Message::read_from(&mut Deadlined::new(&mut *stream, limit));
     let mut no = |code, op: &str, cause| Err(refuse(stream, limit, peer, code, op, cause));
     match first {
-        Ok(Message::Hello { version, page_size, pages, session, resume }) => {
-            let bytes = pages.checked_mul(PAGE_SIZE as u64);
+        Ok(Message::Hello { version, page_size, session, resume, slots }) => {
+            let pages = validate_slots(&slots);
+            let bytes = pages.as_ref().ok().and_then(|p| p.checked_mul(PAGE_SIZE as u64));
             if version != VERSION {
                 let cause =
                     format!("the source speaks protocol version {version}, this destination {VERSION}");
@@ -244,15 +323,23 @@ pub fn handshake<S: Read + Write + Timeouts>(
             } else if page_size as usize != PAGE_SIZE {
                 let cause = format!("page size {page_size} is not supported (only {PAGE_SIZE})");
                 no(ErrorCode::Protocol, "checking Hello", cause)
-            } else if pages == 0 || bytes.is_none_or(|b| b > cfg.max_memory) {
+            } else if let Err(e) = pages {
+                no(ErrorCode::Protocol, "checking Hello's memslots", e.0)
+            } else if bytes.is_none_or(|b| b > cfg.max_memory) {
                 let cause = format!(
-                    "{pages} pages is outside 1 page to the receiver's limit of {} (see --max-memory)",
+                    "{} pages in {} memslot(s) is more than the receiver's limit of {} (see --max-memory)",
+                    pages.unwrap_or(0),
+                    slots.len(),
                     crate::units::human_bytes(cfg.max_memory)
                 );
                 no(ErrorCode::TooLarge, "checking Hello", cause)
             } else {
-                Ok(Opening { session, pages, resume })
+                Ok(Opening { session, slots, resume })
             }
+        }
+        Err(ProtoError::Version { version }) => {
+            let cause = format!("the source speaks protocol version {version}, this destination {VERSION}");
+            no(ErrorCode::Version, "checking Hello", cause)
         }
         Ok(Message::Error { code, text }) => Err(ReceiveError {
             peer: peer.to_owned(),
@@ -312,12 +399,20 @@ pub fn run_session<S: Read + Write + Timeouts>(
             Err(e) => return Err(refuse(stream, limit, peer, ErrorCode::Protocol, &at, e.to_string())),
         };
         match msg {
-            Message::Pages { first, data } => {
+            Message::Pages { slot, first, data } => {
                 let count = (data.len() / PAGE_SIZE) as u64;
-                let Some(dst) = page_range(s, first, data.len()) else {
-                    let cause =
-                        format!("pages {first}..+{count} lie outside the {} pages announced", s.pages);
-                    return Err(refuse(stream, limit, peer, ErrorCode::Protocol, "applying pages", cause));
+                let dst = match s.pages_mut(slot, first, data.len()) {
+                    Ok(dst) => dst,
+                    Err(cause) => {
+                        return Err(refuse(
+                            stream,
+                            limit,
+                            peer,
+                            ErrorCode::Protocol,
+                            "applying pages",
+                            cause,
+                        ));
+                    }
                 };
                 dst.copy_from_slice(&data);
                 s.received = s.received.saturating_add(count);
@@ -343,18 +438,18 @@ pub fn run_session<S: Read + Write + Timeouts>(
                 }
             }
             Message::DigestRequest => {
-                if let Some(page) = cfg.corrupt_page
-                    && let Some(byte) = page_range(s, page, PAGE_SIZE).and_then(|p| p.first_mut())
+                if let Some((slot, page)) = cfg.corrupt_page
+                    && let Some(byte) = s.pages_mut(slot, page, PAGE_SIZE).ok().and_then(|p| p.first_mut())
                 {
                     *byte ^= 0x5a;
-                    eprintln!("tdp receive: --corrupt-page {page}: flipped a byte before the digest");
+                    eprintln!("tdp receive: --corrupt-page {slot}:{page}: flipped a byte before the digest");
                 }
-                let hash = *blake3::hash(&s.memory).as_bytes();
-                s.digest = Some(hex(&hash));
+                let (hash, slots) = s.digests();
+                s.digest = Some((hex(&hash), slots));
                 send(stream, Message::Digest { hash, received: s.received }, "sending the digest")?;
             }
             Message::Done { matched } => {
-                let Some(digest) = s.digest.clone() else {
+                let Some((digest, slots)) = s.digest.clone() else {
                     let cause = "Done before any digest".into();
                     return Err(refuse(stream, limit, peer, ErrorCode::Protocol, "finishing", cause));
                 };
@@ -362,6 +457,7 @@ pub fn run_session<S: Read + Write + Timeouts>(
                 return Ok(Received {
                     peer: peer.to_owned(),
                     pages: s.pages,
+                    slots,
                     rounds: s.rounds,
                     pages_received: s.received,
                     digest,
@@ -380,12 +476,6 @@ pub fn run_session<S: Read + Write + Timeouts>(
             }
         }
     }
-}
-
-/// The bytes of `len` bytes of pages from page `first`, if they lie inside the session's memory.
-fn page_range(s: &mut Session, first: u64, len: usize) -> Option<&mut [u8]> {
-    let at = usize::try_from(first).ok()?.checked_mul(PAGE_SIZE)?;
-    s.memory.get_mut(at..at.checked_add(len)?)
 }
 
 /// Serves one connection from `peer` for `session` (created by the connection's `Hello`, or resumed)

@@ -54,6 +54,28 @@ fn dirty_rate_on_the_mock() {
 }
 
 #[test]
+fn dirty_rate_sampling_logs_nothing_and_reports_its_sample() {
+    // QEMU's page-sampling mode on the mock (KVM's run is in dirty_rate_modes.rs): 1 MiB is 256 data
+    // pages and 32 control pages; 65536 per GiB samples a quarter of each.
+    let args =
+        ["dirty-rate", "--backend", "mock", "--memory", "1M", "--window-ms", "300", "--mode", "sampling"];
+    let out = run(&[&args[..], &["--sample-pages", "65536", "--sample-seed", "9", "--json"]].concat());
+    assert!(out.status.success(), "{}", both(&out));
+    let v = json(&out);
+    assert_eq!(v["guest"]["mode"], "sampling");
+    assert!(v["guest"]["machine"].as_str().is_some_and(|m| m.contains("no dirty logging")), "{v}");
+    let sample = &v["sampling"];
+    assert_eq!(sample["seed"], 9, "{v}");
+    let sampled: Vec<u64> =
+        sample["slots"].as_array().into_iter().flatten().filter_map(|s| s["sampled"].as_u64()).collect();
+    assert_eq!(sampled, [64, 8], "a quarter of each memslot: {v}");
+    assert!(v["total_pages_per_sec"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    let text = run(&args);
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(text.status.success() && stdout.contains("sampled pages changed (512 per GiB"), "{stdout}");
+}
+
+#[test]
 fn i5_bad_arguments_exit_non_zero_with_a_message() {
     let cases: &[(&[&str], &str)] = &[
         (&["migrate", "--memory", "12X"], "memory"),
@@ -64,6 +86,8 @@ fn i5_bad_arguments_exit_non_zero_with_a_message() {
         (&["migrate", "--memory", "4097"], "--memory"),
         (&["migrate", "--backend", "mock", "--memory", "4G"], "on the mock"),
         (&["migrate", "--vcpus", "0"], "vcpus"),
+        (&["migrate", "--mode", "sampling"], "sampling only measures a dirty rate"),
+        (&["dirty-rate", "--mode", "sampling", "--sample-pages", "0"], "sample-pages"),
         (&["migrate", "--memory", "64K", "--vcpus", "31"], "each of the 31 vCPUs"),
         (&["migrate", "--vcpus", "64"], "vcpus"),
         (&["migrate", "--dirty-rate", "fast"], "dirty-rate"),

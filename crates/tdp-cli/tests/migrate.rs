@@ -59,6 +59,16 @@ fn failed_cleanly(out: &Output) -> String {
     stderr
 }
 
+/// Pages of every memslot of the guest a JSON report describes.
+fn all_pages(v: &serde_json::Value) -> u64 {
+    v["guest"]["slots"].as_array().into_iter().flatten().filter_map(|s| s["pages"].as_u64()).sum()
+}
+
+/// Pages of the mock guest of `mib` MiB: its data slot and its control slot.
+fn mock_pages(mib: u64) -> u64 {
+    mib * 256 + tdp_cli::mock::CONTROL_PAGES
+}
+
 fn assert_verified(v: &serde_json::Value, what: &str) {
     assert_eq!(v["verified"], true, "{what}: {v}");
     assert_eq!(v["source_digest"], v["destination_digest"], "{what}: {v}");
@@ -174,7 +184,8 @@ fn i4_migrate_to_a_receiver_in_another_process() {
     assert_eq!(v["loopback_receiver"], false);
     assert_eq!(d["matched"], true, "{d}");
     assert_eq!(d["digest"], v["source_digest"], "the receiver's own digest is the source's");
-    assert_eq!(d["pages"], 1024);
+    assert_eq!(d["pages"], all_pages(&v), "the receiver holds every memslot: {d}");
+    assert!(all_pages(&v) > 1024, "the 4 MiB data slot and the code or control slot: {v}");
 }
 
 #[test]
@@ -254,7 +265,7 @@ fn sigkilled_destination_fails_the_source_cleanly() {
     let v = json(&out);
     assert!(v["error"].as_str().is_some_and(|e| e.contains(&addr.to_string())), "{v}");
     assert_eq!(v["guest_running"], true, "{v}");
-    assert_eq!(v["pending_pages"], 1024, "no round was acknowledged, so every page is owed: {v}");
+    assert_eq!(v["pending_pages"], all_pages(&v), "no round was acknowledged, so every page is owed: {v}");
 }
 
 #[test]
@@ -341,15 +352,60 @@ fn i5_a_destination_answering_garbage_is_a_clear_error() {
 
 #[test]
 fn i4_the_verification_catches_a_destination_that_holds_other_bytes() {
-    // The check can fail: a receiver that flips one byte before its digest is caught.
-    let m = migrate_to_receiver(&["--corrupt-page", "7"], &["--backend", "mock", "--memory", "1M", "--json"]);
-    let stderr = failed_cleanly(&m.source);
-    let v = json(&m.source);
-    assert_eq!(v["verified"], false, "{v}");
-    assert_ne!(v["source_digest"], v["destination_digest"], "{v}");
-    assert!(stderr.contains("digest mismatch"), "{}", both(&m.source));
-    assert_eq!(m.receiver.status.code(), Some(1), "the receiver learns the verdict: {}", both(&m.receiver));
-    assert_eq!(json(&m.receiver)["matched"], false);
+    // The check can fail: a receiver that flips one byte before its digest is caught, in the data slot
+    // (the mock's slot 0) and in the control slot (slot 1), which the digest covers as well.
+    for (page, slot) in [("0:7", 0), ("1:0", 1)] {
+        let m = migrate_to_receiver(
+            &["--corrupt-page", page],
+            &["--backend", "mock", "--memory", "1M", "--json"],
+        );
+        let stderr = failed_cleanly(&m.source);
+        let v = json(&m.source);
+        assert_eq!(v["verified"], false, "{page}: {v}");
+        assert_ne!(v["source_digest"], v["destination_digest"], "{page}: {v}");
+        assert!(stderr.contains("digest mismatch"), "{page}: {}", both(&m.source));
+        assert_eq!(
+            m.receiver.status.code(),
+            Some(1),
+            "the receiver learns the verdict: {}",
+            both(&m.receiver)
+        );
+        let r = json(&m.receiver);
+        assert_eq!(r["matched"], false);
+        assert_eq!(r["slots"].as_array().map_or(0, Vec::len), 2, "both memslots held: {r}");
+        assert_eq!(r["slots"][slot]["slot"], slot, "{r}");
+    }
+}
+
+#[test]
+fn i4_migrate_moves_every_memslot_on_kvm_and_the_mock() {
+    let backend = kvm_else_mock("i4_migrate_moves_every_memslot_on_kvm_and_the_mock");
+    for backend in ["mock", backend] {
+        let m = migrate_to_receiver(&[], &["--backend", backend, "--memory", "2M", "--json"]);
+        assert!(m.source.status.success(), "{backend}: {}", both(&m.source));
+        let v = json(&m.source);
+        assert_verified(&v, backend);
+        let slots = v["guest"]["slots"].as_array().cloned().unwrap_or_default();
+        assert_eq!(slots.len(), 2, "{backend}: two memslots: {v}");
+        let sent = v["slots"].as_array().cloned().unwrap_or_default();
+        for (announced, s) in slots.iter().zip(&sent) {
+            assert_eq!(announced["slot"], s["slot"], "{v}");
+            let pages = announced["pages"].as_u64().unwrap_or(0);
+            assert!(s["pages_sent"].as_u64().is_some_and(|n| n >= pages), "{backend}: every page of {s}");
+        }
+        // The guest writes both slots while it runs (the data slot, and its control page or block),
+        // so both had dirty pages to send after the bulk copy.
+        assert!(
+            sent.iter().all(|s| s["dirty_pages_sent"].as_u64().is_some_and(|n| n > 0)),
+            "{backend}: dirty pages of every slot were sent: {v}"
+        );
+        let r = json(&m.receiver);
+        assert_eq!(r["digest"], v["destination_digest"], "{backend}: {r}");
+        let held: Vec<_> =
+            r["slots"].as_array().into_iter().flatten().map(|s| (&s["slot"], &s["pages"])).collect();
+        let want: Vec<_> = slots.iter().map(|s| (&s["slot"], &s["pages"])).collect();
+        assert_eq!(held, want, "{backend}: the destination holds every memslot the source has");
+    }
 }
 
 #[test]
@@ -436,7 +492,8 @@ fn sigint_and_sigterm_end_a_migration_cleanly() {
         let src =
             spawn_migrate(server.addr, &["--backend", "mock", "--memory", "8M", "--bandwidth", "2MiB/s"]);
         let wait = std::time::Duration::from_secs(60);
-        assert!(server.err.wait_count("opened: 2048 pages", 1, wait), "{:?}", server.err.all());
+        let opened = format!("opened: {} pages", mock_pages(8));
+        assert!(server.err.wait_count(&opened, 1, wait), "{:?}", server.err.all());
         let sent =
             std::process::Command::new("kill").args([&format!("-{signal}"), &src.id().to_string()]).status();
         assert!(sent.is_ok_and(|s| s.success()), "kill -{signal}");
@@ -462,7 +519,8 @@ fn a_destination_that_stops_reading_times_out_at_the_documented_30_s() {
         let mut held = Vec::new();
         for mut s in listener.incoming().flatten() {
             let _ = tdp_cli::proto::Message::read_from(&mut s);
-            let welcome = tdp_cli::proto::Message::Welcome { version: 1, resumed: false, received: 0 };
+            let version = tdp_cli::proto::VERSION;
+            let welcome = tdp_cli::proto::Message::Welcome { version, resumed: false, received: 0 };
             let _ = welcome.write_to(&mut s, &mut Vec::new());
             held.push(s);
         }
@@ -508,9 +566,11 @@ fn progress_is_printed_as_plain_lines_when_stderr_is_not_a_terminal() {
         stderr.lines().filter(|l| l.starts_with("tdp migrate: round 0 (bulk copy): ")).collect();
     assert!(!bulk.is_empty(), "{stderr}");
     for l in &bulk {
-        assert!(l.contains("/1024 pages (") && l.contains("%), ") && l.contains(" MiB/s, ETA "), "{l}");
+        let total = format!("/{} pages (", mock_pages(4));
+        assert!(l.contains(&total) && l.contains("%), ") && l.contains(" MiB/s, ETA "), "{l}");
     }
-    assert!(stderr.contains("tdp migrate: round 0 (bulk copy) done: 1024 pages in "), "{stderr}");
+    let done = format!("tdp migrate: round 0 (bulk copy) done: {} pages in ", mock_pages(4));
+    assert!(stderr.contains(&done), "{stderr}");
     // The default cap is named in the first lines.
     let out = run(&["migrate", "--backend", "mock", "--memory", "1M"]);
     let head: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().take(5).map(str::to_owned).collect();

@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{Server, both, json, kvm_or_skip, run};
-use tdp_cli::proto::{MAX_RUN, Message, PAGE_SIZE, VERSION};
+use tdp_cli::proto::{MAX_RUN, Message, PAGE_SIZE, SlotInfo, VERSION};
 
 /// A generous bound for anything the receiver does in response to a connection.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -26,8 +26,10 @@ fn frame(m: &Message) -> Vec<u8> {
     buf
 }
 
+/// A `Hello` for one memslot (slot 0 at address 0) of `pages` pages.
 fn hello(pages: u64, session: u64) -> Message {
-    Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, pages, session, resume: false }
+    let slots = vec![SlotInfo::new(0, 0, pages)];
+    Message::Hello { version: VERSION, page_size: PAGE_SIZE as u32, session, resume: false, slots }
 }
 
 /// Sends `bytes` on a new connection and closes it.
@@ -169,7 +171,8 @@ fn i5_a_session_survives_garbage_and_a_rival_source_on_other_connections() {
         .spawn()
         .expect("tdp migrate starts");
     // Once the session is open, garbage and a second source arrive on other connections.
-    assert!(server.err.wait_count("opened: 2048 pages", 1, PATIENCE), "{:?}", server.err.all());
+    let opened = format!("opened: {} pages", 2048 + tdp_cli::mock::CONTROL_PAGES);
+    assert!(server.err.wait_count(&opened, 1, PATIENCE), "{:?}", server.err.all());
     let (mut rivals, mut rivals_refused) = (0, 0);
     // The session lasts about four seconds; the rivals take milliseconds (the loop stops early if not).
     while rivals < 12 && !server.out.all().iter().any(|l| l.contains("\"digest\"")) {
@@ -296,7 +299,8 @@ fn i5_a_stopped_and_continued_receiver_loses_no_connection() {
         .expect("tdp migrate starts");
     // Ctrl-Z and fg, three times, while the receiver waits in reads (EINTR on resumption).
     let pid = server.child.id().to_string();
-    assert!(server.err.wait_count("opened: 1024 pages", 1, PATIENCE), "{:?}", server.err.all());
+    let opened = format!("opened: {} pages", 1024 + tdp_cli::mock::CONTROL_PAGES);
+    assert!(server.err.wait_count(&opened, 1, PATIENCE), "{:?}", server.err.all());
     for _ in 0..3 {
         let stop = std::process::Command::new("kill").args(["-STOP", &pid]).status();
         std::thread::sleep(Duration::from_millis(150));
@@ -329,22 +333,33 @@ fn hostile(kind: usize, round: u64) -> Vec<u8> {
             h[5..9].copy_from_slice(b"HTTP"); // a Hello with a bad magic
             h
         }
-        9 => frame(&Message::Hello { version: 99, page_size: 4096, pages: 4, session: 1, resume: false }),
+        9 => {
+            let mut h = frame(&hello(4, round));
+            h[9..11].copy_from_slice(&99u16.to_le_bytes()); // another protocol version
+            h
+        }
         10 => {
-            frame(&Message::Hello { version: VERSION, page_size: 512, pages: 4, session: 1, resume: false })
+            let slots = vec![SlotInfo::new(0, 0, 4)];
+            frame(&Message::Hello { version: VERSION, page_size: 512, session: 1, resume: false, slots })
         }
         11 => frame(&hello(0, round)),
         12 => frame(&hello(u64::MAX, round)),
         13 => frame(&hello((1 << 40) / PAGE_SIZE as u64, round)), // over --max-memory
         14 => frame(&Message::Welcome { version: VERSION, resumed: true, received: u64::MAX }),
-        15 => frame(&Message::Pages { first: u64::MAX, data: vec![0; PAGE_SIZE] }),
+        15 => frame(&Message::Pages { slot: 0, first: u64::MAX, data: vec![0; PAGE_SIZE] }),
         16 => frame(&Message::RoundEnd { round: u32::MAX, pages: u64::MAX }),
         17 => frame(&Message::Error { code: 4, text: "\x1b[31m\r\nforged".into() }),
         18 => [&b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..], &noise[..20]].concat(), // TLS
         _ => {
-            // A session that sends a run past its memory, then a run as long as allowed.
-            h.extend(frame(&Message::Pages { first: 3, data: vec![0; 2 * PAGE_SIZE] }));
-            h.extend(frame(&Message::Pages { first: 0, data: vec![0; MAX_RUN as usize * PAGE_SIZE] }));
+            // A session that sends a run past its memory, a run of a slot it did not announce, then a
+            // run as long as allowed.
+            h.extend(frame(&Message::Pages { slot: 0, first: 3, data: vec![0; 2 * PAGE_SIZE] }));
+            h.extend(frame(&Message::Pages { slot: 1, first: 0, data: vec![0; PAGE_SIZE] }));
+            h.extend(frame(&Message::Pages {
+                slot: 0,
+                first: 0,
+                data: vec![0; MAX_RUN as usize * PAGE_SIZE],
+            }));
             h
         }
     }
@@ -382,10 +397,14 @@ fn i5_after_1000_hostile_connections_a_migration_completes_within_its_memory() {
     assert_eq!(log.iter().filter(|l| l.contains(CONN)).count(), 1000);
     assert!(log.iter().all(|l| !l.contains('\x1b') && !l.contains("panicked")), "sanitized, no panic");
     let machine = backend("i5_after_1000_hostile_connections_a_migration_completes_within_its_memory");
-    let v = migrate_ok(server.addr, &["--backend", machine, "--memory", "16M"]);
+    // 15 MiB of RAM: with the code (KVM) or control (mock) memslot, the guest's memory is within 16 MiB.
+    let v = migrate_ok(server.addr, &["--backend", machine, "--memory", "15M"]);
     let report = session_report(&server, 1);
     assert_eq!(report["digest"], v["source_digest"], "{report}");
-    assert_eq!(report["pages"], MEMORY / PAGE_SIZE as u64);
+    let pages: u64 =
+        v["guest"]["slots"].as_array().into_iter().flatten().filter_map(|s| s["pages"].as_u64()).sum();
+    assert_eq!(report["pages"], pages, "every memslot: {v}");
+    assert!(pages > (15 << 20) / PAGE_SIZE as u64 && pages <= MEMORY / PAGE_SIZE as u64, "{v}");
     let peak = peak_rss(server.child.id());
     assert!(
         peak <= MEMORY + MARGIN,

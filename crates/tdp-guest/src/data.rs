@@ -78,6 +78,21 @@ impl GuestVm {
         if self.data.copy_in(page * PAGE_SIZE, buf) { Ok(()) } else { Err(self.out_of_range(page)) }
     }
 
+    /// Copies code-slot page `page` (page tables, GDT, control page, program) into `buf` (4096 bytes).
+    ///
+    /// # Errors
+    /// [`GuestError::BadPageBuffer`] or [`GuestError::PageOutOfRange`] (with the code slot's size).
+    pub fn copy_code_page(&self, page: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.len() != PAGE_SIZE as usize {
+            return Err(GuestError::BadPageBuffer { len: buf.len() });
+        }
+        let out_of_range = GuestError::PageOutOfRange { page, pages: self.layout.code_slot_pages };
+        if page >= self.layout.code_slot_pages {
+            return Err(out_of_range);
+        }
+        if self.code.copy_out(page * PAGE_SIZE, buf) { Ok(()) } else { Err(out_of_range) }
+    }
+
     fn check_page_io(&self, page: u64, len: usize) -> Result<()> {
         if len != PAGE_SIZE as usize {
             return Err(GuestError::BadPageBuffer { len });

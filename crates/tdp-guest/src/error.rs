@@ -54,12 +54,13 @@ pub enum GuestError {
         /// The number of vCPUs.
         count: usize,
     },
-    /// A data page index at or beyond the end of the data slot.
-    #[error("data page {page} out of range (the data slot has {pages} pages)")]
+    /// A page index at or beyond the end of its slot (the data slot, or the code slot for
+    /// [`GuestVm::copy_code_page`](crate::GuestVm::copy_code_page)).
+    #[error("page {page} out of range (its slot has {pages} pages)")]
     PageOutOfRange {
         /// The page asked for.
         page: u64,
-        /// The data slot's size in pages.
+        /// The size in pages of the slot asked about (the data slot, or the code slot for code pages).
         pages: u64,
     },
     /// A buffer of the wrong size for a page copy.

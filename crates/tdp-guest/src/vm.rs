@@ -54,6 +54,7 @@ pub struct GuestVm {
     spec: GuestSpec,
     pub(crate) layout: Layout,
     data_logging: bool,
+    code_logging: bool,
     vcpus_created: bool,
     /// Serialises [`GuestVm::set_workload`] (the seqlock has one writer).
     workload_writer: std::sync::Mutex<()>,
@@ -90,13 +91,14 @@ impl GuestVm {
             spec,
             layout,
             data_logging: spec.dirty_logging(),
+            code_logging: false,
             vcpus_created: false,
             workload_writer: std::sync::Mutex::new(()),
             code,
             data,
         };
         this.fill_code_slot()?;
-        this.register(CODE_SLOT, false)?;
+        this.register(CODE_SLOT, this.code_logging)?;
         this.register(DATA_SLOT, this.data_logging)?;
         for (field, value) in [
             (CTL_DATA_START, DATA_GPA),
@@ -197,6 +199,50 @@ impl GuestVm {
     #[must_use]
     pub fn dirty_logging(&self) -> bool {
         self.data_logging
+    }
+
+    /// Pages in the code slot ([`CODE_SLOT`] at guest-physical 0): the fixed pages and the page tables.
+    #[must_use]
+    pub fn code_pages(&self) -> u64 {
+        self.layout.code_slot_pages
+    }
+
+    /// The code slot as registered with KVM (slot id, flags, guest address, size, host address).
+    #[must_use]
+    pub fn code_region(&self) -> kvm_userspace_memory_region {
+        self.region(CODE_SLOT, self.code_logging)
+    }
+
+    /// Re-registers the code slot with or without `KVM_MEM_LOG_DIRTY_PAGES`, as
+    /// [`GuestVm::set_dirty_logging`] does for the data slot. The guest writes the code slot too (its
+    /// vCPU blocks in the control page, the accessed and dirty bits of its page tables), so a tool that
+    /// copies *all* guest memory, a live migration, logs both slots.
+    ///
+    /// ```
+    /// use tdp_guest::{CODE_SLOT, GuestSpec, GuestVm};
+    /// let mut vm = match GuestVm::new(GuestSpec::new(64, 1)) {
+    ///     Ok(vm) => vm,
+    ///     Err(tdp_guest::GuestError::OpenKvm(e)) => {
+    ///         eprintln!("SKIPPED: cannot open /dev/kvm: {e}");
+    ///         return Ok(());
+    ///     }
+    ///     Err(e) => return Err(e),
+    /// };
+    /// vm.set_code_dirty_logging(true)?;
+    /// let mut vcpus = vm.create_vcpus()?;
+    /// vcpus[0].run()?;
+    /// let bitmap = vm.vm_fd().get_dirty_log(CODE_SLOT, (vm.code_pages() * 4096) as usize);
+    /// let dirty: u32 = bitmap.map(|b| b.iter().map(|w| w.count_ones()).sum()).unwrap_or(0);
+    /// assert!(dirty > 0, "the first batch wrote the control page");
+    /// # Ok::<(), tdp_guest::GuestError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`GuestError::Ioctl`] naming `KVM_SET_USER_MEMORY_REGION`; the previous registration stays.
+    pub fn set_code_dirty_logging(&mut self, on: bool) -> Result<()> {
+        self.register(CODE_SLOT, on)?;
+        self.code_logging = on;
+        Ok(())
     }
 
     /// Re-registers the data slot with or without `KVM_MEM_LOG_DIRTY_PAGES` (same address and size: KVM

@@ -22,12 +22,14 @@
 extern crate alloc;
 
 mod ept;
+mod host_steps;
 mod judge;
 pub mod report;
 #[cfg(test)]
 mod tests;
 
 pub use ept::{Mapping, Translation, translate, unprotect_leaves};
+pub use host_steps::{Broken, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT};
 pub use judge::{Check, Observed};
 
 use alloc::collections::BTreeSet;
@@ -123,6 +125,24 @@ pub enum Step {
     },
     /// Harvest the dirty ring, check the set, and reset (re-protect) what was harvested.
     Harvest,
+    /// Age `pages` gfns from `gpa`'s one by one (`Mmu::age_gfn_range`, KVM's `kvm_age_gfn`) and record
+    /// which were young, then flush the TLB. The MMU's aging never flushes (KVM's rule: a missed access
+    /// only makes a page look idle); the runner flushes so the next access walks the tables again and
+    /// the answer is exact.
+    Age {
+        /// The first page's address, in the data slot.
+        gpa: Gpa,
+        /// How many pages.
+        pages: u64,
+    },
+    /// The host moves the page holding `gpa` to the next frame of the remap pool ([`REMAP_POOL_SLOT`]),
+    /// bytes and all, between `invalidate_range_start` and `invalidate_range_end` over the page's whole
+    /// 2 MiB host mapping (splitting a huge host page invalidates all of it). After the run the runner
+    /// reads the `u64` at `gpa` from the page's current host frame ([`Scenario::expected_host_reads`]).
+    Remap {
+        /// An 8-byte aligned address in the data slot.
+        gpa: Gpa,
+    },
 }
 
 /// The whole scenario.
@@ -143,6 +163,10 @@ const DATA: SlotSpec = SlotSpec { id: SlotId(1), base_gfn: Gfn(0x200), pages: 0x
 const MMIO: Gpa = Gpa(0x80_0000);
 /// Pages of the range writes: 0x250..0x480, more than a PML log holds.
 const RANGE_PAGES: u64 = 0x480 - 0x250;
+/// The data slot's tail, 0x400..0x480, which only 4 KiB leaves map: the aged range, so that what is
+/// young is a property of single pages (an aged 2 MiB leaf is young for all its pages).
+const TAIL: Gfn = Gfn(0x400);
+const TAIL_PAGES: u64 = 0x80;
 
 const fn w(gfn: u64, offset: u64, value: u64) -> Step {
     Step::Write { gpa: Gpa(gfn * 4096 + offset), value }
@@ -197,6 +221,19 @@ pub const SCENARIO: Scenario = Scenario {
         Step::Harvest,
         Step::WriteRange { gpa: Gpa(0x250 * 4096 + 0x800), pages: RANGE_PAGES, value: 0x8888_0000_0000_0002 },
         r(0x47f, 0x800),
+        Step::Harvest,
+        // The host's side. Age the tail (the range writes wrote every page of it: all young), touch two
+        // pages, age again (exactly those two are young) and once more (none). Then the host moves a
+        // page to another frame: the guest reads what the page held through the new frame and writes to
+        // it, and that write is still logged.
+        Step::Age { gpa: Gpa(TAIL.0 * 4096), pages: TAIL_PAGES },
+        r(0x410, 0x800),
+        w(0x411, 0x40, 0x9999_0000_0000_0411),
+        Step::Age { gpa: Gpa(TAIL.0 * 4096), pages: TAIL_PAGES },
+        Step::Age { gpa: Gpa(TAIL.0 * 4096), pages: TAIL_PAGES },
+        Step::Remap { gpa: Gpa(0x420 * 4096 + 0x808) },
+        r(0x420, 0x800),
+        w(0x420, 0x808, 0xaaaa_0000_0000_0420),
         Step::Harvest,
     ],
     extra_samples: &[0x200, 0x2ff, 0x3ff, 0x400, 0x47f],
@@ -296,6 +333,20 @@ impl Scenario {
                         return fail("logging started on a slot that does not exist");
                     }
                 }
+                Step::Age { gpa, pages } => {
+                    let last = Gpa(gpa.0.saturating_add(pages.saturating_sub(1).saturating_mul(4096)));
+                    if pages == 0 || !in_data(gpa) || !in_data(last) {
+                        return fail("aged range empty or not inside the data slot");
+                    }
+                }
+                Step::Remap { gpa } => {
+                    if !gpa.0.is_multiple_of(8) || !in_data(gpa) {
+                        return fail("remapped address not 8-byte aligned in the data slot");
+                    }
+                    if self.remap_targets().len() as u64 > REMAP_POOL_PAGES {
+                        return fail("more remaps than the remap pool has frames");
+                    }
+                }
                 Step::Harvest => {}
             }
         }
@@ -373,9 +424,10 @@ impl Scenario {
             | Step::Exec { gpa }
             | Step::MmioRead { gpa }
             | Step::MmioWrite { gpa, .. } => [Some(gpa.gfn().0), None],
-            Step::WriteRange { gpa, pages, .. } => {
+            Step::WriteRange { gpa, pages, .. } | Step::Age { gpa, pages } => {
                 [Some(gpa.gfn().0), Some(gpa.gfn().0 + pages.saturating_sub(1))]
             }
+            Step::Remap { gpa } => [Some(gpa.gfn().0), None],
             Step::StartLogging { .. } | Step::Harvest => [None, None],
         });
         let touched = touched.flatten();

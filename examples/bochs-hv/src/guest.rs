@@ -8,7 +8,8 @@
 //! - range write: `mov rax, gpa`, `mov rdx, value`, `mov ecx, pages`, then a loop of `mov [rax], rdx`,
 //!   `add rax, 4096`, `dec ecx`, `jnz`;
 //! - exec: `mov rax, target`, `jmp rax`; at the target a stub `mov rcx, back`, `jmp rcx` returns;
-//! - start logging / harvest / end / fail: a hypercall: `mov edi, arg`, `mov ebx, code`, `vmcall`.
+//! - start logging / harvest / age / remap / end / fail: a hypercall: `mov edi, arg`, `mov ebx, code`,
+//!   `vmcall` (age and remap pass their step's index: the hypervisor reads the step).
 //!
 //! MMIO accesses use exactly the two `moffs` forms (REX.W A1 and REX.W A3, 10 bytes), which is all the
 //! hypervisor's MMIO emulation decodes.
@@ -37,6 +38,10 @@ pub const HC_FAIL: u64 = 2;
 pub const HC_START_LOGGING: u64 = 3;
 /// Harvest number RDI.
 pub const HC_HARVEST: u64 = 4;
+/// Run step RDI, an age of a range (`Step::Age`).
+pub const HC_AGE: u64 = 5;
+/// Run step RDI, a move of a page to another host frame (`Step::Remap`).
+pub const HC_REMAP: u64 = 6;
 
 /// Why the guest could not be built.
 #[derive(Clone, Copy, Debug, thiserror::Error)]
@@ -143,6 +148,8 @@ pub fn build(scenario: &Scenario) -> Result<u64, BuildError> {
                 write_guest(gpa.0, &stub);
             }
             Step::StartLogging { slot } => e.hypercall(HC_START_LOGGING, u64::from(slot.0), i)?,
+            Step::Age { .. } => e.hypercall(HC_AGE, i as u64, i)?,
+            Step::Remap { .. } => e.hypercall(HC_REMAP, i as u64, i)?,
             Step::Harvest => {
                 e.hypercall(HC_HARVEST, harvest, i)?;
                 harvest += 1;

@@ -1,7 +1,7 @@
 //! tdp-core's host for this hypervisor: `tdp_vmx::host::BareMetalHost` over the kernel's physical
 //! layout. EPT table pages come from the pool `TABLE_POOL_START..TABLE_POOL_END` (identity-mapped RAM
 //! nothing else uses), guest frames are translated over guest RAM (`GUEST_HOST_BASE..RAM_END`, which the
-//! kernel maps with 2 MiB pages), and every flush the core asks for is a single-context INVEPT of the
+//! kernel maps with 2 MiB pages, with the pages the host moved found in their new frames), and every flush the core asks for is a single-context INVEPT of the
 //! guest's EPTP (counted: the result compares requests with INVEPTs issued).
 
 use alloc::format;
@@ -10,8 +10,10 @@ use alloc::string::String;
 use tdp_core::addr::{Level, Pfn};
 use tdp_core::sync::Ordering;
 use tdp_vmx::caps::EptFeatures;
-use tdp_vmx::host::{BareMetalHost, IdentityTranslate, InveptFlush, PhysRange, TableFrames};
+use tdp_vmx::host::{BareMetalHost, IdentityTranslate, InveptFlush, MovedPage, PhysRange, TableFrames};
 use tdp_vmx::raw::{IdentityRegion, X86Vmx};
+
+use tdp_vmx::scenario::REMAP_POOL_PAGES;
 
 use crate::layout::{GUEST_HOST_BASE, RAM_END, TABLE_POOL_END, TABLE_POOL_START};
 
@@ -20,6 +22,10 @@ pub type HvHost<'v> = BareMetalHost<'static, 'static, &'v X86Vmx>;
 
 /// Guest RAM, for host translation.
 static GUEST_RAM: [PhysRange; 1] = [PhysRange { start: GUEST_HOST_BASE, end: RAM_END }];
+
+/// The pages the host moved to another frame (the scenario's remap steps), one entry per pool frame.
+static MOVED: [MovedPage; REMAP_POOL_PAGES as usize] =
+    [const { MovedPage::new() }; REMAP_POOL_PAGES as usize];
 
 /// The host, built once.
 ///
@@ -33,7 +39,7 @@ pub fn new<'v>(vmx: &'v X86Vmx, features: &EptFeatures) -> Result<HvHost<'v>, St
     let region = unsafe { IdentityRegion::from_raw(TABLE_POOL_START, pages) };
     Ok(BareMetalHost {
         frames: TableFrames::new(region).map_err(|e| format!("EPT table pool: {e}"))?,
-        translate: IdentityTranslate::new(&GUEST_RAM, Level::L2),
+        translate: IdentityTranslate::new(&GUEST_RAM, Level::L2).with_moved_pages(&MOVED),
         tlb: InveptFlush::new(vmx, features.invept),
     })
 }

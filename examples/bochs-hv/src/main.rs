@@ -10,7 +10,9 @@
 //! Layout: [`boot`] (multiboot2, long mode, GDT/TSS), [`idt`], [`serial`], [`rt`] (panic, mem*, heap,
 //! shutdown), [`cpu`], [`vmx`] (VMXON, entry/exit trampoline), [`vmcs`] (VMCS contents), [`layout`]
 //! (physical memory map), [`host`] (tdp-core's host traits), [`ring`] (dirty ring memory, PML page,
-//! ring reset target), [`guest`], [`run`], and with the `broken-ept` feature [`broken`]. The VMX
+//! ring reset target), [`guest`], [`run`], [`host_steps`] (aging and moving a page), and with the
+//! `broken-ept` feature [`broken`] (the other must-fail builds, `broken-age` and `broken-remap`, are
+//! switches inside [`host_steps`]). The VMX
 //! instructions, capability decoding, EPTP, exit decoding, PML drain and ring sink come from `tdp-vmx`.
 #![no_std]
 #![no_main]
@@ -25,6 +27,7 @@ mod broken;
 mod cpu;
 mod guest;
 mod host;
+mod host_steps;
 mod idt;
 mod layout;
 mod ring;
@@ -48,10 +51,23 @@ use tdp_vmx::pml::Pml;
 use tdp_vmx::raw::X86Vmx;
 use tdp_vmx::ring_sink::RingSink;
 use tdp_vmx::scenario::report::{RunInfo, write_result_line};
-use tdp_vmx::scenario::{AS_ID, Observed, SCENARIO};
+use tdp_vmx::scenario::{
+    AS_ID, Broken, Observed, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT, SCENARIO,
+};
 
 use crate::boot::Page;
 use crate::host::HvHost;
+
+/// The must-fail variant this kernel was built as (at most one `broken-*` feature).
+const BROKEN: Option<Broken> = if cfg!(feature = "broken-ept") {
+    Some(Broken::Ept)
+} else if cfg!(feature = "broken-age") {
+    Some(Broken::Age)
+} else if cfg!(feature = "broken-remap") {
+    Some(Broken::Remap)
+} else {
+    None
+};
 
 static VMXON_REGION: Page = Page::zeroed();
 static VMCS_REGION: Page = Page::zeroed();
@@ -106,6 +122,8 @@ fn hypervise(model: &str) -> Result<(), String> {
         mmu.write().insert_memslot(slot).map_err(|e| format!("memslot {}: {e}", s.id.0))?;
         bases.push((s.id.0, host_base, s.pages));
     }
+    // The remap pool, so that a translation into it decodes as a pool page.
+    bases.push((REMAP_POOL_SLOT, layout::host_addr(REMAP_POOL_OFFSET), REMAP_POOL_PAGES));
     let mut vcpu = VcpuMmu::new();
     let root = mmu.load_root(&mut vcpu, AS_ID).map_err(|e| format!("root: {e}"))?;
     let eptp = Eptp::new(&features, &config, root).map_err(|e| format!("EPTP: {e}"))?;
@@ -140,13 +158,24 @@ fn hypervise(model: &str) -> Result<(), String> {
     seen.flushes = flushes.requests;
     seen.invepts = flushes.single_context + flushes.all_context;
     seen.translations = hv.sample();
+    let translate = &mmu.host().translate;
+    seen.host_reads = SCENARIO
+        .expected_host_reads()
+        .into_iter()
+        .map(|(gpa, _)| {
+            let at = translate.current_address(layout::host_addr(gpa));
+            // SAFETY: `at` is an 8-byte aligned address (the scenario validates remap addresses) in
+            // identity-mapped guest RAM (the page's current frame); the guest has stopped.
+            (gpa, unsafe { core::ptr::read_volatile(at as *const u64) })
+        })
+        .collect();
     let checks = SCENARIO.evaluate(&seen);
     let info = RunInfo {
         runner: "bochs",
         model,
         mmu: mmu_name,
         features: vmcs::feature_names(&features),
-        broken: cfg!(feature = "broken-ept"),
+        broken: BROKEN,
     };
     println!(
         "bochs-hv: {} EPT exits, {} table pages in use, ring {:?}, PML {:?}",

@@ -67,7 +67,7 @@ pub struct Hv<'a, 'v> {
 }
 
 /// Why the loop stopped.
-enum Stop {
+pub(crate) enum Stop {
     /// The guest reached its end.
     Done,
     /// Something went wrong: the message goes into the result.
@@ -223,6 +223,8 @@ impl Hv<'_, '_> {
                 self.start_logging(SlotId(slot))?;
             }
             guest::HC_HARVEST => self.harvest(regs.rdi)?,
+            guest::HC_AGE => self.age(regs.rdi)?,
+            guest::HC_REMAP => self.remap(regs.rdi)?,
             other => return Err(Stop::Error(format!("unknown hypercall {other} at rip {rip:#x}"))),
         }
         self.vmx.vmwrite(F::GUEST_RIP, rip + len)?;

@@ -7,7 +7,8 @@
 //!
 //! Exit codes: 0 every check passed; 1 a check failed (its name is written to stdout); 2 a panic.
 //! Uses from `tdp-core`: `addr::{Gfn, Gpa, Pfn, Level, AsId, SlotId}`, `spte::{SpteFormat::{EPT_AD, NPT},
-//! LeafAttrs, LeafWrite, MemType}`, `memslot::{MemslotSet, Memslot, SlotFlags, SlotError}`.
+//! LeafAttrs, LeafWrite, MemType}`, `memslot::{MemslotSet, Memslot, SlotFlags, SlotError}`. From
+//! `tdp-svm` (the AMD backend, `no_std` too): `caps`, `ncr3`, `exit`, `vmcb` over its fake CPU.
 #![no_std]
 #![no_main]
 // Some `mem*` functions in `rt`'s shared `rt_common` are loops (memmove's backward copy, memcmp);
@@ -34,6 +35,7 @@ const CHECKS: &[Check] = &[
     ("spte: read-only NPT 2M leaf", npt_read_only_huge_leaf),
     ("memslot: insert, overlap, find", memslot_set),
     ("alloc: heap round trip", heap_round_trip),
+    ("tdp-svm: capabilities, nCR3, #NPF decode", svm_backend),
 ];
 
 /// Runs every check and returns the process exit code; called by `rt`'s `_start`.
@@ -111,4 +113,23 @@ fn heap_round_trip() -> bool {
     }
     let copy = v.clone();
     copy.len() == 1000 && copy[999] == 999 * 999 && copy == v
+}
+
+fn svm_backend() -> bool {
+    use tdp_svm::caps::SvmCapabilities;
+    use tdp_svm::exit::{SvmExit, code, read_exit};
+    use tdp_svm::fake::{FakeSvm, bochs};
+    use tdp_svm::ncr3::NestedCr3;
+    use tdp_svm::vmcb::Vmcb;
+
+    let Ok(npt) = SvmCapabilities::read(&FakeSvm::new(black_box(bochs::RYZEN))).npt_features() else {
+        return false;
+    };
+    let ncr3 = NestedCr3::new(&npt, &npt.mmu_config(), black_box(Pfn(0x1009)));
+    let mut vmcb = Vmcb::new();
+    vmcb.control.exit_code = code::NPF;
+    vmcb.control.exit_info1 = black_box(0x1_0000_0006);
+    vmcb.control.exit_info2 = black_box(0x20_1008);
+    let npf = matches!(read_exit(&vmcb, AsId(0)), Ok(SvmExit::Npf(n)) if n.fault.gpa == Gpa(0x20_1008));
+    npt.asids == 32768 && ncr3.map(|n| n.raw()) == Ok(0x100_9000) && npf
 }

@@ -1,5 +1,5 @@
 //! The `TDP-RESULT` line of a run (Bochs or mock), parsed; what must agree between the two runners; and
-//! what the broken-ept build's result must show.
+//! what a broken-* build's result must show.
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -8,8 +8,6 @@ use serde::Deserialize;
 pub const RESULT_PREFIX: &str = "TDP-RESULT ";
 /// The prefix of the kernel's panic / exception line.
 const PANIC_PREFIX: &str = "TDP-PANIC ";
-/// The check the broken build must fail.
-const HARVEST_CHECK: &str = "harvest holds exactly the written pages";
 
 /// The result line of a run's output, parsed; a panic line or no result line is an error.
 ///
@@ -26,17 +24,21 @@ pub fn parse_output(text: &str) -> Result<RunResult> {
     serde_json::from_str(json).with_context(|| format!("cannot parse the result: {json}"))
 }
 
-/// The broken build must have run (a result line), say it is broken, and fail a harvest check.
-pub fn check_broken(r: &RunResult) -> Result<()> {
-    if !r.broken {
-        bail!("the result says the kernel was not built with broken-ept");
+/// The broken build `variant` must have run (a result line), say it is that variant, and fail the
+/// check that the variant names in its line (`must_fail`, from `tdp_vmx::scenario::Broken`).
+pub fn check_broken(r: &RunResult, variant: &str) -> Result<()> {
+    if r.broken.as_deref() != Some(variant) {
+        bail!("the result says the kernel was built as {:?}, not broken-{variant}", r.broken);
     }
+    let Some(must_fail) = r.must_fail.as_deref() else {
+        bail!("the broken-{variant} result names no check it must fail");
+    };
     if r.verdict != "fail" {
-        bail!("verdict {} with every check passed: the checks cannot see a broken EPT", r.verdict);
+        bail!("verdict {} with every check passed: the checks cannot see broken-{variant}", r.verdict);
     }
-    if !r.failed_checks().contains(&HARVEST_CHECK) {
+    if !r.failed_checks().contains(&must_fail) {
         bail!(
-            "it failed, but not the harvest check (failed: {:?}); guest error {:?}",
+            "it failed, but not the check {must_fail:?} (failed: {:?}); guest error {:?}",
             r.failed_checks(),
             r.guest_error
         );
@@ -77,6 +79,15 @@ pub fn compare(bochs: &RunResult, mock: &RunResult) -> Vec<String> {
     if bochs.pml_full_exits != mock.pml_full_exits {
         diffs.push(format!("PML-full exits: bochs {}, mock {}", bochs.pml_full_exits, mock.pml_full_exits));
     }
+    if bochs.young != mock.young {
+        diffs.push(format!("young pages per age: bochs {:x?}, mock {:x?}", bochs.young, mock.young));
+    }
+    if bochs.host_reads != mock.host_reads {
+        diffs.push(format!(
+            "moved pages' contents: bochs {:x?}, mock {:x?}",
+            bochs.host_reads, mock.host_reads
+        ));
+    }
     if bochs.steps_completed != mock.steps_completed {
         diffs
             .push(format!("steps completed: bochs {}, mock {}", bochs.steps_completed, mock.steps_completed));
@@ -96,8 +107,14 @@ pub struct RunResult {
     pub model: String,
     /// `EPT_PML` or `EPT`.
     pub mmu: String,
-    /// Built with `broken-ept`.
-    pub broken: bool,
+    /// The must-fail variant it was built as (`ept`, `age`, `remap`), if any.
+    pub broken: Option<String>,
+    /// The check that variant must fail.
+    pub must_fail: Option<String>,
+    /// The gfns reported young by each age step.
+    pub young: Vec<Vec<u64>>,
+    /// Each remap step's address and what the page's current host frame holds there after the run.
+    pub host_reads: Vec<(u64, u64)>,
     /// Steps the guest finished.
     pub steps_completed: u64,
     /// EPT violations handled (mock: fault-handler calls).
@@ -174,7 +191,7 @@ pub struct CheckJson {
 mod tests {
     use super::*;
 
-    const LINE: &str = r#"TDP-RESULT {"runner":"bochs","model":"cpu","mmu":"EPT","broken":false,"features":["ept"],"steps_completed":3,"ept_violations":4,"ept_misconfigs":1,"pml_full_exits":0,"flushes":2,"invepts":2,"mmio_reads":1,"ring_lost":0,"guest_error":null,"mmio_writes":[[8388616,5]],"guest_table_gfns":[1,2,3],"harvests":[[],[1,513]],"translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":1,"rwx":7},{"gfn":2048,"kind":"mmio"}],"early_translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":2,"rwx":7}],"checks":[{"name":"harvest holds exactly the written pages","ok":true,"detail":""}],"passed":1,"failed":0,"verdict":"pass"}"#;
+    const LINE: &str = r#"TDP-RESULT {"runner":"bochs","model":"cpu","mmu":"EPT","broken":null,"must_fail":null,"features":["ept"],"steps_completed":3,"ept_violations":4,"ept_misconfigs":1,"pml_full_exits":0,"flushes":2,"invepts":2,"mmio_reads":1,"ring_lost":0,"guest_error":null,"mmio_writes":[[8388616,5]],"guest_table_gfns":[1,2,3],"harvests":[[],[1,513]],"young":[[1024]],"host_reads":[[4325384,7]],"translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":1,"rwx":7},{"gfn":2048,"kind":"mmio"}],"early_translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":2,"rwx":7}],"checks":[{"name":"harvest holds exactly the written pages","ok":true,"detail":""}],"passed":1,"failed":0,"verdict":"pass"}"#;
 
     fn parsed() -> RunResult {
         parse_output(&format!("bochs-hv: booting\n{LINE}\n")).unwrap()
@@ -208,14 +225,31 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_run_must_fail_a_harvest_check() {
+    fn a_broken_run_must_fail_the_check_its_variant_names() {
         let mut r = parsed();
-        r.broken = true;
-        assert!(check_broken(&r).is_err(), "a passing broken run is an error");
+        assert!(check_broken(&r, "age").is_err(), "not built broken");
+        r.broken = Some("age".into());
+        r.must_fail = Some("harvest holds exactly the written pages".into());
+        assert!(check_broken(&r, "age").is_err(), "a passing broken run is an error");
+        assert!(check_broken(&r, "remap").is_err(), "another variant's result");
         r.verdict = "fail".into();
         r.checks[0].ok = false;
-        check_broken(&r).unwrap();
+        check_broken(&r, "age").unwrap();
         r.checks[0].name = "guest ran every step".into();
-        assert!(check_broken(&r).is_err(), "failing for another reason proves nothing");
+        assert!(check_broken(&r, "age").is_err(), "failing for another reason proves nothing");
+    }
+
+    #[test]
+    fn aging_and_moved_pages_must_agree_too() {
+        let bochs = parsed();
+        let mut mock = parsed();
+        mock.harvests = vec![vec![], vec![513]];
+        mock.young[0].push(1025);
+        mock.host_reads[0].1 = 0;
+        let diffs = compare(&bochs, &mock);
+        assert!(
+            diffs.len() == 2 && diffs[0].starts_with("young") && diffs[1].starts_with("moved"),
+            "{diffs:?}"
+        );
     }
 }

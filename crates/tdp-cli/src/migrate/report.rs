@@ -3,6 +3,19 @@
 
 use crate::guest::{GuestError, VcpuFigures};
 use crate::link::LinkError;
+use crate::proto::SlotInfo;
+
+/// What a migration sent of one memslot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SlotSent {
+    /// The memslot.
+    #[serde(flatten)]
+    pub slot: SlotInfo,
+    /// Pages of it sent, repeats included (its whole size in the bulk copy, then what was dirtied).
+    pub pages_sent: u64,
+    /// Of those, pages sent after the bulk copy: the slot's pages the tracker reported dirty.
+    pub dirty_pages_sent: u64,
+}
 
 /// One round as reported.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -56,8 +69,10 @@ pub struct MigrationReport {
     pub source_digest: String,
     /// The destination's digest (hex).
     pub destination_digest: String,
-    /// Whether they are equal: the destination holds the source's memory byte for byte.
+    /// Whether they are equal: the destination holds the source's memory byte for byte, every slot.
     pub verified: bool,
+    /// Per memslot: what was sent of it.
+    pub slots: Vec<SlotSent>,
     /// Per-vCPU figures.
     pub vcpus: Vec<VcpuFigures>,
 }

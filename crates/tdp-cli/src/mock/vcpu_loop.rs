@@ -1,5 +1,6 @@
 //! The mock vCPU's "guest program" and its dirty sink: batches of 8-byte writes of an iteration number
-//! into pages picked by the pattern, a batch exit after each batch (pause, stop, pacing to the target
+//! into pages picked by the pattern, then its batch count into its page of the control memslot, a batch
+//! exit after each batch (pause, stop, pacing to the target
 //! rate, and in bitmap mode the throttle), and in ring mode a ring-full exit whenever the vCPU's ring
 //! reached its soft limit (harvest and reset its own ring, then the throttle), as a VMM's vCPU thread
 //! handles `KVM_EXIT_DIRTY_RING_FULL`.
@@ -32,10 +33,12 @@ impl DirtySink for Sink {
     fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn, _source: DirtySource) {
         let offset = slot.offset_of(gfn);
         match &self.shared.tracker {
-            Tracker::Bitmap { bitmap, .. } => {
-                // The MMU marks only offsets inside the logged slot; a refusal would be a model bug and
+            Tracker::Bitmap { bitmaps, .. } => {
+                // The MMU marks only offsets inside the logged slots; a refusal would be a model bug and
                 // is visible as a digest mismatch, so it is not hidden but cannot be reported from here.
-                let _ = bitmap.mark(offset);
+                if let Some((_, bitmap)) = bitmaps.iter().find(|(id, _)| *id == slot.id) {
+                    let _ = bitmap.mark(offset);
+                }
             }
             Tracker::Rings(rings) => {
                 let Some(ring) = rings.get(self.vcpu) else { return };
@@ -97,6 +100,9 @@ pub(crate) fn run(s: &Shared, mut vcpu: Vcpu, index: usize, cfg: GuestConfig) {
     let mut written = 0u64;
     let mut written_at_exit = 0u64;
     let mut iteration = 0u64;
+    let mut batches = 0u64;
+    // This vCPU's page of the control memslot.
+    let control = Gfn(s.control_slot.base_gfn.0 + index as u64 % s.control_slot.pages).gpa();
     let result = loop {
         if s.stop.load(Ordering::Relaxed) {
             break Ok(());
@@ -113,6 +119,11 @@ pub(crate) fn run(s: &Shared, mut vcpu: Vcpu, index: usize, cfg: GuestConfig) {
                 let gpa = Gpa(Gfn(page).gpa().0 + 8 * w);
                 vcpu.write_u64(s.machine.mmu(), gpa, iteration ^ w).map(|_| ())
             })
+        });
+        let batch = batch.and_then(|()| {
+            batches += 1;
+            let _in_flight = s.in_flight.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            vcpu.write_u64(s.machine.mmu(), control, batches).map(|_| ())
         });
         if let Err(e) = batch {
             break Err(format!("mock vCPU {index}: a guest write failed: {e}"));

@@ -207,11 +207,12 @@ fn connection(
     };
     if cfg.log_connections {
         eprintln!(
-            "tdp receive: session {:#x} from {peer} {}: {} pages ({})",
+            "tdp receive: session {:#x} from {peer} {}: {} pages ({}) in {} memslot(s)",
             o.session,
             if resumed { "resumed" } else { "opened" },
-            o.pages,
-            crate::units::human_bytes(s.bytes() as u64)
+            o.pages(),
+            crate::units::human_bytes(s.bytes() as u64),
+            o.slots.len()
         );
     }
     let result = run_session(&mut stream, &peer_s, cfg, &mut s, resumed);
@@ -283,6 +284,7 @@ fn claim(
 ///
 /// ```
 /// use tdp_cli::link::Link;
+/// use tdp_cli::proto::{MemoryDigest, SlotInfo};
 /// use tdp_cli::receiver::{accept_and_serve, ReceiverConfig};
 ///
 /// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -291,14 +293,20 @@ fn claim(
 /// // A port check first: logged, and the receiver keeps serving.
 /// drop(std::net::TcpStream::connect(addr)?);
 /// let mut link = Link::connect(addr, None)?;
-/// assert!(!link.hello(2, 42, false)?, "a new session");
-/// link.send_pages(1, &[7u8; 4096], 0)?;
+/// // Two memslots: one page at 0, two pages at 1 MiB.
+/// let slots = [SlotInfo::new(0, 0, 1), SlotInfo::new(1, 1 << 20, 2)];
+/// assert!(!link.hello(&slots, 42, false)?, "a new session");
+/// link.send_pages(1, 1, &[7u8; 4096], 0)?;
 /// link.end_round(0, 1)?;
 /// let (hash, received) = link.digest()?;
 /// link.done(true)?;
-/// let mut memory = vec![0u8; 2 * 4096];
-/// memory[4096..].fill(7);
-/// assert_eq!((hash, received), (*blake3::hash(&memory).as_bytes(), 1));
+/// let mut expected = MemoryDigest::new();
+/// expected.slot(&slots[0]);
+/// expected.pages(&[0u8; 4096]);
+/// expected.slot(&slots[1]);
+/// expected.pages(&[0u8; 4096]);
+/// expected.pages(&[7u8; 4096]);
+/// assert_eq!((hash, received), (expected.finish(), 1));
 /// assert!(dest.join().map_err(|_| "receiver thread")??.matched);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```

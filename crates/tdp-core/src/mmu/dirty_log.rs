@@ -13,7 +13,7 @@
 //! Keeps: I4. Every operation here returns the [`Flush`] the caller owes: a TLB entry that still allows a
 //! write without fault (or with D already set) would let a write go unrecorded.
 
-use lock_api::{RawRwLock, RwLockWriteGuard};
+use lock_api::RawRwLock;
 
 use crate::addr::{AsId, Gfn, Level, Pfn, RingSlot, SlotId};
 use crate::dirty_ring::{DirtyRingProducer, ReprotectBatch, ResetStats, ResetTarget, RingMemory};
@@ -224,8 +224,9 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
                         break;
                     }
                     let slots = &mut self.slots;
-                    result = it
-                        .yield_with(|| RwLockWriteGuard::unlocked(slots, || cache.topup(&mmu.host, fill, 1)));
+                    result = it.yield_with(|| {
+                        ExclusiveMmu::unlocked(mmu, slots, || cache.topup(&mmu.host, fill, 1))
+                    });
                     if result.is_err() {
                         break;
                     }

@@ -188,7 +188,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         let write = fault.access == AccessKind::Write;
         // One test for the common case (a violation on a non-present entry, with A/D bits).
         if fault.kind != (FaultKind::Violation { present: false }) || self.fast_on_any_violation {
-            let shared = self.read();
+            let shared = self.read_for_fault(vcpu.group);
             if let Some(outcome) =
                 shared.fault_before_translation(root, &mut vcpu.slot.index, fault, dirty)?
             {
@@ -198,7 +198,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         let seq = self.invalidation.snapshot();
         let mut generation = self.slots_generation.load(Ordering::Acquire);
         if !vcpu.slot.covers(as_id, gfn, generation) {
-            let shared = self.read();
+            let shared = self.read_for_fault(vcpu.group);
             let Some(slot) = shared.slots.find_hinted(as_id, gfn, &mut vcpu.slot.index).copied() else {
                 return Ok(shared.no_slot_fault(&mut vcpu.cache, root, gfn));
             };
@@ -215,7 +215,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if write && !host.writable {
             return Err(HostFaultError::ReadOnly { gfn }.into());
         }
-        let shared = self.read();
+        let shared = self.read_for_fault(vcpu.group);
         // Checked again under the lock: invalidation happens under the write lock, so a root valid now
         // stays valid (and untouched by the zap of invalid roots) until this fault drops the lock.
         if !root.is_valid() {
@@ -283,10 +283,23 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             debug_assert_eq!(leaf, self.expected_leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype));
             let target = Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf };
             (self.map_from(cache, walk, target), LeafWrite::Writable)
+        } else if writable {
+            // A writable leaf where the host maps huge in an unlogged slot: the 2 MiB (or 1 GiB) fault.
+            let level = self.huge_goal_level(slot, gfn, host.pfn, host.level);
+            debug_assert_eq!(level, self.goal_level(slot, gfn, host.pfn, host.level));
+            let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
+            let leaf = mmu.leaf_templates.leaf(pfn, level, LeafWrite::Writable, memtype);
+            debug_assert_eq!(leaf, self.expected_leaf(pfn, level, LeafWrite::Writable, memtype));
+            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf };
+            let outcome = if level.shift_in_frames() <= walk.shift {
+                self.map_from(cache, walk, target)
+            } else {
+                self.map_other(cache, root, walk, target)
+            };
+            (outcome, LeafWrite::Writable)
         } else {
             let level = self.goal_level(slot, gfn, host.pfn, host.level);
-            let leaf_write =
-                if writable { LeafWrite::Writable } else { self.leaf_write_otherwise(slot, host.writable) };
+            let leaf_write = self.leaf_write_otherwise(slot, host.writable);
             let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
             let leaf = mmu.leaf_templates.leaf(pfn, level, leaf_write, memtype);
             debug_assert_eq!(leaf, self.expected_leaf(pfn, level, leaf_write, memtype));
@@ -376,17 +389,28 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         self.huge_goal_level(slot, gfn, pfn, host_level)
     }
 
-    /// [`SharedMmu::goal_level`] when the host maps the page huge and the slot is not logged.
-    #[inline(never)]
+    /// [`SharedMmu::goal_level`] when the host maps the page huge and the slot is not logged: the
+    /// largest level, from the smaller of the host's and the format's, whose aligned block around `gfn`
+    /// lies in the slot ([`Memslot::allows_huge`]) and maps frames aligned like the gfns. Written on
+    /// index shifts (one mask per level), as it runs on every huge fault.
+    #[inline]
     fn huge_goal_level(&self, slot: &Memslot, gfn: Gfn, pfn: Pfn, host_level: Level) -> Level {
-        let mut level = host_level.min(self.mmu.format().max_leaf_level());
-        while level > Level::L1 {
-            let mask = level.pages() - 1;
-            if slot.allows_huge(gfn, level) && (pfn.0 ^ gfn.0) & mask == 0 {
+        let top = (host_level as u8).min(self.mmu.format().max_leaf_level() as u8);
+        let host_page = slot.host_base >> crate::addr::PAGE_SHIFT;
+        let slot_end = slot.base_gfn.0 + slot.pages;
+        let mut shift = u32::from(top.saturating_sub(1)) * crate::addr::BITS_PER_LEVEL;
+        while shift > 0 {
+            let mask = (1u64 << shift) - 1;
+            let start = gfn.0 & !mask;
+            // `Memslot::allows_huge`, and the frame aligned like the gfn.
+            let fits = start >= slot.base_gfn.0 && start + mask < slot_end;
+            if fits && ((slot.base_gfn.0 ^ host_page) | (pfn.0 ^ gfn.0)) & mask == 0 {
                 break;
             }
-            level = level.lower().unwrap_or(Level::L1);
+            shift -= crate::addr::BITS_PER_LEVEL;
         }
+        let level = Level::from_shift(shift);
+        debug_assert!(level == Level::L1 || slot.allows_huge(gfn, level));
         level
     }
 
@@ -477,7 +501,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             if fmt.is_frozen(old) {
                 return FaultOutcome::Retry;
             }
-            return match mmu.cmpxchg_spte(as_id, entry, old, new, gfn, level) {
+            return match self.cmpxchg_new_leaf(as_id, entry, old, new, gfn, level) {
                 Ok(()) => FaultOutcome::Fixed,
                 Err(_) => FaultOutcome::Retry,
             };

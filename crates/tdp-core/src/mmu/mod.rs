@@ -18,6 +18,9 @@ mod fault;
 mod invalidate;
 mod memtype;
 mod prefault;
+// The one `unsafe` of the core: a fault's shared view of the memslots through its vCPU group.
+#[allow(unsafe_code)]
+mod groups;
 mod root;
 mod spte_ops;
 mod stats;
@@ -35,7 +38,7 @@ pub use vcpu::VcpuMmu;
 
 use alloc::vec::Vec;
 
-use lock_api::{RawRwLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use lock_api::{RawRwLock, RwLock, RwLockWriteGuard};
 
 use crate::addr::SlotId;
 use crate::addr::{AsId, Gfn, Level, PAGE_SHIFT};
@@ -45,6 +48,7 @@ use crate::memslot::{Memslot, MemslotSet, SlotError, SlotFlags};
 use crate::spte::SpteFormat;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
+use groups::SlotsRead;
 use root::RootList;
 use stats::Stats;
 
@@ -141,6 +145,8 @@ pub struct Mmu<H: Host, R: RawRwLock = spin::RwLock<()>> {
     max_gfn: Gfn,
     /// Without A/D bits any violation may hit an access-tracked leaf, which the fast path restores.
     fast_on_any_violation: bool,
+    /// Per vCPU group, on its own line: the faults' read side of the lock and the leaf counters.
+    groups: groups::VcpuGroups,
 }
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
@@ -172,6 +178,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             device_memtype: memtype::device_bits(&config.format),
             max_gfn: config.max_gfn(),
             fast_on_any_violation: !config.format.has_accessed_dirty(),
+            groups: groups::VcpuGroups::new(),
         })
     }
 
@@ -190,7 +197,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// Counters: leaves per level, linked tables, splits, MMIO SPTEs. Fault outcomes are counted per vCPU
     /// in [`VcpuMmu::counters`].
     pub fn stats(&self) -> MmuStats {
-        self.stats.snapshot()
+        MmuStats { leaves: self.groups.leaves(), ..self.stats.snapshot() }
     }
     /// Every root, valid or not, with its reference count.
     pub fn roots(&self) -> Vec<RootInfo> {
@@ -199,11 +206,21 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
 
     /// Takes the MMU lock for read: faults and other compare-exchange paths.
     pub fn read(&self) -> SharedMmu<'_, H, R> {
-        SharedMmu { mmu: self, slots: self.lock.read() }
+        SharedMmu { mmu: self, slots: SlotsRead::Locked(self.lock.read()), line: self.groups.line(0) }
+    }
+    /// The read side for a fault of a vCPU in reader group `group`: its group's count, which no other
+    /// group writes, unless a writer is there.
+    #[inline]
+    fn read_for_fault(&self, group: u8) -> SharedMmu<'_, H, R> {
+        let line = self.groups.line(group);
+        SharedMmu { mmu: self, slots: SlotsRead::for_fault(&self.lock, line), line }
     }
     /// Takes the MMU lock for write: memslot changes, zaps, root invalidation.
     pub fn write(&self) -> ExclusiveMmu<'_, H, R> {
-        ExclusiveMmu { mmu: self, slots: self.lock.write() }
+        let slots = self.lock.write();
+        // Faults in their reader groups leave before the write side touches anything.
+        self.groups.block();
+        ExclusiveMmu { mmu: self, slots }
     }
 
     /// Fills `cache` so that one fault can complete without allocating under the lock (KVM's
@@ -223,6 +240,10 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// [`AllocError`] when a new root is needed and no page can be had; the vCPU then has no root.
     pub fn load_root(&self, vcpu: &mut VcpuMmu, as_id: AsId) -> Result<crate::addr::Pfn, AllocError> {
         self.put_root(vcpu);
+        if !vcpu.group_assigned {
+            vcpu.group = self.groups.assign();
+            vcpu.group_assigned = true;
+        }
         self.topup(&mut vcpu.cache)?;
         let _shared = self.lock.read();
         let cache = &mut vcpu.cache;
@@ -308,13 +329,38 @@ impl<H: Host, R: RawRwLock> Drop for Mmu<H, R> {
 /// The MMU with its lock held for read.
 pub struct SharedMmu<'a, H: Host, R: RawRwLock> {
     mmu: &'a Mmu<H, R>,
-    slots: RwLockReadGuard<'a, R, MemslotSet>,
+    slots: SlotsRead<'a, R>,
+    /// The line of the vCPU group whose fault holds this (group 0's for other readers): where the
+    /// leaves it installs are counted.
+    line: &'a groups::GroupLine,
 }
 
 /// The MMU with its lock held for write.
 pub struct ExclusiveMmu<'a, H: Host, R: RawRwLock> {
     mmu: &'a Mmu<H, R>,
     slots: RwLockWriteGuard<'a, R, MemslotSet>,
+}
+
+impl<H: Host, R: RawRwLock> Drop for ExclusiveMmu<'_, H, R> {
+    fn drop(&mut self) {
+        // Before the write guard (a field) drops: faults may use their groups again.
+        self.mmu.groups.unblock();
+    }
+}
+
+impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
+    /// Runs `f` with the write lock dropped (and faults let back into their groups), then takes it
+    /// again: a yield of a long walk.
+    fn unlocked<U>(
+        mmu: &Mmu<H, R>,
+        slots: &mut RwLockWriteGuard<'_, R, MemslotSet>,
+        f: impl FnOnce() -> U,
+    ) -> U {
+        mmu.groups.unblock();
+        let result = RwLockWriteGuard::unlocked(slots, f);
+        mmu.groups.block();
+        result
+    }
 }
 
 impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {

@@ -20,7 +20,7 @@ use crate::iter::TdpIter;
 use crate::spte::Spte;
 use crate::sync::{AtomicU64, Ordering};
 
-use super::Mmu;
+use super::{Mmu, SharedMmu};
 
 /// Which side of the MMU lock the caller holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +83,26 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         }
     }
 
+    /// The bookkeeping of a leaf appearing where nothing was, counted in group `group`: the common case
+    /// of [`Mmu::handle_changed_spte`].
+    #[inline(always)]
+    pub(super) fn leaf_appeared(
+        &self,
+        line: &super::groups::GroupLine,
+        as_id: AsId,
+        gfn: Gfn,
+        old: Spte,
+        new: Spte,
+        level: Level,
+    ) {
+        #[cfg(debug_assertions)]
+        if let Err(e) = self.format().check(new, level) {
+            panic!("SPTE change at {gfn:?} {level:?} in {as_id:?}: {e}");
+        }
+        self.host.spte_changed(as_id, gfn, level, old, new);
+        line.add_leaves(level, 1);
+    }
+
     /// Sets the iterator's entry to `new` under the write lock (KVM's `tdp_mmu_iter_set_spte`). Uses an
     /// exchange when hardware or the fast path could change the old value meanwhile, a plain store
     /// otherwise. Returns the value replaced.
@@ -133,16 +153,16 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if old == new {
             return;
         }
+        // The fault path's common case, kept short: a leaf appears where nothing was.
+        if !old.is_present() && new.is_present() && new.is_leaf(level) {
+            self.leaf_appeared(self.groups.line(0), as_id, gfn, old, new, level);
+            return;
+        }
         #[cfg(debug_assertions)]
         if let Err(e) = self.format().check(new, level) {
             panic!("SPTE change at {gfn:?} {level:?} in {as_id:?}: {e}");
         }
         self.host.spte_changed(as_id, gfn, level, old, new);
-        // The fault path's common case, kept short: a leaf appears where nothing was.
-        if !old.is_present() && new.is_present() && new.is_leaf(level) {
-            self.stats.add_leaves(level, 1);
-            return;
-        }
         // Dirty logging's case: a leaf changes only its rights or A/D bits; nothing to count.
         if old.is_present() && old.is_leaf(level) && new.is_present() && new.is_leaf(level) {
             debug_assert_eq!(old.pfn(), new.pfn(), "a present leaf changed frame without being zapped first");
@@ -162,10 +182,10 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
             "a present leaf changed frame without being zapped first: {old:?} -> {new:?}"
         );
         if was_leaf {
-            self.stats.add_leaves(level, -1);
+            self.groups.line(0).add_leaves(level, -1);
         }
         if is_leaf {
-            self.stats.add_leaves(level, 1);
+            self.groups.line(0).add_leaves(level, 1);
         }
         if let Some(child) = fmt.child_table(old, level)
             && fmt.child_table(new, level) != Some(child)
@@ -230,7 +250,33 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
     /// (the leaf itself and the new table were counted when the SPTE changed).
     pub(super) fn count_split(&self, level: Level) {
         let child_level = level.lower().expect("only huge leaves are split");
-        self.stats.add_leaves(child_level, 512);
+        self.groups.line(0).add_leaves(child_level, 512);
         super::stats::Stats::bump(&self.stats.huge_splits);
+    }
+}
+
+impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
+    /// [`Mmu::cmpxchg_spte`] for a leaf appearing where nothing was (the fault's common case), counted
+    /// in the faulting vCPU's reader group, so that faults of vCPUs in different groups write different
+    /// cache lines.
+    #[inline]
+    pub(super) fn cmpxchg_new_leaf(
+        &self,
+        as_id: AsId,
+        entry: &AtomicU64,
+        old: Spte,
+        new: Spte,
+        gfn: Gfn,
+        level: Level,
+    ) -> Result<(), Spte> {
+        debug_assert!(!old.is_present() && new.is_present() && new.is_leaf(level));
+        // Orderings as in `cmpxchg_spte`.
+        match entry.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                self.mmu.leaf_appeared(self.line, as_id, gfn, old, new, level);
+                Ok(())
+            }
+            Err(current) => Err(Spte(current)),
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Counters the MMU keeps (KVM's `pages_4k/2m/1g` statistics), read as a snapshot. Fault outcomes are
-//! counted per vCPU, in the page cache.
+//! counted per vCPU, in the page cache; leaves per level per vCPU group, on the groups' cache lines
+//! (`groups`), since every fault adds one.
 
-use crate::addr::Level;
 use crate::sync::{AtomicU64, Ordering};
 
 /// A snapshot of the MMU's counters.
@@ -18,7 +18,6 @@ pub struct MmuStats {
 }
 
 pub(super) struct Stats {
-    leaves: [AtomicU64; 3],
     tables: AtomicU64,
     pub(super) mmio_sptes_created: AtomicU64,
     pub(super) huge_splits: AtomicU64,
@@ -28,17 +27,9 @@ pub(super) struct Stats {
 impl Stats {
     pub(super) fn new() -> Self {
         Stats {
-            leaves: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             tables: AtomicU64::new(0),
             mmio_sptes_created: AtomicU64::new(0),
             huge_splits: AtomicU64::new(0),
-        }
-    }
-
-    #[inline]
-    pub(super) fn add_leaves(&self, level: Level, n: i64) {
-        if let Some(c) = self.leaves.get(level.idx()) {
-            c.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -53,7 +44,8 @@ impl Stats {
     pub(super) fn snapshot(&self) -> MmuStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MmuStats {
-            leaves: [get(&self.leaves[0]), get(&self.leaves[1]), get(&self.leaves[2])],
+            // Kept per vCPU group, on the groups' lines: `Mmu::stats` fills them in.
+            leaves: [0; 3],
             tables: get(&self.tables),
             mmio_sptes_created: get(&self.mmio_sptes_created),
             huge_splits: get(&self.huge_splits),

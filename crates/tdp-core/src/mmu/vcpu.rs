@@ -41,6 +41,9 @@ use super::root::RootRef;
 /// # Ok::<(), tdp_core::memslot::SlotError>(())
 /// ```
 #[derive(Debug, Default)]
+// Its own cache lines (two, for adjacent-line prefetch): every fault writes the counters and the page
+// cache, and vCPUs kept side by side (a `Vec<VcpuMmu>`) would otherwise share a line.
+#[repr(align(128))]
 pub struct VcpuMmu {
     pub(super) cache: PageCache,
     /// What the faults of this vCPU came to (KVM's per-vCPU `pf_*` statistics). Per vCPU, so that no
@@ -48,6 +51,10 @@ pub struct VcpuMmu {
     pub counters: FaultCounters,
     pub(super) slot: SlotHint,
     pub(super) root: Option<RootRef>,
+    /// The group whose cache line the vCPU's faults write (their read side of the MMU lock, their leaf
+    /// counts); assigned when the vCPU loads its first root (0 until then).
+    pub(super) group: u8,
+    pub(super) group_assigned: bool,
 }
 
 /// The memslot a vCPU faulted in last.
@@ -100,6 +107,8 @@ impl VcpuMmu {
             counters: FaultCounters { fixed: 0, spurious: 0, retried: 0, emulated: 0 },
             slot: SlotHint::EMPTY,
             root: None,
+            group: 0,
+            group_assigned: false,
         }
     }
 

@@ -9,7 +9,7 @@
 //! root owes none, because [`ExclusiveMmu::invalidate_roots`] already returned a full flush and no vCPU
 //! can create new translations through an invalid root.
 
-use lock_api::{RawRwLock, RwLockReadGuard, RwLockWriteGuard};
+use lock_api::RawRwLock;
 
 use crate::addr::{AsId, Gfn, Level, Pfn};
 use crate::flush::Flush;
@@ -18,6 +18,7 @@ use crate::iter::TdpIter;
 use crate::spte::Spte;
 use crate::sync::Ordering;
 
+use super::groups::SlotsRead;
 use super::spte_ops::LockMode;
 use super::{ExclusiveMmu, Mmu, SharedMmu};
 
@@ -46,7 +47,7 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         for (root, as_id) in mmu.roots.acquire_all(None) {
             let slots = &mut self.slots;
             mmu.zap_root(root, as_id, LockMode::Exclusive, &mut || {
-                RwLockWriteGuard::unlocked(slots, || mmu.host.yield_now());
+                ExclusiveMmu::unlocked(mmu, slots, || mmu.host.yield_now());
             });
             mmu.release_root(root);
         }
@@ -75,7 +76,7 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         }
         core::mem::replace(flush, Flush::none()).run(&mmu.host);
         let slots = &mut self.slots;
-        it.yield_with(|| RwLockWriteGuard::unlocked(slots, || mmu.host.yield_now()));
+        it.yield_with(|| ExclusiveMmu::unlocked(mmu, slots, || mmu.host.yield_now()));
         true
     }
 
@@ -120,7 +121,7 @@ impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
         while let Some((root, as_id)) = mmu.roots.take_invalid() {
             let slots = &mut self.slots;
             mmu.zap_root(root, as_id, LockMode::Shared, &mut || {
-                RwLockReadGuard::unlocked(slots, || mmu.host.yield_now());
+                SlotsRead::unlocked(slots, &mmu.lock, || mmu.host.yield_now());
             });
             mmu.release_root(root);
         }

@@ -20,7 +20,10 @@ use tdp_core::mmu::{EmulateReason, MmuConfig};
 use tdp_core::spte::{EptOptions, SpteFormat};
 use tdp_mock::{AccessResult, HostConfig, Machine, Vcpu};
 use tdp_vmx::scenario::report::{RunInfo, write_result_line};
-use tdp_vmx::scenario::{AS_ID, Check, Observed, SCENARIO, Step, Translation, translate, unprotect_leaves};
+use tdp_vmx::scenario::{
+    AS_ID, Broken, Check, Observed, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT, SCENARIO, Step,
+    Translation, translate, unprotect_leaves,
+};
 
 /// How dirty pages are logged: what the Bochs hypervisor picks for a CPU model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,13 +104,15 @@ impl DirtySink for SharedSink {
     }
 }
 
-/// Runs the scenario on the mock for `model` in `mode`; with `broken`, corrupts the data slot's leaves
-/// right after logging starts, as `bochs-hv --features broken-ept` does, so the checks must fail.
+/// Runs the scenario on the mock for `model` in `mode`; with `broken`, makes that variant's mistake as
+/// `bochs-hv --features broken-<name>` does, so the checks must fail: corrupts the data slot's leaves
+/// right after logging starts (`ept`), ages without clearing (`age`), or moves the remapped page with an
+/// MMU notifier that does nothing (`remap`).
 ///
 /// # Errors
 /// When the machine or ring cannot be set up; what goes wrong during the steps is recorded in the
 /// result (its `guest_error`) instead, as the Bochs hypervisor does.
-pub fn run(model: &str, mode: Mode, broken: bool) -> Result<MockRun, String> {
+pub fn run(model: &str, mode: Mode, broken: Option<Broken>) -> Result<MockRun, String> {
     let m = Machine::new(mode.config(), HostConfig { host_level: Level::L2, ..HostConfig::default() })
         .map_err(|e| format!("mock machine: {e}"))?;
     let mut bases = Vec::new();
@@ -116,6 +121,9 @@ pub fn run(model: &str, mode: Mode, broken: bool) -> Result<MockRun, String> {
         m.mmu().write().insert_memslot(slot).map_err(|e| format!("memslot {}: {e}", s.id.0))?;
         bases.push((s.id.0, slot.host_base, s.pages));
     }
+    // The remap pool: guest RAM no slot uses, given to the host MMU one frame per remap.
+    let pool = m.host().guest_ram_base() + REMAP_POOL_OFFSET;
+    bases.push((REMAP_POOL_SLOT, pool, REMAP_POOL_PAGES));
     // As the hypervisor's: room for the largest harvest below the soft limit.
     let cfg = RingConfig::new(2048, PML_ENTRIES).map_err(|e| format!("ring: {e}"))?;
     let ring: &'static [DirtyGfn] = Box::leak((0..cfg.entries()).map(|_| DirtyGfn::zeroed()).collect());
@@ -139,14 +147,14 @@ pub fn run(model: &str, mode: Mode, broken: bool) -> Result<MockRun, String> {
     };
     let mut seen = Observed::default();
     let corrupt = |vcpu: &Vcpu, first: u64, pages: u64| {
-        if broken {
+        if broken == Some(Broken::Ept) {
             let root = vcpu.root().map(|r| r.pfn().0).unwrap_or_default();
             let ad = m.mmu().format().has_accessed_dirty();
             unprotect_leaves(|pfn| host.arena_table(Pfn(pfn)), root, first, pages, ad);
             host.flush_all();
         }
     };
-    let hooks = Hooks { sample: &sample, corrupt: &corrupt };
+    let hooks = Hooks { sample: &sample, corrupt: &corrupt, broken, pool };
     if let Err(e) = steps(&m, &mut vcpu, &sink, &mut consumer, &mut seen, &hooks) {
         seen.guest_error = Some(e);
     }
@@ -158,6 +166,11 @@ pub fn run(model: &str, mode: Mode, broken: bool) -> Result<MockRun, String> {
     seen.invepts = seen.flushes;
     seen.ring_lost = sink.0.lock().unwrap_or_else(PoisonError::into_inner).lost;
     seen.translations = sample(&vcpu);
+    seen.host_reads = SCENARIO
+        .expected_host_reads()
+        .into_iter()
+        .map(|(gpa, _)| (gpa, host.read_hva_u64(host.guest_ram_base() + (gpa & !0xfff), gpa & 0xfff)))
+        .collect();
     vcpu.release(m.mmu());
 
     let checks = SCENARIO.evaluate(&seen);
@@ -168,11 +181,14 @@ pub fn run(model: &str, mode: Mode, broken: bool) -> Result<MockRun, String> {
     Ok(MockRun { seen, checks, line })
 }
 
-/// What the step loop calls back into: the translation sampler, and the broken variant's corruption
-/// (a no-op unless the run is broken), given the logged slot's first gfn and size.
+/// What the step loop calls back into: the translation sampler, and the broken-ept corruption (a
+/// no-op unless the run is that variant), given the logged slot's first gfn and size; and the broken
+/// variant and the remap pool's host address, for the host's steps.
 struct Hooks<'a> {
     sample: &'a dyn Fn(&Vcpu) -> Vec<Translation>,
     corrupt: &'a dyn Fn(&Vcpu, u64, u64),
+    broken: Option<Broken>,
+    pool: u64,
 }
 
 /// Runs every step; the first failure ends the run with its description.
@@ -249,8 +265,54 @@ fn steps(
                 flush.run(m.host());
                 seen.harvests.push(set);
             }
+            Step::Age { gpa, pages } => {
+                vcpu.flush_pml(mmu);
+                seen.young.push(age(m, gpa.gfn().0, pages, hooks.broken == Some(Broken::Age)));
+            }
+            Step::Remap { gpa } => {
+                let earlier = SCENARIO.steps[..i].iter().filter(|s| matches!(s, Step::Remap { .. })).count();
+                remap(m, gpa.gfn().0, hooks.pool, earlier as u64, hooks.broken == Some(Broken::Remap))
+                    .map_err(|e| err(&e))?;
+            }
         }
         seen.steps_completed = i + 1;
+    }
+    Ok(())
+}
+
+/// Ages `pages` gfns from `first` one by one and returns the young ones; then flushes every TLB so the
+/// next access walks the tables (the MMU's aging never flushes). `broken`: only tests, never clears.
+fn age(m: &Machine, first: u64, pages: u64, broken: bool) -> BTreeSet<u64> {
+    let mmu = m.mmu();
+    let young = (first..first.saturating_add(pages))
+        .filter(|&g| {
+            let (start, end) = (Gfn(g), Gfn(g + 1));
+            if broken {
+                mmu.test_age_gfn_range(AS_ID, start, end)
+            } else {
+                mmu.age_gfn_range(AS_ID, start, end)
+            }
+        })
+        .collect();
+    m.host().flush_all();
+    young
+}
+
+/// Moves the host page behind `gfn` to frame `index` of the remap pool at host address `pool`, through
+/// the host MMU (which brackets the move with the VM's invalidation); `broken`: with a notifier that
+/// does nothing first, as a host whose VM missed the notifier.
+fn remap(m: &Machine, gfn: u64, pool: u64, index: u64, broken: bool) -> Result<(), String> {
+    let host = m.host();
+    let target = Pfn((pool >> 12) + index);
+    host.add_spare_frames(target, 1);
+    if broken {
+        host.set_invalidation_hook(Some(Arc::new(|_| 0)));
+    }
+    // Slots are backed by guest RAM at their gfn's offset (`Machine::ram_slot`).
+    let hva = host.guest_ram_base() + gfn * 4096;
+    let moved = host.migrate_page(hva).map_err(|e| format!("remap: {e}"))?;
+    if moved != target {
+        return Err(format!("remap: the host moved gfn {gfn:#x} to {moved:?}, not the pool's {target:?}"));
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ mod translate;
 
 pub use flush::{FlushStats, InveptFlush, MAX_EPTPS};
 pub use frames::{FrameStats, FramesError, FramesWalkGuard, TableFrames};
-pub use translate::{IdentityTranslate, PhysRange};
+pub use translate::{IdentityTranslate, MoveError, MovedPage, PhysRange};
 
 use tdp_core::addr::{AsId, Gfn, Pfn};
 use tdp_core::host::{

@@ -8,7 +8,14 @@ use alloc::vec::Vec;
 
 use tdp_core::addr::Gfn;
 
-use super::{Mapping, Scenario, Translation};
+use super::{Mapping, REMAP_POOL_SLOT, Scenario, Translation};
+
+/// The check a write escaping the dirty log fails.
+pub(super) const HARVEST_CHECK: &str = "harvest holds exactly the written pages";
+/// The check an aging mistake fails.
+pub(super) const AGE_CHECK: &str = "aging reports young exactly the pages touched since the last age";
+/// The check a page moved behind the MMU's back fails.
+pub(super) const REMAP_CHECK: &str = "a page the host moved is read and written in its new frame";
 
 impl Scenario {
     /// Judges a run: every check the scenario implies, each with what was seen when it failed.
@@ -34,7 +41,7 @@ impl Scenario {
                 got.difference(want).filter(|g| !allowed.contains(g)).copied().collect();
             let missing: BTreeSet<u64> = want.difference(got).copied().collect();
             check(
-                "harvest holds exactly the written pages",
+                HARVEST_CHECK,
                 extra.is_empty() && missing.is_empty(),
                 format!("harvest {i}: missing {missing:x?}, unexpected {extra:x?}"),
             );
@@ -70,11 +77,37 @@ impl Scenario {
             wrong.is_empty() && !early.is_empty(),
             format!("{} pages touched before logging; (gfn, level, expected): {wrong:x?}", early.len()),
         );
+        let young = self.expected_young();
+        check(
+            AGE_CHECK,
+            seen.young == young,
+            format!("young per age: {:x?}, expected {young:x?}", seen.young),
+        );
+        let host_reads = self.expected_host_reads();
+        let remapped = self.remap_targets();
+        let moved_leaf = |gfn: u64| seen.translations.iter().find(|t| t.gfn == gfn).map(|t| t.kind);
+        let misplaced: Vec<(u64, Option<Mapping>)> = remapped
+            .iter()
+            .filter(|&&(gfn, page)| {
+                !matches!(moved_leaf(gfn), Some(Mapping::Leaf { slot, page: p, .. })
+                    if slot == REMAP_POOL_SLOT && p == page)
+            })
+            .map(|&(gfn, _)| (gfn, moved_leaf(gfn)))
+            .collect();
+        check(
+            REMAP_CHECK,
+            seen.host_reads == host_reads && misplaced.is_empty(),
+            format!(
+                "host frames hold {:x?}, expected {host_reads:x?}; moved gfns not mapped to their new \
+                 frame: {misplaced:x?}",
+                seen.host_reads
+            ),
+        );
         let bad: Vec<&Translation> = seen
             .translations
             .iter()
-            .chain(&seen.early_translations)
-            .filter(|t| !self.translation_ok(t))
+            .filter(|t| !self.translation_ok(t, true))
+            .chain(seen.early_translations.iter().filter(|t| !self.translation_ok(t, false)))
             .collect();
         check(
             "sampled translations map their own slot page (I1)",
@@ -85,13 +118,18 @@ impl Scenario {
     }
 
     /// Whether a sampled translation is allowed: a slot gfn maps its own page of its own slot (or is
-    /// not mapped), an MMIO gfn holds an MMIO entry or nothing.
-    fn translation_ok(&self, t: &Translation) -> bool {
+    /// not mapped), or after the run (`after_run`) a moved gfn its remap-pool page; an MMIO gfn holds
+    /// an MMIO entry or nothing.
+    fn translation_ok(&self, t: &Translation, after_run: bool) -> bool {
+        let moved_to = after_run
+            .then(|| self.remap_targets().into_iter().find(|&(gfn, _)| gfn == t.gfn).map(|(_, p)| p))
+            .flatten();
         match (self.slot_of(Gfn(t.gfn)), t.kind) {
             (_, Mapping::NotPresent) => true,
-            (Some(slot), Mapping::Leaf { slot: id, page, .. }) => {
-                id == slot.id.0 && page == t.gfn - slot.base_gfn.0
-            }
+            (Some(slot), Mapping::Leaf { slot: id, page, .. }) => match moved_to {
+                Some(pool_page) => id == REMAP_POOL_SLOT && page == pool_page,
+                None => id == slot.id.0 && page == t.gfn - slot.base_gfn.0,
+            },
             (None, Mapping::Mmio) => true,
             _ => false,
         }
@@ -128,6 +166,11 @@ pub struct Observed {
     /// The same sample taken just before dirty logging started (empty if it never did): shows the
     /// 2 MiB leaves, which logging splits.
     pub early_translations: Vec<Translation>,
+    /// The gfns reported young by each [`super::Step::Age`].
+    pub young: Vec<BTreeSet<u64>>,
+    /// For each [`super::Step::Remap`], its address and the `u64` the page's current host frame holds
+    /// there after the run.
+    pub host_reads: Vec<(u64, u64)>,
 }
 
 /// One check of [`Scenario::evaluate`].

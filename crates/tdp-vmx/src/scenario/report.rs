@@ -3,9 +3,10 @@
 //! Written with `core::fmt` so the bare-metal kernel can print it over its serial port; `cargo xtask
 //! bochs` parses it (with serde) from the Bochs run and from the mock run and compares the two.
 
+use alloc::collections::BTreeSet;
 use core::fmt::{self, Write};
 
-use super::{Check, GUEST_TABLE_GFNS, Mapping, Observed, Translation};
+use super::{Broken, Check, GUEST_TABLE_GFNS, Mapping, Observed, Translation};
 
 /// The prefix of the result line.
 pub const RESULT_PREFIX: &str = "TDP-RESULT ";
@@ -21,8 +22,8 @@ pub struct RunInfo<'a> {
     pub mmu: &'a str,
     /// Hardware features the run used, e.g. `["ept", "ept_ad", "pml", "ept_2m"]`.
     pub features: &'a [&'a str],
-    /// Whether the hypervisor was built to corrupt EPT entries (the must-fail variant).
-    pub broken: bool,
+    /// The must-fail variant the run was built as, if any.
+    pub broken: Option<Broken>,
 }
 
 /// Writes the result line (with a trailing newline) for `info`, `seen` and its `checks`.
@@ -33,7 +34,7 @@ pub struct RunInfo<'a> {
 ///
 /// let seen = Observed::default();
 /// let checks = SCENARIO.evaluate(&seen);
-/// let info = RunInfo { runner: "mock", model: "m", mmu: "EPT", features: &["ept"], broken: false };
+/// let info = RunInfo { runner: "mock", model: "m", mmu: "EPT", features: &["ept"], broken: None };
 /// let mut line = String::new();
 /// write_result_line(&mut line, &info, &seen, &checks)?;
 /// assert!(line.starts_with("TDP-RESULT {\"runner\":\"mock\""));
@@ -56,7 +57,16 @@ pub fn write_result_line(
     json_str(out, info.model)?;
     write!(out, ",\"mmu\":")?;
     json_str(out, info.mmu)?;
-    write!(out, ",\"broken\":{},\"features\":[", info.broken)?;
+    write!(out, ",\"broken\":")?;
+    match info.broken {
+        Some(b) => {
+            json_str(out, b.name())?;
+            out.write_str(",\"must_fail\":")?;
+            json_str(out, b.must_fail())?;
+        }
+        None => out.write_str("null,\"must_fail\":null")?,
+    }
+    out.write_str(",\"features\":[")?;
     for (i, f) in info.features.iter().enumerate() {
         sep(out, i)?;
         json_str(out, f)?;
@@ -78,27 +88,20 @@ pub fn write_result_line(
         Some(e) => json_str(out, e)?,
         None => out.write_str("null")?,
     }
-    out.write_str(",\"mmio_writes\":[")?;
-    for (i, (gpa, value)) in seen.mmio_writes.iter().enumerate() {
-        sep(out, i)?;
-        write!(out, "[{gpa},{value}]")?;
-    }
-    out.write_str("],\"guest_table_gfns\":[")?;
+    out.write_str(",\"mmio_writes\":")?;
+    pairs(out, &seen.mmio_writes)?;
+    out.write_str(",\"guest_table_gfns\":[")?;
     for (i, gfn) in GUEST_TABLE_GFNS.iter().enumerate() {
         sep(out, i)?;
         write!(out, "{gfn}")?;
     }
-    out.write_str("],\"harvests\":[")?;
-    for (i, set) in seen.harvests.iter().enumerate() {
-        sep(out, i)?;
-        out.write_char('[')?;
-        for (j, gfn) in set.iter().enumerate() {
-            sep(out, j)?;
-            write!(out, "{gfn}")?;
-        }
-        out.write_char(']')?;
-    }
-    out.write_str("],\"translations\":")?;
+    out.write_str("],\"harvests\":")?;
+    gfn_sets(out, &seen.harvests)?;
+    out.write_str(",\"young\":")?;
+    gfn_sets(out, &seen.young)?;
+    out.write_str(",\"host_reads\":")?;
+    pairs(out, &seen.host_reads)?;
+    out.write_str(",\"translations\":")?;
     translations(out, &seen.translations)?;
     out.write_str(",\"early_translations\":")?;
     translations(out, &seen.early_translations)?;
@@ -129,6 +132,31 @@ fn translations(out: &mut impl Write, list: &[Translation]) -> fmt::Result {
                 "\"kind\":\"leaf\",\"slot\":{slot},\"page\":{page},\"level\":{level},\"rwx\":{rwx}}}"
             )?,
         }
+    }
+    out.write_char(']')
+}
+
+/// A JSON array of `[address, value]` pairs.
+fn pairs(out: &mut impl Write, list: &[(u64, u64)]) -> fmt::Result {
+    out.write_char('[')?;
+    for (i, (gpa, value)) in list.iter().enumerate() {
+        sep(out, i)?;
+        write!(out, "[{gpa},{value}]")?;
+    }
+    out.write_char(']')
+}
+
+/// A JSON array of gfn arrays.
+fn gfn_sets(out: &mut impl Write, sets: &[BTreeSet<u64>]) -> fmt::Result {
+    out.write_char('[')?;
+    for (i, set) in sets.iter().enumerate() {
+        sep(out, i)?;
+        out.write_char('[')?;
+        for (j, gfn) in set.iter().enumerate() {
+            sep(out, j)?;
+            write!(out, "{gfn}")?;
+        }
+        out.write_char(']')?;
     }
     out.write_char(']')
 }

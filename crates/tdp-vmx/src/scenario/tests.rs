@@ -11,7 +11,7 @@ fn the_scenario_is_runnable() {
 #[test]
 fn expected_harvests_follow_logging_and_resets() {
     let h = SCENARIO.expected_harvests();
-    assert_eq!(h.len(), 6);
+    assert_eq!(h.len(), 7);
     assert!(h[0].is_empty(), "nothing is logged before logging starts");
     assert_eq!(h[1], [0x201, 0x202, 0x411, 0x412].into_iter().collect());
     assert_eq!(h[2], [0x202, 0x300].into_iter().collect());
@@ -19,6 +19,31 @@ fn expected_harvests_follow_logging_and_resets() {
     let range: BTreeSet<u64> = (0x250..0x480).collect();
     assert_eq!((&h[4], &h[5]), (&range, &range), "every page of the range, twice");
     assert!(range.len() > 512, "more pages than a PML log holds");
+    assert_eq!(h[6], [0x411, 0x420].into_iter().collect(), "a write to an aged page, one to a moved page");
+}
+
+#[test]
+fn aging_expects_what_was_touched_since_the_last_age() {
+    let young = SCENARIO.expected_young();
+    let tail: BTreeSet<u64> = (0x400..0x480).collect();
+    assert_eq!(young, [tail, [0x410, 0x411].into_iter().collect(), BTreeSet::new()]);
+    static STEPS: [Step; 3] = [
+        w(0x411, 0, 1),
+        Step::Remap { gpa: Gpa(0x420 * 4096) },
+        Step::Age { gpa: Gpa(0x400 * 4096), pages: 0x80 },
+    ];
+    let zapped = Scenario { steps: &STEPS, ..SCENARIO };
+    assert_eq!(zapped.expected_young(), [BTreeSet::new()], "the remap's invalidation unmapped 0x411");
+}
+
+#[test]
+fn a_moved_page_goes_to_the_pool_and_keeps_its_last_write() {
+    assert_eq!(SCENARIO.remap_targets(), [(0x420, 0)]);
+    assert_eq!(SCENARIO.expected_host_reads(), [(0x420 * 4096 + 0x808, 0xaaaa_0000_0000_0420)]);
+    for b in Broken::ALL {
+        assert_eq!(Broken::from_name(b.name()), Some(b));
+    }
+    assert_eq!(Broken::from_name("tlb"), None);
 }
 
 #[test]
@@ -32,8 +57,7 @@ fn huge_ranges_are_expected_at_level_2_before_logging() {
 
 #[test]
 fn reads_expect_the_last_write() {
-    let last = SCENARIO.steps.len() - 2;
-    assert!(matches!(SCENARIO.steps[last], Step::Read { .. }));
+    let last = SCENARIO.steps.iter().position(|s| *s == r(0x47f, 0x800)).unwrap();
     assert_eq!(SCENARIO.expected_read(last), Some(0x8888_0000_0000_0002), "the second range write");
     assert_eq!(SCENARIO.expected_read(1), Some(0x1111_0000_0000_0201));
     assert_eq!(SCENARIO.expected_read(4), Some(0), "never written");
@@ -56,8 +80,19 @@ fn perfect_run() -> Observed {
         translations: s
             .sample_gfns()
             .into_iter()
-            .map(|gfn| Translation { gfn, kind: Mapping::NotPresent })
+            .map(|gfn| {
+                let moved = s.remap_targets().into_iter().find(|&(g, _)| g == gfn);
+                let kind = moved.map_or(Mapping::NotPresent, |(_, page)| Mapping::Leaf {
+                    slot: REMAP_POOL_SLOT,
+                    page,
+                    level: 1,
+                    rwx: 7,
+                });
+                Translation { gfn, kind }
+            })
             .collect(),
+        young: s.expected_young(),
+        host_reads: s.expected_host_reads(),
         early_translations: s
             .expected_early_levels()
             .into_iter()
@@ -94,6 +129,21 @@ fn evaluate_allows_guest_page_tables_and_rejects_foreign_frames() {
     let mut small = perfect_run();
     small.early_translations[0].kind = Mapping::Leaf { slot: 1, page: 1, level: 1, rwx: 7 };
     assert!(SCENARIO.evaluate(&small).iter().any(|c| !c.ok && c.name.contains("2 MiB")));
+    let mut stale_age = perfect_run();
+    stale_age.young[2].insert(0x410);
+    assert!(SCENARIO.evaluate(&stale_age).iter().any(|c| !c.ok && c.name == Broken::Age.must_fail()));
+    let mut stale_frame = perfect_run();
+    let moved = stale_frame.translations.iter_mut().find(|t| t.gfn == 0x420).unwrap();
+    moved.kind = Mapping::Leaf { slot: 1, page: 0x220, level: 1, rwx: 7 };
+    let failed: Vec<&str> =
+        SCENARIO.evaluate(&stale_frame).into_iter().filter(|c| !c.ok).map(|c| c.name).collect();
+    assert!(
+        failed.contains(&Broken::Remap.must_fail()) && failed.iter().any(|n| n.contains("I1")),
+        "{failed:?}"
+    );
+    let mut old_bytes = perfect_run();
+    old_bytes.host_reads[0].1 = 0;
+    assert!(SCENARIO.evaluate(&old_bytes).iter().any(|c| !c.ok && c.name == Broken::Remap.must_fail()));
     let mut flush = perfect_run();
     flush.flushes = 2;
     assert!(SCENARIO.evaluate(&flush).iter().any(|c| !c.ok && c.name.contains("INVEPT")));

@@ -1,0 +1,119 @@
+//! The host's side of the scenario: what aging must report ([`Step::Age`]), where a page the host
+//! moved must be found afterwards ([`Step::Remap`]), and the must-fail variants ([`Broken`]) that prove
+//! the checks see each kind of mistake.
+
+use alloc::collections::BTreeSet;
+use alloc::vec::Vec;
+
+use super::{Scenario, Step};
+
+/// The pseudo-slot id under which a translation into the remap pool is reported
+/// ([`super::Mapping::Leaf`]'s `slot`): both runners add the pool to the bases they decode with.
+pub const REMAP_POOL_SLOT: u16 = 0xfff0;
+/// How far into guest RAM (as a guest-physical address would be) each runner places its remap pool:
+/// past every slot of the scenario.
+pub const REMAP_POOL_OFFSET: u64 = 0x100_0000;
+/// Frames in the remap pool: the most [`Step::Remap`]s a scenario may have.
+pub const REMAP_POOL_PAGES: u64 = 4;
+
+/// A must-fail variant: a mistake made on purpose behind the core's back (or in the harness's use of
+/// it), which the scenario's checks must catch, on Bochs and on the mock alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Broken {
+    /// When logging starts, W (and D with A/D) is set again on the logged slot's leaves: writes escape
+    /// the dirty log.
+    Ept,
+    /// Aging only tests the Accessed state and never clears it: pages stay young forever.
+    Age,
+    /// The host moves a page without the MMU notifier (no `invalidate_range_start` / `end`): the old
+    /// leaf keeps pointing at the frame the page left.
+    Remap,
+}
+
+impl Broken {
+    /// Every variant.
+    pub const ALL: [Broken; 3] = [Broken::Ept, Broken::Age, Broken::Remap];
+
+    /// The variant's name: `ept`, `age` or `remap` (the kernel's feature is `broken-<name>`).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Broken::Ept => "ept",
+            Broken::Age => "age",
+            Broken::Remap => "remap",
+        }
+    }
+
+    /// The variant named `name`.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Broken> {
+        Broken::ALL.into_iter().find(|b| b.name() == name)
+    }
+
+    /// The check ([`super::Check::name`]) the variant must fail.
+    #[must_use]
+    pub const fn must_fail(self) -> &'static str {
+        match self {
+            Broken::Ept => super::judge::HARVEST_CHECK,
+            Broken::Age => super::judge::AGE_CHECK,
+            Broken::Remap => super::judge::REMAP_CHECK,
+        }
+    }
+}
+
+impl Scenario {
+    /// For each [`Step::Age`], in order, the gfns of its range that the guest read or wrote since the
+    /// previous age of that gfn (or since the run began), and not unmapped since by a remap's
+    /// invalidation: exactly what aging must report young. A runner's accesses that are not the steps' (code fetches, page walks) never touch the data slot.
+    #[must_use]
+    pub fn expected_young(&self) -> Vec<BTreeSet<u64>> {
+        let mut touched = BTreeSet::new();
+        let mut out = Vec::new();
+        for step in self.steps {
+            match *step {
+                Step::Age { gpa, pages } => {
+                    let range = gpa.gfn().0..gpa.gfn().0.saturating_add(pages);
+                    let young: BTreeSet<u64> = touched.range(range).copied().collect();
+                    touched.retain(|g| !young.contains(g));
+                    out.push(young);
+                }
+                Step::Read { gpa } | Step::Exec { gpa } => {
+                    touched.insert(gpa.gfn().0);
+                }
+                Step::Remap { gpa } => {
+                    // The invalidation zaps the page's whole 2 MiB range: nothing there is mapped, so
+                    // nothing there can be young until it is touched again.
+                    let first = gpa.gfn().0 & !511;
+                    touched.retain(|&g| !(first..first + 512).contains(&g));
+                }
+                _ => touched.extend(step.writes().map(|(g, _)| g.gfn().0)),
+            }
+        }
+        out
+    }
+
+    /// The gfn of each [`Step::Remap`], in order, with the pool page it moves to (the first remap to
+    /// page 0, the next to page 1...).
+    #[must_use]
+    pub fn remap_targets(&self) -> Vec<(u64, u64)> {
+        self.steps
+            .iter()
+            .filter_map(|s| if let Step::Remap { gpa } = s { Some(gpa.gfn().0) } else { None })
+            .zip(0..)
+            .collect()
+    }
+
+    /// For each [`Step::Remap`], in order, its address and the value the page's current host frame must
+    /// hold there after the run: the last value the steps wrote to it (0 if none did).
+    #[must_use]
+    pub fn expected_host_reads(&self) -> Vec<(u64, u64)> {
+        self.steps
+            .iter()
+            .filter_map(|s| if let Step::Remap { gpa } = s { Some(*gpa) } else { None })
+            .map(|gpa| {
+                let last = self.steps.iter().flat_map(Step::writes).filter(|(g, _)| *g == gpa).last();
+                (gpa.0, last.map_or(0, |(_, v)| v))
+            })
+            .collect()
+    }
+}
