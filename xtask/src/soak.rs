@@ -454,7 +454,15 @@ fn soak_stress(executable: &Path, budget: Duration, dir: &Path) -> Result<Row> {
         if let Some(why) = failed {
             row.findings = row.findings.saturating_add(1);
             let kept = dir.join(format!("{STRESS}.failure-{}.log", row.findings));
-            std::fs::copy(&log, &kept).with_context(|| format!("cannot keep {}", kept.display()))?;
+            // The run's output, then how it ended and when (a run killed from outside leaves no output
+            // of its own, not even the shell's `times`).
+            let mut text = std::fs::read(&log).unwrap_or_default();
+            let ended =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            text.extend_from_slice(
+                format!("\nsoak: run {} ended: {why} (unix time {ended})\n", row.executions).as_bytes(),
+            );
+            std::fs::write(&kept, text).with_context(|| format!("cannot keep {}", kept.display()))?;
             row.finding_files.push(format!("{} ({why})", kept.display()));
         }
     }
