@@ -57,7 +57,7 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "bochs",
-        what: "fmt and clippy examples/bochs-hv, boot it under Bochs (skylake_x, sandy_bridge), compare with tdp-mock, require broken-ept, broken-age and broken-remap to fail",
+        what: "fmt and clippy examples/bochs-hv and examples/bochs-svm, boot them under Bochs (skylake_x, sandy_bridge, ryzen, phenom_8650_toliman, each with two processors), compare with tdp-mock, require broken-ept/npt, broken-age and broken-remap to fail and the two-vCPU run to pass",
         run: bochs,
     },
     Step {
@@ -114,7 +114,7 @@ pub fn fmt_write() -> Result<()> {
     for dir in compat::CRATES {
         cmd::run(cmd::cargo().args(["fmt", "--manifest-path", &format!("{dir}/Cargo.toml")]))?;
     }
-    cmd::run(bochs_hv::kernel_cargo().arg("fmt"))
+    bochs_hv::fmt_write()
 }
 
 fn fmt_check() -> Result<()> {

@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::cmd;
 
 /// The crates meant for crates.io.
-pub const PUBLISHABLE: &[&str] = &["tdp-core", "tdp-mock", "tdp-vmx", "tdp-svm", "tdp-kvm"];
+pub const PUBLISHABLE: &[&str] = &["tdp-core", "tdp-mock", "tdp-metal", "tdp-vmx", "tdp-svm", "tdp-kvm"];
 /// `cargo install` versions for the tools this step needs when they are missing.
 const CARGO_HACK_VERSION: &str = "^0.6";
 const CARGO_DENY_VERSION: &str = "^0.20";
@@ -30,12 +30,52 @@ pub fn run() -> Result<()> {
     msrv_of_dependencies()?;
     let packages: Vec<String> =
         PUBLISHABLE.iter().flat_map(|p| ["-p".to_string(), (*p).to_string()]).collect();
-    cmd::run(cmd::cargo().args(["package", "--allow-dirty"]).args(&packages))?;
+    // Its own target directory, emptied first: cargo takes a registry crate's build for fresh by its
+    // version alone, and ours keep version 0.1.0 from commit to commit, so a dependent would otherwise be
+    // verified against an earlier commit's build of a sibling (this failed here: tdp-mock against a
+    // tdp-core without the APIs it now uses).
+    let target = cmd::repo_root().join("target/hygiene-package");
+    if target.exists() {
+        std::fs::remove_dir_all(&target).with_context(|| format!("cannot remove {}", target.display()))?;
+    }
+    forget_extracted_packages()?;
+    cmd::run(cmd::cargo().args(["package", "--allow-dirty", "--target-dir"]).arg(&target).args(&packages))?;
     ensure_tool("hack", "cargo-hack", CARGO_HACK_VERSION)?;
     cmd::run(cmd::cargo().args(["hack", "check", "--feature-powerset"]).args(&packages))?;
     ensure_tool("deny", "cargo-deny", CARGO_DENY_VERSION)?;
     println!("(cargo deny: advisories not checked: the RustSec database is out of this machine's reach)");
     cmd::run(cmd::cargo().args(["deny", "--all-features", "check", "licenses", "bans", "sources"]))
+}
+
+/// Removes the sources cargo extracted from earlier `cargo package` runs' temporary registry
+/// (`$CARGO_HOME/registry/src/*/<crate>-<version>`): cargo does not extract a crate again over an
+/// existing directory, and ours keep their version between commits. A fresh machine has nothing to
+/// remove.
+///
+/// # Errors
+/// A directory that exists but cannot be removed.
+fn forget_extracted_packages() -> Result<()> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")));
+    let Some(src) = home.map(|h| h.join("registry/src")) else { return Ok(()) };
+    let Ok(indexes) = std::fs::read_dir(&src) else { return Ok(()) };
+    for index in indexes.flatten() {
+        let Ok(crates) = std::fs::read_dir(index.path()) else { continue };
+        for krate in crates.flatten() {
+            let name = krate.file_name().to_string_lossy().into_owned();
+            let ours = PUBLISHABLE.iter().any(|p| {
+                name.strip_prefix(p)
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+            });
+            if ours {
+                std::fs::remove_dir_all(krate.path())
+                    .with_context(|| format!("cannot remove {}", krate.path().display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn ensure_tool(sub: &str, krate: &str, version: &str) -> Result<()> {

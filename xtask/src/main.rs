@@ -20,8 +20,8 @@ enum Task {
     /// (-D warnings, all targets); test (cargo test --workspace, which includes the tidy house rules;
     /// PROPTEST_CASES defaults to 128 unless set); compat (tdp-kvm's fd API without kvm-ioctls, and the VMMs
     /// of compat/ on kvm-ioctls 0.19, 0.22 and 0.25 run on /dev/kvm); hygiene (cargo package, every
-    /// feature combination, cargo deny, dependencies' MSRV, for the publishable crates); bochs (the bare-metal hypervisor under Bochs on two
-    /// CPU models compared with tdp-mock, and its broken-ept, broken-age and broken-remap builds required to fail; installs Bochs);
+    /// feature combination, cargo deny, dependencies' MSRV, for the publishable crates); bochs (the bare-metal hypervisors under Bochs on two
+    /// Intel and two AMD models, with two processors, compared with tdp-mock, and their broken-ept/npt, broken-age and broken-remap builds required to fail; installs Bochs);
     /// loom (the dirty ring's loom models: --cfg loom, release,
     /// target/loom); doc (cargo doc with -D warnings); nostd (build, check and run the no_std proof binary);
     /// fuzz (every fuzz target for a short smoke run). Nothing can be skipped: CI runs exactly this.
@@ -37,7 +37,7 @@ enum Task {
     /// Crate hygiene of the publishable crates: dependencies' MSRV, cargo package, every feature combination
     /// (cargo hack), cargo deny (licenses, bans, sources).
     Hygiene,
-    /// Format the workspace, the no_std proof crate and the Bochs kernel (examples/bochs-hv) in place.
+    /// Format the workspace, the no_std proof crate and the Bochs kernels (examples/bochs-hv, bochs-svm) in place.
     Fmt,
     /// Measure tdp beside its peers and limits in one run; print the table and write
     /// target/bench/summary.json (a list of {name, ours, peer, unit, ratio}).
@@ -46,14 +46,16 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
-    /// Boot the bare-metal test hypervisor (examples/bochs-hv) under Bochs for each CPU model, compare
-    /// with the same scenario on tdp-mock, and require the broken-ept, broken-age and broken-remap builds to fail.
+    /// Boot the bare-metal test hypervisors (examples/bochs-hv on Intel models, examples/bochs-svm on AMD
+    /// models, the latter with two processors) under Bochs for each CPU model, compare with the same
+    /// scenario on tdp-mock, require the broken-ept (broken-npt), broken-age and broken-remap builds to
+    /// fail and the two-vCPU run to pass.
     ///
     /// Installs the Debian packages it needs when missing (bochs, bochsbios, vgabios, grub-pc-bin,
     /// grub-common, xorriso, mtools). Results and logs go under target/bochs/.
     Bochs {
-        /// A Bochs CPU model with EPT (repeatable); default: corei7_skylake_x and
-        /// corei7_sandy_bridge_2600k.
+        /// A Bochs CPU model with EPT or NPT (repeatable); default: corei7_skylake_x,
+        /// corei7_sandy_bridge_2600k, ryzen and phenom_8650_toliman.
         #[arg(long = "model", value_parser = xtask::bochs::parse_model)]
         models: Vec<String>,
         /// Only the must-fail runs of the broken-* builds.
@@ -72,7 +74,8 @@ enum Task {
         /// Seconds of fuzzing per target (building not counted).
         #[arg(long, default_value_t = xtask::fuzz::DEFAULT_SECONDS, value_parser = xtask::fuzz::parse_seconds)]
         seconds: u64,
-        /// `none` (bounds checks and debug assertions only: tdp-core has no unsafe code) or `address`.
+        /// `none` (bounds checks and debug assertions only; tdp-core has one `unsafe` block, in
+        /// `mmu::groups`) or `address`.
         #[arg(long, default_value_t)]
         sanitizer: xtask::fuzz::Sanitizer,
     },

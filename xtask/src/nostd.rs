@@ -58,7 +58,7 @@ pub fn prove() -> Result<()> {
         .with_context(|| format!("{} is not a static executable", exe.display()))?;
     println!("{}: static ET_EXEC, {phnum} program headers, no PT_INTERP/PT_DYNAMIC", exe.display());
     run_binary(&exe)?;
-    println!("no_std proof passed: tdp-core and tdp-svm link and run without std");
+    println!("no_std proof passed: tdp-core, tdp-svm and tdp-metal link and run without std");
     Ok(())
 }
 

@@ -33,6 +33,7 @@ pub mod harvest;
 pub mod host;
 pub mod kvm;
 pub mod logging;
+pub mod nx;
 pub mod ours;
 pub mod outcome;
 pub mod parallel;

@@ -76,18 +76,38 @@ impl<'a> OurTree<'a> {
     /// ...`, the way a vCPU's exit handler calls the MMU. Returns how many were not `Fixed` (0 when the
     /// table started empty).
     pub fn fault_each(&mut self, count: u64, step: u64) -> u64 {
+        self.fault_each_for(count, step, AccessKind::Write)
+    }
+
+    /// As [`OurTree::fault_each`], with instruction fetches.
+    pub fn fetch_each(&mut self, count: u64, step: u64) -> u64 {
+        self.fault_each_for(count, step, AccessKind::Exec)
+    }
+
+    fn fault_each_for(&mut self, count: u64, step: u64, access: AccessKind) -> u64 {
         let mut not_fixed = 0;
         for i in 0..count {
             let fault = Fault {
                 as_id: AsId(0),
                 gpa: Gfn(i * step).gpa(),
-                access: AccessKind::Write,
+                access,
                 kind: FaultKind::Violation { present: false },
             };
             let outcome = self.mmu.handle_fault(&mut self.vcpu, black_box(fault), &mut ());
             not_fixed += u64::from(outcome != Ok(FaultOutcome::Fixed));
         }
         not_fixed
+    }
+
+    /// Turns the NX huge-page mitigation on: the root is invalidated, its tree zapped, and a new root
+    /// loaded.
+    ///
+    /// # Panics
+    /// If the arena has no page for the new root.
+    pub fn enable_nx_huge_pages(&mut self) {
+        self.mmu.write().set_nx_huge_pages(true).run(self.mmu.host());
+        self.mmu.read().zap_invalidated_roots();
+        self.mmu.load_root(&mut self.vcpu, AsId(0)).expect("the arena has a page for the new root");
     }
 
     /// Zaps the leaves mapping `[0, pages)` under the write lock and runs the flush it owes (the

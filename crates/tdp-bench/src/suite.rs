@@ -26,7 +26,7 @@ use crate::{kvm, logging, ring};
 const SWEEP_PASSES: u64 = 16;
 
 /// The groups of comparisons, by the name `--only` takes.
-pub const GROUPS: [&str; 13] = [
+pub const GROUPS: [&str; 14] = [
     "fault_4k",
     "fault_4k_parallel",
     "fault_2m",
@@ -36,6 +36,7 @@ pub const GROUPS: [&str; 13] = [
     "ring",
     "enable_logging",
     "aging",
+    "nx_recovery",
     "harvest",
     "kvm_harvest",
     "kvm_dirtying",
@@ -62,6 +63,11 @@ pub fn run(cfg: &Config, only: impl Fn(&str) -> bool, mut progress: impl FnMut(&
         ("ring", "dirty ring push + harvest + reset vs rtrb push + pop", ring::measure),
         ("enable_logging", "enable-logging pass over 1, 16 GiB of 4K leaves vs sweeps", logging::measure),
         ("aging", "aging pass over 1 GiB of 4K leaves (young, then idle) vs sweeps", crate::aging::measure),
+        (
+            "nx_recovery",
+            "NX huge-page recovery over 1 GiB of tracked tables vs freeze sweep",
+            crate::nx::measure,
+        ),
         ("harvest", "harvest of 1000 dirty pages vs memory size: ring vs bitmap", |cfg, out| {
             let series = harvest::measure(cfg, out);
             out.harvest = Some(series);

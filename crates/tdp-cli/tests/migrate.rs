@@ -381,7 +381,14 @@ fn i4_the_verification_catches_a_destination_that_holds_other_bytes() {
 fn i4_migrate_moves_every_memslot_on_kvm_and_the_mock() {
     let backend = kvm_else_mock("i4_migrate_moves_every_memslot_on_kvm_and_the_mock");
     for backend in ["mock", backend] {
-        let m = migrate_to_receiver(&[], &["--backend", backend, "--memory", "2M", "--json"]);
+        // On KVM a slower link (a quarter of a second for the bulk copy), so that the guest writes both
+        // slots while it runs whatever the machine's load: on a fast one the copy can end before the
+        // first write. The mock is slow enough by itself.
+        let mut args = vec!["--backend", backend, "--memory", "2M", "--json"];
+        if backend == "kvm" {
+            args.extend(["--bandwidth", "8MiB/s"]);
+        }
+        let m = migrate_to_receiver(&[], &args);
         assert!(m.source.status.success(), "{backend}: {}", both(&m.source));
         let v = json(&m.source);
         assert_verified(&v, backend);

@@ -160,6 +160,24 @@ pub trait MmuEvents {
     fn table_linked(&self, pfn: Pfn, level: Level, linked: bool) {
         let _ = (pfn, level, linked);
     }
+    /// A fault on `gfn` was handled with `outcome` (KVM's `kvm_mmu_page_fault` trace points; the
+    /// vCPU's own counts are in `VcpuMmu::counters`).
+    fn fault_handled(&self, fault: &crate::fault::Fault, outcome: crate::mmu::FaultOutcome) {
+        let _ = (fault, outcome);
+    }
+    /// An MMIO SPTE was installed for `gfn` (KVM's `mark_mmio_spte`).
+    fn mmio_spte_installed(&self, as_id: AsId, gfn: Gfn) {
+        let _ = (as_id, gfn);
+    }
+    /// A huge leaf at `level` mapping from `gfn` was split into a table (KVM's
+    /// `kvm_mmu_split_huge_page`).
+    fn huge_split(&self, as_id: AsId, gfn: Gfn, level: Level) {
+        let _ = (as_id, gfn, level);
+    }
+    /// NX huge-page recovery unlinked the table linked at `level` for the range from `gfn`.
+    fn nx_recovered(&self, as_id: AsId, gfn: Gfn, level: Level) {
+        let _ = (as_id, gfn, level);
+    }
 }
 
 /// Where `mark_page_dirty` goes (KVM's `mark_page_dirty_in_slot`): the faulting vCPU's dirty ring, or

@@ -500,6 +500,13 @@ impl SpteFormat {
     pub const fn is_executable(&self, spte: Spte) -> bool {
         spte.0 & (self.x_mask | self.nx_mask) == self.x_mask
     }
+    /// `spte` with instruction fetches forbidden (EPT: X clear; NPT: NX set): a huge leaf under the NX
+    /// huge-page mitigation (KVM's `make_spte` stripping `ACC_EXEC_MASK`).
+    #[must_use]
+    #[inline]
+    pub const fn non_executable(&self, spte: Spte) -> Spte {
+        Spte((spte.0 & !self.x_mask) | self.nx_mask)
+    }
     /// The accessed bit (always false without A/D).
     #[must_use]
     #[inline]
@@ -693,6 +700,14 @@ impl SpteFormat {
     #[inline]
     pub const fn write_protected(&self, spte: Spte) -> Spte {
         Spte(spte.0 & !(EptBits::WRITE.bits() | self.access_tracked_write_bit()))
+    }
+    /// `spte` without W, without MMU-writable and without the saved W of an access-tracked leaf (KVM's
+    /// `kvm_tdp_mmu_write_protect_gfn`, for write tracking): unlike [`SpteFormat::write_protected`],
+    /// the fast path can no longer make it writable; only a fault that finds the gfn untracked can.
+    #[must_use]
+    #[inline]
+    pub const fn write_protected_for_tracking(&self, spte: Spte) -> Spte {
+        Spte(self.write_protected(spte).0 & !self.mmu_writable_mask)
     }
     /// `spte` with D clear (KVM's `clear_dirty_gfn_range` with A/D bits): hardware sets it, and logs
     /// the gfn to PML, at the next write.

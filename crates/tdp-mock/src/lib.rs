@@ -24,10 +24,12 @@ pub mod tlb;
 pub mod vcpu;
 pub mod walker;
 
-pub use checker::{DirtyShadow, TableReport, Violation, check_tables, check_tlbs, check_translations};
+pub use checker::{
+    DirtyShadow, TableReport, Violation, check_tables, check_tlbs, check_translations, check_write_tracking,
+};
 pub use host::{
     AllocStats, FlushStats, GUEST_RAM_BASE_PFN, HostConfig, HostInvalidation, HostMmuError, HostMmuStats,
-    InvalidationHook, MockHost, POISON, PageState, TABLE_BASE_PFN, TranslateHook,
+    InvalidationHook, MockHost, POISON, PageState, TABLE_BASE_PFN, TraceCounts, TranslateHook,
 };
 pub use machine::Machine;
 pub use pml::{Pml, PmlStats};

@@ -1,15 +1,17 @@
-//! The host's side under load: two vCPU threads write and read a slot while a host thread, for a fixed
-//! number of operations, swaps pages out, migrates them, merges identical pages (KSM), ages ranges
-//! (lockless), zaps ranges, toggles dirty logging and invalidates roots; the vCPUs' writes to merged
-//! pages break the sharing (copy-on-write inside a translation). Every so many host operations all
-//! threads park at a quiescent point and the checkers run.
+//! The host's side under load: two vCPU threads write, read and execute in a slot while a host thread,
+//! for a fixed number of operations, swaps pages out, migrates them, merges identical pages (KSM), ages
+//! ranges (lockless), zaps ranges, toggles dirty logging, invalidates roots, write-tracks and untracks
+//! pages and recovers NX huge pages (the mitigation is on); the vCPUs' writes to merged pages break the
+//! sharing (copy-on-write inside a translation), their writes to tracked pages are emulated. Every so
+//! many host operations all threads park at a quiescent point and the checkers run.
 //!
 //! Progress is counted, never timed: the host thread runs exactly `HOST_OPS` operations; the vCPUs run
 //! at least `ACCESSES` accesses each and keep going until the host thread is done; the quiescent points
 //! come every `CHECK_EVERY` host operations, with every thread parked on a barrier.
 //!
 //! Checks: I1 (no leaf maps a frame the host took away: `check_translations` against the host MMU's
-//! current frames, at every quiescent point), I3 (`check_tlbs`, with aging's no-flush rule), "no write
+//! current frames, at every quiescent point; no leaf lets a write reach a tracked page:
+//! `check_write_tracking`), I3 (`check_tlbs`, with aging's no-flush rule), "no write
 //! lost" (each vCPU's last value in each of its pages is found where the host keeps the page now,
 //! swapped out or not), and I1-I3 with I2 (`check_all`) at the end.
 
@@ -20,16 +22,22 @@ use std::sync::{Arc, Barrier};
 
 use common::{CONFIGS, Lcg, Vm};
 use tdp_core::addr::{AsId, Gfn, Gpa, Level, PAGE_SHIFT, Pfn, SlotId};
+use tdp_core::fault::AccessKind;
 use tdp_core::memslot::{Memslot, SlotFlags};
-use tdp_core::mmu::Mmu;
+use tdp_core::mmu::{EmulateReason, Mmu};
 use tdp_mock::checker::check_translations_in;
-use tdp_mock::{HostConfig, HostMmuError, MockHost, Tlb, Vcpu, VcpuError, check_tlbs};
+use tdp_mock::{HostConfig, HostMmuError, MockHost, Tlb, Vcpu, VcpuError, check_tlbs, check_write_tracking};
 
 /// Pages in the slot. The last `KSM_PAGES` stay zero (the vCPUs write zeros there), so the host can merge
-/// them; the others are written by the vCPUs, vCPU `i` owning the gfns `g` with `g % 2 == i`.
+/// them and write-track them (an emulated write of a zero to a zero page is done by doing nothing); the
+/// others are written by the vCPUs, vCPU `i` owning the gfns `g` with `g % 2 == i`.
 const PAGES: u64 = 0x400;
 const KSM_PAGES: u64 = 0x40;
 const WRITTEN: u64 = PAGES - KSM_PAGES;
+/// A second slot, 2 MiB right after the first, that the host MMU leaves alone: the vCPUs read and fetch
+/// there, so that its range maps huge (not executable) and fetches split it (NX huge pages).
+const CODE: u64 = PAGES;
+const CODE_PAGES: u64 = 0x200;
 /// Host operations per configuration.
 const HOST_OPS: u64 = 600;
 /// Host operations between two quiescent points.
@@ -78,6 +86,7 @@ fn host_side_stress_faults_race_swap_migration_ksm_aging_zaps_logging_and_root_i
         let host_cfg = HostConfig { host_level: Level::L2, yield_every: Some(97), ..HostConfig::default() };
         let mut vm = Vm::new(name, cfg, host_cfg, 2);
         let slot = vm.add_slot(0, 0, PAGES, SlotFlags::empty());
+        let code = vm.add_slot(1, CODE, CODE_PAGES, SlotFlags::empty());
         let spare = Pfn((vm.host().guest_ram_base() >> PAGE_SHIFT) + (1 << 20));
         vm.host().add_spare_frames(spare, SPARES);
         let shared = Shared {
@@ -89,9 +98,10 @@ fn host_side_stress_faults_race_swap_migration_ksm_aging_zaps_logging_and_root_i
             failed: AtomicBool::new(false),
         };
         let mmu = Arc::clone(vm.m.mmu());
+        mmu.write().set_nx_huge_pages(true).run(vm.host());
         let vcpus = std::mem::take(&mut vm.vcpus);
         let results: Vec<Vcpu> = std::thread::scope(|s| {
-            let host = s.spawn(|| host_thread(name, &mmu, slot, &shared));
+            let host = s.spawn(|| host_thread(name, &mmu, [slot, code], &shared));
             let threads: Vec<_> = vcpus
                 .into_iter()
                 .enumerate()
@@ -127,6 +137,8 @@ fn host_side_stress_faults_race_swap_migration_ksm_aging_zaps_logging_and_root_i
         );
         assert!(stats.swap_outs > 1 && stats.swap_ins > 0 && stats.migrations > 0, "{name}: {stats:?}");
         assert!(stats.merges > 0 && stats.cow_breaks > 0, "{name}: {stats:?}");
+        let mmu_stats = mmu.stats();
+        assert!(mmu_stats.nx_recovered > 0, "{name}: NX recovery zapped nothing: {mmu_stats:?}");
         check_writes(name, &host, slot, &shared).expect("no write lost");
         vm.check("the stress run");
         drop(mmu);
@@ -144,7 +156,18 @@ fn vcpu_thread(name: &str, i: u64, mut vcpu: Vcpu, mmu: &Mmu<MockHost>, shared: 
             continue;
         }
         n += 1;
-        let pick = rng.below(8);
+        let pick = rng.below(9);
+        if pick == 8 {
+            // A fetch or a read in the code slot: reads map it huge (not executable), a fetch maps its
+            // page small and executable, splits the range and tracks the table.
+            let gfn = CODE + rng.below(CODE_PAGES);
+            let kind = if rng.below(2) == 0 { AccessKind::Exec } else { AccessKind::Read };
+            match retry(|| vcpu.access(mmu, Gpa(gfn << PAGE_SHIFT), kind).map(|_| ()), shared) {
+                Ok(()) => {}
+                Err(e) => shared.fail(format!("{name}: vCPU {i} fetch {n} at gfn {gfn:#x}: {e}")),
+            }
+            continue;
+        }
         let (gfn, store) = match pick {
             // Its own pages: a value that says who wrote it and when.
             0..=4 => (rng.below(WRITTEN / 2) * 2 + i, Some(((i + 1) << 40) | n)),
@@ -161,6 +184,10 @@ fn vcpu_thread(name: &str, i: u64, mut vcpu: Vcpu, mmu: &Mmu<MockHost>, shared: 
             };
             match result {
                 Ok(()) => break,
+                // A tracked (zero) page: the emulated write of a zero changes nothing.
+                Err(VcpuError::Emulate { reason: EmulateReason::WriteTracked, .. }) if gfn >= WRITTEN => {
+                    break;
+                }
                 // Faults retry while an invalidation over the page runs; the host thread may be
                 // descheduled inside one. Keep trying, but let a quiescent point through.
                 Err(VcpuError::Livelock { .. }) if livelocks < MAX_LIVELOCKS => {
@@ -178,13 +205,50 @@ fn vcpu_thread(name: &str, i: u64, mut vcpu: Vcpu, mmu: &Mmu<MockHost>, shared: 
     vcpu
 }
 
-fn host_thread(name: &str, mmu: &Mmu<MockHost>, slot: Memslot, shared: &Shared) {
+/// Runs `access` until it is not a livelock report (faults retry while an invalidation runs), letting
+/// quiescent points through.
+fn retry(mut access: impl FnMut() -> Result<(), VcpuError>, shared: &Shared) -> Result<(), VcpuError> {
+    let mut livelocks = 0;
+    loop {
+        match access() {
+            Err(VcpuError::Livelock { .. }) if livelocks < MAX_LIVELOCKS => {
+                livelocks += 1;
+                shared.park_if_asked();
+                std::thread::yield_now();
+            }
+            other => return other,
+        }
+    }
+}
+
+fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code]: [Memslot; 2], shared: &Shared) {
     let host = mmu.host();
     let mut rng = Lcg(0x4057);
     let mut logging = false;
+    let mut tracked: Vec<u64> = Vec::new();
     for op in 1..=HOST_OPS {
         let gfn = rng.below(PAGES);
-        match rng.below(8) {
+        match rng.below(10) {
+            8 => {
+                // Track a zero page (at most four), or untrack one.
+                if tracked.len() < 4 && rng.below(2) == 0 {
+                    let page = WRITTEN + gfn % KSM_PAGES;
+                    match mmu.write().track_write(AsId(0), Gfn(page)) {
+                        Ok(flush) => {
+                            flush.run(host);
+                            tracked.push(page);
+                        }
+                        Err(e) => shared.fail(format!("{name}: tracking gfn {page:#x}: {e}")),
+                    }
+                } else if let Some(page) = tracked.pop()
+                    && let Err(e) = mmu.write().untrack_write(AsId(0), Gfn(page))
+                {
+                    shared.fail(format!("{name}: untracking gfn {page:#x}: {e}"));
+                }
+            }
+            9 => {
+                mmu.read().recover_nx_huge_pages(2);
+            }
             0 => {
                 // Swap out a written page (a swapped one refuses: nothing to do).
                 let _ = host.swap_out(slot.host_addr(Gfn(gfn % WRITTEN)));
@@ -223,8 +287,8 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, slot: Memslot, shared: &Shared) 
         if op % CHECK_EVERY == 0 {
             shared.pause.store(true, Ordering::Release);
             shared.barrier.wait();
-            if let Err(e) =
-                check_quiescent(name, mmu, slot, op).and_then(|()| check_writes(name, host, slot, shared))
+            if let Err(e) = check_quiescent(name, mmu, &[slot, code], op)
+                .and_then(|()| check_writes(name, host, slot, shared))
             {
                 shared.fail(e);
             }
@@ -239,12 +303,13 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, slot: Memslot, shared: &Shared) 
 }
 
 /// I1 and I3 with every vCPU parked: each valid root against the host's current frames, every TLB.
-fn check_quiescent(name: &str, mmu: &Mmu<MockHost>, slot: Memslot, op: u64) -> Result<(), String> {
+fn check_quiescent(name: &str, mmu: &Mmu<MockHost>, slots: &[Memslot], op: u64) -> Result<(), String> {
     let tlbs = mmu.host().tlbs();
     let tlbs: Vec<&Tlb> = tlbs.iter().map(|t| &**t).collect();
     let mut errors = check_tlbs(mmu, &tlbs).err().unwrap_or_default();
+    errors.extend(check_write_tracking(mmu).err().unwrap_or_default());
     for root in mmu.roots().into_iter().filter(|r| r.valid) {
-        errors.extend(check_translations_in(mmu, root.pfn, root.as_id, &[slot]).err().unwrap_or_default());
+        errors.extend(check_translations_in(mmu, root.pfn, root.as_id, slots).err().unwrap_or_default());
     }
     if errors.is_empty() { Ok(()) } else { Err(format!("{name}: host op {op}: {errors:#?}")) }
 }

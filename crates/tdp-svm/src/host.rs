@@ -3,14 +3,13 @@
 //! [`AsidFlush`] for TLB flushes.
 //!
 //! The table-frame allocator, the identity translation, the identity region and the dirty-ring sink
-//! are vendor-neutral and are `tdp-vmx`'s, re-exported here so a user of this crate names only
-//! `tdp_svm` (they move to a crate both backends share in issue 14's second part).
+//! are vendor-neutral and are `tdp-metal`'s (shared with `tdp-vmx`), re-exported here so a user of this
+//! crate names only `tdp_svm`.
 
-pub use tdp_vmx::host::{
-    FrameStats, FramesError, FramesWalkGuard, IdentityTranslate, PhysRange, TableFrames,
-};
-pub use tdp_vmx::raw::{IdentityRegion, TablePage};
-pub use tdp_vmx::ring_sink::{RingSink, SinkAllocError, SinkStats};
+pub use tdp_metal::frames::{FrameStats, FramesError, FramesWalkGuard, TableFrames};
+pub use tdp_metal::region::{IdentityRegion, TablePage};
+pub use tdp_metal::ring_sink::{RingSink, SinkAllocError, SinkStats};
+pub use tdp_metal::translate::{IdentityTranslate, MoveError, MovedPage, PhysRange};
 
 use tdp_core::addr::{AsId, Gfn, Pfn};
 use tdp_core::host::{

@@ -46,6 +46,13 @@ impl SvmVcpu {
         self.asid
     }
 
+    /// The flush generation ([`AsidFlush::generation`]) this vCPU's last flushing VMRUN honoured: every
+    /// flush the MMU asked for up to it reached this vCPU's TLB.
+    #[must_use]
+    pub const fn flushed_generation(&self) -> u64 {
+        self.seen
+    }
+
     /// Asks for a flush of this vCPU's ASID at its next VMRUN (after loading a new root, as KVM's
     /// `kvm_mmu_load` flushes the current context).
     pub fn request_flush(&mut self) {

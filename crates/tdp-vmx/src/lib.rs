@@ -92,10 +92,13 @@
 //! - [`vmcs`]: field encodings, control bits, VM-instruction errors.
 //! - [`eptp`]: the EPT pointer. [`inv`]: INVEPT / INVVPID.
 //! - [`exit`]: exit reasons; EPT violations and misconfigurations as [`tdp_core::fault::Fault`]s.
-//! - [`pml`]: enabling PML and draining the log; [`ring_sink`]: a dirty ring as the dirty sink.
-//! - [`host`]: `tdp-core`'s host traits for an identity-mapped hypervisor.
+//! - [`pml`]: enabling PML and draining the log; [`ring_sink`]: a dirty ring as the dirty sink
+//!   (`tdp-metal`'s).
+//! - [`host`]: `tdp-core`'s host traits for an identity-mapped hypervisor (the frame allocator and
+//!   identity translation are `tdp-metal`'s, shared with `tdp-svm`; INVEPT flushes are this crate's).
 //! - [`vcpu`]: the exit path (drain, decode, fault) and root installation.
-//! - [`scenario`]: the test scenario shared by the Bochs hypervisor and the mock replay.
+//! - [`scenario`]: the test scenario shared by the Bochs hypervisors and the mock replay
+//!   (`tdp-metal`'s).
 #![no_std]
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -112,7 +115,10 @@ pub mod inv;
 pub mod msr;
 pub mod pml;
 pub mod raw;
-pub mod ring_sink;
-pub mod scenario;
+/// The dirty-ring sink, `tdp-metal`'s (shared with `tdp-svm`), re-exported under its old path.
+pub use tdp_metal::ring_sink;
+/// The Bochs / mock test scenario, `tdp-metal`'s (shared with `tdp-svm`), re-exported under its old
+/// path.
+pub use tdp_metal::scenario;
 pub mod vcpu;
 pub mod vmcs;

@@ -9,24 +9,26 @@
 //!   `add rax, 4096`, `dec ecx`, `jnz`;
 //! - exec: `mov rax, target`, `jmp rax`; at the target a stub `mov rcx, back`, `jmp rcx` returns;
 //! - start logging / harvest / age / remap / end / fail: a hypercall: `mov edi, arg`, `mov ebx, code`,
-//!   `vmcall` (age and remap pass their step's index: the hypervisor reads the step).
+//!   `vmcall` (`vmmcall` in `examples/bochs-svm`, which includes this file: `crate::HYPERCALL`) (age and
+//!   remap pass their step's index: the hypervisor reads the step).
 //!
 //! MMIO accesses use exactly the two `moffs` forms (REX.W A1 and REX.W A3, 10 bytes), which is all the
 //! hypervisor's MMIO emulation decodes.
 
 use tdp_core::addr::Gpa;
-use tdp_vmx::scenario::{Scenario, SlotSpec, Step};
+use tdp_metal::scenario::{Scenario, SlotSpec, Step};
 
 use crate::layout::host_addr;
 
 /// Guest-physical addresses of the guest's page tables (the gfns in
-/// `tdp_vmx::scenario::GUEST_TABLE_GFNS`).
+/// `tdp_metal::scenario::GUEST_TABLE_GFNS`).
 pub const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;
 const PD: u64 = 0x3000;
 /// Where the guest's code starts, and its first instruction.
 pub const CODE: u64 = 0x1_0000;
-const CODE_END: u64 = 0x2_0000;
+/// The end of the scenario's code area.
+pub const CODE_END: u64 = 0x2_0000;
 /// The guest's initial stack pointer (nothing is pushed: no step calls).
 pub const STACK_TOP: u64 = 0x9000;
 
@@ -46,7 +48,7 @@ pub const HC_REMAP: u64 = 6;
 /// Why the guest could not be built.
 #[derive(Clone, Copy, Debug, thiserror::Error)]
 pub enum BuildError {
-    /// The generated code does not fit between `CODE` and `CODE_END`.
+    /// The generated code does not fit in its area (`CODE..CODE_END` for the scenario).
     #[error("the guest code does not fit in {0:#x} bytes")]
     CodeTooLarge(u64),
     /// An address does not fit the instruction form.
@@ -54,14 +56,19 @@ pub enum BuildError {
     Immediate(usize),
 }
 
-struct Emitter {
-    at: u64,
+/// Writes guest code into guest RAM from `at`, never past `end`.
+pub(crate) struct Emitter {
+    /// Where the next instruction goes.
+    pub(crate) at: u64,
+    /// The first byte it may not write.
+    pub(crate) end: u64,
 }
 
 impl Emitter {
-    fn bytes(&mut self, b: &[u8]) -> Result<(), BuildError> {
-        if self.at + b.len() as u64 > CODE_END {
-            return Err(BuildError::CodeTooLarge(CODE_END - CODE));
+    /// Raw bytes.
+    pub(crate) fn bytes(&mut self, b: &[u8]) -> Result<(), BuildError> {
+        if self.at + b.len() as u64 > self.end {
+            return Err(BuildError::CodeTooLarge(self.end));
         }
         write_guest(self.at, b);
         self.at += b.len() as u64;
@@ -71,13 +78,14 @@ impl Emitter {
         self.bytes(prefix)?;
         self.bytes(&v.to_le_bytes())
     }
-    fn hypercall(&mut self, code: u64, arg: u64, step: usize) -> Result<(), BuildError> {
+    /// `mov edi, arg`, `mov ebx, code`, the hypercall instruction; `step` names the step in errors.
+    pub(crate) fn hypercall(&mut self, code: u64, arg: u64, step: usize) -> Result<(), BuildError> {
         let arg = u32::try_from(arg).map_err(|_| BuildError::Immediate(step))?;
         self.bytes(&[0xbf])?; // mov edi, imm32
         self.bytes(&arg.to_le_bytes())?;
         self.bytes(&[0xbb])?; // mov ebx, imm32
         self.bytes(&(code as u32).to_le_bytes())?;
-        self.bytes(&[0x0f, 0x01, 0xc1]) // vmcall
+        self.bytes(&crate::HYPERCALL) // VMCALL or VMMCALL
     }
     /// `mov rax, [gpa]`, then compare with `expected` and fail with step `i` if it differs.
     fn read_check(&mut self, gpa: Gpa, expected: u64, i: usize) -> Result<(), BuildError> {
@@ -87,7 +95,8 @@ impl Emitter {
         self.bytes(&[0x74, 13])?; // je over the 13-byte fail hypercall
         self.hypercall(HC_FAIL, i as u64, i)
     }
-    fn write(&mut self, gpa: Gpa, value: u64) -> Result<(), BuildError> {
+    /// `mov rax, value`, `mov [gpa], rax`.
+    pub(crate) fn write(&mut self, gpa: Gpa, value: u64) -> Result<(), BuildError> {
         self.imm64(&[0x48, 0xb8], value)?; // mov rax, imm64
         self.imm64(&[0x48, 0xa3], gpa.0) // mov [moffs64], rax
     }
@@ -120,7 +129,7 @@ pub fn build(scenario: &Scenario) -> Result<u64, BuildError> {
         // Present, writable, 2 MiB page.
         write_guest(PD + 8 * i, &((i << 21) | 0x83).to_le_bytes());
     }
-    let mut e = Emitter { at: CODE };
+    let mut e = Emitter { at: CODE, end: CODE_END };
     let mut harvest = 0;
     for (i, step) in scenario.steps.iter().enumerate() {
         match *step {

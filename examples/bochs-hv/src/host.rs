@@ -13,7 +13,7 @@ use tdp_vmx::caps::EptFeatures;
 use tdp_vmx::host::{BareMetalHost, IdentityTranslate, InveptFlush, MovedPage, PhysRange, TableFrames};
 use tdp_vmx::raw::{IdentityRegion, X86Vmx};
 
-use tdp_vmx::scenario::REMAP_POOL_PAGES;
+use tdp_metal::scenario::REMAP_POOL_PAGES;
 
 use crate::layout::{GUEST_HOST_BASE, RAM_END, TABLE_POOL_END, TABLE_POOL_START};
 

@@ -1,77 +1,217 @@
-//! The scenario's host-side steps under Bochs: aging a range (`Step::Age`) and moving a page to another
-//! host frame (`Step::Remap`), each asked for by a hypercall that names its step. The `broken-age`
-//! build ages without clearing; the `broken-remap` build moves the page without the MMU notifier.
+//! The scenario's hypervisor-side work that does not depend on the vendor, shared by both Bochs
+//! hypervisors (`examples/bochs-svm` includes this file by path): starting dirty logging, harvesting and
+//! resetting the ring, aging a range (`Step::Age`), moving a page to another host frame (`Step::Remap`),
+//! emulating the MMIO `mov`s, sampling translations and reading the moved pages after the run. Each
+//! takes the MMU over any `tdp-core` host, and reports what goes wrong as a message for the result line.
+//! The must-fail builds pass `broken`: aging then only tests (`broken-age`), the move skips the MMU
+//! notifier (`broken-remap`).
 
+use alloc::collections::BTreeSet;
 use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 
-use tdp_core::addr::Gfn;
-use tdp_core::host::TlbFlush;
-use tdp_vmx::scenario::{AS_ID, REMAP_POOL_OFFSET, Step};
+use tdp_core::addr::{Gfn, Gpa, SlotId};
+use tdp_core::dirty_ring::DirtyRingConsumer;
+use tdp_core::host::Host;
+use tdp_core::memslot::SlotFlags;
+use tdp_core::mmu::Mmu;
+use tdp_metal::ring_sink::RingSink;
+use tdp_metal::scenario::{
+    AS_ID, Observed, Paging, REMAP_POOL_OFFSET, Scenario, Step, Translation, mmio_value, translate,
+};
+use tdp_metal::translate::IdentityTranslate;
 
 use crate::layout::host_addr;
-use crate::run::{Hv, Stop};
 
-impl Hv<'_, '_> {
-    /// The step the guest's hypercall names.
-    fn step(&self, index: u64) -> Result<(usize, Step), Stop> {
-        let at = usize::try_from(index).ok().filter(|&i| i < self.scenario.steps.len());
-        let at =
-            at.ok_or_else(|| Stop::Error(format!("hypercall names step {index}, which does not exist")))?;
-        Ok((at, self.scenario.steps[at]))
-    }
+/// The step a hypercall names by its index.
+fn step(scenario: &Scenario, index: u64) -> Result<(usize, Step), String> {
+    let at = usize::try_from(index).ok().filter(|&i| i < scenario.steps.len());
+    let at = at.ok_or_else(|| format!("hypercall names step {index}, which does not exist"))?;
+    Ok((at, scenario.steps[at]))
+}
 
-    /// `Step::Age`: ages the range one gfn at a time and records the young ones, then flushes so the
-    /// next access walks the tables (the core's aging never flushes). The `broken-age` build only tests.
-    pub(crate) fn age(&mut self, index: u64) -> Result<(), Stop> {
-        let (_, Step::Age { gpa, pages }) = self.step(index)? else {
-            return Err(Stop::Error(format!("hypercall age names step {index}, which is no age")));
-        };
-        let first = gpa.gfn().0;
-        let young = (first..first.saturating_add(pages))
-            .filter(|&g| {
-                let (start, end) = (Gfn(g), Gfn(g + 1));
-                if cfg!(feature = "broken-age") {
-                    self.mmu.test_age_gfn_range(AS_ID, start, end)
-                } else {
-                    self.mmu.age_gfn_range(AS_ID, start, end)
-                }
-            })
-            .collect();
-        self.mmu.host().flush_all();
-        self.seen.young.push(young);
-        Ok(())
-    }
+/// Turns dirty logging on for `slot` and runs the flush the write protection owes.
+///
+/// # Errors
+/// No such slot, or the MMU refused the flags.
+pub fn start_logging<H: Host>(mmu: &Mmu<H>, slot: SlotId) -> Result<(), String> {
+    let mut w = mmu.write();
+    let flags = w
+        .memslots()
+        .get(AS_ID, slot)
+        .map(|s| s.flags | SlotFlags::LOG_DIRTY)
+        .ok_or_else(|| format!("start logging: no slot {}", slot.0))?;
+    let flush = w
+        .set_memslot_flags(AS_ID, slot, flags)
+        .map_err(|e| format!("start logging on slot {}: {e}", slot.0))?;
+    drop(w);
+    flush.run(mmu.host());
+    Ok(())
+}
 
-    /// `Step::Remap`: the host moves the page to the next frame of the remap pool, as Linux migrates a
-    /// page: invalidation start over the page's 2 MiB host block (the core zaps and flushes), copy,
-    /// the old frame freed (zeroed here), the new frame recorded, invalidation end. The `broken-remap`
-    /// build moves it without the start and end.
-    pub(crate) fn remap(&mut self, index: u64) -> Result<(), Stop> {
-        let (at, Step::Remap { gpa }) = self.step(index)? else {
-            return Err(Stop::Error(format!("hypercall remap names step {index}, which is no remap")));
-        };
-        let earlier = self.scenario.steps[..at].iter().filter(|s| matches!(s, Step::Remap { .. })).count();
-        let from = host_addr(gpa.0 & !0xfff);
-        let to = host_addr(REMAP_POOL_OFFSET + earlier as u64 * 4096);
-        let notify = !cfg!(feature = "broken-remap");
-        let first = gpa.gfn().0 & !511;
-        if notify {
-            self.mmu
-                .write()
-                .invalidate_range_start(AS_ID, Gfn(first), Gfn(first + 512))
-                .map_err(|e| Stop::Error(format!("remap: {e}")))?;
-        }
-        // SAFETY: `from` and `to` are distinct 4 KiB pages of guest RAM (the data slot's page and a pool
-        // page past every slot, `tdp_vmx::scenario::REMAP_POOL_OFFSET`), identity-mapped, and the guest
-        // is stopped at this exit.
-        unsafe {
-            core::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, 4096);
-            core::ptr::write_bytes(from as *mut u8, 0, 4096);
-        }
-        let moved = self.mmu.host().translate.move_page(from, to);
-        if notify {
-            self.mmu.write().invalidate_range_end().map_err(|e| Stop::Error(format!("remap: {e}")))?;
-        }
-        moved.map_err(|e| Stop::Error(format!("remap: {e}")))
+/// Harvests the ring into a set of gfns of the scenario's slots, then resets it against the MMU (which
+/// re-protects what was harvested) and runs the flush the reset owes.
+pub fn harvest<H: Host>(
+    mmu: &Mmu<H>,
+    scenario: &Scenario,
+    sink: &mut RingSink<'static>,
+    consumer: &mut DirtyRingConsumer<'static>,
+) -> BTreeSet<u64> {
+    let base = |id: SlotId| scenario.slots.iter().find(|s| s.id == id).map_or(u64::MAX, |s| s.base_gfn.0);
+    harvest_slots(mmu, base, sink, consumer)
+}
+
+/// [`harvest`] for any slots: `base_gfn` gives a slot's first gfn (`u64::MAX` for an unknown slot).
+pub fn harvest_slots<H: Host>(
+    mmu: &Mmu<H>,
+    base_gfn: impl Fn(SlotId) -> u64,
+    sink: &mut RingSink<'static>,
+    consumer: &mut DirtyRingConsumer<'static>,
+) -> BTreeSet<u64> {
+    let mut set = BTreeSet::new();
+    consumer.harvest(usize::MAX, |e| {
+        set.insert(base_gfn(e.slot.id()).wrapping_add(e.offset));
+    });
+    let (_, flush) = sink.reset_by(|ring| mmu.write().reset_dirty_ring(ring));
+    flush.run(mmu.host());
+    set
+}
+
+/// `Step::Age` number `index`: ages the range one gfn at a time and returns the young ones, then flushes
+/// so the next access walks the tables (the core's aging never flushes). `broken`: only tests.
+///
+/// # Errors
+/// Step `index` is no age.
+pub fn age<H: Host>(
+    mmu: &Mmu<H>,
+    scenario: &Scenario,
+    index: u64,
+    broken: bool,
+) -> Result<BTreeSet<u64>, String> {
+    let (_, Step::Age { gpa, pages }) = step(scenario, index)? else {
+        return Err(format!("hypercall age names step {index}, which is no age"));
+    };
+    let first = gpa.gfn().0;
+    let young = (first..first.saturating_add(pages))
+        .filter(|&g| {
+            let (start, end) = (Gfn(g), Gfn(g + 1));
+            if broken {
+                mmu.test_age_gfn_range(AS_ID, start, end)
+            } else {
+                mmu.age_gfn_range(AS_ID, start, end)
+            }
+        })
+        .collect();
+    mmu.host().flush_all();
+    Ok(young)
+}
+
+/// `Step::Remap` number `index`: the host moves the page to the next frame of the remap pool, as Linux
+/// migrates a page: invalidation start over the page's 2 MiB host block (the core zaps and flushes),
+/// copy, the old frame freed (zeroed here), the new frame recorded in `translate`, invalidation end.
+/// `broken`: without the start and end.
+///
+/// # Errors
+/// Step `index` is no remap, or the MMU or `translate` refused.
+pub fn remap<H: Host>(
+    mmu: &Mmu<H>,
+    translate: &IdentityTranslate<'_>,
+    scenario: &Scenario,
+    index: u64,
+    broken: bool,
+) -> Result<(), String> {
+    let (at, Step::Remap { gpa }) = step(scenario, index)? else {
+        return Err(format!("hypercall remap names step {index}, which is no remap"));
+    };
+    let earlier = scenario.steps[..at].iter().filter(|s| matches!(s, Step::Remap { .. })).count();
+    let from = host_addr(gpa.0 & !0xfff);
+    let to = host_addr(REMAP_POOL_OFFSET + earlier as u64 * 4096);
+    let first = gpa.gfn().0 & !511;
+    if !broken {
+        mmu.write()
+            .invalidate_range_start(AS_ID, Gfn(first), Gfn(first + 512))
+            .map_err(|e| format!("remap: {e}"))?;
     }
+    // SAFETY: `from` and `to` are distinct 4 KiB pages of guest RAM (the data slot's page and a pool
+    // page past every slot, `tdp_metal::scenario::REMAP_POOL_OFFSET`), identity-mapped, and the guest
+    // is stopped at this exit.
+    unsafe {
+        core::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, 4096);
+        core::ptr::write_bytes(from as *mut u8, 0, 4096);
+    }
+    let moved = translate.move_page(from, to);
+    if !broken {
+        mmu.write().invalidate_range_end().map_err(|e| format!("remap: {e}"))?;
+    }
+    moved.map_err(|e| format!("remap: {e}"))
+}
+
+/// Emulates the MMIO access at guest `rip` to `gpa`: the two `moffs` forms the guest generator emits
+/// (REX.W A1 `mov rax, [moffs64]`, REX.W A3 `mov [moffs64], rax`, 10 bytes each), with the guest's RAX
+/// in `rax`. Records the access in `seen` and returns RAX after the instruction and its length.
+///
+/// # Errors
+/// `rip` outside the guest code, or an instruction that is neither form for `gpa`.
+pub fn emulate_mmio(
+    code: core::ops::Range<u64>,
+    rip: u64,
+    gpa: u64,
+    rax: u64,
+    seen: &mut Observed,
+) -> Result<(u64, u64), String> {
+    if !(code.start..code.end.saturating_sub(10)).contains(&rip) {
+        return Err(format!("MMIO at {gpa:#x} from rip {rip:#x} outside the guest code"));
+    }
+    let mut insn = [0u8; 10];
+    // SAFETY: `rip` lies in the guest's code area (checked above), backed by identity-mapped guest RAM
+    // that nothing else writes while the guest is stopped.
+    unsafe { core::ptr::copy_nonoverlapping(host_addr(rip) as *const u8, insn.as_mut_ptr(), 10) };
+    let mut moffs = [0u8; 8];
+    moffs.copy_from_slice(&insn[2..]);
+    if u64::from_le_bytes(moffs) != gpa {
+        return Err(format!("MMIO exit at {gpa:#x} but the instruction addresses {moffs:x?}"));
+    }
+    match insn[..2] {
+        [0x48, 0xa1] => {
+            seen.mmio_reads += 1;
+            Ok((mmio_value(Gpa(gpa)), 10))
+        }
+        [0x48, 0xa3] => {
+            seen.mmio_writes.push((gpa, rax));
+            Ok((rax, 10))
+        }
+        _ => Err(format!("cannot emulate {insn:x?} at rip {rip:#x}")),
+    }
+}
+
+/// The translations of the scenario's sample gfns in the `paging` tables at `root`, decoded with
+/// `read(table_pfn, index)` and the slots' host `bases`.
+pub fn sample(
+    scenario: &Scenario,
+    paging: Paging,
+    mut read: impl FnMut(u64, usize) -> u64,
+    root: u64,
+    bases: &[(u16, u64, u64)],
+) -> Vec<Translation> {
+    scenario
+        .sample_gfns()
+        .into_iter()
+        .map(|gfn| Translation { gfn, kind: translate(paging, &mut read, root, gfn, bases) })
+        .collect()
+}
+
+/// After the run: for each remap step, its address and the `u64` the page's current host frame holds
+/// there.
+pub fn host_reads(scenario: &Scenario, translate: &IdentityTranslate<'_>) -> Vec<(u64, u64)> {
+    scenario
+        .expected_host_reads()
+        .into_iter()
+        .map(|(gpa, _)| {
+            let at = translate.current_address(host_addr(gpa));
+            // SAFETY: `at` is an 8-byte aligned address (the scenario validates remap addresses) in
+            // identity-mapped guest RAM (the page's current frame); the guest has stopped.
+            (gpa, unsafe { core::ptr::read_volatile(at as *const u64) })
+        })
+        .collect()
 }

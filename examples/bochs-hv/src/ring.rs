@@ -1,20 +1,13 @@
-//! The dirty ring of the guest's one vCPU: its memory, the page-modification log page, and the MMU as
-//! the target of a ring reset.
+//! The dirty ring of the guest's one vCPU: its memory and the page-modification log page.
 //!
 //! The producer side is `tdp_vmx::ring_sink::RingSink`: the MMU's fault path marks pages into it (it is
 //! the `DirtySink` of every fault), and so does `tdp_vmx::pml::Pml::drain`, which the run loop calls at
 //! every exit before handling it (KVM's `vmx_flush_pml_buffer` in `vmx_handle_exit`). The harvest
-//! hypercall empties the consumer side, then resets the ring against the MMU ([`MmuReset`]), which
-//! re-protects what was harvested.
+//! hypercall empties the consumer side, then resets the ring against the MMU
+//! (`crate::host_steps::harvest`), which re-protects what was harvested.
 
-use tdp_core::addr::RingSlot;
-use tdp_core::dirty_ring::{DirtyGfn, PML_ENTRIES, ReprotectBatch, ResetTarget, RingConfig, RingError};
-use tdp_core::flush::Flush;
-use tdp_core::memslot::Memslot;
-use tdp_core::mmu::ExclusiveMmu;
+use tdp_core::dirty_ring::{DirtyGfn, PML_ENTRIES, RingConfig, RingError};
 use tdp_vmx::pml::PmlPage;
-
-use crate::host::HvHost;
 
 /// Entries of the ring: room for the scenario's largest harvest (560 pages) below the soft limit
 /// (2048 - 64 - 512 = 1472), so the vCPU never has to exit for a full ring.
@@ -32,25 +25,4 @@ pub static PML_PAGE: PmlPage = PmlPage::new();
 /// As [`RingConfig::new`].
 pub fn config() -> Result<RingConfig, RingError> {
     RingConfig::new(RING_ENTRIES as u32, PML_ENTRIES)
-}
-
-/// The MMU, write-locked, as the target of a ring reset: looks slots up and re-protects each batch,
-/// collecting the flush the caller owes.
-pub struct MmuReset<'m, 'a, 'v> {
-    /// The locked MMU.
-    pub mmu: &'m mut ExclusiveMmu<'a, HvHost<'v>, spin::RwLock<()>>,
-    /// The flushes the re-protections owe, merged.
-    pub flush: Flush,
-}
-
-impl ResetTarget for MmuReset<'_, '_, '_> {
-    fn memslot(&self, slot: RingSlot) -> Option<Memslot> {
-        self.mmu.memslots().get(slot.as_id(), slot.id()).copied()
-    }
-
-    fn reprotect(&mut self, batch: ReprotectBatch) {
-        let slot = batch.slot();
-        let flush = self.mmu.reprotect_dirty(slot.as_id(), slot.id(), batch.offset(), batch.mask());
-        self.flush = core::mem::replace(&mut self.flush, Flush::none()).merge(flush);
-    }
 }

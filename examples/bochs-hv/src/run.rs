@@ -5,16 +5,14 @@
 //! error, reported in the result. The loop stops after `MAX_EXITS` exits (the scenario takes about
 //! 1,150 without PML).
 
-use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use tdp_core::addr::{Gpa, SlotId};
+use tdp_core::addr::SlotId;
 use tdp_core::dirty_ring::DirtyRingConsumer;
-use tdp_core::flush::Flush;
-use tdp_core::memslot::SlotFlags;
 use tdp_core::mmu::{EmulateReason, Mmu, RootRef, VcpuMmu};
+use tdp_metal::scenario::{AS_ID, Broken, Observed, Paging, Scenario, Translation};
 use tdp_vmx::caps::EptFeatures;
 use tdp_vmx::eptp::Eptp;
 use tdp_vmx::exit::VmExit;
@@ -22,15 +20,12 @@ use tdp_vmx::instr::{VmxError, VmxInstructions};
 use tdp_vmx::pml::Pml;
 use tdp_vmx::raw::X86Vmx;
 use tdp_vmx::ring_sink::RingSink;
-use tdp_vmx::scenario::{AS_ID, Observed, Scenario, Translation, mmio_value, translate};
 use tdp_vmx::vcpu::{ExitAction, handle_exit, install_root};
 use tdp_vmx::vmcs::{VmInstructionError, VmcsField as F};
 
-use crate::guest;
 use crate::host::{HvHost, read_entry};
-use crate::layout::host_addr;
-use crate::ring::MmuReset;
 use crate::vmx::{self, GuestRegs};
+use crate::{BROKEN, guest, host_steps};
 
 /// Exits after which the run is declared stuck (the scenario needs well under a hundred).
 const MAX_EXITS: u64 = 10_000;
@@ -173,33 +168,14 @@ impl Hv<'_, '_> {
         Ok(())
     }
 
-    /// Emulates the two instructions the guest uses for MMIO: `mov rax, [moffs64]` (REX.W A1) and
-    /// `mov [moffs64], rax` (REX.W A3), both 10 bytes.
+    /// Emulates the two instructions the guest uses for MMIO (`host_steps::emulate_mmio`).
     fn emulate_mmio(&mut self, gpa: u64, regs: &mut GuestRegs) -> Result<(), Stop> {
         let rip = self.vmx.vmread(F::GUEST_RIP)?;
-        if !(guest::CODE..guest::CODE + 0x1_0000 - 10).contains(&rip) {
-            return Err(Stop::Error(format!("MMIO at {gpa:#x} from rip {rip:#x} outside the guest code")));
-        }
-        let mut insn = [0u8; 10];
-        // SAFETY: `rip` lies in the guest's code area (checked above), backed by identity-mapped guest RAM
-        // that nothing else writes while the guest is stopped.
-        unsafe { core::ptr::copy_nonoverlapping(host_addr(rip) as *const u8, insn.as_mut_ptr(), 10) };
-        let mut moffs = [0u8; 8];
-        moffs.copy_from_slice(&insn[2..]);
-        if u64::from_le_bytes(moffs) != gpa {
-            return Err(Stop::Error(format!(
-                "MMIO exit at {gpa:#x} but the instruction addresses {moffs:x?}"
-            )));
-        }
-        match insn[..2] {
-            [0x48, 0xa1] => {
-                regs.rax = mmio_value(Gpa(gpa));
-                self.seen.mmio_reads += 1;
-            }
-            [0x48, 0xa3] => self.seen.mmio_writes.push((gpa, regs.rax)),
-            _ => return Err(Stop::Error(format!("cannot emulate {insn:x?} at rip {rip:#x}"))),
-        }
-        self.vmx.vmwrite(F::GUEST_RIP, rip + 10)?;
+        let code = guest::CODE..guest::CODE_END;
+        let (rax, len) =
+            host_steps::emulate_mmio(code, rip, gpa, regs.rax, &mut self.seen).map_err(Stop::Error)?;
+        regs.rax = rax;
+        self.vmx.vmwrite(F::GUEST_RIP, rip + len)?;
         Ok(())
     }
 
@@ -223,8 +199,17 @@ impl Hv<'_, '_> {
                 self.start_logging(SlotId(slot))?;
             }
             guest::HC_HARVEST => self.harvest(regs.rdi)?,
-            guest::HC_AGE => self.age(regs.rdi)?,
-            guest::HC_REMAP => self.remap(regs.rdi)?,
+            guest::HC_AGE => {
+                let young = host_steps::age(self.mmu, self.scenario, regs.rdi, BROKEN == Some(Broken::Age))
+                    .map_err(Stop::Error)?;
+                self.seen.young.push(young);
+            }
+            guest::HC_REMAP => {
+                let translate = &self.mmu.host().translate;
+                let broken = BROKEN == Some(Broken::Remap);
+                host_steps::remap(self.mmu, translate, self.scenario, regs.rdi, broken)
+                    .map_err(Stop::Error)?;
+            }
             other => return Err(Stop::Error(format!("unknown hypercall {other} at rip {rip:#x}"))),
         }
         self.vmx.vmwrite(F::GUEST_RIP, rip + len)?;
@@ -237,29 +222,12 @@ impl Hv<'_, '_> {
         let Some(root) = self.vcpu.root().map(|r| r.pfn().0) else {
             return Vec::new();
         };
-        self.scenario
-            .sample_gfns()
-            .into_iter()
-            .map(|gfn| Translation {
-                gfn,
-                kind: translate(|t, i| read_entry(host, t, i), root, gfn, &self.bases),
-            })
-            .collect()
+        host_steps::sample(self.scenario, Paging::Ept, |t, i| read_entry(host, t, i), root, &self.bases)
     }
 
     fn start_logging(&mut self, slot: SlotId) -> Result<(), Stop> {
         self.seen.early_translations = self.sample();
-        let mut mmu = self.mmu.write();
-        let flags = mmu
-            .memslots()
-            .get(AS_ID, slot)
-            .map(|s| s.flags | SlotFlags::LOG_DIRTY)
-            .ok_or_else(|| Stop::Error(format!("start logging: no slot {}", slot.0)))?;
-        let flush = mmu
-            .set_memslot_flags(AS_ID, slot, flags)
-            .map_err(|e| Stop::Error(format!("start logging on slot {}: {e}", slot.0)))?;
-        drop(mmu);
-        flush.run(self.mmu.host());
+        host_steps::start_logging(self.mmu, slot).map_err(Stop::Error)?;
         #[cfg(feature = "broken-ept")]
         crate::broken::unprotect_slot(
             self.vmx,
@@ -277,18 +245,7 @@ impl Hv<'_, '_> {
         if n != self.seen.harvests.len() as u64 {
             return Err(Stop::Error(format!("harvest {n} out of order")));
         }
-        let mut set = BTreeSet::new();
-        let slots = self.scenario.slots;
-        self.consumer.harvest(usize::MAX, |e| {
-            let base = slots.iter().find(|s| s.id == e.slot.id()).map_or(u64::MAX, |s| s.base_gfn.0);
-            set.insert(base.wrapping_add(e.offset));
-        });
-        let mut mmu = self.mmu.write();
-        let mut target = MmuReset { mmu: &mut mmu, flush: Flush::none() };
-        self.sink.reset(&mut target);
-        let flush = target.flush;
-        drop(mmu);
-        flush.run(self.mmu.host());
+        let set = host_steps::harvest(self.mmu, self.scenario, &mut self.sink, &mut self.consumer);
         self.seen.harvests.push(set);
         self.seen.ring_lost = self.sink.stats().lost;
         Ok(())

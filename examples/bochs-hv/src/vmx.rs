@@ -147,7 +147,7 @@ pub fn enter(regs: &mut GuestRegs, launched: bool) -> Result<(), ()> {
 }
 
 /// Adjusts CR0 and CR4 to the fixed bits (with CR4.VMXE), executes VMXON on `vmxon_region`, then
-/// VMCLEAR and VMPTRLD on `vmcs`, so that `vmcs` is current.
+/// VMCLEAR and VMPTRLD on `vmcs` ([`load_vmcs`]), so that `vmcs` is current.
 ///
 /// # Errors
 /// IA32_FEATURE_CONTROL forbidding VMXON, or the failing instruction with its VM-instruction error.
@@ -161,14 +161,26 @@ pub fn vmxon(vmx: &X86Vmx, caps: &VmxCapabilities, vmxon_region: &Page, vmcs: &P
         cpu::set_cr4(caps.cr4.adjust(cpu::cr4() | CR4_VMXE));
     }
     let revision = u64::from(caps.basic.revision_id());
-    for page in [vmxon_region, vmcs] {
-        // SAFETY: the pages are the kernel's own statics, not yet handed to the CPU.
-        unsafe { (*page.0.get())[0] = revision };
-    }
-    // SAFETY: CPL 0, CR0/CR4 adjusted above with VMXE, IA32_FEATURE_CONTROL checked; the two regions are
-    // distinct 4 KiB-aligned statics that the kernel never touches again (the CPU owns them).
+    // SAFETY: the page is the kernel's own static, not yet handed to the CPU.
+    unsafe { (*vmxon_region.0.get())[0] = revision };
+    // SAFETY: CPL 0, CR0/CR4 adjusted above with VMXE, IA32_FEATURE_CONTROL checked; the region is a
+    // 4 KiB-aligned static that the kernel never touches again (the CPU owns it).
+    unsafe { vmx.vmxon(vmxon_region.addr()).map_err(|e| format!("{e}"))? };
+    load_vmcs(vmx, caps, vmcs)
+}
+
+/// VMCLEAR and VMPTRLD on `vmcs` (after writing its revision id), so that `vmcs` is this processor's
+/// current VMCS, in its clear launch state.
+///
+/// # Errors
+/// The failing instruction with its VM-instruction error.
+pub fn load_vmcs(vmx: &X86Vmx, caps: &VmxCapabilities, vmcs: &Page) -> Result<(), String> {
+    // SAFETY: the page is one of the kernel's own statics, used as no other VMCS and not yet handed to
+    // the CPU (each VMCS page is loaded once).
+    unsafe { (*vmcs.0.get())[0] = u64::from(caps.basic.revision_id()) };
+    // SAFETY: this processor is in VMX operation (`vmxon` ran); the region is a 4 KiB-aligned static
+    // distinct from every VMXON region and other VMCS, which the kernel never touches again.
     unsafe {
-        vmx.vmxon(vmxon_region.addr()).map_err(|e| format!("{e}"))?;
         vmx.vmclear(vmcs.addr()).map_err(|e| format!("{e}"))?;
         vmx.vmptrld(vmcs.addr()).map_err(|e| format!("{e}"))?;
     }

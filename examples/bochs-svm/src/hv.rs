@@ -1,52 +1,42 @@
-//! One processor's hypervisor: its VMCB, ASID, root and dirty ring, the exit loop
-//! (`tdp_svm::vcpu::run`, which hands #NPFs to tdp-core's fault handler on the MMU both processors
-//! share), MMIO emulation and the hypercalls. [`run_cpu`] runs on the bootstrap processor for vCPU 0 and
-//! on the second processor (from `ap`) for vCPU 1.
+//! One vCPU on one processor: its VMCB, ASID, root and dirty ring, and the exit loop
+//! (`tdp_svm::vcpu::run`, which hands #NPFs to tdp-core's fault handler on the MMU every processor
+//! shares) up to the next exit the hypervisor handles ([`Vcpu`]); and the two-vCPU part's run on each
+//! processor ([`run_cpu`], its hypercalls in `crate::smp_guest`), on the bootstrap processor for vCPU 0
+//! and on the second processor ([`ap_run`], called by `crate::smp`) for vCPU 1.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeSet;
 use alloc::format;
 use alloc::string::String;
-use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
 
-use tdp_core::addr::{AsId, SlotId};
+use tdp_core::addr::Pfn;
 use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, RingConfig};
-use tdp_core::memslot::SlotFlags;
-use tdp_core::mmu::{EmulateReason, FaultCounters, Mmu, VcpuMmu};
+use tdp_core::fault::npf_code;
+use tdp_core::mmu::{Mmu, VcpuMmu};
+use tdp_metal::scenario::AS_ID;
 use tdp_svm::asid::AsidAllocator;
 use tdp_svm::caps::NptFeatures;
 use tdp_svm::exit::{SvmExit, code};
 use tdp_svm::host::{RingSink, SvmHost};
-use tdp_svm::instr::GuestRegs;
+use tdp_svm::instr::{GuestRegs, SvmInstructions};
 use tdp_svm::msr;
-use tdp_svm::raw::X86Svm;
+use tdp_svm::raw::{HsavePage, X86Svm};
 use tdp_svm::vcpu::{ExitAction, ExitReport, RunContext, SvmVcpu, install_root, run};
 use tdp_svm::vmcb::{InterceptMisc1, InterceptMisc2, PAT_RESET, Vmcb, VmcbSegment};
 
-use crate::guest::{self, HC_BARRIER, HC_DONE, HC_FAIL, HC_HARVEST, HC_HARVEST_MINE, HC_START_LOGGING};
-use crate::layout::host_addr;
+use crate::guest;
+use crate::smp_guest::{self, SmpOutcome};
 
-/// The MMU both processors share.
-pub type ProbeMmu = Mmu<SvmHost<'static, 'static>>;
-/// The address space of every memslot.
-pub const AS_ID: AsId = AsId(0);
-/// (slot, first gfn, pages, flags): slot 0 holds the guest's tables, code and stack; slot 1 is the data
-/// vCPU 0 logs by hypercall; slot 2 the race slot, logged from the start.
-pub const SLOTS: [(u16, u64, u64, SlotFlags); 3] = [
-    (0, 0, 512, SlotFlags::empty()),
-    (1, guest::DATA >> 12, 512, SlotFlags::empty()),
-    (2, guest::RACE, 512, SlotFlags::LOG_DIRTY),
-];
+/// The MMU every processor shares.
+pub type SvmMmu = Mmu<SvmHost<'static, 'static>>;
 
-/// What both processors share, set up once by the bootstrap processor.
+/// What every processor shares, set up once by the bootstrap processor.
 pub struct Shared {
     /// The MMU.
-    pub mmu: ProbeMmu,
+    pub mmu: SvmMmu,
     /// The nested-paging features.
     pub npt: NptFeatures,
-    /// The guest's entry points, per vCPU.
-    pub entries: [u64; 2],
+    /// The two-vCPU part's entry points, per vCPU.
+    pub smp_entries: [u64; 2],
     /// The VM's ASIDs, one per vCPU.
     pub asids: spin::Mutex<AsidAllocator>,
 }
@@ -54,45 +44,14 @@ pub struct Shared {
 /// Set by the bootstrap processor before it wakes the other.
 pub static SHARED: spin::Once<Shared> = spin::Once::new();
 
-/// Exits after which a vCPU is declared stuck.
+/// Exits after which a vCPU is declared stuck (the scenario takes about 1,150).
 const MAX_EXITS: u64 = 10_000;
-const RING_ENTRIES: usize = 1024;
-static RINGS: [[DirtyGfn; RING_ENTRIES]; 2] = [const { [const { DirtyGfn::zeroed() }; RING_ENTRIES] }; 2];
-/// The last barrier each vCPU reached.
-static BARRIERS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
-/// Spins a barrier waits at most before it fails.
-const BARRIER_SPINS: u64 = 50_000_000;
+/// Entries of each two-vCPU ring.
+const SMP_RING_ENTRIES: usize = 1024;
+static SMP_RINGS: [[DirtyGfn; SMP_RING_ENTRIES]; 2] =
+    [const { [const { DirtyGfn::zeroed() }; SMP_RING_ENTRIES] }; 2];
 
-/// What one vCPU's run saw.
-#[derive(Default)]
-pub struct Outcome {
-    /// The first error, if any.
-    pub error: Option<String>,
-    /// The guest reached its `done` hypercall.
-    pub done: bool,
-    /// Exits taken.
-    pub exits: u64,
-    /// The first #NPFs: (EXITINFO1, EXITINFO2).
-    pub npfs: Vec<(u64, u64)>,
-    /// (RIP, nRIP) at each VMMCALL exit.
-    pub nrips: Vec<(u64, u64)>,
-    /// Harvests of the one-vCPU part (vCPU 0).
-    pub harvests: Vec<BTreeSet<u64>>,
-    /// Harvests of the two-vCPU part (this vCPU's own ring).
-    pub own_harvests: Vec<BTreeSet<u64>>,
-    /// MMIO reads emulated.
-    pub mmio_reads: u64,
-    /// What the vCPU's faults came to.
-    pub counters: Option<FaultCounters>,
-    /// The vCPU's root (for the walk after the run).
-    pub root: Option<tdp_core::addr::Pfn>,
-    /// The ring's counters.
-    pub ring: Option<tdp_svm::host::SinkStats>,
-    /// The vCPU's ASID.
-    pub asid: u32,
-}
-
-/// The guest's initial state for the vCPU entering at `entry`: 64-bit mode, identity paging at
+/// The guest's initial state for a vCPU entering at `entry`: 64-bit mode, identity paging at
 /// `guest::PML4`, flat segments; HLT, shutdown, every exception, VMRUN and VMMCALL intercepted.
 fn setup_vmcb(vmcb: &mut Vmcb, entry: u64) {
     let c = &mut vmcb.control;
@@ -115,195 +74,206 @@ fn setup_vmcb(vmcb: &mut Vmcb, entry: u64) {
     s.g_pat = PAT_RESET;
 }
 
-/// Runs vCPU `cpu` (0 or 1) on this processor, whose SVM is enabled, to its end or first error.
-pub fn run_cpu(cpu: usize, svm: &X86Svm, shared: &Shared) -> Outcome {
-    let mut out = Outcome::default();
-    if let Err(e) = run_inner(cpu, svm, shared, &mut out) {
-        out.error = Some(e);
+/// One vCPU: what the exit loop needs, and what it counted.
+pub struct Vcpu<'s> {
+    svm: &'s X86Svm,
+    shared: &'s Shared,
+    /// The VMCB (guest state and the last exit).
+    pub vmcb: Box<Vmcb>,
+    /// The vCPU's MMU state: its root, page cache and fault counters.
+    pub mmu_vcpu: VcpuMmu,
+    /// Its ASID and flush state.
+    pub svm_vcpu: SvmVcpu,
+    /// The guest's registers the VMCB does not hold.
+    pub regs: GuestRegs,
+    /// Its dirty ring's producer, the MMU's dirty sink for its faults.
+    pub sink: RingSink<'static>,
+    /// The ring's consumer.
+    pub consumer: DirtyRingConsumer<'static>,
+    /// Exits taken.
+    pub exits: u64,
+    /// #NPFs that were not reserved-bit ones (EPT violations' counterpart).
+    pub npfs: u64,
+    /// Reserved-bit #NPFs (an MMIO entry hit again: EPT misconfigurations' counterpart).
+    pub rsvd_npfs: u64,
+}
+
+impl<'s> Vcpu<'s> {
+    /// vCPU entering at `entry` on this processor (whose SVM is enabled), with the ring in `ring`.
+    ///
+    /// # Errors
+    /// No root, no ASID left, or a ring the configuration refuses.
+    pub fn new(
+        svm: &'s X86Svm,
+        shared: &'s Shared,
+        entry: u64,
+        ring: &'static [DirtyGfn],
+        reserve: u32,
+    ) -> Result<Vcpu<'s>, String> {
+        let mmu = &shared.mmu;
+        let mut vmcb = Box::new(Vmcb::new());
+        setup_vmcb(&mut vmcb, entry);
+        let mut mmu_vcpu = VcpuMmu::new();
+        mmu.load_root(&mut mmu_vcpu, AS_ID).map_err(|e| format!("root: {e}"))?;
+        let asid = shared.asids.lock().alloc().map_err(|e| format!("ASID: {e}"))?;
+        let mut svm_vcpu = SvmVcpu::new(asid, &mmu.host().tlb);
+        let root = mmu_vcpu.root().ok_or("no root")?;
+        install_root(&mut vmcb, &mut svm_vcpu, &shared.npt, mmu.config(), root)
+            .map_err(|e| format!("{e}"))?;
+        let entries = u32::try_from(ring.len()).map_err(|_| "ring too large")?;
+        let cfg = RingConfig::new(entries, reserve).map_err(|e| format!("ring: {e}"))?;
+        let producer = DirtyRingProducer::new(ring, cfg).map_err(|e| format!("ring: {e}"))?;
+        let consumer = DirtyRingConsumer::new(ring, cfg).map_err(|e| format!("ring: {e}"))?;
+        let sink = RingSink::new(producer).map_err(|e| format!("ring sink: {e}"))?;
+        Ok(Vcpu {
+            svm,
+            shared,
+            vmcb,
+            mmu_vcpu,
+            svm_vcpu,
+            regs: GuestRegs::default(),
+            sink,
+            consumer,
+            exits: 0,
+            npfs: 0,
+            rsvd_npfs: 0,
+        })
+    }
+
+    /// The MMU.
+    pub fn mmu(&self) -> &'s SvmMmu {
+        &self.shared.mmu
+    }
+
+    /// The vCPU's root.
+    pub fn root(&self) -> Option<Pfn> {
+        self.mmu_vcpu.root().map(|r| r.pfn())
+    }
+
+    /// VMRUNs until an exit the hypervisor handles (MMIO to emulate, a VMMCALL, anything else), and
+    /// returns what to do about it.
+    ///
+    /// # Errors
+    /// The exit loop's error, or a ring at its soft limit (the scenario sizes rings so that it never
+    /// is between harvests).
+    pub fn next_exit(&mut self) -> Result<ExitAction, String> {
+        let mmu = self.mmu();
+        let (mut exits, mut npfs, mut rsvd) = (0u64, 0u64, 0u64);
+        let mut observe = |_: &Vmcb, report: &ExitReport| {
+            exits += 1;
+            if let SvmExit::Npf(npf) = report.exit {
+                if npf.error_code & npf_code::RSVD != 0 {
+                    rsvd += 1;
+                } else {
+                    npfs += 1;
+                }
+            }
+        };
+        let mut cx = RunContext {
+            mmu_vcpu: &mut self.mmu_vcpu,
+            svm_vcpu: &mut self.svm_vcpu,
+            regs: &mut self.regs,
+            features: &self.shared.npt,
+            observe: &mut observe,
+        };
+        let report = run(
+            self.svm,
+            mmu,
+            &mmu.host().tlb,
+            &mut self.vmcb,
+            &mut cx,
+            &mut self.sink,
+            RingSink::must_exit,
+            MAX_EXITS,
+        );
+        self.exits += exits;
+        self.npfs += npfs;
+        self.rsvd_npfs += rsvd;
+        let report = report.map_err(|e| format!("exit loop: {e}"))?;
+        if self.sink.must_exit() {
+            return Err(format!("dirty ring soft-full between harvests: {:?}", self.sink.stats()));
+        }
+        Ok(report.action)
+    }
+
+    /// Moves RIP past the VMMCALL that exited: to nRIP where the CPU saves it, else by its 3 bytes.
+    pub fn skip_vmmcall(&mut self) {
+        let rip = self.vmcb.save.rip;
+        self.vmcb.save.rip =
+            if self.shared.npt.nrip_save { self.vmcb.control.next_rip } else { rip.wrapping_add(3) };
+    }
+
+    /// A description of the last exit, for an error.
+    pub fn describe_exit(&self, action: &ExitAction) -> String {
+        let c = &self.vmcb.control;
+        format!(
+            "unexpected exit {action:?} (code {:#x}, info1 {:#x}, info2 {:#x}) at rip {:#x}",
+            c.exit_code, c.exit_info1, c.exit_info2, self.vmcb.save.rip
+        )
+    }
+
+    /// Gives the root back to the MMU.
+    pub fn release(&mut self) {
+        self.mmu().release_vcpu(&mut self.mmu_vcpu);
+    }
+}
+
+/// The second processor's host save area.
+static AP_HSAVE: HsavePage = HsavePage::new();
+
+/// The second processor's work (called by `crate::smp` in long mode): enables SVM on it with its own
+/// host save area and runs vCPU 1's two-vCPU part.
+pub fn ap_run() -> SmpOutcome {
+    let Some(shared) = SHARED.get() else {
+        return SmpOutcome { error: Some(String::from("vCPU 1: no shared MMU")), ..SmpOutcome::default() };
+    };
+    // SAFETY: CPL 0 on the same identity mapping as the bootstrap processor; CPUID reported SVM with
+    // nested paging there (every processor of a Bochs machine is the same model) before the shared state
+    // was set; the VMCB `run_cpu` runs confines its guest to tdp-core's tables.
+    let svm = unsafe { X86Svm::new() };
+    svm.set_hsave(&AP_HSAVE);
+    svm.enable_svme();
+    crate::smp::AP_STAGE.store(2, core::sync::atomic::Ordering::Release);
+    run_cpu(1, &svm, shared)
+}
+
+/// Runs vCPU `cpu`'s (0 or 1) two-vCPU part on this processor, whose SVM is enabled, to its end or
+/// first error.
+pub fn run_cpu(cpu: usize, svm: &X86Svm, shared: &Shared) -> SmpOutcome {
+    let mut out = SmpOutcome::default();
+    match Vcpu::new(svm, shared, shared.smp_entries[cpu], &SMP_RINGS[cpu], 64) {
+        Ok(mut vcpu) => {
+            out.tag = vcpu.svm_vcpu.asid().raw();
+            let entry_flushes = shared.mmu.host().tlb.stats().entry_flushes;
+            if let Err(e) = smp_loop(cpu, &mut vcpu, &mut out) {
+                out.error = Some(format!("vCPU {cpu}: {e}"));
+            }
+            // Both vCPUs' flushing VMRUNs together (the counter is VM-wide); the report prints it once.
+            out.entry_flushes = shared.mmu.host().tlb.stats().entry_flushes - entry_flushes;
+            out.exits = vcpu.exits;
+            out.counters = Some(vcpu.mmu_vcpu.counters);
+            out.ring = Some(vcpu.sink.stats());
+            vcpu.release();
+        }
+        Err(e) => out.error = Some(format!("vCPU {cpu}: {e}")),
     }
     if out.error.is_some() {
-        // Release the other vCPU from any barrier: this one will never reach it.
-        BARRIERS[cpu].store(u64::MAX, Ordering::Release);
+        smp_guest::give_up(cpu);
     }
     out
 }
 
-fn run_inner(cpu: usize, svm: &X86Svm, shared: &Shared, out: &mut Outcome) -> Result<(), String> {
-    let mmu = &shared.mmu;
-    let npt = &shared.npt;
-    let mut vmcb = Box::new(Vmcb::new());
-    setup_vmcb(&mut vmcb, shared.entries[cpu]);
-    let mut mmu_vcpu = VcpuMmu::new();
-    mmu.load_root(&mut mmu_vcpu, AS_ID).map_err(|e| format!("root: {e}"))?;
-    let asid = shared.asids.lock().alloc().map_err(|e| format!("ASID: {e}"))?;
-    out.asid = asid.raw();
-    let mut svm_vcpu = SvmVcpu::new(asid, &mmu.host().tlb);
-    let root = mmu_vcpu.root().ok_or("no root")?;
-    install_root(&mut vmcb, &mut svm_vcpu, npt, mmu.config(), root).map_err(|e| format!("{e}"))?;
-    out.root = Some(root.pfn());
-
-    let cfg = RingConfig::new(RING_ENTRIES as u32, 64).map_err(|e| format!("ring: {e}"))?;
-    let producer = DirtyRingProducer::new(&RINGS[cpu], cfg).map_err(|e| format!("ring: {e}"))?;
-    let mut consumer = DirtyRingConsumer::new(&RINGS[cpu], cfg).map_err(|e| format!("ring: {e}"))?;
-    let mut sink = RingSink::new(producer).map_err(|e| format!("ring sink: {e}"))?;
-
-    let mut regs = GuestRegs::default();
-    let mut exits = 0u64;
-    let mut npfs: Vec<(u64, u64)> = Vec::new();
-    let mut observe = |vmcb: &Vmcb, report: &ExitReport| {
-        exits += 1;
-        if let SvmExit::Npf(npf) = report.exit
-            && npfs.len() < 16
-        {
-            npfs.push((npf.error_code, vmcb.control.exit_info2));
+fn smp_loop(cpu: usize, vcpu: &mut Vcpu<'_>, out: &mut SmpOutcome) -> Result<(), String> {
+    loop {
+        let action = vcpu.next_exit()?;
+        if action != ExitAction::Unhandled(code::VMMCALL) {
+            return Err(vcpu.describe_exit(&action));
         }
-    };
-    let mut cx = RunContext {
-        mmu_vcpu: &mut mmu_vcpu,
-        svm_vcpu: &mut svm_vcpu,
-        regs: &mut regs,
-        features: npt,
-        observe: &mut observe,
-    };
-    let result = loop {
-        let report = match run(
-            svm,
-            mmu,
-            &mmu.host().tlb,
-            &mut vmcb,
-            &mut cx,
-            &mut sink,
-            RingSink::must_exit,
-            MAX_EXITS,
-        ) {
-            Ok(r) => r,
-            Err(e) => break Err(format!("vCPU {cpu}: exit loop: {e}")),
-        };
-        if sink.must_exit() {
-            break Err(format!("vCPU {cpu}: dirty ring soft-full: {:?}", sink.stats()));
+        vcpu.skip_vmmcall();
+        let (number, arg) = (vcpu.regs.rbx, vcpu.regs.rdi);
+        let mmu = vcpu.mmu();
+        if smp_guest::hypercall(cpu, number, arg, mmu, &mut vcpu.sink, &mut vcpu.consumer, out)? {
+            return Ok(());
         }
-        let rip = vmcb.save.rip;
-        let step = match report.action {
-            ExitAction::Emulate { gpa, reason: EmulateReason::Mmio, .. } => {
-                emulate_mmio(&mut vmcb, gpa.0, out)
-            }
-            ExitAction::Unhandled(code::VMMCALL) => {
-                let next = if npt.nrip_save { vmcb.control.next_rip } else { rip.wrapping_add(3) };
-                out.nrips.push((rip, vmcb.control.next_rip));
-                let r = hypercall(cpu, mmu, &mut sink, &mut consumer, cx.regs, out);
-                vmcb.save.rip = next;
-                r
-            }
-            other => Err(format!(
-                "vCPU {cpu}: unexpected exit {other:?} (code {:#x}, info1 {:#x}, info2 {:#x}) at rip {rip:#x}",
-                vmcb.control.exit_code, vmcb.control.exit_info1, vmcb.control.exit_info2
-            )),
-        };
-        match step {
-            Ok(false) => {}
-            Ok(true) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
-    out.exits = exits;
-    out.npfs = npfs;
-    out.counters = Some(mmu_vcpu.counters);
-    out.ring = Some(sink.stats());
-    mmu.release_vcpu(&mut mmu_vcpu);
-    result
-}
-
-/// Emulates `mov rax, [moffs64]` (REX.W A1) at the guest's RIP.
-fn emulate_mmio(vmcb: &mut Vmcb, gpa: u64, out: &mut Outcome) -> Result<bool, String> {
-    let rip = vmcb.save.rip;
-    if !(guest::CODE..guest::CODE_END - 10).contains(&rip) {
-        return Err(format!("MMIO at {gpa:#x} from rip {rip:#x} outside the guest code"));
-    }
-    let mut insn = [0u8; 10];
-    // SAFETY: `rip` lies in the guest's code area (checked above), identity-mapped guest RAM nothing
-    // writes while the guest runs.
-    unsafe { core::ptr::copy_nonoverlapping(host_addr(rip) as *const u8, insn.as_mut_ptr(), 10) };
-    let mut moffs = [0u8; 8];
-    moffs.copy_from_slice(&insn[2..]);
-    if insn[..2] != [0x48, 0xa1] || u64::from_le_bytes(moffs) != gpa {
-        return Err(format!("cannot emulate {insn:x?} at rip {rip:#x} for MMIO at {gpa:#x}"));
-    }
-    vmcb.save.rax = guest::mmio_value(gpa);
-    vmcb.save.rip = rip + 10;
-    out.mmio_reads += 1;
-    Ok(false)
-}
-
-/// Waits until the other vCPU reached barrier `n` (or gave up).
-fn barrier(cpu: usize, n: u64) -> Result<(), String> {
-    BARRIERS[cpu].store(n, Ordering::Release);
-    for _ in 0..BARRIER_SPINS {
-        match BARRIERS[1 - cpu].load(Ordering::Acquire) {
-            u64::MAX => return Err(format!("vCPU {cpu}: the other vCPU failed before barrier {n}")),
-            m if m >= n => return Ok(()),
-            _ => core::hint::spin_loop(),
-        }
-    }
-    Err(format!("vCPU {cpu}: barrier {n} not reached by the other vCPU"))
-}
-
-/// Harvests this vCPU's ring into a set of gfns and resets it (re-protecting what was harvested), then
-/// runs the flush the reset owes.
-fn harvest(
-    mmu: &ProbeMmu,
-    sink: &mut RingSink<'static>,
-    consumer: &mut DirtyRingConsumer<'static>,
-) -> BTreeSet<u64> {
-    let mut set = BTreeSet::new();
-    consumer.harvest(usize::MAX, |e| {
-        let base = SLOTS.iter().find(|s| s.0 == e.slot.id().0).map_or(u64::MAX, |s| s.1);
-        set.insert(base.wrapping_add(e.offset));
-    });
-    let (_, flush) = sink.reset_by(|ring| mmu.write().reset_dirty_ring(ring));
-    flush.run(mmu.host());
-    set
-}
-
-fn hypercall(
-    cpu: usize,
-    mmu: &ProbeMmu,
-    sink: &mut RingSink<'static>,
-    consumer: &mut DirtyRingConsumer<'static>,
-    regs: &GuestRegs,
-    out: &mut Outcome,
-) -> Result<bool, String> {
-    match regs.rbx {
-        HC_DONE => {
-            out.done = true;
-            BARRIERS[cpu].store(u64::MAX - 1, Ordering::Release);
-            Ok(true)
-        }
-        HC_FAIL => Err(format!("vCPU {cpu}: MMIO read {} returned the wrong value", regs.rdi)),
-        HC_START_LOGGING => {
-            let slot = SlotId(u16::try_from(regs.rdi).map_err(|_| "slot out of range")?);
-            let mut w = mmu.write();
-            let flags = w.memslots().get(AS_ID, slot).map(|s| s.flags).ok_or("no such slot")?;
-            let flush =
-                w.set_memslot_flags(AS_ID, slot, flags | SlotFlags::LOG_DIRTY).map_err(|e| format!("{e}"))?;
-            drop(w);
-            flush.run(mmu.host());
-            Ok(false)
-        }
-        HC_HARVEST => {
-            if regs.rdi != out.harvests.len() as u64 {
-                return Err(format!("harvest {} out of order", regs.rdi));
-            }
-            out.harvests.push(harvest(mmu, sink, consumer));
-            Ok(false)
-        }
-        HC_BARRIER => barrier(cpu, regs.rdi).map(|()| false),
-        HC_HARVEST_MINE => {
-            if regs.rdi != out.own_harvests.len() as u64 {
-                return Err(format!("vCPU {cpu}: own harvest {} out of order", regs.rdi));
-            }
-            out.own_harvests.push(harvest(mmu, sink, consumer));
-            Ok(false)
-        }
-        other => Err(format!("vCPU {cpu}: unknown hypercall {other}")),
     }
 }

@@ -1,14 +1,23 @@
-//! `bochs-svm`: a bare-metal SVM probe for tdp-core and tdp-svm, booted by GRUB under Bochs on an AMD
-//! CPU model.
+//! `bochs-svm`: the bare-metal SVM test hypervisor for tdp-core and tdp-svm, booted by GRUB under Bochs
+//! on an AMD CPU model.
 //!
-//! It reads the SVM capabilities, sets VM_HSAVE_PA and EFER.SVME, builds a 64-bit guest ([`guest`])
-//! whose nested page tables tdp-core's `Mmu` fills from the guest's #NPF exits, emulates the guest's
-//! MMIO reads, logs dirty pages by write protection into a tdp-core dirty ring, checks each harvest and
-//! the memory the guest wrote, reads the nested A/D bits Bochs set, and prints `SVM-PROBE` lines and one
-//! `SVM-RESULT pass|fail` line on COM1 before it shuts Bochs down ([`run`]).
+//! It reads the SVM capabilities, sets VM_HSAVE_PA and EFER.SVME, and runs the scenario that
+//! `examples/bochs-hv` runs under VMX (`tdp_metal::scenario::SCENARIO`) on one vCPU whose nested page
+//! tables tdp-core's `Mmu` builds from the guest's #NPF exits: MMIO emulated, dirty logging by write
+//! protection into a tdp-core dirty ring, harvests, aging through NPT A bits, a page moved between
+//! `invalidate_range_start` and `_end`; then it prints the same `TDP-RESULT {json}` line on COM1
+//! ([`scenario`], [`run`]). With a second processor (`cpu: count=2`), it then runs two vCPUs on two
+//! processors faulting the same and different gfns of a dirty-logged slot concurrently and prints a
+//! `TDP-SMP pass|fail|skipped` line ([`hv`], [`smp`], [`smp_guest`]). Any panic or CPU exception prints a
+//! `TDP-PANIC` line.
 //!
-//! The boot path, IDT, serial port, runtime and memory layout are `examples/bochs-hv`'s files, included
-//! by path (not copied); everything SVM comes from `tdp-svm`.
+//! Shared with `examples/bochs-hv` by path (not copied): the boot path, IDT, serial port, runtime,
+//! memory layout, the scenario's guest generator (`guest`), the vendor-neutral hypervisor steps
+//! (`host_steps`: logging, harvests, aging, moving a page, MMIO emulation, sampling), the second
+//! processor's wake-up (`smp`) and the two-vCPU part's guest, hypercalls and checks (`smp_guest`). Everything SVM
+//! comes from `tdp-svm`, the ring sink and the scenario from `tdp-metal`. The must-fail builds:
+//! `broken-npt` gives W and D back to the nested leaves the core protected for dirty logging,
+//! `broken-age` ages without clearing, `broken-remap` moves the page without the MMU notifier.
 #![no_std]
 #![no_main]
 #![no_builtins]
@@ -22,7 +31,10 @@ mod boot;
 #[path = "../../bochs-hv/src/cpu.rs"]
 #[allow(dead_code)]
 mod cpu;
+#[path = "../../bochs-hv/src/guest.rs"]
 mod guest;
+#[path = "../../bochs-hv/src/host_steps.rs"]
+mod host_steps;
 mod hv;
 #[path = "../../bochs-hv/src/idt.rs"]
 #[allow(dead_code)]
@@ -32,9 +44,31 @@ mod layout;
 #[path = "../../bochs-hv/src/rt.rs"]
 mod rt;
 mod run;
+mod scenario;
 #[path = "../../bochs-hv/src/serial.rs"]
 mod serial;
+#[path = "../../bochs-hv/src/smp.rs"]
 mod smp;
+#[path = "../../bochs-hv/src/smp_guest.rs"]
+mod smp_guest;
+
+use tdp_metal::scenario::Broken;
+
+pub(crate) use hv::ap_run;
+
+/// The guest's hypercall instruction (`guest` emits it): VMMCALL.
+pub(crate) const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
+
+/// The must-fail variant this kernel was built as (at most one `broken-*` feature).
+pub(crate) const BROKEN: Option<Broken> = if cfg!(feature = "broken-npt") {
+    Some(Broken::Npt)
+} else if cfg!(feature = "broken-age") {
+    Some(Broken::Age)
+} else if cfg!(feature = "broken-remap") {
+    Some(Broken::Remap)
+} else {
+    None
+};
 
 /// The Rust entry point, called by the boot code with the multiboot2 information address.
 extern "C" fn kmain(_multiboot_info: u32) -> ! {
@@ -44,9 +78,8 @@ extern "C" fn kmain(_multiboot_info: u32) -> ! {
     let mut brand = [0u8; 48];
     let model = cpu::brand(&mut brand);
     println!("bochs-svm: {model}");
-    match run::probe() {
-        Ok(()) => {}
-        Err(e) => println!("SVM-RESULT fail {e}"),
+    if let Err(e) = run::main(model) {
+        println!("TDP-PANIC {e}");
     }
     rt::shutdown()
 }

@@ -8,7 +8,9 @@
 //! Exit codes: 0 every check passed; 1 a check failed (its name is written to stdout); 2 a panic.
 //! Uses from `tdp-core`: `addr::{Gfn, Gpa, Pfn, Level, AsId, SlotId}`, `spte::{SpteFormat::{EPT_AD, NPT},
 //! LeafAttrs, LeafWrite, MemType}`, `memslot::{MemslotSet, Memslot, SlotFlags, SlotError}`. From
-//! `tdp-svm` (the AMD backend, `no_std` too): `caps`, `ncr3`, `exit`, `vmcb` over its fake CPU.
+//! `tdp-svm` (the AMD backend, `no_std` too): `caps`, `ncr3`, `exit`, `vmcb` over its fake CPU. From
+//! `tdp-metal` (the vendor-neutral bare-metal pieces both backends use): `frames`, `region`,
+//! `translate`, and the scenario's validation, expectations and NPT decoding.
 #![no_std]
 #![no_main]
 // Some `mem*` functions in `rt`'s shared `rt_common` are loops (memmove's backward copy, memcmp);
@@ -36,6 +38,7 @@ const CHECKS: &[Check] = &[
     ("memslot: insert, overlap, find", memslot_set),
     ("alloc: heap round trip", heap_round_trip),
     ("tdp-svm: capabilities, nCR3, #NPF decode", svm_backend),
+    ("tdp-metal: table frames, identity translation, scenario", metal_pieces),
 ];
 
 /// Runs every check and returns the process exit code; called by `rt`'s `_start`.
@@ -132,4 +135,33 @@ fn svm_backend() -> bool {
     vmcb.control.exit_info2 = black_box(0x20_1008);
     let npf = matches!(read_exit(&vmcb, AsId(0)), Ok(SvmExit::Npf(n)) if n.fault.gpa == Gpa(0x20_1008));
     npt.asids == 32768 && ncr3.map(|n| n.raw()) == Ok(0x100_9000) && npf
+}
+
+fn metal_pieces() -> bool {
+    use tdp_core::host::{HostTranslate, TableMemory};
+    use tdp_core::spte::Spte;
+    use tdp_metal::frames::TableFrames;
+    use tdp_metal::region::{IdentityRegion, TablePage};
+    use tdp_metal::scenario::{Mapping, Paging, SCENARIO, translate};
+    use tdp_metal::translate::{IdentityTranslate, PhysRange};
+
+    let mut pages: alloc::vec::Vec<TablePage> = (0..black_box(4)).map(|_| TablePage::new()).collect();
+    let Ok(frames) = TableFrames::new(IdentityRegion::from_pages(&mut pages)) else { return false };
+    let allocated = frames.alloc_table(Spte(black_box(0))).is_ok() && frames.stats().in_use == 1;
+    let ram = [PhysRange { start: 0x100_0000, end: 0x200_0000 }];
+    let slot = Memslot::new(AsId(0), SlotId(0), Gfn(0), 4096, 0x100_0000, SlotFlags::empty());
+    let level = IdentityTranslate::new(&ram, Level::L2).translate(&slot, black_box(Gfn(0x205)), true);
+    // A 2 MiB NPT leaf (P, W, PS) under root 1 -> 2 -> 3, for gfn 0x205.
+    let read = |t: u64, i: usize| match (t, i) {
+        (1, 0) => (2 << 12) | 7,
+        (2, 0) => (3 << 12) | 7,
+        (3, 1) => 0x120_0000 | 0x83,
+        _ => 0,
+    };
+    let leaf = translate(Paging::Npt, read, 1, black_box(0x205), &[(1, 0x100_0000, 4096)]);
+    allocated
+        && level.map(|p| p.level) == Ok(Level::L2)
+        && leaf == (Mapping::Leaf { slot: 1, page: 0x205, level: 2, rwx: 7 })
+        && SCENARIO.validate().is_ok()
+        && SCENARIO.expected_harvests().len() == 7
 }

@@ -8,6 +8,8 @@ use serde::Deserialize;
 pub const RESULT_PREFIX: &str = "TDP-RESULT ";
 /// The prefix of the kernel's panic / exception line.
 const PANIC_PREFIX: &str = "TDP-PANIC ";
+/// The prefix of the two-vCPU part's line: a JSON object ([`SmpResult`]), or `skipped: ...`.
+pub const SMP_PREFIX: &str = "TDP-SMP ";
 
 /// The result line of a run's output, parsed; a panic line or no result line is an error.
 ///
@@ -21,11 +23,93 @@ pub fn parse_output(text: &str) -> Result<RunResult> {
         let tail: Vec<&str> = text.lines().rev().take(5).collect();
         bail!("no {RESULT_PREFIX:?} line in the output; last lines: {tail:?}");
     };
-    serde_json::from_str(json).with_context(|| format!("cannot parse the result: {json}"))
+    let mut result: RunResult =
+        serde_json::from_str(json).with_context(|| format!("cannot parse the result: {json}"))?;
+    if let Some(smp) = text.lines().find_map(|l| l.strip_prefix(SMP_PREFIX)) {
+        result.smp = Some(parse_smp(smp)?);
+    }
+    Ok(result)
+}
+
+/// A `TDP-SMP` line after its prefix: its JSON, or what the kernel said instead (`skipped: ...`).
+///
+/// # Errors
+/// A line that starts as JSON but does not parse.
+pub fn parse_smp(line: &str) -> Result<SmpLine> {
+    if line.starts_with('{') {
+        let r = serde_json::from_str(line)
+            .with_context(|| format!("cannot parse the two-vCPU result: {line}"))?;
+        Ok(SmpLine::Ran(r))
+    } else {
+        Ok(SmpLine::Not(line.to_string()))
+    }
+}
+
+/// A run with two processors must have run its two-vCPU part and passed it.
+///
+/// # Errors
+/// No `TDP-SMP` line, a skipped part, or a failed one.
+pub fn check_smp(r: &RunResult) -> Result<&SmpResult> {
+    match &r.smp {
+        Some(SmpLine::Ran(smp)) if smp.verdict == "pass" => Ok(smp),
+        Some(SmpLine::Ran(smp)) => bail!("the two-vCPU part failed: {:?}", smp.failures),
+        Some(SmpLine::Not(what)) => bail!("the two-vCPU part did not run: {what}"),
+        None => bail!("no {SMP_PREFIX:?} line: the kernel stopped before its two-vCPU part"),
+    }
+}
+
+/// What must agree between the two-vCPU part on Bochs and on the mock: what does not depend on the
+/// interleaving (`tdp_metal::scenario::smp::SmpAgreed`) and the verdict.
+#[must_use]
+pub fn compare_smp(bochs: &SmpResult, mock: &SmpResult) -> Vec<String> {
+    let mut diffs = Vec::new();
+    if bochs.phase_a != mock.phase_a {
+        diffs.push(format!("phase A's pages: bochs {:x?}, mock {:x?}", bochs.phase_a, mock.phase_a));
+    }
+    if bochs.phase_b != mock.phase_b {
+        diffs.push(format!("phase B's rings: bochs {:x?}, mock {:x?}", bochs.phase_b, mock.phase_b));
+    }
+    if bochs.own_memory != mock.own_memory {
+        diffs.push(format!("own pages' memory: bochs {:x?}, mock {:x?}", bochs.own_memory, mock.own_memory));
+    }
+    if bochs.verdict != mock.verdict {
+        diffs.push(format!("two-vCPU verdict: bochs {}, mock {}", bochs.verdict, mock.verdict));
+    }
+    diffs
+}
+
+/// A `TDP-SMP` line.
+#[derive(Clone, Debug)]
+pub enum SmpLine {
+    /// The part ran: its result.
+    Ran(SmpResult),
+    /// It did not (`skipped: one processor`).
+    Not(String),
+}
+
+/// The two-vCPU part's `TDP-SMP` JSON (`tdp_metal::scenario::smp::write_smp_line`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct SmpResult {
+    /// `bochs` or `mock`.
+    pub runner: String,
+    /// The CPU (Bochs: its brand string; mock: the model name).
+    pub model: String,
+    /// Phase A's two harvests together.
+    pub phase_a: Vec<u64>,
+    /// Each vCPU's phase B harvest.
+    pub phase_b: Vec<Vec<u64>>,
+    /// (gfn, value) on each vCPU's own pages after the run.
+    pub own_memory: Vec<(u64, u64)>,
+    /// Which vCPU's value each shared page holds (depends on the interleaving; reported only).
+    pub last_writer: Vec<Option<u8>>,
+    /// The failed checks.
+    pub failures: Vec<String>,
+    /// `pass` or `fail`.
+    pub verdict: String,
 }
 
 /// The broken build `variant` must have run (a result line), say it is that variant, and fail the
-/// check that the variant names in its line (`must_fail`, from `tdp_vmx::scenario::Broken`).
+/// check that the variant names in its line (`must_fail`, from `tdp_metal::scenario::Broken`).
 pub fn check_broken(r: &RunResult, variant: &str) -> Result<()> {
     if r.broken.as_deref() != Some(variant) {
         bail!("the result says the kernel was built as {:?}, not broken-{variant}", r.broken);
@@ -105,7 +189,7 @@ pub struct RunResult {
     pub runner: String,
     /// The CPU (Bochs: its brand string; mock: the model name).
     pub model: String,
-    /// `EPT_PML` or `EPT`.
+    /// `EPT_PML`, `EPT` or `NPT`.
     pub mmu: String,
     /// The must-fail variant it was built as (`ept`, `age`, `remap`), if any.
     pub broken: Option<String>,
@@ -149,6 +233,9 @@ pub struct RunResult {
     pub failed: u64,
     /// `pass` or `fail`.
     pub verdict: String,
+    /// The `TDP-SMP` line that followed, if any (not part of the JSON).
+    #[serde(skip)]
+    pub smp: Option<SmpLine>,
 }
 
 impl RunResult {
@@ -251,5 +338,26 @@ mod tests {
             diffs.len() == 2 && diffs[0].starts_with("young") && diffs[1].starts_with("moved"),
             "{diffs:?}"
         );
+    }
+
+    const SMP: &str = r#"TDP-SMP {"runner":"bochs","model":"cpu","phase_a":[1536,1552],"phase_b":[[1552],[1568]],"own_memory":[[1552,7]],"last_writer":[1,null],"failures":[],"verdict":"pass"}"#;
+
+    #[test]
+    fn a_two_processor_run_must_pass_and_agree_with_the_mock() {
+        let r = parsed();
+        assert!(r.smp.is_none() && check_smp(&r).is_err(), "no TDP-SMP line");
+        let pass = parse_output(&format!("{LINE}\n{SMP}\n")).unwrap();
+        let bochs = check_smp(&pass).unwrap();
+        let failed =
+            parse_output(&format!("{LINE}\n{}\n", SMP.replace(r#""verdict":"pass""#, r#""verdict":"fail""#)));
+        assert!(check_smp(&failed.unwrap()).is_err());
+        let skipped = parse_output(&format!("{LINE}\nTDP-SMP skipped: one processor\n")).unwrap();
+        assert!(check_smp(&skipped).is_err());
+        let mut mock = bochs.clone();
+        mock.last_writer = vec![Some(0), Some(0)];
+        assert_eq!(compare_smp(bochs, &mock), Vec::<String>::new(), "the interleaving may differ");
+        mock.phase_b[1].push(1569);
+        mock.own_memory[0].1 = 8;
+        assert_eq!(compare_smp(bochs, &mock).len(), 2);
     }
 }

@@ -4,12 +4,12 @@
 //! mapping level, then runs up to 64 operations in any order: guest accesses by two vCPUs (read, write,
 //! fetch; inside memslots, outside them, beyond the tables' reach), range zaps, dirty-logging toggles,
 //! re-protection of harvested pages, eager splits, root invalidation with the zap of invalid roots,
-//! memslot inserts and deletes (valid or not), aging passes, and host page migrations (an MMU-notifier
-//! invalidation around each).
+//! memslot inserts and deletes (valid or not), aging passes, host page migrations (an MMU-notifier
+//! invalidation around each), write tracking and untracking, the NX huge-page switch and its recovery.
 //!
 //! Defends I1-I3 under arbitrary sequences: after every operation `Machine::check_all` (tables, every
 //! valid root's translations against the test's reference memslots and the host's current frames, every
-//! TLB) must pass, no operation may panic, and an access must retire or be handed back for emulation.
+//! TLB, no root letting a write reach a tracked gfn) must pass, no operation may panic, and an access must retire or be handed back for emulation.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -45,6 +45,9 @@ enum Op {
     Delete { id: u8 },
     Age { start: u16, len: u16 },
     Migrate { gfn: u16 },
+    Track { gfn: u16, untrack: bool },
+    NxHugePages { on: bool },
+    RecoverNx { ratio: u8 },
 }
 
 const CONFIGS: [MmuConfig; 4] = [
@@ -153,6 +156,22 @@ fn apply(m: &Machine, vcpus: &mut [Vcpu; 2], slots: &mut Vec<Memslot>, op: &Op) 
                 // Swapped pages and an empty spare pool refuse cleanly.
                 let _ = host.migrate_page(s.host_addr(gfn));
             }
+        }
+        Op::Track { gfn, untrack } => {
+            // Outside every slot, untracking what is not tracked and counts past 65535 refuse cleanly.
+            let gfn = Gfn(u64::from(gfn) % SPACE);
+            if untrack {
+                let _ = mmu.write().untrack_write(AsId(0), gfn);
+            } else if let Ok(flush) = mmu.write().track_write(AsId(0), gfn) {
+                flush.run(host);
+            }
+        }
+        Op::NxHugePages { on } => {
+            mmu.write().set_nx_huge_pages(on).run(host);
+            mmu.read().zap_invalidated_roots();
+        }
+        Op::RecoverNx { ratio } => {
+            mmu.read().recover_nx_huge_pages(u32::from(ratio));
         }
     }
 }

@@ -64,6 +64,31 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
 
     /// Whether any leaf mapping gfns `[start, end)` of `as_id` in a valid root was accessed since it was
     /// last aged (KVM's `kvm_tdp_mmu_test_age_gfn`); changes nothing and stops at the first young leaf.
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gfn, Gpa, SlotId};
+    /// use tdp_core::fault::{AccessKind, Fault, FaultKind};
+    /// use tdp_core::memslot::{Memslot, SlotFlags};
+    /// use tdp_core::mmu::{Mmu, MmuConfig, VcpuMmu};
+    /// use tdp_mock::{HostConfig, MockHost};
+    ///
+    /// let host = MockHost::new(HostConfig::default());
+    /// let ram = host.guest_ram_base();
+    /// let mmu: Mmu<MockHost> = Mmu::new(host, MmuConfig::NPT)?;
+    /// mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(0), Gfn(0), 16, ram, SlotFlags::empty()))?;
+    /// let mut vcpu = VcpuMmu::new();
+    /// mmu.load_root(&mut vcpu, AsId(0))?;
+    /// assert!(!mmu.test_age_gfn_range(AsId(0), Gfn(0), Gfn(16)), "nothing mapped, nothing young");
+    /// let write = Fault { as_id: AsId(0), gpa: Gpa(0x5000), access: AccessKind::Write,
+    ///                     kind: FaultKind::Violation { present: false } };
+    /// mmu.handle_fault(&mut vcpu, write, &mut ())?;
+    /// // Testing twice finds it young twice: only aging clears.
+    /// assert!(mmu.test_age_gfn_range(AsId(0), Gfn(5), Gfn(6)));
+    /// assert!(mmu.test_age_gfn_range(AsId(0), Gfn(5), Gfn(6)));
+    /// assert!(!mmu.test_age_gfn_range(AsId(0), Gfn(6), Gfn(16)), "other gfns were not touched");
+    /// mmu.release_vcpu(&mut vcpu);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn test_age_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) -> bool {
         self.age_range(as_id, start, end, false)
     }

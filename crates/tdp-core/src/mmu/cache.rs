@@ -33,8 +33,12 @@ pub struct PageCache {
 /// Fault outcomes counted per vCPU (in [`super::VcpuMmu::counters`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultCounters {
+    /// Faults handled (KVM's `pf_taken`): the sum of the four outcomes below.
+    pub taken: u64,
     /// Faults that installed a mapping.
     pub fixed: u64,
+    /// Of `fixed`, those the fast path fixed with one compare-exchange (KVM's `pf_fast`).
+    pub fast: u64,
     /// Faults that found the mapping already there.
     pub spurious: u64,
     /// Faults that lost a race (or met an invalid root) and asked the vCPU to retry.
@@ -47,6 +51,7 @@ impl FaultCounters {
     /// Counts `outcome`; the common one, [`super::FaultOutcome::Fixed`], with one increment.
     #[inline]
     pub(crate) fn count(&mut self, outcome: super::FaultOutcome) {
+        self.taken += 1;
         if outcome == super::FaultOutcome::Fixed {
             self.fixed += 1;
         } else {

@@ -452,7 +452,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         let level = it.level();
         self.fill_split_children(child, old, level);
         self.set_spte_exclusive(as_id, it, self.format().nonleaf(child));
-        self.count_split(level);
+        self.count_split(as_id, it.gfn(), level);
     }
 }
 

@@ -60,6 +60,11 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
             let mut new = fmt.access_restored(old);
             let mut made_writable = false;
             if access == AccessKind::Write && fmt.is_mmu_writable(old) {
+                // A tracked gfn's leaves are never MMU-writable; a leaf installed before the tracking
+                // began is protected by it, but the test costs nothing when nothing is tracked.
+                if self.slots.write_track().is_tracked(root.as_id(), gfn) {
+                    return None;
+                }
                 if level > Level::L1 && logged {
                     return None;
                 }

@@ -46,6 +46,9 @@ pub enum EmulateReason {
     Mmio,
     /// A write to a read-only memslot (KVM exits to the VMM as MMIO).
     ReadOnlySlot,
+    /// A write to a write-tracked gfn (KVM's page-track, `RET_PF_WRITE_PROTECTED`): whoever tracks it
+    /// emulates the write (and, shadowing a nested hypervisor's tables, mirrors it).
+    WriteTracked,
 }
 
 /// A fault that could not be handled. The tables are consistent after every one of these.
@@ -145,6 +148,20 @@ struct Translated<'s> {
     gfn: Gfn,
     host: HostPage,
     write: bool,
+    /// The gfn is write-tracked (and the access is not a write): a read-only leaf.
+    tracked: bool,
+    /// Some gfn of the VM is write-tracked: huge leaves must avoid them.
+    tracking: bool,
+    /// The access is an instruction fetch (the NX huge-page mitigation maps it small).
+    exec: bool,
+}
+
+/// What linking a table on a fault's path needs to know of the fault.
+#[derive(Clone, Copy)]
+struct Links {
+    as_id: AsId,
+    gfn: Gfn,
+    nx_track: u8,
 }
 
 /// What a fault installs: `spte` at `level` on `gfn`'s path in `as_id`.
@@ -154,6 +171,9 @@ struct Target {
     gfn: Gfn,
     level: Level,
     spte: Spte,
+    /// A fetch under the NX huge-page mitigation that could have mapped at this level (as a number; 0
+    /// otherwise): the tables it links at that level or below are tracked for recovery.
+    nx_track: u8,
 }
 
 impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
@@ -192,6 +212,8 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
             if let Some(outcome) =
                 shared.fault_before_translation(root, &mut vcpu.slot.index, fault, dirty)?
             {
+                // Fixed before any translation: by the fast path.
+                vcpu.counters.fast += u64::from(outcome == FaultOutcome::Fixed);
                 return Ok(outcome);
             }
         }
@@ -224,7 +246,14 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if shared.slots.generation() != generation || self.invalidation.must_retry(seq, gfn) {
             return Ok(FaultOutcome::Retry);
         }
-        let translated = Translated { slot, gfn, host, write };
+        let track = shared.slots.write_track();
+        let tracking = !track.is_empty();
+        let tracked = tracking && track.is_tracked(as_id, gfn);
+        if tracked && write {
+            return Ok(FaultOutcome::Emulate(EmulateReason::WriteTracked));
+        }
+        let exec = fault.access == AccessKind::Exec;
+        let translated = Translated { slot, gfn, host, write, tracked, tracking, exec };
         Ok(shared.map_translated(&mut vcpu.cache, root, translated, dirty))
     }
 }
@@ -267,13 +296,13 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         translated: Translated<'_>,
         dirty: &mut dyn DirtySink,
     ) -> FaultOutcome {
-        let Translated { slot, gfn, host, write } = translated;
+        let Translated { slot, gfn, host, write, tracked, tracking, exec } = translated;
         let mmu = self.mmu;
         // Keeps every table the walk below can reach allocated until the fault returns.
         let _walk = mmu.host.begin_walk();
         let walk = mmu.walk_gfn(root.pfn(), gfn);
         let logged = slot.is_dirty_logged();
-        let writable = slot.is_writable() && host.writable && (write || !logged);
+        let writable = slot.is_writable() && host.writable && (write || !logged) && !tracked;
         let memtype = mmu.memtype_bits(host.memory);
         let (outcome, leaf_write) = if writable && (logged || host.level == Level::L1) {
             // The common case, written out for the compiler: a writable 4 KiB leaf (the goal level is
@@ -281,16 +310,21 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype);
             debug_assert_eq!(self.goal_level(slot, gfn, host.pfn, host.level), Level::L1);
             debug_assert_eq!(leaf, self.expected_leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype));
-            let target = Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf };
+            let target = Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf, nx_track: 0 };
             (self.map_from(cache, walk, target), LeafWrite::Writable)
         } else if writable {
             // A writable leaf where the host maps huge in an unlogged slot: the 2 MiB (or 1 GiB) fault.
-            let level = self.huge_goal_level(slot, gfn, host.pfn, host.level);
+            let level = self.huge_goal_level(slot, gfn, host.pfn, host.level, tracking);
             debug_assert_eq!(level, self.goal_level(slot, gfn, host.pfn, host.level));
+            let nx = mmu.nx.enabled();
+            let (level, nx_track) = if nx { self.nx_goal(root, gfn, level, exec) } else { (level, 0) };
             let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
-            let leaf = mmu.leaf_templates.leaf(pfn, level, LeafWrite::Writable, memtype);
+            let mut leaf = mmu.leaf_templates.leaf(pfn, level, LeafWrite::Writable, memtype);
             debug_assert_eq!(leaf, self.expected_leaf(pfn, level, LeafWrite::Writable, memtype));
-            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf };
+            if nx && level > Level::L1 {
+                leaf = mmu.format().non_executable(leaf);
+            }
+            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track };
             let outcome = if level.shift_in_frames() <= walk.shift {
                 self.map_from(cache, walk, target)
             } else {
@@ -299,11 +333,16 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             (outcome, LeafWrite::Writable)
         } else {
             let level = self.goal_level(slot, gfn, host.pfn, host.level);
-            let leaf_write = self.leaf_write_otherwise(slot, host.writable);
+            let nx = mmu.nx.enabled();
+            let (level, nx_track) = if nx { self.nx_goal(root, gfn, level, exec) } else { (level, 0) };
+            let leaf_write = self.leaf_write_otherwise(slot, host.writable, tracked);
             let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
-            let leaf = mmu.leaf_templates.leaf(pfn, level, leaf_write, memtype);
+            let mut leaf = mmu.leaf_templates.leaf(pfn, level, leaf_write, memtype);
             debug_assert_eq!(leaf, self.expected_leaf(pfn, level, leaf_write, memtype));
-            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf };
+            if nx && level > Level::L1 {
+                leaf = mmu.format().non_executable(leaf);
+            }
+            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track };
             (self.map_other(cache, root, walk, target), leaf_write)
         };
         if logged && leaf_write == LeafWrite::Writable && outcome == FaultOutcome::Fixed {
@@ -332,10 +371,14 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     }
 
     /// The writability of a fault's leaf when it is not simply [`LeafWrite::Writable`] (a read in a
-    /// logged slot, a read-only slot or host page).
+    /// logged slot, a read-only slot or host page, a write-tracked gfn).
     #[cold]
     #[inline(never)]
-    fn leaf_write_otherwise(&self, slot: &Memslot, host_writable: bool) -> LeafWrite {
+    fn leaf_write_otherwise(&self, slot: &Memslot, host_writable: bool, tracked: bool) -> LeafWrite {
+        if tracked {
+            // Write-tracked: not MMU-writable, so that the fast path cannot make it writable.
+            return LeafWrite::ReadOnly { host_writable };
+        }
         match (slot.is_writable(), host_writable) {
             // A read in a logged slot must leave the first write visible: to the fast path
             // (write-protected) or, with PML, to hardware's D bit and log (clean).
@@ -370,9 +413,14 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         let Some(mmio) = mmu.format().mmio(gfn, self.slots.generation()) else {
             return FaultOutcome::Emulate(EmulateReason::Mmio);
         };
-        match self.map(cache, root, Target { as_id: root.as_id(), gfn, level: Level::L1, spte: mmio }) {
+        match self.map(
+            cache,
+            root,
+            Target { as_id: root.as_id(), gfn, level: Level::L1, spte: mmio, nx_track: 0 },
+        ) {
             FaultOutcome::Fixed => {
                 Stats::bump(&mmu.stats.mmio_sptes_created);
+                mmu.host.mmio_spte_installed(root.as_id(), gfn);
                 FaultOutcome::Emulate(EmulateReason::Mmio)
             }
             FaultOutcome::Spurious => FaultOutcome::Emulate(EmulateReason::Mmio),
@@ -386,7 +434,32 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         if slot.is_dirty_logged() || host_level == Level::L1 {
             return Level::L1;
         }
-        self.huge_goal_level(slot, gfn, pfn, host_level)
+        let tracking = !self.slots.write_track().is_empty();
+        self.huge_goal_level(slot, gfn, pfn, host_level, tracking)
+    }
+
+    /// The NX huge-page mitigation, when it is on, on a goal `level` (KVM's `kvm_mmu_hugepage_adjust`
+    /// with `huge_page_disallowed`, and `disallowed_hugepage_adjust`): a fetch maps 4 KiB, and the
+    /// tables it links up to `level` are tracked (the returned number); any other access maps huge, but
+    /// below a table a fetch linked. The caller makes a huge leaf non-executable.
+    #[cold]
+    #[inline(never)]
+    fn nx_goal(&self, root: &RootRef, gfn: Gfn, level: Level, exec: bool) -> (Level, u8) {
+        if level == Level::L1 {
+            return (level, 0);
+        }
+        if exec {
+            return (Level::L1, level as u8);
+        }
+        (self.mmu.nx_disallowed_adjust(root.pfn(), gfn, level), 0)
+    }
+
+    /// Whether a write-tracked gfn lies in `[start, start + pages)` of `as_id`: no huge leaf may cover
+    /// it. Out of line: only a VM that tracks something asks.
+    #[cold]
+    #[inline(never)]
+    fn any_tracked_in(&self, as_id: AsId, start: Gfn, pages: u64) -> bool {
+        self.slots.write_track().any_in(as_id, start, pages)
     }
 
     /// [`SharedMmu::goal_level`] when the host maps the page huge and the slot is not logged: the
@@ -394,7 +467,14 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     /// lies in the slot ([`Memslot::allows_huge`]) and maps frames aligned like the gfns. Written on
     /// index shifts (one mask per level), as it runs on every huge fault.
     #[inline]
-    fn huge_goal_level(&self, slot: &Memslot, gfn: Gfn, pfn: Pfn, host_level: Level) -> Level {
+    fn huge_goal_level(
+        &self,
+        slot: &Memslot,
+        gfn: Gfn,
+        pfn: Pfn,
+        host_level: Level,
+        tracking: bool,
+    ) -> Level {
         let top = (host_level as u8).min(self.mmu.format().max_leaf_level() as u8);
         let host_page = slot.host_base >> crate::addr::PAGE_SHIFT;
         let slot_end = slot.base_gfn.0 + slot.pages;
@@ -402,9 +482,12 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         while shift > 0 {
             let mask = (1u64 << shift) - 1;
             let start = gfn.0 & !mask;
-            // `Memslot::allows_huge`, and the frame aligned like the gfn.
+            // `Memslot::allows_huge`, the frame aligned like the gfn, and no write-tracked gfn below.
             let fits = start >= slot.base_gfn.0 && start + mask < slot_end;
-            if fits && ((slot.base_gfn.0 ^ host_page) | (pfn.0 ^ gfn.0)) & mask == 0 {
+            if fits
+                && ((slot.base_gfn.0 ^ host_page) | (pfn.0 ^ gfn.0)) & mask == 0
+                && !(tracking && self.any_tracked_in(slot.as_id, Gfn(start), mask + 1))
+            {
                 break;
             }
             shift -= crate::addr::BITS_PER_LEVEL;
@@ -456,7 +539,8 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     #[inline(always)]
     fn map_from(&self, cache: &mut PageCache, walk: GfnWalk<'a>, target: Target) -> FaultOutcome {
         let mmu = self.mmu;
-        let Target { as_id, gfn, level: goal, spte: new } = target;
+        let Target { as_id, gfn, level: goal, spte: new, nx_track } = target;
+        let target_links = Links { as_id, gfn, nx_track };
         let goal_shift = goal.shift_in_frames();
         let (mut table, mut shift) = (walk.table, walk.shift);
         debug_assert!(goal_shift <= shift, "the walk starts at or above its goal");
@@ -471,7 +555,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             let child = if old.is_present() && !old.is_large() {
                 old.pfn()
             } else {
-                match self.link_table(cache, as_id, entry, old, gfn, shift) {
+                match self.link_table(cache, entry, old, &target_links, shift) {
                     Ok(child) => child,
                     Err(outcome) => return outcome,
                 }
@@ -534,12 +618,12 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     fn link_table(
         &self,
         cache: &mut PageCache,
-        as_id: AsId,
         entry: &AtomicU64,
         old: Spte,
-        gfn: Gfn,
+        links: &Links,
         shift: u32,
     ) -> Result<Pfn, FaultOutcome> {
+        let Links { as_id, gfn, nx_track } = *links;
         let mmu = self.mmu;
         let fmt = mmu.format();
         let level = Level::new((shift / BITS_PER_LEVEL + 1) as u8).expect("the walk stays within L1-L5");
@@ -568,7 +652,10 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             return Err(FaultOutcome::Retry);
         }
         if splitting {
-            mmu.count_split(level);
+            mmu.count_split(as_id, gfn, level);
+        }
+        if level as u8 <= nx_track {
+            mmu.nx.track(child, as_id, gfn, level);
         }
         Ok(child)
     }

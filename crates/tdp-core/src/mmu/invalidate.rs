@@ -220,6 +220,35 @@ impl<H: Host, R: lock_api::RawRwLock> ExclusiveMmu<'_, H, R> {
     /// The host finished the change announced by the matching [`ExclusiveMmu::invalidate_range_start`]
     /// (KVM's `kvm_mmu_notifier_invalidate_range_end`): bumps the sequence count, so that every fault that
     /// translated before now retries, and ends the invalidation. Owes no flush: nothing was mapped.
+    /// Nested and overlapping invalidations end one at a time; faults in their union retry until the
+    /// last one ends (KVM's `mmu_invalidate_in_progress` count and range).
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gfn, Gpa, SlotId};
+    /// use tdp_core::fault::{AccessKind, Fault, FaultKind};
+    /// use tdp_core::memslot::{Memslot, SlotFlags};
+    /// use tdp_core::mmu::{FaultOutcome, InvalidateError, Mmu, MmuConfig, VcpuMmu};
+    /// use tdp_mock::{HostConfig, MockHost};
+    ///
+    /// let host = MockHost::new(HostConfig::default());
+    /// let ram = host.guest_ram_base();
+    /// let mmu: Mmu<MockHost> = Mmu::new(host, MmuConfig::EPT)?;
+    /// mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(0), Gfn(0), 16, ram, SlotFlags::empty()))?;
+    /// let mut vcpu = VcpuMmu::new();
+    /// mmu.load_root(&mut vcpu, AsId(0))?;
+    /// let read = |gfn: u64| Fault { as_id: AsId(0), gpa: Gpa(gfn << 12), access: AccessKind::Read,
+    ///                               kind: FaultKind::Violation { present: false } };
+    /// mmu.write().invalidate_range_start(AsId(0), Gfn(2), Gfn(4))?;
+    /// mmu.write().invalidate_range_start(AsId(0), Gfn(8), Gfn(9))?;
+    /// mmu.write().invalidate_range_end()?;
+    /// // One still runs: the union of both ranges still retries.
+    /// assert_eq!(mmu.handle_fault(&mut vcpu, read(8), &mut ()), Ok(FaultOutcome::Retry));
+    /// mmu.write().invalidate_range_end()?;
+    /// assert_eq!(mmu.handle_fault(&mut vcpu, read(8), &mut ()), Ok(FaultOutcome::Fixed));
+    /// assert_eq!(mmu.write().invalidate_range_end(), Err(InvalidateError::NotStarted));
+    /// mmu.release_vcpu(&mut vcpu);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ///
     /// # Errors
     /// [`InvalidateError::NotStarted`] when no invalidation is in progress; nothing changed.

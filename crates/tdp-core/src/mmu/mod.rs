@@ -17,6 +17,7 @@ mod fast_path;
 mod fault;
 mod invalidate;
 mod memtype;
+mod nx;
 mod prefault;
 // The one `unsafe` of the core: a fault's shared view of the memslots through its vCPU group.
 #[allow(unsafe_code)]
@@ -24,6 +25,7 @@ mod groups;
 mod root;
 mod spte_ops;
 mod stats;
+mod track;
 mod vcpu;
 mod walk;
 mod zap;
@@ -31,6 +33,7 @@ mod zap;
 pub use cache::{FaultCounters, PAGE_CACHE_CAPACITY, PageCache};
 pub use fault::{EmulateReason, FaultError, FaultOutcome};
 pub use invalidate::{InvalidateError, Invalidation};
+pub use nx::NxRecovery;
 pub use prefault::PreFaultError;
 pub use root::{RootInfo, RootRef};
 pub use stats::MmuStats;
@@ -147,6 +150,8 @@ pub struct Mmu<H: Host, R: RawRwLock = spin::RwLock<()>> {
     fast_on_any_violation: bool,
     /// Per vCPU group, on its own line: the faults' read side of the lock and the leaf counters.
     groups: groups::VcpuGroups,
+    /// The NX huge-page mitigation: its switch and the possible-NX-huge-page list.
+    nx: nx::NxHugePages,
 }
 
 impl<H: Host, R: RawRwLock> Mmu<H, R> {
@@ -179,6 +184,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             max_gfn: config.max_gfn(),
             fast_on_any_violation: !config.format.has_accessed_dirty(),
             groups: groups::VcpuGroups::new(),
+            nx: nx::NxHugePages::new(),
         })
     }
 
@@ -197,7 +203,8 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// Counters: leaves per level, linked tables, splits, MMIO SPTEs. Fault outcomes are counted per vCPU
     /// in [`VcpuMmu::counters`].
     pub fn stats(&self) -> MmuStats {
-        MmuStats { leaves: self.groups.leaves(), ..self.stats.snapshot() }
+        let (nx_huge_splits, nx_recovered) = self.nx.counts();
+        MmuStats { leaves: self.groups.leaves(), nx_huge_splits, nx_recovered, ..self.stats.snapshot() }
     }
     /// Every root, valid or not, with its reference count.
     pub fn roots(&self) -> Vec<RootInfo> {
@@ -305,6 +312,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         // The top-up left at least `pages_per_fault` pages, more than a fault may take.
         let outcome = self.fault(vcpu, fault, dirty)?;
         vcpu.counters.count(outcome);
+        self.host.fault_handled(&fault, outcome);
         Ok(outcome)
     }
 

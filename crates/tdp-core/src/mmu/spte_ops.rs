@@ -207,6 +207,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         let fmt = self.format();
         let frozen = fmt.frozen();
         self.stats.add_tables(-1);
+        self.nx.untrack(pfn);
         self.host.table_linked(pfn, level, false);
         let table = self.host.table(pfn);
         for (i, entry) in table.iter().enumerate() {
@@ -246,12 +247,14 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         }
     }
 
-    /// Counts a huge leaf at `level` split into a linked table: its 512 children appear one level down
-    /// (the leaf itself and the new table were counted when the SPTE changed).
-    pub(super) fn count_split(&self, level: Level) {
+    /// Counts a huge leaf at `level`, mapping from `gfn` in `as_id`, split into a linked table: its 512
+    /// children appear one level down (the leaf itself and the new table were counted when the SPTE
+    /// changed); and tells the host.
+    pub(super) fn count_split(&self, as_id: AsId, gfn: Gfn, level: Level) {
         let child_level = level.lower().expect("only huge leaves are split");
         self.groups.line(0).add_leaves(child_level, 512);
         super::stats::Stats::bump(&self.stats.huge_splits);
+        self.host.huge_split(as_id, gfn, level);
     }
 }
 

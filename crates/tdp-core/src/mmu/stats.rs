@@ -15,6 +15,11 @@ pub struct MmuStats {
     pub mmio_sptes_created: u64,
     /// Huge leaves split into tables.
     pub huge_splits: u64,
+    /// Tables linked by instruction fetches under the NX huge-page mitigation, still linked (KVM's
+    /// `nx_lpage_splits`).
+    pub nx_huge_splits: u64,
+    /// Such tables unlinked by NX huge-page recovery so far.
+    pub nx_recovered: u64,
 }
 
 pub(super) struct Stats {
@@ -49,6 +54,9 @@ impl Stats {
             tables: get(&self.tables),
             mmio_sptes_created: get(&self.mmio_sptes_created),
             huge_splits: get(&self.huge_splits),
+            // Kept by the NX list: `Mmu::stats` fills them in.
+            nx_huge_splits: 0,
+            nx_recovered: 0,
         }
     }
 }

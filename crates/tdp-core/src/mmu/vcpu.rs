@@ -104,7 +104,7 @@ impl VcpuMmu {
     pub const fn new() -> Self {
         VcpuMmu {
             cache: PageCache::new(),
-            counters: FaultCounters { fixed: 0, spurious: 0, retried: 0, emulated: 0 },
+            counters: FaultCounters { taken: 0, fixed: 0, fast: 0, spurious: 0, retried: 0, emulated: 0 },
             slot: SlotHint::EMPTY,
             root: None,
             group: 0,

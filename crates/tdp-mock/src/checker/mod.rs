@@ -1,8 +1,9 @@
 //! Invariant checkers over a quiescent `Mmu<MockHost>`: [`check_tables`] (I2: every table reachable
 //! once, live, unfrozen, well-formed, counted, nothing leaked), [`check_translations`] (I1: every leaf
 //! agrees with the test's reference memslots and with the hardware walker) and [`check_tlbs`] (I3: no
-//! vCPU caches a translation the current tables do not grant), and [`DirtyShadow`] (I4: every page
-//! whose contents changed since the last harvest is in the next one).
+//! vCPU caches a translation the current tables do not grant), [`check_write_tracking`] (I1: no leaf
+//! in any root lets a write reach a write-tracked gfn) and [`DirtyShadow`] (I4: every page whose
+//! contents changed since the last harvest is in the next one).
 //!
 //! Each checker takes the MMU lock for write while it looks, so faults cannot change the tables under
 //! it; do not call one while holding an MMU guard. They return every violation found, each naming its
@@ -11,11 +12,13 @@
 mod dirty;
 mod tables;
 mod tlbs;
+mod track;
 mod translations;
 
 pub use dirty::{DirtyPage, DirtyShadow};
 pub use tables::{TableReport, check_tables};
 pub use tlbs::check_tlbs;
+pub use track::check_write_tracking;
 pub use translations::{check_translations, check_translations_in};
 
 use std::sync::atomic::Ordering;
@@ -50,6 +53,23 @@ pub enum Violation {
     FreedBeforeFlush {
         /// How many, since the host was created.
         pages: u64,
+    },
+    /// A leaf that maps a write-tracked gfn is writable, or MMU-writable (the fast path could make it
+    /// writable): a guest write to the gfn would not exit.
+    #[error(
+        "I1: leaf {spte:?} at {level:?} in root {root:?} lets writes reach write-tracked {gfn:?} in {as_id:?}"
+    )]
+    WritableTrackedGfn {
+        /// The address space.
+        as_id: AsId,
+        /// The tracked gfn.
+        gfn: Gfn,
+        /// The root the leaf is in.
+        root: Pfn,
+        /// The leaf.
+        spte: Spte,
+        /// Its level.
+        level: Level,
     },
     /// A present leaf maps a gfn that no reference slot of its address space holds.
     #[error("I1: leaf {spte:?} at {gfn:?} {level:?} in {as_id:?} maps a gfn no reference slot holds")]
@@ -284,6 +304,7 @@ impl Violation {
         use Violation::*;
         match self {
             LeafWithoutSlot { .. }
+            | WritableTrackedGfn { .. }
             | LeafCrossesSlot { .. }
             | WrongFrame { .. }
             | LeafOfSwappedPage { .. }

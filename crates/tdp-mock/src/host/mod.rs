@@ -108,6 +108,8 @@ struct Inner {
     yield_calls: AtomicU64,
     yields: AtomicU64,
     events: AtomicU64,
+    /// The other trace events, by kind.
+    trace: TraceCounters,
     /// 0: off; n: every n-th table read yields the thread (see `set_walk_jitter`).
     jitter_every: AtomicU64,
     jitter_calls: AtomicU64,
@@ -177,6 +179,7 @@ impl MockHost {
             yield_calls: AtomicU64::new(0),
             yields: AtomicU64::new(0),
             events: AtomicU64::new(0),
+            trace: TraceCounters::default(),
             jitter_every: AtomicU64::new(0),
             jitter_calls: AtomicU64::new(0),
             tables_unlinked: AtomicU64::new(0),
@@ -448,6 +451,17 @@ impl MockHost {
     pub fn events(&self) -> u64 {
         self.0.events.load(Ordering::Relaxed)
     }
+    /// How many of each other trace event the MMU reported ([`MmuEvents`]).
+    pub fn trace_counts(&self) -> TraceCounts {
+        let t = &self.0.trace;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        TraceCounts {
+            faults: get(&t.faults),
+            mmio_sptes: get(&t.mmio_sptes),
+            huge_splits: get(&t.huge_splits),
+            nx_recovered: get(&t.nx_recovered),
+        }
+    }
     /// How many table pages the MMU reported removed from a tree ([`MmuEvents::table_linked`] with
     /// `linked == false`).
     pub fn tables_unlinked(&self) -> u64 {
@@ -467,4 +481,26 @@ fn set_member(set: &std::sync::Mutex<BTreeSet<u64>>, pfn: Pfn, member: bool) {
     } else {
         set.remove(&pfn.0);
     }
+}
+
+/// The trace events counted by kind (atomics: vCPU threads report concurrently).
+#[derive(Debug, Default)]
+pub(crate) struct TraceCounters {
+    pub(crate) faults: AtomicU64,
+    pub(crate) mmio_sptes: AtomicU64,
+    pub(crate) huge_splits: AtomicU64,
+    pub(crate) nx_recovered: AtomicU64,
+}
+
+/// How many of each trace event [`MockHost`] received, from [`MockHost::trace_counts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceCounts {
+    /// Faults handled ([`MmuEvents::fault_handled`]).
+    pub faults: u64,
+    /// MMIO SPTEs installed ([`MmuEvents::mmio_spte_installed`]).
+    pub mmio_sptes: u64,
+    /// Huge leaves split ([`MmuEvents::huge_split`]).
+    pub huge_splits: u64,
+    /// Tables NX huge-page recovery unlinked ([`MmuEvents::nx_recovered`]).
+    pub nx_recovered: u64,
 }

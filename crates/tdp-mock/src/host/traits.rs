@@ -152,4 +152,24 @@ impl MmuEvents for MockHost {
             self.0.arena.note_unlinked(pfn);
         }
     }
+
+    fn fault_handled(&self, fault: &tdp_core::fault::Fault, outcome: tdp_core::mmu::FaultOutcome) {
+        let _ = (fault, outcome);
+        self.0.trace.faults.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn mmio_spte_installed(&self, as_id: AsId, gfn: Gfn) {
+        let _ = (as_id, gfn);
+        self.0.trace.mmio_sptes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn huge_split(&self, as_id: AsId, gfn: Gfn, level: Level) {
+        let _ = (as_id, gfn, level);
+        self.0.trace.huge_splits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn nx_recovered(&self, as_id: AsId, gfn: Gfn, level: Level) {
+        let _ = (as_id, gfn, level);
+        self.0.trace.nx_recovered.fetch_add(1, Ordering::Relaxed);
+    }
 }

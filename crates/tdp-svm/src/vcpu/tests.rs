@@ -195,7 +195,9 @@ fn every_vcpu_flushes_once_per_request() {
     flush.flush_all();
     flush.flush_all(); // two requests before either vCPU runs: one flush each
     for vcpu in &mut vcpus {
+        assert_eq!(vcpu.flushed_generation(), 0, "created before both requests");
         assert_eq!(vcpu.prepare_entry(&mut vmcb, &flush), TlbControl::FlushAsid);
+        assert_eq!(vcpu.flushed_generation(), 2, "one VMRUN delivered both");
         assert_eq!(vcpu.prepare_entry(&mut vmcb, &flush), TlbControl::DoNothing);
     }
     assert_eq!(vmcb.control.guest_asid, 2);

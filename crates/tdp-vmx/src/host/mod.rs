@@ -1,15 +1,14 @@
 //! The `tdp-core` host traits for an identity-mapped bare-metal hypervisor: table pages from a
 //! physical region ([`TableFrames`]), host translation over memslots that name physical RAM
 //! ([`IdentityTranslate`]), TLB flushes by INVEPT ([`InveptFlush`]), and [`BareMetalHost`], which
-//! combines them into a [`tdp_core::host::Host`] for [`tdp_core::mmu::Mmu`].
+//! combines them into a [`tdp_core::host::Host`] for [`tdp_core::mmu::Mmu`]. The first two are
+//! `tdp-metal`'s (vendor-neutral, shared with `tdp-svm`), re-exported here.
 
 mod flush;
-mod frames;
-mod translate;
 
 pub use flush::{FlushStats, InveptFlush, MAX_EPTPS};
-pub use frames::{FrameStats, FramesError, FramesWalkGuard, TableFrames};
-pub use translate::{IdentityTranslate, MoveError, MovedPage, PhysRange};
+pub use tdp_metal::frames::{FrameStats, FramesError, FramesWalkGuard, TableFrames};
+pub use tdp_metal::translate::{IdentityTranslate, MoveError, MovedPage, PhysRange};
 
 use tdp_core::addr::{AsId, Gfn, Pfn};
 use tdp_core::host::{

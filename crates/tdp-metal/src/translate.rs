@@ -33,7 +33,7 @@ pub struct PhysRange {
 /// use tdp_core::addr::{AsId, Gfn, Level, Pfn, SlotId};
 /// use tdp_core::host::{HostFaultError, HostTranslate};
 /// use tdp_core::memslot::{Memslot, SlotFlags};
-/// use tdp_vmx::host::{IdentityTranslate, PhysRange};
+/// use tdp_metal::translate::{IdentityTranslate, PhysRange};
 /// // Guest RAM: 8 MiB at 16 MiB.
 /// let ram = [PhysRange { start: 0x100_0000, end: 0x180_0000 }];
 /// let host = IdentityTranslate::new(&ram, Level::L3);
@@ -105,7 +105,7 @@ impl<'r> IdentityTranslate<'r> {
     /// use tdp_core::addr::{AsId, Gfn, Level, Pfn, SlotId};
     /// use tdp_core::host::HostTranslate;
     /// use tdp_core::memslot::{Memslot, SlotFlags};
-    /// use tdp_vmx::host::{IdentityTranslate, MovedPage, PhysRange};
+    /// use tdp_metal::translate::{IdentityTranslate, MovedPage, PhysRange};
     /// static RAM: [PhysRange; 1] = [PhysRange { start: 0x100_0000, end: 0x180_0000 }];
     /// static MOVED: [MovedPage; 2] = [MovedPage::new(), MovedPage::new()];
     /// let host = IdentityTranslate::new(&RAM, Level::L2).with_moved_pages(&MOVED);

@@ -29,8 +29,8 @@ pub struct RunInfo<'a> {
 /// Writes the result line (with a trailing newline) for `info`, `seen` and its `checks`.
 ///
 /// ```
-/// use tdp_vmx::scenario::report::{RunInfo, write_result_line};
-/// use tdp_vmx::scenario::{Observed, SCENARIO};
+/// use tdp_metal::scenario::report::{RunInfo, write_result_line};
+/// use tdp_metal::scenario::{Observed, SCENARIO};
 ///
 /// let seen = Observed::default();
 /// let checks = SCENARIO.evaluate(&seen);

@@ -1,7 +1,8 @@
-//! Tests of the scenario's data, its expectations, its judge and its EPT decoding.
+//! Tests of the scenario's data, its expectations, its judge and its EPT and NPT decoding.
 
-use super::ept::{EPT_PS, EPT_W};
+use super::tables::{EPT_PS, EPT_W, NPT_D, NPT_NX, NPT_P, NPT_PS, NPT_RSVD_51, NPT_W};
 use super::*;
+use tdp_core::sync::Ordering;
 
 #[test]
 fn the_scenario_is_runnable() {
@@ -160,7 +161,46 @@ fn translate_decodes_leaves_mmio_and_holes() {
         _ => 0,
     };
     let bases = [(1, 0x40_0000, 0x280)];
-    assert_eq!(translate(read, 1, 0x205, &bases), Mapping::Leaf { slot: 1, page: 5, level: 2, rwx: 3 });
-    assert_eq!(translate(read, 1, 0x800, &bases), Mapping::Mmio);
-    assert_eq!(translate(read, 1, 0x600, &bases), Mapping::NotPresent);
+    let ept = |gfn| translate(Paging::Ept, read, 1, gfn, &bases);
+    assert_eq!(ept(0x205), Mapping::Leaf { slot: 1, page: 5, level: 2, rwx: 3 });
+    assert_eq!(ept(0x800), Mapping::Mmio);
+    assert_eq!(ept(0x600), Mapping::NotPresent);
+}
+
+#[test]
+fn translate_decodes_npt_leaves_mmio_and_holes() {
+    // The same tree in NPT's format: non-leaf entries P|W|U, a writable 2 MiB leaf with A/D and the PAT
+    // bit (12) set, a read-only 4 KiB no-execute leaf, and tdp-core's MMIO entry (P and bit 51).
+    let read = |t: u64, i: usize| match (t, i) {
+        (1, 0) => (2 << 12) | 7,
+        (2, 0) => (3 << 12) | 7,
+        (3, 1) => 0x40_0000 | 0x1000 | NPT_PS | NPT_D | 0x20 | NPT_W | NPT_P,
+        (3, 2) => (4 << 12) | 7,
+        (4, 3) => 0x60_3000 | NPT_NX | NPT_P,
+        (3, 4) => NPT_RSVD_51 | NPT_P | (0x800 << 12),
+        (3, 5) => 0x40_0000 | NPT_W, // not present: P clear
+        _ => 0,
+    };
+    let bases = [(1, 0x40_0000, 0x280)];
+    let npt = |gfn| translate(Paging::Npt, read, 1, gfn, &bases);
+    assert_eq!(npt(0x205), Mapping::Leaf { slot: 1, page: 5, level: 2, rwx: 7 }, "the PAT bit is no address");
+    assert_eq!(npt(0x403), Mapping::Leaf { slot: 1, page: 0x203, level: 1, rwx: 1 });
+    assert_eq!(npt(0x800), Mapping::Mmio);
+    assert_eq!((npt(0xa00), npt(0x600)), (Mapping::NotPresent, Mapping::NotPresent));
+}
+
+#[test]
+fn unprotecting_npt_leaves_sets_w_and_d() {
+    let tables: Vec<tdp_core::host::Table> =
+        (0..4).map(|_| core::array::from_fn(|_| Default::default())).collect();
+    let set = |t: usize, i: usize, v: u64| tables[t][i].store(v, Ordering::Relaxed);
+    set(0, 0, (1 << 12) | 7);
+    set(1, 0, (2 << 12) | 7);
+    set(2, 1, (3 << 12) | 7);
+    set(3, 5, 0x40_5000 | NPT_P); // a read-only 4 KiB leaf
+    set(3, 6, NPT_RSVD_51 | NPT_P); // MMIO: untouched
+    let changed = unprotect_leaves(Paging::Npt, |pfn| tables.get(pfn as usize), 0, 0x200, 0x200, false);
+    assert_eq!(changed, 1);
+    assert_eq!(tables[3][5].load(Ordering::Relaxed), 0x40_5000 | NPT_P | NPT_W | NPT_D);
+    assert_eq!(tables[3][6].load(Ordering::Relaxed), NPT_RSVD_51 | NPT_P);
 }

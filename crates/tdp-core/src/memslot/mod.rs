@@ -10,6 +10,10 @@
 //! Keeps: I1's reference side: the slot a gfn falls in (or none: MMIO) is what every mapping must agree
 //! with, and the generation changes on every update so that no cached MMIO SPTE outlives a slot change.
 
+mod track;
+
+pub use track::{TrackError, WriteTrack};
+
 use alloc::vec::Vec;
 use core::num::NonZeroU16;
 
@@ -237,6 +241,7 @@ pub struct MemslotSet {
     generation: u64,
     max_gfn: Gfn,
     slot_limit: NonZeroU16,
+    track: WriteTrack,
 }
 
 impl MemslotSet {
@@ -262,7 +267,7 @@ impl MemslotSet {
     /// ```
     #[must_use]
     pub const fn with_slot_limit(max_gfn: Gfn, limit: NonZeroU16) -> Self {
-        MemslotSet { slots: Vec::new(), generation: 0, max_gfn, slot_limit: limit }
+        MemslotSet { slots: Vec::new(), generation: 0, max_gfn, slot_limit: limit, track: WriteTrack::new() }
     }
 
     /// How many slot ids each address space may use: ids `0..slot_limit()`.
@@ -270,6 +275,19 @@ impl MemslotSet {
     #[inline]
     pub const fn slot_limit(&self) -> NonZeroU16 {
         self.slot_limit
+    }
+
+    /// The write-tracked gfns ([`WriteTrack`]).
+    #[must_use]
+    #[inline]
+    pub fn write_track(&self) -> &WriteTrack {
+        &self.track
+    }
+
+    /// The write-tracked gfns, to change (the MMU does, under its write lock, with the protection
+    /// that goes with it).
+    pub(crate) fn write_track_mut(&mut self) -> &mut WriteTrack {
+        &mut self.track
     }
 
     /// Counts updates; MMIO SPTEs are tagged with its low bits.
@@ -407,7 +425,9 @@ impl MemslotSet {
             .position(|s| s.as_id == as_id && s.id == id)
             .ok_or(SlotError::NotFound { as_id, id })?;
         self.generation += 1;
-        Ok(self.slots.remove(at))
+        let slot = self.slots.remove(at);
+        self.track.forget_range(slot.as_id, slot.base_gfn, slot.end_gfn());
+        Ok(slot)
     }
 
     /// Changes the flags of slot `id` (KVM allows only the dirty-logging flag to change) and returns the

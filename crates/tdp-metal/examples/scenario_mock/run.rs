@@ -1,4 +1,4 @@
-//! The `tdp-mock` runner of [`tdp_vmx::scenario::SCENARIO`]: the same memslots, steps, dirty ring and
+//! The `tdp-mock` runner of [`tdp_metal::scenario::SCENARIO`]: the same memslots, steps, dirty ring and
 //! checks as the Bochs hypervisor (`examples/bochs-hv`), on the software hardware model. The mock has no
 //! guest page tables, so each step is one access to its guest-physical address; its vCPU drains its PML
 //! log into the ring at every exit and, here, before logging starts and before every harvest, as the
@@ -17,13 +17,13 @@ use tdp_core::host::TlbFlush;
 use tdp_core::host::{DirtySink, DirtySource};
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{EmulateReason, MmuConfig};
-use tdp_core::spte::{EptOptions, SpteFormat};
-use tdp_mock::{AccessResult, HostConfig, Machine, Vcpu};
-use tdp_vmx::scenario::report::{RunInfo, write_result_line};
-use tdp_vmx::scenario::{
-    AS_ID, Broken, Check, Observed, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT, SCENARIO, Step,
-    Translation, translate, unprotect_leaves,
+use tdp_core::spte::{EptOptions, NptOptions, SpteFormat};
+use tdp_metal::scenario::report::{RunInfo, write_result_line};
+use tdp_metal::scenario::{
+    AS_ID, Broken, Check, Observed, Paging, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT, SCENARIO,
+    Step, Translation, translate, unprotect_leaves,
 };
+use tdp_mock::{AccessResult, HostConfig, Machine, Vcpu};
 
 /// How dirty pages are logged: what the Bochs hypervisor picks for a CPU model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +34,10 @@ pub enum Mode {
     WriteProtect,
     /// Write protection with EPT A/D bits on (no PML): broadwell_ult, corei7_haswell_4770.
     AdWriteProtect,
+    /// AMD nested paging: write protection (no PML), NPT A/D bits, 40 physical address bits (MMIO
+    /// entries by reserved bit 51), leaves up to 2 MiB (the host maps guest RAM with 2 MiB pages):
+    /// ryzen, zambezi, trinity_apu, phenom_8650_toliman (`docs/recipes/bochs-svm.md`).
+    Npt,
 }
 
 impl Mode {
@@ -43,6 +47,7 @@ impl Mode {
             "corei7_skylake_x" | "corei7_icelake_u" | "tigerlake" => Some(Mode::Pml),
             "corei7_sandy_bridge_2600k" | "corei7_ivy_bridge_3770k" => Some(Mode::WriteProtect),
             "broadwell_ult" | "corei7_haswell_4770" => Some(Mode::AdWriteProtect),
+            "ryzen" | "zambezi" | "trinity_apu" | "phenom_8650_toliman" => Some(Mode::Npt),
             _ => None,
         }
     }
@@ -56,7 +61,16 @@ impl Mode {
                 MmuConfig { format, ..MmuConfig::EPT }
             }
             Mode::AdWriteProtect => MmuConfig::EPT,
+            Mode::Npt => {
+                let format = SpteFormat::npt(NptOptions { max_phys_bits: 40, max_leaf_level: Level::L2 });
+                MmuConfig { format, ..MmuConfig::NPT }
+            }
         }
+    }
+
+    /// The table format of this mode.
+    pub fn paging(self) -> Paging {
+        if self == Mode::Npt { Paging::Npt } else { Paging::Ept }
     }
 
     fn names(self) -> (&'static str, &'static [&'static str]) {
@@ -64,6 +78,7 @@ impl Mode {
             Mode::Pml => ("EPT_PML", &["mock", "ept", "ept_4level", "ept_ad", "pml", "ept_2m"]),
             Mode::WriteProtect => ("EPT", &["mock", "ept", "ept_4level", "ept_2m"]),
             Mode::AdWriteProtect => ("EPT", &["mock", "ept", "ept_4level", "ept_ad", "ept_2m"]),
+            Mode::Npt => ("NPT", &["mock", "npt", "npt_4level", "npt_ad", "npt_2m"]),
         }
     }
 }
@@ -87,13 +102,16 @@ impl MockRun {
 }
 
 /// The ring producer as the vCPU's dirty sink, shared with the harvest (which resets it).
-struct RingSink {
-    producer: DirtyRingProducer<'static>,
-    lost: u64,
+pub struct RingSink {
+    /// The producer.
+    pub producer: DirtyRingProducer<'static>,
+    /// Marks a full ring refused.
+    pub lost: u64,
 }
 
+/// A [`RingSink`] shared between the vCPU (its dirty sink) and the harvest.
 #[derive(Clone)]
-struct SharedSink(Arc<Mutex<RingSink>>);
+pub struct SharedSink(pub Arc<Mutex<RingSink>>);
 
 impl DirtySink for SharedSink {
     fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn, _source: DirtySource) {
@@ -105,14 +123,18 @@ impl DirtySink for SharedSink {
 }
 
 /// Runs the scenario on the mock for `model` in `mode`; with `broken`, makes that variant's mistake as
-/// `bochs-hv --features broken-<name>` does, so the checks must fail: corrupts the data slot's leaves
-/// right after logging starts (`ept`), ages without clearing (`age`), or moves the remapped page with an
-/// MMU notifier that does nothing (`remap`).
+/// `bochs-hv` / `bochs-svm --features broken-<name>` does, so the checks must fail: corrupts the data
+/// slot's leaves right after logging starts (`ept` on EPT, `npt` on NPT), ages without clearing (`age`),
+/// or moves the remapped page with an MMU notifier that does nothing (`remap`).
 ///
 /// # Errors
 /// When the machine or ring cannot be set up; what goes wrong during the steps is recorded in the
 /// result (its `guest_error`) instead, as the Bochs hypervisor does.
 pub fn run(model: &str, mode: Mode, broken: Option<Broken>) -> Result<MockRun, String> {
+    let paging = mode.paging();
+    if let Some(b) = broken.filter(|b| b.corrupts().is_some_and(|p| p != paging)) {
+        return Err(format!("broken-{} corrupts the other vendor's tables, not {paging:?}", b.name()));
+    }
     let m = Machine::new(mode.config(), HostConfig { host_level: Level::L2, ..HostConfig::default() })
         .map_err(|e| format!("mock machine: {e}"))?;
     let mut bases = Vec::new();
@@ -142,15 +164,15 @@ pub fn run(model: &str, mode: Mode, broken: Option<Broken>) -> Result<MockRun, S
         SCENARIO
             .sample_gfns()
             .into_iter()
-            .map(|gfn| Translation { gfn, kind: translate(read, root, gfn, &bases) })
+            .map(|gfn| Translation { gfn, kind: translate(paging, read, root, gfn, &bases) })
             .collect()
     };
     let mut seen = Observed::default();
     let corrupt = |vcpu: &Vcpu, first: u64, pages: u64| {
-        if broken == Some(Broken::Ept) {
+        if broken.and_then(Broken::corrupts).is_some() {
             let root = vcpu.root().map(|r| r.pfn().0).unwrap_or_default();
             let ad = m.mmu().format().has_accessed_dirty();
-            unprotect_leaves(|pfn| host.arena_table(Pfn(pfn)), root, first, pages, ad);
+            unprotect_leaves(paging, |pfn| host.arena_table(Pfn(pfn)), root, first, pages, ad);
             host.flush_all();
         }
     };

@@ -29,7 +29,7 @@ use tdp_core::host::{AllocError, Table, TableMemory};
 use tdp_core::spte::Spte;
 use tdp_core::sync::Ordering;
 
-use crate::raw::IdentityRegion;
+use crate::region::IdentityRegion;
 
 /// Counters of a [`TableFrames`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -77,8 +77,8 @@ struct State {
 /// ```
 /// use tdp_core::host::TableMemory;
 /// use tdp_core::spte::Spte;
-/// use tdp_vmx::host::TableFrames;
-/// use tdp_vmx::raw::{IdentityRegion, TablePage};
+/// use tdp_metal::frames::TableFrames;
+/// use tdp_metal::region::{IdentityRegion, TablePage};
 /// let mut pages: Vec<TablePage> = (0..2).map(|_| TablePage::new()).collect();
 /// let frames = TableFrames::new(IdentityRegion::from_pages(&mut pages))?;
 /// let a = frames.alloc_table(Spte(1 << 63))?; // EPT's non-present value (suppress #VE)

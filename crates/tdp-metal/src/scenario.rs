@@ -21,16 +21,17 @@
 
 extern crate alloc;
 
-mod ept;
 mod host_steps;
 mod judge;
 pub mod report;
+pub mod smp;
+mod tables;
 #[cfg(test)]
 mod tests;
 
-pub use ept::{Mapping, Translation, translate, unprotect_leaves};
 pub use host_steps::{Broken, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT};
 pub use judge::{Check, Observed};
+pub use tables::{Mapping, Paging, Translation, translate, unprotect_leaves};
 
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;

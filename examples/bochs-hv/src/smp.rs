@@ -1,6 +1,8 @@
 //! The second processor: wakes it with INIT-SIPI-SIPI through the local APIC and brings it from real
-//! mode to long mode (a trampoline copied to 0x8000), where it enables SVM with its own host save area
-//! and runs vCPU 1 ([`crate::hv::run_cpu`]) on the MMU the bootstrap processor set up.
+//! mode to long mode (a trampoline copied to 0x8000), where it calls the kernel's `crate::ap_run`
+//! (which enables VMX or SVM on it and runs vCPU 1 on the MMU the bootstrap processor set up) and
+//! publishes vCPU 1's outcome. Vendor-neutral: both kernels use this file (`examples/bochs-svm` by
+//! path).
 //!
 //! The trampoline prints `A` on Bochs's port 0xE9 and increments a counter first, so the count of
 //! processors that woke up is known even if the rest fails. With `cpu: count=1` none answers.
@@ -17,12 +19,9 @@ use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use tdp_svm::instr::SvmInstructions;
-use tdp_svm::raw::{HsavePage, X86Svm};
-
 use crate::boot::Page;
 use crate::cpu;
-use crate::hv::{self, Outcome};
+use crate::smp_guest::SmpOutcome;
 
 /// Where the trampoline goes: page 8 (STARTUP vector 0x08), free low memory once GRUB is done.
 const TRAMPOLINE: u64 = 0x8000;
@@ -145,13 +144,11 @@ struct Stack(UnsafeCell<[u8; 128 * 1024]>);
 unsafe impl Sync for Stack {}
 static AP_STACK: Stack = Stack(UnsafeCell::new([0; 128 * 1024]));
 
-/// The second processor's host save area.
-static AP_HSAVE: HsavePage = HsavePage::new();
-
-/// How far the second processor got: 0 not started, 1 in long mode, 2 SVM enabled, 3 finished.
+/// How far the second processor got: 0 not started, 1 in long mode, 2 VMX / SVM enabled (set by
+/// `crate::ap_run`), 3 finished.
 pub static AP_STAGE: AtomicU32 = AtomicU32::new(0);
 /// What vCPU 1's run saw, once `AP_STAGE` is 3.
-pub static AP_OUTCOME: spin::Mutex<Option<Outcome>> = spin::Mutex::new(None);
+static AP_OUTCOME: spin::Mutex<Option<SmpOutcome>> = spin::Mutex::new(None);
 
 /// Maps the APIC's page: PDPT[3] of the boot tables points at [`APIC_PD`], whose entry for 0xFEE00000
 /// is a 2 MiB page, present, writable, PWT and PCD.
@@ -233,7 +230,7 @@ pub fn wake_others() -> Result<u64, String> {
 }
 
 /// Waits for the second processor to finish vCPU 1 and returns its outcome.
-pub fn wait_for_ap() -> Result<Outcome, String> {
+pub fn wait_for_ap() -> Result<SmpOutcome, String> {
     for _ in 0..200_000_000u64 {
         if AP_STAGE.load(Ordering::Acquire) == 3 {
             return AP_OUTCOME
@@ -263,19 +260,7 @@ fn load_idt() {
 extern "C" fn ap_main() -> ! {
     load_idt();
     AP_STAGE.store(1, Ordering::Release);
-    let outcome = match hv::SHARED.get() {
-        None => Outcome { error: Some(String::from("vCPU 1: no shared MMU")), ..Outcome::default() },
-        Some(shared) => {
-            // SAFETY: CPL 0 on the same identity mapping as the bootstrap processor; CPUID reported SVM
-            // with nested paging there (every processor of a Bochs machine is the same model) before the
-            // shared state was set; the VMCB `run_cpu` runs confines its guest to tdp-core's tables.
-            let svm = unsafe { X86Svm::new() };
-            svm.set_hsave(&AP_HSAVE);
-            svm.enable_svme();
-            AP_STAGE.store(2, Ordering::Release);
-            hv::run_cpu(1, &svm, shared)
-        }
-    };
+    let outcome = crate::ap_run();
     *AP_OUTCOME.lock() = Some(outcome);
     AP_STAGE.store(3, Ordering::Release);
     loop {

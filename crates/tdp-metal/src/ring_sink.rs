@@ -41,7 +41,7 @@ pub struct SinkStats {
 /// use tdp_core::dirty_ring::{DirtyGfn, DirtyRingProducer, RingConfig};
 /// use tdp_core::host::{DirtySink, DirtySource};
 /// use tdp_core::memslot::{Memslot, SlotFlags};
-/// use tdp_vmx::ring_sink::RingSink;
+/// use tdp_metal::ring_sink::RingSink;
 ///
 /// let cfg = RingConfig::new(1024, tdp_core::dirty_ring::PML_ENTRIES)?; // soft limit 1024 - 576 = 448
 /// let ring: Vec<DirtyGfn> = (0..cfg.entries()).map(|_| DirtyGfn::zeroed()).collect();

@@ -20,9 +20,13 @@ pub const REMAP_POOL_PAGES: u64 = 4;
 /// it), which the scenario's checks must catch, on Bochs and on the mock alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Broken {
-    /// When logging starts, W (and D with A/D) is set again on the logged slot's leaves: writes escape
-    /// the dirty log.
+    /// When logging starts, W (and D with A/D) is set again on the logged slot's EPT leaves: writes
+    /// escape the dirty log.
     Ept,
+    /// The same on NPT leaves (W and D), for the SVM hypervisor: under Bochs, which ignores
+    /// TLB_CONTROL, a missing ASID flush cannot be seen, but nested entries that lost their write
+    /// protection can.
+    Npt,
     /// Aging only tests the Accessed state and never clears it: pages stay young forever.
     Age,
     /// The host moves a page without the MMU notifier (no `invalidate_range_start` / `end`): the old
@@ -32,13 +36,34 @@ pub enum Broken {
 
 impl Broken {
     /// Every variant.
-    pub const ALL: [Broken; 3] = [Broken::Ept, Broken::Age, Broken::Remap];
+    pub const ALL: [Broken; 4] = [Broken::Ept, Broken::Npt, Broken::Age, Broken::Remap];
 
-    /// The variant's name: `ept`, `age` or `remap` (the kernel's feature is `broken-<name>`).
+    /// The variants a hypervisor on `paging` tables is built as: the table corruption of its format,
+    /// then aging and remapping.
+    #[must_use]
+    pub const fn for_paging(paging: super::Paging) -> [Broken; 3] {
+        match paging {
+            super::Paging::Ept => [Broken::Ept, Broken::Age, Broken::Remap],
+            super::Paging::Npt => [Broken::Npt, Broken::Age, Broken::Remap],
+        }
+    }
+
+    /// The table format whose entries the variant corrupts (`None`: it corrupts no table).
+    #[must_use]
+    pub const fn corrupts(self) -> Option<super::Paging> {
+        match self {
+            Broken::Ept => Some(super::Paging::Ept),
+            Broken::Npt => Some(super::Paging::Npt),
+            Broken::Age | Broken::Remap => None,
+        }
+    }
+
+    /// The variant's name: `ept`, `npt`, `age` or `remap` (the kernel's feature is `broken-<name>`).
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
             Broken::Ept => "ept",
+            Broken::Npt => "npt",
             Broken::Age => "age",
             Broken::Remap => "remap",
         }
@@ -54,7 +79,7 @@ impl Broken {
     #[must_use]
     pub const fn must_fail(self) -> &'static str {
         match self {
-            Broken::Ept => super::judge::HARVEST_CHECK,
+            Broken::Ept | Broken::Npt => super::judge::HARVEST_CHECK,
             Broken::Age => super::judge::AGE_CHECK,
             Broken::Remap => super::judge::REMAP_CHECK,
         }

@@ -1,16 +1,19 @@
-//! The shared scenario on `tdp-mock`, in both dirty-logging modes the Bochs hypervisor uses: every check
+//! The shared scenario on `tdp-mock`, in the dirty-logging modes the Bochs hypervisors use (EPT with PML,
+//! EPT with write protection, NPT with write protection): every check
 //! passes, the harvests are exactly the scenario's expected sets, and the data-slot pages written while
 //! logging end up mapped by 4 KiB leaves of their own slot page; aging reports exactly the pages touched
 //! since the last age; the page the host moved is mapped to its new frame, which holds its last write.
 //! Each broken variant (leaves unprotected behind the MMU's back, aging that never clears, a page moved
 //! without the MMU notifier: what `bochs-hv --features broken-<name>` does) must fail its own check and
-//! only the checks that follow from it.
+//! only the checks that follow from it. The two-vCPU part passes in every mode.
 
 #[path = "../examples/scenario_mock/run.rs"]
 mod run;
+#[path = "../examples/scenario_mock/smp.rs"]
+mod smp;
 
 use run::Mode;
-use tdp_vmx::scenario::{Broken, Mapping, REMAP_POOL_SLOT, SCENARIO};
+use tdp_metal::scenario::{Broken, Mapping, Paging, REMAP_POOL_SLOT, SCENARIO};
 
 fn check(model: &str, mode: Mode) {
     let result = run::run(model, mode, None).unwrap();
@@ -59,9 +62,15 @@ fn the_scenario_passes_on_the_mock_with_ad_and_write_protection() {
 }
 
 #[test]
+fn the_scenario_passes_on_the_mock_under_npt() {
+    check("ryzen", Mode::Npt);
+}
+
+#[test]
 fn models_map_to_the_modes_the_hypervisor_picks() {
     assert_eq!(Mode::for_model("corei7_skylake_x"), Some(Mode::Pml));
     assert_eq!(Mode::for_model("corei7_sandy_bridge_2600k"), Some(Mode::WriteProtect));
+    assert_eq!(Mode::for_model("ryzen"), Some(Mode::Npt));
     assert_eq!(Mode::for_model("bx_generic"), None, "no EPT");
 }
 
@@ -71,7 +80,7 @@ fn check_broken(model: &str, mode: Mode, broken: Broken) {
     let failed: Vec<&str> = result.checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
     assert!(failed.contains(&broken.must_fail()), "{model} broken-{}: {failed:?}", broken.name());
     match broken {
-        Broken::Ept => {
+        Broken::Ept | Broken::Npt => {
             assert!(failed.iter().all(|n| n.starts_with("harvest")), "{model}: {failed:?}");
             let missing = SCENARIO.expected_harvests()[1].difference(&result.seen.harvests[1]).count();
             assert!(missing > 0, "{model}: the first harvest while logging lost nothing");
@@ -98,14 +107,38 @@ fn check_broken(model: &str, mode: Mode, broken: Broken) {
 
 #[test]
 fn broken_variants_fail_their_checks_with_pml() {
-    for broken in Broken::ALL {
+    for broken in Broken::for_paging(Paging::Ept) {
         check_broken("corei7_skylake_x", Mode::Pml, broken);
     }
 }
 
 #[test]
 fn broken_variants_fail_their_checks_with_write_protection() {
-    for broken in Broken::ALL {
+    for broken in Broken::for_paging(Paging::Ept) {
         check_broken("corei7_sandy_bridge_2600k", Mode::WriteProtect, broken);
     }
+}
+
+#[test]
+fn broken_variants_fail_their_checks_under_npt() {
+    for broken in Broken::for_paging(Paging::Npt) {
+        check_broken("ryzen", Mode::Npt, broken);
+    }
+}
+
+#[test]
+fn a_table_corruption_of_the_other_vendor_is_refused() {
+    assert!(run::run("ryzen", Mode::Npt, Some(Broken::Ept)).is_err());
+    assert!(run::run("corei7_skylake_x", Mode::Pml, Some(Broken::Npt)).is_err());
+}
+
+#[test]
+fn the_two_vcpu_part_passes_on_the_mock_and_agrees_across_modes() {
+    let runs: Vec<_> = [Mode::Pml, Mode::WriteProtect, Mode::Npt].map(|mode| smp::run(mode).unwrap()).into();
+    for seen in &runs {
+        assert_eq!(seen.check(), Vec::<String>::new());
+        assert_eq!(seen.own_harvests.each_ref().map(Vec::len), [2, 2]);
+    }
+    assert!(runs.iter().all(|r| r.agreed() == runs[0].agreed()), "the agreed part depends on nothing");
+    assert_eq!(runs[0].agreed().phase_a.len(), 48);
 }
