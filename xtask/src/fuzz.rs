@@ -35,8 +35,8 @@ pub const CARGO_FUZZ_VERSION: &str = "^0.13";
 ///
 /// `none` is the default: `tdp-core` denies `unsafe` code, so an out-of-bounds access is already a
 /// bounds-check panic, and without AddressSanitizer the targets build faster and run about four times as
-/// many inputs per second (measured: 20,000 against 4,800 execs/s for `bitmap_clear`). `address` is there
-/// for code that gains `unsafe`.
+/// many inputs per second (measured for `bitmap_clear`: docs/benchmarks.md, "Measurements behind choices
+/// in the code"). `address` is there for code that gains `unsafe`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Sanitizer {
     /// No sanitizer: bounds checks, debug assertions and overflow checks only.
@@ -135,10 +135,7 @@ pub fn fuzz_dirs() -> Vec<PathBuf> {
 pub fn run(targets: &Targets, seconds: u64, sanitizer: Sanitizer) -> Result<()> {
     ensure_cargo_fuzz()?;
     let toolchain = Toolchain::detect();
-    let mut known = Vec::new();
-    for project in PROJECTS {
-        known.extend(list_targets(&toolchain, project)?.into_iter().map(|t| (project, t)));
-    }
+    let known = all_targets(&toolchain)?;
     let chosen: Vec<(&str, String)> = match targets {
         Targets::All => known,
         Targets::One(name) => match known.iter().find(|(_, t)| t == name) {
@@ -158,6 +155,18 @@ pub fn run(targets: &Targets, seconds: u64, sanitizer: Sanitizer) -> Result<()> 
         );
     }
     Ok(())
+}
+
+/// Every target of every project in [`PROJECTS`], with the project it belongs to.
+///
+/// # Errors
+/// If `cargo fuzz list` fails or names no target in a project.
+pub fn all_targets(toolchain: &Toolchain) -> Result<Vec<(&'static str, String)>> {
+    let mut known = Vec::new();
+    for project in PROJECTS {
+        known.extend(list_targets(toolchain, project)?.into_iter().map(|t| (project, t)));
+    }
+    Ok(known)
 }
 
 /// CI's smoke run: every target for [`SMOKE_SECONDS`] seconds.
@@ -186,7 +195,7 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
 
 /// How to get a toolchain that accepts libFuzzer's `-Z` flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Toolchain {
+pub enum Toolchain {
     /// `rustup run nightly cargo`.
     Nightly,
     /// The toolchain that runs xtask, with `RUSTC_BOOTSTRAP=1`.
@@ -194,7 +203,9 @@ enum Toolchain {
 }
 
 impl Toolchain {
-    fn detect() -> Toolchain {
+    /// `nightly` when rustup has it, else the current toolchain with `RUSTC_BOOTSTRAP=1`.
+    #[must_use]
+    pub fn detect() -> Toolchain {
         if cmd::succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
             Toolchain::Nightly
         } else {
@@ -258,6 +269,68 @@ fn is_target_name(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// Where a target's corpus and crash inputs live: `target/fuzz-corpus/<target>` and
+/// `target/fuzz-artifacts/<target>`, created if missing.
+///
+/// # Errors
+/// If a directory cannot be created.
+pub fn target_dirs(target: &str) -> Result<(PathBuf, PathBuf)> {
+    let root = cmd::repo_root();
+    let corpus = root.join("target/fuzz-corpus").join(target);
+    let artifacts = root.join("target/fuzz-artifacts").join(target);
+    for dir in [&corpus, &artifacts] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok((corpus, artifacts))
+}
+
+/// `cargo fuzz build` of every target of `project` into `target/fuzz`, so that runs started afterwards
+/// (several at once in `cargo xtask soak`) only check that the build is fresh.
+///
+/// # Errors
+/// If the build fails.
+pub fn build_project(toolchain: &Toolchain, project: &str, sanitizer: Sanitizer) -> Result<()> {
+    let mut cargo = toolchain.cargo_fuzz(project, "build");
+    cargo.args(["--sanitizer", sanitizer.as_str()]);
+    cargo.arg("--target-dir").arg(cmd::repo_root().join("target/fuzz"));
+    cmd::run(&mut cargo)
+}
+
+/// The `cargo fuzz run` command for `target` of `project`, fuzzing for `seconds` with the corpus and
+/// crash directories of [`target_dirs`] (`extra` libFuzzer flags appended).
+#[must_use]
+pub fn run_command(
+    toolchain: &Toolchain,
+    (project, target): (&str, &str),
+    seconds: u64,
+    sanitizer: Sanitizer,
+    (corpus, artifacts): (&Path, &Path),
+    extra: &[&str],
+) -> Command {
+    let mut cargo = toolchain.cargo_fuzz(project, "run");
+    cargo.args(["--sanitizer", sanitizer.as_str()]);
+    cargo.arg(target).arg("--target-dir").arg(cmd::repo_root().join("target/fuzz")).arg(corpus).arg("--");
+    cargo.args(libfuzzer_args(seconds, artifacts));
+    cargo.args(extra);
+    cargo
+}
+
+/// How to replay crash `input` of `target` by hand.
+#[must_use]
+pub fn replay_line(
+    toolchain: &Toolchain,
+    project: &str,
+    target: &str,
+    sanitizer: Sanitizer,
+    input: &Path,
+) -> String {
+    format!(
+        "cd {project} && {} fuzz run --sanitizer {sanitizer} --target-dir ../../target/fuzz {target} {}",
+        toolchain.cargo_for_humans(),
+        input.display()
+    )
+}
+
 fn run_target(
     toolchain: &Toolchain,
     project: &str,
@@ -265,27 +338,15 @@ fn run_target(
     seconds: u64,
     sanitizer: Sanitizer,
 ) -> Result<()> {
-    let root = cmd::repo_root();
-    let corpus = root.join("target/fuzz-corpus").join(target);
-    let artifacts = root.join("target/fuzz-artifacts").join(target);
-    for dir in [&corpus, &artifacts] {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
+    let (corpus, artifacts) = target_dirs(target)?;
     let before = list_files(&artifacts);
-    let mut cargo = toolchain.cargo_fuzz(project, "run");
-    cargo.args(["--sanitizer", sanitizer.as_str()]);
-    cargo.arg(target).arg("--target-dir").arg(root.join("target/fuzz")).arg(&corpus).arg("--");
-    cargo.args(libfuzzer_args(seconds, &artifacts));
+    let mut cargo = run_command(toolchain, (project, target), seconds, sanitizer, (&corpus, &artifacts), &[]);
     if let Err(err) = cmd::run(&mut cargo) {
         let new: Vec<PathBuf> = list_files(&artifacts).into_iter().filter(|f| !before.contains(f)).collect();
         let Some(input) = new.last() else {
             return Err(err.context(format!("fuzz target `{target}` failed (no crash input was written)")));
         };
-        let replay = format!(
-            "cd {project} && {} fuzz run --sanitizer {sanitizer} --target-dir ../../target/fuzz {target} {}",
-            toolchain.cargo_for_humans(),
-            input.display()
-        );
+        let replay = replay_line(toolchain, project, target, sanitizer, input);
         return Err(err.context(format!(
             "fuzz target `{target}` failed on input {}; replay it with `{replay}`",
             input.display()
@@ -306,7 +367,8 @@ fn libfuzzer_args(seconds: u64, artifacts: &Path) -> Vec<String> {
 }
 
 /// The files in `dir`, sorted by modification time (oldest first); empty if it cannot be read.
-fn list_files(dir: &Path) -> Vec<PathBuf> {
+#[must_use]
+pub fn list_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

@@ -16,6 +16,8 @@
 //! - [`elf`]: reading an ELF header to prove a binary is a static executable.
 //! - [`fuzz`]: `cargo xtask fuzz` and CI's fuzz smoke: installing cargo-fuzz and running the targets of
 //!   `crates/tdp-core/fuzz` and `crates/tdp-cli/fuzz` with their output kept under `target/`.
+//! - [`soak`]: `cargo xtask soak`, every fuzz target and the host stress for minutes each, with a summary
+//!   of executions, coverage and findings in `target/soak/summary.json`.
 //! - [`tidy`]: the house rules (module headers, banned test attributes, SAFETY comments) as a checker
 //!   that `tests/tidy.rs` runs over the tree.
 #![forbid(unsafe_code)]
@@ -30,4 +32,5 @@ pub mod fuzz;
 pub mod hygiene;
 pub mod install;
 pub mod nostd;
+pub mod soak;
 pub mod tidy;

@@ -79,6 +79,28 @@ enum Task {
         #[arg(long, default_value_t)]
         sanitizer: xtask::fuzz::Sanitizer,
     },
+    /// Soak: every fuzz target and the multi-threaded host stress (crates/tdp-mock/tests/host_stress.rs,
+    /// release, run again and again) for N minutes each, then a summary table (minutes, CPU minutes,
+    /// executions, libFuzzer coverage and features, corpus size, findings) also written to
+    /// target/soak/summary.json. Not part of CI (CI runs the fuzz smoke).
+    ///
+    /// Each target's output goes to target/soak/<target>.log. A fuzz target that finds a crash is
+    /// started again for the time left (up to 3 inputs); a failed or hung stress run is kept as
+    /// target/soak/host_stress.failure-N.log. Exits non-zero if anything was found.
+    Soak {
+        /// Minutes per target (building not counted).
+        #[arg(long, default_value_t = xtask::soak::DEFAULT_MINUTES, value_parser = xtask::soak::parse_minutes)]
+        minutes: u64,
+        /// Targets run at once.
+        #[arg(long, default_value_t = 1, value_parser = xtask::soak::parse_jobs)]
+        jobs: usize,
+        /// A target to run (a fuzz target or `host_stress`; repeatable); default: every target.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// `none` or `address`, as for `cargo xtask fuzz`.
+        #[arg(long, default_value_t)]
+        sanitizer: xtask::fuzz::Sanitizer,
+    },
 }
 
 fn main() -> Result<()> {
@@ -91,6 +113,9 @@ fn main() -> Result<()> {
         Task::Bench { quick } => xtask::bench::run(quick),
         Task::Bochs { models, broken } => xtask::bochs::run(&models, broken),
         Task::Fuzz { target, seconds, sanitizer } => xtask::fuzz::run(&target, seconds, sanitizer),
+        Task::Soak { minutes, jobs, targets, sanitizer } => {
+            xtask::soak::run(&targets, minutes, jobs, sanitizer)
+        }
     }
 }
 
@@ -118,6 +143,25 @@ mod tests {
         for bad in
             [&["--seconds", "0"][..], &["--seconds", "soon"], &["--target", "../x"], &["--sanitizer", "msan"]]
         {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn soak_arguments_default_to_an_hour_per_target_one_at_a_time() {
+        use xtask::fuzz::Sanitizer;
+        let parse = |args: &[&str]| match Cli::try_parse_from(["cargo xtask", "soak"].iter().chain(args)) {
+            Ok(Cli { task: Task::Soak { minutes, jobs, targets, sanitizer } }) => {
+                Ok((minutes, jobs, targets, sanitizer))
+            }
+            Ok(_) => panic!("`soak` parsed as another task"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(parse(&[]).unwrap(), (60, 1, vec![], Sanitizer::None));
+        let args = ["--minutes", "5", "--jobs", "2", "--target", "host_stress", "--target", "mmu_ops"];
+        let targets = vec!["host_stress".to_owned(), "mmu_ops".to_owned()];
+        assert_eq!(parse(&args).unwrap(), (5, 2, targets, Sanitizer::None));
+        for bad in [&["--minutes", "0"][..], &["--minutes", "1h"], &["--jobs", "0"], &["--jobs", "-1"]] {
             assert!(parse(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -17,12 +17,13 @@ use tdp_core::addr::{AsId, Gfn, Level};
 use tdp_core::mmu::MmuConfig;
 use tdp_core::spte::SpteFormat;
 
+use crate::config::{Config, PAGES_1G, arena_pages};
 use crate::host::Arena;
 use crate::logging::tree_tables;
 use crate::ours::OurTree;
+use crate::outcome::Outcome;
 use crate::peer::{atomic_swap_sweep, plain_write_sweep};
 use crate::report::Row;
-use crate::suite::{Config, Outcome, PAGES_1G, arena_pages};
 use crate::timing::{Rounds, ns_per_op};
 
 /// The configurations measured: A/D bits in hardware (an accessed bit to clear) and EPT without them

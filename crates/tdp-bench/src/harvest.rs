@@ -24,9 +24,11 @@ use tdp_core::dirty_ring::{
 use tdp_core::flush::Flush;
 use tdp_core::memslot::{Memslot, MemslotSet, SlotFlags};
 
+use crate::config::{Config, PAGES_1G};
+use crate::outcome::Outcome;
+pub use crate::outcome::{Point, Series};
 use crate::report::Row;
 use crate::ring::RING_ENTRIES;
-use crate::suite::{Config, Outcome, PAGES_1G};
 use crate::timing::{Rounds, ns_per_op};
 
 /// Dirty pages per harvest.
@@ -145,26 +147,6 @@ impl Sized {
         assert_eq!((harvested.len() as u64, u64::from(stats.reset), stats.invalid), (DIRTY, DIRTY, 0));
         (ns / 1e3, pages)
     }
-}
-
-/// The figures of one size, µs per harvest.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Point {
-    /// Memory size in GiB.
-    pub gib: u64,
-    /// The dirty ring: harvest + reset.
-    pub ring: f64,
-    /// The bitmap: `get_and_clear`.
-    pub bitmap: f64,
-    /// The bitmap with manual protect: `get` + `clear`.
-    pub manual: f64,
-}
-
-/// The figures of one run, for the plot: one point per size, in increasing size.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Series {
-    /// The points.
-    pub points: Vec<Point>,
 }
 
 /// Measures every size, its three ways interleaved; pushes the rows and a note, returns the plot data.

@@ -21,11 +21,15 @@
 //!   throughput under each kind of logging, live migration with the `tdp` command.
 //! - [`plot`]: the SVG plot of the harvest figures.
 //! - [`timing`]: medians of interleaved rounds.
-//! - [`suite`]: the comparisons.
+//! - [`suite`]: the comparisons, running the groups above.
+//! - [`config`]: how much a run measures and the sizes the groups share; [`outcome`]: what a run
+//!   produced (rows, notes, the harvest series, charts). Both are leaves: the groups use them, never
+//!   [`suite`].
 //! - [`report`]: rows, the table, the JSON file, the metadata accounting and the targets.
 //! - [`targets`]: the dirty-tracking targets, judged from the rows.
 
 pub mod aging;
+pub mod config;
 pub mod floor;
 pub mod harvest;
 pub mod host;
@@ -33,6 +37,7 @@ pub mod kvm;
 pub mod logging;
 pub mod nx;
 pub mod ours;
+pub mod outcome;
 pub mod parallel;
 pub mod peer;
 pub mod plot;

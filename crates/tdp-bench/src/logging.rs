@@ -7,7 +7,8 @@
 //! off (with the host mapping at 4 KiB nothing can be collapsed, so nothing is zapped) and on again: the
 //! second pass finds every leaf already protected, so it must store nothing and request no flush; its
 //! time is the cost of visiting the leaves alone. Re-populating per round is what makes the 16 GiB case
-//! slow (4 Mi faults, about 0.3 s per configuration), so it gets fewer rounds.
+//! slow (4 Mi faults per configuration; docs/benchmarks.md, "Measurements behind choices in the code"),
+//! so it gets fewer rounds.
 
 use std::sync::atomic::AtomicU64;
 
@@ -15,11 +16,12 @@ use tdp_core::addr::{Gfn, Level};
 use tdp_core::mmu::MmuConfig;
 use tdp_core::spte::{EptBits, SpteFormat};
 
+use crate::config::{Config, PAGES_1G, arena_pages};
 use crate::host::Arena;
 use crate::ours::OurTree;
+use crate::outcome::Outcome;
 use crate::peer::{atomic_clear_sweep, plain_clear_sweep, scalar_clear_sweep};
 use crate::report::Row;
-use crate::suite::{Config, Outcome, PAGES_1G, arena_pages};
 use crate::timing::{Rounds, ns_per_op};
 
 /// The MMU configurations measured: a name for the rows (empty for the default, EPT with A/D bits) and
@@ -114,8 +116,9 @@ pub fn measure(cfg: &Config, out: &mut Outcome) {
         let mut round = 0;
         let rounds = Rounds::<CONTENDERS>::run(warmup, reps, || {
             let mut r = [0.0; CONTENDERS];
-            // The configuration measured first after the sweeps runs ~10% slower (the sweeps leave 2 MiB
-            // of freshly written lines behind); rotate which one goes first so no row carries that alone.
+            // The configuration measured first after the sweeps runs slower (the sweeps leave 2 MiB of
+            // freshly written lines behind; docs/benchmarks.md, "Measurements behind choices in the
+            // code"); rotate which one goes first so no row carries that alone.
             round += 1;
             for k in 0..VARIANTS.len() {
                 let i = (k + round) % VARIANTS.len();

@@ -25,8 +25,9 @@ use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{FaultOutcome, Mmu, MmuConfig, VcpuMmu};
 use tdp_core::spte::Spte;
 
+use crate::config::{Config, PAGES_1G, arena_pages};
+use crate::outcome::Outcome;
 use crate::report::Row;
-use crate::suite::{Config, Outcome, PAGES_1G, arena_pages};
 use crate::timing::Rounds;
 
 /// Frame number of the arena's first page (frames are only names here).

@@ -8,7 +8,9 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::harvest::{DIRTY, Series};
+use crate::harvest::DIRTY;
+pub use crate::outcome::Chart;
+use crate::outcome::Series;
 
 /// Picture size in pixels.
 const SIZE: (u32, u32) = (800, 500);
@@ -21,21 +23,6 @@ const COLORS: [RGBColor; 5] = [
     RGBColor(204, 121, 167),
     RGBColor(86, 180, 233),
 ];
-
-/// One chart: a caption, axis names, the x values and one named line per series (a y value per x).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Chart<'a> {
-    /// Title above the chart.
-    pub caption: String,
-    /// The x axis's name.
-    pub x_desc: &'a str,
-    /// The y axis's name.
-    pub y_desc: &'a str,
-    /// The x values, increasing and positive (the x axis is log base 2).
-    pub xs: Vec<f64>,
-    /// `(label, ys)` per line; each `ys` as long as `xs`, positive (the y axis is log base 10).
-    pub series: Vec<(&'a str, Vec<f64>)>,
-}
 
 /// Draws `series` (the in-process harvest figures) to `path` (creating its folder).
 ///

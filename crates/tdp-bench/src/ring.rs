@@ -23,8 +23,9 @@ use tdp_core::addr::{AsId, Gfn, RingSlot, SlotId};
 use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, PML_ENTRIES, RingConfig};
 use tdp_core::memslot::{Memslot, MemslotSet, SlotFlags};
 
+use crate::config::{Config, PAGES_1G};
+use crate::outcome::Outcome;
 use crate::report::Row;
-use crate::suite::{Config, Outcome, PAGES_1G};
 use crate::timing::{Rounds, ns_per_op};
 
 /// Entries moved per timed region.

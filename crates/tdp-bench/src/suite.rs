@@ -11,62 +11,19 @@ use tdp_core::addr::Level;
 use tdp_core::host::TableMemory;
 use tdp_core::spte::SpteFormat;
 
+pub use crate::config::{Config, PAGES_1G, PAGES_2M, arena_pages};
 use crate::floor::{self, FloorShared};
-use crate::harvest::{self, Series};
+use crate::harvest;
 use crate::host::{Arena, BenchHost};
 use crate::ours::OurTree;
+pub use crate::outcome::Outcome;
 use crate::peer::{PeerArena, atomic_swap_sweep, plain_write_sweep};
 use crate::report::{FAULT_4K, METADATA, METADATA_TARGET_BYTES, Metadata, Row};
 use crate::timing::{Rounds, ns_per_op};
 use crate::{kvm, logging, ring};
 
-/// 4 KiB pages in 1 GiB.
-pub const PAGES_1G: u64 = 1 << 18;
-/// 4 KiB pages in 2 MiB.
-pub const PAGES_2M: u64 = 512;
-
 /// Passes of each sweep per timed sample.
 const SWEEP_PASSES: u64 = 16;
-
-/// How much to measure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Config {
-    /// Recorded rounds per comparison.
-    pub reps: usize,
-    /// Unrecorded rounds first.
-    pub warmup: usize,
-    /// 2 MiB faults per round (512 per GiB).
-    pub faults_2m: u64,
-}
-
-impl Config {
-    /// `--quick`: a few seconds.
-    pub const QUICK: Config = Config { reps: 5, warmup: 1, faults_2m: 128 * 512 };
-    /// The default: more rounds, more 2 MiB faults per round (a few seconds too).
-    pub const FULL: Config = Config { reps: 31, warmup: 3, faults_2m: 256 * 512 };
-}
-
-/// What a run produced: the rows, and notes that explain them (noise, flush counts, sanity figures).
-#[derive(Clone, Debug, Default)]
-pub struct Outcome {
-    /// One row per comparison.
-    pub rows: Vec<Row>,
-    /// Human-readable side figures.
-    pub notes: Vec<String>,
-    /// The harvest-cost figures, for the plot, when the `harvest` group ran.
-    pub harvest: Option<Series>,
-    /// More charts to draw: `(file name, chart)`, drawn beside the harvest plot.
-    pub charts: Vec<(&'static str, crate::plot::Chart<'static>)>,
-}
-
-/// Table pages an MMU needs to map `pages` 4 KiB pages from gfn 0 at `level`, plus a root, the tables
-/// above, and more than a page cache's worth of slack (a cache holds at most 10).
-#[must_use]
-pub fn arena_pages(pages: u64, level: Level) -> usize {
-    let leaves_per_table = PAGES_2M * level.pages();
-    let bottom = pages.div_ceil(leaves_per_table) as usize;
-    bottom + bottom.div_ceil(512) + 4 + 16
-}
 
 /// The groups of comparisons, by the name `--only` takes.
 pub const GROUPS: [&str; 16] = [

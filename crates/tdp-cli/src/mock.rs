@@ -27,7 +27,6 @@ use std::thread::JoinHandle;
 use tdp_core::addr::{AsId, Gfn, Level, SlotId};
 use tdp_core::dirty_bitmap::DirtyBitmap;
 use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, RingConfig};
-use tdp_core::flush::Flush;
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{Mmu, MmuConfig};
 use tdp_mock::{HostConfig, Machine, MockHost};
@@ -100,13 +99,10 @@ pub(crate) enum Tracker {
     },
 }
 
-/// One vCPU's ring memory and both halves' indices.
+/// One vCPU's ring: both halves, sharing the ring memory, made once when the guest starts.
 pub(crate) struct VcpuRing {
-    pub(crate) ring: Box<[DirtyGfn]>,
-    pub(crate) cfg: RingConfig,
-    pub(crate) dirty_index: u32,
-    pub(crate) reset_index: u32,
-    pub(crate) fetch_index: u32,
+    pub(crate) producer: DirtyRingProducer<'static, Arc<[DirtyGfn]>>,
+    pub(crate) consumer: DirtyRingConsumer<'static, Arc<[DirtyGfn]>>,
     pub(crate) soft_full: bool,
     pub(crate) refused: u64,
 }
@@ -164,20 +160,19 @@ impl MockGuest {
             Mode::Ring => {
                 let rcfg = RingConfig::new(cfg.ring_entries, 0)
                     .map_err(|e| GuestError::new("configuring the dirty ring", format!("{e:?}")))?;
+                let ring_error = |e| GuestError::new("configuring the dirty ring", format!("{e:?}"));
                 let rings = (0..cfg.vcpus)
                     .map(|_| {
-                        let ring: Box<[DirtyGfn]> = (0..rcfg.entries()).map(|_| DirtyGfn::zeroed()).collect();
-                        Mutex::new(VcpuRing {
-                            ring,
-                            cfg: rcfg,
-                            dirty_index: 0,
-                            reset_index: 0,
-                            fetch_index: 0,
+                        let ring: Arc<[DirtyGfn]> = (0..rcfg.entries()).map(|_| DirtyGfn::zeroed()).collect();
+                        Ok(Mutex::new(VcpuRing {
+                            producer: DirtyRingProducer::with_memory(Arc::clone(&ring), rcfg)
+                                .map_err(ring_error)?,
+                            consumer: DirtyRingConsumer::with_memory(ring, rcfg).map_err(ring_error)?,
                             soft_full: false,
                             refused: 0,
-                        })
+                        }))
                     })
-                    .collect();
+                    .collect::<Result<_, GuestError>>()?;
                 Tracker::Rings(rings)
             }
             Mode::Bitmap | Mode::ClearLog | Mode::Sampling => Tracker::Bitmap {
@@ -248,25 +243,11 @@ impl Shared {
         let mmu = self.mmu();
         let mut w = mmu.write();
         let mut r = lock(ring);
-        let mut seen = 0;
-        let flush = {
-            let r = &mut *r;
-            if let Ok(mut consumer) = DirtyRingConsumer::resume(&r.ring, r.cfg, r.fetch_index) {
-                seen = consumer.harvest(usize::MAX, |e| {
-                    into.insert(e.slot.raw(), e.offset);
-                }) as u64;
-                r.fetch_index = consumer.fetch_index();
-            }
-            match DirtyRingProducer::resume(&r.ring, r.cfg, r.dirty_index, r.reset_index) {
-                Ok(mut producer) => {
-                    let (_stats, flush) = w.reset_dirty_ring(&mut producer);
-                    r.reset_index = producer.reset_index();
-                    r.soft_full = false;
-                    flush
-                }
-                Err(_) => Flush::none(),
-            }
-        };
+        let seen = r.consumer.harvest(usize::MAX, |e| {
+            into.insert(e.slot.raw(), e.offset);
+        }) as u64;
+        let (_stats, flush) = w.reset_dirty_ring(&mut r.producer);
+        r.soft_full = false;
         drop(r);
         drop(w);
         flush.run(mmu.host());

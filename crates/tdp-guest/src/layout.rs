@@ -8,6 +8,7 @@
 //! (virtual address = physical address).
 
 use crate::error::{GuestError, Result};
+use crate::program::{CTL_VCPU_BLOCK_SIZE, CTL_VCPU_BLOCKS};
 
 /// Size of a guest page (x86 4 KiB page).
 pub const PAGE_SIZE: u64 = 4096;
@@ -181,6 +182,22 @@ impl Layout {
     pub const fn data_slot_bytes(&self) -> u64 {
         self.data_pages * PAGE_SIZE
     }
+}
+
+/// Byte offset of `offset` within the control page, from the start of the code slot (the code slot
+/// starts at guest-physical 0 and is identity-mapped, so this is also the guest address).
+pub(crate) const fn control_offset(offset: u64) -> u64 {
+    CONTROL_PAGE * PAGE_SIZE + offset
+}
+
+/// Guest address of vCPU `index`'s block in the control page.
+pub(crate) const fn block_gva(index: usize) -> u64 {
+    control_offset(CTL_VCPU_BLOCKS + index as u64 * CTL_VCPU_BLOCK_SIZE)
+}
+
+/// Guest address of the control page.
+pub(crate) const fn control_gva() -> u64 {
+    control_offset(0)
 }
 
 #[cfg(test)]

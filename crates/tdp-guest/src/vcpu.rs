@@ -8,10 +8,11 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::error::{GuestError, Result, ioctl};
 use crate::gdt;
-use crate::layout::{CODE_PAGE, GDT_PAGE, Layout, PAGE_SIZE, PML4_PAGE, STACK_PAGE, TSS_OFFSET};
+use crate::layout::{
+    CODE_PAGE, GDT_PAGE, Layout, PAGE_SIZE, PML4_PAGE, STACK_PAGE, TSS_OFFSET, block_gva, control_gva,
+};
 use crate::memory::MmapRegion;
 use crate::program::BATCH_DONE_PORT;
-use crate::vm::{block_gva, control_gva};
 
 /// CR0: protection enable, monitor coprocessor, extension type, numeric error, write protect, paging
 /// (SDM Vol. 3A §2.5 "Control Registers").

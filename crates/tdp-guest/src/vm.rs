@@ -9,14 +9,11 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use crate::error::{GuestError, Result, ioctl};
 use crate::layout::{
-    CODE_PAGE, CODE_SLOT, CONTROL_PAGE, DATA_GPA, DATA_SLOT, GDT_PAGE, GuestSpec, Layout, PAGE_SIZE,
-    TSS_OFFSET,
+    CODE_PAGE, CODE_SLOT, DATA_GPA, DATA_SLOT, GDT_PAGE, GuestSpec, Layout, PAGE_SIZE, TSS_OFFSET, block_gva,
+    control_offset,
 };
 use crate::memory::MmapRegion;
-use crate::program::{
-    self, CTL_DATA_END, CTL_DATA_PAGES, CTL_DATA_START, CTL_ITERATION, CTL_VCPU_BLOCK_SIZE, CTL_VCPU_BLOCKS,
-    block,
-};
+use crate::program::{self, CTL_DATA_END, CTL_DATA_PAGES, CTL_DATA_START, CTL_ITERATION, block};
 use crate::vcpu::{self, GuestVcpu};
 use crate::workload::{Pattern, Workload};
 use crate::{gdt, paging};
@@ -348,7 +345,7 @@ impl GuestVm {
         if vcpu >= self.spec.vcpus() {
             return Err(GuestError::NoSuchVcpu { index: vcpu, count: self.spec.vcpus() });
         }
-        Ok(control_offset(CTL_VCPU_BLOCKS + vcpu as u64 * CTL_VCPU_BLOCK_SIZE))
+        Ok(block_gva(vcpu))
     }
 
     /// Writes tables, GDT, TSS and program into the code slot.
@@ -407,22 +404,7 @@ impl GuestVm {
     }
 }
 
-/// Byte offset of `offset` within the control page, from the start of the code slot.
-const fn control_offset(offset: u64) -> u64 {
-    CONTROL_PAGE * PAGE_SIZE + offset
-}
-
 fn bytes(n: u64) -> Result<usize> {
     usize::try_from(n)
         .map_err(|_| GuestError::InvalidSpec { what: "slot larger than the address space", value: n })
-}
-
-/// Guest address of vCPU `index`'s block in the control page.
-pub(crate) const fn block_gva(index: usize) -> u64 {
-    control_offset(CTL_VCPU_BLOCKS + index as u64 * CTL_VCPU_BLOCK_SIZE)
-}
-
-/// Guest address of the control page.
-pub(crate) const fn control_gva() -> u64 {
-    control_offset(0)
 }

@@ -17,6 +17,9 @@ pub const KVM_CAP_DIRTY_LOG_RING_ACQ_REL: u32 = 223;
 /// `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` (Linux 6.4+; arm64): writes made without a running vCPU land in
 /// the memslot's bitmap, which must be collected too.
 pub const KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: u32 = 225;
+/// `KVM_CAP_NR_MEMSLOTS`: KVM answers how many user memslots an address space may have
+/// (`KVM_USER_MEM_SLOTS`).
+pub const KVM_CAP_NR_MEMSLOTS: u32 = 10;
 /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
 pub const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
 /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`, a flag of `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
@@ -92,6 +95,7 @@ mod tests {
         assert_eq!(super::KVM_CAP_DIRTY_LOG_RING_ACQ_REL, kb::KVM_CAP_DIRTY_LOG_RING_ACQ_REL);
         assert_eq!(super::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, kb::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP);
         assert_eq!(super::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, kb::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2);
+        assert_eq!(super::KVM_CAP_NR_MEMSLOTS, kb::KVM_CAP_NR_MEMSLOTS);
         assert_eq!(
             super::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
             u64::from(kb::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)

@@ -11,9 +11,12 @@
 //! Keeps: I5 (every range and buffer is checked before the ioctl; the kernel can never write outside
 //! memory we own).
 
+use std::num::NonZeroU16;
 use std::os::fd::{AsFd, BorrowedFd};
 
+use tdp_core::addr::AsId;
 use tdp_core::dirty_bitmap::{BitmapError, PAGES_PER_WORD, dirty_offsets, words_for};
+use tdp_core::memslot::KVM_USER_MEM_SLOTS;
 
 use crate::error::{Errno, Error, Result};
 use crate::mapping::Mapping;
@@ -99,12 +102,38 @@ impl DirtyLogBuffer {
     }
 }
 
+/// Checks a memslot name (`as_id << 16 | id`) against KVM's rules before `op` passes it to an ioctl:
+/// the address space below [`AsId::MAX_COUNT`], the id below `limit` (KVM's own limit is
+/// [`KVM_USER_MEM_SLOTS`], 32764 on x86; [`max_memslots`](crate::fd::max_memslots) asks the kernel).
+///
+/// # Errors
+/// [`Error::SlotOutOfRange`] naming the operation, the slot and the limit.
+///
+/// ```
+/// use tdp_core::memslot::KVM_USER_MEM_SLOTS;
+/// use tdp_kvm::{Error, fd::check_slot};
+/// assert!(check_slot("KVM_GET_DIRTY_LOG", 32763, KVM_USER_MEM_SLOTS).is_ok());
+/// assert!(check_slot("KVM_GET_DIRTY_LOG", 1 << 16 | 32763, KVM_USER_MEM_SLOTS).is_ok()); // SMM
+/// let err = check_slot("KVM_GET_DIRTY_LOG", 32764, KVM_USER_MEM_SLOTS).unwrap_err();
+/// assert!(matches!(err, Error::SlotOutOfRange { slot: 32764, .. }));
+/// assert!(err.to_string().contains("ids 0 to 32763"), "{err}");
+/// assert!(check_slot("KVM_GET_DIRTY_LOG", 2 << 16, KVM_USER_MEM_SLOTS).is_err()); // no address space 2
+/// ```
+pub fn check_slot(op: &'static str, slot: u32, limit: NonZeroU16) -> Result<()> {
+    let (as_id, id) = (slot >> 16, slot & 0xffff);
+    if as_id >= u32::from(AsId::MAX_COUNT) || id >= u32::from(limit.get()) {
+        return Err(Error::SlotOutOfRange { op, slot, limit });
+    }
+    Ok(())
+}
+
 /// `KVM_GET_DIRTY_LOG` of memslot `slot` (`as_id << 16 | id`) into `buf` (read it with
 /// [`DirtyLogBuffer::iter_dirty`], [`DirtyLogBuffer::words`] or [`DirtyLogBuffer::count`]). It allocates
 /// nothing and scans nothing: the cost is the ioctl's. Without manual protection, KVM also clears the log and re-protects the pages (get-and-clear);
 /// with it, KVM only copies, and [`clear_dirty_log`] re-protects.
 ///
 /// # Errors
+/// [`Error::SlotOutOfRange`] (an id KVM cannot have, before the ioctl),
 /// [`Error::SlotNotLogged`] (no such slot, or no `KVM_MEM_LOG_DIRTY_PAGES`), [`Error::BitmapDisabledByRing`],
 /// [`Error::SlotLargerThanRegistered`] (the buffer is for fewer pages than KVM's slot; `buf` may hold a
 /// partial copy), [`Error::Ioctl`].
@@ -120,6 +149,7 @@ impl DirtyLogBuffer {
 /// # Ok(()) }
 /// ```
 pub fn get_dirty_log(vm: impl AsFd, slot: u32, buf: &mut DirtyLogBuffer) -> Result<()> {
+    check_slot("KVM_GET_DIRTY_LOG", slot, KVM_USER_MEM_SLOTS)?;
     let vm = vm.as_fd();
     let pages = buf.pages;
     let out = buf.as_mut_ptr();
@@ -155,11 +185,12 @@ pub struct ClearRange<'a> {
 }
 
 impl ClearRange<'_> {
-    /// Checks the request against KVM's rules, in KVM's order: `first_page` a multiple of 64; the range
-    /// inside the slot; `num_pages` a multiple of 64 unless it reaches the slot's end; the mask long enough.
+    /// Checks the request against KVM's rules, in KVM's order: the slot's address space and id in range
+    /// ([`check_slot`] with [`KVM_USER_MEM_SLOTS`]); `first_page` a multiple of 64; the range inside the
+    /// slot; `num_pages` a multiple of 64 unless it reaches the slot's end; the mask long enough.
     ///
     /// # Errors
-    /// [`Error::BadLogRange`] carrying the rule and values.
+    /// [`Error::SlotOutOfRange`]; [`Error::BadLogRange`] carrying the rule and values.
     ///
     /// ```
     /// use tdp_kvm::{ClearRange, Error};
@@ -170,9 +201,12 @@ impl ClearRange<'_> {
     /// assert!(r(0, 40).check().is_err()); // not a multiple of 64, not the end
     /// assert!(r(960, 64).check().is_err()); // past the end
     /// assert!(r(0, 128).check().is_err()); // the mask holds 64 pages only
+    /// let high = ClearRange { slot: 40_000, ..r(0, 64) };
+    /// assert!(matches!(high.check(), Err(Error::SlotOutOfRange { slot: 40_000, .. })));
     /// ```
     pub fn check(&self) -> Result<()> {
         let ClearRange { slot, slot_pages: pages, first_page, num_pages, mask } = *self;
+        check_slot("KVM_CLEAR_DIRTY_LOG", slot, KVM_USER_MEM_SLOTS)?;
         let bad = |source| Err(Error::BadLogRange { slot, source });
         if !first_page.is_multiple_of(PAGES_PER_WORD) {
             return bad(BitmapError::Misaligned { first_page });
@@ -196,7 +230,7 @@ impl ClearRange<'_> {
 /// KVM accepts it in any bitmap mode.
 ///
 /// # Errors
-/// [`Error::BadLogRange`] before the ioctl; [`Error::SlotNotLogged`], [`Error::BitmapDisabledByRing`],
+/// [`Error::SlotOutOfRange`] and [`Error::BadLogRange`] before the ioctl; [`Error::SlotNotLogged`], [`Error::BitmapDisabledByRing`],
 /// [`Error::Ioctl`] from KVM. Nothing was cleared on error.
 ///
 /// ```

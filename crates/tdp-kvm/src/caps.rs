@@ -8,11 +8,13 @@
 //!
 //! Keeps: I5 (sizes are validated here, with the values, before KVM sees them).
 
+use std::num::NonZeroU16;
 use std::os::fd::AsFd;
 
 use crate::abi::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
-    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_NR_MEMSLOTS, KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use tdp_core::dirty_ring::{PML_ENTRIES, RESERVED_ENTRIES, RingConfig};
 
@@ -286,6 +288,31 @@ fn with_bitmap_outcome(offered: i32, enable: impl FnOnce() -> Result<(), Errno>)
             Err(Error::Ioctl { ioctl: "KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)", errno })
         }
     }
+}
+
+/// How many user memslots each address space of the VM may have (`KVM_CAP_NR_MEMSLOTS`, KVM's
+/// `KVM_USER_MEM_SLOTS`: 32764 on x86 since Linux 5.15, 509 before), the limit to configure a
+/// [`MemslotSet`](tdp_core::memslot::MemslotSet) with ([`MemslotSet::with_slot_limit`](tdp_core::memslot::MemslotSet::with_slot_limit)).
+///
+/// # Errors
+/// [`Error::Ioctl`] if `KVM_CHECK_EXTENSION` fails; [`Error::CapabilityMissing`] if KVM answers 0 (an
+/// answer above 65535, which no KVM gives, is read as 65535: ids are 16 bits).
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let kvm = match tdp_kvm::fd::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let vm = tdp_kvm::fd::create_vm(&kvm)?;
+/// let limit = tdp_kvm::fd::max_memslots(&vm)?;
+/// assert!(limit <= tdp_core::memslot::KVM_USER_MEM_SLOTS);
+/// let slots = tdp_core::memslot::MemslotSet::with_slot_limit(tdp_core::addr::Gfn(1 << 36), limit);
+/// assert_eq!(slots.slot_limit(), limit);
+/// # Ok(()) }
+/// ```
+pub fn max_memslots(vm: impl AsFd) -> Result<NonZeroU16> {
+    let answer = sys::check_extension(vm.as_fd(), KVM_CAP_NR_MEMSLOTS)?;
+    let clamped = u16::try_from(answer.max(0)).unwrap_or(u16::MAX);
+    NonZeroU16::new(clamped)
+        .ok_or(Error::CapabilityMissing { name: "KVM_CAP_NR_MEMSLOTS", number: KVM_CAP_NR_MEMSLOTS })
 }
 
 /// Whether the VM offers `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, and with which flags

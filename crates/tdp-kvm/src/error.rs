@@ -5,8 +5,9 @@
 //! ioctl when we can tell, and with the kernel's errno translated when only the kernel can).
 
 use std::fmt;
+use std::num::NonZeroU16;
 
-use tdp_core::addr::RingSlot;
+use tdp_core::addr::{AsId, RingSlot};
 use tdp_core::dirty_bitmap::BitmapError;
 use tdp_core::dirty_ring::RingError;
 
@@ -153,6 +154,24 @@ pub enum Error {
         slot: u32,
         /// The rule and the values.
         source: BitmapError,
+    },
+    /// A memslot name (`as_id << 16 | id`) KVM cannot have: an address space it does not keep, or an id
+    /// at or above the user memslot limit (KVM answers `EINVAL`); found before any ioctl.
+    #[error(
+        "{op}: memslot {slot:#x} (address space {}, id {}) is out of range: address spaces 0 to {}, ids 0 to {} \
+         ({limit} user memslots per address space)",
+        .slot >> 16,
+        .slot & 0xffff,
+        AsId::MAX_COUNT - 1,
+        .limit.get() - 1
+    )]
+    SlotOutOfRange {
+        /// The operation.
+        op: &'static str,
+        /// The memslot (`as_id << 16 | id`).
+        slot: u32,
+        /// How many ids an address space may use.
+        limit: NonZeroU16,
     },
     /// The memslot does not exist in KVM, or does not log dirty pages (`KVM_MEM_LOG_DIRTY_PAGES` unset;
     /// KVM answers `ENOENT`).

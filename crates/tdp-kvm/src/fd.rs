@@ -15,10 +15,10 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-pub use crate::bitmap::{clear_dirty_log, get_dirty_log};
+pub use crate::bitmap::{check_slot, clear_dirty_log, get_dirty_log};
 pub use crate::caps::{
     enable_dirty_ring, enable_dirty_ring_reserving, enable_manual_protect, enable_ring_with_bitmap,
-    probe_dirty_ring, probe_manual_protect,
+    max_memslots, probe_dirty_ring, probe_manual_protect,
 };
 pub use crate::ring::reset_dirty_rings;
 

@@ -116,8 +116,8 @@ pub use tracker::{
 };
 #[cfg(feature = "kvm-ioctls")]
 pub use vmfd::{
-    clear_dirty_log, enable_dirty_ring, enable_manual_protect, get_dirty_log, open_kvm, open_kvm_at,
-    probe_dirty_ring, probe_manual_protect, reset_dirty_rings,
+    clear_dirty_log, enable_dirty_ring, enable_manual_protect, get_dirty_log, max_memslots, open_kvm,
+    open_kvm_at, probe_dirty_ring, probe_manual_protect, reset_dirty_rings,
 };
 pub use vmm_bitmap::VmmBitmap;
 

@@ -8,6 +8,7 @@ use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
 use tdp_core::addr::PAGE_SHIFT;
 use tdp_core::dirty_ring::RingConfig;
+use tdp_core::memslot::KVM_USER_MEM_SLOTS;
 
 use crate::error::{Errno, Error, Result};
 use crate::mapping::Mapping;
@@ -72,6 +73,7 @@ impl TestVm {
         let mut t = TestVm { vm, kvm, ring, mem: Vec::new() };
         let flags = if setup == LogSetup::NotLogged { 0 } else { KVM_MEM_LOG_DIRTY_PAGES };
         for &(id, base, pages) in slots {
+            crate::fd::check_slot("KVM_SET_USER_MEMORY_REGION", u32::from(id), KVM_USER_MEM_SLOTS)?;
             let bytes = usize::try_from(pages << PAGE_SHIFT)
                 .map_err(|_| Error::Mmap { what: "test guest memory", errno: Errno(libc::ENOMEM) })?;
             // `with_guard` maps `bytes` usable bytes; the guard page after them is never given to KVM.

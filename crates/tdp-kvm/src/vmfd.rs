@@ -96,6 +96,23 @@ pub fn probe_manual_protect(vm: &VmFd) -> Result<u64> {
     fd::probe_manual_protect(sys::borrow(vm))
 }
 
+/// [`fd::max_memslots`](crate::fd::max_memslots) on a `kvm-ioctls` VM: how many user memslots each
+/// address space may have.
+///
+/// # Errors
+/// As [`fd::max_memslots`](crate::fd::max_memslots).
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let kvm = match tdp_kvm::open_kvm() { Ok(k) => k, Err(e) => { println!("SKIPPED: {e}"); return Ok(()) } };
+/// let limit = tdp_kvm::max_memslots(&kvm.create_vm()?)?;
+/// assert!(limit <= tdp_core::memslot::KVM_USER_MEM_SLOTS);
+/// # Ok(()) }
+/// ```
+pub fn max_memslots(vm: &VmFd) -> Result<std::num::NonZeroU16> {
+    fd::max_memslots(sys::borrow(vm))
+}
+
 /// [`fd::enable_manual_protect`](crate::fd::enable_manual_protect) on a `kvm-ioctls` VM: turns on manual dirty-log protection.
 ///
 /// # Errors

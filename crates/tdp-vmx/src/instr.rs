@@ -5,11 +5,15 @@
 //! only) and in software by [`crate::fake::FakeVmx`] (a VMCS in a map and recorded MSR values). VMX
 //! instructions report failure in RFLAGS (Intel SDM Vol. 3C, section "Conventions" of chapter "VMX
 //! Instruction Reference": VMfailInvalid sets CF, VMfailValid sets ZF and stores an error number in the
-//! VM-instruction error field); [`VmxError`] carries which instruction failed and how.
+//! VM-instruction error field); [`VmxError`] carries which instruction failed and how. The operands of
+//! INVEPT and INVVPID ([`InveptKind`], [`InveptDescriptor`], [`InvvpidKind`], [`InvvpidDescriptor`]) are
+//! defined here with the instructions; [`crate::inv`] chooses and issues them.
 
 use core::fmt;
 
-use crate::inv::{InveptDescriptor, InveptKind, InvvpidDescriptor, InvvpidKind};
+use static_assertions::const_assert_eq;
+
+use crate::eptp::Eptp;
 use crate::vmcs::{VmInstructionError, VmcsField};
 
 /// The privileged instructions the backend uses. Every method may be called with only `&self`, because
@@ -179,4 +183,69 @@ pub struct VmxError {
     pub op: VmxOp,
     /// How it failed.
     pub fail: VmFail,
+}
+
+/// The INVEPT type (register operand).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u64)]
+pub enum InveptKind {
+    /// Type 1: translations derived from the descriptor's EPTP.
+    SingleContext = 1,
+    /// Type 2: translations derived from every EPTP (the descriptor is ignored).
+    AllContext = 2,
+}
+
+/// The INVVPID type (register operand).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u64)]
+pub enum InvvpidKind {
+    /// Type 0: one linear address of one VPID.
+    IndividualAddress = 0,
+    /// Type 1: everything of one VPID.
+    SingleContext = 1,
+    /// Type 2: every VPID except 0.
+    AllContext = 2,
+    /// Type 3: one VPID, keeping global translations.
+    SingleContextRetainingGlobals = 3,
+}
+
+/// The 128-bit INVEPT descriptor: the EPTP in bits 63:0, bits 127:64 reserved (0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[repr(C, align(16))]
+pub struct InveptDescriptor {
+    /// The EPTP whose translations go (single-context).
+    pub eptp: u64,
+    /// Reserved, must be 0.
+    pub reserved: u64,
+}
+
+/// The 128-bit INVVPID descriptor: VPID in bits 15:0, bits 63:16 reserved (0), the linear address in
+/// bits 127:64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[repr(C, align(16))]
+pub struct InvvpidDescriptor {
+    /// The VPID in bits 15:0; bits 63:16 must be 0.
+    pub vpid: u64,
+    /// The linear address (individual-address type).
+    pub linear_address: u64,
+}
+
+const_assert_eq!(core::mem::size_of::<InveptDescriptor>(), 16);
+const_assert_eq!(core::mem::size_of::<InvvpidDescriptor>(), 16);
+const_assert_eq!(core::mem::offset_of!(InvvpidDescriptor, linear_address), 8);
+
+impl InveptDescriptor {
+    /// The descriptor for `eptp`.
+    #[must_use]
+    pub const fn new(eptp: Eptp) -> InveptDescriptor {
+        InveptDescriptor { eptp: eptp.raw(), reserved: 0 }
+    }
+}
+
+impl InvvpidDescriptor {
+    /// The descriptor for `vpid` and `linear_address`.
+    #[must_use]
+    pub const fn new(vpid: u16, linear_address: u64) -> InvvpidDescriptor {
+        InvvpidDescriptor { vpid: vpid as u64, linear_address }
+    }
 }

@@ -1,80 +1,15 @@
-//! INVEPT and INVVPID: descriptors, types, the choice of type from the CPU's support, and wrappers that
-//! issue them through the instruction layer.
+//! INVEPT and INVVPID: the choice of type from the CPU's support, and wrappers that issue them through
+//! the instruction layer. Their descriptors and types are the instructions' operands, defined with the
+//! instructions in [`crate::instr`] and re-exported here.
 //!
 //! Source: Intel SDM Vol. 3C, chapter "VMX Instruction Reference", sections "INVEPT—Invalidate
 //! Translations Derived from EPT" and "INVVPID—Invalidate Translations Based on VPID" (descriptor
 //! figures and type tables), edition 325462-080, June 2023.
 
-use static_assertions::const_assert_eq;
-
 use crate::caps::{EptFeatures, InveptSupport};
 use crate::eptp::Eptp;
+pub use crate::instr::{InveptDescriptor, InveptKind, InvvpidDescriptor, InvvpidKind};
 use crate::instr::{VmxError, VmxInstructions};
-
-/// The INVEPT type (register operand).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u64)]
-pub enum InveptKind {
-    /// Type 1: translations derived from the descriptor's EPTP.
-    SingleContext = 1,
-    /// Type 2: translations derived from every EPTP (the descriptor is ignored).
-    AllContext = 2,
-}
-
-/// The INVVPID type (register operand).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u64)]
-pub enum InvvpidKind {
-    /// Type 0: one linear address of one VPID.
-    IndividualAddress = 0,
-    /// Type 1: everything of one VPID.
-    SingleContext = 1,
-    /// Type 2: every VPID except 0.
-    AllContext = 2,
-    /// Type 3: one VPID, keeping global translations.
-    SingleContextRetainingGlobals = 3,
-}
-
-/// The 128-bit INVEPT descriptor: the EPTP in bits 63:0, bits 127:64 reserved (0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-#[repr(C, align(16))]
-pub struct InveptDescriptor {
-    /// The EPTP whose translations go (single-context).
-    pub eptp: u64,
-    /// Reserved, must be 0.
-    pub reserved: u64,
-}
-
-/// The 128-bit INVVPID descriptor: VPID in bits 15:0, bits 63:16 reserved (0), the linear address in
-/// bits 127:64.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-#[repr(C, align(16))]
-pub struct InvvpidDescriptor {
-    /// The VPID in bits 15:0; bits 63:16 must be 0.
-    pub vpid: u64,
-    /// The linear address (individual-address type).
-    pub linear_address: u64,
-}
-
-const_assert_eq!(core::mem::size_of::<InveptDescriptor>(), 16);
-const_assert_eq!(core::mem::size_of::<InvvpidDescriptor>(), 16);
-const_assert_eq!(core::mem::offset_of!(InvvpidDescriptor, linear_address), 8);
-
-impl InveptDescriptor {
-    /// The descriptor for `eptp`.
-    #[must_use]
-    pub const fn new(eptp: Eptp) -> InveptDescriptor {
-        InveptDescriptor { eptp: eptp.raw(), reserved: 0 }
-    }
-}
-
-impl InvvpidDescriptor {
-    /// The descriptor for `vpid` and `linear_address`.
-    #[must_use]
-    pub const fn new(vpid: u16, linear_address: u64) -> InvvpidDescriptor {
-        InvvpidDescriptor { vpid: vpid as u64, linear_address }
-    }
-}
 
 impl InveptSupport {
     /// The type that flushes one EPTP's translations: single-context when the CPU has it, else

@@ -13,8 +13,9 @@ use tdp_guest::{GuestExit, GuestSpec, GuestVcpu, Pattern, Workload, classify_exi
 use tdp_kvm::{DirtyTracker, SlotSpec, VcpuRunner};
 
 use super::guest_or_skip;
+use crate::config::{Config, PAGES_1G};
+use crate::outcome::Outcome;
 use crate::report::Row;
-use crate::suite::{Config, Outcome, PAGES_1G};
 
 /// vCPUs writing.
 const VCPUS: usize = 2;

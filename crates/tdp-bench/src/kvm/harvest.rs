@@ -26,9 +26,10 @@ mod contenders;
 
 use contenders::{BitmapCollector, Layout, VmSet};
 
+use crate::config::{Config, PAGES_1G};
+use crate::outcome::Outcome;
 use crate::plot::Chart;
 use crate::report::Row;
-use crate::suite::{Config, Outcome, PAGES_1G};
 use crate::timing::median;
 
 /// Pages the guest dirties per round.

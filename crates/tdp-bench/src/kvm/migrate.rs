@@ -16,9 +16,10 @@ use std::process::Command;
 
 use serde_json::Value;
 
+use crate::config::Config;
+use crate::outcome::Outcome;
 use crate::plot::Chart;
 use crate::report::Row;
-use crate::suite::{Config, Outcome};
 
 /// Link limit for every run (`--bandwidth`).
 const LINK_MIB_S: u64 = 128;

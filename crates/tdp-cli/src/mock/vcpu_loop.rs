@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tdp_core::addr::{Gfn, Gpa, RingSlot};
-use tdp_core::dirty_ring::DirtyRingProducer;
 use tdp_core::host::{DirtySink, DirtySource};
 use tdp_core::memslot::Memslot;
 use tdp_mock::Vcpu;
@@ -45,14 +44,7 @@ impl DirtySink for Sink {
                 let Some(ring) = rings.get(self.vcpu) else { return };
                 let mut r = lock(ring);
                 let r = &mut *r;
-                let Ok(mut p) = DirtyRingProducer::resume(&r.ring, r.cfg, r.dirty_index, r.reset_index)
-                else {
-                    r.refused += 1;
-                    return;
-                };
-                let pushed = p.push(RingSlot::new(slot.as_id, slot.id), offset);
-                r.dirty_index = p.dirty_index();
-                match pushed {
+                match r.producer.push(RingSlot::new(slot.as_id, slot.id), offset) {
                     Ok(outcome) => r.soft_full |= outcome.is_soft_full(),
                     Err(_) => r.refused += 1,
                 }

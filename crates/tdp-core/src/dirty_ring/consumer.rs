@@ -5,10 +5,12 @@
 //! Keeps: I4 on the consumer side (every published entry is reported once, in push order, with the slot
 //! and offset written before it was published). It trusts the producer: in a VMM that is the kernel.
 
+use core::marker::PhantomData;
+
 use crate::addr::RingSlot;
 use crate::sync::Ordering;
 
-use super::{DIRTY_GFN_F_RESET, DirtyGfn, RingConfig, RingError, is_dirty};
+use super::{DIRTY_GFN_F_RESET, DirtyGfn, RingConfig, RingError, RingMemory, is_dirty};
 
 /// One harvested entry: page `offset` of memslot `slot` was dirtied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -48,15 +50,19 @@ pub struct DirtyEntry {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 ///
+/// The entries live in `M` ([`RingMemory`]), as for the producer: a slice borrowed for `'a` by default,
+/// or a `Box` / `Arc` the consumer holds ([`with_memory`](DirtyRingConsumer::with_memory)).
+///
 /// Aligned to 128 bytes, as [`DirtyRingProducer`](super::DirtyRingProducer) is and for the same reason:
 /// `fetch_index` is written at every harvested entry and must not share a cache line with the producer's
 /// indices or another consumer's.
 #[derive(Debug)]
 #[repr(align(128))]
-pub struct DirtyRingConsumer<'a> {
-    ring: &'a [DirtyGfn],
+pub struct DirtyRingConsumer<'a, M: RingMemory = &'a [DirtyGfn]> {
+    ring: M,
     cfg: RingConfig,
     fetch_index: u32,
+    borrow: PhantomData<&'a [DirtyGfn]>,
 }
 
 impl<'a> DirtyRingConsumer<'a> {
@@ -75,9 +81,28 @@ impl<'a> DirtyRingConsumer<'a> {
     /// [`RingError::LengthMismatch`] unless `ring` has `cfg.entries()` entries.
     pub const fn resume(ring: &'a [DirtyGfn], cfg: RingConfig, fetch_index: u32) -> Result<Self, RingError> {
         match cfg.check_len(ring) {
-            Ok(()) => Ok(DirtyRingConsumer { ring, cfg, fetch_index }),
+            Ok(()) => Ok(DirtyRingConsumer { ring, cfg, fetch_index, borrow: PhantomData }),
             Err(e) => Err(e),
         }
+    }
+}
+
+impl<'a, M: RingMemory> DirtyRingConsumer<'a, M> {
+    /// [`DirtyRingConsumer::new`] over memory the consumer holds (see [`RingMemory`]).
+    ///
+    /// # Errors
+    /// [`RingError::LengthMismatch`] unless the memory has `cfg.entries()` entries.
+    pub fn with_memory(ring: M, cfg: RingConfig) -> Result<Self, RingError> {
+        DirtyRingConsumer::resume_with_memory(ring, cfg, 0)
+    }
+
+    /// [`DirtyRingConsumer::resume`] over memory the consumer holds.
+    ///
+    /// # Errors
+    /// [`RingError::LengthMismatch`] unless the memory has `cfg.entries()` entries.
+    pub fn resume_with_memory(ring: M, cfg: RingConfig, fetch_index: u32) -> Result<Self, RingError> {
+        cfg.check_len(ring.entries())?;
+        Ok(DirtyRingConsumer { ring, cfg, fetch_index, borrow: PhantomData })
     }
 
     /// Harvests the entry at `fetch_index` if the producer published it: reads its slot and offset,
@@ -85,8 +110,9 @@ impl<'a> DirtyRingConsumer<'a> {
     /// drained for now); the consumer never skips ahead to a later entry.
     #[inline]
     pub fn pop(&mut self) -> Option<DirtyEntry> {
-        // In bounds: `position` masks the index below `entries`, and the slice has exactly `entries`.
-        let entry = &self.ring[self.cfg.position(self.fetch_index)];
+        // In bounds: `position` masks the index below `entries`, and the memory has exactly `entries`
+        // (checked by the constructors; its length cannot change: `RingMemory` is sealed).
+        let entry = &self.ring.entries()[self.cfg.position(self.fetch_index)];
         // Acquire: pairs with the producer's Release store of DIRTY in `DirtyRingProducer::push`, so the
         // slot and offset read below are the ones written before the entry was published.
         if !is_dirty(entry.flags.load(Ordering::Acquire)) {

@@ -47,11 +47,13 @@
 mod coalesce;
 mod config;
 mod consumer;
+mod memory;
 mod producer;
 
 pub use coalesce::ReprotectBatch;
 pub use config::{MAX_ENTRIES, MIN_BYTES, PML_ENTRIES, RESERVED_ENTRIES, RingConfig};
 pub use consumer::{DirtyEntry, DirtyRingConsumer};
+pub use memory::RingMemory;
 pub use producer::{DirtyRingProducer, PushOutcome, ResetStats, ResetTarget};
 
 use crate::sync::{AtomicU32, AtomicU64};

@@ -5,12 +5,14 @@
 //! once) and I5 (a reset reads each field of an entry once, validates it against the memslots, walks at
 //! most the entries this producer pushed, and always advances, whatever the consumer wrote).
 
+use core::marker::PhantomData;
+
 use crate::addr::{AsId, RingSlot};
 use crate::memslot::{Memslot, MemslotSet};
 use crate::sync::Ordering;
 
 use super::coalesce::{Coalescer, ReprotectBatch, Window};
-use super::{DIRTY_GFN_F_DIRTY, DirtyGfn, RingConfig, RingError, RingFull, is_harvested};
+use super::{DIRTY_GFN_F_DIRTY, DirtyGfn, RingConfig, RingError, RingFull, RingMemory, is_harvested};
 
 /// What a push left behind.
 #[must_use = "at the soft limit the vCPU must exit to the VMM (KVM_EXIT_DIRTY_RING_FULL) before it runs again"]
@@ -64,6 +66,11 @@ pub trait ResetTarget {
 /// use, never above [`RingConfig::entries`]. `push` and `reset` take `&mut self`: one owner runs both, so
 /// a host that resets from another thread than the vCPU's puts the producer behind a lock.
 ///
+/// The entries live in `M` ([`RingMemory`]): by default a slice borrowed for the producer's lifetime
+/// `'a` ([`new`](DirtyRingProducer::new), [`resume`](DirtyRingProducer::resume)); or a `Box` or `Arc` the
+/// producer holds ([`with_memory`](DirtyRingProducer::with_memory)), so that it can be stored for as
+/// long as the ring exists, beside the consumer, without being made again for every push.
+///
 /// The struct is aligned to 128 bytes (two cache lines, the unit x86's adjacent-line prefetcher pulls;
 /// crossbeam's `CachePadded` pads to it on x86-64) so that its indices, written at every push, never
 /// share a line with a [`DirtyRingConsumer`](super::DirtyRingConsumer) or another vCPU's producer that
@@ -100,11 +107,12 @@ pub trait ResetTarget {
 /// ```
 #[derive(Debug)]
 #[repr(align(128))]
-pub struct DirtyRingProducer<'a> {
-    ring: &'a [DirtyGfn],
+pub struct DirtyRingProducer<'a, M: RingMemory = &'a [DirtyGfn]> {
+    ring: M,
     cfg: RingConfig,
     dirty_index: u32,
     reset_index: u32,
+    borrow: PhantomData<&'a [DirtyGfn]>,
 }
 
 impl<'a> DirtyRingProducer<'a> {
@@ -114,15 +122,7 @@ impl<'a> DirtyRingProducer<'a> {
     /// # Errors
     /// [`RingError::LengthMismatch`] unless `ring` has `cfg.entries()` entries; the memory is untouched.
     pub fn new(ring: &'a [DirtyGfn], cfg: RingConfig) -> Result<Self, RingError> {
-        cfg.check_len(ring)?;
-        for entry in ring {
-            // Relaxed: nothing is published yet. A consumer is handed the ring after this (by a thread
-            // spawn or a mapping made later), which orders these stores before its first Acquire load.
-            entry.flags.store(0, Ordering::Relaxed);
-            entry.slot.store(0, Ordering::Relaxed);
-            entry.offset.store(0, Ordering::Relaxed);
-        }
-        Ok(DirtyRingProducer { ring, cfg, dirty_index: 0, reset_index: 0 })
+        DirtyRingProducer::with_memory(ring, cfg)
     }
 
     /// A producer that takes over a ring in use, with the indices a previous producer left (after a
@@ -143,7 +143,55 @@ impl<'a> DirtyRingProducer<'a> {
         if dirty_index.wrapping_sub(reset_index) > cfg.entries() {
             return Err(RingError::BadIndices { dirty_index, reset_index, entries: cfg.entries() });
         }
-        Ok(DirtyRingProducer { ring, cfg, dirty_index, reset_index })
+        Ok(DirtyRingProducer { ring, cfg, dirty_index, reset_index, borrow: PhantomData })
+    }
+}
+
+impl<'a, M: RingMemory> DirtyRingProducer<'a, M> {
+    /// [`DirtyRingProducer::new`] over memory the producer holds (`Box<[DirtyGfn]>`, or an
+    /// `Arc<[DirtyGfn]>` shared with the consumer; see [`RingMemory`]): zeroes every entry and starts
+    /// both indices at 0.
+    ///
+    /// # Errors
+    /// [`RingError::LengthMismatch`] unless the memory has `cfg.entries()` entries; it is untouched.
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, RingSlot, SlotId};
+    /// use tdp_core::dirty_ring::{DirtyGfn, DirtyRingProducer, RingConfig};
+    /// let cfg = RingConfig::new(256, 0)?;
+    /// let memory: Box<[DirtyGfn]> = (0..256).map(|_| DirtyGfn::zeroed()).collect();
+    /// let mut producer = DirtyRingProducer::with_memory(memory, cfg)?; // owns the ring, no lifetime to carry
+    /// let _ = producer.push(RingSlot::new(AsId(0), SlotId(0)), 1)?;
+    /// assert_eq!(producer.len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_memory(ring: M, cfg: RingConfig) -> Result<Self, RingError> {
+        cfg.check_len(ring.entries())?;
+        for entry in ring.entries() {
+            // Relaxed: nothing is published yet. A consumer is handed the ring after this (by a thread
+            // spawn or a mapping made later), which orders these stores before its first Acquire load.
+            entry.flags.store(0, Ordering::Relaxed);
+            entry.slot.store(0, Ordering::Relaxed);
+            entry.offset.store(0, Ordering::Relaxed);
+        }
+        Ok(DirtyRingProducer { ring, cfg, dirty_index: 0, reset_index: 0, borrow: PhantomData })
+    }
+
+    /// [`DirtyRingProducer::resume`] over memory the producer holds.
+    ///
+    /// # Errors
+    /// As [`DirtyRingProducer::resume`].
+    pub fn resume_with_memory(
+        ring: M,
+        cfg: RingConfig,
+        dirty_index: u32,
+        reset_index: u32,
+    ) -> Result<Self, RingError> {
+        cfg.check_len(ring.entries())?;
+        if dirty_index.wrapping_sub(reset_index) > cfg.entries() {
+            return Err(RingError::BadIndices { dirty_index, reset_index, entries: cfg.entries() });
+        }
+        Ok(DirtyRingProducer { ring, cfg, dirty_index, reset_index, borrow: PhantomData })
     }
 
     /// Records that page `offset` of memslot `slot` was dirtied (KVM's `kvm_dirty_ring_push`).
@@ -205,7 +253,8 @@ impl<'a> DirtyRingProducer<'a> {
         let mut batch = Coalescer::new();
         // The pending batch's fast-path state, in locals (registers) for the loop; see `Window`.
         let mut window = Window::EMPTY;
-        let (ring, cfg) = (self.ring, self.cfg);
+        // A borrow of the `ring` field only, so that `reset_index` can be stored while it is held.
+        let (ring, cfg) = (self.ring.entries(), self.cfg);
         let start = self.reset_index;
         // The bound: only entries this producer pushed and has not reset, at most `entries` of them.
         let end = self.dirty_index;
@@ -306,10 +355,10 @@ impl<'a> DirtyRingProducer<'a> {
     }
 
     #[inline]
-    fn entry(&self, index: u32) -> &'a DirtyGfn {
-        // In bounds: `position` masks the index below `entries`, and `new`/`resume` checked that the
-        // slice has exactly `entries` entries.
-        &self.ring[self.cfg.position(index)]
+    fn entry(&self, index: u32) -> &DirtyGfn {
+        // In bounds: `position` masks the index below `entries`, and the constructors checked that the
+        // memory has exactly `entries` entries (its length cannot change: `RingMemory` is sealed).
+        &self.ring.entries()[self.cfg.position(index)]
     }
 }
 

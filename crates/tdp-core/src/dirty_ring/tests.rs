@@ -29,6 +29,50 @@ fn producer_and_consumer_state_never_share_a_cache_line() {
     // Two lines, as `CachePadded` on x86-64: see `DirtyRingProducer`.
     assert!(align_of::<DirtyRingProducer<'_>>() >= 128);
     assert!(align_of::<DirtyRingConsumer<'_>>() >= 128);
+    assert!(align_of::<DirtyRingProducer<'static, alloc::sync::Arc<[DirtyGfn]>>>() >= 128);
+}
+
+#[test]
+fn halves_holding_their_memory_behave_as_borrowing_ones_over_many_laps() {
+    use alloc::boxed::Box;
+    use alloc::sync::Arc;
+    let cfg = RingConfig::new(256, 0).unwrap();
+    let short: Box<[DirtyGfn]> = (0..128).map(|_| DirtyGfn::zeroed()).collect();
+    assert_eq!(
+        DirtyRingProducer::with_memory(short, cfg).unwrap_err(),
+        RingError::LengthMismatch { len: 128, entries: 256 }
+    );
+    let shared: Arc<[DirtyGfn]> = (0..256).map(|_| DirtyGfn::zeroed()).collect();
+    let borrowed: Vec<DirtyGfn> = (0..256).map(|_| DirtyGfn::zeroed()).collect();
+    let mut owned = (
+        DirtyRingProducer::with_memory(Arc::clone(&shared), cfg).unwrap(),
+        DirtyRingConsumer::with_memory(shared, cfg).unwrap(),
+    );
+    let mut plain =
+        (DirtyRingProducer::new(&borrowed, cfg).unwrap(), DirtyRingConsumer::new(&borrowed, cfg).unwrap());
+    let set = slots();
+    let slot = RingSlot::new(AsId(0), SlotId(0));
+    // Five rounds of 100 pushes, a harvest and a reset (two laps of the ring): indices and batches agree
+    // round after round.
+    for lap in 0..5u64 {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for i in 0..100 {
+            assert_eq!(owned.0.push(slot, (lap + i) % 100), plain.0.push(slot, (lap + i) % 100));
+        }
+        assert_eq!(owned.1.harvest(usize::MAX, |e| a.push(e)), plain.1.harvest(usize::MAX, |e| b.push(e)));
+        assert_eq!((a.len(), &a), (100, &b));
+        let (mut ba, mut bb) = (Vec::new(), Vec::new());
+        assert_eq!(owned.0.reset_with(&set, |x| ba.push(x)), plain.0.reset_with(&set, |x| bb.push(x)));
+        assert_eq!(ba, bb);
+        assert_eq!(
+            (owned.0.dirty_index(), owned.0.reset_index()),
+            (plain.0.dirty_index(), plain.0.reset_index())
+        );
+        assert_eq!(owned.1.fetch_index(), plain.1.fetch_index());
+    }
+    assert!(owned.0.is_empty() && owned.0.dirty_index() == 500);
+    let resumed = DirtyRingProducer::resume_with_memory(Box::<[DirtyGfn]>::from(borrowed), cfg, 600, 200);
+    assert!(matches!(resumed, Err(RingError::BadIndices { dirty_index: 600, .. })));
 }
 
 /// Slot (0, 0): 100 pages (not a multiple of 64, so a batch's window can end at the slot's end inside

@@ -3,7 +3,9 @@
 //! A [`Memslot`] is KVM's `kvm_memory_slot` reduced to what the MMU reads: where it starts, how many
 //! pages it has, where the host keeps them, and its flags. [`MemslotSet`] holds every slot of every
 //! address space sorted by base gfn, rejects overlapping or malformed slots with errors that carry the
-//! values, and counts a generation that MMIO SPTEs are tagged with.
+//! values, and counts a generation that MMIO SPTEs are tagged with. Slot ids are limited per set
+//! ([`MemslotSet::slot_limit`]): by default to KVM's [`KVM_USER_MEM_SLOTS`], configurable with
+//! [`MemslotSet::with_slot_limit`].
 //!
 //! Keeps: I1's reference side: the slot a gfn falls in (or none: MMIO) is what every mapping must agree
 //! with, and the generation changes on every update so that no cached MMIO SPTE outlives a slot change.
@@ -13,6 +15,7 @@ mod track;
 pub use track::{TrackError, WriteTrack};
 
 use alloc::vec::Vec;
+use core::num::NonZeroU16;
 
 use bitflags::bitflags;
 
@@ -153,6 +156,15 @@ impl Memslot {
     }
 }
 
+/// How many memslots KVM lets userspace create per address space on x86: its `KVM_USER_MEM_SLOTS`,
+/// `KVM_MEM_SLOTS_NUM` (`SHRT_MAX`, 32767) less the 3 `KVM_INTERNAL_MEM_SLOTS` x86 keeps for itself, so
+/// ids 0 to 32763 (`include/linux/kvm_host.h`, `arch/x86/include/asm/kvm_host.h`). KVM refuses a higher id
+/// with `EINVAL`; [`MemslotSet`] refuses it by default with [`SlotError::IdOutOfRange`].
+pub const KVM_USER_MEM_SLOTS: NonZeroU16 = match NonZeroU16::new(32764) {
+    Some(n) => n,
+    None => panic!("32764 is not zero"),
+};
+
 /// Why a memslot change was refused. The set is unchanged after any of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -180,6 +192,22 @@ pub enum SlotError {
         id: SlotId,
         /// The bad address.
         host_base: u64,
+    },
+    /// The slot id is at or above the set's limit ([`MemslotSet::slot_limit`]).
+    #[error(
+        "slot id {} in {as_id:?} is out of range: ids run from 0 to {} (at most {limit} memslots per address \
+         space; KVM allows {} on x86)",
+        id.0,
+        limit.get() - 1,
+        KVM_USER_MEM_SLOTS
+    )]
+    IdOutOfRange {
+        /// The address space.
+        as_id: AsId,
+        /// The id.
+        id: SlotId,
+        /// How many ids the set allows (ids `0..limit`).
+        limit: NonZeroU16,
     },
     /// The address space id is out of range.
     #[error("address space {as_id:?} does not exist (at most {} address spaces)", AsId::MAX_COUNT)]
@@ -246,6 +274,9 @@ pub enum SlotError {
 /// assert!(matches!(set.insert(clash), Err(SlotError::Overlap { .. })));
 /// assert_eq!(set.find(AsId(0), Gfn(17)).map(|s| s.id), Some(SlotId(0)));
 /// assert_eq!(set.generation(), 1);
+/// // Ids run up to KVM's limit on x86 (32764 user memslots).
+/// let too_high = Memslot::new(AsId(0), SlotId(32764), Gfn(0x1000), 1, 0x30_0000, SlotFlags::empty());
+/// assert!(matches!(set.insert(too_high), Err(SlotError::IdOutOfRange { .. })));
 /// # Ok::<(), SlotError>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -253,14 +284,41 @@ pub struct MemslotSet {
     slots: Vec<Memslot>,
     generation: u64,
     max_gfn: Gfn,
+    slot_limit: NonZeroU16,
     track: WriteTrack,
 }
 
 impl MemslotSet {
-    /// An empty set for tables that map gfns below `max_gfn`.
+    /// An empty set for tables that map gfns below `max_gfn`, taking slot ids below
+    /// [`KVM_USER_MEM_SLOTS`].
     #[must_use]
     pub const fn new(max_gfn: Gfn) -> Self {
-        MemslotSet { slots: Vec::new(), generation: 0, max_gfn, track: WriteTrack::new() }
+        Self::with_slot_limit(max_gfn, KVM_USER_MEM_SLOTS)
+    }
+
+    /// An empty set taking slot ids below `limit` in each address space (a VMM whose KVM reports fewer
+    /// memslots with `KVM_CAP_NR_MEMSLOTS`, or that wants fewer, passes its number).
+    ///
+    /// ```
+    /// use core::num::NonZeroU16;
+    /// use tdp_core::addr::{AsId, Gfn, SlotId};
+    /// use tdp_core::memslot::{Memslot, MemslotSet, SlotError, SlotFlags};
+    /// let limit = NonZeroU16::new(509).unwrap(); // KVM_USER_MEM_SLOTS on x86 before Linux 5.15
+    /// let mut set = MemslotSet::with_slot_limit(Gfn(1 << 36), limit);
+    /// assert!(set.insert(Memslot::new(AsId(0), SlotId(508), Gfn(0), 1, 0x1000, SlotFlags::empty())).is_ok());
+    /// let err = set.insert(Memslot::new(AsId(0), SlotId(509), Gfn(1), 1, 0x2000, SlotFlags::empty()));
+    /// assert_eq!(err, Err(SlotError::IdOutOfRange { as_id: AsId(0), id: SlotId(509), limit }));
+    /// ```
+    #[must_use]
+    pub const fn with_slot_limit(max_gfn: Gfn, limit: NonZeroU16) -> Self {
+        MemslotSet { slots: Vec::new(), generation: 0, max_gfn, slot_limit: limit, track: WriteTrack::new() }
+    }
+
+    /// How many slot ids each address space may use: ids `0..slot_limit()`.
+    #[must_use]
+    #[inline]
+    pub const fn slot_limit(&self) -> NonZeroU16 {
+        self.slot_limit
     }
 
     /// The write-tracked gfns ([`WriteTrack`]).
@@ -356,6 +414,9 @@ impl MemslotSet {
         if slot.as_id.0 >= AsId::MAX_COUNT {
             return Err(SlotError::BadAddressSpace { as_id: slot.as_id });
         }
+        if id.0 >= self.slot_limit.get() {
+            return Err(SlotError::IdOutOfRange { as_id: slot.as_id, id, limit: self.slot_limit });
+        }
         if slot.pages == 0 {
             return Err(SlotError::Empty { id });
         }
@@ -435,6 +496,7 @@ impl MemslotSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
 
     fn slot(id: u16, base: u64, pages: u64) -> Memslot {
         Memslot::new(AsId(0), SlotId(id), Gfn(base), pages, base.wrapping_mul(PAGE_SIZE), SlotFlags::empty())
@@ -479,6 +541,40 @@ mod tests {
         );
         assert_eq!(set.generation(), 1, "refused changes do not bump the generation");
         assert_eq!(set.iter().count(), 1);
+    }
+
+    #[test]
+    fn slot_ids_stop_at_the_limit_kvm_or_configured() {
+        assert_eq!(KVM_USER_MEM_SLOTS.get(), 32764, "KVM_MEM_SLOTS_NUM (32767) - 3 internal slots on x86");
+        let mut set = MemslotSet::new(Gfn(1 << 36));
+        assert_eq!(set.slot_limit(), KVM_USER_MEM_SLOTS);
+        set.insert(slot(32763, 0x1000, 1)).unwrap();
+        for id in [32764, 32767, u16::MAX] {
+            let err = set.insert(slot(id, 0x2000, 1)).unwrap_err();
+            assert_eq!(
+                err,
+                SlotError::IdOutOfRange { as_id: AsId(0), id: SlotId(id), limit: KVM_USER_MEM_SLOTS }
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&id.to_string()) && text.contains("0 to 32763") && text.contains("32764"),
+                "{text}"
+            );
+        }
+        // The same limit in the second address space, and when validating a replacement.
+        let smm = Memslot { as_id: AsId(1), ..slot(32764, 0x1000, 1) };
+        assert!(matches!(set.validate(&smm, true), Err(SlotError::IdOutOfRange { as_id: AsId(1), .. })));
+        assert_eq!(set.generation(), 1, "refused ids leave the set unchanged");
+
+        let eight = NonZeroU16::new(8).unwrap();
+        let mut small = MemslotSet::with_slot_limit(Gfn(1 << 36), eight);
+        small.insert(slot(7, 0, 1)).unwrap();
+        let err = small.insert(slot(8, 1, 1)).unwrap_err();
+        assert_eq!(err, SlotError::IdOutOfRange { as_id: AsId(0), id: SlotId(8), limit: eight });
+        assert!(err.to_string().contains("0 to 7"), "{err}");
+        let one = MemslotSet::with_slot_limit(Gfn(1 << 36), NonZeroU16::MIN);
+        assert!(one.validate(&slot(0, 0, 1), false).is_ok());
+        assert!(one.validate(&slot(1, 0, 1), false).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@
 use lock_api::RawRwLock;
 
 use crate::addr::{AsId, Gfn, Level, Pfn, RingSlot, SlotId};
-use crate::dirty_ring::{DirtyRingProducer, ReprotectBatch, ResetStats, ResetTarget};
+use crate::dirty_ring::{DirtyRingProducer, ReprotectBatch, ResetStats, ResetTarget, RingMemory};
 use crate::flush::Flush;
 use crate::host::{AllocError, Host};
 use crate::iter::TdpIter;
@@ -159,7 +159,10 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     /// assert_eq!((stats.reset, stats.invalid), (2, 1));
     /// # Ok::<(), tdp_core::memslot::SlotError>(())
     /// ```
-    pub fn reset_dirty_ring(&mut self, ring: &mut DirtyRingProducer<'_>) -> (ResetStats, Flush) {
+    pub fn reset_dirty_ring<M: RingMemory>(
+        &mut self,
+        ring: &mut DirtyRingProducer<'_, M>,
+    ) -> (ResetStats, Flush) {
         let mut target = MmuResetTarget { mmu: self, flush: Flush::none() };
         let stats = ring.reset(&mut target);
         (stats, target.flush)
@@ -663,10 +666,10 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     fn clear_ready(&self, as_id: AsId, entries: &[AtomicU64], first: Gfn, clear: u64) {
         // Each entry is read again rather than kept in a register from the test, so that the load, the
         // AND and the store are one instruction. Keeping the test's values instead (one load per entry:
-        // load, AND into the test, AND, store) was measured slower at 1 GiB, 0.32 against 0.27 ns per
-        // entry with 8-entry chunks (4 entries: 0.34, 16: 0.44, spills), and so was keeping part of each
-        // chunk (0.27-0.31): the pass is bound by instructions as much as by loads, and LLVM folds neither
-        // atomic load into the test's AND. Relaxed: see `protect_leaf_table`.
+        // load, AND into the test, AND, store), or part of each chunk, was measured slower (the figures
+        // are in docs/benchmarks.md, "Measurements behind choices in the code"): the pass is bound by
+        // instructions as much as by loads, and LLVM folds neither atomic load into the test's AND.
+        // Relaxed: see `protect_leaf_table`.
         for (i, entry) in entries.iter().enumerate() {
             let old = entry.load(Ordering::Relaxed);
             entry.store(old & !clear, Ordering::Relaxed);
