@@ -29,7 +29,7 @@ mod tables;
 #[cfg(test)]
 mod tests;
 
-pub use host_steps::{Broken, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT};
+pub use host_steps::{Broken, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT, age_step};
 pub use judge::{Check, Observed};
 pub use tables::{Mapping, Paging, Translation, translate, unprotect_leaves};
 

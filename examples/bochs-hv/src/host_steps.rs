@@ -18,7 +18,7 @@ use tdp_core::memslot::SlotFlags;
 use tdp_core::mmu::Mmu;
 use tdp_metal::ring_sink::RingSink;
 use tdp_metal::scenario::{
-    AS_ID, Observed, Paging, REMAP_POOL_OFFSET, Scenario, Step, Translation, mmio_value, translate,
+    AS_ID, Observed, Paging, REMAP_POOL_OFFSET, Scenario, Step, Translation, age_step, mmio_value, translate,
 };
 use tdp_metal::translate::IdentityTranslate;
 
@@ -92,19 +92,7 @@ pub fn age<H: Host>(
     let (_, Step::Age { gpa, pages }) = step(scenario, index)? else {
         return Err(format!("hypercall age names step {index}, which is no age"));
     };
-    let first = gpa.gfn().0;
-    let young = (first..first.saturating_add(pages))
-        .filter(|&g| {
-            let (start, end) = (Gfn(g), Gfn(g + 1));
-            if broken {
-                mmu.test_age_gfn_range(AS_ID, start, end)
-            } else {
-                mmu.age_gfn_range(AS_ID, start, end)
-            }
-        })
-        .collect();
-    mmu.host().flush_all();
-    Ok(young)
+    Ok(age_step(mmu, gpa.gfn().0, pages, broken))
 }
 
 /// `Step::Remap` number `index`: the host moves the page to the next frame of the remap pool, as Linux

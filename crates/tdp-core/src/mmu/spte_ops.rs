@@ -72,15 +72,9 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         level: Level,
     ) -> Result<(), Spte> {
         debug_assert!(!self.format().is_frozen(old), "a frozen SPTE belongs to another writer");
-        // Release publishes a new child table's entries to walkers that Acquire-load this SPTE; Acquire on
-        // failure makes the winner's value (and its child table) visible to our retry.
-        match entry.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {
-                self.handle_changed_spte(as_id, gfn, old, new, level, LockMode::Shared);
-                Ok(())
-            }
-            Err(current) => Err(Spte(current)),
-        }
+        exchange_spte(entry, old, new)?;
+        self.handle_changed_spte(as_id, gfn, old, new, level, LockMode::Shared);
+        Ok(())
     }
 
     /// The bookkeeping of a leaf appearing where nothing was, counted in group `group`: the common case
@@ -285,13 +279,16 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
         level: Level,
     ) -> Result<(), Spte> {
         debug_assert!(!old.is_present() && new.is_present() && new.is_leaf(level));
-        // Orderings as in `cmpxchg_spte`.
-        match entry.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {
-                self.mmu.leaf_appeared(self.line, as_id, gfn, old, new, level);
-                Ok(())
-            }
-            Err(current) => Err(Spte(current)),
-        }
+        exchange_spte(entry, old, new)?;
+        self.mmu.leaf_appeared(self.line, as_id, gfn, old, new, level);
+        Ok(())
     }
+}
+
+/// The compare-exchange of a live SPTE from `old` to `new`; on failure, the value that won. Release
+/// publishes a new child table's entries to walkers that Acquire-load this SPTE; Acquire on failure
+/// makes the winner's value (and its child table) visible to the retry.
+#[inline(always)]
+fn exchange_spte(entry: &AtomicU64, old: Spte, new: Spte) -> Result<(), Spte> {
+    entry.compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire).map(|_| ()).map_err(Spte)
 }

@@ -21,7 +21,7 @@ use tdp_core::spte::{EptOptions, NptOptions, SpteFormat};
 use tdp_metal::scenario::report::{RunInfo, write_result_line};
 use tdp_metal::scenario::{
     AS_ID, Broken, Check, Observed, Paging, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT, SCENARIO,
-    Step, Translation, translate, unprotect_leaves,
+    Step, Translation, age_step, translate, unprotect_leaves,
 };
 use tdp_mock::{AccessResult, HostConfig, Machine, Vcpu};
 
@@ -289,7 +289,7 @@ fn steps(
             }
             Step::Age { gpa, pages } => {
                 vcpu.flush_pml(mmu);
-                seen.young.push(age(m, gpa.gfn().0, pages, hooks.broken == Some(Broken::Age)));
+                seen.young.push(age_step(m.mmu(), gpa.gfn().0, pages, hooks.broken == Some(Broken::Age)));
             }
             Step::Remap { gpa } => {
                 let earlier = SCENARIO.steps[..i].iter().filter(|s| matches!(s, Step::Remap { .. })).count();
@@ -300,24 +300,6 @@ fn steps(
         seen.steps_completed = i + 1;
     }
     Ok(())
-}
-
-/// Ages `pages` gfns from `first` one by one and returns the young ones; then flushes every TLB so the
-/// next access walks the tables (the MMU's aging never flushes). `broken`: only tests, never clears.
-fn age(m: &Machine, first: u64, pages: u64, broken: bool) -> BTreeSet<u64> {
-    let mmu = m.mmu();
-    let young = (first..first.saturating_add(pages))
-        .filter(|&g| {
-            let (start, end) = (Gfn(g), Gfn(g + 1));
-            if broken {
-                mmu.test_age_gfn_range(AS_ID, start, end)
-            } else {
-                mmu.age_gfn_range(AS_ID, start, end)
-            }
-        })
-        .collect();
-    m.host().flush_all();
-    young
 }
 
 /// Moves the host page behind `gfn` to frame `index` of the remap pool at host address `pool`, through

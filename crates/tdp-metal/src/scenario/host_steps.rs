@@ -5,7 +5,11 @@
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
-use super::{Scenario, Step};
+use tdp_core::addr::Gfn;
+use tdp_core::host::Host;
+use tdp_core::mmu::Mmu;
+
+use super::{AS_ID, Scenario, Step};
 
 /// The pseudo-slot id under which a translation into the remap pool is reported
 /// ([`super::Mapping::Leaf`]'s `slot`): both runners add the pool to the bases they decode with.
@@ -141,4 +145,23 @@ impl Scenario {
             })
             .collect()
     }
+}
+
+/// Runs a [`Step::Age`] over `pages` gfns from `first` on `mmu`, one gfn at a time, and returns the young
+/// ones; then flushes every TLB so the next access walks the tables (the MMU's aging never flushes, and
+/// the scenario wants exact answers). With `broken` (the `broken-age` variant) it only tests, never
+/// clears. Both runners call it.
+pub fn age_step<H: Host>(mmu: &Mmu<H>, first: u64, pages: u64, broken: bool) -> BTreeSet<u64> {
+    let young = (first..first.saturating_add(pages))
+        .filter(|&g| {
+            let (start, end) = (Gfn(g), Gfn(g + 1));
+            if broken {
+                mmu.test_age_gfn_range(AS_ID, start, end)
+            } else {
+                mmu.age_gfn_range(AS_ID, start, end)
+            }
+        })
+        .collect();
+    mmu.host().flush_all();
+    young
 }
