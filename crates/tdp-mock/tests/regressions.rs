@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use common::{CONFIGS, Vm};
 use tdp_core::addr::{AsId, Gfn};
 use tdp_core::fault::AccessKind::{Read, Write};
+use tdp_core::fault::{Fault, FaultKind};
 use tdp_core::memslot::SlotFlags;
+use tdp_core::mmu::{FaultOutcome, MmuConfig, VcpuMmu};
 use tdp_mock::{HostConfig, Tlb, Violation, WalkMode, WalkOutcome, check_tlbs, walk};
 
 /// What the hook saw: whether the notifier's zap owed a flush, and `check_tlbs` right after it.
@@ -66,6 +68,43 @@ fn i3_zap_all_flushes_before_it_drops_the_mmu_lock() {
         // FIXME(tdp-core): fails today with a StaleTlb for gfn 3; see the doc comment for the fix.
         assert_eq!(result, Ok(0), "{name}: a vCPU still caches a page the notifier zapped");
         vm.check("zap_all and its flush");
+        vm.teardown();
+    }
+}
+
+/// A fault that reaches a leaf which already allows its access must change nothing (KVM's "spurious if
+/// the access is already allowed" in `tdp_mmu_map_handle_target_level`). `SharedMmu::install`
+/// (crates/tdp-core/src/mmu/fault.rs) called a fault spurious only when the leaf it found equalled the
+/// one it would make. Two vCPUs fault on an unmapped gfn of a logged slot, one to read and one to
+/// write; the writer's leaf goes in first (born dirty) and the writer's TLB caches it dirty. The
+/// reader's fault then found a leaf unlike its own (clean, or write-protected) and replaced it. With
+/// PML that dropped the Dirty bit without a flush: the writer's TLB entry stayed dirty over a clean
+/// leaf, so after the next harvest its writes went unlogged (I3, then I4). `i4_logging`'s property
+/// test found it on `ept-pml` once faults ran in parallel. Fixed: a present leaf at the goal level
+/// that allows the access makes the fault spurious; a leaf replaced without its Dirty bit is flushed.
+#[test]
+fn i3_a_late_fault_on_a_leaf_that_allows_its_access_is_spurious() {
+    let pml = ("ept-pml", MmuConfig::EPT_PML);
+    for (name, cfg) in CONFIGS.into_iter().chain([pml]) {
+        let mut vm = Vm::new(name, cfg, HostConfig::default(), 1);
+        vm.add_slot(0, 0, 0x10, SlotFlags::LOG_DIRTY);
+        // The writer's fault wins the race: its leaf is writable and dirty, and its TLB caches it.
+        vm.must_map(0, 0x3, Write);
+        let leaf = vm.leaf(0, 0x3);
+        // The reader saw gfn 3 unmapped before that, so its fault is still on its way.
+        let mut reader = VcpuMmu::new();
+        vm.mmu().load_root(&mut reader, AsId(0)).expect("a root");
+        let fault = Fault {
+            as_id: AsId(0),
+            gpa: Gfn(3).gpa(),
+            access: Read,
+            kind: FaultKind::Violation { present: false },
+        };
+        let outcome = vm.mmu().handle_fault(&mut reader, fault, &mut ());
+        vm.mmu().release_vcpu(&mut reader);
+        assert_eq!(outcome, Ok(FaultOutcome::Spurious), "{name}: the leaf already allows the read");
+        assert_eq!(vm.leaf(0, 0x3), leaf, "{name}: the writer's leaf is untouched");
+        vm.check("the reader's late fault");
         vm.teardown();
     }
 }

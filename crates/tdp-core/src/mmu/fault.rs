@@ -14,7 +14,9 @@ use crate::fault::{AccessKind, Fault, FaultKind};
 use crate::flush::Flush;
 use crate::host::{AllocError, DirtySink, DirtySource, Host, HostFaultError, HostPage};
 use crate::memslot::Memslot;
-use crate::spte::{LeafAttrs, LeafWrite, MMU_PRESENT, MemType, PFN_MASK, Spte, SpteCheckError, SpteFormat};
+use crate::spte::{
+    Access, LeafAttrs, LeafWrite, MMU_PRESENT, MemType, PFN_MASK, Spte, SpteCheckError, SpteFormat,
+};
 use crate::sync::{AtomicU64, Ordering};
 
 use super::cache::PageCache;
@@ -174,6 +176,9 @@ struct Target {
     /// A fetch under the NX huge-page mitigation that could have mapped at this level (as a number; 0
     /// otherwise): the tables it links at that level or below are tracked for recovery.
     nx_track: u8,
+    /// What the faulting access needs: a present leaf at the target level that already allows it makes
+    /// the fault spurious.
+    needs: Access,
 }
 
 impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
@@ -304,13 +309,21 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         let logged = slot.is_dirty_logged();
         let writable = slot.is_writable() && host.writable && (write || !logged) && !tracked;
         let memtype = mmu.memtype_bits(host.memory);
+        let needs = if write {
+            Access::WRITE
+        } else if exec {
+            Access::EXEC
+        } else {
+            Access::READ
+        };
         let (outcome, leaf_write) = if writable && (logged || host.level == Level::L1) {
             // The common case, written out for the compiler: a writable 4 KiB leaf (the goal level is
             // L1 in a logged slot or when the host maps 4 KiB; see `goal_level`).
             let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype);
             debug_assert_eq!(self.goal_level(slot, gfn, host.pfn, host.level), Level::L1);
             debug_assert_eq!(leaf, self.expected_leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype));
-            let target = Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf, nx_track: 0 };
+            let target =
+                Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf, nx_track: 0, needs };
             (self.map_from(cache, walk, target), LeafWrite::Writable)
         } else if writable {
             // A writable leaf where the host maps huge in an unlogged slot: the 2 MiB (or 1 GiB) fault.
@@ -324,7 +337,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             if nx && level > Level::L1 {
                 leaf = mmu.format().non_executable(leaf);
             }
-            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track };
+            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track, needs };
             let outcome = if level.shift_in_frames() <= walk.shift {
                 self.map_from(cache, walk, target)
             } else {
@@ -342,7 +355,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             if nx && level > Level::L1 {
                 leaf = mmu.format().non_executable(leaf);
             }
-            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track };
+            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track, needs };
             (self.map_other(cache, root, walk, target), leaf_write)
         };
         if logged && leaf_write == LeafWrite::Writable && outcome == FaultOutcome::Fixed {
@@ -416,7 +429,14 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         match self.map(
             cache,
             root,
-            Target { as_id: root.as_id(), gfn, level: Level::L1, spte: mmio, nx_track: 0 },
+            Target {
+                as_id: root.as_id(),
+                gfn,
+                level: Level::L1,
+                spte: mmio,
+                nx_track: 0,
+                needs: Access::READ,
+            },
         ) {
             FaultOutcome::Fixed => {
                 Stats::bump(&mmu.stats.mmio_sptes_created);
@@ -539,7 +559,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     #[inline(always)]
     fn map_from(&self, cache: &mut PageCache, walk: GfnWalk<'a>, target: Target) -> FaultOutcome {
         let mmu = self.mmu;
-        let Target { as_id, gfn, level: goal, spte: new, nx_track } = target;
+        let Target { as_id, gfn, level: goal, nx_track, .. } = target;
         let target_links = Links { as_id, gfn, nx_track };
         let goal_shift = goal.shift_in_frames();
         let (mut table, mut shift) = (walk.table, walk.shift);
@@ -549,7 +569,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             // Acquire pairs with the Release of the compare-exchange that linked a child table here.
             let old = Spte(entry.load(Ordering::Acquire));
             if shift == goal_shift {
-                return self.install(as_id, entry, old, new, gfn.align_down(goal), goal);
+                return self.install(entry, old, &target);
             }
             // Above the goal (so at level 2 or more) a present entry is a table unless PS says leaf.
             let child = if old.is_present() && !old.is_large() {
@@ -565,18 +585,12 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         }
     }
 
-    /// Installs `new` in `entry` (the goal level), flushing if the old value was a table or a leaf with
-    /// more rights or another frame.
+    /// Installs the target's SPTE in `entry` (at the goal level, holding `old`), flushing if the old value
+    /// was a table or a leaf with more rights, another frame or the Dirty bit.
     #[inline(always)]
-    fn install(
-        &self,
-        as_id: AsId,
-        entry: &AtomicU64,
-        old: Spte,
-        new: Spte,
-        gfn: Gfn,
-        level: Level,
-    ) -> FaultOutcome {
+    fn install(&self, entry: &AtomicU64, old: Spte, target: &Target) -> FaultOutcome {
+        let Target { as_id, level, spte: new, needs, .. } = *target;
+        let gfn = target.gfn.align_down(level);
         let mmu = self.mmu;
         let fmt = mmu.format();
         if !old.is_present() && new.is_present() && new.is_leaf(level) {
@@ -593,17 +607,25 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         if fmt.is_frozen(old) {
             return FaultOutcome::Retry;
         }
-        if old == new {
+        // A leaf that already allows the access: another vCPU's fault mapped the gfn after this vCPU saw
+        // it unmapped (KVM's "spurious if the access is already allowed"). Replacing it would throw away
+        // what has happened since: a read fault's clean leaf over a writer's dirty one, with no flush,
+        // leaves the writer's TLB entry dirty over a clean leaf, and its next writes unlogged.
+        if old == new || (old.is_present() && old.is_leaf(level) && fmt.access(old).contains(needs)) {
             return FaultOutcome::Spurious;
         }
         if mmu.cmpxchg_spte(as_id, entry, old, new, gfn, level).is_err() {
             return FaultOutcome::Retry;
         }
         // Replacing a table with a huge leaf freed the subtree: drop the paging-structure caches and
-        // leaves that pointed into it. A leaf that changed frame or lost rights is likewise stale. A leaf
-        // that only gained rights needs no flush: hardware re-walks on a permission fault.
+        // leaves that pointed into it. A leaf that changed frame or lost rights is likewise stale, and so
+        // is one that loses its Dirty bit (a TLB entry may cache it dirty). A leaf that only gained
+        // rights needs no flush: hardware re-walks on a permission fault.
         let stale = old.is_present()
-            && (old.is_table(level) || old.pfn() != new.pfn() || !fmt.access(new).contains(fmt.access(old)));
+            && (old.is_table(level)
+                || old.pfn() != new.pfn()
+                || !fmt.access(new).contains(fmt.access(old))
+                || (fmt.is_dirty(old) && !fmt.is_dirty(new)));
         if stale {
             Flush::range(as_id, gfn, level.pages()).run(&mmu.host);
         }
