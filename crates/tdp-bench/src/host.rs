@@ -13,7 +13,8 @@ use core::cell::Cell;
 
 use tdp_core::addr::{Gfn, Level, PAGE_SHIFT, Pfn};
 use tdp_core::host::{
-    AllocError, HostFaultError, HostPage, HostTranslate, MmuEvents, MmuYield, Table, TableMemory, TlbFlush,
+    AllocError, ExternalTables, HostFaultError, HostPage, HostTranslate, MmuEvents, MmuYield, Table,
+    TableMemory, TlbFlush,
 };
 use tdp_core::memslot::Memslot;
 use tdp_core::spte::Spte;
@@ -212,6 +213,9 @@ impl TlbFlush for BenchHost<'_> {
 impl MmuYield for BenchHost<'_> {}
 
 impl MmuEvents for BenchHost<'_> {}
+
+/// No external tables: no mirror roots.
+impl ExternalTables for BenchHost<'_> {}
 
 #[cfg(test)]
 mod tests {

@@ -18,8 +18,8 @@ use std::time::Instant;
 use tdp_core::addr::{AsId, Gfn, Level, PAGE_SHIFT, Pfn, SlotId};
 use tdp_core::fault::{AccessKind, Fault, FaultKind};
 use tdp_core::host::{
-    AllocError, HostFaultError, HostMemory, HostPage, HostTranslate, MmuEvents, MmuYield, Table, TableMemory,
-    TlbFlush,
+    AllocError, ExternalTables, HostFaultError, HostMemory, HostPage, HostTranslate, MmuEvents, MmuYield,
+    Table, TableMemory, TlbFlush,
 };
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{FaultOutcome, Mmu, MmuConfig, VcpuMmu};
@@ -94,6 +94,9 @@ impl TlbFlush for SyncHost {
 }
 impl MmuYield for SyncHost {}
 impl MmuEvents for SyncHost {}
+
+/// No external tables: no mirror roots.
+impl ExternalTables for SyncHost {}
 
 /// Faults gfns `[start, end)` for write on `vcpu`, each until it is fixed (the threads share the upper
 /// tables, so a fault that loses the race to link one retries, as a vCPU re-executes); returns how many

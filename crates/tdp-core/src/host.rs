@@ -214,7 +214,102 @@ pub enum DirtySource {
     HardwareLog,
 }
 
-/// Everything the MMU needs from its environment.
-pub trait Host: TableMemory + HostTranslate + TlbFlush + MmuYield + MmuEvents {}
+/// The external page tables that mirror roots are copied into (KVM's TDX hooks `link_external_spt`,
+/// `set_external_spte`, `remove_external_spte` and `free_external_spt`): a confidential-VM host whose
+/// real tables belong to someone else (the TDX module's Secure EPT) keeps the MMU's mirror of them and
+/// is told every change, in order, while the mirror's entry is frozen, so no other change of that entry
+/// can overtake it.
+///
+/// Memslots with [`crate::memslot::SlotFlags::PRIVATE`] are mapped through a vCPU's mirror root
+/// ([`crate::mmu::VcpuMmu::mirror_root`]); a host without external tables keeps the defaults, and the
+/// MMU refuses private memslots on it. The calls come in the order a tree is built and torn down: a
+/// table is linked before anything below it is set, and everything below a table is removed before
+/// the table is freed.
+///
+/// ```
+/// use tdp_core::addr::{AsId, Gfn, Gpa, Level, SlotId};
+/// use tdp_core::fault::{AccessKind, Fault, FaultKind};
+/// use tdp_core::memslot::{Memslot, SlotFlags};
+/// use tdp_core::mmu::{FaultOutcome, Mmu, MmuConfig, VcpuMmu};
+/// use tdp_mock::{ExternalEntry, HostConfig, MockHost};
+///
+/// // The mock keeps its external tables as a map (a TDX host would call the TDX module).
+/// let host = MockHost::new(HostConfig::default());
+/// host.enable_external_tables(Level::L4);
+/// let ram = host.guest_ram_base();
+/// let mmu: Mmu<MockHost> = Mmu::new(host, MmuConfig::EPT).unwrap();
+/// mmu.write().insert_memslot(Memslot::new(AsId(0), SlotId(0), Gfn(0), 512, ram, SlotFlags::PRIVATE))?;
+/// let mut vcpu = VcpuMmu::new();
+/// mmu.load_root(&mut vcpu, AsId(0)).unwrap();
+/// let fault = Fault { as_id: AsId(0), gpa: Gpa(0x5000), access: AccessKind::Write,
+///                     kind: FaultKind::Violation { present: false } };
+/// assert_eq!(mmu.handle_fault(&mut vcpu, fault, &mut ()), Ok(FaultOutcome::Fixed));
+/// // The leaf is in the mirror root, not the direct one, and the host was told of it.
+/// let mirror = vcpu.mirror_root().unwrap();
+/// let (leaf, level) = mmu.lookup(mirror, Gfn(5)).unwrap();
+/// assert_eq!(level, Level::L1);
+/// assert!(mmu.lookup(vcpu.root().unwrap(), Gfn(5)).is_none());
+/// let external = mmu.host().external_entries();
+/// assert_eq!(external.last(), Some(&(AsId(0), Gfn(5), Level::L1, ExternalEntry::Leaf(leaf.pfn()))));
+/// mmu.release_vcpu(&mut vcpu);
+/// # Ok::<(), tdp_core::memslot::SlotError>(())
+/// ```
+pub trait ExternalTables {
+    /// Whether the host has external tables; mirror roots and private memslots need them.
+    fn has_external_tables(&self) -> bool {
+        false
+    }
+    /// Links the table page `table` (the mirror's, which the host may use to find its own) below the
+    /// entry at `level` that maps from `gfn`. On an error the mirror's entry goes back to what it was.
+    ///
+    /// # Errors
+    /// [`ExternalError::Busy`] makes the fault retry; any other error fails the fault.
+    fn link_external_table(
+        &self,
+        as_id: AsId,
+        gfn: Gfn,
+        level: Level,
+        table: Pfn,
+    ) -> Result<(), ExternalError> {
+        let _ = (as_id, gfn, level, table);
+        Err(ExternalError::Unsupported)
+    }
+    /// Maps `gfn` (aligned to `level`) to frame `pfn` in the external tables.
+    ///
+    /// # Errors
+    /// As [`ExternalTables::link_external_table`].
+    fn set_external_leaf(&self, as_id: AsId, gfn: Gfn, level: Level, pfn: Pfn) -> Result<(), ExternalError> {
+        let _ = (as_id, gfn, level, pfn);
+        Err(ExternalError::Unsupported)
+    }
+    /// Unmaps `gfn` (mapped at `level` to `pfn`), including from every TLB that may cache it (the TDX
+    /// module's block, track and remove). It cannot fail: the mirror's leaf is already gone.
+    fn remove_external_leaf(&self, as_id: AsId, gfn: Gfn, level: Level, pfn: Pfn) {
+        let _ = (as_id, gfn, level, pfn);
+    }
+    /// Frees the external table linked below the entry at `level` mapping from `gfn`, once everything
+    /// below it has been removed.
+    fn free_external_table(&self, as_id: AsId, gfn: Gfn, level: Level, table: Pfn) {
+        let _ = (as_id, gfn, level, table);
+    }
+}
 
-impl<T: TableMemory + HostTranslate + TlbFlush + MmuYield + MmuEvents> Host for T {}
+/// Why the external tables refused a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExternalError {
+    /// The external tables are busy (a TDX module call returned `TDX_OPERAND_BUSY`): retry the fault.
+    #[error("the external page tables are busy")]
+    Busy,
+    /// The host has no external tables.
+    #[error("the host has no external page tables")]
+    Unsupported,
+    /// The external tables refused the change for good.
+    #[error("the external page tables refused the change")]
+    Refused,
+}
+
+/// Everything the MMU needs from its environment.
+pub trait Host: TableMemory + HostTranslate + TlbFlush + MmuYield + MmuEvents + ExternalTables {}
+
+impl<T: TableMemory + HostTranslate + TlbFlush + MmuYield + MmuEvents + ExternalTables> Host for T {}

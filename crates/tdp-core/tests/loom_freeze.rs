@@ -36,8 +36,8 @@ use loom::thread;
 use tdp_core::addr::{AsId, Gfn, Level, Pfn, SlotId};
 use tdp_core::fault::{AccessKind, Fault, FaultKind};
 use tdp_core::host::{
-    AllocError, HostFaultError, HostMemory, HostPage, HostTranslate, MmuEvents, MmuYield, Table, TableMemory,
-    TlbFlush,
+    AllocError, ExternalTables, HostFaultError, HostMemory, HostPage, HostTranslate, MmuEvents, MmuYield,
+    Table, TableMemory, TlbFlush,
 };
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{Mmu, MmuConfig, VcpuMmu};
@@ -169,6 +169,8 @@ impl TlbFlush for LoomHost {
 }
 
 impl MmuYield for LoomHost {}
+
+impl ExternalTables for LoomHost {}
 
 impl MmuEvents for LoomHost {
     fn spte_changed(&self, _as_id: AsId, gfn: Gfn, level: Level, old: Spte, new: Spte) {

@@ -25,11 +25,13 @@ pub mod vcpu;
 pub mod walker;
 
 pub use checker::{
-    DirtyShadow, TableReport, Violation, check_tables, check_tlbs, check_translations, check_write_tracking,
+    DirtyShadow, TableReport, Violation, check_mirror, check_tables, check_tlbs, check_translations,
+    check_write_tracking,
 };
 pub use host::{
-    AllocStats, FlushStats, GUEST_RAM_BASE_PFN, HostConfig, HostInvalidation, HostMmuError, HostMmuStats,
-    InvalidationHook, MockHost, POISON, PageState, TABLE_BASE_PFN, TraceCounts, TranslateHook,
+    AllocStats, ExternalEntry, ExternalMisuse, FlushStats, GUEST_RAM_BASE_PFN, HostConfig, HostInvalidation,
+    HostMmuError, HostMmuStats, InvalidationHook, MockHost, POISON, PageState, TABLE_BASE_PFN, TraceCounts,
+    TranslateHook,
 };
 pub use machine::Machine;
 pub use pml::{Pml, PmlStats};

@@ -10,7 +10,9 @@ use tdp_core::addr::{AsId, Gfn, PAGE_SIZE, SlotId};
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{ConfigError, Mmu, MmuConfig};
 
-use crate::checker::{Violation, check_tables, check_tlbs, check_translations_in, check_write_tracking};
+use crate::checker::{
+    Violation, check_mirror, check_tables, check_tlbs, check_translations_in, check_write_tracking,
+};
 use crate::host::{HostConfig, MockHost};
 use crate::tlb::Tlb;
 use crate::vcpu::Vcpu;
@@ -86,7 +88,7 @@ impl Machine {
 
     /// Runs every checker: `check_tables` with the vCPUs' cache pages, `check_translations` on every
     /// valid root of the MMU against `reference`, `check_tlbs` on the vCPUs' TLBs and
-    /// `check_write_tracking` over every root. Call it when no vCPU is running.
+    /// `check_write_tracking` over every root, `check_mirror`. Call it when no vCPU is running.
     ///
     /// Invalid roots are left out of the I1 check: a vCPU checks its root under its TLB lock before
     /// every walk, so once the invalidation's flush has run no hardware walks them again, and what they
@@ -110,6 +112,9 @@ impl Machine {
             violations.extend(v);
         }
         if let Err(v) = check_write_tracking(&self.mmu) {
+            violations.extend(v);
+        }
+        if let Err(v) = check_mirror(&self.mmu) {
             violations.extend(v);
         }
         if violations.is_empty() { Ok(()) } else { Err(violations) }

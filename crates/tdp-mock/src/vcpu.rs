@@ -277,10 +277,19 @@ impl Vcpu {
             }
         };
         let gfn = gpa.gfn();
-        let mut root = self.entry_root(mmu)?;
+        self.entry_root(mmu)?;
+        // A private memslot's gfn is translated through the mirror root (in a confidential VM the
+        // processor walks the external tables, which `checker::check_mirror` holds equal to it).
+        let private = tdp_core::host::ExternalTables::has_external_tables(host)
+            && mmu.read().memslots().find(self.as_id, gfn).is_some_and(|s| s.is_private());
         for _ in 0..MAX_ROUNDS {
             let (hw, level) = (self.hw, self.root_level);
-            let current = self.mmu.root().expect("entry_root loaded a root");
+            let Some(current) = (if private { self.mmu.mirror_root() } else { self.mmu.root() }) else {
+                // External tables enabled after the roots were loaded: load the mirror root too.
+                self.reload_root(mmu)?;
+                continue;
+            };
+            let root = current.pfn();
             let pml = &mut self.pml;
             let outcome = self.tlb.with_locked(|tlb| {
                 // Checked under the TLB lock, which every flush takes: a flush that follows an
@@ -314,7 +323,7 @@ impl Vcpu {
             let fault = match outcome {
                 Ok(done) => return Ok(done),
                 Err(Exit::Reload) => {
-                    root = self.reload_root(mmu)?;
+                    self.reload_root(mmu)?;
                     continue;
                 }
                 Err(Exit::FreedTable(pfn)) => return Err(VcpuError::FreedTable { pfn }),
@@ -344,7 +353,9 @@ impl Vcpu {
             self.flush_pml(mmu);
             match mmu.handle_fault(&mut self.mmu, fault, &mut *self.dirty)? {
                 FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry => {}
-                FaultOutcome::ReloadRoot => root = self.reload_root(mmu)?,
+                FaultOutcome::ReloadRoot => {
+                    self.reload_root(mmu)?;
+                }
                 FaultOutcome::Emulate(reason) => return Ok(AccessResult::Emulated(reason)),
             }
         }

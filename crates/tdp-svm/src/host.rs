@@ -13,7 +13,8 @@ pub use tdp_metal::translate::{IdentityTranslate, MoveError, MovedPage, PhysRang
 
 use tdp_core::addr::{AsId, Gfn, Pfn};
 use tdp_core::host::{
-    AllocError, HostFaultError, HostPage, HostTranslate, MmuEvents, MmuYield, Table, TableMemory, TlbFlush,
+    AllocError, ExternalTables, HostFaultError, HostPage, HostTranslate, MmuEvents, MmuYield, Table,
+    TableMemory, TlbFlush,
 };
 use tdp_core::memslot::Memslot;
 use tdp_core::spte::Spte;
@@ -103,3 +104,6 @@ impl TlbFlush for SvmHost<'_, '_> {
 impl MmuYield for SvmHost<'_, '_> {}
 
 impl MmuEvents for SvmHost<'_, '_> {}
+
+/// No external tables: no mirror roots.
+impl ExternalTables for SvmHost<'_, '_> {}

@@ -29,6 +29,11 @@ bitflags! {
         const LOG_DIRTY = 1 << 0;
         /// The guest may not write the slot; writes exit to the VMM as MMIO.
         const READONLY = 1 << 1;
+        /// Private memory (KVM's `KVM_MEM_GUEST_MEMFD`, for confidential VMs): mapped only through the
+        /// vCPUs' mirror roots, whose every change the host copies into its external tables
+        /// ([`crate::host::ExternalTables`]). Mapped at 4 KiB, always writable; never read-only or
+        /// dirty-logged (KVM refuses both with guest_memfd), and fixed for the slot's life.
+        const PRIVATE = 1 << 2;
         /// With [`SlotFlags::LOG_DIRTY`]: the slot's dirty log starts with every page dirty (KVM's
         /// `KVM_DIRTY_LOG_INITIALLY_SET`, a VM-wide capability in KVM, here given per slot: see
         /// [`crate::dirty_bitmap::DirtyTrackingMode::initially_set`]). Turning logging on then skips
@@ -136,6 +141,12 @@ impl Memslot {
     pub const fn is_writable(&self) -> bool {
         !self.flags.contains(SlotFlags::READONLY)
     }
+    /// Whether the slot is private memory, mapped through the mirror roots ([`SlotFlags::PRIVATE`]).
+    #[must_use]
+    #[inline]
+    pub const fn is_private(&self) -> bool {
+        self.flags.contains(SlotFlags::PRIVATE)
+    }
     /// Whether dirty logging is on.
     #[must_use]
     #[inline]
@@ -219,6 +230,25 @@ pub enum SlotError {
     /// writable because the log started all-set would never be protected.
     #[error("slot {id:?} in {as_id:?} is dirty-logged: LOG_INITIALLY_SET can change only with LOG_DIRTY")]
     InitiallySetChange {
+        /// The address space.
+        as_id: AsId,
+        /// The slot.
+        id: SlotId,
+    },
+    /// A private slot ([`SlotFlags::PRIVATE`]) with flags it cannot have (read-only, dirty-logged), or
+    /// a change of its privacy: KVM refuses the same with guest_memfd.
+    #[error(
+        "slot {id:?} in {as_id:?}: private memory cannot be read-only or dirty-logged, nor change privacy"
+    )]
+    PrivateFlags {
+        /// The address space.
+        as_id: AsId,
+        /// The slot.
+        id: SlotId,
+    },
+    /// A private slot on a host without external tables: nothing could map it.
+    #[error("slot {id:?} in {as_id:?} is private, but the host has no external tables for mirror roots")]
+    NoExternalTables {
         /// The address space.
         as_id: AsId,
         /// The slot.
@@ -420,6 +450,10 @@ impl MemslotSet {
         if slot.pages == 0 {
             return Err(SlotError::Empty { id });
         }
+        let not_private = SlotFlags::READONLY.union(SlotFlags::LOG_DIRTY).union(SlotFlags::LOG_INITIALLY_SET);
+        if slot.is_private() && slot.flags.intersects(not_private) {
+            return Err(SlotError::PrivateFlags { as_id: slot.as_id, id });
+        }
         let end = slot.base_gfn.0.checked_add(slot.pages);
         if end.is_none_or(|end| end > self.max_gfn.0) {
             return Err(SlotError::TooHigh { id, end: Gfn(end.unwrap_or(u64::MAX)), max: self.max_gfn });
@@ -487,6 +521,9 @@ impl MemslotSet {
             .find(|s| s.as_id == as_id && s.id == id)
             .ok_or(SlotError::NotFound { as_id, id })?;
         let old = *slot;
+        if old.is_private() || flags.contains(SlotFlags::PRIVATE) {
+            return Err(SlotError::PrivateFlags { as_id, id });
+        }
         slot.flags = flags;
         self.generation += 1;
         Ok(old)

@@ -37,6 +37,15 @@ pub enum TrackError {
         /// The gfn.
         gfn: Gfn,
     },
+    /// The gfn is private memory ([`super::SlotFlags::PRIVATE`]): its leaves live in the mirror root,
+    /// which is never write-protected (KVM's page-track serves shadow paging, never private memory).
+    #[error("gfn {gfn:?} in {as_id:?} is private memory, which cannot be write-tracked")]
+    Private {
+        /// The address space.
+        as_id: AsId,
+        /// The gfn.
+        gfn: Gfn,
+    },
     /// The count would pass `u16::MAX` (KVM's limit: `USHRT_MAX`).
     #[error("gfn {gfn:?} in {as_id:?} is already write-tracked {max} times")]
     TooMany {

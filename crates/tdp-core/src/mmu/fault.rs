@@ -63,6 +63,9 @@ pub enum FaultError {
     /// The host could not provide the page.
     #[error("host translation failed: {0}")]
     Host(#[from] HostFaultError),
+    /// The host's external tables refused a private mapping for good; the mirror is unchanged.
+    #[error("the external tables refused the mapping: {0}")]
+    External(crate::host::ExternalError),
     /// A misconfiguration exit on an SPTE the MMU did not make: a bug, reported with the entry.
     #[error("EPT misconfiguration / reserved-bit fault at {gfn:?} on {spte:?}: {cause}")]
     Misconfig {
@@ -135,7 +138,7 @@ impl LeafTemplates {
     /// Every template already holds [`MMU_PRESENT`] (a leaf is present); OR-ing it in again changes no
     /// bit but lets the compiler see that the leaf is present, so the install drops that test.
     #[inline]
-    fn leaf(&self, pfn: Pfn, level: Level, write: LeafWrite, memtype: u64) -> Spte {
+    pub(super) fn leaf(&self, pfn: Pfn, level: Level, write: LeafWrite, memtype: u64) -> Spte {
         let bits = self.bits[usize::from(level > Level::L1)][write_index(write)];
         debug_assert!(bits & MMU_PRESENT != 0, "a leaf template is present");
         Spte(bits | memtype | MMU_PRESENT | (pfn.hpa() & PFN_MASK))
@@ -250,6 +253,9 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         }
         if shared.slots.generation() != generation || self.invalidation.must_retry(seq, gfn) {
             return Ok(FaultOutcome::Retry);
+        }
+        if slot.is_private() {
+            return shared.private_fault(&mut vcpu.cache, vcpu.mirror.as_ref(), gfn, host);
         }
         let track = shared.slots.write_track();
         let tracking = !track.is_empty();

@@ -17,6 +17,7 @@ mod fast_path;
 mod fault;
 mod invalidate;
 mod memtype;
+mod mirror;
 mod nx;
 mod prefault;
 // The one `unsafe` of the core: a fault's shared view of the memslots through its vCPU group.
@@ -130,6 +131,9 @@ pub struct Mmu<H: Host, R: RawRwLock = spin::RwLock<()>> {
     config: MmuConfig,
     lock: RwLock<R, MemslotSet>,
     roots: RootList,
+    /// The mirror roots, one per address space once a vCPU loads it (only when the host has external
+    /// tables): private memslots are mapped there.
+    mirror_roots: RootList,
     stats: Stats,
     /// The fault path's leaf values, precomputed from `config.format`.
     leaf_templates: fault::LeafTemplates,
@@ -173,7 +177,8 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             host,
             config,
             lock: RwLock::new(MemslotSet::new(config.max_gfn())),
-            roots: RootList::new(),
+            roots: RootList::new(false),
+            mirror_roots: RootList::new(true),
             stats: Stats::new(),
             leaf_templates: fault::LeafTemplates::new(&config.format),
             invalidation: Invalidation::new(),
@@ -206,9 +211,12 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         let (nx_huge_splits, nx_recovered) = self.nx.counts();
         MmuStats { leaves: self.groups.leaves(), nx_huge_splits, nx_recovered, ..self.stats.snapshot() }
     }
-    /// Every root, valid or not, with its reference count.
+    /// Every root, valid or not, with its reference count: the direct roots, then the mirror roots
+    /// ([`RootInfo::mirror`]).
     pub fn roots(&self) -> Vec<RootInfo> {
-        self.roots.snapshot()
+        let mut roots = self.roots.snapshot();
+        roots.extend(self.mirror_roots.snapshot());
+        roots
     }
 
     /// Takes the MMU lock for read: faults and other compare-exchange paths.
@@ -257,12 +265,21 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         let root = self.roots.get_or_create(as_id, || cache.take().ok_or(AllocError))?;
         let pfn = root.pfn();
         vcpu.root = Some(root);
+        if self.host.has_external_tables() {
+            // The private memslots' tree, shared by the vCPUs of the address space and never invalidated.
+            let mirror = self.mirror_roots.get_or_create(as_id, || cache.take().ok_or(AllocError))?;
+            vcpu.mirror = Some(mirror);
+        }
         Ok(pfn)
     }
 
     /// Drops `vcpu`'s reference to its root, if it has one. The last reference to an invalidated,
     /// zapped root frees it.
     pub fn put_root(&self, vcpu: &mut VcpuMmu) {
+        if let Some(mirror) = vcpu.mirror.take() {
+            // The list keeps its reference until teardown: never the last.
+            let _ = self.mirror_roots.put(mirror);
+        }
         let Some(root) = vcpu.root.take() else {
             return;
         };
@@ -328,9 +345,10 @@ impl<H: Host, R: RawRwLock> Drop for Mmu<H, R> {
         let mut exclusive = self.write();
         exclusive.zap_all(); // It flushes itself before the freed tables can be reused.
         drop(exclusive);
-        for pfn in self.roots.drain() {
+        for (pfn, _) in self.roots.drain() {
             self.host.free_table_deferred(pfn);
         }
+        self.tear_down_mirror_roots();
     }
 }
 
@@ -390,6 +408,9 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     /// # Errors
     /// [`SlotError`]; nothing changed.
     pub fn insert_memslot(&mut self, slot: Memslot) -> Result<(), SlotError> {
+        if slot.is_private() && !self.mmu.host.has_external_tables() {
+            return Err(SlotError::NoExternalTables { as_id: slot.as_id, id: slot.id });
+        }
         self.slots.insert(slot)?;
         self.after_generation_bump();
         Ok(())

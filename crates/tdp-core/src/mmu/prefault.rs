@@ -110,12 +110,16 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
             let outcome = self.handle_fault(vcpu, fault, &mut ()).map_err(|e| match e {
                 FaultError::Alloc(e) => PreFaultError::Alloc(e),
                 FaultError::Host(e) => PreFaultError::Host(e),
-                FaultError::Misconfig { .. } => PreFaultError::Busy(gpa),
+                FaultError::Misconfig { .. } | FaultError::External(_) => PreFaultError::Busy(gpa),
             })?;
             match outcome {
                 FaultOutcome::Fixed | FaultOutcome::Spurious => {
                     let root = vcpu.root.as_ref().ok_or(PreFaultError::NoRoot)?;
-                    if let Some((_, level)) = self.lookup(root, gfn) {
+                    // A private page is mapped in the mirror root.
+                    let mapped = self
+                        .lookup(root, gfn)
+                        .or_else(|| vcpu.mirror.as_ref().and_then(|m| self.lookup(m, gfn)));
+                    if let Some((_, level)) = mapped {
                         let next = Gfn(gfn.align_down(level).0 + level.pages());
                         return Ok(next.gpa().0);
                     }

@@ -4,6 +4,10 @@
 //! same address space share a valid root. Invalidation (under the write lock) marks roots invalid;
 //! zapping an invalid root's tree drops the list's reference; the last reference frees the root page.
 //! So a root page is never freed while a vCPU can still load it into its EPTP/nCR3 (I2).
+//!
+//! Mirror roots (private memslots) live in a list of their own: no operation on direct roots (logging,
+//! aging, invalidation, recovery) ever sees them, and they are never invalidated, only torn down with
+//! the MMU, as KVM's mirror roots for TDX.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -52,6 +56,8 @@ pub struct RootInfo {
     pub valid: bool,
     /// References held (the list's and vCPUs').
     pub refcount: u32,
+    /// A mirror root (for private memslots, copied into the host's external tables), not a direct one.
+    pub mirror: bool,
 }
 
 #[derive(Debug)]
@@ -65,11 +71,13 @@ struct Entry {
 /// The roots, behind a spin lock (KVM's `tdp_mmu_pages_lock`); every critical section is short.
 pub(super) struct RootList {
     entries: spin::Mutex<Vec<Entry>>,
+    /// The list holds mirror roots ([`RootInfo::mirror`]).
+    mirror: bool,
 }
 
 impl RootList {
-    pub(super) const fn new() -> Self {
-        RootList { entries: spin::Mutex::new(Vec::new()) }
+    pub(super) const fn new(mirror: bool) -> Self {
+        RootList { entries: spin::Mutex::new(Vec::new()), mirror }
     }
 
     pub(super) fn snapshot(&self) -> Vec<RootInfo> {
@@ -90,7 +98,7 @@ impl RootList {
         entries.try_reserve(1).map_err(|_| AllocError)?;
         let pfn = alloc()?;
         let valid = Arc::new(AtomicBool::new(true));
-        let info = RootInfo { pfn, as_id, valid: true, refcount: 2 };
+        let info = RootInfo { pfn, as_id, valid: true, refcount: 2, mirror: self.mirror };
         entries.push(Entry { info, valid: valid.clone(), list_ref: true });
         Ok(RootRef { pfn, as_id, valid })
     }
@@ -164,8 +172,8 @@ impl RootList {
         self.put_pfn(pfn)
     }
 
-    /// Empties the list at teardown and returns every root frame.
-    pub(super) fn drain(&self) -> Vec<Pfn> {
-        self.entries.lock().drain(..).map(|e| e.info.pfn).collect()
+    /// Empties the list at teardown and returns every root frame with its address space.
+    pub(super) fn drain(&self) -> Vec<(Pfn, AsId)> {
+        self.entries.lock().drain(..).map(|e| (e.info.pfn, e.info.as_id)).collect()
     }
 }

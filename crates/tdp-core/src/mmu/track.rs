@@ -58,11 +58,13 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     /// ```
     ///
     /// # Errors
-    /// [`TrackError::NoSlot`] when no memslot covers `gfn`, [`TrackError::TooMany`] past 65535; nothing
-    /// changed.
+    /// [`TrackError::NoSlot`] when no memslot covers `gfn`, [`TrackError::Private`] in a private memslot,
+    /// [`TrackError::TooMany`] past 65535; nothing changed.
     pub fn track_write(&mut self, as_id: AsId, gfn: Gfn) -> Result<Flush, TrackError> {
-        if self.slots.find(as_id, gfn).is_none() {
-            return Err(TrackError::NoSlot { as_id, gfn });
+        match self.slots.find(as_id, gfn) {
+            None => return Err(TrackError::NoSlot { as_id, gfn }),
+            Some(slot) if slot.is_private() => return Err(TrackError::Private { as_id, gfn }),
+            Some(_) => {}
         }
         if self.slots.write_track_mut().add(as_id, gfn)? > 1 {
             return Ok(Flush::none());

@@ -51,6 +51,9 @@ pub struct VcpuMmu {
     pub counters: FaultCounters,
     pub(super) slot: SlotHint,
     pub(super) root: Option<RootRef>,
+    /// The mirror root, for faults in private memslots (loaded with the root when the host has external
+    /// tables).
+    pub(super) mirror: Option<RootRef>,
     /// The group whose cache line the vCPU's faults write (their read side of the MMU lock, their leaf
     /// counts); assigned when the vCPU loads its first root (0 until then).
     pub(super) group: u8,
@@ -107,6 +110,7 @@ impl VcpuMmu {
             counters: FaultCounters { taken: 0, fixed: 0, fast: 0, spurious: 0, retried: 0, emulated: 0 },
             slot: SlotHint::EMPTY,
             root: None,
+            mirror: None,
             group: 0,
             group_assigned: false,
         }
@@ -116,6 +120,14 @@ impl VcpuMmu {
     #[must_use]
     pub fn root(&self) -> Option<&RootRef> {
         self.root.as_ref()
+    }
+
+    /// The vCPU's mirror root, for private memslots: loaded with its root by [`super::Mmu::load_root`]
+    /// when the host has external tables ([`crate::host::ExternalTables`]). In a confidential VM the
+    /// processor walks the external tables, not this one.
+    #[must_use]
+    pub fn mirror_root(&self) -> Option<&RootRef> {
+        self.mirror.as_ref()
     }
 
     /// The table pages set aside for this vCPU's faults.

@@ -24,7 +24,8 @@ use super::{ExclusiveMmu, Mmu, SharedMmu};
 
 impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
     /// Zaps every leaf that maps a gfn in `[start, end)` in every root of `as_id`, valid or not (the
-    /// MMU-notifier path). A huge leaf that overlaps the range is zapped whole.
+    /// MMU-notifier path), the mirror root's included (telling the host of each private leaf). A huge
+    /// leaf that overlaps the range is zapped whole.
     ///
     /// Tables stay linked (they are reused by the next faults). The caller owes the returned flush.
     pub fn zap_gfn_range(&mut self, as_id: AsId, start: Gfn, end: Gfn) -> Flush {
@@ -34,7 +35,7 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
             flush = self.zap_leafs(root, as_id, start, end, flush);
             mmu.release_root(root);
         }
-        flush
+        self.zap_mirror_leafs(as_id, start, end, flush)
     }
 
     /// Tears down the contents of every root (VM teardown, or "zap all" before a reset). Roots stay

@@ -10,12 +10,14 @@
 //! invariant ([`Violation::invariant`]) and carrying the values.
 
 mod dirty;
+mod mirror;
 mod tables;
 mod tlbs;
 mod track;
 mod translations;
 
 pub use dirty::{DirtyPage, DirtyShadow};
+pub use mirror::check_mirror;
 pub use tables::{TableReport, check_tables};
 pub use tlbs::check_tlbs;
 pub use track::check_write_tracking;
@@ -47,6 +49,44 @@ pub enum Invariant {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Violation {
+    /// The host's external tables differ from the mirror root at one entry (`None`: nothing there).
+    #[error(
+        "mirror: at {gfn:?} {level:?} in {as_id:?}, mirror root {root:?} holds {mirror:?}, the external tables {external:?}"
+    )]
+    MirrorMismatch {
+        /// The mirror root.
+        root: Pfn,
+        /// Its address space.
+        as_id: AsId,
+        /// The entry's first gfn.
+        gfn: Gfn,
+        /// The entry's level.
+        level: Level,
+        /// What the mirror holds.
+        mirror: Option<crate::host::ExternalEntry>,
+        /// What the external tables hold.
+        external: Option<crate::host::ExternalEntry>,
+    },
+    /// The MMU called the external tables out of order.
+    #[error("mirror: external tables misused: {0}")]
+    ExternalMisuse(crate::host::ExternalMisuse),
+    /// A leaf in the wrong kind of root: a private memslot's gfn in a direct root, or a shared one in a
+    /// mirror root.
+    #[error(
+        "I1: leaf {spte:?} at {gfn:?} in {as_id:?} is in a {kind} root {root:?}, the wrong kind for its slot"
+    )]
+    MisroutedLeaf {
+        /// The root.
+        root: Pfn,
+        /// "mirror" or "direct".
+        kind: &'static str,
+        /// Its address space.
+        as_id: AsId,
+        /// The leaf's first gfn.
+        gfn: Gfn,
+        /// The leaf.
+        spte: Spte,
+    },
     /// Table pages unlinked from a live tree became reusable before any TLB flush: hardware could still
     /// walk them through cached paging-structure entries while they hold something else.
     #[error("I2: {pages} table page(s) were reusable before a TLB flush followed their unlink")]
@@ -312,7 +352,10 @@ impl Violation {
             | HardwareDisagrees { .. }
             | MmioWrongGfn { .. }
             | MmioShadowsSlot { .. }
-            | MmioNotReserved { .. } => Invariant::I1,
+            | MmioNotReserved { .. }
+            // The external tables are what a confidential guest's processor walks.
+            | MirrorMismatch { .. }
+            | MisroutedLeaf { .. } => Invariant::I1,
             LinkedTwice { .. }
             | NotLive { .. }
             | FrozenAtRest { .. }
@@ -321,7 +364,8 @@ impl Violation {
             | TableCount { .. }
             | Leak { .. }
             | CachePageLinked { .. }
-            | FreedBeforeFlush { .. } => Invariant::I2,
+            | FreedBeforeFlush { .. }
+            | ExternalMisuse(_) => Invariant::I2,
             StaleTlb { .. } | StaleDirtyTlb { .. } | TlbRootGone { .. } => Invariant::I3,
             UnreportedWrite { .. } => Invariant::I4,
         }

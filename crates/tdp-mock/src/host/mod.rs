@@ -7,10 +7,12 @@
 //! provides the knobs the I1 and I3 checkers need (read-only host pages, dropped flushes, yield hooks).
 
 mod arena;
+mod external;
 mod host_mmu;
 mod traits;
 
 pub use arena::{AllocStats, POISON, PageState, TABLE_BASE_PFN};
+pub use external::{ExternalEntry, ExternalMisuse};
 pub use host_mmu::{HostInvalidation, HostMmuError, HostMmuStats, InvalidationHook};
 
 use std::collections::{BTreeSet, HashMap};
@@ -117,6 +119,8 @@ struct Inner {
     yield_hook: std::sync::Mutex<Option<YieldHook>>,
     /// Run after every translation, before the fault takes the MMU lock (see `set_translate_hook`).
     translate_hook: std::sync::Mutex<Option<TranslateHook>>,
+    /// The external tables behind mirror roots, once enabled (see `external`).
+    external: std::sync::Mutex<Option<external::ExternalCopy>>,
 }
 
 /// A callback run after a translation of `gfn` returned, while the fault holds no MMU lock: the moment
@@ -185,6 +189,7 @@ impl MockHost {
             tables_unlinked: AtomicU64::new(0),
             yield_hook: std::sync::Mutex::new(None),
             translate_hook: std::sync::Mutex::new(None),
+            external: std::sync::Mutex::new(None),
         }))
     }
 

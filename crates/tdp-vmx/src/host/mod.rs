@@ -12,7 +12,8 @@ pub use tdp_metal::translate::{IdentityTranslate, MoveError, MovedPage, PhysRang
 
 use tdp_core::addr::{AsId, Gfn, Pfn};
 use tdp_core::host::{
-    AllocError, HostFaultError, HostPage, HostTranslate, MmuEvents, MmuYield, Table, TableMemory, TlbFlush,
+    AllocError, ExternalTables, HostFaultError, HostPage, HostTranslate, MmuEvents, MmuYield, Table,
+    TableMemory, TlbFlush,
 };
 use tdp_core::memslot::Memslot;
 use tdp_core::spte::Spte;
@@ -94,6 +95,9 @@ impl<V: VmxInstructions> TlbFlush for BareMetalHost<'_, '_, V> {
 impl<V> MmuYield for BareMetalHost<'_, '_, V> {}
 
 impl<V> MmuEvents for BareMetalHost<'_, '_, V> {}
+
+/// No external tables: no mirror roots.
+impl<V> ExternalTables for BareMetalHost<'_, '_, V> {}
 
 #[cfg(test)]
 mod tests;
