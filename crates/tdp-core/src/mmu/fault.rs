@@ -13,10 +13,8 @@ use crate::addr::{AsId, BITS_PER_LEVEL, Gfn, Level, Pfn};
 use crate::fault::{AccessKind, Fault, FaultKind};
 use crate::flush::Flush;
 use crate::host::{AllocError, DirtySink, DirtySource, Host, HostFaultError, HostPage};
-use crate::memslot::Memslot;
-use crate::spte::{
-    Access, LeafAttrs, LeafWrite, MMU_PRESENT, MemType, PFN_MASK, Spte, SpteCheckError, SpteFormat,
-};
+use crate::memslot::{Memslot, SlotFlags};
+use crate::spte::{LeafAttrs, LeafWrite, MMU_PRESENT, MemType, PFN_MASK, Spte, SpteCheckError, SpteFormat};
 use crate::sync::{AtomicU64, Ordering};
 
 use super::cache::PageCache;
@@ -161,6 +159,19 @@ struct Translated<'s> {
     exec: bool,
 }
 
+/// A fault in a read-only or private memslot, for [`Mmu::special_slot_fault`]: the vCPU's copy of the
+/// slot and the state the fault read before its translation.
+#[derive(Clone, Copy)]
+struct SlotFault {
+    slot: Memslot,
+    gfn: Gfn,
+    write: bool,
+    /// The invalidation sequence count read before the translation.
+    seq: u64,
+    /// The memslot generation the slot copy is current at.
+    generation: u64,
+}
+
 /// What linking a table on a fault's path needs to know of the fault.
 #[derive(Clone, Copy)]
 struct Links {
@@ -179,9 +190,6 @@ struct Target {
     /// A fetch under the NX huge-page mitigation that could have mapped at this level (as a number; 0
     /// otherwise): the tables it links at that level or below are tracked for recovery.
     nx_track: u8,
-    /// What the faulting access needs: a present leaf at the target level that already allows it makes
-    /// the fault spurious.
-    needs: Access,
 }
 
 impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
@@ -236,9 +244,19 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
             vcpu.slot.set(slot, generation);
         }
         let slot = &vcpu.slot.slot;
-        if write && !slot.is_writable() {
-            return Ok(FaultOutcome::Emulate(EmulateReason::ReadOnlySlot));
+        // One test for both kinds of slot the common case is not: read-only and private.
+        if slot.flags.intersects(SlotFlags::READONLY.union(SlotFlags::PRIVATE))
+            && let Some(outcome) = self.special_slot_fault(
+                root,
+                &mut vcpu.cache,
+                vcpu.mirror.as_ref(),
+                vcpu.group,
+                SlotFault { slot: *slot, gfn, write, seq, generation },
+            )?
+        {
+            return Ok(outcome);
         }
+        let slot = &vcpu.slot.slot;
         // Without the MMU lock: the host may block here (swap-in, copy-on-write). Invalidations that
         // overlap this translation are caught below.
         let host = self.host.translate(slot, gfn, write)?;
@@ -254,9 +272,6 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if shared.slots.generation() != generation || self.invalidation.must_retry(seq, gfn) {
             return Ok(FaultOutcome::Retry);
         }
-        if slot.is_private() {
-            return shared.private_fault(&mut vcpu.cache, vcpu.mirror.as_ref(), gfn, host);
-        }
         let track = shared.slots.write_track();
         let tracking = !track.is_empty();
         let tracked = tracking && track.is_tracked(as_id, gfn);
@@ -266,6 +281,41 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         let exec = fault.access == AccessKind::Exec;
         let translated = Translated { slot, gfn, host, write, tracked, tracking, exec };
         Ok(shared.map_translated(&mut vcpu.cache, root, translated, dirty))
+    }
+}
+
+impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
+    /// [`Mmu::fault`] in a read-only or private memslot (the vCPU's memslot copy, current at
+    /// `generation`). A write to a read-only slot is emulated; a read continues as any fault (`None`).
+    /// A private slot's fault is handled here whole, through the vCPU's mirror root: the translation
+    /// without the lock and the checks under it as in [`Mmu::fault`], then
+    /// [`SharedMmu::private_fault`]. Out of line, so that the common fault tests one flag word for both.
+    #[cold]
+    #[inline(never)]
+    fn special_slot_fault(
+        &self,
+        root: &RootRef,
+        cache: &mut PageCache,
+        mirror: Option<&RootRef>,
+        group: u8,
+        fault: SlotFault,
+    ) -> Result<Option<FaultOutcome>, FaultError> {
+        let SlotFault { slot, gfn, write, seq, generation } = fault;
+        if !slot.is_private() {
+            return Ok(write.then_some(FaultOutcome::Emulate(EmulateReason::ReadOnlySlot)));
+        }
+        let host = self.host.translate(&slot, gfn, write)?;
+        if write && !host.writable {
+            return Err(HostFaultError::ReadOnly { gfn }.into());
+        }
+        let shared = self.read_for_fault(group);
+        if !root.is_valid() {
+            return Ok(Some(FaultOutcome::ReloadRoot));
+        }
+        if shared.slots.generation() != generation || self.invalidation.must_retry(seq, gfn) {
+            return Ok(Some(FaultOutcome::Retry));
+        }
+        shared.private_fault(cache, mirror, gfn, host).map(Some)
     }
 }
 
@@ -315,21 +365,13 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         let logged = slot.is_dirty_logged();
         let writable = slot.is_writable() && host.writable && (write || !logged) && !tracked;
         let memtype = mmu.memtype_bits(host.memory);
-        let needs = if write {
-            Access::WRITE
-        } else if exec {
-            Access::EXEC
-        } else {
-            Access::READ
-        };
         let (outcome, leaf_write) = if writable && (logged || host.level == Level::L1) {
             // The common case, written out for the compiler: a writable 4 KiB leaf (the goal level is
             // L1 in a logged slot or when the host maps 4 KiB; see `goal_level`).
             let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype);
             debug_assert_eq!(self.goal_level(slot, gfn, host.pfn, host.level), Level::L1);
             debug_assert_eq!(leaf, self.expected_leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype));
-            let target =
-                Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf, nx_track: 0, needs };
+            let target = Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf, nx_track: 0 };
             (self.map_from(cache, walk, target), LeafWrite::Writable)
         } else if writable {
             // A writable leaf where the host maps huge in an unlogged slot: the 2 MiB (or 1 GiB) fault.
@@ -343,7 +385,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             if nx && level > Level::L1 {
                 leaf = mmu.format().non_executable(leaf);
             }
-            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track, needs };
+            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track };
             let outcome = if level.shift_in_frames() <= walk.shift {
                 self.map_from(cache, walk, target)
             } else {
@@ -361,7 +403,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             if nx && level > Level::L1 {
                 leaf = mmu.format().non_executable(leaf);
             }
-            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track, needs };
+            let target = Target { as_id: root.as_id(), gfn, level, spte: leaf, nx_track };
             (self.map_other(cache, root, walk, target), leaf_write)
         };
         if logged && leaf_write == LeafWrite::Writable && outcome == FaultOutcome::Fixed {
@@ -435,14 +477,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         match self.map(
             cache,
             root,
-            Target {
-                as_id: root.as_id(),
-                gfn,
-                level: Level::L1,
-                spte: mmio,
-                nx_track: 0,
-                needs: Access::READ,
-            },
+            Target { as_id: root.as_id(), gfn, level: Level::L1, spte: mmio, nx_track: 0 },
         ) {
             FaultOutcome::Fixed => {
                 Stats::bump(&mmu.stats.mmio_sptes_created);
@@ -595,7 +630,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     /// was a table or a leaf with more rights, another frame or the Dirty bit.
     #[inline(always)]
     fn install(&self, entry: &AtomicU64, old: Spte, target: &Target) -> FaultOutcome {
-        let Target { as_id, level, spte: new, needs, .. } = *target;
+        let Target { as_id, level, spte: new, .. } = *target;
         let gfn = target.gfn.align_down(level);
         let mmu = self.mmu;
         let fmt = mmu.format();
@@ -613,11 +648,13 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         if fmt.is_frozen(old) {
             return FaultOutcome::Retry;
         }
-        // A leaf that already allows the access: another vCPU's fault mapped the gfn after this vCPU saw
-        // it unmapped (KVM's "spurious if the access is already allowed"). Replacing it would throw away
-        // what has happened since: a read fault's clean leaf over a writer's dirty one, with no flush,
-        // leaves the writer's TLB entry dirty over a clean leaf, and its next writes unlogged.
-        if old == new || (old.is_present() && old.is_leaf(level) && fmt.access(old).contains(needs)) {
+        // A leaf that already allows all the new one would: another vCPU's fault mapped the gfn after this
+        // vCPU saw it unmapped, so the access is allowed (KVM's "spurious if the access is already
+        // allowed"; the new leaf allows the access, so this is the same or stricter). Replacing it would
+        // throw away what has happened since: a read fault's clean leaf over a writer's dirty one, with
+        // no flush, leaves the writer's TLB entry dirty over a clean leaf, and its next writes unlogged.
+        if old == new || (old.is_present() && old.is_leaf(level) && fmt.access(old).contains(fmt.access(new)))
+        {
             return FaultOutcome::Spurious;
         }
         if mmu.cmpxchg_spte(as_id, entry, old, new, gfn, level).is_err() {

@@ -38,8 +38,10 @@ impl<H: Host, R: RawRwLock> ExclusiveMmu<'_, H, R> {
         self.zap_mirror_leafs(as_id, start, end, flush)
     }
 
-    /// Tears down the contents of every root (VM teardown, or "zap all" before a reset). Roots stay
-    /// allocated; faults rebuild their trees.
+    /// Tears down the contents of every direct root (VM teardown, or "zap all" before a reset). Roots
+    /// stay allocated; faults rebuild their trees. Mirror roots keep their private mappings (a
+    /// confidential VM's private memory cannot be rebuilt by faults): [`ExclusiveMmu::zap_gfn_range`]
+    /// removes them range by range, and the MMU's drop tears them down.
     ///
     /// It runs the full flush itself, before the freed tables can be reused (hardware may cache
     /// paging-structure entries that point into them), so the caller owes none.
