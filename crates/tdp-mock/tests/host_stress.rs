@@ -5,8 +5,10 @@
 //! host's page changes mostly refuse here, as they leave the host mapping at 4 KiB), invalidates roots,
 //! write-tracks and untracks pages and recovers NX huge pages (the mitigation is on); the vCPUs' writes
 //! to merged pages break the sharing (copy-on-write inside a translation), their writes to tracked pages
-//! are emulated. Every so many host operations all threads park at a quiescent point and the checkers
-//! run.
+//! are emulated. The VM also has private memory (a mirror root, with external tables that answer busy
+//! now and then): the vCPUs write there too, and the host zaps private ranges and invalidates roots
+//! (which leave the mirror alone). Every so many host operations all threads park at a quiescent point
+//! and the checkers run.
 //!
 //! Progress is counted, never timed: the host thread runs exactly `HOST_OPS` operations; the vCPUs run
 //! at least `ACCESSES` accesses each and keep going until the host thread is done; the quiescent points
@@ -14,7 +16,8 @@
 //!
 //! Checks: I1 (no leaf maps a frame the host took away: `check_translations` against the host MMU's
 //! current frames, at every quiescent point; no leaf lets a write reach a tracked page:
-//! `check_write_tracking`), I3 (`check_tlbs`, with aging's no-flush rule), "no write
+//! `check_write_tracking`; the external tables equal the mirror: `check_mirror`), I3 (`check_tlbs`,
+//! with aging's no-flush rule), "no write
 //! lost" (each vCPU's last value in each of its pages is found where the host keeps the page now,
 //! swapped out or not), and I1-I3 with I2 (`check_all`) at the end.
 
@@ -29,7 +32,9 @@ use tdp_core::fault::AccessKind;
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{EmulateReason, Mmu};
 use tdp_mock::checker::check_translations_in;
-use tdp_mock::{HostConfig, HostMmuError, MockHost, Tlb, Vcpu, VcpuError, check_tlbs, check_write_tracking};
+use tdp_mock::{
+    HostConfig, HostMmuError, MockHost, Tlb, Vcpu, VcpuError, check_mirror, check_tlbs, check_write_tracking,
+};
 
 /// Pages in the slot. The last `KSM_PAGES` stay zero (the vCPUs write zeros there), so the host can merge
 /// them and write-track them (an emulated write of a zero to a zero page is done by doing nothing); the
@@ -41,6 +46,12 @@ const WRITTEN: u64 = PAGES - KSM_PAGES;
 /// there, so that its range maps huge (not executable) and fetches split it (NX huge pages).
 const CODE: u64 = PAGES;
 const CODE_PAGES: u64 = 0x200;
+/// Private memory after the code slot, mapped through the mirror root: vCPU `i` writes its own word of
+/// each page.
+const PRIVATE: u64 = CODE + CODE_PAGES;
+const PRIVATE_PAGES: u64 = 0x100;
+/// Every so many external-table calls answer busy (the fault retries).
+const EXTERNAL_BUSY_EVERY: u64 = 13;
 /// Host operations per configuration.
 const HOST_OPS: u64 = 600;
 /// Host operations between two quiescent points.
@@ -62,6 +73,8 @@ struct Shared {
     host_done: AtomicBool,
     /// The last value written to each page (0: never).
     last: Vec<AtomicU64>,
+    /// The last value each vCPU wrote in its word of each private page (`[page * 2 + vCPU]`).
+    last_private: Vec<AtomicU64>,
     /// What went wrong. A failing thread records it and keeps taking part in the quiescent points
     /// (a panic would leave the others waiting on the barrier forever); the test fails after the join.
     errors: std::sync::Mutex<Vec<String>>,
@@ -88,8 +101,11 @@ fn host_side_stress_faults_race_swap_migration_ksm_aging_zaps_logging_and_root_i
     for (name, cfg) in CONFIGS {
         let host_cfg = HostConfig { host_level: Level::L2, yield_every: Some(97), ..HostConfig::default() };
         let mut vm = Vm::new(name, cfg, host_cfg, 2);
+        vm.host().enable_external_tables(cfg.root_level);
+        vm.host().set_external_busy_every(EXTERNAL_BUSY_EVERY);
         let slot = vm.add_slot(0, 0, PAGES, SlotFlags::empty());
         let code = vm.add_slot(1, CODE, CODE_PAGES, SlotFlags::empty());
+        let private = vm.add_slot(2, PRIVATE, PRIVATE_PAGES, SlotFlags::PRIVATE);
         let spare = Pfn((vm.host().guest_ram_base() >> PAGE_SHIFT) + (1 << 20));
         vm.host().add_spare_frames(spare, SPARES);
         let shared = Shared {
@@ -97,6 +113,7 @@ fn host_side_stress_faults_race_swap_migration_ksm_aging_zaps_logging_and_root_i
             barrier: Barrier::new(3),
             host_done: AtomicBool::new(false),
             last: (0..PAGES).map(|_| AtomicU64::new(0)).collect(),
+            last_private: (0..PRIVATE_PAGES * 2).map(|_| AtomicU64::new(0)).collect(),
             errors: std::sync::Mutex::new(Vec::new()),
             failed: AtomicBool::new(false),
         };
@@ -104,7 +121,7 @@ fn host_side_stress_faults_race_swap_migration_ksm_aging_zaps_logging_and_root_i
         mmu.write().set_nx_huge_pages(true).run(vm.host());
         let vcpus = std::mem::take(&mut vm.vcpus);
         let results: Vec<Vcpu> = std::thread::scope(|s| {
-            let host = s.spawn(|| host_thread(name, &mmu, [slot, code], &shared));
+            let host = s.spawn(|| host_thread(name, &mmu, [slot, code, private], &shared));
             let threads: Vec<_> = vcpus
                 .into_iter()
                 .enumerate()
@@ -142,7 +159,11 @@ fn host_side_stress_faults_race_swap_migration_ksm_aging_zaps_logging_and_root_i
         assert!(stats.merges > 0 && stats.cow_breaks > 0, "{name}: {stats:?}");
         let mmu_stats = mmu.stats();
         assert!(mmu_stats.nx_recovered > 0, "{name}: NX recovery zapped nothing: {mmu_stats:?}");
-        check_writes(name, &host, slot, &shared).expect("no write lost");
+        check_writes(name, &host, [slot, private], &shared).expect("no write lost");
+        assert!(
+            host.external_calls() > EXTERNAL_BUSY_EVERY,
+            "{name}: private faults reached the external tables"
+        );
         vm.check("the stress run");
         drop(mmu);
         vm.teardown();
@@ -159,7 +180,18 @@ fn vcpu_thread(name: &str, i: u64, mut vcpu: Vcpu, mmu: &Mmu<MockHost>, shared: 
             continue;
         }
         n += 1;
-        let pick = rng.below(9);
+        let pick = rng.below(10);
+        if pick == 9 {
+            // A write to its own word of a private page, through the mirror root.
+            let page = rng.below(PRIVATE_PAGES);
+            let value = ((i + 1) << 40) | n;
+            let gpa = Gpa(((PRIVATE + page) << PAGE_SHIFT) + 8 * i);
+            match retry(|| vcpu.write_u64(mmu, gpa, value).map(|_| ()), shared) {
+                Ok(()) => shared.last_private[(page * 2 + i) as usize].store(value, Ordering::Relaxed),
+                Err(e) => shared.fail(format!("{name}: vCPU {i} private write {n} at page {page:#x}: {e}")),
+            }
+            continue;
+        }
         if pick == 8 {
             // A fetch or a read in the code slot: reads map it huge (not executable), a fetch maps its
             // page small and executable, splits the range and tracks the table.
@@ -224,7 +256,7 @@ fn retry(mut access: impl FnMut() -> Result<(), VcpuError>, shared: &Shared) -> 
     }
 }
 
-fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code]: [Memslot; 2], shared: &Shared) {
+fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code, private]: [Memslot; 3], shared: &Shared) {
     let host = mmu.host();
     let mut rng = Lcg(0x4057);
     // Logging off, on, off, on with a log that starts all-set (then split and protected range by range
@@ -273,6 +305,9 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code]: [Memslot; 2], shar
             4 => {
                 let end = (gfn + 1 + rng.below(0x40)).min(PAGES);
                 mmu.write().zap_gfn_range(AsId(0), Gfn(gfn), Gfn(end)).run(host);
+                // And a private range: its leaves leave the external tables too.
+                let start = PRIVATE + gfn % PRIVATE_PAGES;
+                mmu.write().zap_gfn_range(AsId(0), Gfn(start), Gfn(start + 8)).run(host);
             }
             5 => {
                 logging = (logging + 1) % 4;
@@ -301,8 +336,8 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code]: [Memslot; 2], shar
         if op % CHECK_EVERY == 0 {
             shared.pause.store(true, Ordering::Release);
             shared.barrier.wait();
-            if let Err(e) = check_quiescent(name, mmu, &[slot, code], op)
-                .and_then(|()| check_writes(name, host, slot, shared))
+            if let Err(e) = check_quiescent(name, mmu, &[slot, code, private], op)
+                .and_then(|()| check_writes(name, host, [slot, private], shared))
             {
                 shared.fail(e);
             }
@@ -322,6 +357,7 @@ fn check_quiescent(name: &str, mmu: &Mmu<MockHost>, slots: &[Memslot], op: u64) 
     let tlbs: Vec<&Tlb> = tlbs.iter().map(|t| &**t).collect();
     let mut errors = check_tlbs(mmu, &tlbs).err().unwrap_or_default();
     errors.extend(check_write_tracking(mmu).err().unwrap_or_default());
+    errors.extend(check_mirror(mmu).err().unwrap_or_default());
     for root in mmu.roots().into_iter().filter(|r| r.valid) {
         errors.extend(check_translations_in(mmu, root.pfn, root.as_id, slots).err().unwrap_or_default());
     }
@@ -329,13 +365,28 @@ fn check_quiescent(name: &str, mmu: &Mmu<MockHost>, slots: &[Memslot], op: u64) 
 }
 
 /// No write lost: each page holds, where the host keeps it now, the last value its vCPU wrote.
-fn check_writes(name: &str, host: &MockHost, slot: Memslot, shared: &Shared) -> Result<(), String> {
+fn check_writes(
+    name: &str,
+    host: &MockHost,
+    [slot, private]: [Memslot; 2],
+    shared: &Shared,
+) -> Result<(), String> {
     for gfn in 0..WRITTEN {
         let expected = shared.last[gfn as usize].load(Ordering::Relaxed);
         let found = host.read_hva_u64(slot.host_addr(Gfn(gfn)), 8 * (gfn % 2));
         if found != expected {
             return Err(format!(
                 "{name}: gfn {gfn:#x} lost a write: holds {found:#x}, last written {expected:#x}"
+            ));
+        }
+    }
+    for (word, last) in shared.last_private.iter().enumerate() {
+        let (page, vcpu) = (word as u64 / 2, word as u64 % 2);
+        let expected = last.load(Ordering::Relaxed);
+        let found = host.read_hva_u64(private.host_addr(Gfn(PRIVATE + page)), 8 * vcpu);
+        if found != expected {
+            return Err(format!(
+                "{name}: private page {page:#x} lost vCPU {vcpu}'s write: holds {found:#x}, last written {expected:#x}"
             ));
         }
     }
