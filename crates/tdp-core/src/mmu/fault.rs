@@ -363,9 +363,12 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         let _walk = mmu.host.begin_walk();
         let walk = mmu.walk_gfn(root.pfn(), gfn);
         let logged = slot.is_dirty_logged();
-        let writable = slot.is_writable() && host.writable && (write || !logged) && !tracked;
+        // A writable leaf needs a writable slot and host page and no tracking; in a logged slot, a write
+        // too. It is 4 KiB in a logged slot or where the host maps 4 KiB.
+        let may_write = slot.is_writable() && host.writable && !tracked;
+        let small = if logged { write } else { host.level == Level::L1 };
         let memtype = mmu.memtype_bits(host.memory);
-        let (outcome, leaf_write) = if writable && (logged || host.level == Level::L1) {
+        let (outcome, leaf_write) = if may_write && small {
             // The common case, written out for the compiler: a writable 4 KiB leaf (the goal level is
             // L1 in a logged slot or when the host maps 4 KiB; see `goal_level`).
             let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype);
@@ -373,7 +376,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             debug_assert_eq!(leaf, self.expected_leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype));
             let target = Target { as_id: root.as_id(), gfn, level: Level::L1, spte: leaf, nx_track: 0 };
             (self.map_from(cache, walk, target), LeafWrite::Writable)
-        } else if writable {
+        } else if may_write && !logged {
             // A writable leaf where the host maps huge in an unlogged slot: the 2 MiB (or 1 GiB) fault.
             let level = self.huge_goal_level(slot, gfn, host.pfn, host.level, tracking);
             debug_assert_eq!(level, self.goal_level(slot, gfn, host.pfn, host.level));
@@ -601,7 +604,6 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     fn map_from(&self, cache: &mut PageCache, walk: GfnWalk<'a>, target: Target) -> FaultOutcome {
         let mmu = self.mmu;
         let Target { as_id, gfn, level: goal, nx_track, .. } = target;
-        let target_links = Links { as_id, gfn, nx_track };
         let goal_shift = goal.shift_in_frames();
         let (mut table, mut shift) = (walk.table, walk.shift);
         debug_assert!(goal_shift <= shift, "the walk starts at or above its goal");
@@ -616,7 +618,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             let child = if old.is_present() && !old.is_large() {
                 old.pfn()
             } else {
-                match self.link_table(cache, entry, old, &target_links, shift) {
+                match self.link_table(cache, entry, old, Links { as_id, gfn, nx_track }, shift) {
                     Ok(child) => child,
                     Err(outcome) => return outcome,
                 }
@@ -685,10 +687,10 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         cache: &mut PageCache,
         entry: &AtomicU64,
         old: Spte,
-        links: &Links,
+        links: Links,
         shift: u32,
     ) -> Result<Pfn, FaultOutcome> {
-        let Links { as_id, gfn, nx_track } = *links;
+        let Links { as_id, gfn, nx_track } = links;
         let mmu = self.mmu;
         let fmt = mmu.format();
         let level = Level::new((shift / BITS_PER_LEVEL + 1) as u8).expect("the walk stays within L1-L5");
