@@ -5,11 +5,12 @@
 //! fetch; inside memslots, outside them, beyond the tables' reach), range zaps, dirty-logging toggles,
 //! re-protection of harvested pages, eager splits, root invalidation with the zap of invalid roots,
 //! memslot inserts and deletes (valid or not), aging passes, host page migrations (an MMU-notifier
-//! invalidation around each), write tracking and untracking, the NX huge-page switch and its recovery.
+//! invalidation around each), write tracking and untracking, the NX huge-page switch and its recovery;
+//! memslots may be private (mapped through the mirror root, with external tables that may answer busy).
 //!
 //! Defends I1-I3 under arbitrary sequences: after every operation `Machine::check_all` (tables, every
 //! valid root's translations against the test's reference memslots and the host's current frames, every
-//! TLB, no root letting a write reach a tracked gfn) must pass, no operation may panic, and an access must retire or be handed back for emulation.
+//! TLB, no root letting a write reach a tracked gfn, the external tables equal to the mirror) must pass, no operation may panic, and an access must retire or be handed back for emulation.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -41,13 +42,14 @@ enum Op {
     Reprotect { slot: u8, base: u16, mask: u64 },
     Split { slot: u8 },
     InvalidateRoots,
-    Insert { id: u8, base: u16, pages: u16, readonly: bool },
+    Insert { id: u8, base: u16, pages: u16, readonly: bool, private: bool },
     Delete { id: u8 },
     Age { start: u16, len: u16 },
     Migrate { gfn: u16 },
     Track { gfn: u16, untrack: bool },
     NxHugePages { on: bool },
     RecoverNx { ratio: u8 },
+    ExternalBusy { every: u8 },
 }
 
 const CONFIGS: [MmuConfig; 4] = [
@@ -63,6 +65,7 @@ fuzz_target!(|input: Input| {
     let host =
         HostConfig { table_capacity: 512, guest_ram_pages: 1 << 16, host_level, ..HostConfig::default() };
     let m = Machine::new(config, host).expect("a valid configuration");
+    m.host().enable_external_tables(config.root_level);
     // Spare frames for migrations, above every slot's frames.
     m.host().add_spare_frames(Pfn((m.host().guest_ram_base() >> PAGE_SHIFT) + (1 << 15)), 256);
     let mmu = std::sync::Arc::clone(m.mmu());
@@ -127,8 +130,12 @@ fn apply(m: &Machine, vcpus: &mut [Vcpu; 2], slots: &mut Vec<Memslot>, op: &Op) 
             mmu.write().invalidate_roots(None).run(host);
             mmu.read().zap_invalidated_roots();
         }
-        Op::Insert { id, base, pages, readonly } => {
-            let flags = if readonly { SlotFlags::READONLY } else { SlotFlags::empty() };
+        Op::Insert { id, base, pages, readonly, private } => {
+            let flags = match (private, readonly) {
+                (true, _) => SlotFlags::PRIVATE,
+                (false, true) => SlotFlags::READONLY,
+                (false, false) => SlotFlags::empty(),
+            };
             let slot = m.ram_slot(
                 AsId(0),
                 SlotId(u16::from(id % 8)),
@@ -173,5 +180,10 @@ fn apply(m: &Machine, vcpus: &mut [Vcpu; 2], slots: &mut Vec<Memslot>, op: &Op) 
         Op::RecoverNx { ratio } => {
             mmu.read().recover_nx_huge_pages(u32::from(ratio));
         }
+        // Never every call: a fault that links tables needs some to go through.
+        Op::ExternalBusy { every } => host.set_external_busy_every(match every % 8 {
+            1 => 2,
+            n => u64::from(n),
+        }),
     }
 }
