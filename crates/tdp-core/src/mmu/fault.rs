@@ -304,8 +304,10 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if !slot.is_private() {
             return Ok(write.then_some(FaultOutcome::Emulate(EmulateReason::ReadOnlySlot)));
         }
-        let host = self.host.translate(&slot, gfn, write)?;
-        if write && !host.writable {
+        // Private memory is always mapped writable (a guest_memfd page is the guest's alone), so the
+        // host is asked for a writable page whatever the access: no later write needs to upgrade it.
+        let host = self.host.translate(&slot, gfn, true)?;
+        if !host.writable {
             return Err(HostFaultError::ReadOnly { gfn }.into());
         }
         let shared = self.read_for_fault(group);

@@ -32,8 +32,8 @@ use super::spte_ops::LockMode;
 use super::{ExclusiveMmu, Mmu, SharedMmu};
 
 impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
-    /// The fault on `gfn` of a private memslot, which `host` translated: walks `mirror` (the vCPU's
-    /// mirror root) down to 4 KiB, linking missing tables and installing the leaf, each change frozen
+    /// The fault on `gfn` of a private memslot, whose page `host` translated writable: walks `mirror`
+    /// (the vCPU's mirror root) down to 4 KiB, linking missing tables and installing the leaf, each change frozen
     /// while the host copies it into its external tables.
     ///
     /// # Errors
@@ -71,12 +71,9 @@ impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
                     // Another vCPU mapped it first; mirror leaves allow every access.
                     return Ok(FaultOutcome::Spurious);
                 }
-                let write = if host.writable {
-                    LeafWrite::Writable
-                } else {
-                    LeafWrite::ReadOnly { host_writable: false }
-                };
-                let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, write, mmu.memtype_bits(host.memory));
+                debug_assert!(host.writable, "private pages are translated writable");
+                let memtype = mmu.memtype_bits(host.memory);
+                let leaf = mmu.leaf_templates.leaf(host.pfn, Level::L1, LeafWrite::Writable, memtype);
                 let set = |h: &H| h.set_external_leaf(as_id, gfn, Level::L1, host.pfn);
                 return match self.change_frozen(entry, old, leaf, set) {
                     Ok(true) => {
