@@ -141,6 +141,26 @@ impl ExternalCopy {
 impl MockHost {
     /// Gives the host external tables, so that the MMU loads mirror roots (at `root_level`, the MMU's)
     /// and accepts private memslots. Call it before any vCPU loads a root.
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gfn, Gpa, Level, SlotId};
+    /// use tdp_core::memslot::SlotFlags;
+    /// use tdp_core::mmu::MmuConfig;
+    /// use tdp_mock::{ExternalEntry, HostConfig, Machine};
+    ///
+    /// let m = Machine::new(MmuConfig::NPT, HostConfig::default())?;
+    /// m.host().enable_external_tables(Level::L4);
+    /// m.host().set_external_busy_every(2); // every other call is busy: the faults retry
+    /// m.mmu().write().insert_memslot(m.ram_slot(AsId(0), SlotId(0), Gfn(0), 16, SlotFlags::PRIVATE))?;
+    /// let mut vcpu = m.new_vcpu(AsId(0));
+    /// let frame = vcpu.write_u64(m.mmu(), Gpa(0x2000), 1)?;
+    /// assert!(vcpu.mmu_state().counters.retried > 0);
+    /// let leaf = m.host().external_entries().into_iter().find(|e| e.2 == Level::L1);
+    /// assert_eq!(leaf, Some((AsId(0), Gfn(2), Level::L1, ExternalEntry::Leaf(frame))));
+    /// assert!(m.host().external_misuses().is_empty());
+    /// vcpu.release(m.mmu());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn enable_external_tables(&self, root_level: Level) {
         *lock(&self.0.external) =
             Some(ExternalCopy { root_level: Some(root_level), ..ExternalCopy::default() });
