@@ -10,7 +10,8 @@
 //! check passed on both; the same dirty set at every harvest (the guest's page-table pages, which EPT A/D
 //! may report dirty under Bochs, set aside); the same translations of every sampled gfn (slot,
 //! slot-relative page, level, permissions, or MMIO / none); the same MMIO emulation; the same pages young
-//! at every age step and the same contents of the moved page; and for the steps of NX huge pages,
+//! at every age step and the same contents of the moved page; the same number of faults (and fetch
+//! faults) in the scenario's slots over the run; and for the steps of NX huge pages,
 //! write tracking and stopping logging, the same snapshots (faults and fetch faults in the scenario's
 //! slots since the previous host step, and the leaves of the snapshot's gfns) and the same emulated
 //! writes to the tracked page. AMD models boot with two processors

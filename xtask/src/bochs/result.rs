@@ -186,6 +186,12 @@ pub fn compare(bochs: &RunResult, mock: &RunResult) -> Vec<String> {
             ));
         }
     }
+    if (bochs.slot_faults, bochs.exec_faults) != (mock.slot_faults, mock.exec_faults) {
+        diffs.push(format!(
+            "faults in the scenario's slots (fetches): bochs {} ({}), mock {} ({})",
+            bochs.slot_faults, bochs.exec_faults, mock.slot_faults, mock.exec_faults
+        ));
+    }
     if bochs.tracked_writes != mock.tracked_writes {
         diffs.push(format!(
             "emulated tracked writes: bochs {:x?}, mock {:x?}",
@@ -241,6 +247,11 @@ pub struct RunResult {
     pub guest_table_gfns: Vec<u64>,
     /// The harvested gfns per harvest.
     pub harvests: Vec<Vec<u64>>,
+    /// Faults the guest took in the scenario's non-system slots over the whole run (Bochs: EPT
+    /// violations / #NPFs there, not counting one that only found the root stale; mock: faults).
+    pub slot_faults: u64,
+    /// Of those, instruction fetches.
+    pub exec_faults: u64,
     /// What each snapshot step recorded.
     pub snapshots: Vec<SnapshotJson>,
     /// The writes to tracked pages the host emulated, `(address, value)`.
@@ -378,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_and_tracked_writes_must_agree_but_nx_recovery_counts_need_not() {
+    fn snapshots_fault_counts_and_tracked_writes_must_agree_but_nx_recovery_counts_need_not() {
         let bochs = parsed();
         let mut mock = parsed();
         mock.harvests = vec![vec![], vec![513]];
@@ -387,9 +398,13 @@ mod tests {
         mock.snapshots[0].exec_faults = 0;
         mock.snapshots[0].translations[0].level = Some(2);
         mock.tracked_writes.clear();
+        mock.slot_faults += 1;
         let diffs = compare(&bochs, &mock);
         assert!(
-            diffs.len() == 2 && diffs[0].starts_with("snapshot 0") && diffs[1].starts_with("emulated"),
+            diffs.len() == 3
+                && diffs[0].starts_with("snapshot 0")
+                && diffs[1].starts_with("faults in the scenario's slots")
+                && diffs[2].starts_with("emulated"),
             "{diffs:?}"
         );
     }
