@@ -14,8 +14,9 @@
 //! # What differs between the runners
 //! Under Bochs the guest runs with its own page tables and code in the system slot, so the CPU also
 //! touches those pages (fetches, page walks, and with EPT A/D the walks count as writes). Only the
-//! data slot is dirty-logged and only data-slot and MMIO gfns are sampled, so those extra accesses never
-//! reach a compared value; [`Scenario::guest_table_gfns`] still names the guest page-table pages so a
+//! data slot is dirty-logged, only gfns of the data and NX slots and MMIO gfns are sampled, and only
+//! faults in those slots are counted, so those extra accesses never reach a compared value (except the
+//! NX recovery count, which is reported, not compared); [`Scenario::guest_table_gfns`] still names the guest page-table pages so a
 //! harvest that contains them is accepted, as the recipe's note on EPT A/D requires. The mock has no
 //! guest page tables and accesses guest-physical addresses directly.
 
@@ -89,12 +90,12 @@ impl SlotSpec {
 pub enum Step {
     /// Read the `u64` at `gpa` and check it is [`Scenario::expected_read`].
     Read {
-        /// 8-byte aligned address in the data slot.
+        /// 8-byte aligned address in a non-system slot.
         gpa: Gpa,
     },
     /// Write `value` as a `u64` at `gpa`.
     Write {
-        /// 8-byte aligned address in the data slot.
+        /// 8-byte aligned address in a non-system slot.
         gpa: Gpa,
         /// The value written.
         value: u64,
@@ -111,7 +112,7 @@ pub enum Step {
     },
     /// Jump to code at `gpa` (placed there by the runner before the run) and come back.
     Exec {
-        /// 16-byte aligned address in the data slot, on a page no step writes or reads.
+        /// 16-byte aligned address in a non-system slot, on a page no step writes or reads.
         gpa: Gpa,
     },
     /// Read the `u64` at an MMIO address (no memslot); the hypervisor returns [`mmio_value`]`(gpa)`.
@@ -397,9 +398,11 @@ impl Scenario {
         &GUEST_TABLE_GFNS
     }
 
-    /// Checks that the steps can be run: data accesses 8-byte aligned inside the data slot, MMIO
-    /// addresses outside every slot, exec targets 16-byte aligned in the data slot on pages no data step
-    /// touches, and logging started only on an existing slot.
+    /// Checks that the steps can be run: data accesses 8-byte aligned inside a non-system slot (the
+    /// data slot, or the NX slot), MMIO addresses outside every slot, exec targets 16-byte aligned in a
+    /// non-system slot on pages no data step touches, no range write to a page tracked at the time,
+    /// logging started and stopped only on an existing slot, tracked and snapshot gfns in a non-system
+    /// slot.
     ///
     /// # Errors
     /// The first step that breaks a rule.

@@ -235,6 +235,8 @@ fn steps(
                 let got = vcpu.read_u64(mmu, gpa).map_err(|e| err(&e))?;
                 let want = SCENARIO.expected_read(i);
                 if Some(got) != want {
+                    // The read's fault counts, as under Bochs, where the guest's check fails after it.
+                    count_faults(seen, vcpu, taken, step);
                     return Err(format!("step {i}: read {got:#x}, expected {want:x?}"));
                 }
             }
@@ -329,25 +331,26 @@ fn steps(
             Step::NxRecover => seen.nx_recovered.push(nx_recover_step(mmu)),
             Step::Snapshot(snap) => seen.snapshot((hooks.sample_gfns)(vcpu, snap.gfns().collect())),
         }
-        // The faults this step's accesses took (MMIO lies outside every slot; the Bochs hypervisors
-        // count only slot faults too); a host step starts a new count for the next snapshot.
-        let faults = vcpu.mmu_state().counters.taken.saturating_sub(taken);
-        match *step {
-            Step::Read { gpa }
-            | Step::Write { gpa, .. }
-            | Step::WriteRange { gpa, .. }
-            | Step::Exec { gpa } => {
-                for _ in 0..faults {
-                    seen.count_fault(&SCENARIO, gpa.gfn().0, matches!(step, Step::Exec { .. }));
-                }
-            }
-            Step::MmioRead { .. } | Step::MmioWrite { .. } => {}
-            Step::Snapshot(_) => {}
-            _ => seen.host_step(),
-        }
+        count_faults(seen, vcpu, taken, step);
         seen.steps_completed = i + 1;
     }
     Ok(())
+}
+
+/// Counts the faults `step`'s accesses took (the vCPU's count went from `taken`) in `seen`: MMIO lies
+/// outside every slot, and the Bochs hypervisors count only slot faults too. A host step starts a new
+/// count for the next snapshot.
+fn count_faults(seen: &mut Observed, vcpu: &Vcpu, taken: u64, step: &Step) {
+    let faults = vcpu.mmu_state().counters.taken.saturating_sub(taken);
+    match *step {
+        Step::Read { gpa } | Step::Write { gpa, .. } | Step::WriteRange { gpa, .. } | Step::Exec { gpa } => {
+            for _ in 0..faults {
+                seen.count_fault(&SCENARIO, gpa.gfn().0, matches!(step, Step::Exec { .. }));
+            }
+        }
+        Step::MmioRead { .. } | Step::MmioWrite { .. } | Step::Snapshot(_) => {}
+        _ => seen.host_step(),
+    }
 }
 
 /// Moves the host page behind `gfn` to frame `index` of the remap pool at host address `pool`, through

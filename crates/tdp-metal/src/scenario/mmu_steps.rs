@@ -166,6 +166,27 @@ impl Scenario {
 /// 2 MiB-aligned range of the slot, as KVM before 6.13 zapped the collapsible tables, so the guest's
 /// next accesses refault.
 ///
+/// ```
+/// use tdp_core::addr::{Gfn, Level, SlotId};
+/// use tdp_core::memslot::SlotFlags;
+/// use tdp_core::mmu::MmuConfig;
+/// use tdp_metal::scenario::{AS_ID, stop_logging_step};
+/// use tdp_mock::{HostConfig, Machine};
+///
+/// let m = Machine::new(MmuConfig::EPT, HostConfig { host_level: Level::L2, ..HostConfig::default() })?;
+/// let slot = m.ram_slot(AS_ID, SlotId(1), Gfn(0), 512, SlotFlags::LOG_DIRTY);
+/// m.mmu().write().insert_memslot(slot)?;
+/// let mut vcpu = m.new_vcpu(AS_ID);
+/// for gfn in 0..4 {
+///     vcpu.write_u64(m.mmu(), Gfn(gfn).gpa(), 1)?;
+/// }
+/// assert_eq!(m.mmu().stats().leaves, [4, 0, 0], "logged: 4 KiB leaves");
+/// stop_logging_step(m.mmu(), SlotId(1), false)?;
+/// assert_eq!(m.mmu().stats().leaves, [0, 1, 0], "one 2 MiB leaf, in place");
+/// vcpu.release(m.mmu());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Errors
 /// No such slot, or the MMU refused the flags.
 pub fn stop_logging_step<H: Host>(mmu: &Mmu<H>, slot: SlotId, broken: bool) -> Result<(), String> {
@@ -177,7 +198,7 @@ pub fn stop_logging_step<H: Host>(mmu: &Mmu<H>, slot: SlotId, broken: bool) -> R
     drop(w);
     flush.run(mmu.host());
     if broken {
-        let first = s.base_gfn.0.next_multiple_of(512);
+        let first = s.base_gfn.0.checked_next_multiple_of(512).unwrap_or(u64::MAX);
         let end = s.base_gfn.0.saturating_add(s.pages) & !511;
         if first < end {
             let flush = mmu.write().zap_gfn_range(AS_ID, Gfn(first), Gfn(end));
@@ -189,6 +210,25 @@ pub fn stop_logging_step<H: Host>(mmu: &Mmu<H>, slot: SlotId, broken: bool) -> R
 
 /// [`Step::Track`]: tracks writes to `gfn` and runs the flush the write protection owes. `broken`
 /// (`broken-track`): does nothing, so the page maps writable and its writes never exit.
+///
+/// ```
+/// use tdp_core::addr::{Gfn, Level, SlotId};
+/// use tdp_core::memslot::SlotFlags;
+/// use tdp_core::mmu::{EmulateReason, MmuConfig};
+/// use tdp_metal::scenario::{AS_ID, track_step, untrack_step};
+/// use tdp_mock::{HostConfig, Machine, VcpuError};
+///
+/// let m = Machine::new(MmuConfig::NPT, HostConfig { host_level: Level::L2, ..HostConfig::default() })?;
+/// m.mmu().write().insert_memslot(m.ram_slot(AS_ID, SlotId(1), Gfn(0), 512, SlotFlags::empty()))?;
+/// let mut vcpu = m.new_vcpu(AS_ID);
+/// track_step(m.mmu(), Gfn(7), false)?;
+/// let write = vcpu.write_u64(m.mmu(), Gfn(7).gpa(), 1);
+/// assert!(matches!(write, Err(VcpuError::Emulate { reason: EmulateReason::WriteTracked, .. })));
+/// untrack_step(m.mmu(), Gfn(7), false)?;
+/// vcpu.write_u64(m.mmu(), Gfn(7).gpa(), 1)?;
+/// vcpu.release(m.mmu());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 ///
 /// # Errors
 /// The MMU refused (no slot, too many).
@@ -215,6 +255,25 @@ pub fn untrack_step<H: Host>(mmu: &Mmu<H>, gfn: Gfn, broken: bool) -> Result<(),
 /// [`Step::NxHugePages`]: turns the mitigation on and runs the flush (every root is invalidated; the
 /// runner loads a new one). `broken` (`broken-nx`): leaves it off, so huge leaves stay executable
 /// and a fetch in them never exits.
+///
+/// ```
+/// use tdp_core::addr::{Gfn, Level, SlotId};
+/// use tdp_core::fault::AccessKind;
+/// use tdp_core::memslot::SlotFlags;
+/// use tdp_core::mmu::MmuConfig;
+/// use tdp_metal::scenario::{AS_ID, nx_on_step, nx_recover_step};
+/// use tdp_mock::{HostConfig, Machine};
+///
+/// let m = Machine::new(MmuConfig::EPT, HostConfig { host_level: Level::L2, ..HostConfig::default() })?;
+/// m.mmu().write().insert_memslot(m.ram_slot(AS_ID, SlotId(1), Gfn(0), 512, SlotFlags::empty()))?;
+/// let mut vcpu = m.new_vcpu(AS_ID);
+/// nx_on_step(m.mmu(), false);
+/// vcpu.access(m.mmu(), Gfn(3).gpa(), AccessKind::Exec)?;
+/// assert_eq!(m.mmu().stats().nx_huge_splits, 1, "the fetch split the 2 MiB range");
+/// assert_eq!(nx_recover_step(m.mmu()), 1, "recovery zapped its table");
+/// vcpu.release(m.mmu());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn nx_on_step<H: Host>(mmu: &Mmu<H>, broken: bool) {
     if !broken {
         let flush = mmu.write().set_nx_huge_pages(true);
@@ -223,7 +282,7 @@ pub fn nx_on_step<H: Host>(mmu: &Mmu<H>, broken: bool) {
 }
 
 /// [`Step::NxRecover`]: one recovery pass over every tracked table (ratio 1); returns the tables
-/// zapped. The pass runs its own flush.
+/// zapped. The pass runs its own flush. Example: [`nx_on_step`].
 pub fn nx_recover_step<H: Host>(mmu: &Mmu<H>) -> u64 {
     mmu.read().recover_nx_huge_pages(1).zapped
 }
