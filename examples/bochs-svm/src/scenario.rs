@@ -34,6 +34,7 @@ pub fn run(svm: &X86Svm, shared: &Shared, bases: &[(u16, u64, u64)]) -> Observed
             if let Err(e) = steps(&mut vcpu, bases, &mut seen) {
                 seen.guest_error = Some(e);
             }
+            (seen.slot_faults, seen.exec_faults) = vcpu.slot_faults;
             seen.ept_violations = vcpu.npfs;
             seen.ept_misconfigs = vcpu.rsvd_npfs;
             seen.flushes = shared.mmu.host().tlb.stats().requests;
