@@ -10,11 +10,17 @@
 //! check passed on both; the same dirty set at every harvest (the guest's page-table pages, which EPT A/D
 //! may report dirty under Bochs, set aside); the same translations of every sampled gfn (slot,
 //! slot-relative page, level, permissions, or MMIO / none); the same MMIO emulation; the same pages young
-//! at every age step and the same contents of the moved page. AMD models boot with two processors
+//! at every age step and the same contents of the moved page; the same number of faults (and fetch
+//! faults) in the scenario's slots over the run; and for the steps of NX huge pages,
+//! write tracking and stopping logging, the same snapshots (faults and fetch faults in the scenario's
+//! slots since the previous host step, and the leaves of the snapshot's gfns) and the same emulated
+//! writes to the tracked page. AMD models boot with two processors
 //! (`cpu: count=2`): after the scenario, `bochs-svm` runs two vCPUs on them at once and its `TDP-SMP`
 //! line must say `pass`. Finally it boots each must-fail build ([`Kernel::broken_variants`]:
 //! `broken-ept` / `broken-npt` give W (and D) back to the leaves the core protected for dirty logging,
-//! `broken-age` ages without clearing, `broken-remap` moves a page without the MMU notifier) and requires
+//! `broken-age` ages without clearing, `broken-remap` moves a page without the MMU notifier, `broken-nx`
+//! leaves the NX huge-page mitigation off, `broken-track` never tracks the tracked page,
+//! `broken-recover` zaps the huge ranges after logging stops) and requires
 //! its verdict to be `fail` with the check its variant names among the failures (proof that the checks
 //! can fail), and the same observations as the mock run with the same mistake.
 //!
@@ -96,8 +102,8 @@ impl Kernel {
     #[must_use]
     pub const fn broken_variants(self) -> &'static [&'static str] {
         match self {
-            Kernel::Vmx => &["ept", "age", "remap"],
-            Kernel::Svm => &["npt", "age", "remap"],
+            Kernel::Vmx => &["ept", "age", "remap", "nx", "track", "recover"],
+            Kernel::Svm => &["npt", "age", "remap", "nx", "track", "recover"],
         }
     }
 

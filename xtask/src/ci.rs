@@ -57,7 +57,7 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "bochs",
-        what: "fmt and clippy examples/bochs-hv and examples/bochs-svm, boot them under Bochs (skylake_x, sandy_bridge, ryzen, phenom_8650_toliman, each with two processors), compare with tdp-mock, require broken-ept/npt, broken-age and broken-remap to fail and the two-vCPU run to pass",
+        what: "fmt and clippy examples/bochs-hv and examples/bochs-svm, boot them under Bochs (skylake_x, sandy_bridge, ryzen, phenom_8650_toliman, each with two processors), compare with tdp-mock (including the NX huge-page, write-tracking and stop-logging steps), require broken-ept/npt, broken-age, broken-remap, broken-nx, broken-track and broken-recover to fail and the two-vCPU run to pass",
         run: bochs,
     },
     Step {

@@ -14,8 +14,9 @@
 //! # What differs between the runners
 //! Under Bochs the guest runs with its own page tables and code in the system slot, so the CPU also
 //! touches those pages (fetches, page walks, and with EPT A/D the walks count as writes). Only the
-//! data slot is dirty-logged and only data-slot and MMIO gfns are sampled, so those extra accesses never
-//! reach a compared value; [`Scenario::guest_table_gfns`] still names the guest page-table pages so a
+//! data slot is dirty-logged, only gfns of the data and NX slots and MMIO gfns are sampled, and only
+//! faults in those slots are counted, so those extra accesses never reach a compared value (except the
+//! NX recovery count, which is reported, not compared); [`Scenario::guest_table_gfns`] still names the guest page-table pages so a
 //! harvest that contains them is accepted, as the recipe's note on EPT A/D requires. The mock has no
 //! guest page tables and accesses guest-physical addresses directly.
 
@@ -23,6 +24,7 @@ extern crate alloc;
 
 mod host_steps;
 mod judge;
+mod mmu_steps;
 pub mod report;
 pub mod smp;
 mod tables;
@@ -31,6 +33,10 @@ mod tests;
 
 pub use host_steps::{Broken, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT, age_step};
 pub use judge::{Check, Observed};
+pub use mmu_steps::{
+    Feature, LeafExpect, Snapshot, SnapshotSeen, nx_on_step, nx_recover_step, stop_logging_step, track_step,
+    untrack_step,
+};
 pub use tables::{Mapping, Paging, Translation, translate, unprotect_leaves};
 
 use alloc::collections::BTreeSet;
@@ -52,6 +58,8 @@ pub enum SlotRole {
     System,
     /// The pages the steps read, write and execute; the slot that is dirty-logged.
     Data,
+    /// Never logged, two 2 MiB-aligned ranges: where the NX huge-page steps execute and read.
+    Nx,
 }
 
 /// One memslot: `pages` guest frames from `base_gfn`. Each runner backs it with host memory whose frame
@@ -82,12 +90,12 @@ impl SlotSpec {
 pub enum Step {
     /// Read the `u64` at `gpa` and check it is [`Scenario::expected_read`].
     Read {
-        /// 8-byte aligned address in the data slot.
+        /// 8-byte aligned address in a non-system slot.
         gpa: Gpa,
     },
     /// Write `value` as a `u64` at `gpa`.
     Write {
-        /// 8-byte aligned address in the data slot.
+        /// 8-byte aligned address in a non-system slot.
         gpa: Gpa,
         /// The value written.
         value: u64,
@@ -104,7 +112,7 @@ pub enum Step {
     },
     /// Jump to code at `gpa` (placed there by the runner before the run) and come back.
     Exec {
-        /// 16-byte aligned address in the data slot, on a page no step writes or reads.
+        /// 16-byte aligned address in a non-system slot, on a page no step writes or reads.
         gpa: Gpa,
     },
     /// Read the `u64` at an MMIO address (no memslot); the hypervisor returns [`mmio_value`]`(gpa)`.
@@ -144,6 +152,34 @@ pub enum Step {
         /// An 8-byte aligned address in the data slot.
         gpa: Gpa,
     },
+    /// Stop dirty logging on slot `slot` (a hypercall): `set_memslot_flags` recovers the huge leaves the
+    /// logging split in place (KVM 6.13's `recover_huge_pages`), so the accesses that follow take no
+    /// fault ([`stop_logging_step`]).
+    StopLogging {
+        /// The slot.
+        slot: SlotId,
+    },
+    /// Track writes to the page holding `gpa` (`ExclusiveMmu::track_write`, KVM's page-track): from
+    /// then on a guest write to it exits and the host emulates it ([`track_step`]).
+    Track {
+        /// An address in a non-system slot.
+        gpa: Gpa,
+    },
+    /// Stop tracking it (`untrack_write`): its next write fault maps it writable ([`untrack_step`]).
+    Untrack {
+        /// The address given to the [`Step::Track`].
+        gpa: Gpa,
+    },
+    /// Turn the NX huge-page mitigation on (`set_nx_huge_pages`, which invalidates every root; the
+    /// runner loads a new one at once). The runner first samples [`Scenario::sample_gfns`] into
+    /// [`Observed::translations`]: the state the earlier steps left, which the new root no longer
+    /// holds ([`nx_on_step`]).
+    NxHugePages,
+    /// One NX recovery pass over every tracked table (`recover_nx_huge_pages(1)`, [`nx_recover_step`]).
+    NxRecover,
+    /// The host records the faults the guest took in non-system slots since the previous host step
+    /// and the translations of the snapshot's gfns ([`SnapshotSeen`]), judged against the expectation.
+    Snapshot(Snapshot),
 }
 
 /// The whole scenario.
@@ -161,7 +197,12 @@ const SYS: SlotSpec = SlotSpec { id: SlotId(0), base_gfn: Gfn(0), pages: 0x200, 
 /// Gfns 0x200..0x400 form one 2 MiB-aligned range (2 MiB leaves until logging starts); 0x400..0x480 is
 /// a tail that only 4 KiB leaves can map.
 const DATA: SlotSpec = SlotSpec { id: SlotId(1), base_gfn: Gfn(0x200), pages: 0x280, role: SlotRole::Data };
+/// Gfns 0xa00..0xe00: two 2 MiB ranges for the NX huge-page steps, never logged.
+const NX: SlotSpec = SlotSpec { id: SlotId(2), base_gfn: Gfn(0xa00), pages: 0x400, role: SlotRole::Nx };
 const MMIO: Gpa = Gpa(0x80_0000);
+/// The write-tracked page: in the data slot's tail (4 KiB leaves only), not mapped since the remap's
+/// invalidation.
+const TRACKED: Gpa = Gpa(0x430 * 4096);
 /// Pages of the range writes: 0x250..0x480, more than a PML log holds.
 const RANGE_PAGES: u64 = 0x480 - 0x250;
 /// The data slot's tail, 0x400..0x480, which only 4 KiB leaves map: the aged range, so that what is
@@ -178,10 +219,24 @@ const fn r(gfn: u64, offset: u64) -> Step {
 const fn x(gfn: u64, offset: u64) -> Step {
     Step::Exec { gpa: Gpa(gfn * 4096 + offset) }
 }
+/// A snapshot for `check` expecting `faults` (and `exec_faults`) since the previous host step.
+const fn snap(
+    check: Feature,
+    faults: Option<u64>,
+    exec_faults: Option<u64>,
+    leaves: &'static [LeafExpect],
+) -> Step {
+    Step::Snapshot(Snapshot { check, faults, exec_faults, leaves })
+}
+/// `gfn` mapped by a leaf at `level` (0: not mapped), with the given execute and write rights (`None`:
+/// either).
+const fn leaf(gfn: u64, level: u8, exec: Option<bool>, write: Option<bool>) -> LeafExpect {
+    LeafExpect { gfn, level, exec, write }
+}
 
 /// The scenario both runners run.
 pub const SCENARIO: Scenario = Scenario {
-    slots: &[SYS, DATA],
+    slots: &[SYS, DATA, NX],
     steps: &[
         // Before logging: huge-range and tail pages are mapped, MMIO is emulated.
         w(0x201, 0x08, 0x1111_0000_0000_0201),
@@ -236,6 +291,60 @@ pub const SCENARIO: Scenario = Scenario {
         r(0x420, 0x800),
         w(0x420, 0x808, 0xaaaa_0000_0000_0420),
         Step::Harvest,
+        // Logging stops: the tables of 4 KiB leaves it left in the 2 MiB range become 2 MiB leaves again
+        // in place, so reading pages mapped small until now takes no fault at all.
+        Step::StopLogging { slot: DATA.id },
+        r(0x201, 0x08),
+        r(0x300, 0x30),
+        r(0x3f0, 0x10),
+        snap(
+            Feature::Recover,
+            Some(0),
+            Some(0),
+            &[leaf(0x201, 2, None, None), leaf(0x300, 2, None, None), leaf(0x3f0, 2, None, None)],
+        ),
+        // A write-tracked page: the write exits and the host emulates it; the read maps it read-only at
+        // 4 KiB; once untracked, the next write maps it writable with no emulation.
+        Step::Track { gpa: TRACKED },
+        w(0x430, 0x18, 0xbbbb_0000_0000_0430),
+        r(0x430, 0x18),
+        snap(Feature::Track, None, Some(0), &[leaf(0x430, 1, None, Some(false))]),
+        Step::Untrack { gpa: TRACKED },
+        w(0x430, 0x20, 0xcccc_0000_0000_0430),
+        r(0x430, 0x18),
+        snap(Feature::Track, Some(1), Some(0), &[leaf(0x430, 1, None, Some(true))]),
+        // NX huge pages: data maps 2 MiB and not executable; a fetch exits, maps its page executable at
+        // 4 KiB and splits the range, while the other range stays huge; recovery brings the huge leaf
+        // back for the next data access.
+        Step::NxHugePages,
+        r(0xa10, 0x00),
+        r(0xc10, 0x00),
+        snap(
+            Feature::Nx,
+            Some(2),
+            Some(0),
+            &[leaf(0xa10, 2, Some(false), None), leaf(0xc10, 2, Some(false), None)],
+        ),
+        x(0xa40, 0x00),
+        r(0xc10, 0x18),
+        snap(
+            Feature::Nx,
+            Some(1),
+            Some(1),
+            &[
+                leaf(0xa40, 1, Some(true), None),
+                leaf(0xa10, 1, Some(false), None),
+                leaf(0xc10, 2, Some(false), None),
+            ],
+        ),
+        Step::NxRecover,
+        r(0xa20, 0x00),
+        snap(
+            Feature::Nx,
+            Some(1),
+            Some(0),
+            &[leaf(0xa20, 2, Some(false), None), leaf(0xa40, 2, Some(false), None)],
+        ),
     ],
     extra_samples: &[0x200, 0x2ff, 0x3ff, 0x400, 0x47f],
 };
@@ -289,9 +398,11 @@ impl Scenario {
         &GUEST_TABLE_GFNS
     }
 
-    /// Checks that the steps can be run: data accesses 8-byte aligned inside the data slot, MMIO
-    /// addresses outside every slot, exec targets 16-byte aligned in the data slot on pages no data step
-    /// touches, and logging started only on an existing slot.
+    /// Checks that the steps can be run: data accesses 8-byte aligned inside a non-system slot (the
+    /// data slot, or the NX slot), MMIO addresses outside every slot, exec targets 16-byte aligned in a
+    /// non-system slot on pages no data step touches, no range write to a page tracked at the time,
+    /// logging started and stopped only on an existing slot, tracked and snapshot gfns in a non-system
+    /// slot.
     ///
     /// # Errors
     /// The first step that breaks a rule.
@@ -301,9 +412,19 @@ impl Scenario {
             .iter()
             .filter_map(|s| if let Step::Exec { gpa } = s { Some(gpa.gfn().0) } else { None })
             .collect();
-        let data = self.data_slot();
-        let in_data = |gpa: Gpa| data.is_some_and(|d| d.contains(gpa.gfn()));
+        let in_data = |gpa: Gpa| self.slot_of(gpa.gfn()).is_some_and(|s| s.role != SlotRole::System);
+        // The pages tracked at the current step.
+        let mut tracked: BTreeSet<u64> = BTreeSet::new();
         for (index, step) in self.steps.iter().enumerate() {
+            match *step {
+                Step::Track { gpa } => {
+                    tracked.insert(gpa.gfn().0);
+                }
+                Step::Untrack { gpa } => {
+                    tracked.remove(&gpa.gfn().0);
+                }
+                _ => {}
+            }
             let fail = |why| Err(ScenarioError { index, step: *step, why });
             match *step {
                 Step::Read { gpa } | Step::Write { gpa, .. } | Step::WriteRange { gpa, .. } => {
@@ -317,6 +438,11 @@ impl Scenario {
                     }
                     if touched.iter().any(|g| exec_pages.contains(&g.gfn().0)) {
                         return fail("data access to a page that holds exec code");
+                    }
+                    if matches!(step, Step::WriteRange { .. })
+                        && touched.iter().any(|g| tracked.contains(&g.gfn().0))
+                    {
+                        return fail("range write to a tracked page (the host emulates single moves only)");
                     }
                 }
                 Step::Exec { gpa } => {
@@ -348,7 +474,22 @@ impl Scenario {
                         return fail("more remaps than the remap pool has frames");
                     }
                 }
-                Step::Harvest => {}
+                Step::StopLogging { slot } => {
+                    if !self.slots.iter().any(|s| s.id == slot) {
+                        return fail("logging stopped on a slot that does not exist");
+                    }
+                }
+                Step::Track { gpa } | Step::Untrack { gpa } => {
+                    if !in_data(gpa) {
+                        return fail("tracked page outside the non-system slots");
+                    }
+                }
+                Step::Snapshot(snap) => {
+                    if snap.leaves.iter().any(|l| !in_data(Gfn(l.gfn).gpa())) {
+                        return fail("snapshot of a gfn outside the non-system slots");
+                    }
+                }
+                Step::Harvest | Step::NxHugePages | Step::NxRecover => {}
             }
         }
         Ok(())
@@ -383,6 +524,9 @@ impl Scenario {
             match *step {
                 Step::StartLogging { slot } => {
                     logged.insert(slot.0);
+                }
+                Step::StopLogging { slot } => {
+                    logged.remove(&slot.0);
                 }
                 Step::Harvest => harvests.push(core::mem::take(&mut pending)),
                 _ => {
@@ -428,8 +572,13 @@ impl Scenario {
             Step::WriteRange { gpa, pages, .. } | Step::Age { gpa, pages } => {
                 [Some(gpa.gfn().0), Some(gpa.gfn().0 + pages.saturating_sub(1))]
             }
-            Step::Remap { gpa } => [Some(gpa.gfn().0), None],
-            Step::StartLogging { .. } | Step::Harvest => [None, None],
+            Step::Remap { gpa } | Step::Track { gpa } | Step::Untrack { gpa } => [Some(gpa.gfn().0), None],
+            Step::StartLogging { .. }
+            | Step::StopLogging { .. }
+            | Step::Harvest
+            | Step::NxHugePages
+            | Step::NxRecover
+            | Step::Snapshot(_) => [None, None],
         });
         let touched = touched.flatten();
         let all: BTreeSet<u64> = touched.chain(self.extra_samples.iter().copied()).collect();

@@ -4,8 +4,10 @@
 //! logging end up mapped by 4 KiB leaves of their own slot page; aging reports exactly the pages touched
 //! since the last age; the page the host moved is mapped to its new frame, which holds its last write.
 //! Each broken variant (leaves unprotected behind the MMU's back, aging that never clears, a page moved
-//! without the MMU notifier: what `bochs-hv --features broken-<name>` does) must fail its own check and
-//! only the checks that follow from it. The two-vCPU part passes in every mode.
+//! without the MMU notifier, the NX mitigation left off, a tracked page never tracked, huge ranges
+//! zapped after logging stops: what `bochs-hv --features broken-<name>` does) must fail its own check
+//! and only the checks that follow from it. After logging stops, the split huge range is back at
+//! 2 MiB with no refault; a tracked page's write is emulated; a fetch under NX huge pages faults once. The two-vCPU part passes in every mode.
 
 #[path = "../examples/scenario_mock/run.rs"]
 mod run;
@@ -21,15 +23,22 @@ fn check(model: &str, mode: Mode) {
     assert!(failed.is_empty() && result.passed(), "{model}: failed checks {failed:#?}");
     assert_eq!(result.seen.harvests, SCENARIO.expected_harvests(), "{model}");
     assert!(result.line.starts_with("TDP-RESULT {") && result.line.contains("\"verdict\":\"pass\""));
-    // (0x411 and 0x412, in the tail, were unmapped by the remap's invalidation of 0x400..0x600.)
+    // (0x411 and 0x412, in the tail, were unmapped by the remap's invalidation of 0x400..0x600.) The
+    // translations are sampled at the NX step, after logging stopped: the pages written at 4 KiB
+    // while logging are mapped by the 2 MiB leaf recovered in place.
     for gfn in [0x201, 0x202, 0x300] {
         let t = result.seen.translations.iter().find(|t| t.gfn == gfn).unwrap();
         assert!(
-            matches!(t.kind, Mapping::Leaf { slot: 1, level: 1, .. }),
-            "{model}: gfn {gfn:#x} written while logging is {:?}",
+            matches!(t.kind, Mapping::Leaf { slot: 1, level: 2, .. }),
+            "{model}: gfn {gfn:#x} written while logging, after logging stopped, is {:?}",
             t.kind
         );
     }
+    // Stopping logging: no refault; tracking: one emulated write; NX: one fetch fault, which split.
+    let faults: Vec<(u64, u64)> = result.seen.snapshots.iter().map(|s| (s.faults, s.exec_faults)).collect();
+    assert_eq!(faults, [(0, 0), (2, 0), (1, 0), (2, 0), (1, 1), (1, 0)], "{model}");
+    assert_eq!(result.seen.tracked_writes, SCENARIO.expected_tracked_writes(), "{model}");
+    assert_eq!(result.seen.nx_recovered, [1], "{model}: the fetched range's table");
     let mmio = result.seen.translations.iter().find(|t| t.gfn == 0x800).unwrap();
     assert_eq!(mmio.kind, Mapping::Mmio, "{model}");
     let tail = result.seen.translations.iter().find(|t| t.gfn == 0x411).unwrap();
@@ -88,6 +97,19 @@ fn check_broken(model: &str, mode: Mode, broken: Broken) {
         Broken::Age => {
             assert_eq!(failed, [broken.must_fail()], "{model}: only aging is wrong");
             assert_eq!(result.seen.young.last().map(|y| y.len()), Some(0x80), "{model}: nothing was cleared");
+        }
+        Broken::Nx => {
+            assert_eq!(failed, [broken.must_fail()], "{model}: only NX is wrong");
+            let fetches: u64 = result.seen.snapshots.iter().map(|s| s.exec_faults).sum();
+            assert_eq!(fetches, 0, "{model}: executable huge leaves let the fetch through");
+        }
+        Broken::Track => {
+            assert_eq!(failed, [broken.must_fail()], "{model}: only tracking is wrong");
+            assert!(result.seen.tracked_writes.is_empty(), "{model}: nothing was emulated");
+        }
+        Broken::Recover => {
+            assert_eq!(failed, [broken.must_fail()], "{model}: only the recovery is wrong");
+            assert_eq!(result.seen.snapshots[0].faults, 1, "{model}: the zapped range refaulted");
         }
         Broken::Remap => {
             // The host freed the frame the page left: the guest reads it through the stale leaf.

@@ -3,7 +3,7 @@
 //!
 //! GRUB enters `_start` in 32-bit protected mode with paging off, `eax` = the multiboot2 magic and `ebx`
 //! = the boot information (multiboot2 specification, section "I386 machine state"). The boot code sets
-//! CR4.PAE|OSFXSR|OSXMMEXCPT, EFER.LME and CR0.PG|NE|MP|PE with EM clear (the prebuilt `core` uses SSE),
+//! CR4.PAE|OSFXSR|OSXMMEXCPT, EFER.LME|NXE and CR0.PG|NE|MP|PE with EM clear (the prebuilt `core` uses SSE),
 //! loads the GDT, far-returns into 64-bit code, sets up the stack and calls [`crate::kmain`].
 
 use core::arch::{asm, global_asm};
@@ -140,10 +140,12 @@ global_asm!(
     "mov eax, cr4",
     "or eax, 0x620",
     "mov cr4, eax",
-    // EFER.LME.
+    // EFER.LME (8) and NXE (11): a nested walk uses the host's paging controls (AMD APM Vol. 2,
+    // section 15.25), where bit 63 of a non-executable nested leaf is NX only with NXE (reserved
+    // otherwise). Every model the xtask runs has NX (CPUID 8000_0001h EDX bit 20).
     "mov ecx, 0xc0000080",
     "rdmsr",
-    "or eax, 0x100",
+    "or eax, 0x900",
     "wrmsr",
     // CR0: PG (31), NE (5), MP (1), PE (0); EM (2) clear.
     "mov eax, cr0",

@@ -8,9 +8,13 @@
 //! - range write: `mov rax, gpa`, `mov rdx, value`, `mov ecx, pages`, then a loop of `mov [rax], rdx`,
 //!   `add rax, 4096`, `dec ecx`, `jnz`;
 //! - exec: `mov rax, target`, `jmp rax`; at the target a stub `mov rcx, back`, `jmp rcx` returns;
-//! - start logging / harvest / age / remap / end / fail: a hypercall: `mov edi, arg`, `mov ebx, code`,
-//!   `vmcall` (`vmmcall` in `examples/bochs-svm`, which includes this file: `crate::HYPERCALL`) (age and
-//!   remap pass their step's index: the hypervisor reads the step).
+//! - start logging / harvest / age / remap / end / fail, and the host steps of NX huge pages, write
+//!   tracking, stopping logging and snapshots: a hypercall: `mov edi, arg`, `mov ebx, code`, `vmcall`
+//!   (`vmmcall` in `examples/bochs-svm`, which includes this file: `crate::HYPERCALL`) (age, remap and
+//!   the host steps pass their step's index: the hypervisor reads the step).
+//!
+//! A write to a write-tracked page is the same `mov [moffs64], rax` as any write, so the hypervisor
+//! can emulate it (`host_steps::emulate_tracked_write`).
 //!
 //! MMIO accesses use exactly the two `moffs` forms (REX.W A1 and REX.W A3, 10 bytes), which is all the
 //! hypervisor's MMIO emulation decodes.
@@ -44,6 +48,9 @@ pub const HC_HARVEST: u64 = 4;
 pub const HC_AGE: u64 = 5;
 /// Run step RDI, a move of a page to another host frame (`Step::Remap`).
 pub const HC_REMAP: u64 = 6;
+/// Run step RDI, one of the host steps of NX huge pages, write tracking, stopping logging and
+/// snapshots (`host_steps::run_step`).
+pub const HC_STEP: u64 = 7;
 
 /// Why the guest could not be built.
 #[derive(Clone, Copy, Debug, thiserror::Error)]
@@ -159,6 +166,12 @@ pub fn build(scenario: &Scenario) -> Result<u64, BuildError> {
             Step::StartLogging { slot } => e.hypercall(HC_START_LOGGING, u64::from(slot.0), i)?,
             Step::Age { .. } => e.hypercall(HC_AGE, i as u64, i)?,
             Step::Remap { .. } => e.hypercall(HC_REMAP, i as u64, i)?,
+            Step::StopLogging { .. }
+            | Step::Track { .. }
+            | Step::Untrack { .. }
+            | Step::NxHugePages
+            | Step::NxRecover
+            | Step::Snapshot(_) => e.hypercall(HC_STEP, i as u64, i)?,
             Step::Harvest => {
                 e.hypercall(HC_HARVEST, harvest, i)?;
                 harvest += 1;

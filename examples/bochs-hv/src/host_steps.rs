@@ -1,10 +1,13 @@
 //! The scenario's hypervisor-side work that does not depend on the vendor, shared by both Bochs
 //! hypervisors (`examples/bochs-svm` includes this file by path): starting dirty logging, harvesting and
 //! resetting the ring, aging a range (`Step::Age`), moving a page to another host frame (`Step::Remap`),
-//! emulating the MMIO `mov`s, sampling translations and reading the moved pages after the run. Each
-//! takes the MMU over any `tdp-core` host, and reports what goes wrong as a message for the result line.
-//! The must-fail builds pass `broken`: aging then only tests (`broken-age`), the move skips the MMU
-//! notifier (`broken-remap`).
+//! emulating the MMIO `mov`s, sampling translations and reading the moved pages after the run, and the
+//! host steps of NX huge pages, write tracking, stopping logging and snapshots ([`run_step`], with the
+//! emulation of a tracked write, [`emulate_tracked_write`]). Each takes the MMU over any `tdp-core`
+//! host, and reports what goes wrong as a message for the result line. The must-fail builds pass
+//! `broken`: aging then only tests (`broken-age`), the move skips the MMU notifier (`broken-remap`),
+//! the mitigation stays off (`broken-nx`), the page is never tracked (`broken-track`), stopping logging
+//! zaps the huge ranges after recovering them (`broken-recover`).
 
 use alloc::collections::BTreeSet;
 use alloc::format;
@@ -18,7 +21,8 @@ use tdp_core::memslot::SlotFlags;
 use tdp_core::mmu::Mmu;
 use tdp_metal::ring_sink::RingSink;
 use tdp_metal::scenario::{
-    AS_ID, Observed, Paging, REMAP_POOL_OFFSET, Scenario, Step, Translation, age_step, mmio_value, translate,
+    AS_ID, Broken, Observed, Paging, REMAP_POOL_OFFSET, Scenario, Step, Translation, age_step, mmio_value,
+    nx_on_step, nx_recover_step, stop_logging_step, track_step, translate, untrack_step,
 };
 use tdp_metal::translate::IdentityTranslate;
 
@@ -178,13 +182,22 @@ pub fn emulate_mmio(
 pub fn sample(
     scenario: &Scenario,
     paging: Paging,
+    read: impl FnMut(u64, usize) -> u64,
+    root: u64,
+    bases: &[(u16, u64, u64)],
+) -> Vec<Translation> {
+    sample_gfns(scenario.sample_gfns(), paging, read, root, bases)
+}
+
+/// [`sample`] for the given `gfns`.
+pub fn sample_gfns(
+    gfns: Vec<u64>,
+    paging: Paging,
     mut read: impl FnMut(u64, usize) -> u64,
     root: u64,
     bases: &[(u16, u64, u64)],
 ) -> Vec<Translation> {
-    scenario
-        .sample_gfns()
-        .into_iter()
+    gfns.into_iter()
         .map(|gfn| Translation { gfn, kind: translate(paging, &mut read, root, gfn, bases) })
         .collect()
 }
@@ -202,4 +215,76 @@ pub fn host_reads(scenario: &Scenario, translate: &IdentityTranslate<'_>) -> Vec
             (gpa, unsafe { core::ptr::read_volatile(at as *const u64) })
         })
         .collect()
+}
+
+/// What the vendor's loop must do after [`run_step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    /// Resume the guest.
+    Resume,
+    /// The step may have invalidated every root: load a new one (if so) before resuming.
+    ReloadRoot,
+}
+
+/// Runs host step `index` (`Step::StopLogging`, `Track`, `Untrack`, `NxHugePages`, `NxRecover` or
+/// `Snapshot`) for the build `broken`, recording into `seen`; `sample(gfns)` gives the current
+/// translations of `gfns`.
+///
+/// # Errors
+/// Step `index` is none of those, or the MMU refused.
+pub fn run_step<H: Host>(
+    mmu: &Mmu<H>,
+    scenario: &Scenario,
+    index: u64,
+    broken: Option<Broken>,
+    seen: &mut Observed,
+    sample: impl Fn(Vec<u64>) -> Vec<Translation>,
+) -> Result<After, String> {
+    let (_, at) = step(scenario, index)?;
+    let mut after = After::Resume;
+    match at {
+        Step::StopLogging { slot } => stop_logging_step(mmu, slot, broken == Some(Broken::Recover))?,
+        Step::Track { gpa } => track_step(mmu, gpa.gfn(), broken == Some(Broken::Track))?,
+        Step::Untrack { gpa } => untrack_step(mmu, gpa.gfn(), broken == Some(Broken::Track))?,
+        Step::NxHugePages => {
+            seen.translations = sample(scenario.sample_gfns());
+            nx_on_step(mmu, broken == Some(Broken::Nx));
+            after = After::ReloadRoot;
+        }
+        Step::NxRecover => seen.nx_recovered.push(nx_recover_step(mmu)),
+        Step::Snapshot(snap) => {
+            seen.snapshot(sample(snap.gfns().collect()));
+            return Ok(after);
+        }
+        other => return Err(format!("hypercall step names step {index} ({other:?}), no host step")),
+    }
+    seen.host_step();
+    Ok(after)
+}
+
+/// Emulates the guest's write to a write-tracked page at guest `rip` to `gpa`: the `mov [moffs64], rax`
+/// (REX.W A3, 10 bytes) the guest generator emits for a write, with RAX in `rax`. Writes the value into
+/// the page's memory, records it in `seen` and returns the instruction's length.
+///
+/// # Errors
+/// `rip` outside the guest code, another instruction, or an unaligned `gpa`.
+pub fn emulate_tracked_write(
+    code: core::ops::Range<u64>,
+    rip: u64,
+    gpa: u64,
+    rax: u64,
+    seen: &mut Observed,
+) -> Result<u64, String> {
+    let mut scratch = Observed::default();
+    let (_, len) = emulate_mmio(code, rip, gpa, rax, &mut scratch)?;
+    if scratch.mmio_writes.len() != 1 || !gpa.is_multiple_of(8) {
+        return Err(format!(
+            "tracked write at {gpa:#x} from rip {rip:#x} is no aligned `mov [moffs64], rax`"
+        ));
+    }
+    // SAFETY: `gpa` is 8-byte aligned (checked) in a memslot the core found tracked, backed by
+    // identity-mapped guest RAM at `host_addr(gpa)`; the guest is stopped at this exit.
+    unsafe { core::ptr::write_volatile(host_addr(gpa) as *mut u64, rax) };
+    seen.tracked_writes.push((gpa, rax));
+    Ok(len)
 }

@@ -72,6 +72,12 @@ pub(crate) const BROKEN: Option<Broken> = if cfg!(feature = "broken-ept") {
     Some(Broken::Age)
 } else if cfg!(feature = "broken-remap") {
     Some(Broken::Remap)
+} else if cfg!(feature = "broken-nx") {
+    Some(Broken::Nx)
+} else if cfg!(feature = "broken-track") {
+    Some(Broken::Track)
+} else if cfg!(feature = "broken-recover") {
+    Some(Broken::Recover)
 } else {
     None
 };
@@ -176,8 +182,12 @@ fn hypervise(model: &str) -> Result<(), String> {
     let mut seen = core::mem::take(&mut hv.seen);
     let flushes = mmu.host().tlb.stats();
     seen.flushes = flushes.requests;
-    seen.invepts = flushes.single_context + flushes.all_context;
-    seen.translations = hv.sample();
+    // Requests delivered, not INVEPTs: after the NX step replaced the root, one request takes two.
+    seen.invepts = flushes.delivered;
+    if seen.translations.is_empty() {
+        // Taken at the NX step when the run reached it (turning NX on replaces the root).
+        seen.translations = hv.sample();
+    }
     seen.host_reads = host_steps::host_reads(&SCENARIO, &mmu.host().translate);
     let checks = SCENARIO.evaluate(&seen);
     let info = RunInfo {

@@ -1,7 +1,8 @@
 //! The run loop: enter the guest, then hand the exit to `tdp_vmx::vcpu::handle_exit`, which drains the
 //! PML log into the ring and passes EPT violations and misconfigurations to tdp-core's fault handler;
-//! then act on what it says: resume, reload the root, emulate MMIO (the faulting `mov`), or handle the
-//! scenario's hypercalls (start logging, harvest, done, a failed read). Anything else is the guest's
+//! then act on what it says: resume, reload the root, emulate MMIO or a write to a tracked page (the
+//! faulting `mov`), or handle the scenario's hypercalls (start logging, harvest, age, remap, the host
+//! steps of `host_steps::run_step`, done, a failed read). Anything else is the guest's
 //! error, reported in the result. The loop stops after `MAX_EXITS` exits (the scenario takes about
 //! 1,150 without PML).
 
@@ -11,6 +12,7 @@ use alloc::vec::Vec;
 
 use tdp_core::addr::SlotId;
 use tdp_core::dirty_ring::DirtyRingConsumer;
+use tdp_core::fault::AccessKind;
 use tdp_core::mmu::{EmulateReason, Mmu, RootRef, VcpuMmu};
 use tdp_metal::scenario::{AS_ID, Broken, Observed, Paging, Scenario, Translation};
 use tdp_vmx::caps::EptFeatures;
@@ -117,7 +119,14 @@ impl Hv<'_, '_> {
             )));
         }
         match report.exit {
-            VmExit::EptViolation(_) => self.seen.ept_violations += 1,
+            VmExit::EptViolation(v) => {
+                self.seen.ept_violations += 1;
+                // A fault that only found the root invalid is no fault of the guest's accesses.
+                if report.action != ExitAction::ReloadRoot {
+                    let exec = v.fault.access == AccessKind::Exec;
+                    self.seen.count_fault(self.scenario, v.fault.gpa.gfn().0, exec);
+                }
+            }
             VmExit::EptMisconfig(_) => self.seen.ept_misconfigs += 1,
             VmExit::PmlFull => self.seen.pml_full_exits += 1,
             _ => {}
@@ -126,6 +135,14 @@ impl Hv<'_, '_> {
             ExitAction::Resume => Ok(()),
             ExitAction::ReloadRoot => self.reload_root(),
             ExitAction::Emulate { gpa, reason: EmulateReason::Mmio, .. } => self.emulate_mmio(gpa.0, regs),
+            ExitAction::Emulate { gpa, reason: EmulateReason::WriteTracked, .. } => {
+                let rip = self.vmx.vmread(F::GUEST_RIP)?;
+                let code = guest::CODE..guest::CODE_END;
+                let len = host_steps::emulate_tracked_write(code, rip, gpa.0, regs.rax, &mut self.seen)
+                    .map_err(Stop::Error)?;
+                self.vmx.vmwrite(F::GUEST_RIP, rip + len)?;
+                Ok(())
+            }
             ExitAction::Emulate { gpa, reason, .. } => {
                 Err(Stop::Error(format!("cannot emulate the access at {:#x} ({reason:?})", gpa.0)))
             }
@@ -210,7 +227,29 @@ impl Hv<'_, '_> {
                 host_steps::remap(self.mmu, translate, self.scenario, regs.rdi, broken)
                     .map_err(Stop::Error)?;
             }
+            guest::HC_STEP => {
+                let host = self.mmu.host();
+                let (root, bases) = (self.vcpu.root().map(|r| r.pfn().0), &self.bases);
+                let sample = |gfns: Vec<u64>| match root {
+                    Some(root) => {
+                        host_steps::sample_gfns(gfns, Paging::Ept, |t, i| read_entry(host, t, i), root, bases)
+                    }
+                    None => Vec::new(),
+                };
+                let after =
+                    host_steps::run_step(self.mmu, self.scenario, regs.rdi, BROKEN, &mut self.seen, sample)
+                        .map_err(Stop::Error)?;
+                if after == host_steps::After::ReloadRoot
+                    && !self.vcpu.root().is_some_and(|r| self.mmu.root_is_valid(r))
+                {
+                    self.reload_root()?;
+                }
+            }
             other => return Err(Stop::Error(format!("unknown hypercall {other} at rip {rip:#x}"))),
+        }
+        if regs.rbx != guest::HC_STEP {
+            // Host steps start a new fault count for the next snapshot (`run_step` does it for its own).
+            self.seen.host_step();
         }
         self.vmx.vmwrite(F::GUEST_RIP, rip + len)?;
         Ok(())

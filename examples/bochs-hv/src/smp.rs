@@ -79,7 +79,7 @@ global_asm!(
     "mov ds, ax",
     "mov es, ax",
     "mov ss, ax",
-    // CR4: PAE, OSFXSR, OSXMMEXCPT; the bootstrap processor's page tables; EFER.LME; CR0.PG|NE|MP|PE.
+    // CR4: PAE, OSFXSR, OSXMMEXCPT; the bootstrap processor's page tables; EFER.LME|NXE; CR0.PG|NE|MP|PE.
     "mov eax, cr4",
     "or eax, 0x620",
     "mov cr4, eax",
@@ -87,7 +87,7 @@ global_asm!(
     "mov cr3, eax",
     "mov ecx, 0xc0000080",
     "rdmsr",
-    "or eax, 0x100",
+    "or eax, 0x900",
     "wrmsr",
     "mov eax, cr0",
     "and eax, 0xfffffffb",

@@ -10,9 +10,10 @@ use alloc::string::String;
 
 use tdp_core::addr::Pfn;
 use tdp_core::dirty_ring::{DirtyGfn, DirtyRingConsumer, DirtyRingProducer, RingConfig};
+use tdp_core::fault::AccessKind;
 use tdp_core::fault::npf_code;
 use tdp_core::mmu::{Mmu, VcpuMmu};
-use tdp_metal::scenario::AS_ID;
+use tdp_metal::scenario::{AS_ID, Observed, SCENARIO};
 use tdp_svm::asid::AsidAllocator;
 use tdp_svm::caps::NptFeatures;
 use tdp_svm::exit::{SvmExit, code};
@@ -96,6 +97,9 @@ pub struct Vcpu<'s> {
     pub npfs: u64,
     /// Reserved-bit #NPFs (an MMIO entry hit again: EPT misconfigurations' counterpart).
     pub rsvd_npfs: u64,
+    /// Of `npfs`, those at gfns in the scenario's non-system slots that were not only a stale root
+    /// (`tdp_metal::scenario::Observed::count_fault`), and of those the fetches.
+    pub slot_faults: (u64, u64),
 }
 
 impl<'s> Vcpu<'s> {
@@ -137,6 +141,7 @@ impl<'s> Vcpu<'s> {
             exits: 0,
             npfs: 0,
             rsvd_npfs: 0,
+            slot_faults: (0, 0),
         })
     }
 
@@ -159,6 +164,7 @@ impl<'s> Vcpu<'s> {
     pub fn next_exit(&mut self) -> Result<ExitAction, String> {
         let mmu = self.mmu();
         let (mut exits, mut npfs, mut rsvd) = (0u64, 0u64, 0u64);
+        let mut counted = Observed::default();
         let mut observe = |_: &Vmcb, report: &ExitReport| {
             exits += 1;
             if let SvmExit::Npf(npf) = report.exit {
@@ -166,6 +172,10 @@ impl<'s> Vcpu<'s> {
                     rsvd += 1;
                 } else {
                     npfs += 1;
+                    if !matches!(report.action, ExitAction::ReloadRoot) {
+                        let exec = npf.fault.access == AccessKind::Exec;
+                        counted.count_fault(&SCENARIO, npf.fault.gpa.gfn().0, exec);
+                    }
                 }
             }
         };
@@ -189,11 +199,30 @@ impl<'s> Vcpu<'s> {
         self.exits += exits;
         self.npfs += npfs;
         self.rsvd_npfs += rsvd;
+        self.slot_faults.0 += counted.slot_faults;
+        self.slot_faults.1 += counted.exec_faults;
         let report = report.map_err(|e| format!("exit loop: {e}"))?;
         if self.sink.must_exit() {
             return Err(format!("dirty ring soft-full between harvests: {:?}", self.sink.stats()));
         }
         Ok(report.action)
+    }
+
+    /// Loads a new root when the current one was invalidated (turning NX huge pages on invalidates
+    /// every root), as the exit loop does when a fault reports it, and installs it in the VMCB.
+    ///
+    /// # Errors
+    /// The root cannot be loaded or installed.
+    pub fn reload_root_if_invalid(&mut self) -> Result<(), String> {
+        let mmu = self.mmu();
+        if self.mmu_vcpu.root().is_some_and(|r| mmu.root_is_valid(r)) {
+            return Ok(());
+        }
+        mmu.load_root(&mut self.mmu_vcpu, AS_ID).map_err(|e| format!("reloading the root: {e}"))?;
+        let root = self.mmu_vcpu.root().ok_or("no root after a reload")?;
+        install_root(&mut self.vmcb, &mut self.svm_vcpu, &self.shared.npt, mmu.config(), root)
+            .map_err(|e| format!("installing the new root: {e}"))?;
+        Ok(())
     }
 
     /// Moves RIP past the VMMCALL that exited: to nRIP where the CPU saves it, else by its 3 bytes.

@@ -66,6 +66,12 @@ pub(crate) const BROKEN: Option<Broken> = if cfg!(feature = "broken-npt") {
     Some(Broken::Age)
 } else if cfg!(feature = "broken-remap") {
     Some(Broken::Remap)
+} else if cfg!(feature = "broken-nx") {
+    Some(Broken::Nx)
+} else if cfg!(feature = "broken-track") {
+    Some(Broken::Track)
+} else if cfg!(feature = "broken-recover") {
+    Some(Broken::Recover)
 } else {
     None
 };

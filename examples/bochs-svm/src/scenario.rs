@@ -1,7 +1,8 @@
 //! The shared scenario (`tdp_metal::scenario::SCENARIO`) on one vCPU under SVM: the guest that
 //! `examples/bochs-hv`'s generator writes (with VMMCALL as its hypercall), nested tables that tdp-core's
 //! MMU builds from the #NPF exits, MMIO emulated from reserved-bit #NPFs, dirty logging by write
-//! protection into a tdp-core dirty ring, and the host's steps (harvests, aging, moving a page) through
+//! protection into a tdp-core dirty ring, writes to a tracked page emulated, and the host's steps
+//! (harvests, aging, moving a page, stopping logging, tracking, NX huge pages, snapshots) through
 //! `host_steps`, the code `bochs-hv` runs for them. What the run saw becomes the `TDP-RESULT` line.
 
 use alloc::format;
@@ -33,12 +34,16 @@ pub fn run(svm: &X86Svm, shared: &Shared, bases: &[(u16, u64, u64)]) -> Observed
             if let Err(e) = steps(&mut vcpu, bases, &mut seen) {
                 seen.guest_error = Some(e);
             }
+            (seen.slot_faults, seen.exec_faults) = vcpu.slot_faults;
             seen.ept_violations = vcpu.npfs;
             seen.ept_misconfigs = vcpu.rsvd_npfs;
             seen.flushes = shared.mmu.host().tlb.stats().requests;
             seen.invepts = vcpu.svm_vcpu.flushed_generation();
             seen.ring_lost = vcpu.sink.stats().lost;
-            seen.translations = sample(&vcpu, bases);
+            if seen.translations.is_empty() {
+                // Taken at the NX step when the run reached it (turning NX on replaces the root).
+                seen.translations = sample(&vcpu, bases);
+            }
             seen.host_reads = host_steps::host_reads(&SCENARIO, &shared.mmu.host().translate);
             crate::println!(
                 "bochs-svm: scenario on ASID {}: {} exits, faults {:?}, ring {:?}, flushes {:?}",
@@ -63,6 +68,14 @@ fn sample(vcpu: &Vcpu<'_>, bases: &[(u16, u64, u64)]) -> Vec<Translation> {
     host_steps::sample(&SCENARIO, Paging::Npt, read, root.0, bases)
 }
 
+/// The translations of `gfns` in the vCPU's nested tables.
+fn sample_gfns(vcpu: &Vcpu<'_>, bases: &[(u16, u64, u64)], gfns: Vec<u64>) -> Vec<Translation> {
+    let Some(root) = vcpu.root() else { return Vec::new() };
+    let region = vcpu.mmu().host().frames.region();
+    let read = |t: u64, i: usize| region.table(Pfn(t)).map_or(0, |t| t[i % 512].load(Ordering::Relaxed));
+    host_steps::sample_gfns(gfns, Paging::Npt, read, root.0, bases)
+}
+
 /// Runs the guest to its end or first error.
 fn steps(vcpu: &mut Vcpu<'_>, bases: &[(u16, u64, u64)], seen: &mut Observed) -> Result<(), String> {
     let mmu = vcpu.mmu();
@@ -77,10 +90,18 @@ fn steps(vcpu: &mut Vcpu<'_>, bases: &[(u16, u64, u64)], seen: &mut Observed) ->
                 vcpu.vmcb.save.rip = rip + len;
                 continue;
             }
+            ExitAction::Emulate { gpa, reason: EmulateReason::WriteTracked, .. } => {
+                let rip = vcpu.vmcb.save.rip;
+                let code = guest::CODE..guest::CODE_END;
+                let len = host_steps::emulate_tracked_write(code, rip, gpa.0, vcpu.vmcb.save.rax, seen)?;
+                vcpu.vmcb.save.rip = rip + len;
+                continue;
+            }
             ExitAction::Unhandled(code::VMMCALL) => {}
             other => return Err(vcpu.describe_exit(&other)),
         }
         vcpu.skip_vmmcall();
+        (seen.slot_faults, seen.exec_faults) = vcpu.slot_faults;
         // The guest's RAX lives in the VMCB under SVM.
         let (number, arg, rax) = (vcpu.regs.rbx, vcpu.regs.rdi, vcpu.vmcb.save.rax);
         match number {
@@ -117,8 +138,18 @@ fn steps(vcpu: &mut Vcpu<'_>, bases: &[(u16, u64, u64)], seen: &mut Observed) ->
                 let broken = BROKEN == Some(Broken::Remap);
                 host_steps::remap(mmu, &mmu.host().translate, &SCENARIO, arg, broken)?;
             }
+            guest::HC_STEP => {
+                let sample = |gfns: Vec<u64>| sample_gfns(vcpu, bases, gfns);
+                let after = host_steps::run_step(mmu, &SCENARIO, arg, BROKEN, seen, sample)?;
+                if after == host_steps::After::ReloadRoot {
+                    vcpu.reload_root_if_invalid()?;
+                }
+                continue;
+            }
             other => return Err(format!("unknown hypercall {other} at rip {:#x}", vcpu.vmcb.save.rip)),
         }
+        // Host steps start a new fault count for the next snapshot (`run_step` does it for its own).
+        seen.host_step();
     }
 }
 

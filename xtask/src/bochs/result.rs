@@ -172,6 +172,32 @@ pub fn compare(bochs: &RunResult, mock: &RunResult) -> Vec<String> {
             bochs.host_reads, mock.host_reads
         ));
     }
+    if bochs.snapshots != mock.snapshots {
+        for (i, (b, m)) in bochs.snapshots.iter().zip(&mock.snapshots).enumerate() {
+            if b != m {
+                diffs.push(format!("snapshot {i}: bochs {b:?}, mock {m:?}"));
+            }
+        }
+        if bochs.snapshots.len() != mock.snapshots.len() {
+            diffs.push(format!(
+                "snapshots: {} on bochs, {} on the mock",
+                bochs.snapshots.len(),
+                mock.snapshots.len()
+            ));
+        }
+    }
+    if (bochs.slot_faults, bochs.exec_faults) != (mock.slot_faults, mock.exec_faults) {
+        diffs.push(format!(
+            "faults in the scenario's slots (fetches): bochs {} ({}), mock {} ({})",
+            bochs.slot_faults, bochs.exec_faults, mock.slot_faults, mock.exec_faults
+        ));
+    }
+    if bochs.tracked_writes != mock.tracked_writes {
+        diffs.push(format!(
+            "emulated tracked writes: bochs {:x?}, mock {:x?}",
+            bochs.tracked_writes, mock.tracked_writes
+        ));
+    }
     if bochs.steps_completed != mock.steps_completed {
         diffs
             .push(format!("steps completed: bochs {}, mock {}", bochs.steps_completed, mock.steps_completed));
@@ -221,7 +247,18 @@ pub struct RunResult {
     pub guest_table_gfns: Vec<u64>,
     /// The harvested gfns per harvest.
     pub harvests: Vec<Vec<u64>>,
-    /// The sampled translations after the run.
+    /// Faults the guest took in the scenario's non-system slots over the whole run (Bochs: EPT
+    /// violations / #NPFs there, not counting one that only found the root stale; mock: faults).
+    pub slot_faults: u64,
+    /// Of those, instruction fetches.
+    pub exec_faults: u64,
+    /// What each snapshot step recorded.
+    pub snapshots: Vec<SnapshotJson>,
+    /// The writes to tracked pages the host emulated, `(address, value)`.
+    pub tracked_writes: Vec<(u64, u64)>,
+    /// Tables each NX recovery pass zapped (reported, not compared: Bochs's guest code splits too).
+    pub nx_recovered: Vec<u64>,
+    /// The sampled translations after the run (before the NX step, which replaces the root).
     pub translations: Vec<TranslationJson>,
     /// The same sample just before dirty logging started.
     pub early_translations: Vec<TranslationJson>,
@@ -263,6 +300,17 @@ pub struct TranslationJson {
     pub rwx: Option<u8>,
 }
 
+/// One snapshot: faults in the scenario's slots since the previous host step and the leaves then.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct SnapshotJson {
+    /// Faults in non-system slots.
+    pub faults: u64,
+    /// Of those, instruction fetches.
+    pub exec_faults: u64,
+    /// The translations of the snapshot's gfns.
+    pub translations: Vec<TranslationJson>,
+}
+
 /// One check.
 #[derive(Clone, Debug, Deserialize)]
 pub struct CheckJson {
@@ -278,7 +326,7 @@ pub struct CheckJson {
 mod tests {
     use super::*;
 
-    const LINE: &str = r#"TDP-RESULT {"runner":"bochs","model":"cpu","mmu":"EPT","broken":null,"must_fail":null,"features":["ept"],"steps_completed":3,"ept_violations":4,"ept_misconfigs":1,"pml_full_exits":0,"flushes":2,"invepts":2,"mmio_reads":1,"ring_lost":0,"guest_error":null,"mmio_writes":[[8388616,5]],"guest_table_gfns":[1,2,3],"harvests":[[],[1,513]],"young":[[1024]],"host_reads":[[4325384,7]],"translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":1,"rwx":7},{"gfn":2048,"kind":"mmio"}],"early_translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":2,"rwx":7}],"checks":[{"name":"harvest holds exactly the written pages","ok":true,"detail":""}],"passed":1,"failed":0,"verdict":"pass"}"#;
+    const LINE: &str = r#"TDP-RESULT {"runner":"bochs","model":"cpu","mmu":"EPT","broken":null,"must_fail":null,"features":["ept"],"steps_completed":3,"ept_violations":4,"ept_misconfigs":1,"pml_full_exits":0,"flushes":2,"invepts":2,"mmio_reads":1,"ring_lost":0,"guest_error":null,"mmio_writes":[[8388616,5]],"guest_table_gfns":[1,2,3],"harvests":[[],[1,513]],"young":[[1024]],"host_reads":[[4325384,7]],"slot_faults":3,"exec_faults":1,"snapshots":[{"faults":1,"exec_faults":1,"translations":[{"gfn":2624,"kind":"leaf","slot":2,"page":64,"level":1,"rwx":7}]}],"tracked_writes":[[4390936,9]],"nx_recovered":[2],"translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":1,"rwx":7},{"gfn":2048,"kind":"mmio"}],"early_translations":[{"gfn":513,"kind":"leaf","slot":1,"page":1,"level":2,"rwx":7}],"checks":[{"name":"harvest holds exactly the written pages","ok":true,"detail":""}],"passed":1,"failed":0,"verdict":"pass"}"#;
 
     fn parsed() -> RunResult {
         parse_output(&format!("bochs-hv: booting\n{LINE}\n")).unwrap()
@@ -336,6 +384,27 @@ mod tests {
         let diffs = compare(&bochs, &mock);
         assert!(
             diffs.len() == 2 && diffs[0].starts_with("young") && diffs[1].starts_with("moved"),
+            "{diffs:?}"
+        );
+    }
+
+    #[test]
+    fn snapshots_fault_counts_and_tracked_writes_must_agree_but_nx_recovery_counts_need_not() {
+        let bochs = parsed();
+        let mut mock = parsed();
+        mock.harvests = vec![vec![], vec![513]];
+        mock.nx_recovered = vec![1];
+        assert_eq!(compare(&bochs, &mock), Vec::<String>::new(), "Bochs's guest code is split too");
+        mock.snapshots[0].exec_faults = 0;
+        mock.snapshots[0].translations[0].level = Some(2);
+        mock.tracked_writes.clear();
+        mock.slot_faults += 1;
+        let diffs = compare(&bochs, &mock);
+        assert!(
+            diffs.len() == 3
+                && diffs[0].starts_with("snapshot 0")
+                && diffs[1].starts_with("faults in the scenario's slots")
+                && diffs[2].starts_with("emulated"),
             "{diffs:?}"
         );
     }

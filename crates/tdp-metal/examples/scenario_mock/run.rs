@@ -21,9 +21,10 @@ use tdp_core::spte::{EptOptions, NptOptions, SpteFormat};
 use tdp_metal::scenario::report::{RunInfo, write_result_line};
 use tdp_metal::scenario::{
     AS_ID, Broken, Check, Observed, Paging, REMAP_POOL_OFFSET, REMAP_POOL_PAGES, REMAP_POOL_SLOT, SCENARIO,
-    Step, Translation, age_step, translate, unprotect_leaves,
+    Step, Translation, age_step, nx_on_step, nx_recover_step, stop_logging_step, track_step, translate,
+    unprotect_leaves, untrack_step,
 };
-use tdp_mock::{AccessResult, HostConfig, Machine, Vcpu};
+use tdp_mock::{AccessResult, HostConfig, Machine, Vcpu, VcpuError};
 
 /// How dirty pages are logged: what the Bochs hypervisor picks for a CPU model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,14 +160,13 @@ pub fn run(model: &str, mode: Mode, broken: Option<Broken>) -> Result<MockRun, S
     let read = |t: u64, i: usize| {
         host.arena_table(Pfn(t)).map_or(0, |table| table[i].load(std::sync::atomic::Ordering::Relaxed))
     };
-    let sample = |vcpu: &Vcpu| -> Vec<Translation> {
+    let sample_gfns = |vcpu: &Vcpu, gfns: Vec<u64>| -> Vec<Translation> {
         let root = vcpu.root().map(|r| r.pfn().0).unwrap_or_default();
-        SCENARIO
-            .sample_gfns()
-            .into_iter()
+        gfns.into_iter()
             .map(|gfn| Translation { gfn, kind: translate(paging, read, root, gfn, &bases) })
             .collect()
     };
+    let sample = |vcpu: &Vcpu| sample_gfns(vcpu, SCENARIO.sample_gfns());
     let mut seen = Observed::default();
     let corrupt = |vcpu: &Vcpu, first: u64, pages: u64| {
         if broken.and_then(Broken::corrupts).is_some() {
@@ -176,7 +176,7 @@ pub fn run(model: &str, mode: Mode, broken: Option<Broken>) -> Result<MockRun, S
             host.flush_all();
         }
     };
-    let hooks = Hooks { sample: &sample, corrupt: &corrupt, broken, pool };
+    let hooks = Hooks { sample: &sample, sample_gfns: &sample_gfns, corrupt: &corrupt, broken, pool };
     if let Err(e) = steps(&m, &mut vcpu, &sink, &mut consumer, &mut seen, &hooks) {
         seen.guest_error = Some(e);
     }
@@ -187,7 +187,10 @@ pub fn run(model: &str, mode: Mode, broken: Option<Broken>) -> Result<MockRun, S
     seen.flushes = flushes.all + flushes.range;
     seen.invepts = seen.flushes;
     seen.ring_lost = sink.0.lock().unwrap_or_else(PoisonError::into_inner).lost;
-    seen.translations = sample(&vcpu);
+    if seen.translations.is_empty() {
+        // Taken at the NX step when the run reached it.
+        seen.translations = sample(&vcpu);
+    }
     seen.host_reads = SCENARIO
         .expected_host_reads()
         .into_iter()
@@ -208,6 +211,7 @@ pub fn run(model: &str, mode: Mode, broken: Option<Broken>) -> Result<MockRun, S
 /// variant and the remap pool's host address, for the host's steps.
 struct Hooks<'a> {
     sample: &'a dyn Fn(&Vcpu) -> Vec<Translation>,
+    sample_gfns: &'a dyn Fn(&Vcpu, Vec<u64>) -> Vec<Translation>,
     corrupt: &'a dyn Fn(&Vcpu, u64, u64),
     broken: Option<Broken>,
     pool: u64,
@@ -225,17 +229,31 @@ fn steps(
     let mmu = m.mmu();
     for (i, step) in SCENARIO.steps.iter().enumerate() {
         let err = |e: &dyn std::fmt::Display| format!("step {i} ({step:?}): {e}");
+        let taken = vcpu.mmu_state().counters.taken;
         match *step {
             Step::Read { gpa } => {
                 let got = vcpu.read_u64(mmu, gpa).map_err(|e| err(&e))?;
                 let want = SCENARIO.expected_read(i);
                 if Some(got) != want {
+                    // The read's fault counts, as under Bochs, where the guest's check fails after it.
+                    count_faults(seen, vcpu, taken, step);
                     return Err(format!("step {i}: read {got:#x}, expected {want:x?}"));
                 }
             }
             Step::Write { .. } | Step::WriteRange { .. } => {
                 for (gpa, value) in step.writes() {
-                    vcpu.write_u64(mmu, gpa, value).map_err(|e| err(&e))?;
+                    match vcpu.write_u64(mmu, gpa, value) {
+                        Ok(_) => {}
+                        Err(VcpuError::Emulate { reason: EmulateReason::WriteTracked, .. }) => {
+                            // The host emulates the write into the page's frame.
+                            let host = m.host();
+                            let frame = host.host_frame(host.guest_ram_base() + (gpa.0 & !0xfff));
+                            let frame = frame.ok_or_else(|| err(&"tracked page has no host frame"))?;
+                            host.write_u64(frame, gpa.page_offset(), value);
+                            seen.tracked_writes.push((gpa.0, value));
+                        }
+                        Err(e) => return Err(err(&e)),
+                    }
                 }
             }
             Step::Exec { gpa } => match vcpu.access(mmu, gpa, AccessKind::Exec).map_err(|e| err(&e))? {
@@ -296,10 +314,43 @@ fn steps(
                 remap(m, gpa.gfn().0, hooks.pool, earlier as u64, hooks.broken == Some(Broken::Remap))
                     .map_err(|e| err(&e))?;
             }
+            Step::StopLogging { slot } => {
+                vcpu.flush_pml(mmu);
+                stop_logging_step(mmu, slot, hooks.broken == Some(Broken::Recover)).map_err(|e| err(&e))?;
+            }
+            Step::Track { gpa } => {
+                track_step(mmu, gpa.gfn(), hooks.broken == Some(Broken::Track)).map_err(|e| err(&e))?;
+            }
+            Step::Untrack { gpa } => {
+                untrack_step(mmu, gpa.gfn(), hooks.broken == Some(Broken::Track)).map_err(|e| err(&e))?;
+            }
+            Step::NxHugePages => {
+                seen.translations = (hooks.sample)(vcpu);
+                nx_on_step(mmu, hooks.broken == Some(Broken::Nx));
+            }
+            Step::NxRecover => seen.nx_recovered.push(nx_recover_step(mmu)),
+            Step::Snapshot(snap) => seen.snapshot((hooks.sample_gfns)(vcpu, snap.gfns().collect())),
         }
+        count_faults(seen, vcpu, taken, step);
         seen.steps_completed = i + 1;
     }
     Ok(())
+}
+
+/// Counts the faults `step`'s accesses took (the vCPU's count went from `taken`) in `seen`: MMIO lies
+/// outside every slot, and the Bochs hypervisors count only slot faults too. A host step starts a new
+/// count for the next snapshot.
+fn count_faults(seen: &mut Observed, vcpu: &Vcpu, taken: u64, step: &Step) {
+    let faults = vcpu.mmu_state().counters.taken.saturating_sub(taken);
+    match *step {
+        Step::Read { gpa } | Step::Write { gpa, .. } | Step::WriteRange { gpa, .. } | Step::Exec { gpa } => {
+            for _ in 0..faults {
+                seen.count_fault(&SCENARIO, gpa.gfn().0, matches!(step, Step::Exec { .. }));
+            }
+        }
+        Step::MmioRead { .. } | Step::MmioWrite { .. } | Step::Snapshot(_) => {}
+        _ => seen.host_step(),
+    }
 }
 
 /// Moves the host page behind `gfn` to frame `index` of the remap pool at host address `pool`, through

@@ -36,20 +36,29 @@ pub enum Broken {
     /// The host moves a page without the MMU notifier (no `invalidate_range_start` / `end`): the old
     /// leaf keeps pointing at the frame the page left.
     Remap,
+    /// The NX huge-page mitigation is left off: huge leaves stay executable and a fetch never exits.
+    Nx,
+    /// The tracked page is never tracked: it maps writable and its writes never exit.
+    Track,
+    /// After logging stops, the slot's huge ranges are zapped (KVM before 6.13) on top of the in-place
+    /// recovery: the next accesses refault.
+    Recover,
 }
 
 impl Broken {
     /// Every variant.
-    pub const ALL: [Broken; 4] = [Broken::Ept, Broken::Npt, Broken::Age, Broken::Remap];
+    pub const ALL: [Broken; 7] =
+        [Broken::Ept, Broken::Npt, Broken::Age, Broken::Remap, Broken::Nx, Broken::Track, Broken::Recover];
 
     /// The variants a hypervisor on `paging` tables is built as: the table corruption of its format,
     /// then aging and remapping.
     #[must_use]
-    pub const fn for_paging(paging: super::Paging) -> [Broken; 3] {
-        match paging {
-            super::Paging::Ept => [Broken::Ept, Broken::Age, Broken::Remap],
-            super::Paging::Npt => [Broken::Npt, Broken::Age, Broken::Remap],
-        }
+    pub const fn for_paging(paging: super::Paging) -> [Broken; 6] {
+        let corrupt = match paging {
+            super::Paging::Ept => Broken::Ept,
+            super::Paging::Npt => Broken::Npt,
+        };
+        [corrupt, Broken::Age, Broken::Remap, Broken::Nx, Broken::Track, Broken::Recover]
     }
 
     /// The table format whose entries the variant corrupts (`None`: it corrupts no table).
@@ -58,11 +67,12 @@ impl Broken {
         match self {
             Broken::Ept => Some(super::Paging::Ept),
             Broken::Npt => Some(super::Paging::Npt),
-            Broken::Age | Broken::Remap => None,
+            Broken::Age | Broken::Remap | Broken::Nx | Broken::Track | Broken::Recover => None,
         }
     }
 
-    /// The variant's name: `ept`, `npt`, `age` or `remap` (the kernel's feature is `broken-<name>`).
+    /// The variant's name: `ept`, `npt`, `age`, `remap`, `nx`, `track` or `recover` (the kernel's
+    /// feature is `broken-<name>`).
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
@@ -70,6 +80,9 @@ impl Broken {
             Broken::Npt => "npt",
             Broken::Age => "age",
             Broken::Remap => "remap",
+            Broken::Nx => "nx",
+            Broken::Track => "track",
+            Broken::Recover => "recover",
         }
     }
 
@@ -86,6 +99,9 @@ impl Broken {
             Broken::Ept | Broken::Npt => super::judge::HARVEST_CHECK,
             Broken::Age => super::judge::AGE_CHECK,
             Broken::Remap => super::judge::REMAP_CHECK,
+            Broken::Nx => super::judge::NX_CHECK,
+            Broken::Track => super::judge::TRACK_CHECK,
+            Broken::Recover => super::judge::RECOVER_CHECK,
         }
     }
 }

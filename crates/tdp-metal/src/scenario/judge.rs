@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 
 use tdp_core::addr::Gfn;
 
-use super::{Mapping, REMAP_POOL_SLOT, Scenario, Translation};
+use super::{Feature, Mapping, REMAP_POOL_SLOT, Scenario, SnapshotSeen, Translation};
 
 /// The check a write escaping the dirty log fails.
 pub(super) const HARVEST_CHECK: &str = "harvest holds exactly the written pages";
@@ -16,6 +16,14 @@ pub(super) const HARVEST_CHECK: &str = "harvest holds exactly the written pages"
 pub(super) const AGE_CHECK: &str = "aging reports young exactly the pages touched since the last age";
 /// The check a page moved behind the MMU's back fails.
 pub(super) const REMAP_CHECK: &str = "a page the host moved is read and written in its new frame";
+/// The check NX huge pages left off fails.
+pub(super) const NX_CHECK: &str = "under NX huge pages a fetch in a huge range exits and maps its page \
+     executable at 4 KiB, data elsewhere stays huge, recovery brings the huge leaf back";
+/// The check a write escaping write tracking fails.
+pub(super) const TRACK_CHECK: &str =
+    "a write to a tracked gfn exits and is emulated, its leaf stays read-only; untracked it maps writable";
+/// The check a refault after logging stops fails.
+pub(super) const RECOVER_CHECK: &str = "stopping dirty logging restores huge leaves in place with no refault";
 
 impl Scenario {
     /// Judges a run: every check the scenario implies, each with what was seen when it failed.
@@ -103,6 +111,28 @@ impl Scenario {
                 seen.host_reads
             ),
         );
+        for feature in Feature::ALL {
+            let mut problems: Vec<String> = Vec::new();
+            let mut judged = false;
+            for (i, want) in self.snapshots().enumerate().filter(|(_, s)| s.check == feature) {
+                judged = true;
+                let Some(got) = seen.snapshots.get(i) else {
+                    problems.push(format!("snapshot {i} not taken"));
+                    continue;
+                };
+                problems.extend(self.snapshot_problems(i, want, got));
+            }
+            if feature == Feature::Track {
+                let want = self.expected_tracked_writes();
+                judged |= !want.is_empty();
+                if seen.tracked_writes != want {
+                    problems.push(format!("emulated writes {:x?}, expected {want:x?}", seen.tracked_writes));
+                }
+            }
+            if judged {
+                check(feature.check(), problems.is_empty(), problems.join("; "));
+            }
+        }
         let bad: Vec<&Translation> = seen
             .translations
             .iter()
@@ -115,6 +145,32 @@ impl Scenario {
             format!("{} samples, wrong: {bad:x?}", seen.translations.len()),
         );
         checks
+    }
+
+    /// What differs between snapshot `i` as expected (`want`) and as seen (`got`).
+    fn snapshot_problems(&self, i: usize, want: &super::Snapshot, got: &SnapshotSeen) -> Vec<String> {
+        let mut problems = Vec::new();
+        if want.faults.is_some_and(|f| f != got.faults) {
+            problems.push(format!("snapshot {i}: {} faults, expected {:?}", got.faults, want.faults));
+        }
+        if want.exec_faults.is_some_and(|f| f != got.exec_faults) {
+            problems.push(format!(
+                "snapshot {i}: {} fetch faults, expected {:?}",
+                got.exec_faults, want.exec_faults
+            ));
+        }
+        for leaf in want.leaves {
+            let kind = got.translations.iter().find(|t| t.gfn == leaf.gfn).map(|t| t.kind);
+            let own = self.slot_of(Gfn(leaf.gfn)).map(|s| (s.id.0, leaf.gfn - s.base_gfn.0));
+            let ok = match (kind, own) {
+                (Some(kind), Some((slot, page))) => leaf.matches(&kind, slot, page),
+                _ => false,
+            };
+            if !ok {
+                problems.push(format!("snapshot {i}: gfn {:#x} is {kind:x?}, expected {leaf:x?}", leaf.gfn));
+            }
+        }
+        problems
     }
 
     /// Whether a sampled translation is allowed: a slot gfn maps its own page of its own slot (or is
@@ -156,7 +212,8 @@ pub struct Observed {
     pub pml_full_exits: u64,
     /// Flushes the core asked for (calls of the host's flush methods).
     pub flushes: u64,
-    /// Flushes delivered for them: INVEPT instructions executed (VMX); requests a VMRUN honoured with
+    /// Flushes delivered for them: requests after which every registered EPTP was invalidated by
+    /// INVEPT (VMX: `tdp_vmx::host::FlushStats::delivered`); requests a VMRUN honoured with
     /// TLB_CONTROL, as the flush generation the vCPU last flushed at (SVM); the flushes the mock
     /// delivered.
     pub invepts: u64,
@@ -164,7 +221,8 @@ pub struct Observed {
     pub mmio_reads: u64,
     /// MMIO writes emulated, as `(gpa, value)`.
     pub mmio_writes: Vec<(u64, u64)>,
-    /// The translation of every gfn of [`Scenario::sample_gfns`] after the run.
+    /// The translation of every gfn of [`Scenario::sample_gfns`] after the run, or when the run has a
+    /// [`super::Step::NxHugePages`], just before it (turning the mitigation on replaces every root).
     pub translations: Vec<Translation>,
     /// The same sample taken just before dirty logging started (empty if it never did): shows the
     /// 2 MiB leaves, which logging splits.
@@ -174,6 +232,19 @@ pub struct Observed {
     /// For each [`super::Step::Remap`], its address and the `u64` the page's current host frame holds
     /// there after the run.
     pub host_reads: Vec<(u64, u64)>,
+    /// Faults the guest took in non-system slots ([`Observed::count_fault`]).
+    pub slot_faults: u64,
+    /// Of those, instruction fetches.
+    pub exec_faults: u64,
+    /// `(slot_faults, exec_faults)` at the last host step: where the next snapshot starts counting.
+    pub fault_mark: (u64, u64),
+    /// What each [`super::Step::Snapshot`] recorded.
+    pub snapshots: Vec<SnapshotSeen>,
+    /// The writes to tracked pages the host emulated, as `(address, value)`.
+    pub tracked_writes: Vec<(u64, u64)>,
+    /// Tables each [`super::Step::NxRecover`] zapped (not compared: under Bochs the guest's own code
+    /// fetches split the system slot's range too).
+    pub nx_recovered: Vec<u64>,
 }
 
 /// One check of [`Scenario::evaluate`].

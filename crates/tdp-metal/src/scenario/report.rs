@@ -101,7 +101,25 @@ pub fn write_result_line(
     gfn_sets(out, &seen.young)?;
     out.write_str(",\"host_reads\":")?;
     pairs(out, &seen.host_reads)?;
-    out.write_str(",\"translations\":")?;
+    write!(
+        out,
+        ",\"slot_faults\":{},\"exec_faults\":{},\"snapshots\":[",
+        seen.slot_faults, seen.exec_faults
+    )?;
+    for (i, snap) in seen.snapshots.iter().enumerate() {
+        sep(out, i)?;
+        write!(out, "{{\"faults\":{},\"exec_faults\":{},\"translations\":", snap.faults, snap.exec_faults)?;
+        translations(out, &snap.translations)?;
+        out.write_char('}')?;
+    }
+    out.write_str("],\"tracked_writes\":")?;
+    pairs(out, &seen.tracked_writes)?;
+    out.write_str(",\"nx_recovered\":[")?;
+    for (i, n) in seen.nx_recovered.iter().enumerate() {
+        sep(out, i)?;
+        write!(out, "{n}")?;
+    }
+    out.write_str("],\"translations\":")?;
     translations(out, &seen.translations)?;
     out.write_str(",\"early_translations\":")?;
     translations(out, &seen.early_translations)?;

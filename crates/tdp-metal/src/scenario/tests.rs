@@ -102,8 +102,57 @@ fn perfect_run() -> Observed {
                 kind: Mapping::Leaf { slot: 1, page: gfn - 0x200, level, rwx: 7 },
             })
             .collect(),
+        snapshots: s
+            .snapshots()
+            .map(|snap| SnapshotSeen {
+                faults: snap.faults.unwrap_or(0),
+                exec_faults: snap.exec_faults.unwrap_or(0),
+                translations: snap
+                    .leaves
+                    .iter()
+                    .map(|l| {
+                        let slot = s.slot_of(Gfn(l.gfn)).unwrap();
+                        let rwx = 1
+                            | if l.write == Some(true) { 2 } else { 0 }
+                            | if l.exec == Some(true) { 4 } else { 0 };
+                        let (page, level) = (l.gfn - slot.base_gfn.0, l.level);
+                        let kind = if level == 0 {
+                            Mapping::NotPresent
+                        } else {
+                            Mapping::Leaf { slot: slot.id.0, page, level, rwx }
+                        };
+                        Translation { gfn: l.gfn, kind }
+                    })
+                    .collect(),
+            })
+            .collect(),
+        tracked_writes: s.expected_tracked_writes(),
         ..Observed::default()
     }
+}
+
+#[test]
+fn each_feature_check_sees_its_mistake() {
+    assert_eq!(SCENARIO.expected_tracked_writes(), [(0x430 * 4096 + 0x18, 0xbbbb_0000_0000_0430)]);
+    let failed = |seen: &Observed| -> Vec<&'static str> {
+        SCENARIO.evaluate(seen).into_iter().filter(|c| !c.ok).map(|c| c.name).collect()
+    };
+    let mut refault = perfect_run();
+    refault.snapshots[0].faults = 1;
+    assert_eq!(failed(&refault), [Broken::Recover.must_fail()]);
+    let mut writable = perfect_run();
+    writable.tracked_writes.clear();
+    assert_eq!(failed(&writable), [Broken::Track.must_fail()]);
+    let mut no_exit = perfect_run();
+    no_exit.snapshots[4].exec_faults = 0;
+    assert_eq!(failed(&no_exit), [Broken::Nx.must_fail()]);
+    let mut executable = perfect_run();
+    let Mapping::Leaf { rwx, .. } = &mut executable.snapshots[3].translations[0].kind else { panic!() };
+    *rwx |= 4;
+    assert_eq!(failed(&executable), [Broken::Nx.must_fail()], "a huge leaf executable under NX");
+    let mut missing = perfect_run();
+    missing.snapshots.truncate(2);
+    assert_eq!(failed(&missing), [Broken::Track.must_fail(), Broken::Nx.must_fail()]);
 }
 
 #[test]

@@ -36,6 +36,10 @@ pub struct FlushStats {
     pub skipped: u64,
     /// INVEPTs that failed.
     pub errors: u64,
+    /// Requests delivered: every registered EPTP got its single-context INVEPT, or an all-context one
+    /// succeeded. With a root being replaced, one request takes two INVEPTs (the retiring EPTP's last
+    /// one and the current one's), so this, not the INVEPT count, is what to compare with `requests`.
+    pub delivered: u64,
     /// Flushes that could not reach every context (an INVEPT failed, or more than [`MAX_EPTPS`] EPTPs
     /// were loaded, on a CPU without all-context INVEPT): an I3 risk the hypervisor must act on.
     pub uncovered: u64,
@@ -139,6 +143,7 @@ impl<V: VmxInstructions> InveptFlush<V> {
         }
         // All-context alone when it is needed anyway (an overflow, or no single-context type).
         let mut need_all = s.overflowed || !self.support.single_context;
+        let mut delivered = false;
         if self.support.single_context && !(need_all && self.support.all_context) {
             for i in 0..MAX_EPTPS {
                 let Some(slot) = s.eptps[i] else { continue };
@@ -150,12 +155,14 @@ impl<V: VmxInstructions> InveptFlush<V> {
                     }
                 }
             }
+            delivered = !need_all;
         }
         if need_all {
             if self.support.all_context {
                 match self.vmx.invept(InveptKind::AllContext, &InveptDescriptor::default()) {
                     Ok(()) => {
                         s.stats.all_context += 1;
+                        delivered = true;
                         // Every context is clean: overflowed EPTPs are covered.
                         s.overflowed = false;
                     }
@@ -166,6 +173,7 @@ impl<V: VmxInstructions> InveptFlush<V> {
                 s.stats.uncovered += 1;
             }
         }
+        s.stats.delivered += u64::from(delivered);
         for slot in &mut s.eptps {
             if slot.is_some_and(|slot| slot.retired) {
                 *slot = None;

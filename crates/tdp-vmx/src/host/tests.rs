@@ -56,6 +56,12 @@ fn i3_flush_covers_every_loaded_and_retired_eptp_once() {
     assert_eq!(vmx.take_ops(), [single(e1), single(e2)]);
     flush.flush_range(AsId(0), Gfn(0), 1);
     assert_eq!(vmx.take_ops(), [single(e2)], "the retired EPTP was flushed once, then forgotten");
+    let stats = flush.stats();
+    assert_eq!(
+        (stats.requests, stats.single_context, stats.delivered),
+        (3, 3, 2),
+        "two requests delivered (one with two INVEPTs), the skipped one not"
+    );
 }
 
 #[test]
@@ -79,6 +85,7 @@ fn i3_all_context_when_single_is_missing_or_eptps_overflow() {
     }
     single_only.flush_all();
     assert_eq!((vmx.take_ops().len(), single_only.stats().uncovered), (MAX_EPTPS, 1));
+    assert_eq!((flush.stats().delivered, single_only.stats().delivered), (1, 0), "an uncovered one is not");
 }
 
 #[test]
@@ -91,7 +98,7 @@ fn i3_a_failing_invept_falls_back_to_all_context_and_is_reported() {
     flush.flush_all();
     assert_eq!(vmx.take_ops(), [Op::Invept { kind: crate::inv::InveptKind::AllContext, eptp: 0 }]);
     let stats = flush.stats();
-    assert_eq!((stats.errors, stats.all_context, stats.uncovered), (1, 1, 0));
+    assert_eq!((stats.errors, stats.all_context, stats.uncovered, stats.delivered), (1, 1, 0, 1));
     assert_eq!(flush.take_error().map(|e| e.fail), Some(VmFail::Invalid));
     assert_eq!(flush.take_error(), None);
 }
