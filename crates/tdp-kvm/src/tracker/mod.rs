@@ -25,6 +25,7 @@ mod chunked;
 mod dirty_set;
 mod external;
 mod harvest;
+mod radix;
 mod stats;
 mod types;
 
