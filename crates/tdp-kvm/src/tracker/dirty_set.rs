@@ -352,6 +352,11 @@ impl DirtySets {
         }
     }
 
+    /// Whether there is no slot's set at all (not even an empty one).
+    pub(crate) fn has_no_slots(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     /// Empties every slot's set, keeping the slots.
     pub fn clear(&mut self) {
         self.slots.values_mut().for_each(SlotDirty::clear);

@@ -382,7 +382,12 @@ impl DirtyTracker {
             pending.clear();
         }
         let n = fresh.total();
-        out.merge(fresh);
+        if out.has_no_slots() {
+            // The same result as merging into nothing, without copying every set (`collect`'s case).
+            std::mem::swap(out, fresh);
+        } else {
+            out.merge(fresh);
+        }
         add(&self.counters.collects, 1);
         Ok(n)
     }
