@@ -9,7 +9,8 @@
 //! again without default features (tdp-core is `#![no_std]` unconditionally, so its check is the `no_std`
 //! build), in `target/msrv` so that it does not disturb the main build. The toolchain is installed with
 //! `rustup toolchain install <msrv> --profile minimal` when missing; without rustup the step fails and
-//! says so. This adds about 10 s to a cold CI run (dependencies included) and about 1 s to a warm one.
+//! says so. This adds about 10 s to a cold CI run (dependencies included) and 2-3 s when only our crates
+//! changed.
 //! Clippy's `incompatible_msrv` lint, on in the clippy step, flags the same std APIs earlier.
 //!
 //! What is not checked, and why: `cargo deny`'s advisories need the RustSec database from GitHub, which
