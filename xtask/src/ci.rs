@@ -52,7 +52,7 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "hygiene",
-        what: "publishable crates: dependencies' rust-version <= ours, cargo package, cargo hack check --feature-powerset, cargo deny check licenses bans sources (installs cargo-hack and cargo-deny)",
+        what: "publishable crates: dependencies' rust-version <= ours, rustup run <rust-version> cargo check --locked --lib (all features; tdp-kvm also without default features; installs the toolchain, minimal profile; target/msrv), cargo package, cargo hack check --feature-powerset, cargo deny check licenses bans sources (installs cargo-hack and cargo-deny)",
         run: hygiene::run,
     },
     Step {

@@ -9,8 +9,9 @@
 //! - [`compat`]: the compat VMMs on kvm-ioctls 0.19, 0.22 and 0.25 (own workspaces under `compat/`), and
 //!   the check that tdp-kvm's fd API pulls in no kvm-ioctls.
 //! - [`cmd`]: running child commands with their command line echoed, and finding the repository root.
-//! - [`hygiene`]: crate hygiene of the publishable crates: `cargo package`, every feature combination,
-//!   `cargo deny` (licenses, bans, sources), dependencies' MSRV.
+//! - [`hygiene`]: crate hygiene of the publishable crates: the MSRV (dependencies' rust-version, and a
+//!   build with that toolchain), `cargo package`, every feature combination, `cargo deny` (licenses, bans,
+//!   sources).
 //! - [`install`]: idempotent installation of rustup components and Debian packages.
 //! - [`nostd`]: building and running the `no_std` proof binary in `xtask/nostd-proof`.
 //! - [`elf`]: reading an ELF header to prove a binary is a static executable.

@@ -19,8 +19,9 @@ enum Task {
     /// Steps: install (rustfmt and clippy, only if missing); fmt (cargo fmt --check); clippy
     /// (-D warnings, all targets); test (cargo test --workspace, which includes the tidy house rules;
     /// PROPTEST_CASES defaults to 128 unless set); compat (tdp-kvm's fd API without kvm-ioctls, and the VMMs
-    /// of compat/ on kvm-ioctls 0.19, 0.22 and 0.25 run on /dev/kvm); hygiene (cargo package, every
-    /// feature combination, cargo deny, dependencies' MSRV, for the publishable crates); bochs (the bare-metal hypervisors under Bochs on two
+    /// of compat/ on kvm-ioctls 0.19, 0.22 and 0.25 run on /dev/kvm); hygiene (the MSRV: dependencies'
+    /// rust-version and a build with the rust-version toolchain, installed if missing; cargo package, every
+    /// feature combination, cargo deny, for the publishable crates); bochs (the bare-metal hypervisors under Bochs on two
     /// Intel and two AMD models, with two processors, compared with tdp-mock, and their broken-ept/npt, broken-age and broken-remap builds required to fail; installs Bochs);
     /// loom (the dirty ring's loom models: --cfg loom, release,
     /// target/loom); doc (cargo doc with -D warnings); nostd (build, check and run the no_std proof binary);
@@ -34,8 +35,9 @@ enum Task {
     /// Lint and run the compat VMMs (compat/kvm-ioctls-*) on /dev/kvm, after checking that tdp-kvm without
     /// default features has no kvm-ioctls.
     Compat,
-    /// Crate hygiene of the publishable crates: dependencies' MSRV, cargo package, every feature combination
-    /// (cargo hack), cargo deny (licenses, bans, sources).
+    /// Crate hygiene of the publishable crates: the MSRV (dependencies' rust-version, and cargo check with
+    /// the rust-version toolchain, installed with rustup if missing), cargo package, every feature
+    /// combination (cargo hack), cargo deny (licenses, bans, sources).
     Hygiene,
     /// Format the workspace, the no_std proof crate and the Bochs kernels (examples/bochs-hv, bochs-svm) in place.
     Fmt,

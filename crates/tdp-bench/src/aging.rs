@@ -28,10 +28,8 @@ use crate::timing::{Rounds, ns_per_op};
 
 /// The configurations measured: A/D bits in hardware (an accessed bit to clear) and EPT without them
 /// (the access-tracked form).
-const VARIANTS: [(&str, MmuConfig); 2] = [
-    ("", MmuConfig::EPT),
-    ("_no_ad", MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false }),
-];
+const VARIANTS: [(&str, MmuConfig); 2] =
+    [("", MmuConfig::EPT), ("_no_ad", MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT })];
 
 /// Per variant the young and the idle pass, then the atomic and plain sweeps.
 const CONTENDERS: usize = 2 * VARIANTS.len() + 2;

@@ -28,7 +28,7 @@ use crate::timing::{Rounds, ns_per_op};
 /// the configuration.
 pub const VARIANTS: [(&str, MmuConfig); 3] = [
     ("", MmuConfig::EPT),
-    ("_no_ad", MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false }),
+    ("_no_ad", MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT }),
     ("_pml", MmuConfig::EPT_PML),
 ];
 

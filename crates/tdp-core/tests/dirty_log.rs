@@ -104,11 +104,8 @@ impl Vm {
     }
 }
 
-const WRITE_PROTECT_CONFIGS: [MmuConfig; 3] = [
-    MmuConfig::EPT,
-    MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false },
-    MmuConfig::NPT,
-];
+const WRITE_PROTECT_CONFIGS: [MmuConfig; 3] =
+    [MmuConfig::EPT, MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT }, MmuConfig::NPT];
 
 #[test]
 fn i4_writes_in_a_logged_slot_are_marked_once_per_harvest() {
@@ -255,7 +252,7 @@ fn i4_dropping_the_marks_of_any_one_path_is_caught() {
 
 #[test]
 fn pml_configs_need_accessed_dirty_bits() {
-    let bad = MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: true };
+    let bad = MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT_PML };
     assert!(Machine::new(bad, HostConfig::default()).is_err());
 }
 

@@ -26,7 +26,7 @@ const W: u64 = EptBits::WRITE.bits();
 
 const CONFIGS: [MmuConfig; 4] = [
     MmuConfig::EPT,
-    MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false },
+    MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT },
     MmuConfig::NPT,
     MmuConfig::EPT_PML,
 ];

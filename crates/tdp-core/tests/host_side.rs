@@ -17,7 +17,7 @@ use tdp_core::mmu::{FaultOutcome, InvalidateError, MmuConfig, PreFaultError, Vcp
 use tdp_core::spte::{EptBits, SpteFormat};
 use tdp_mock::{AccessResult, HostConfig, Machine, MockHost, Vcpu};
 
-const EPT_NO_AD: MmuConfig = MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false };
+const EPT_NO_AD: MmuConfig = MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT };
 /// The configurations aging and invalidation run on: A/D bits in hardware (EPT, NPT) and access
 /// tracking (EPT without A/D).
 const CONFIGS: [(&str, MmuConfig); 3] =

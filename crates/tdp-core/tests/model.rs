@@ -207,7 +207,7 @@ proptest! {
 
     #[test]
     fn i1_i2_i3_hold_for_ept_without_ad(level in host_level(), ops in prop::collection::vec(op(), 1..40)) {
-        run(MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false }, level, &ops)?;
+        run(MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT }, level, &ops)?;
     }
 
     #[test]
@@ -217,7 +217,7 @@ proptest! {
 
     #[test]
     fn i1_i2_i3_hold_with_five_level_tables(ops in prop::collection::vec(op(), 1..30)) {
-        run(MmuConfig { format: SpteFormat::EPT_AD, root_level: Level::L5, pml: false }, Level::L3, &ops)?;
+        run(MmuConfig { root_level: Level::L5, ..MmuConfig::EPT }, Level::L3, &ops)?;
     }
 }
 

@@ -42,7 +42,7 @@ const SLOT_PAGES: u64 = 4 * 512 + 37;
 /// Every format and logging method: write protection (EPT, EPT without A/D, NPT) and PML.
 const CONFIGS: [MmuConfig; 4] = [
     MmuConfig::EPT,
-    MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false },
+    MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT },
     MmuConfig::NPT,
     MmuConfig::EPT_PML,
 ];

@@ -13,7 +13,7 @@ use tdp_core::mmu::{EmulateReason, MmuConfig};
 use tdp_core::spte::SpteFormat;
 use tdp_mock::{AccessResult, HostConfig, Machine, Vcpu, Violation, check_write_tracking};
 
-const EPT_NO_AD: MmuConfig = MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false };
+const EPT_NO_AD: MmuConfig = MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT };
 const CONFIGS: [(&str, MmuConfig); 3] =
     [("ept", MmuConfig::EPT), ("ept-no-ad", EPT_NO_AD), ("npt", MmuConfig::NPT)];
 /// The tracked gfn, inside the first 2 MiB of the slot.

@@ -1,7 +1,7 @@
 //! Memslot ids on real `/dev/kvm`: the limit tdp-kvm checks is the kernel's. `KVM_CAP_NR_MEMSLOTS`
 //! answers it; the highest id below it is accepted by KVM and by tdp-kvm (get-log of it reaches the
 //! kernel), the first id at it is refused by KVM (`EINVAL`) and by tdp-kvm before any ioctl, with an error
-//! naming the limit.
+//! naming the limit. `DirtyTracker::register_slot` refuses such an id at registration, with the same error.
 //!
 //! Keeps: I5 (a bad slot id is refused with its value before the kernel sees it).
 
@@ -9,9 +9,13 @@
 #![cfg(feature = "kvm-ioctls")]
 
 use kvm_bindings::kvm_userspace_memory_region;
+use tdp_core::addr::AsId;
 use tdp_core::memslot::{KVM_USER_MEM_SLOTS, MemslotSet};
 use tdp_kvm::testing::{LogSetup, TestVm};
-use tdp_kvm::{ClearRange, DirtyLogBuffer, Error, clear_dirty_log, get_dirty_log, max_memslots};
+use tdp_kvm::{
+    ClearRange, DirtyLogBuffer, DirtyTracker, Error, SlotSpec, TrackingMode, clear_dirty_log, get_dirty_log,
+    max_memslots,
+};
 
 const BASE: u64 = 0x10_0000;
 
@@ -72,4 +76,33 @@ fn the_test_vm_refuses_an_id_kvm_would_refuse() {
         matches!(err, Error::SlotOutOfRange { op: "KVM_SET_USER_MEMORY_REGION", slot: 32764, .. }),
         "{err:?}"
     );
+}
+
+#[test]
+fn the_tracker_refuses_an_out_of_range_id_at_registration() {
+    let top = KVM_USER_MEM_SLOTS.get() - 1;
+    let Some(t) = TestVm::new_or_skip(&[(top, BASE, 64)], LogSetup::ManualInitiallySet).unwrap() else {
+        return;
+    };
+    let tracker = DirtyTracker::new(&t.vm, TrackingMode::ClearLog).unwrap();
+    let refused = [
+        SlotSpec::new(top + 1, 0x100_0000, 64),
+        SlotSpec::new(u16::MAX, 0x100_0000, 64),
+        SlotSpec::new(1, 0x100_0000, 64).with_as_id(AsId(AsId::MAX_COUNT)),
+    ];
+    for spec in refused {
+        let err = tracker.register_slot(spec).unwrap_err();
+        assert!(
+            matches!(err, Error::SlotOutOfRange { op: "DirtyTracker::register_slot", slot, limit }
+                if slot == spec.key().raw() && limit == KVM_USER_MEM_SLOTS),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("ids 0 to 32763"), "{err}");
+    }
+    assert!(tracker.slots().unwrap().is_empty(), "nothing was registered by the refused calls");
+    // The highest id KVM accepts registers, and its first collect reaches the kernel: INITIALLY_SET
+    // reports all 64 pages.
+    tracker.register_slot(SlotSpec::new(top, BASE, 64)).unwrap();
+    assert_eq!(tracker.slots().unwrap(), [SlotSpec::new(top, BASE, 64)]);
+    assert_eq!(tracker.collect().unwrap().total(), 64);
 }

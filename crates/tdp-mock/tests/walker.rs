@@ -183,7 +183,6 @@ fn i1_hardware_matches_each_mmu_config() {
     let ept = Hardware::for_config(&MmuConfig::EPT);
     assert_eq!(ept, EPT_HW);
     assert!(Hardware::for_config(&MmuConfig::NPT).sets_accessed_dirty());
-    let no_ad =
-        MmuConfig { format: tdp_core::spte::SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false };
+    let no_ad = MmuConfig { format: tdp_core::spte::SpteFormat::EPT_NO_AD, ..MmuConfig::EPT };
     assert!(!Hardware::for_config(&no_ad).sets_accessed_dirty());
 }

@@ -229,7 +229,7 @@ impl NptFeatures {
             max_phys_bits: self.phys_bits,
             max_leaf_level: self.max_leaf_level,
         });
-        MmuConfig { format, root_level: Level::L4, pml: false }
+        MmuConfig { format, ..MmuConfig::NPT }
     }
 }
 

@@ -6,7 +6,8 @@
 //! - **ring**: [`tdp_kvm::DirtyTracker::collect`] of a ring tracker (harvest of the vCPU's mmap'd ring,
 //!   then `KVM_RESET_DIRTY_RINGS`, which re-protects the pages);
 //! - **raw ring**: [`tdp_kvm::DirtyRing`] harvest into a list plus [`tdp_kvm::reset_dirty_rings`], no
-//!   tracker: what KVM's reset costs, to show what the tracker adds;
+//!   tracker: what KVM's reset costs, to show what the tracker adds. The two rings are two vCPUs of one
+//!   VM, taking turns, so that their ratio is the tracker's and not a difference between VMs;
 //! - **ours, bitmap**: [`tdp_kvm::get_dirty_log`] into a reused buffer (`KVM_GET_DIRTY_LOG`, which
 //!   re-protects) and a scan of its bits;
 //! - **kvm-ioctls, bitmap**: `VmFd::get_dirty_log` (which allocates its bitmap each call) and the same scan;
@@ -15,8 +16,8 @@
 //! One more layout tells the slot's size apart from the dirty pages' spread: a 16 GiB slot whose guest
 //! writes stay in its first GiB, the 1 GiB slot's spread.
 //!
-//! Every layout has two sets of VMs (ring, raw ring, bitmap), one set built before all the others and one
-//! after, and a throwaway set is built and dropped before any: on this host a VM's timings depend a
+//! Every layout has two sets of VMs (the two-vCPU ring VM, the bitmap VM), one set built before all the
+//! others and one after, and a throwaway set is built and dropped before any: on this host a VM's timings depend a
 //! little on when it was built. Every round, every set runs one round of each of its VMs (in alternating
 //! order), the sets taking turns from a start that moves on each round.
 //! A figure is the median over both sets' rounds. The count each collect finds is checked, so a figure
@@ -173,8 +174,8 @@ fn run_rounds(layouts: &[Layout], rounds: usize, warmup: usize) -> Option<Vec<Fi
     };
     let figures = (0..layouts.len())
         .map(|i| Figures {
-            ring: pooled(i, &|s| &s.ring.samples),
-            raw_ring: pooled(i, &|s| &s.raw_ring.samples),
+            ring: pooled(i, &|s| &s.rings.tracker_samples),
+            raw_ring: pooled(i, &|s| &s.rings.raw_samples),
             ours_bitmap: pooled(i, &|s| &s.bitmap.samples[BitmapCollector::Ours as usize]),
             kvm_ioctls: pooled(i, &|s| &s.bitmap.samples[BitmapCollector::KvmIoctls as usize]),
             tracker_bitmap: pooled(i, &|s| &s.bitmap.samples[BitmapCollector::Tracker as usize]),

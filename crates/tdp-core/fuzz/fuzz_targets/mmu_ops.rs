@@ -54,9 +54,9 @@ enum Op {
 
 const CONFIGS: [MmuConfig; 4] = [
     MmuConfig::EPT,
-    MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false },
+    MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT },
     MmuConfig::NPT,
-    MmuConfig { format: SpteFormat::EPT_AD, root_level: Level::L5, pml: false },
+    MmuConfig { root_level: Level::L5, ..MmuConfig::EPT },
 ];
 
 fuzz_target!(|input: Input| {

@@ -5,7 +5,8 @@
 //! address space sorted by base gfn, rejects overlapping or malformed slots with errors that carry the
 //! values, and counts a generation that MMIO SPTEs are tagged with. Slot ids are limited per set
 //! ([`MemslotSet::slot_limit`]): by default to KVM's [`KVM_USER_MEM_SLOTS`], configurable with
-//! [`MemslotSet::with_slot_limit`].
+//! [`MemslotSet::with_slot_limit`] (an [`Mmu`](crate::mmu::Mmu)'s with
+//! [`MmuConfig::slot_limit`](crate::mmu::MmuConfig::slot_limit)).
 //!
 //! Keeps: I1's reference side: the slot a gfn falls in (or none: MMIO) is what every mapping must agree
 //! with, and the generation changes on every update so that no cached MMIO SPTE outlives a slot change.

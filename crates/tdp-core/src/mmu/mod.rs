@@ -41,6 +41,7 @@ pub use stats::MmuStats;
 pub use vcpu::VcpuMmu;
 
 use alloc::vec::Vec;
+use core::num::NonZeroU16;
 
 use lock_api::{RawRwLock, RwLock, RwLockWriteGuard};
 
@@ -57,6 +58,34 @@ use root::RootList;
 use stats::Stats;
 
 /// How the MMU builds its tables.
+///
+/// Start from one of the constants and change what differs, with the `with_*` builders or struct update
+/// syntax (`MmuConfig { pml: true, ..MmuConfig::EPT }`), so that a field added later keeps its default:
+///
+/// ```
+/// use core::num::NonZeroU16;
+/// use tdp_core::addr::{AsId, Gfn, SlotId};
+/// use tdp_core::memslot::{KVM_USER_MEM_SLOTS, Memslot, SlotError, SlotFlags};
+/// use tdp_core::mmu::{Mmu, MmuConfig};
+/// use tdp_mock::{HostConfig, MockHost};
+///
+/// assert_eq!(MmuConfig::EPT.slot_limit, KVM_USER_MEM_SLOTS); // 32764, KVM's on x86
+/// // For a kernel with fewer memslots (KVM_CAP_NR_MEMSLOTS answered 509 before Linux 5.15); the
+/// // builders are const, like the constants:
+/// const LIMIT: NonZeroU16 = NonZeroU16::new(509).unwrap();
+/// const OLD_KERNEL: MmuConfig = MmuConfig::EPT.with_slot_limit(LIMIT);
+/// let limit = LIMIT;
+/// let host = MockHost::new(HostConfig::default());
+/// let ram = host.guest_ram_base();
+/// let mmu: Mmu<MockHost> = Mmu::new(host, OLD_KERNEL).unwrap();
+/// assert_eq!(mmu.read().memslots().slot_limit(), limit);
+/// let top = Memslot::new(AsId(0), SlotId(508), Gfn(0), 16, ram, SlotFlags::empty());
+/// mmu.write().insert_memslot(top)?;
+/// let above = Memslot::new(AsId(0), SlotId(509), Gfn(0x100), 16, ram, SlotFlags::empty());
+/// let err = mmu.write().insert_memslot(above).unwrap_err();
+/// assert!(matches!(err, SlotError::IdOutOfRange { limit: l, .. } if l == limit));
+/// # Ok::<(), SlotError>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmuConfig {
     /// The SPTE format (EPT or NPT and their options).
@@ -68,15 +97,49 @@ pub struct MmuConfig {
     /// `cpu_dirty_log_size != 0`). Needs a format with A/D bits. AMD has no PML: NPT logs by
     /// write protection even though it has A/D bits.
     pub pml: bool,
+    /// How many memslot ids each address space may use (ids `0..slot_limit`): the MMU's
+    /// [`MemslotSet`] refuses a higher id with [`SlotError::IdOutOfRange`]. The constants use KVM's
+    /// [`KVM_USER_MEM_SLOTS`](crate::memslot::KVM_USER_MEM_SLOTS) (32764 on x86); a VMM on a kernel with
+    /// fewer sets what `KVM_CAP_NR_MEMSLOTS` reports (`tdp_kvm::fd::max_memslots`).
+    pub slot_limit: NonZeroU16,
 }
 
 impl MmuConfig {
     /// 4-level EPT with A/D bits and 1 GiB pages.
-    pub const EPT: MmuConfig = MmuConfig { format: SpteFormat::EPT_AD, root_level: Level::L4, pml: false };
+    pub const EPT: MmuConfig = MmuConfig {
+        format: SpteFormat::EPT_AD,
+        root_level: Level::L4,
+        pml: false,
+        slot_limit: crate::memslot::KVM_USER_MEM_SLOTS,
+    };
     /// 4-level EPT with A/D bits, 1 GiB pages and PML.
-    pub const EPT_PML: MmuConfig = MmuConfig { format: SpteFormat::EPT_AD, root_level: Level::L4, pml: true };
+    pub const EPT_PML: MmuConfig = MmuConfig { pml: true, ..MmuConfig::EPT };
     /// 4-level NPT with 1 GiB pages.
-    pub const NPT: MmuConfig = MmuConfig { format: SpteFormat::NPT, root_level: Level::L4, pml: false };
+    pub const NPT: MmuConfig = MmuConfig { format: SpteFormat::NPT, ..MmuConfig::EPT };
+
+    /// The same configuration with another SPTE format.
+    #[must_use]
+    pub const fn with_format(self, format: SpteFormat) -> Self {
+        MmuConfig { format, ..self }
+    }
+
+    /// The same configuration with another root level (L4 or L5; [`Mmu::new`] refuses others).
+    #[must_use]
+    pub const fn with_root_level(self, root_level: Level) -> Self {
+        MmuConfig { root_level, ..self }
+    }
+
+    /// The same configuration with PML on or off.
+    #[must_use]
+    pub const fn with_pml(self, pml: bool) -> Self {
+        MmuConfig { pml, ..self }
+    }
+
+    /// The same configuration with memslot ids `0..limit` in each address space ([`MmuConfig::slot_limit`]).
+    #[must_use]
+    pub const fn with_slot_limit(self, limit: NonZeroU16) -> Self {
+        MmuConfig { slot_limit: limit, ..self }
+    }
 
     /// One past the largest gfn the tables can map: the tree's reach, capped at 52 physical address bits.
     #[must_use]
@@ -176,7 +239,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         Ok(Mmu {
             host,
             config,
-            lock: RwLock::new(MemslotSet::new(config.max_gfn())),
+            lock: RwLock::new(MemslotSet::with_slot_limit(config.max_gfn(), config.slot_limit)),
             roots: RootList::new(false),
             mirror_roots: RootList::new(true),
             stats: Stats::new(),

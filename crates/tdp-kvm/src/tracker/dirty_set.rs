@@ -197,8 +197,13 @@ impl SlotDirty {
         self.offsets().map(move |o| Gpa(base + (o << PAGE_SHIFT)))
     }
 
-    /// Adds `offsets`, sorted ascending, each below `pages` (checked by the caller; others are skipped).
+    /// Adds `offsets`, strictly ascending (sorted, no repeats); those at or past the slot's end are
+    /// skipped.
     pub(crate) fn extend_sorted(&mut self, offsets: &[u64]) {
+        debug_assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "extend_sorted takes strictly ascending offsets"
+        );
         // Nothing to add: skip the merge sort and dedup (a collect merges every slot's pending set, most
         // often empty, into its result).
         if offsets.is_empty() {
@@ -206,14 +211,18 @@ impl SlotDirty {
         }
         match &mut self.set {
             Pages::Sparse(list) => {
+                // Ascending: the offsets inside the slot are a prefix.
                 let pages = self.pages;
-                let was_empty = list.is_empty();
-                list.extend(offsets.iter().copied().filter(|&p| p < pages));
-                if !was_empty {
+                let inside = &offsets[..offsets.partition_point(|&p| p < pages)];
+                if list.is_empty() {
+                    // Already sorted without repeats: a copy.
+                    list.extend_from_slice(inside);
+                } else {
+                    list.extend_from_slice(inside);
                     // Two sorted runs: the stable sort merges them in linear time.
                     list.sort();
+                    list.dedup();
                 }
-                list.dedup();
                 self.densify_if_large();
             }
             Pages::Dense { words, count } => {
@@ -341,6 +350,11 @@ impl DirtySets {
                 }
             }
         }
+    }
+
+    /// Whether there is no slot's set at all (not even an empty one).
+    pub(crate) fn has_no_slots(&self) -> bool {
+        self.slots.is_empty()
     }
 
     /// Empties every slot's set, keeping the slots.

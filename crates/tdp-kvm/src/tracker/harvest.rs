@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use tdp_core::dirty_ring::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_MASK, DirtyEntry};
 
 use super::stats::{add, get};
-use super::{DirtySets, DirtyTracker, SlotState, TrackingMode, VcpuState, lock, read};
+use super::{DirtySets, DirtyTracker, SlotState, TrackingMode, VcpuState, lock, radix, read};
 use crate::bitmap::{clear_whole_slot, get_dirty_log};
 use crate::error::{Error, Result};
 use crate::ring::{DirtyRing, reset_dirty_rings};
@@ -36,7 +36,9 @@ impl DirtyTracker {
                 let Some(ring) = &v.ring else { continue };
                 let mut ring = lock(ring, "ring")?;
                 let slots = read(&self.slots, "slots")?;
+                entries.begin();
                 let n = ring.harvest(usize::MAX, |e| self.validate(&slots, e, entries));
+                entries.end();
                 add(&v.counters.harvested, n as u64);
                 self.note_full(&ring, n);
                 add(&self.counters.harvested, n as u64);
@@ -66,11 +68,34 @@ impl DirtyTracker {
     }
 
     /// Checks one ring entry against the slots (I5): a valid one is pushed to `out`, a bad one counted.
+    /// Call it only between `out.begin()` and `out.end()`, under one `slots` guard: `out` caches the slot
+    /// of the previous entry (consecutive entries mostly name the same slot, so most skip the lookup).
+    #[inline]
     pub(super) fn validate(&self, slots: &BTreeMap<u32, SlotState>, e: DirtyEntry, out: &mut Batch) {
-        match slots.get(&e.slot.raw()) {
-            None => add(&self.counters.invalid_slot, 1),
-            Some(s) if e.offset >= s.spec.pages => add(&self.counters.invalid_offset, 1),
-            Some(_) => out.push(e.slot.raw(), e.offset),
+        if let Some((key, pages)) = out.hot
+            && key == e.slot.raw()
+        {
+            if e.offset < pages {
+                out.push_hot(e.offset);
+            } else {
+                add(&self.counters.invalid_offset, 1);
+            }
+            return;
+        }
+        self.validate_other_slot(slots, e, out);
+    }
+
+    /// [`validate`](DirtyTracker::validate) of an entry whose slot is not the cached one.
+    #[cold]
+    #[inline(never)]
+    fn validate_other_slot(&self, slots: &BTreeMap<u32, SlotState>, e: DirtyEntry, out: &mut Batch) {
+        let key = e.slot.raw();
+        let Some(s) = slots.get(&key) else { return add(&self.counters.invalid_slot, 1) };
+        out.select(key, s.spec.pages);
+        if e.offset < s.spec.pages {
+            out.push_hot(e.offset);
+        } else {
+            add(&self.counters.invalid_offset, 1);
         }
     }
 
@@ -84,7 +109,10 @@ impl DirtyTracker {
         scratch.clear();
         let n = {
             let slots = read(&self.slots, "slots")?;
-            ring.harvest(usize::MAX, |e| self.validate(&slots, e, scratch))
+            scratch.begin();
+            let n = ring.harvest(usize::MAX, |e| self.validate(&slots, e, scratch));
+            scratch.end();
+            n
         };
         self.note_full(&ring, n);
         add(&v.counters.harvested, n as u64);
@@ -155,29 +183,59 @@ impl Plan {
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     buckets: Vec<(u32, Vec<u64>)>,
-    /// The bucket the last entry went to: consecutive entries mostly name the same slot.
-    last: usize,
+    /// During a harvest: the slot whose entries [`push_hot`](Batch::push_hot) takes, its size in pages
+    /// as the `slots` guard of that harvest has them, and its bucket's index. Its entries gather in
+    /// `hot_list` (the bucket's own list, moved out) until another slot is selected or the harvest ends.
+    /// `None` outside a harvest, so that no size outlives its guard.
+    hot: Option<(u32, u64)>,
+    hot_bucket: usize,
+    hot_list: Vec<u64>,
+    /// Scratch for sorting a bucket.
+    sort: radix::Scratch,
 }
 
 impl Batch {
-    /// Adds one validated entry.
-    pub(crate) fn push(&mut self, slot: u32, offset: u64) {
-        if let Some((key, list)) = self.buckets.get_mut(self.last)
-            && *key == slot
+    /// Starts a harvest: nothing cached.
+    pub(crate) fn begin(&mut self) {
+        self.put_back();
+    }
+
+    /// Ends a harvest: the hot slot's entries go back to its bucket and the cached slot is forgotten.
+    pub(crate) fn end(&mut self) {
+        self.put_back();
+    }
+
+    /// Moves the hot list back into its bucket; nothing is hot after.
+    fn put_back(&mut self) {
+        if self.hot.take().is_some()
+            && let Some((_, list)) = self.buckets.get_mut(self.hot_bucket)
         {
-            list.push(offset);
-            return;
+            std::mem::swap(list, &mut self.hot_list);
         }
-        match self.buckets.iter().position(|(key, _)| *key == slot) {
-            Some(i) => self.last = i,
+    }
+
+    /// Makes `slot`'s bucket (added if missing) the one [`push_hot`](Batch::push_hot) fills, and caches
+    /// the slot's size.
+    fn select(&mut self, slot: u32, pages: u64) {
+        self.put_back();
+        let i = match self.buckets.iter().position(|(key, _)| *key == slot) {
+            Some(i) => i,
             None => {
                 self.buckets.push((slot, Vec::new()));
-                self.last = self.buckets.len() - 1;
+                self.buckets.len() - 1
             }
+        };
+        if let Some((_, list)) = self.buckets.get_mut(i) {
+            std::mem::swap(list, &mut self.hot_list);
+            self.hot = Some((slot, pages));
+            self.hot_bucket = i;
         }
-        if let Some((_, list)) = self.buckets.get_mut(self.last) {
-            list.push(offset);
-        }
+    }
+
+    /// Adds one validated entry of the selected slot.
+    #[inline]
+    fn push_hot(&mut self, offset: u64) {
+        self.hot_list.push(offset);
     }
 
     /// Whether no entry is waiting.
@@ -196,12 +254,13 @@ impl Batch {
 /// Entries of a slot unregistered since they were validated are dropped, with the slot. Leaves the batch
 /// empty.
 fn publish(slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, batch: &mut Batch) {
-    for (key, offsets) in &mut batch.buckets {
+    let Batch { buckets, sort, .. } = batch;
+    for (key, offsets) in buckets {
         if offsets.is_empty() {
             continue;
         }
         if let Some(s) = slots.get(key) {
-            offsets.sort_unstable();
+            radix::sort(offsets, sort);
             offsets.dedup();
             set.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages).extend_sorted(offsets);
         }
@@ -245,10 +304,24 @@ mod tests {
         {
             let slots = super::read(&tracker.slots, "slots").unwrap();
             let mut valid = super::Batch::default();
-            let entries = [(1, 5), (1, 99), (1, 100), (1, u64::MAX), (2, 0), (0x0001_0001, 5), (1, 5)];
+            // The bad entries come after valid ones of the registered slot, and valid ones after bad
+            // ones, so that the cached slot cannot let a bad one through.
+            let entries = [
+                (1, 5),
+                (1, 99),
+                (1, 100),
+                (1, u64::MAX),
+                (2, 0),
+                (0x0001_0001, 5),
+                (1, 5),
+                (2, 1),
+                (1, 100),
+            ];
+            valid.begin();
             for (raw, offset) in entries {
                 tracker.validate(&slots, DirtyEntry { slot: RingSlot::from_raw(raw), offset }, &mut valid);
             }
+            valid.end();
             assert_eq!(valid.buckets, [(1, vec![5, 99, 5])]);
             super::publish(&slots, &mut set, &mut valid);
             assert!(valid.is_empty());
@@ -257,6 +330,6 @@ mod tests {
         assert_eq!(got, [5, 99], "valid entries kept once, bad ones skipped");
         assert_eq!(set.iter().count(), 1, "no set invented for an unknown slot");
         let stats = tracker.stats().unwrap();
-        assert_eq!((stats.invalid_offset, stats.invalid_slot), (2, 2));
+        assert_eq!((stats.invalid_offset, stats.invalid_slot), (3, 3));
     }
 }

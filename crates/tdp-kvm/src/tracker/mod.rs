@@ -25,6 +25,7 @@ mod chunked;
 mod dirty_set;
 mod external;
 mod harvest;
+mod radix;
 mod stats;
 mod types;
 
@@ -94,9 +95,17 @@ impl std::fmt::Debug for DirtyTracker {
     }
 }
 
-/// Refuses a slot KVM cannot log for this tracker: guest_memfd, or a page size other than the host's
-/// logging granule (4 KiB on x86-64).
+/// Refuses a slot KVM cannot log for this tracker: an id KVM cannot have (as the get-log and clear-log
+/// ioctls would, [`check_slot`](crate::fd::check_slot) with KVM's [`KVM_USER_MEM_SLOTS`]), guest_memfd, or
+/// a page size other than the host's logging granule (4 KiB on x86-64).
+///
+/// [`KVM_USER_MEM_SLOTS`]: tdp_core::memslot::KVM_USER_MEM_SLOTS
 fn check_loggable(spec: &SlotSpec) -> Result<()> {
+    crate::fd::check_slot(
+        "DirtyTracker::register_slot",
+        spec.key().raw(),
+        tdp_core::memslot::KVM_USER_MEM_SLOTS,
+    )?;
     if spec.is_guest_memfd() {
         return Err(Error::GuestMemfdSlot { slot: spec.key() });
     }
@@ -161,6 +170,10 @@ impl DirtyTracker {
     /// does not know is counted as invalid ([`TrackerStats::invalid_slot`]) and dropped.
     ///
     /// # Errors
+    /// [`Error::SlotOutOfRange`] for an id at or above KVM's user memslot limit
+    /// ([`KVM_USER_MEM_SLOTS`](tdp_core::memslot::KVM_USER_MEM_SLOTS), 32764 on x86) or an address space
+    /// KVM does not keep, as [`fd::check_slot`](crate::fd::check_slot) says; [`Error::GuestMemfdSlot`] and
+    /// [`Error::UnsupportedPageSize`] for a slot KVM cannot log;
     /// [`Error::BadSlot`] for zero pages or a range that overflows; [`Error::SlotConflict`] if the id is
     /// taken or the guest range overlaps a registered slot of the same address space; [`Error::Mmap`] if the
     /// bitmap buffer cannot be allocated. Nothing is registered on error.
@@ -369,7 +382,12 @@ impl DirtyTracker {
             pending.clear();
         }
         let n = fresh.total();
-        out.merge(fresh);
+        if out.has_no_slots() {
+            // The same result as merging into nothing, without copying every set (`collect`'s case).
+            std::mem::swap(out, fresh);
+        } else {
+            out.merge(fresh);
+        }
         add(&self.counters.collects, 1);
         Ok(n)
     }

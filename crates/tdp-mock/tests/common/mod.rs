@@ -14,9 +14,9 @@ use tdp_mock::{AccessResult, HostConfig, Machine, MockHost, Vcpu, VcpuError};
 /// Every configuration the scenarios run on.
 pub const CONFIGS: [(&str, MmuConfig); 4] = [
     ("ept", MmuConfig::EPT),
-    ("ept-no-ad", MmuConfig { format: SpteFormat::EPT_NO_AD, root_level: Level::L4, pml: false }),
+    ("ept-no-ad", MmuConfig { format: SpteFormat::EPT_NO_AD, ..MmuConfig::EPT }),
     ("npt", MmuConfig::NPT),
-    ("ept-5-level", MmuConfig { format: SpteFormat::EPT_AD, root_level: Level::L5, pml: false }),
+    ("ept-5-level", MmuConfig { root_level: Level::L5, ..MmuConfig::EPT }),
 ];
 
 /// A VM, its vCPUs and the test's reference memslots.

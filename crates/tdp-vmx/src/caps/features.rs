@@ -112,7 +112,12 @@ impl EptFeatures {
         if pml && !self.pml {
             return Err(CapsError::PmlUnsupported { accessed_dirty: self.accessed_dirty });
         }
-        Ok(MmuConfig { format: self.spte_format(), root_level: self.walk_length.root_level(), pml })
+        Ok(MmuConfig {
+            format: self.spte_format(),
+            root_level: self.walk_length.root_level(),
+            pml,
+            ..MmuConfig::EPT
+        })
     }
 }
 

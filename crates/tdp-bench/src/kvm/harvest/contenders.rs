@@ -1,6 +1,11 @@
 //! The VMs of the KVM harvest group: for one layout (slot size and spread of the guest's writes), a ring
-//! VM collected by the tracker, a ring VM collected raw, and a bitmap VM whose three collectors take
-//! turns. Each collect is timed; its page count is checked.
+//! VM with two vCPUs, one's ring collected by the tracker and the other's raw, and a bitmap VM whose
+//! three collectors take turns. Each collect is timed; its page count is checked.
+//!
+//! The two ring collectors share their VM (its memslot, its page tables, KVM's metadata of the same
+//! pages) so that their ratio measures the tracker and not the VM: with one VM each, two VMs built
+//! alike differed by more than the tracker costs (their ratio moved between 1.03x and 1.17x from run to
+//! run with the same code).
 
 use std::time::Instant;
 
@@ -48,40 +53,24 @@ const _: () = {
     }
 };
 
-/// How a ring VM is collected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RingCollector {
-    /// [`DirtyTracker::collect`] of a ring tracker.
-    Tracker,
-    /// [`DirtyRing::harvest`] into a list, then [`tdp_kvm::reset_dirty_rings`]: no tracker.
-    Raw,
-}
-
-/// The three VMs of one layout.
+/// The two VMs of one layout.
 pub struct VmSet {
     /// The index of the layout in the group's list.
     pub layout: usize,
-    /// The ring collected by the tracker.
-    pub ring: RingBench,
-    /// The ring collected raw.
-    pub raw_ring: RingBench,
+    /// The rings, one collected by the tracker and one raw, taking turns.
+    pub rings: RingBench,
     /// The bitmap, three collectors taking turns.
     pub bitmap: BitmapBench,
 }
 
 impl VmSet {
-    /// Builds the three VMs; `None` without `/dev/kvm`.
+    /// Builds the two VMs; `None` without `/dev/kvm`.
     ///
     /// # Panics
     /// If a VM cannot be built or set up.
     #[must_use]
     pub fn new(index: usize, layout: Layout) -> Option<VmSet> {
-        Some(VmSet {
-            layout: index,
-            ring: RingBench::new(layout, RingCollector::Tracker)?,
-            raw_ring: RingBench::new(layout, RingCollector::Raw)?,
-            bitmap: BitmapBench::new(layout)?,
-        })
+        Some(VmSet { layout: index, rings: RingBench::new(layout)?, bitmap: BitmapBench::new(layout)? })
     }
 
     /// One round of each VM: a batch of guest writes, then a timed collect. `reversed` runs the VMs in the
@@ -89,81 +78,93 @@ impl VmSet {
     pub fn round(&mut self, reversed: bool) {
         if reversed {
             self.bitmap.round();
-            self.raw_ring.round();
-            self.ring.round();
+            self.rings.round(reversed);
         } else {
-            self.ring.round();
-            self.raw_ring.round();
+            self.rings.round(reversed);
             self.bitmap.round();
         }
     }
 }
 
-/// One ring VM with one vCPU, its collector, and its timings (µs per collect).
+/// One ring VM with two vCPUs: vCPU 0's ring collected by the tracker, vCPU 1's raw; their timings (µs
+/// per collect).
 pub struct RingBench {
     vm: GuestVm,
     vcpus: Vec<GuestVcpu>,
-    collector: RingState,
+    tracker: Box<DirtyTracker>,
+    raw: DirtyRing,
     iteration: u64,
-    /// Microseconds per collect, in the order measured (the caller skips its warm-up rounds).
-    pub samples: Vec<f64>,
+    /// Microseconds per [`DirtyTracker::collect`] (vCPU 0's ring), in the order measured (the caller
+    /// skips its warm-up rounds).
+    pub tracker_samples: Vec<f64>,
+    /// Microseconds per raw collect ([`DirtyRing::harvest`] of vCPU 1's ring into a list, then
+    /// [`tdp_kvm::reset_dirty_rings`]).
+    pub raw_samples: Vec<f64>,
 }
 
-enum RingState {
-    Tracker(Box<DirtyTracker>),
-    Raw(DirtyRing),
-}
+/// The vCPU whose ring the tracker collects; the other one's is collected raw.
+const TRACKER_VCPU: usize = 0;
+/// See [`TRACKER_VCPU`].
+const RAW_VCPU: usize = 1;
 
 impl RingBench {
-    fn new(layout: Layout, collector: RingCollector) -> Option<RingBench> {
-        let mut vm = new_vm(layout)?;
+    fn new(layout: Layout) -> Option<RingBench> {
+        let mut vm = new_vm(layout, 2)?;
         let (_, cfg) = tdp_kvm::enable_dirty_ring(vm.vm_fd(), RING_ENTRIES).expect("enable the dirty ring");
         vm.set_dirty_logging(true).expect("log the data slot");
-        let vcpus = vm.create_vcpus().expect("create the vCPU");
-        let collector = match collector {
-            RingCollector::Raw => {
-                RingState::Raw(DirtyRing::map(vcpus[0].fd(), cfg).expect("map the vCPU's ring"))
-            }
-            RingCollector::Tracker => {
-                let tracker = DirtyTracker::new(vm.vm_fd(), TrackingMode::Ring(cfg)).expect("ring tracker");
-                tracker.register_slot(data_slot(&vm)).expect("register the data slot");
-                tracker.attach_vcpu(vcpus[0].fd()).expect("map the vCPU's ring");
-                RingState::Tracker(Box::new(tracker))
-            }
+        let vcpus = vm.create_vcpus().expect("create the vCPUs");
+        let tracker = DirtyTracker::new(vm.vm_fd(), TrackingMode::Ring(cfg)).expect("ring tracker");
+        tracker.register_slot(data_slot(&vm)).expect("register the data slot");
+        tracker.attach_vcpu(vcpus[TRACKER_VCPU].fd()).expect("map the tracker vCPU's ring");
+        let raw = DirtyRing::map(vcpus[RAW_VCPU].fd(), cfg).expect("map the raw vCPU's ring");
+        let mut bench = RingBench {
+            vm,
+            vcpus,
+            tracker: Box::new(tracker),
+            raw,
+            iteration: 1,
+            tracker_samples: Vec::new(),
+            raw_samples: Vec::new(),
         };
-        let mut bench = RingBench { vm, vcpus, collector, iteration: 1, samples: Vec::new() };
-        // The first batch faults in the guest's page tables and code; collect it away untimed.
-        bench.iteration = one_batch(&bench.vm, &mut bench.vcpus[0], bench.iteration);
-        bench.collect();
+        // The first batches fault in the guest's page tables and code; collect them away untimed.
+        for vcpu in [TRACKER_VCPU, RAW_VCPU] {
+            bench.iteration = one_batch(&bench.vm, &mut bench.vcpus[vcpu], bench.iteration);
+            bench.collect(vcpu);
+        }
         Some(bench)
     }
 
-    /// Collects into a list of offsets (in ring order, repeats kept, for the raw ring).
-    fn collect(&mut self) -> Vec<u64> {
-        match &mut self.collector {
-            RingState::Tracker(tracker) => {
-                let sets = std::hint::black_box(tracker.collect().expect("ring collect"));
-                sets.iter().flat_map(|s| s.offsets()).collect()
-            }
-            RingState::Raw(ring) => {
-                let mut offsets = Vec::with_capacity(DIRTY as usize);
-                ring.harvest(usize::MAX, |e| offsets.push(e.offset));
-                let reset = tdp_kvm::reset_dirty_rings(self.vm.vm_fd()).expect("KVM_RESET_DIRTY_RINGS");
-                assert_eq!(u64::from(reset), offsets.len() as u64, "KVM reset every harvested entry");
-                offsets
-            }
+    /// Collects vCPU `vcpu`'s ring into a list of offsets (in ring order, repeats kept, for the raw ring).
+    fn collect(&mut self, vcpu: usize) -> Vec<u64> {
+        if vcpu == TRACKER_VCPU {
+            let sets = std::hint::black_box(self.tracker.collect().expect("ring collect"));
+            sets.iter().flat_map(|s| s.offsets()).collect()
+        } else {
+            let mut offsets = Vec::with_capacity(DIRTY as usize);
+            self.raw.harvest(usize::MAX, |e| offsets.push(e.offset));
+            let reset = tdp_kvm::reset_dirty_rings(self.vm.vm_fd()).expect("KVM_RESET_DIRTY_RINGS");
+            assert_eq!(u64::from(reset), offsets.len() as u64, "KVM reset every harvested entry");
+            offsets
         }
     }
 
-    /// One untimed batch of guest writes, then one timed collect.
-    fn round(&mut self) {
-        self.iteration = one_batch(&self.vm, &mut self.vcpus[0], self.iteration);
-        let start = Instant::now();
-        let mut offsets = self.collect();
-        self.samples.push(start.elapsed().as_secs_f64() * 1e6);
-        offsets.sort_unstable();
-        offsets.dedup();
-        check_count(offsets.len() as u64, "ring");
+    /// For each collector (the raw one first if `reversed`): one untimed batch of its vCPU's guest
+    /// writes, then one timed collect.
+    fn round(&mut self, reversed: bool) {
+        let order = if reversed { [RAW_VCPU, TRACKER_VCPU] } else { [TRACKER_VCPU, RAW_VCPU] };
+        for vcpu in order {
+            self.iteration = one_batch(&self.vm, &mut self.vcpus[vcpu], self.iteration);
+            let start = Instant::now();
+            let mut offsets = self.collect(vcpu);
+            let micros = start.elapsed().as_secs_f64() * 1e6;
+            if vcpu == TRACKER_VCPU { &mut self.tracker_samples } else { &mut self.raw_samples }.push(micros);
+            offsets.sort_unstable();
+            offsets.dedup();
+            check_count(
+                offsets.len() as u64,
+                if vcpu == TRACKER_VCPU { "ring (tracker)" } else { "ring (raw)" },
+            );
+        }
     }
 }
 
@@ -180,7 +181,7 @@ pub struct BitmapBench {
 
 impl BitmapBench {
     fn new(layout: Layout) -> Option<BitmapBench> {
-        let mut vm = new_vm(layout)?;
+        let mut vm = new_vm(layout, 1)?;
         vm.set_dirty_logging(true).expect("log the data slot");
         let tracker = DirtyTracker::with_bitmap(vm.vm_fd()).expect("bitmap tracker");
         tracker.register_slot(data_slot(&vm)).expect("register the data slot");
@@ -212,11 +213,17 @@ impl BitmapBench {
     }
 }
 
-fn new_vm(layout: Layout) -> Option<GuestVm> {
-    let vm =
-        guest_or_skip(GuestSpec::new(layout.slot, 1)).expect("a guest VM for the KVM harvest benchmark")?;
-    let workload = Workload::new(0, layout.spread, DIRTY, Pattern::Random).with_tag(false);
-    vm.set_workload(0, &workload).expect("workload fits the slot");
+/// A VM with `vcpus` vCPUs, each writing [`DIRTY`] random pages of the layout's spread per batch, each
+/// with its own seed.
+fn new_vm(layout: Layout, vcpus: usize) -> Option<GuestVm> {
+    let vm = guest_or_skip(GuestSpec::new(layout.slot, vcpus))
+        .expect("a guest VM for the KVM harvest benchmark")?;
+    for vcpu in 0..vcpus {
+        let seed = 0x9e37_79b9_7f4a_7c15 ^ (vcpu as u64) << 32;
+        let workload =
+            Workload::new(0, layout.spread, DIRTY, Pattern::Random).with_tag(false).with_seed(seed);
+        vm.set_workload(vcpu, &workload).expect("workload fits the slot");
+    }
     Some(vm)
 }
 
