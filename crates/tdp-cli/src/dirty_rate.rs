@@ -168,9 +168,11 @@ pub fn measure(guest: &mut dyn Guest, mode: Mode, window: Duration) -> Result<Di
 }
 
 /// As [`measure`], with the sample `sampling` takes in [`Mode::Sampling`] (unused in the other modes).
+/// In the ring and bitmap modes the vCPUs are paused for a moment at each end of the window, while the
+/// harvest and their write counters are read together.
 ///
 /// # Errors
-/// A failed harvest or page read.
+/// A failed harvest or page read; a vCPU thread that failed (when pausing or resuming).
 pub fn measure_with(
     guest: &mut dyn Guest,
     mode: Mode,
@@ -181,15 +183,27 @@ pub fn measure_with(
         return measure_sampling(guest, window, sampling);
     }
     let mut pending = PendingSet::new(guest.slots());
-    // Start from clean rings/bitmap: what was dirtied before the window does not count.
+    // Start from clean rings/bitmap: what was dirtied before the window does not count. The vCPUs are
+    // paused for the harvest and the reading of their write counters at each end of the window, so that
+    // the two cover the same writes: a write between a running guest's last harvest and the reading of
+    // its counters would be counted by one and not the other (on a loaded host, hundreds of pages).
+    guest.pause()?;
     guest.harvest(&mut pending)?;
     pending.take();
     let writes_before = writes(guest);
+    guest.resume()?;
     let start = Instant::now();
-    let h = guest.run_for(window, &mut pending)?;
+    let mut h = guest.run_for(window, &mut pending)?;
+    guest.pause()?;
+    let last = guest.harvest(&mut pending)?;
     let secs = start.elapsed().as_secs_f64().max(1e-9);
-    let by_ring = mode == Mode::Ring && h.per_vcpu.len() == guest.vcpus();
     let written = since(&writes_before, &writes(guest));
+    guest.resume()?;
+    h.new_pages += last.new_pages;
+    for (total, n) in h.per_vcpu.iter_mut().zip(&last.per_vcpu) {
+        *total += n;
+    }
+    let by_ring = mode == Mode::Ring && h.per_vcpu.len() == guest.vcpus();
     let counts: Vec<u64> = if by_ring { h.per_vcpu.clone() } else { written.clone() };
     let source = if by_ring {
         "dirty ring entries per vCPU"
