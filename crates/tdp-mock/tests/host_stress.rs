@@ -17,18 +17,22 @@
 //! Checks: I1 (no leaf maps a frame the host took away: `check_translations` against the host MMU's
 //! current frames, at every quiescent point; no leaf lets a write reach a tracked page:
 //! `check_write_tracking`; the external tables equal the mirror: `check_mirror`), I3 (`check_tlbs`,
-//! with aging's no-flush rule), "no write
-//! lost" (each vCPU's last value in each of its pages is found where the host keeps the page now,
-//! swapped out or not), and I1-I3 with I2 (`check_all`) at the end.
+//! with aging's no-flush rule), I4 (every other interval runs with plain dirty logging on throughout:
+//! every page written in it was marked by the vCPUs' dirty sinks; each quiescent point harvests the
+//! marks and re-protects their pages), "no write lost" (each vCPU's last value in each of its pages is
+//! found where the host keeps the page now, swapped out or not), and I1-I3 with I2 (`check_all`) at the
+//! end.
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 
 use common::{CONFIGS, Lcg, Vm};
 use tdp_core::addr::{AsId, Gfn, Gpa, Level, PAGE_SHIFT, Pfn, SlotId};
 use tdp_core::fault::AccessKind;
+use tdp_core::host::{DirtySink, DirtySource};
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{EmulateReason, Mmu};
 use tdp_mock::checker::check_translations_in;
@@ -79,6 +83,19 @@ struct Shared {
     /// (a panic would leave the others waiting on the barrier forever); the test fails after the join.
     errors: std::sync::Mutex<Vec<String>>,
     failed: AtomicBool,
+    /// The gfns of slot 0 the vCPUs' dirty sinks were given since the last harvest (I4).
+    marks: Arc<Mutex<BTreeSet<u64>>>,
+}
+
+/// A vCPU's dirty sink: the marks of slot 0 go to the shared set.
+struct Marks(Arc<Mutex<BTreeSet<u64>>>);
+
+impl DirtySink for Marks {
+    fn mark_dirty(&mut self, slot: &Memslot, gfn: Gfn, _source: DirtySource) {
+        if slot.id == SlotId(0) {
+            self.0.lock().expect("not poisoned").insert(gfn.0);
+        }
+    }
 }
 
 impl Shared {
@@ -116,10 +133,14 @@ fn host_side_stress_faults_race_swap_migration_ksm_aging_zaps_logging_and_root_i
             last_private: (0..PRIVATE_PAGES * 2).map(|_| AtomicU64::new(0)).collect(),
             errors: std::sync::Mutex::new(Vec::new()),
             failed: AtomicBool::new(false),
+            marks: Arc::default(),
         };
         let mmu = Arc::clone(vm.m.mmu());
         mmu.write().set_nx_huge_pages(true).run(vm.host());
-        let vcpus = std::mem::take(&mut vm.vcpus);
+        let mut vcpus = std::mem::take(&mut vm.vcpus);
+        for vcpu in &mut vcpus {
+            vcpu.set_dirty_sink(Box::new(Marks(Arc::clone(&shared.marks))));
+        }
         let results: Vec<Vcpu> = std::thread::scope(|s| {
             let host = s.spawn(|| host_thread(name, &mmu, [slot, code, private], &shared));
             let threads: Vec<_> = vcpus
@@ -263,6 +284,11 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code, private]: [Memslot;
     // as it is cleared), and so on; every stop runs the in-place recovery under the read lock.
     let mut logging = 0u64;
     let mut tracked: Vec<u64> = Vec::new();
+    // I4: whether plain logging (no INITIALLY_SET) runs through the whole interval since the last
+    // quiescent point (every other interval), and each page's last value then.
+    let mut steady = false;
+    let mut before: Vec<u64> = shared.last.iter().map(|v| v.load(Ordering::Relaxed)).collect();
+    let mut i4_checks = 0u64;
     for op in 1..=HOST_OPS {
         let gfn = rng.below(PAGES);
         match rng.below(10) {
@@ -309,7 +335,8 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code, private]: [Memslot;
                 let start = PRIVATE + gfn % PRIVATE_PAGES;
                 mmu.write().zap_gfn_range(AsId(0), Gfn(start), Gfn(start + 8)).run(host);
             }
-            5 => {
+            // Logging toggles, except in the intervals kept steady for the I4 check.
+            5 if !steady => {
                 logging = (logging + 1) % 4;
                 let flags = match logging {
                     1 => SlotFlags::LOG_DIRTY,
@@ -338,8 +365,23 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code, private]: [Memslot;
             shared.barrier.wait();
             if let Err(e) = check_quiescent(name, mmu, &[slot, code, private], op)
                 .and_then(|()| check_writes(name, host, [slot, private], shared))
+                .and_then(|()| {
+                    harvest_and_check_i4(name, mmu, shared, &mut before, steady && logging == 1, op)
+                })
             {
                 shared.fail(e);
+            }
+            i4_checks += u64::from(steady && logging == 1);
+            // Every other interval runs with plain logging on throughout, from this quiescent point.
+            steady = (op / CHECK_EVERY) % 2 == 1;
+            if steady && logging != 1 {
+                let mut w = mmu.write();
+                if logging == 3 {
+                    // INITIALLY_SET cannot change while logging stays on: off first.
+                    w.set_memslot_flags(AsId(0), SlotId(0), SlotFlags::empty()).expect("the slot").run(host);
+                }
+                w.set_memslot_flags(AsId(0), SlotId(0), SlotFlags::LOG_DIRTY).expect("the slot").run(host);
+                logging = 1;
             }
             shared.pause.store(false, Ordering::Release);
             shared.barrier.wait();
@@ -349,6 +391,46 @@ fn host_thread(name: &str, mmu: &Mmu<MockHost>, [slot, code, private]: [Memslot;
         }
     }
     shared.host_done.store(true, Ordering::Release);
+    eprintln!("{name}: I4 checked at {i4_checks} quiescent points");
+}
+
+/// I4 at a quiescent point (every vCPU parked): when plain dirty logging ran through the whole interval
+/// since the last one (`check`), every page of slot 0 whose value changed in it was marked. Then the
+/// harvest: the marks are taken and, while logging is on, their pages re-protected (the flush run), so
+/// the next interval's first write to each is marked again.
+fn harvest_and_check_i4(
+    name: &str,
+    mmu: &Mmu<MockHost>,
+    shared: &Shared,
+    before: &mut [u64],
+    check: bool,
+    op: u64,
+) -> Result<(), String> {
+    let marks = std::mem::take(&mut *shared.marks.lock().expect("not poisoned"));
+    let mut missing = Vec::new();
+    for (gfn, (last, was)) in shared.last.iter().zip(before.iter_mut()).enumerate() {
+        let now = last.load(Ordering::Relaxed);
+        if check && now != *was && !marks.contains(&(gfn as u64)) {
+            missing.push(gfn);
+        }
+        *was = now;
+    }
+    let mut w = mmu.write();
+    if w.memslots().get(AsId(0), SlotId(0)).is_some_and(|s| s.is_dirty_logged()) {
+        let mut words: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+        for &gfn in &marks {
+            *words.entry(gfn & !63).or_default() |= 1 << (gfn & 63);
+        }
+        for (base, mask) in words {
+            w.reprotect_dirty(AsId(0), SlotId(0), base, mask).run(mmu.host());
+        }
+    }
+    drop(w);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{name}: host op {op}: I4: written while logged, not marked: {missing:#x?}"))
+    }
 }
 
 /// I1 and I3 with every vCPU parked: each valid root against the host's current frames, every TLB.
