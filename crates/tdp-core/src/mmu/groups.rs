@@ -7,7 +7,8 @@
 //!
 //! The read side, per group, is one word: the count of faults inside, and a writer bit.
 //! - A fault adds one to its group's word and looks at the value it replaced: with the writer bit set it
-//!   takes the one back and falls back to the lock's ordinary read side, which waits for the writer.
+//!   takes the one back, waits for the writer on the lock's ordinary read side and, holding that, takes
+//!   its count again (no writer can be there then).
 //! - A writer, once it holds the lock for write, sets the bit in every group's word, then waits for each
 //!   count to drain; it clears the bits before it lets the lock go.
 //!
@@ -78,7 +79,7 @@ impl VcpuGroups {
             // Acquire, with the loads below: what the faults did before they left is seen.
             let mut word = group.word.fetch_or(WRITER, Ordering::Acquire);
             while word & !WRITER != 0 {
-                core::hint::spin_loop();
+                crate::sync::spin_loop();
                 word = group.word.load(Ordering::Acquire);
             }
         }
@@ -145,19 +146,30 @@ pub(super) enum SlotsRead<'a, R: RawRwLock> {
 }
 
 impl<'a, R: RawRwLock> SlotsRead<'a, R> {
-    /// The read side for a fault whose vCPU group has `line`: the group's count, or the lock's read
-    /// side while a writer is there.
+    /// The read side for a fault whose vCPU group has `line`.
+    ///
+    /// Always the group's count, so that the fault path, which holds only these, has one kind of guard to
+    /// deref and drop: behind a writer, the fault waits for it on the lock's read side and then takes
+    /// the count ([`enter_behind_writer`]).
     #[inline]
     pub(super) fn for_fault(lock: &'a RwLock<R, MemslotSet>, line: &'a GroupLine) -> Self {
-        if line.try_enter() {
-            // SAFETY: the group's count is held and no writer was there when it was taken: a writer sets
-            // its bit in every group and waits for each count to drain before it touches the data
-            // (`block`), and clears the bits only when done with it, so the data is not written (and no
-            // `&mut` to it exists) until this guard drops.
-            let slots = unsafe { &*lock.data_ptr() };
-            SlotsRead::Group { slots, line }
-        } else {
-            SlotsRead::Locked(lock.read())
+        if !line.try_enter() {
+            enter_behind_writer(lock, line);
+        }
+        // SAFETY: the group's count is held and no writer was there when it was taken: a writer sets
+        // its bit in every group and waits for each count to drain before it touches the data
+        // (`block`), and clears the bits only when done with it, so the data is not written (and no
+        // `&mut` to it exists) until this guard drops.
+        let slots = unsafe { &*lock.data_ptr() };
+        SlotsRead::Group { slots, line }
+    }
+
+    /// The line of the group whose count this holds; `None` for the lock's read side.
+    #[inline]
+    pub(super) fn group_line(&self) -> Option<&'a GroupLine> {
+        match self {
+            SlotsRead::Group { line, .. } => Some(line),
+            SlotsRead::Locked(_) | SlotsRead::Released => None,
         }
     }
 
@@ -180,6 +192,19 @@ impl<'a, R: RawRwLock> SlotsRead<'a, R> {
     }
 }
 
+/// Takes `line`'s count behind a writer: waits for the writer on the lock's read side, then, with no
+/// writer able to hold the lock, takes the count and lets the read side go (the count keeps the next
+/// writer out from then on, as on the fast path). Holding the read side, no writer holds the lock, and a
+/// writer clears its bits before it lets the lock go: the count is taken at the first try.
+#[cold]
+#[inline(never)]
+fn enter_behind_writer<R: RawRwLock>(lock: &RwLock<R, MemslotSet>, line: &GroupLine) {
+    let _no_writer = lock.read();
+    while !line.try_enter() {
+        crate::sync::spin_loop();
+    }
+}
+
 impl<R: RawRwLock> Deref for SlotsRead<'_, R> {
     type Target = MemslotSet;
 
@@ -199,5 +224,172 @@ impl<R: RawRwLock> Drop for SlotsRead<'_, R> {
         if let SlotsRead::Group { line, .. } = self {
             line.exit();
         }
+    }
+}
+
+/// Loom models of the group read side against a writer, on this module's code (`crate::sync` is loom's):
+/// a fault through its group and a writer that takes the lock, blocks the groups, writes and unblocks.
+/// A loom cell stands for the data the lock protects: loom fails a model where the writer's write and
+/// the fault's read are not ordered (either the fault's count kept the writer waiting, or the writer's
+/// bit sent the fault to wait behind it).
+///
+/// Run: `RUSTFLAGS="--cfg loom" cargo test -p tdp-core --lib --release --target-dir target/loom --
+/// loom_model` (`cargo xtask ci` does, in its `loom` step). Checked by hand: a `try_enter` that ignores the
+/// writer bit, or a `block` that does not wait for the counts to drain, fails every model; a fault behind
+/// a writer that does not take its group's count fails `fault_against_two_writes`.
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::{SlotsRead, VcpuGroups};
+    use crate::addr::Gfn;
+    use crate::memslot::MemslotSet;
+    use crate::sync::{AtomicU64, Ordering};
+    use lock_api::{GuardSend, RawRwLock, RwLock};
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// A reader/writer lock on loom's atomics (the shipped default, `spin`'s, spins on `core` atomics,
+    /// which loom cannot schedule around).
+    struct LoomRawRwLock {
+        /// Readers inside, or [`LoomRawRwLock::WRITER`].
+        state: AtomicU64,
+    }
+
+    impl LoomRawRwLock {
+        const WRITER: u64 = u64::MAX;
+    }
+
+    // SAFETY: the state word admits either readers or one writer, with Acquire on entry and Release on exit.
+    unsafe impl RawRwLock for LoomRawRwLock {
+        // Loom's atomics have no `const` constructor; the models build the lock with `RwLock::from_raw`.
+        const INIT: Self = panic!("build the loom lock with RwLock::from_raw");
+        type GuardMarker = GuardSend;
+
+        fn lock_shared(&self) {
+            while !self.try_lock_shared() {
+                crate::sync::spin_loop();
+            }
+        }
+        fn try_lock_shared(&self) -> bool {
+            let state = self.state.load(Ordering::Relaxed);
+            state != Self::WRITER
+                && self.state.compare_exchange(state, state + 1, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        }
+        unsafe fn unlock_shared(&self) {
+            self.state.fetch_sub(1, Ordering::Release);
+        }
+        fn lock_exclusive(&self) {
+            while !self.try_lock_exclusive() {
+                crate::sync::spin_loop();
+            }
+        }
+        fn try_lock_exclusive(&self) -> bool {
+            self.state.compare_exchange(0, Self::WRITER, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        }
+        unsafe fn unlock_exclusive(&self) {
+            self.state.store(0, Ordering::Release);
+        }
+    }
+
+    struct Vm {
+        lock: RwLock<LoomRawRwLock, MemslotSet>,
+        groups: VcpuGroups,
+        /// What the lock protects, as loom sees it.
+        data: UnsafeCell<u64>,
+    }
+
+    // SAFETY: `data` is written only by a writer holding the lock with the groups blocked, and read only
+    // by holders of a read side: the protocol under test.
+    unsafe impl Sync for Vm {}
+
+    fn vm() -> Arc<Vm> {
+        Arc::new(Vm {
+            lock: RwLock::from_raw(LoomRawRwLock { state: AtomicU64::new(0) }, MemslotSet::new(Gfn(1 << 20))),
+            groups: VcpuGroups::new(),
+            data: UnsafeCell::new(0),
+        })
+    }
+
+    /// The writer: the lock, the groups blocked, a write, the groups unblocked, the lock let go (the
+    /// order of `Mmu::write` and the drop of its guard).
+    fn write(vm: &Vm) {
+        let _guard = vm.lock.write();
+        vm.groups.block();
+        vm.data.with_mut(|data| {
+            // SAFETY: the write side is held and every group's count has drained.
+            unsafe { *data += 1 }
+        });
+        vm.groups.unblock();
+    }
+
+    /// A fault's read side through group 0: returns the value it read.
+    fn fault(vm: &Vm) -> u64 {
+        let read = SlotsRead::for_fault(&vm.lock, vm.groups.line(0));
+        let seen = vm.data.with(|data| {
+            // SAFETY: a read side is held: no writer is between `block` and `unblock`.
+            unsafe { *data }
+        });
+        drop(read);
+        seen
+    }
+
+    fn builder() -> loom::model::Builder {
+        let mut builder = loom::model::Builder::new();
+        // The writer's block and unblock touch every group's word: bound the preemptions so the model
+        // finishes in seconds (a race between the fault and the writer needs at most two).
+        builder.preemption_bound = Some(3);
+        builder
+    }
+
+    /// One fault against one writer: the fault reads before or after the write, never during it.
+    #[test]
+    fn fault_against_writer() {
+        builder().check(|| {
+            let vm = vm();
+            let writer = {
+                let vm = Arc::clone(&vm);
+                thread::spawn(move || write(&vm))
+            };
+            let seen = fault(&vm);
+            writer.join().expect("the writer finishes");
+            assert!(seen <= 1);
+        });
+    }
+
+    /// A fault against two writes in a row: a fault that waited behind the first still holds its
+    /// group's count when the second comes, so the second waits for it.
+    #[test]
+    fn fault_against_two_writes() {
+        builder().check(|| {
+            let vm = vm();
+            let writer = {
+                let vm = Arc::clone(&vm);
+                thread::spawn(move || {
+                    write(&vm);
+                    write(&vm);
+                })
+            };
+            let seen = fault(&vm);
+            writer.join().expect("the writer finishes");
+            assert!(seen <= 2);
+        });
+    }
+
+    /// Two faults of one group against a writer, the second after the first left: the count drains and
+    /// the writer gets in, and a fault behind the writer waits on the lock's read side and sees the write
+    /// when it comes after it.
+    #[test]
+    fn two_faults_against_writer() {
+        builder().check(|| {
+            let vm = vm();
+            let writer = {
+                let vm = Arc::clone(&vm);
+                thread::spawn(move || write(&vm))
+            };
+            let first = fault(&vm);
+            let second = fault(&vm);
+            writer.join().expect("the writer finishes");
+            assert!(first <= second && second <= 1, "reads go forward: {first} then {second}");
+        });
     }
 }

@@ -77,7 +77,7 @@ impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
                 let set = |h: &H| h.set_external_leaf(as_id, gfn, Level::L1, host.pfn);
                 return match self.change_frozen(entry, old, leaf, set) {
                     Ok(true) => {
-                        mmu.leaf_appeared(self.line, as_id, gfn, old, leaf, Level::L1);
+                        mmu.leaf_appeared(self.line(), as_id, gfn, old, leaf, Level::L1);
                         Ok(FaultOutcome::Fixed)
                     }
                     Ok(false) => Ok(FaultOutcome::Retry),

@@ -284,14 +284,13 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
 
     /// Takes the MMU lock for read: faults and other compare-exchange paths.
     pub fn read(&self) -> SharedMmu<'_, H, R> {
-        SharedMmu { mmu: self, slots: SlotsRead::Locked(self.lock.read()), line: self.groups.line(0) }
+        SharedMmu { mmu: self, slots: SlotsRead::Locked(self.lock.read()) }
     }
     /// The read side for a fault of a vCPU in reader group `group`: its group's count, which no other
     /// group writes, unless a writer is there.
     #[inline]
     fn read_for_fault(&self, group: u8) -> SharedMmu<'_, H, R> {
-        let line = self.groups.line(group);
-        SharedMmu { mmu: self, slots: SlotsRead::for_fault(&self.lock, line), line }
+        SharedMmu { mmu: self, slots: SlotsRead::for_fault(&self.lock, self.groups.line(group)) }
     }
     /// Takes the MMU lock for write: memslot changes, zaps, root invalidation.
     pub fn write(&self) -> ExclusiveMmu<'_, H, R> {
@@ -419,9 +418,15 @@ impl<H: Host, R: RawRwLock> Drop for Mmu<H, R> {
 pub struct SharedMmu<'a, H: Host, R: RawRwLock> {
     mmu: &'a Mmu<H, R>,
     slots: SlotsRead<'a, R>,
-    /// The line of the vCPU group whose fault holds this (group 0's for other readers): where the
-    /// leaves it installs are counted.
-    line: &'a groups::GroupLine,
+}
+
+impl<'a, H: Host, R: RawRwLock> SharedMmu<'a, H, R> {
+    /// The line of the vCPU group whose fault holds this (group 0's for other readers): where the leaves
+    /// it installs are counted.
+    #[inline]
+    fn line(&self) -> &'a groups::GroupLine {
+        self.slots.group_line().unwrap_or_else(|| self.mmu.groups.line(0))
+    }
 }
 
 /// The MMU with its lock held for write.

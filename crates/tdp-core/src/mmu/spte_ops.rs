@@ -218,7 +218,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
                     if !fmt.is_frozen(old) {
                         break old;
                     }
-                    core::hint::spin_loop();
+                    crate::sync::spin_loop();
                 },
                 LockMode::Exclusive => {
                     let old = Spte(entry.load(Ordering::Acquire));
@@ -280,7 +280,7 @@ impl<H: Host, R: lock_api::RawRwLock> SharedMmu<'_, H, R> {
     ) -> Result<(), Spte> {
         debug_assert!(!old.is_present() && new.is_present() && new.is_leaf(level));
         exchange_spte(entry, old, new)?;
-        self.mmu.leaf_appeared(self.line, as_id, gfn, old, new, level);
+        self.mmu.leaf_appeared(self.line(), as_id, gfn, old, new, level);
         Ok(())
     }
 }
