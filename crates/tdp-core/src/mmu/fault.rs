@@ -39,8 +39,10 @@ pub enum FaultOutcome {
     Emulate(EmulateReason),
 }
 
-/// Why a fault is handed back for emulation.
+/// Why a fault is handed back for emulation. More reasons may come (KVM has several), so matches need a
+/// catch-all arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EmulateReason {
     /// No memslot covers the gfn: an MMIO access.
     Mmio,
