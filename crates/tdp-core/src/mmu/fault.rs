@@ -21,7 +21,7 @@ use super::cache::PageCache;
 use super::root::RootRef;
 use super::stats::Stats;
 use super::vcpu::VcpuMmu;
-use super::walk::GfnWalk;
+use super::walk::{GfnWalk, WalkHint};
 use super::{Mmu, SharedMmu};
 
 /// What a handled fault asks the vCPU to do next.
@@ -282,7 +282,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         }
         let exec = fault.access == AccessKind::Exec;
         let translated = Translated { slot, gfn, host, write, tracked, tracking, exec };
-        Ok(shared.map_translated(&mut vcpu.cache, root, translated, dirty))
+        Ok(shared.map_translated(&mut vcpu.cache, &mut vcpu.walk, root, translated, dirty))
     }
 }
 
@@ -357,6 +357,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
     fn map_translated(
         &self,
         cache: &mut PageCache,
+        hint: &mut WalkHint,
         root: &RootRef,
         translated: Translated<'_>,
         dirty: &mut dyn DirtySink,
@@ -365,7 +366,7 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         let mmu = self.mmu;
         // Keeps every table the walk below can reach allocated until the fault returns.
         let _walk = mmu.host.begin_walk();
-        let walk = mmu.walk_gfn(root.pfn(), gfn);
+        let walk = mmu.walk_gfn_hinted(root.pfn(), gfn, hint);
         let logged = slot.is_dirty_logged();
         // A writable leaf needs a writable slot and host page and no tracking; in a logged slot, a write
         // too. It is 4 KiB in a logged slot or where the host maps 4 KiB.
@@ -433,7 +434,8 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         if target.level.shift_in_frames() <= walk.shift {
             self.map_from(cache, walk, target)
         } else {
-            let root_walk = GfnWalk { table: self.mmu.host.table(root.pfn()), shift: self.root_shift() };
+            let root_walk =
+                GfnWalk { table: self.mmu.host.table(root.pfn()), shift: self.root_shift(), pfn: root.pfn() };
             self.map_from(cache, root_walk, target)
         }
     }
@@ -593,7 +595,8 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         let mmu = self.mmu;
         // Keeps every table this walk can reach allocated until it returns.
         let _walk = mmu.host.begin_walk();
-        let from_root = GfnWalk { table: mmu.host.table(root.pfn()), shift: self.root_shift() };
+        let from_root =
+            GfnWalk { table: mmu.host.table(root.pfn()), shift: self.root_shift(), pfn: root.pfn() };
         self.map_from(cache, from_root, target)
     }
 

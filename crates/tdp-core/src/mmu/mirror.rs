@@ -176,7 +176,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
         let mut any = false;
         for (root, as_id) in self.mirror_roots.drain() {
             self.tear_down_mirror_table(root, as_id, self.config.root_level, Gfn(0));
-            self.host.free_table_deferred(root);
+            self.free_removed_table(root);
             any = true;
         }
         if any {
@@ -203,7 +203,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
                 self.host.free_external_table(as_id, gfn, level, child);
                 self.stats.add_tables(-1);
                 self.host.table_linked(child, level, false);
-                self.host.free_table_deferred(child);
+                self.free_removed_table(child);
             } else {
                 self.host.remove_external_leaf(as_id, gfn, level, old.pfn());
                 self.host.spte_changed(as_id, gfn, level, old, nonpresent);

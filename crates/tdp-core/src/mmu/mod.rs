@@ -206,6 +206,9 @@ pub struct Mmu<H: Host, R: RawRwLock = spin::RwLock<()>> {
     /// copy of a memslot is current without taking the lock (checked again under it). Written under
     /// the write lock after every memslot change.
     slots_generation: AtomicU64,
+    /// Tables removed from any tree so far, counted before each is freed: a vCPU's walk hint is used only
+    /// while the count is what it was when the hint was taken (`walk::WalkHint`).
+    table_removals: AtomicU64,
     /// The VM has a device doing non-coherent DMA: leaves then honour the guest's PAT (no EPT IPAT).
     noncoherent_dma: AtomicBool,
     /// The memory-type bits of a RAM leaf now (they change with `noncoherent_dma`), and of a device leaf.
@@ -246,6 +249,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             leaf_templates: fault::LeafTemplates::new(&config.format),
             invalidation: Invalidation::new(),
             slots_generation: AtomicU64::new(0),
+            table_removals: AtomicU64::new(0),
             noncoherent_dma: AtomicBool::new(false),
             ram_memtype: AtomicU64::new(memtype::ram_bits(&config.format, false)),
             device_memtype: memtype::device_bits(&config.format),
@@ -342,13 +346,15 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             // The list keeps its reference until teardown: never the last.
             let _ = self.mirror_roots.put(mirror);
         }
+        // The hint belongs to the root's tree.
+        vcpu.walk = walk::WalkHint::EMPTY;
         let Some(root) = vcpu.root.take() else {
             return;
         };
         if let Some(pfn) = self.roots.put(root) {
             // No vCPU uses the root any more and its tree was zapped when it was invalidated; hardware
             // may still walk it until the vCPUs' next flush, which the deferral covers.
-            self.host.free_table_deferred(pfn);
+            self.free_removed_table(pfn);
         }
     }
 
@@ -408,7 +414,7 @@ impl<H: Host, R: RawRwLock> Drop for Mmu<H, R> {
         exclusive.zap_all(); // It flushes itself before the freed tables can be reused.
         drop(exclusive);
         for (pfn, _) in self.roots.drain() {
-            self.host.free_table_deferred(pfn);
+            self.free_removed_table(pfn);
         }
         self.tear_down_mirror_roots();
     }

@@ -239,7 +239,7 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if leaves != 0 {
             self.groups.line(0).add_leaves(level, -leaves);
         }
-        self.host.free_table_deferred(pfn);
+        self.free_removed_table(pfn);
     }
 
     /// Fills the private table `child` with the children of huge leaf `huge` at `level` (KVM's

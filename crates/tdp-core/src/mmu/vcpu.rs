@@ -11,6 +11,7 @@ use crate::memslot::Memslot;
 
 use super::cache::{FaultCounters, PageCache};
 use super::root::RootRef;
+use super::walk::WalkHint;
 
 /// One vCPU's MMU state. Create one per vCPU with [`VcpuMmu::new`], load a root with
 /// [`super::Mmu::load_root`], handle its faults with [`super::Mmu::handle_fault`], and give everything
@@ -50,6 +51,8 @@ pub struct VcpuMmu {
     /// shared cache line is written per fault.
     pub counters: FaultCounters,
     pub(super) slot: SlotHint,
+    /// The level-1 table of the vCPU's last full walk (`Mmu::walk_gfn_hinted`), for its root.
+    pub(super) walk: WalkHint,
     pub(super) root: Option<RootRef>,
     /// The mirror root, for faults in private memslots (loaded with the root when the host has external
     /// tables).
@@ -109,6 +112,7 @@ impl VcpuMmu {
             cache: PageCache::new(),
             counters: FaultCounters { taken: 0, fixed: 0, fast: 0, spurious: 0, retried: 0, emulated: 0 },
             slot: SlotHint::EMPTY,
+            walk: WalkHint::EMPTY,
             root: None,
             mirror: None,
             group: 0,

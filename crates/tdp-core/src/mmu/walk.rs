@@ -5,6 +5,12 @@
 //! A single-gfn walk needs none of the range iterator's machinery (no restart, no yield), so it is one
 //! load per level with Acquire, following present non-leaf entries. The caller holds a walk guard for
 //! as long as it uses what the walk returns.
+//!
+//! A fault starts from a vCPU's [`WalkHint`] instead of the root when it can: the level-1 table the
+//! vCPU's last full walk reached, used while no table has been removed from any tree since (the MMU
+//! counts removals before it frees a table). Tables never move: a linked table stays the one on its gfns'
+//! path until it is removed. Faults in a row of pages (a guest touching memory in order) skip all but the
+//! last level of the walk, its chain of dependent loads.
 
 use crate::addr::{BITS_PER_LEVEL, Gfn, Level, Pfn};
 use crate::host::{Host, Table};
@@ -22,6 +28,8 @@ pub(super) struct GfnWalk<'a> {
     pub(super) table: &'a Table,
     /// Its entries' level as an index shift: `(level - 1) * 9`.
     pub(super) shift: u32,
+    /// Its frame.
+    pub(super) pfn: Pfn,
 }
 
 impl<'a> GfnWalk<'a> {
@@ -46,13 +54,37 @@ impl<'a> GfnWalk<'a> {
     }
 }
 
+/// The level-1 table a vCPU's last full walk reached (see [`Mmu::walk_gfn_hinted`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct WalkHint {
+    /// The root of the tree walked.
+    root: Pfn,
+    /// The gfns the table maps, as `gfn >> 9`.
+    index: u64,
+    /// The table.
+    table: Pfn,
+    /// The MMU's count of removed tables when the walk started.
+    removals: u64,
+}
+
+impl WalkHint {
+    /// No hint: no gfn has this index (gfns are below 2^52).
+    pub(super) const EMPTY: WalkHint = WalkHint { root: Pfn(0), index: u64::MAX, table: Pfn(0), removals: 0 };
+}
+
+impl Default for WalkHint {
+    fn default() -> Self {
+        WalkHint::EMPTY
+    }
+}
+
 impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
     /// Follows the tables already linked on `gfn`'s path from the root table at `root` and stops at the
     /// first entry that is not a table (a leaf, or a non-present, frozen or MMIO value) or at level 1.
     /// Reads only; the caller holds a walk guard.
     #[inline(always)]
     pub(super) fn walk_gfn(&self, root: Pfn, gfn: Gfn) -> GfnWalk<'_> {
-        let mut table = self.host.table(root);
+        let (mut pfn, mut table) = (root, self.host.table(root));
         let mut shift = self.config.root_level.shift_in_frames();
         while shift > 0 {
             // Acquire pairs with the Release of the compare-exchange that linked a child table here.
@@ -61,10 +93,44 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
             if !spte.is_present() || spte.is_large() {
                 break;
             }
-            table = self.host.table(spte.pfn());
+            pfn = spte.pfn();
+            table = self.host.table(pfn);
             shift -= BITS_PER_LEVEL;
         }
-        GfnWalk { table, shift }
+        GfnWalk { table, shift, pfn }
+    }
+
+    /// [`Mmu::walk_gfn`], from `hint`'s level-1 table when it is on `gfn`'s path in the tree at `root`
+    /// and no table has been removed since it was taken; a full walk that reaches level 1 renews the
+    /// hint. The caller holds a walk guard, taken before this call.
+    ///
+    /// Why a stale hint cannot be used: the count is read inside the walk guard, and every removed
+    /// table is counted before it is freed (`Mmu::free_removed_table`). A count that matches the hint's
+    /// was read before the removal of the hint's table was counted, so before its free was requested:
+    /// the deferred free then waits for this walk guard, as it waits for a walker that read the table's
+    /// parent entry before the unlink (the host's walk guards order their start before the walker's
+    /// loads, which the lockless walkers already need). An SPTE changed in a table removed meanwhile is
+    /// caught as for any walker: the removal exchanges every entry with the frozen value.
+    #[inline(always)]
+    pub(super) fn walk_gfn_hinted(&self, root: Pfn, gfn: Gfn, hint: &mut WalkHint) -> GfnWalk<'_> {
+        let removals = self.table_removals.load(Ordering::Acquire);
+        let index = gfn.0 >> BITS_PER_LEVEL;
+        if hint.index == index && hint.root == root && hint.removals == removals {
+            return GfnWalk { table: self.host.table(hint.table), shift: 0, pfn: hint.table };
+        }
+        let walk = self.walk_gfn(root, gfn);
+        if walk.shift == 0 {
+            *hint = WalkHint { root, index, table: walk.pfn, removals };
+        }
+        walk
+    }
+
+    /// Frees the page of a table removed from a tree (deferred: walkers may still be on it), counting the
+    /// removal first, so that no vCPU's [`WalkHint`] leads to it afterwards.
+    pub(super) fn free_removed_table(&self, pfn: Pfn) {
+        // SeqCst: one locked add per removed table, off the fault path; see `walk_gfn_hinted`.
+        self.table_removals.fetch_add(1, Ordering::SeqCst);
+        self.host.free_table_deferred(pfn);
     }
 
     /// The leaf currently mapping `gfn` in the tree whose root table is at `root`, and its level, if any

@@ -215,7 +215,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
     /// Gives back a reference taken by `acquire_all` / `take_invalid`; frees the root if it was the last.
     pub(super) fn release_root(&self, root: Pfn) {
         if let Some(pfn) = self.roots.release(root) {
-            self.host.free_table_deferred(pfn);
+            self.free_removed_table(pfn);
         }
     }
 }
