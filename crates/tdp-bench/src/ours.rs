@@ -8,6 +8,7 @@ use tdp_core::fault::{AccessKind, Fault, FaultKind};
 use tdp_core::memslot::{Memslot, SlotFlags};
 use tdp_core::mmu::{FaultOutcome, Mmu, MmuConfig, RootRef, VcpuMmu};
 
+use crate::config::PAGES_2M;
 use crate::host::{Arena, BenchHost};
 
 /// Where guest RAM sits in the host: 1 TiB, aligned for every page size.
@@ -84,17 +85,35 @@ impl<'a> OurTree<'a> {
         self.fault_each_for(count, step, AccessKind::Exec)
     }
 
+    /// Write faults at every gfn of the first `tables` 2 MiB ranges but each range's first, one range
+    /// after another in turn (gfns 1, 513, 1025, ..., then 2, 514, ...): no fault is in the level-1
+    /// table of the one before, so none starts from the vCPU's walk hint. Map the ranges' first gfns
+    /// first (`fault_each(tables, 512)`), so that every table is linked and no fault here links one.
+    pub fn fault_scattered(&mut self, tables: u64) -> u64 {
+        let grid = Grid { rows: PAGES_2M - 1, row_step: 1, columns: tables, column_step: PAGES_2M, first: 1 };
+        self.fault_grid(grid, AccessKind::Write)
+    }
+
     fn fault_each_for(&mut self, count: u64, step: u64, access: AccessKind) -> u64 {
+        self.fault_grid(Grid { rows: 1, row_step: 0, columns: count, column_step: step, first: 0 }, access)
+    }
+
+    /// The benches' one call of the fault handler (a second call site changes how the compiler inlines
+    /// it, and with that the figures), over the gfns of `grid`.
+    fn fault_grid(&mut self, grid: Grid, access: AccessKind) -> u64 {
         let mut not_fixed = 0;
-        for i in 0..count {
-            let fault = Fault {
-                as_id: AsId(0),
-                gpa: Gfn(i * step).gpa(),
-                access,
-                kind: FaultKind::Violation { present: false },
-            };
-            let outcome = self.mmu.handle_fault(&mut self.vcpu, black_box(fault), &mut ());
-            not_fixed += u64::from(outcome != Ok(FaultOutcome::Fixed));
+        for row in 0..grid.rows {
+            let row_first = grid.first + row * grid.row_step;
+            for column in 0..grid.columns {
+                let fault = Fault {
+                    as_id: AsId(0),
+                    gpa: Gfn(row_first + column * grid.column_step).gpa(),
+                    access,
+                    kind: FaultKind::Violation { present: false },
+                };
+                let outcome = self.mmu.handle_fault(&mut self.vcpu, black_box(fault), &mut ());
+                not_fixed += u64::from(outcome != Ok(FaultOutcome::Fixed));
+            }
         }
         not_fixed
     }
@@ -127,4 +146,14 @@ impl Drop for OurTree<'_> {
     fn drop(&mut self) {
         self.mmu.release_vcpu(&mut self.vcpu);
     }
+}
+
+/// The gfns `first + row * row_step + column * column_step`, row by row.
+#[derive(Clone, Copy)]
+struct Grid {
+    rows: u64,
+    row_step: u64,
+    columns: u64,
+    column_step: u64,
+    first: u64,
 }

@@ -113,13 +113,23 @@ fn fault_4k(cfg: &Config, out: &mut Outcome) {
     let arena = Arena::new(arena_pages(PAGES_1G, Level::L1));
     let mut peer = PeerArena::new(arena_pages(PAGES_1G, Level::L1));
     let mut flushes = 0;
-    let rounds = Rounds::<3>::run(cfg.warmup, cfg.reps, || {
+    let rounds = Rounds::<4>::run(cfg.warmup, cfg.reps, || {
         arena.reset();
         let mut tree = OurTree::new(&arena, Level::L1, PAGES_1G);
         let (ours, not_fixed) = ns_per_op(PAGES_1G, || tree.fault_each(PAGES_1G, 1));
         assert_eq!(not_fixed, 0, "every fault in a fresh table installs a mapping");
         assert_eq!(tree.mmu().stats().leaves[0], PAGES_1G);
         flushes = tree.mmu().host().flushes();
+        drop(tree);
+
+        // The same faults in an order that never reuses the walk hint, with every table linked first.
+        arena.reset();
+        let mut tree = OurTree::new(&arena, Level::L1, PAGES_1G);
+        let tables = PAGES_1G / PAGES_2M;
+        assert_eq!(tree.fault_each(tables, PAGES_2M), 0, "the tables are linked");
+        let (scattered, not_fixed) = ns_per_op(PAGES_1G - tables, || tree.fault_scattered(tables));
+        assert_eq!(not_fixed, 0, "every scattered fault installs a mapping");
+        assert_eq!(tree.mmu().stats().leaves[0], PAGES_1G);
         drop(tree);
 
         let mut tree = peer.fresh();
@@ -133,10 +143,16 @@ fn fault_4k(cfg: &Config, out: &mut Outcome) {
         let (floor, missed) = ns_per_op(PAGES_1G, || floor::fault_each(&host, root, &shared, PAGES_1G));
         assert_eq!((missed, shared.leaves()), (0, PAGES_1G));
         arena.forget_all();
-        [ours, theirs, floor]
+        [ours, theirs, floor, scattered]
     });
     out.rows.push(Row::new(FAULT_4K, rounds.median(0), rounds.median(1), "ns/fault"));
     out.rows.push(Row::new("fault_4k_fresh/design_floor", rounds.median(0), rounds.median(2), "ns/fault"));
+    out.rows.push(Row::new(
+        "fault_4k_scattered/fault_4k_fresh",
+        rounds.median(3),
+        rounds.median(0),
+        "ns/fault",
+    ));
     out.notes.push(format!(
         "4K faults: {PAGES_1G} per round, TLB flushes requested {flushes}; design floor / map_to = {:.2}x; \
          spread (IQR/median) ours {:.0}%, map_to {:.0}%, floor {:.0}%",
