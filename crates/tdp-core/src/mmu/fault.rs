@@ -383,9 +383,26 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
             (self.map_from(cache, walk, target), LeafWrite::Writable)
         } else if may_write && !logged {
             // A writable leaf where the host maps huge in an unlogged slot: the 2 MiB (or 1 GiB) fault.
+            let nx = mmu.nx.enabled();
+            if host.level == Level::L2
+                && mmu.huge_2m
+                && !nx
+                && !tracking
+                && walk.shift == Level::L2.shift_in_frames()
+                && huge_fits(slot, gfn, host.pfn, Level::L2.pages() - 1)
+            {
+                // Its common case, written out for the compiler as the 4 KiB one is: a 2 MiB leaf in the
+                // level-2 table the walk stopped at (from the vCPU's walk hint, for a run of them).
+                let pfn = Pfn(host.pfn.0 & !(Level::L2.pages() - 1));
+                let leaf = mmu.leaf_templates.leaf(pfn, Level::L2, LeafWrite::Writable, memtype);
+                debug_assert_eq!(leaf, self.expected_leaf(pfn, Level::L2, LeafWrite::Writable, memtype));
+                let target = Target { as_id: root.as_id(), gfn, level: Level::L2, spte: leaf, nx_track: 0 };
+                debug_assert_eq!(self.goal_level(slot, gfn, host.pfn, host.level), Level::L2);
+                // Not logged: nothing to mark dirty.
+                return self.map_from(cache, walk, target);
+            }
             let level = self.huge_goal_level(slot, gfn, host.pfn, host.level, tracking);
             debug_assert_eq!(level, self.goal_level(slot, gfn, host.pfn, host.level));
-            let nx = mmu.nx.enabled();
             let (level, nx_track) = if nx { self.nx_goal(root, gfn, level, exec) } else { (level, 0) };
             let pfn = Pfn(host.pfn.0 & !(level.pages() - 1));
             let mut leaf = mmu.leaf_templates.leaf(pfn, level, LeafWrite::Writable, memtype);
@@ -545,26 +562,19 @@ impl<'a, H: Host, R: lock_api::RawRwLock> SharedMmu<'a, H, R> {
         host_level: Level,
         tracking: bool,
     ) -> Level {
-        let top = (host_level as u8).min(self.mmu.format().max_leaf_level() as u8);
-        let host_page = slot.host_base >> crate::addr::PAGE_SHIFT;
-        let slot_end = slot.base_gfn.0 + slot.pages;
-        let mut shift = u32::from(top.saturating_sub(1)) * crate::addr::BITS_PER_LEVEL;
-        while shift > 0 {
-            let mask = (1u64 << shift) - 1;
-            let start = gfn.0 & !mask;
-            // `Memslot::allows_huge`, the frame aligned like the gfn, and no write-tracked gfn below.
-            let fits = start >= slot.base_gfn.0 && start + mask < slot_end;
-            if fits
-                && ((slot.base_gfn.0 ^ host_page) | (pfn.0 ^ gfn.0)) & mask == 0
-                && !(tracking && self.any_tracked_in(slot.as_id, Gfn(start), mask + 1))
+        let mut level = host_level.min(self.mmu.format().max_leaf_level());
+        while let Some(lower) = level.lower() {
+            let mask = level.pages() - 1;
+            // No write-tracked gfn below a huge leaf.
+            if huge_fits(slot, gfn, pfn, mask)
+                && !(tracking && self.any_tracked_in(slot.as_id, Gfn(gfn.0 & !mask), mask + 1))
             {
-                break;
+                debug_assert!(slot.allows_huge(gfn, level));
+                return level;
             }
-            shift -= crate::addr::BITS_PER_LEVEL;
+            level = lower;
         }
-        let level = Level::from_shift(shift);
-        debug_assert!(level == Level::L1 || slot.allows_huge(gfn, level));
-        level
+        Level::L1
     }
 
     /// An EPT misconfiguration / NPF-RSVD exit: emulate if it hit a current MMIO SPTE. `None` sends a
@@ -740,4 +750,14 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
     pub fn lookup(&self, root: &RootRef, gfn: Gfn) -> Option<(Spte, Level)> {
         self.lookup_in(root.pfn(), gfn)
     }
+}
+
+/// Whether a leaf covering the `mask + 1` pages around `gfn` (aligned) may map `gfn` to `pfn` in `slot`:
+/// the block lies in the slot ([`Memslot::allows_huge`]), and the slot's gfns and host pages, and `gfn`
+/// and `pfn`, are aligned alike within it.
+#[inline(always)]
+fn huge_fits(slot: &Memslot, gfn: Gfn, pfn: Pfn, mask: u64) -> bool {
+    let start = gfn.0 & !mask;
+    let misaligned = (slot.base_gfn.0 ^ (slot.host_base >> crate::addr::PAGE_SHIFT)) | (pfn.0 ^ gfn.0);
+    start >= slot.base_gfn.0 && start + mask < slot.base_gfn.0 + slot.pages && misaligned & mask == 0
 }

@@ -216,6 +216,8 @@ pub struct Mmu<H: Host, R: RawRwLock = spin::RwLock<()>> {
     device_memtype: u64,
     /// `config.max_gfn()`, computed once for the fault path.
     max_gfn: Gfn,
+    /// The format has 2 MiB leaves (every format but one without huge pages).
+    huge_2m: bool,
     /// Without A/D bits any violation may hit an access-tracked leaf, which the fast path restores.
     fast_on_any_violation: bool,
     /// Per vCPU group, on its own line: the faults' read side of the lock and the leaf counters.
@@ -254,6 +256,7 @@ impl<H: Host, R: RawRwLock> Mmu<H, R> {
             ram_memtype: AtomicU64::new(memtype::ram_bits(&config.format, false)),
             device_memtype: memtype::device_bits(&config.format),
             max_gfn: config.max_gfn(),
+            huge_2m: config.format.max_leaf_level() >= Level::L2,
             fast_on_any_violation: !config.format.has_accessed_dirty(),
             groups: groups::VcpuGroups::new(),
             nx: nx::NxHugePages::new(),
