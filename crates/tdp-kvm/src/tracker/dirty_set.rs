@@ -237,27 +237,6 @@ impl SlotDirty {
         }
     }
 
-    /// Adds `offsets`, strictly ascending (sorted, no repeats); those at or past the slot's end are
-    /// skipped. Leaves `offsets` empty. When the set is an empty list, it takes `offsets`' memory (and
-    /// `offsets` gets the set's empty list) instead of copying.
-    pub(crate) fn take_sorted(&mut self, offsets: &mut Vec<u64>) {
-        match &mut self.set {
-            Pages::Sparse(list) if list.is_empty() => {
-                debug_assert!(
-                    offsets.windows(2).all(|w| w[0] < w[1]),
-                    "take_sorted takes strictly ascending offsets"
-                );
-                // Ascending: the offsets inside the slot are a prefix.
-                let pages = self.pages;
-                offsets.truncate(offsets.partition_point(|&p| p < pages));
-                std::mem::swap(list, offsets);
-                self.densify_if_large();
-            }
-            Pages::Sparse(_) | Pages::Dense { .. } => self.extend_sorted(offsets),
-        }
-        offsets.clear();
-    }
-
     /// Adds every page of `other` (same slot geometry assumed; pages past our end are skipped).
     pub(crate) fn merge(&mut self, other: &SlotDirty) {
         match &other.set {
@@ -487,34 +466,6 @@ mod tests {
         assert!(matches!(s.set, super::Pages::Dense { .. }));
         assert_eq!(s.count(), model.len() as u64);
         assert!(s.offsets().eq(model.iter().copied()));
-    }
-
-    #[test]
-    fn i4_take_sorted_keeps_every_page_inside_the_slot_whatever_the_set_held() {
-        let slot = RingSlot::new(AsId(0), SlotId(1));
-        // Empty list: takes the offsets' memory; those past the end are dropped.
-        let mut s = SlotDirty::new(slot, Gpa(0), 100);
-        let mut offsets = vec![1, 5, 99, 100, 200];
-        s.take_sorted(&mut offsets);
-        assert!(offsets.is_empty());
-        assert!(s.offsets().eq([1, 5, 99]));
-        // Non-empty list: merged, no repeats.
-        let mut offsets = vec![0, 5, 50];
-        s.take_sorted(&mut offsets);
-        assert!(offsets.is_empty());
-        assert!(s.offsets().eq([0, 1, 5, 50, 99]));
-        // An empty list handed more offsets than a sparse set keeps turns dense, keeping them all.
-        let mut s = SlotDirty::new(slot, Gpa(0), 1000);
-        let mut offsets: Vec<u64> = (0..500).map(|i| i * 2).collect();
-        s.take_sorted(&mut offsets);
-        assert!(matches!(s.set, super::Pages::Dense { .. }));
-        assert_eq!(s.count(), 500);
-        assert!(s.offsets().eq((0..500).map(|i| i * 2)));
-        // Dense set: ORed in.
-        let mut offsets = vec![1, 2, 999, 1000];
-        s.take_sorted(&mut offsets);
-        assert_eq!(s.count(), 502);
-        assert!(s.contains(1) && s.contains(999) && !s.contains(1000));
     }
 
     trait TapInsert {

@@ -270,12 +270,7 @@ fn publish(slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, batch: &mut Ba
         if let Some(s) = slots.get(key) {
             radix::sort(offsets, sort);
             offsets.dedup();
-            let len = offsets.len();
-            // Most often the slot's set is empty and takes the list as it is: no copy. The bucket then
-            // holds the set's old list: room for as many entries is made now, so the next harvest does
-            // not grow it entry by entry.
-            set.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages).take_sorted(offsets);
-            offsets.reserve(len);
+            set.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages).extend_sorted(offsets);
         }
         offsets.clear();
     }
