@@ -165,4 +165,3 @@ mod tests {
         assert_eq!(v, want);
     }
 }
-
