@@ -4,10 +4,12 @@
 //! Each round the guest (one vCPU, CPL3) writes 1000 pseudo-random pages of the data slot in one batch
 //! (untimed), then one collector gathers them (timed) into a list of dirty page offsets:
 //! - **ring**: [`tdp_kvm::DirtyTracker::collect`] of a ring tracker (harvest of the vCPU's mmap'd ring,
-//!   then `KVM_RESET_DIRTY_RINGS`, which re-protects the pages);
+//!   then `KVM_RESET_DIRTY_RINGS`, which re-protects the pages), timed until it returns its per-slot sets
+//!   (sorted, without repeats); reading them into a list for the check is not timed;
 //! - **raw ring**: [`tdp_kvm::DirtyRing`] harvest into a list plus [`tdp_kvm::reset_dirty_rings`], no
 //!   tracker: what KVM's reset costs, to show what the tracker adds. The two rings are two vCPUs of one
-//!   VM, taking turns, so that their ratio is the tracker's and not a difference between VMs;
+//!   VM, taking turns and writing the same pages in the same order, so that their ratio is the tracker's
+//!   and not a difference between VMs or between pages;
 //! - **ours, bitmap**: [`tdp_kvm::get_dirty_log`] into a reused buffer (`KVM_GET_DIRTY_LOG`, which
 //!   re-protects) and a scan of its bits;
 //! - **kvm-ioctls, bitmap**: `VmFd::get_dirty_log` (which allocates its bitmap each call) and the same scan;
@@ -25,7 +27,7 @@
 
 mod contenders;
 
-use contenders::{BitmapCollector, Layout, VmSet};
+use contenders::{BitmapCollector, Layout, RING_PAIRS, VmSet};
 
 use crate::config::{Config, PAGES_1G};
 use crate::outcome::Outcome;
@@ -100,8 +102,9 @@ struct Figures {
 /// # Panics
 /// If a VM cannot be built or a collect fails or misses pages: then the figures would be meaningless.
 pub fn measure(cfg: &Config, out: &mut Outcome) {
-    // Each VM's guest memory grows by 4 MB per batch (random pages of a large slot rarely repeat), and
-    // there are 30 VMs: the configured rounds, pooled over two VMs, keep the group under about 6 GB.
+    // Each VM's guest memory grows by 4 MB per batch of new pages (random pages of a large slot rarely
+    // repeat; the second batch of each of the ring VM's pairs writes the first one's pages), and there
+    // are 20 VMs: the configured rounds, pooled over two VMs, keep the group under about 6 GB.
     let rounds = cfg.reps.max(5);
     let layouts: Vec<Layout> = SIZES_GIB
         .iter()
@@ -144,8 +147,8 @@ pub fn measure(cfg: &Config, out: &mut Outcome) {
         },
     ));
     out.notes.push(format!(
-        "kvm harvest: {DIRTY} random guest writes per round, one vCPU at CPL3; every figure is a median over \
-         2 x {rounds} rounds (two VMs per layout and contender)"
+        "kvm harvest: {DIRTY} random guest writes per collect, one vCPU at CPL3; every figure is a median over \
+         2 x {rounds} rounds (two VMs per layout and contender; the rings collect {RING_PAIRS} times a round)"
     ));
     out.notes.extend(target_lines(&out.rows));
 }
@@ -164,21 +167,22 @@ fn run_rounds(layouts: &[Layout], rounds: usize, warmup: usize) -> Option<Vec<Fi
         }
         sets.rotate_left(1);
     }
-    let pooled = |layout: usize, samples: &dyn Fn(&VmSet) -> &[f64]| {
+    // `per_round` samples a round for each collector.
+    let pooled = |layout: usize, per_round: usize, samples: &dyn Fn(&VmSet) -> &[f64]| {
         let all: Vec<f64> = sets
             .iter()
             .filter(|s| s.layout == layout)
-            .flat_map(|s| samples(s)[warmup..].iter().copied())
+            .flat_map(|s| samples(s)[warmup * per_round..].iter().copied())
             .collect();
         median(&all)
     };
     let figures = (0..layouts.len())
         .map(|i| Figures {
-            ring: pooled(i, &|s| &s.rings.tracker_samples),
-            raw_ring: pooled(i, &|s| &s.rings.raw_samples),
-            ours_bitmap: pooled(i, &|s| &s.bitmap.samples[BitmapCollector::Ours as usize]),
-            kvm_ioctls: pooled(i, &|s| &s.bitmap.samples[BitmapCollector::KvmIoctls as usize]),
-            tracker_bitmap: pooled(i, &|s| &s.bitmap.samples[BitmapCollector::Tracker as usize]),
+            ring: pooled(i, RING_PAIRS, &|s| &s.rings.tracker_samples),
+            raw_ring: pooled(i, RING_PAIRS, &|s| &s.rings.raw_samples),
+            ours_bitmap: pooled(i, 1, &|s| &s.bitmap.samples[BitmapCollector::Ours as usize]),
+            kvm_ioctls: pooled(i, 1, &|s| &s.bitmap.samples[BitmapCollector::KvmIoctls as usize]),
+            tracker_bitmap: pooled(i, 1, &|s| &s.bitmap.samples[BitmapCollector::Tracker as usize]),
         })
         .collect();
     Some(figures)

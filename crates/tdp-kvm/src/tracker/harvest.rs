@@ -21,8 +21,13 @@ use crate::ring::{DirtyRing, reset_dirty_rings};
 
 impl DirtyTracker {
     /// Harvests every source into `fresh` (slots added first) and re-protects. `entries` is scratch for
-    /// ring entries.
-    pub(super) fn harvest_all(&self, fresh: &mut DirtySets, entries: &mut Batch) -> Result<()> {
+    /// ring entries, `vcpus` for the list of vCPUs (left empty).
+    pub(super) fn harvest_all(
+        &self,
+        fresh: &mut DirtySets,
+        entries: &mut Batch,
+        vcpus: &mut Vec<Arc<VcpuState>>,
+    ) -> Result<()> {
         let plan = Plan::of(self.mode);
         {
             let slots = read(&self.slots, "slots")?;
@@ -31,8 +36,10 @@ impl DirtyTracker {
             }
         }
         if plan.rings {
-            let vcpus: Vec<Arc<VcpuState>> = read(&self.vcpus, "vcpus")?.clone();
-            for v in &vcpus {
+            // Copied out (into reused memory), so the vCPU list is not read-locked while a ring is locked.
+            vcpus.clear();
+            vcpus.extend(read(&self.vcpus, "vcpus")?.iter().cloned());
+            for v in vcpus.iter() {
                 let Some(ring) = &v.ring else { continue };
                 let mut ring = lock(ring, "ring")?;
                 let slots = read(&self.slots, "slots")?;
@@ -46,6 +53,7 @@ impl DirtyTracker {
                 // which the caller moves to the pending set.
                 publish(&slots, fresh, entries);
             }
+            vcpus.clear();
             let reset = reset_dirty_rings(self.vm.as_fd())?;
             add(&self.counters.reset_entries, u64::from(reset));
         }

@@ -65,6 +65,8 @@ struct Scratch {
     entries: Batch,
     /// Offsets taken from VMM bitmaps, before they enter `fresh`.
     offsets: Vec<u64>,
+    /// The vCPUs a collect harvests, copied out of the vCPU list (emptied after each harvest).
+    vcpus: Vec<Arc<VcpuState>>,
 }
 
 pub(crate) struct VcpuState {
@@ -366,10 +368,11 @@ impl DirtyTracker {
     /// ```
     pub fn collect_into(&self, out: &mut DirtySets) -> Result<u64> {
         let mut scratch = lock(&self.collect, "collect")?;
-        let Scratch { fresh, entries, offsets } = &mut *scratch;
+        let Scratch { fresh, entries, offsets, vcpus } = &mut *scratch;
         fresh.clear();
         entries.clear();
-        if let Err(e) = self.harvest_all(fresh, entries).and_then(|()| self.take_vmm_bitmaps(fresh, offsets))
+        if let Err(e) =
+            self.harvest_all(fresh, entries, vcpus).and_then(|()| self.take_vmm_bitmaps(fresh, offsets))
         {
             // Nothing is lost: what was taken from KVM goes to the pending set for the next collect.
             lock(&self.pending, "pending")?.merge(fresh);

@@ -14,76 +14,107 @@
 const SMALL: usize = 64;
 /// The widest digit: its counters (2048 of 4 bytes) stay in the L1 cache.
 const MAX_DIGIT_BITS: u32 = 11;
-/// Counters for the widest digit.
-const MAX_COUNTS: usize = 1 << MAX_DIGIT_BITS;
 
 /// Scratch memory for [`sort`], kept from call to call so that a sort writes no more of it than it uses.
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     /// The other buffer of the passes; at least as long as the longest list sorted.
     placed: Vec<u64>,
-    /// [`MAX_COUNTS`] counters once a long list was sorted.
+    /// One row of counters per pass, each as long as a digit has values, side by side.
     counts: Vec<u32>,
 }
 
-/// Sorts `v` ascending, using `scratch` (which grows to `v.len()` entries and [`MAX_COUNTS`] counters).
+/// Sorts `v` ascending, using `scratch` (which grows to `v.len()` entries and at most
+/// 2^[`MAX_DIGIT_BITS`] counters per pass).
+///
+/// Reads the list twice before moving anything: once for its smallest and largest entries and whether it
+/// is sorted already, once to count every pass's digits; then each pass moves every entry once.
 pub(crate) fn sort(v: &mut Vec<u64>, scratch: &mut Scratch) {
     let n = v.len();
     if n <= SMALL || u32::try_from(n).is_err() {
         v.sort_unstable();
         return;
     }
-    if v.is_sorted() {
-        return;
-    }
-    let (mut min, mut max) = (u64::MAX, 0);
+    let (mut min, mut max, mut sorted) = (u64::MAX, 0, true);
+    let mut prev = v.first().copied().unwrap_or(0);
     for &x in v.iter() {
         min = min.min(x);
         max = max.max(x);
+        sorted &= prev <= x;
+        prev = x;
+    }
+    if sorted {
+        return;
     }
     // Not sorted, so not all equal: at least one bit.
     let bits = u64::BITS - (max - min).leading_zeros();
-    let passes = bits.div_ceil(MAX_DIGIT_BITS);
-    let width = bits.div_ceil(passes);
+    let passes = bits.div_ceil(MAX_DIGIT_BITS) as usize;
+    let width = bits.div_ceil(passes as u32);
     let buckets = 1usize << width;
     let mask = (buckets - 1) as u64;
-    scratch.counts.resize(MAX_COUNTS, 0);
-    let Ok(counts) = <&mut [u32; MAX_COUNTS]>::try_from(scratch.counts.as_mut_slice()) else {
-        v.sort_unstable();
-        return;
+    scratch.counts.clear();
+    scratch.counts.resize(passes * buckets, 0);
+    // In 0..buckets: the digit has `width` bits.
+    let digit = |x: u64, shift: u32| (((x - min) >> shift) & mask) as usize;
+    // Counts one digit of every entry in `row`. A row has a counter for every value of a digit, so no
+    // count is missed; `get_mut` stands in for the compiler's bounds check.
+    let count = |row: &mut [u32], x: u64, shift: u32| {
+        if let Some(c) = row.get_mut(digit(x, shift)) {
+            *c += 1;
+        }
     };
+    let counts = scratch.counts.as_mut_slice();
+    // One read of the list for every pass's counts (for the usual two or three passes).
+    match passes {
+        2 => {
+            let (a, b) = counts.split_at_mut(buckets);
+            v.iter().for_each(|&x| {
+                count(a, x, 0);
+                count(b, x, width);
+            });
+        }
+        3 => {
+            let (a, rest) = counts.split_at_mut(buckets);
+            let (b, c) = rest.split_at_mut(buckets);
+            v.iter().for_each(|&x| {
+                count(a, x, 0);
+                count(b, x, width);
+                count(c, x, 2 * width);
+            });
+        }
+        _ => {
+            for (pass, row) in counts.chunks_exact_mut(buckets).enumerate() {
+                v.iter().for_each(|&x| count(row, x, pass as u32 * width));
+            }
+        }
+    }
     if scratch.placed.len() < n {
         scratch.placed.resize(n, 0);
     }
-    // In 0..MAX_COUNTS: the digit has at most `width` <= MAX_DIGIT_BITS bits; the mask says so to the
-    // compiler, which then checks no counter index.
-    let digit = |x: u64, shift: u32| (((x - min) >> shift) & mask) as usize & (MAX_COUNTS - 1);
     let mut in_v = true;
-    for pass in 0..passes {
-        let shift = pass * width;
-        let (src, dst) =
-            if in_v { (&v[..], &mut scratch.placed[..n]) } else { (&scratch.placed[..n], &mut v[..]) };
-        counts[..buckets].fill(0);
-        for &x in src {
-            counts[digit(x, shift)] += 1;
-        }
+    for (pass, row) in scratch.counts.chunks_exact_mut(buckets).enumerate() {
         // Every entry has the same digit: the pass would only copy.
-        if counts[..buckets].contains(&(n as u32)) {
+        if row.contains(&(n as u32)) {
             continue;
         }
         let mut next = 0;
-        for c in &mut counts[..buckets] {
+        for c in row.iter_mut() {
             let k = *c;
             *c = next;
             next += k;
         }
+        let shift = pass as u32 * width;
+        let (src, dst) =
+            if in_v { (&v[..], &mut scratch.placed[..n]) } else { (&scratch.placed[..n], &mut v[..]) };
         for &x in src {
-            let start = &mut counts[digit(x, shift)];
-            // In bounds: the starts partition 0..n and each digit gets exactly its count.
-            if let Some(d) = dst.get_mut(*start as usize) {
-                *d = x;
+            // In bounds: the digit is below `buckets`; the starts partition 0..n and each digit gets
+            // exactly its count.
+            if let Some(start) = row.get_mut(digit(x, shift)) {
+                if let Some(d) = dst.get_mut(*start as usize) {
+                    *d = x;
+                }
+                *start += 1;
             }
-            *start += 1;
         }
         in_v = !in_v;
     }

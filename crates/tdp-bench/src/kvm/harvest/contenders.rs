@@ -5,7 +5,8 @@
 //! The two ring collectors share their VM (its memslot, its page tables, KVM's metadata of the same
 //! pages) so that their ratio measures the tracker and not the VM: with one VM each, two VMs built
 //! alike differed by more than the tracker costs (their ratio moved between 1.03x and 1.17x from run to
-//! run with the same code).
+//! run with the same code). Their vCPUs write the same pages in the same order (see [`new_vm`]), and the
+//! one that goes first alternates from round to round.
 
 use std::time::Instant;
 
@@ -102,6 +103,12 @@ pub struct RingBench {
     pub raw_samples: Vec<f64>,
 }
 
+/// Collects of each ring per round. The two collectors' kernel parts vary by tens of µs from collect to
+/// collect, more than the tracker costs, so the rings get more samples than the bitmap's collectors. (The
+/// ring VM's memory grows as when its two vCPUs wrote pages of their own, one pair a round: the second
+/// batch of a pair writes the first one's pages.)
+pub const RING_PAIRS: usize = 2;
+
 /// The vCPU whose ring the tracker collects; the other one's is collected raw.
 const TRACKER_VCPU: usize = 0;
 /// See [`TRACKER_VCPU`].
@@ -134,29 +141,36 @@ impl RingBench {
         Some(bench)
     }
 
-    /// Collects vCPU `vcpu`'s ring into a list of offsets (in ring order, repeats kept, for the raw ring).
-    fn collect(&mut self, vcpu: usize) -> Vec<u64> {
+    /// Collects vCPU `vcpu`'s ring; returns the time the collector took (µs) and the offsets it found (in
+    /// ring order, repeats kept, for the raw ring). Each collector is timed until it holds its result:
+    /// the tracker's sets, the raw ring's list. Reading the sets into a list for the check, and dropping
+    /// either result, are not timed.
+    fn collect(&mut self, vcpu: usize) -> (f64, Vec<u64>) {
         if vcpu == TRACKER_VCPU {
-            let sets = std::hint::black_box(self.tracker.collect().expect("ring collect"));
-            sets.iter().flat_map(|s| s.offsets()).collect()
+            let start = Instant::now();
+            let sets = self.tracker.collect().expect("ring collect");
+            let micros = start.elapsed().as_secs_f64() * 1e6;
+            (micros, std::hint::black_box(sets).iter().flat_map(|s| s.offsets()).collect())
         } else {
+            let start = Instant::now();
             let mut offsets = Vec::with_capacity(DIRTY as usize);
             self.raw.harvest(usize::MAX, |e| offsets.push(e.offset));
             let reset = tdp_kvm::reset_dirty_rings(self.vm.vm_fd()).expect("KVM_RESET_DIRTY_RINGS");
+            let micros = start.elapsed().as_secs_f64() * 1e6;
             assert_eq!(u64::from(reset), offsets.len() as u64, "KVM reset every harvested entry");
-            offsets
+            (micros, std::hint::black_box(offsets))
         }
     }
 
-    /// For each collector (the raw one first if `reversed`): one untimed batch of its vCPU's guest
-    /// writes, then one timed collect.
+    /// [`RING_PAIRS`] times, for each collector (the raw one first if `reversed`, then the other way
+    /// round): one untimed batch of its vCPU's guest writes, then one timed collect.
     fn round(&mut self, reversed: bool) {
-        let order = if reversed { [RAW_VCPU, TRACKER_VCPU] } else { [TRACKER_VCPU, RAW_VCPU] };
-        for vcpu in order {
+        let forward = [TRACKER_VCPU, RAW_VCPU];
+        let backward = [RAW_VCPU, TRACKER_VCPU];
+        let orders = if reversed { [backward, forward] } else { [forward, backward] };
+        for vcpu in orders.into_iter().take(RING_PAIRS).flatten() {
             self.iteration = one_batch(&self.vm, &mut self.vcpus[vcpu], self.iteration);
-            let start = Instant::now();
-            let mut offsets = self.collect(vcpu);
-            let micros = start.elapsed().as_secs_f64() * 1e6;
+            let (micros, mut offsets) = self.collect(vcpu);
             if vcpu == TRACKER_VCPU { &mut self.tracker_samples } else { &mut self.raw_samples }.push(micros);
             offsets.sort_unstable();
             offsets.dedup();
@@ -213,15 +227,18 @@ impl BitmapBench {
     }
 }
 
-/// A VM with `vcpus` vCPUs, each writing [`DIRTY`] random pages of the layout's spread per batch, each
-/// with its own seed.
+/// A VM with `vcpus` vCPUs, each writing [`DIRTY`] random pages of the layout's spread per batch, all
+/// from the same seed: a vCPU's `k`-th batch writes the same pages, in the same order, as every other
+/// vCPU's `k`-th batch. The ring VM's two vCPUs run one batch each per round, so KVM re-protects the same
+/// pages, in the same order, for the tracker's collect as for the raw one (with a seed each, the two
+/// collectors' kernel parts differed by up to 8% over a run, more than the tracker costs).
 fn new_vm(layout: Layout, vcpus: usize) -> Option<GuestVm> {
     let vm = guest_or_skip(GuestSpec::new(layout.slot, vcpus))
         .expect("a guest VM for the KVM harvest benchmark")?;
+    let workload = Workload::new(0, layout.spread, DIRTY, Pattern::Random)
+        .with_tag(false)
+        .with_seed(0x9e37_79b9_7f4a_7c15);
     for vcpu in 0..vcpus {
-        let seed = 0x9e37_79b9_7f4a_7c15 ^ (vcpu as u64) << 32;
-        let workload =
-            Workload::new(0, layout.spread, DIRTY, Pattern::Random).with_tag(false).with_seed(seed);
         vm.set_workload(vcpu, &workload).expect("workload fits the slot");
     }
     Some(vm)
