@@ -38,7 +38,9 @@ pub trait TableMemory {
     fn alloc_table(&self, fill: Spte) -> Result<Pfn, AllocError>;
 
     /// The entries of the table page in frame `pfn`. The core only passes frames it got from
-    /// [`TableMemory::alloc_table`] and has not yet freed, or read from an SPTE under a walk guard.
+    /// [`TableMemory::alloc_table`] and has not yet freed, or read from an SPTE under a walk guard, or
+    /// kept from an earlier walk (a vCPU's walk hint) and checked under the current guard not to have
+    /// been freed since.
     fn table(&self, pfn: Pfn) -> &Table;
 
     /// Frees a page that was reachable from a live tree: it must stay readable (its contents are
@@ -49,6 +51,12 @@ pub trait TableMemory {
     fn free_table_now(&self, pfn: Pfn);
 
     /// Enters a walk: tables seen through this guard stay allocated until it drops.
+    ///
+    /// The guard's start must be ordered before the loads the walker makes under it, as a lock, a
+    /// read-modify-write or a `SeqCst` fence orders it (RCU's `rcu_read_lock` with the grace period's
+    /// barriers does): a [`TableMemory::free_table_deferred`] whose page the walker may still reach waits
+    /// for the guard unless the guard's start is ordered after the free. Lockless walkers and the fault's
+    /// walk hint both rely on this.
     fn begin_walk(&self) -> Self::WalkGuard<'_>;
 }
 
