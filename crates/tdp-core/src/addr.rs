@@ -198,17 +198,6 @@ impl Level {
     pub const fn shift_in_frames(self) -> u32 {
         (self as u32 - 1) * BITS_PER_LEVEL
     }
-    /// The level whose [`Level::shift_in_frames`] is `shift` (a multiple of 9); L5 above that level's.
-    #[inline]
-    pub(crate) const fn from_shift(shift: u32) -> Level {
-        match shift / BITS_PER_LEVEL {
-            0 => Level::L1,
-            1 => Level::L2,
-            2 => Level::L3,
-            3 => Level::L4,
-            _ => Level::L5,
-        }
-    }
     /// 4 KiB frames mapped by one entry at this level.
     #[must_use]
     #[inline]

@@ -265,15 +265,10 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if write && !host.writable {
             return Err(HostFaultError::ReadOnly { gfn }.into());
         }
-        let shared = self.read_for_fault(vcpu.group);
-        // Checked again under the lock: invalidation happens under the write lock, so a root valid now
-        // stays valid (and untouched by the zap of invalid roots) until this fault drops the lock.
-        if !root.is_valid() {
-            return Ok(FaultOutcome::ReloadRoot);
-        }
-        if shared.slots.generation() != generation || self.invalidation.must_retry(seq, gfn) {
-            return Ok(FaultOutcome::Retry);
-        }
+        let shared = match self.read_if_current(vcpu.group, root, generation, seq, gfn) {
+            Ok(shared) => shared,
+            Err(outcome) => return Ok(outcome),
+        };
         let track = shared.slots.write_track();
         let tracking = !track.is_empty();
         let tracked = tracking && track.is_tracked(as_id, gfn);
@@ -312,14 +307,34 @@ impl<H: Host, R: lock_api::RawRwLock> Mmu<H, R> {
         if !host.writable {
             return Err(HostFaultError::ReadOnly { gfn }.into());
         }
+        match self.read_if_current(group, root, generation, seq, gfn) {
+            Ok(shared) => shared.private_fault(cache, mirror, gfn, host).map(Some),
+            Err(outcome) => Ok(Some(outcome)),
+        }
+    }
+
+    /// Takes the fault's read side (through vCPU group `group`) and checks again what its translation
+    /// without the lock relied on: the root still valid (`ReloadRoot` if not), no memslot change since
+    /// `generation` and no invalidation covering `gfn` since the sequence count read `seq` (`Retry`).
+    /// Invalidation happens under the write lock, so a root valid now stays valid (and untouched by the
+    /// zap of invalid roots) until the fault drops the read side.
+    #[inline(always)]
+    fn read_if_current(
+        &self,
+        group: u8,
+        root: &RootRef,
+        generation: u64,
+        seq: u64,
+        gfn: Gfn,
+    ) -> Result<SharedMmu<'_, H, R>, FaultOutcome> {
         let shared = self.read_for_fault(group);
         if !root.is_valid() {
-            return Ok(Some(FaultOutcome::ReloadRoot));
+            return Err(FaultOutcome::ReloadRoot);
         }
         if shared.slots.generation() != generation || self.invalidation.must_retry(seq, gfn) {
-            return Ok(Some(FaultOutcome::Retry));
+            return Err(FaultOutcome::Retry);
         }
-        shared.private_fault(cache, mirror, gfn, host).map(Some)
+        Ok(shared)
     }
 }
 

@@ -18,7 +18,7 @@
 
 use lock_api::RawRwLock;
 
-use crate::addr::{AsId, BITS_PER_LEVEL, Gfn, Level, Pfn};
+use crate::addr::{AsId, Gfn, Level, Pfn};
 use crate::flush::Flush;
 use crate::host::{ExternalError, Host, HostPage};
 use crate::iter::TdpIter;
@@ -107,7 +107,8 @@ impl<H: Host, R: RawRwLock> SharedMmu<'_, H, R> {
                 child
             };
             table = mmu.host.table(child);
-            level = Level::from_shift(shift - BITS_PER_LEVEL);
+            // Above level 1 here: the level below exists.
+            level = level.lower().unwrap_or(Level::L1);
         }
     }
 

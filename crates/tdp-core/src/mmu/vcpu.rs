@@ -51,7 +51,7 @@ pub struct VcpuMmu {
     /// shared cache line is written per fault.
     pub counters: FaultCounters,
     pub(super) slot: SlotHint,
-    /// The level-1 table of the vCPU's last full walk (`Mmu::walk_gfn_hinted`), for its root.
+    /// The level-1 and level-2 tables of the vCPU's last walks (`Mmu::walk_gfn_hinted`), for its root.
     pub(super) walk: WalkHint,
     pub(super) root: Option<RootRef>,
     /// The mirror root, for faults in private memslots (loaded with the root when the host has external

@@ -214,12 +214,11 @@ impl SlotDirty {
                 // Ascending: the offsets inside the slot are a prefix.
                 let pages = self.pages;
                 let inside = &offsets[..offsets.partition_point(|&p| p < pages)];
-                if list.is_empty() {
-                    // Already sorted without repeats: a copy.
-                    list.extend_from_slice(inside);
-                } else {
-                    list.extend_from_slice(inside);
-                    // Two sorted runs: the stable sort merges them in linear time.
+                let was_empty = list.is_empty();
+                list.extend_from_slice(inside);
+                if !was_empty {
+                    // Two sorted runs: the stable sort merges them in linear time. (Into an empty list
+                    // the copy is already sorted without repeats.)
                     list.sort();
                     list.dedup();
                 }

@@ -139,6 +139,22 @@ impl ExternalCopy {
 }
 
 impl MockHost {
+    /// A link or a set in the external copy: answered by the knobs, then recorded (with any misuse).
+    fn external_install(
+        &self,
+        what: &'static str,
+        as_id: AsId,
+        gfn: Gfn,
+        level: Level,
+        entry: ExternalEntry,
+    ) -> Result<(), ExternalError> {
+        let mut external = lock(&self.0.external);
+        let copy = external.as_mut().ok_or(ExternalError::Unsupported)?;
+        copy.answer()?;
+        copy.install(what, as_id, gfn, level, entry);
+        Ok(())
+    }
+
     /// Gives the host external tables, so that the MMU loads mirror roots (at `root_level`, the MMU's)
     /// and accepts private memslots. Call it before any vCPU loads a root.
     ///
@@ -214,19 +230,11 @@ impl ExternalTables for MockHost {
         level: Level,
         table: Pfn,
     ) -> Result<(), ExternalError> {
-        let mut external = lock(&self.0.external);
-        let copy = external.as_mut().ok_or(ExternalError::Unsupported)?;
-        copy.answer()?;
-        copy.install("link", as_id, gfn, level, ExternalEntry::Table(table));
-        Ok(())
+        self.external_install("link", as_id, gfn, level, ExternalEntry::Table(table))
     }
 
     fn set_external_leaf(&self, as_id: AsId, gfn: Gfn, level: Level, pfn: Pfn) -> Result<(), ExternalError> {
-        let mut external = lock(&self.0.external);
-        let copy = external.as_mut().ok_or(ExternalError::Unsupported)?;
-        copy.answer()?;
-        copy.install("set", as_id, gfn, level, ExternalEntry::Leaf(pfn));
-        Ok(())
+        self.external_install("set", as_id, gfn, level, ExternalEntry::Leaf(pfn))
     }
 
     fn remove_external_leaf(&self, as_id: AsId, gfn: Gfn, level: Level, pfn: Pfn) {
