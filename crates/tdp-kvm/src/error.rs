@@ -210,8 +210,12 @@ pub enum Error {
         /// Same id, or overlapping guest range.
         why: &'static str,
     },
-    /// A slot of zero pages, or one whose guest range overflows.
-    #[error("memslot {slot:?}: {pages} pages at guest address {guest_base:#x} is not a valid range")]
+    /// A slot of zero pages, more pages than KVM's largest memslot
+    /// ([`MAX_SLOT_PAGES`](crate::MAX_SLOT_PAGES)), or one whose guest range overflows.
+    #[error(
+        "memslot {slot:?}: {pages} pages at guest address {guest_base:#x} is not a valid range (1 to \
+         2^31 - 1 pages, not past the end of the address space)"
+    )]
     BadSlot {
         /// The memslot.
         slot: RingSlot,

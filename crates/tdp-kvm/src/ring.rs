@@ -91,6 +91,7 @@ impl DirtyRing {
     /// Harvests up to `max` published entries in order, calling `f` for each, and returns how many. Marks
     /// each harvested (RESET flag); the kernel frees and re-protects them at the next
     /// [`reset_dirty_rings`](crate::fd::reset_dirty_rings).
+    #[inline]
     pub fn harvest(&mut self, max: usize, f: impl FnMut(DirtyEntry)) -> usize {
         let (n, next) = {
             let ring = self.entries();

@@ -108,6 +108,14 @@ fn i5_slot_registration_refuses_conflicts_and_empty_ranges() {
         tracker.register_slot(SlotSpec::new(3, u64::MAX - 4095, 2)),
         Err(Error::BadSlot { .. })
     ));
+    // Larger than KVM's largest memslot: KVM would refuse it, and ring offsets are kept in 32 bits.
+    let too_large = tdp_kvm::MAX_SLOT_PAGES + 1;
+    assert!(matches!(
+        tracker.register_slot(SlotSpec::new(3, B, too_large)),
+        Err(Error::BadSlot { pages, .. }) if pages == too_large
+    ));
+    tracker.register_slot(SlotSpec::new(3, 1 << 44, tdp_kvm::MAX_SLOT_PAGES)).unwrap();
+    tracker.unregister_slot(key(3)).unwrap();
     assert!(matches!(tracker.unregister_slot(key(7)), Err(Error::SlotNotRegistered { .. })));
     assert_eq!(tracker.slots().unwrap().len(), 2);
 }

@@ -22,8 +22,10 @@ use tdp_core::dirty_bitmap::{PAGES_PER_WORD, dirty_offsets, words_for};
 
 #[derive(Clone, Debug)]
 enum Pages {
-    /// Sorted, without duplicates, every offset below the slot's `pages`.
-    Sparse(Vec<u64>),
+    /// Sorted, without duplicates, every offset below the slot's `pages`. 32 bits: a set's `pages` is at
+    /// most [`MAX_SLOT_PAGES`], below 2^31 (half the memory of `u64` offsets, and a ring collect hands its
+    /// sorted harvest over as it is).
+    Sparse(Vec<u32>),
     /// Bit `i % 64` of word `i / 64` is page `i`; `count` bits set; no bit at or past `pages`.
     Dense { words: Vec<u64>, count: u64 },
 }
@@ -48,9 +50,24 @@ impl PartialEq for SlotDirty {
 impl Eq for SlotDirty {}
 
 impl SlotDirty {
-    /// An empty set for a slot of `pages` pages at `guest_base`.
+    /// An empty set for a slot of `pages` pages at `guest_base`. A set covers at most KVM's largest
+    /// memslot, [`MAX_SLOT_PAGES`] pages: a larger `pages` is taken as that many (and [`pages`] says so),
+    /// so pages past it are refused as pages past the slot are.
+    ///
+    /// [`pages`]: SlotDirty::pages
+    ///
+    /// ```
+    /// use tdp_core::addr::{AsId, Gpa, RingSlot, SlotId};
+    /// use tdp_kvm::{MAX_SLOT_PAGES, SlotDirty};
+    /// let slot = RingSlot::new(AsId(0), SlotId(0));
+    /// assert_eq!(SlotDirty::new(slot, Gpa(0), 100).pages(), 100);
+    /// let mut huge = SlotDirty::new(slot, Gpa(0), u64::MAX);
+    /// assert_eq!(huge.pages(), MAX_SLOT_PAGES);
+    /// assert!(huge.insert(MAX_SLOT_PAGES - 1) && !huge.insert(MAX_SLOT_PAGES));
+    /// ```
     #[must_use]
     pub const fn new(slot: RingSlot, guest_base: Gpa, pages: u64) -> Self {
+        let pages = if pages < MAX_SLOT_PAGES { pages } else { MAX_SLOT_PAGES };
         SlotDirty { slot, guest_base, pages, set: Pages::Sparse(Vec::new()) }
     }
 
@@ -79,6 +96,8 @@ impl SlotDirty {
         }
         match &mut self.set {
             Pages::Sparse(list) => {
+                // Always `Ok`: `offset < pages <= MAX_SLOT_PAGES`.
+                let Ok(offset) = u32::try_from(offset) else { return false };
                 if let Err(i) = list.binary_search(&offset) {
                     list.insert(i, offset);
                 }
@@ -99,7 +118,7 @@ impl SlotDirty {
     #[must_use]
     pub fn contains(&self, offset: u64) -> bool {
         match &self.set {
-            Pages::Sparse(list) => list.binary_search(&offset).is_ok(),
+            Pages::Sparse(list) => u32::try_from(offset).is_ok_and(|o| list.binary_search(&o).is_ok()),
             Pages::Dense { words, .. } => {
                 offset < self.pages
                     && words
@@ -185,7 +204,7 @@ impl SlotDirty {
     /// The dirty pages' offsets in the slot, ascending.
     pub fn offsets(&self) -> impl Iterator<Item = u64> + '_ {
         let (sparse, dense) = match &self.set {
-            Pages::Sparse(list) => (Some(list.iter().copied()), None),
+            Pages::Sparse(list) => (Some(list.iter().map(|&p| u64::from(p))), None),
             Pages::Dense { words, .. } => (None, Some(dirty_offsets(words))),
         };
         sparse.into_iter().flatten().chain(dense.into_iter().flatten())
@@ -199,9 +218,9 @@ impl SlotDirty {
 
     /// Adds `offsets`, strictly ascending (sorted, no repeats); those at or past the slot's end are
     /// skipped.
-    pub(crate) fn extend_sorted(&mut self, offsets: &[u64]) {
+    pub(crate) fn extend_sorted<T: Copy + Into<u64>>(&mut self, offsets: &[T]) {
         debug_assert!(
-            offsets.windows(2).all(|w| w[0] < w[1]),
+            offsets.windows(2).all(|w| w[0].into() < w[1].into()),
             "extend_sorted takes strictly ascending offsets"
         );
         // Nothing to add: skip the merge sort and dedup (a collect merges every slot's pending set, most
@@ -209,13 +228,14 @@ impl SlotDirty {
         if offsets.is_empty() {
             return;
         }
+        let pages = self.pages;
+        // Ascending: the offsets inside the slot are a prefix.
+        let inside = &offsets[..offsets.partition_point(|&p| p.into() < pages)];
         match &mut self.set {
             Pages::Sparse(list) => {
-                // Ascending: the offsets inside the slot are a prefix.
-                let pages = self.pages;
-                let inside = &offsets[..offsets.partition_point(|&p| p < pages)];
                 let was_empty = list.is_empty();
-                list.extend_from_slice(inside);
+                // Always `Ok`: inside the slot, so below `MAX_SLOT_PAGES`.
+                list.extend(inside.iter().filter_map(|&p| u32::try_from(p.into()).ok()));
                 if !was_empty {
                     // Two sorted runs: the stable sort merges them in linear time. (Into an empty list
                     // the copy is already sorted without repeats.)
@@ -225,13 +245,35 @@ impl SlotDirty {
                 self.densify_if_large();
             }
             Pages::Dense { words, count } => {
-                for &p in offsets.iter().filter(|&&p| p < self.pages) {
+                for p in inside.iter().map(|&p| p.into()) {
                     if let Some(w) = words.get_mut((p / PAGES_PER_WORD) as usize) {
                         let bit = 1 << (p % PAGES_PER_WORD);
                         *count += u64::from(*w & bit == 0);
                         *w |= bit;
                     }
                 }
+            }
+        }
+    }
+
+    /// Adds a harvest's `offsets`, sorted ascending with repeats, and leaves `offsets` empty; those at or
+    /// past the slot's end are skipped. An empty sparse set (a collect's fresh one) takes `offsets`'
+    /// memory as its list instead of copying it, and `offsets` gets new memory with room for as many
+    /// entries, so the next harvest into it does not grow it step by step.
+    pub(crate) fn take_ascending(&mut self, offsets: &mut Vec<u32>) {
+        let pages = self.pages;
+        offsets.dedup();
+        offsets.truncate(offsets.partition_point(|&p| u64::from(p) < pages));
+        match &mut self.set {
+            Pages::Sparse(list) if list.is_empty() => {
+                let capacity = offsets.capacity();
+                std::mem::swap(list, offsets);
+                offsets.reserve(capacity);
+                self.densify_if_large();
+            }
+            Pages::Sparse(_) | Pages::Dense { .. } => {
+                self.extend_sorted(offsets);
+                offsets.clear();
             }
         }
     }
@@ -278,7 +320,7 @@ impl SlotDirty {
     fn densify(&mut self) {
         if let Pages::Sparse(list) = &self.set {
             let mut words = vec![0u64; words_for(self.pages) as usize];
-            for &p in list {
+            for p in list.iter().map(|&p| u64::from(p)) {
                 if let Some(w) = words.get_mut((p / PAGES_PER_WORD) as usize) {
                     *w |= 1 << (p % PAGES_PER_WORD);
                 }

@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use std::sync::atomic::Ordering;
 
-use tdp_core::dirty_ring::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_MASK, DirtyEntry};
+use tdp_core::dirty_ring::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_MASK};
 
+use super::batch::{Batch, Entries, publish};
 use super::stats::{add, get};
-use super::{DirtySets, DirtyTracker, SlotState, TrackingMode, VcpuState, lock, radix, read};
+use super::{DirtySets, DirtyTracker, SlotState, TrackingMode, VcpuState, lock, read};
 use crate::bitmap::{clear_whole_slot, get_dirty_log};
 use crate::error::{Error, Result};
 use crate::ring::{DirtyRing, reset_dirty_rings};
@@ -43,9 +44,7 @@ impl DirtyTracker {
                 let Some(ring) = &v.ring else { continue };
                 let mut ring = lock(ring, "ring")?;
                 let slots = read(&self.slots, "slots")?;
-                entries.begin();
-                let n = ring.harvest(usize::MAX, |e| self.validate(&slots, e, entries));
-                entries.end();
+                let n = self.take(&slots, entries, &mut *ring);
                 add(&v.counters.harvested, n as u64);
                 self.note_full(&ring, n);
                 add(&self.counters.harvested, n as u64);
@@ -75,36 +74,23 @@ impl DirtyTracker {
         Ok(())
     }
 
-    /// Checks one ring entry against the slots (I5): a valid one is pushed to `out`, a bad one counted.
-    /// Call it only between `out.begin()` and `out.end()`, under one `slots` guard: `out` caches the slot
-    /// of the previous entry (consecutive entries mostly name the same slot, so most skip the lookup).
-    #[inline]
-    pub(super) fn validate(&self, slots: &BTreeMap<u32, SlotState>, e: DirtyEntry, out: &mut Batch) {
-        if let Some((key, pages)) = out.hot
-            && key == e.slot.raw()
-        {
-            if e.offset < pages {
-                out.push_hot(e.offset);
-            } else {
-                add(&self.counters.invalid_offset, 1);
-            }
-            return;
+    /// Takes one harvest's entries into `batch`, under one `slots` guard, and returns how many `entries`
+    /// gave. Entries naming an unknown slot or an offset past their slot are counted in the statistics
+    /// and skipped (I5).
+    pub(super) fn take(
+        &self,
+        slots: &BTreeMap<u32, SlotState>,
+        batch: &mut Batch,
+        entries: impl Entries,
+    ) -> usize {
+        let (n, invalid) = batch.take(slots, entries);
+        if invalid.slot > 0 {
+            add(&self.counters.invalid_slot, invalid.slot);
         }
-        self.validate_other_slot(slots, e, out);
-    }
-
-    /// [`validate`](DirtyTracker::validate) of an entry whose slot is not the cached one.
-    #[cold]
-    #[inline(never)]
-    fn validate_other_slot(&self, slots: &BTreeMap<u32, SlotState>, e: DirtyEntry, out: &mut Batch) {
-        let key = e.slot.raw();
-        let Some(s) = slots.get(&key) else { return add(&self.counters.invalid_slot, 1) };
-        out.select(key, s.spec.pages);
-        if e.offset < s.spec.pages {
-            out.push_hot(e.offset);
-        } else {
-            add(&self.counters.invalid_offset, 1);
+        if invalid.offset > 0 {
+            add(&self.counters.invalid_offset, invalid.offset);
         }
+        n
     }
 
     /// Harvests one vCPU's ring at its ring-full exit: harvest, reset, then publish into the pending set,
@@ -117,10 +103,7 @@ impl DirtyTracker {
         scratch.clear();
         let n = {
             let slots = read(&self.slots, "slots")?;
-            scratch.begin();
-            let n = ring.harvest(usize::MAX, |e| self.validate(&slots, e, scratch));
-            scratch.end();
-            n
+            self.take(&slots, scratch, &mut *ring)
         };
         self.note_full(&ring, n);
         add(&v.counters.harvested, n as u64);
@@ -186,96 +169,6 @@ impl Plan {
     }
 }
 
-/// Validated ring entries, bucketed by slot, waiting to enter a [`DirtySets`]. Reused across harvests
-/// (the buckets keep their capacity).
-#[derive(Debug, Default)]
-pub(crate) struct Batch {
-    buckets: Vec<(u32, Vec<u64>)>,
-    /// During a harvest: the slot whose entries [`push_hot`](Batch::push_hot) takes, its size in pages
-    /// as the `slots` guard of that harvest has them, and its bucket's index. Its entries gather in
-    /// `hot_list` (the bucket's own list, moved out) until another slot is selected or the harvest ends.
-    /// `None` outside a harvest, so that no size outlives its guard.
-    hot: Option<(u32, u64)>,
-    hot_bucket: usize,
-    hot_list: Vec<u64>,
-    /// Scratch for sorting a bucket.
-    sort: radix::Scratch,
-}
-
-impl Batch {
-    /// Starts a harvest: nothing cached.
-    pub(crate) fn begin(&mut self) {
-        self.put_back();
-    }
-
-    /// Ends a harvest: the hot slot's entries go back to its bucket and the cached slot is forgotten.
-    pub(crate) fn end(&mut self) {
-        self.put_back();
-    }
-
-    /// Moves the hot list back into its bucket; nothing is hot after.
-    fn put_back(&mut self) {
-        if self.hot.take().is_some()
-            && let Some((_, list)) = self.buckets.get_mut(self.hot_bucket)
-        {
-            std::mem::swap(list, &mut self.hot_list);
-        }
-    }
-
-    /// Makes `slot`'s bucket (added if missing) the one [`push_hot`](Batch::push_hot) fills, and caches
-    /// the slot's size.
-    fn select(&mut self, slot: u32, pages: u64) {
-        self.put_back();
-        let i = match self.buckets.iter().position(|(key, _)| *key == slot) {
-            Some(i) => i,
-            None => {
-                self.buckets.push((slot, Vec::new()));
-                self.buckets.len() - 1
-            }
-        };
-        if let Some((_, list)) = self.buckets.get_mut(i) {
-            std::mem::swap(list, &mut self.hot_list);
-            self.hot = Some((slot, pages));
-            self.hot_bucket = i;
-        }
-    }
-
-    /// Adds one validated entry of the selected slot.
-    #[inline]
-    fn push_hot(&mut self, offset: u64) {
-        self.hot_list.push(offset);
-    }
-
-    /// Whether no entry is waiting.
-    #[cfg(all(test, feature = "kvm-ioctls"))]
-    pub(crate) fn is_empty(&self) -> bool {
-        self.buckets.iter().all(|(_, l)| l.is_empty())
-    }
-
-    /// Empties every bucket, keeping their memory.
-    pub(crate) fn clear(&mut self) {
-        self.buckets.iter_mut().for_each(|(_, l)| l.clear());
-    }
-}
-
-/// Moves the batch into `set`: each slot's offsets sorted and deduplicated, then merged as one sorted run.
-/// Entries of a slot unregistered since they were validated are dropped, with the slot. Leaves the batch
-/// empty.
-fn publish(slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, batch: &mut Batch) {
-    let Batch { buckets, sort, .. } = batch;
-    for (key, offsets) in buckets {
-        if offsets.is_empty() {
-            continue;
-        }
-        if let Some(s) = slots.get(key) {
-            radix::sort(offsets, sort);
-            offsets.dedup();
-            set.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages).extend_sorted(offsets);
-        }
-        offsets.clear();
-    }
-}
-
 #[cfg(test)]
 mod plan_tests {
     use tdp_core::dirty_ring::RingConfig;
@@ -325,14 +218,15 @@ mod tests {
                 (2, 1),
                 (1, 100),
             ];
-            valid.begin();
-            for (raw, offset) in entries {
-                tracker.validate(&slots, DirtyEntry { slot: RingSlot::from_raw(raw), offset }, &mut valid);
-            }
-            valid.end();
-            assert_eq!(valid.buckets, [(1, vec![5, 99, 5])]);
+            let entries: Vec<DirtyEntry> = entries
+                .iter()
+                .map(|&(raw, offset)| DirtyEntry { slot: RingSlot::from_raw(raw), offset })
+                .collect();
+            let n = tracker.take(&slots, &mut valid, entries.as_slice());
+            assert_eq!(n, entries.len());
+            assert_eq!(valid.pending(), [(1, vec![5, 99, 5])]);
             super::publish(&slots, &mut set, &mut valid);
-            assert!(valid.is_empty());
+            assert!(valid.pending().is_empty());
         }
         let got: Vec<u64> = set.get(slot).unwrap().offsets().collect();
         assert_eq!(got, [5, 99], "valid entries kept once, bad ones skipped");

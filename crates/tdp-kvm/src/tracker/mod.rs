@@ -21,6 +21,7 @@
 //! back) and I5 (ring entries naming an unknown slot or an offset beyond their slot are counted in
 //! [`TrackerStats`] and skipped; nothing is indexed with them).
 
+mod batch;
 mod chunked;
 mod dirty_set;
 mod external;
@@ -40,7 +41,7 @@ pub use dirty_set::{DirtySets, MAX_SLOT_PAGES, SlotDirty};
 pub use stats::{DirtyRate, TrackerStats, VcpuRate, VcpuStats};
 pub use types::{SlotSpec, TrackingMode, VcpuHandle, X86_PAGE_SIZE};
 
-pub(crate) use harvest::Batch;
+pub(crate) use batch::Batch;
 
 use crate::bitmap::DirtyLogBuffer;
 use crate::error::{Error, Result};
@@ -48,12 +49,12 @@ use crate::ring::DirtyRing;
 use crate::vmm_bitmap::VmmBitmap;
 use stats::{Counters, VcpuCounters, add, get};
 
-struct SlotState {
-    spec: SlotSpec,
+pub(crate) struct SlotState {
+    pub(crate) spec: SlotSpec,
     /// The reusable `KVM_GET_DIRTY_LOG` buffer (bitmap modes only).
-    buf: Option<Mutex<DirtyLogBuffer>>,
+    pub(crate) buf: Option<Mutex<DirtyLogBuffer>>,
     /// The VMM's own writes into the slot ([`DirtyTracker::attach_vmm_bitmap`]).
-    vmm: Option<VmmBitmap>,
+    pub(crate) vmm: Option<VmmBitmap>,
 }
 
 /// What a collect reuses from one call to the next.
@@ -176,7 +177,8 @@ impl DirtyTracker {
     /// ([`KVM_USER_MEM_SLOTS`](tdp_core::memslot::KVM_USER_MEM_SLOTS), 32764 on x86) or an address space
     /// KVM does not keep, as [`fd::check_slot`](crate::fd::check_slot) says; [`Error::GuestMemfdSlot`] and
     /// [`Error::UnsupportedPageSize`] for a slot KVM cannot log;
-    /// [`Error::BadSlot`] for zero pages or a range that overflows; [`Error::SlotConflict`] if the id is
+    /// [`Error::BadSlot`] for zero pages, more than KVM's largest memslot ([`MAX_SLOT_PAGES`]), or a range
+    /// that overflows; [`Error::SlotConflict`] if the id is
     /// taken or the guest range overlaps a registered slot of the same address space; [`Error::Mmap`] if the
     /// bitmap buffer cannot be allocated. Nothing is registered on error.
     ///
@@ -195,7 +197,7 @@ impl DirtyTracker {
         let key = spec.key();
         check_loggable(&spec)?;
         let end = spec.pages.checked_shl(PAGE_SHIFT).and_then(|b| b.checked_add(spec.guest_base.0));
-        let Some(end) = end.filter(|_| spec.pages > 0 && spec.pages >> (64 - PAGE_SHIFT) == 0) else {
+        let Some(end) = end.filter(|_| (1..=MAX_SLOT_PAGES).contains(&spec.pages)) else {
             return Err(Error::BadSlot { slot: key, pages: spec.pages, guest_base: spec.guest_base.0 });
         };
         let buf = match self.mode {

@@ -1,14 +1,22 @@
-//! Sorting a harvest's page offsets: an LSD radix sort over `offset - min`, in as few passes as digits
-//! of at most 11 bits allow, the bits split evenly between the passes.
+//! Sorting a harvest's page offsets: an LSD radix sort of 32-bit offsets, in as few passes as digits of
+//! at most 11 bits allow, the bits split evenly between the passes.
 //!
 //! A ring collect sorts every slot's harvested offsets before they join the slot's sorted set. The
 //! standard comparison sort spends most of its time on mispredicted branches (about 10 ns per entry
-//! for 1000 random offsets on this machine); a radix pass has no data-dependent branch. Two things keep
-//! the passes cheap: their number follows the span of the offsets (18 bits for 1000 random pages of a
-//! 1 GiB slot: two passes of 9 bits; 24 bits for 64 GiB: three of 8), and no pass has a narrow digit
-//! (a 2-bit last digit sends most entries to the same few counters, whose increments then wait on one
-//! another). A pass whose digit is the same for every entry is skipped. Short lists keep the standard
-//! sort; a sorted list (sequential writes) is left as it is after one check.
+//! for 1000 random offsets on this machine); a radix pass has no data-dependent branch. What keeps the
+//! passes cheap:
+//! - their number follows the slot's size, which bounds every offset (18 bits for a 1 GiB slot: two
+//!   passes of 9 bits; 24 bits for 64 GiB: three of 8), and a pass whose digit is the same for every
+//!   entry is skipped (a large slot written only in its first part);
+//! - no pass has a narrow digit (a 2-bit last digit sends most entries to the same few counters, whose
+//!   increments then wait on one another);
+//! - the list is read once before anything moves, counting every pass's digits and checking whether it is
+//!   in order already (sequential writes: then nothing moves);
+//! - offsets are 32 bits (KVM's largest memslot has `2^31 - 1` pages): in a collect, right after the
+//!   guest's run has pushed the tracker's memory out of the near caches, every cache line a pass touches is
+//!   a miss, and half the bytes is half the lines.
+//!
+//! Short lists keep the standard sort.
 
 /// Below this length the standard sort wins.
 const SMALL: usize = 64;
@@ -19,74 +27,77 @@ const MAX_DIGIT_BITS: u32 = 11;
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     /// The other buffer of the passes; at least as long as the longest list sorted.
-    placed: Vec<u64>,
+    placed: Vec<u32>,
     /// One row of counters per pass, each as long as a digit has values, side by side.
     counts: Vec<u32>,
 }
 
-/// Sorts `v` ascending, using `scratch` (which grows to `v.len()` entries and at most
-/// 2^[`MAX_DIGIT_BITS`] counters per pass).
-///
-/// Reads the list twice before moving anything: once for its smallest and largest entries and whether it
-/// is sorted already, once to count every pass's digits; then each pass moves every entry once.
-pub(crate) fn sort(v: &mut Vec<u64>, scratch: &mut Scratch) {
+/// Sorts `v` ascending, for offsets of a slot of `pages` pages (an offset at or past `pages` is sorted
+/// too, only with more passes than the slot's size calls for), using `scratch`, which grows to
+/// `v.len()` entries and at most 2^[`MAX_DIGIT_BITS`] counters per pass.
+pub(crate) fn sort(v: &mut Vec<u32>, pages: u64, scratch: &mut Scratch) {
     let n = v.len();
     if n <= SMALL || u32::try_from(n).is_err() {
         v.sort_unstable();
         return;
     }
-    let (mut min, mut max, mut sorted) = (u64::MAX, 0, true);
+    let slot_bits = u64::BITS - pages.saturating_sub(1).leading_zeros();
+    let bits = slot_bits.clamp(1, u32::BITS);
+    let passes = bits.div_ceil(MAX_DIGIT_BITS) as usize;
+    let width = bits.div_ceil(passes as u32);
+    let buckets = 1usize << width;
+    let mask = (buckets - 1) as u32;
+    scratch.counts.clear();
+    scratch.counts.resize(passes * buckets, 0);
+    let counts = scratch.counts.as_mut_slice();
+    let top_shift = (passes as u32 - 1) * width;
+    // `outside`: an offset with bits above the passes' digits (past the slot), which the passes would not
+    // sort; it sends the list to the standard sort.
+    let (mut sorted, mut outside) = (true, false);
     let mut prev = v.first().copied().unwrap_or(0);
-    for &x in v.iter() {
-        min = min.min(x);
-        max = max.max(x);
-        sorted &= prev <= x;
-        prev = x;
+    // One read of the list: every pass's counts, whether it is sorted, whether any offset is outside.
+    let count = |row: &mut [u32], digit: usize| {
+        if let Some(c) = row.get_mut(digit) {
+            *c += 1;
+        }
+    };
+    let digit = |x: u32, shift: u32| ((x >> shift) & mask) as usize;
+    match passes {
+        1 => v.iter().for_each(|&x| {
+            count(counts, digit(x, 0));
+            sorted &= prev <= x;
+            outside |= (x >> top_shift) as usize >= buckets;
+            prev = x;
+        }),
+        2 => {
+            let (a, b) = counts.split_at_mut(buckets);
+            v.iter().for_each(|&x| {
+                count(a, digit(x, 0));
+                count(b, digit(x, width));
+                sorted &= prev <= x;
+                outside |= (x >> top_shift) as usize >= buckets;
+                prev = x;
+            });
+        }
+        _ => {
+            let (a, rest) = counts.split_at_mut(buckets);
+            let (b, c) = rest.split_at_mut(buckets);
+            v.iter().for_each(|&x| {
+                count(a, digit(x, 0));
+                count(b, digit(x, width));
+                count(c, digit(x, 2 * width));
+                sorted &= prev <= x;
+                outside |= (x >> top_shift) as usize >= buckets;
+                prev = x;
+            });
+        }
     }
     if sorted {
         return;
     }
-    // Not sorted, so not all equal: at least one bit.
-    let bits = u64::BITS - (max - min).leading_zeros();
-    let passes = bits.div_ceil(MAX_DIGIT_BITS) as usize;
-    let width = bits.div_ceil(passes as u32);
-    let buckets = 1usize << width;
-    let mask = (buckets - 1) as u64;
-    scratch.counts.clear();
-    scratch.counts.resize(passes * buckets, 0);
-    // In 0..buckets: the digit has `width` bits.
-    let digit = |x: u64, shift: u32| (((x - min) >> shift) & mask) as usize;
-    // Counts one digit of every entry in `row`. A row has a counter for every value of a digit, so no
-    // count is missed; `get_mut` stands in for the compiler's bounds check.
-    let count = |row: &mut [u32], x: u64, shift: u32| {
-        if let Some(c) = row.get_mut(digit(x, shift)) {
-            *c += 1;
-        }
-    };
-    let counts = scratch.counts.as_mut_slice();
-    // One read of the list for every pass's counts (for the usual two or three passes).
-    match passes {
-        2 => {
-            let (a, b) = counts.split_at_mut(buckets);
-            v.iter().for_each(|&x| {
-                count(a, x, 0);
-                count(b, x, width);
-            });
-        }
-        3 => {
-            let (a, rest) = counts.split_at_mut(buckets);
-            let (b, c) = rest.split_at_mut(buckets);
-            v.iter().for_each(|&x| {
-                count(a, x, 0);
-                count(b, x, width);
-                count(c, x, 2 * width);
-            });
-        }
-        _ => {
-            for (pass, row) in counts.chunks_exact_mut(buckets).enumerate() {
-                v.iter().for_each(|&x| count(row, x, pass as u32 * width));
-            }
-        }
+    if outside {
+        v.sort_unstable();
+        return;
     }
     if scratch.placed.len() < n {
         scratch.placed.resize(n, 0);
@@ -130,38 +141,42 @@ mod tests {
     use super::sort;
 
     #[test]
-    fn sorts_like_the_standard_sort_at_every_length_spread_and_clustering() {
+    fn sorts_like_the_standard_sort_at_every_length_spread_clustering_and_slot_size() {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut rand = move || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x
+            x as u32
         };
         let mut tmp = super::Scratch::default();
         for len in [0, 1, 2, 64, 65, 66, 200, 1000, 4096] {
-            for bits in [0, 1, 7, 8, 9, 18, 24, 31, 52, 64] {
-                let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            for bits in [0u32, 1, 7, 8, 9, 18, 24, 31, 32] {
+                let mask = if bits == 32 { u32::MAX } else { (1u32 << bits) - 1 };
                 // Uniform; and half clustered on a few values, half spread (large buckets).
-                let uniform: Vec<u64> = (0..len).map(|_| rand() & mask).collect();
-                let clustered: Vec<u64> =
+                let uniform: Vec<u32> = (0..len).map(|_| rand() & mask).collect();
+                let clustered: Vec<u32> =
                     (0..len).map(|i| if i % 2 == 0 { rand() & mask } else { (rand() % 5) & mask }).collect();
-                for mut v in [uniform, clustered] {
-                    let mut want = v.clone();
-                    want.sort_unstable();
-                    sort(&mut v, &mut tmp);
-                    assert_eq!(v, want, "len {len}, {bits} bits");
-                    sort(&mut v, &mut tmp);
-                    assert_eq!(v, want, "len {len}, {bits} bits, sorted input");
+                // The slot as large as the offsets need, larger, and too small for some of them.
+                let fits = 1u64 << bits;
+                for pages in [fits, fits << 6, (fits / 3).max(1)] {
+                    for mut v in [uniform.clone(), clustered.clone()] {
+                        let mut want = v.clone();
+                        want.sort_unstable();
+                        sort(&mut v, pages, &mut tmp);
+                        assert_eq!(v, want, "len {len}, {bits} bits, {pages} pages");
+                        sort(&mut v, pages, &mut tmp);
+                        assert_eq!(v, want, "len {len}, {bits} bits, {pages} pages, sorted input");
+                    }
                 }
             }
         }
-        // Descending with repeats, and the extremes of u64.
-        let mut v: Vec<u64> =
-            (0..500u64).rev().map(|i| (i % 37) << 8).chain([u64::MAX, 0, u64::MAX]).collect();
+        // Descending with repeats, and the extremes of u32.
+        let mut v: Vec<u32> =
+            (0..500u32).rev().map(|i| (i % 37) << 8).chain([u32::MAX, 0, u32::MAX]).collect();
         let mut want = v.clone();
         want.sort_unstable();
-        sort(&mut v, &mut tmp);
+        sort(&mut v, 1 << 31, &mut tmp);
         assert_eq!(v, want);
     }
 }

@@ -82,7 +82,9 @@ impl SlotDirty {
             }
             s.set = Pages::Dense { words, count: total };
         } else {
-            let list: Vec<u64> = runs.iter().flat_map(|&(f, n)| f..f + n).collect();
+            // Always `Ok`: inside a slot of at most `MAX_SLOT_PAGES` pages, checked above.
+            let list: Vec<u32> =
+                runs.iter().flat_map(|&(f, n)| f..f + n).filter_map(|p| u32::try_from(p).ok()).collect();
             s.set = Pages::Sparse(list);
         }
         Ok(s)
@@ -94,9 +96,9 @@ impl SlotDirty {
         let mut dense_at = 0u64;
         std::iter::from_fn(move || match &self.set {
             Pages::Sparse(list) => {
-                let first = *list.get(sparse_at)?;
+                let first = u64::from(*list.get(sparse_at)?);
                 let mut n = 1;
-                while list.get(sparse_at + n as usize) == Some(&(first + n)) {
+                while list.get(sparse_at + n as usize).map(|&p| u64::from(p)) == Some(first + n) {
                     n += 1;
                 }
                 sparse_at += n as usize;
@@ -126,7 +128,7 @@ impl SlotDirty {
             Pages::Dense { words, .. } => words.clone(),
             Pages::Sparse(list) => {
                 let mut words = vec![0u64; usize::try_from(words_for(self.pages)).unwrap_or(0)];
-                for &p in list {
+                for p in list.iter().map(|&p| u64::from(p)) {
                     if let Some(w) = words.get_mut((p / PAGES_PER_WORD) as usize) {
                         *w |= 1 << (p % PAGES_PER_WORD);
                     }
@@ -149,9 +151,11 @@ impl SlotDirty {
         let mut at = 0usize;
         std::iter::from_fn(move || match &self.set {
             Pages::Sparse(list) => {
-                let first = *list.get(at)? / PAGES_PER_WORD * PAGES_PER_WORD;
+                let first = u64::from(*list.get(at)?) / PAGES_PER_WORD * PAGES_PER_WORD;
                 let mut mask = 0;
-                while let Some(&p) = list.get(at).filter(|&&p| p < first + PAGES_PER_WORD) {
+                while let Some(p) =
+                    list.get(at).map(|&p| u64::from(p)).filter(|&p| p < first + PAGES_PER_WORD)
+                {
                     mask |= 1 << (p - first);
                     at += 1;
                 }
