@@ -37,6 +37,7 @@ impl DirtyTracker {
             }
         }
         if plan.rings {
+            entries.prefetch();
             // Copied out (into reused memory), so the vCPU list is not read-locked while a ring is locked.
             vcpus.clear();
             vcpus.extend(read(&self.vcpus, "vcpus")?.iter().cloned());

@@ -32,6 +32,14 @@ pub(crate) struct Scratch {
     counts: Vec<u32>,
 }
 
+impl Scratch {
+    /// Starts bringing the scratch into the caches ([`crate::sys::prefetch`]).
+    pub(crate) fn prefetch(&self) {
+        crate::sys::prefetch(self.placed.as_ptr().cast(), self.placed.len() * size_of::<u32>());
+        crate::sys::prefetch(self.counts.as_ptr().cast(), self.counts.len() * size_of::<u32>());
+    }
+}
+
 /// Sorts `v` ascending, for offsets of a slot of `pages` pages (an offset at or past `pages` is sorted
 /// too, only with more passes than the slot's size calls for), using `scratch`, which grows to
 /// `v.len()` entries and at most 2^[`MAX_DIGIT_BITS`] counters per pass.
