@@ -269,4 +269,79 @@ mod tests {
         let got: Vec<u64> = sets.get(spec.key()).map(|s| s.offsets().collect()).unwrap_or_default();
         assert_eq!(got, want);
     }
+
+    /// One slot of a generated case: its id, its size, and pages its set holds before the harvest.
+    type SlotCase = (u16, u64, Vec<u64>);
+
+    fn slot_cases() -> impl proptest::strategy::Strategy<Value = Vec<SlotCase>> {
+        use proptest::prelude::*;
+        let size = prop_oneof![1u64..100, 100u64..5000, Just(1 << 18), Just(crate::MAX_SLOT_PAGES)];
+        proptest::collection::vec(
+            (1u16..5, size).prop_flat_map(|(id, pages)| {
+                (Just(id), Just(pages), proptest::collection::vec(0..pages, 0..20))
+            }),
+            1..4,
+        )
+    }
+
+    proptest::proptest! {
+        /// Whatever the ring holds (several slots, interleaved; unknown slots; offsets past their slot;
+        /// repeats; more entries than a chunk), a harvest then a publish leave each slot's set equal to
+        /// its pages before plus the valid entries, and count every bad entry once.
+        #[test]
+        fn i4_i5_take_and_publish_match_a_reference_set(
+            slots_case in slot_cases(),
+            raw in proptest::collection::vec((0usize..5, proptest::num::u64::ANY, 0u8..4), 0..600),
+        ) {
+            use std::collections::{BTreeMap as Map, BTreeSet};
+            // Later duplicates of an id are dropped, as `register_slot` would refuse them.
+            let mut specs: Map<u16, (SlotSpec, Vec<u64>)> = Map::new();
+            for (id, pages, before) in slots_case {
+                specs.entry(id).or_insert((SlotSpec::new(id, 0, pages), before));
+            }
+            let registered: Vec<SlotSpec> = specs.values().map(|(spec, _)| *spec).collect();
+            let slots = slots(&registered);
+            let mut sets = DirtySets::default();
+            let mut want: Map<u32, BTreeSet<u64>> = Map::new();
+            for (spec, before) in specs.values() {
+                sets.add_slot(spec.key(), spec.guest_base, spec.pages);
+                for &p in before {
+                    sets.insert(spec.key(), p);
+                }
+                want.insert(spec.key().raw(), before.iter().copied().collect());
+            }
+            // An entry names slot id 0-4 (some not registered); its offset is inside its slot (kind 0-1),
+            // just past it (2), or anything (3).
+            let mut invalid = Invalid::default();
+            let entries: Vec<DirtyEntry> = raw
+                .iter()
+                .map(|&(id, any, kind)| {
+                    let id = id as u16;
+                    let spec = specs.get(&id).map(|(spec, _)| *spec);
+                    let offset = match (spec, kind) {
+                        (Some(s), 0 | 1) => any % s.pages,
+                        (Some(s), 2) => s.pages + any % 3,
+                        _ => any,
+                    };
+                    match spec {
+                        None => invalid.slot += 1,
+                        Some(s) if offset >= s.pages => invalid.offset += 1,
+                        Some(s) => {
+                            want.entry(s.key().raw()).or_default().insert(offset);
+                        }
+                    }
+                    entry(u32::from(id), offset)
+                })
+                .collect();
+            let mut batch = Batch::default();
+            proptest::prop_assert_eq!(batch.take(&slots, entries.as_slice()), (entries.len(), invalid));
+            publish(&slots, &mut sets, &mut batch);
+            proptest::prop_assert!(batch.pending().is_empty());
+            for (key, pages) in want {
+                let got: Vec<u64> =
+                    sets.get(RingSlot::from_raw(key)).map(|s| s.offsets().collect()).unwrap_or_default();
+                proptest::prop_assert_eq!(got, pages.into_iter().collect::<Vec<_>>());
+            }
+        }
+    }
 }
