@@ -173,15 +173,17 @@ fn test() -> Result<()> {
 /// model hundreds of times; a separate target directory, because `--cfg loom` changes the flags of every
 /// crate and would otherwise throw away the normal build.
 fn loom() -> Result<()> {
-    let mut cargo = cmd::cargo();
-    cargo.args(["test", "-p", "tdp-core", "--release"]);
-    cargo.args(["--test", "loom_ring", "--test", "loom_invalidation", "--test", "loom_freeze"]);
-    cmd::run(cargo.args(["--target-dir", "target/loom"]).env("RUSTFLAGS", "--cfg loom"))?;
+    let loom_test = || {
+        let mut cargo = cmd::cargo();
+        cargo.args(["test", "-p", "tdp-core", "--release", "--target-dir", "target/loom"]);
+        cargo.env("RUSTFLAGS", "--cfg loom");
+        cargo
+    };
+    let mut cargo = loom_test();
+    cmd::run(cargo.args(["--test", "loom_ring", "--test", "loom_invalidation", "--test", "loom_freeze"]))?;
     // The group model is a unit test (the groups are private to the MMU); the filter leaves the other
     // unit tests, which are not loom models, out.
-    let mut cargo = cmd::cargo();
-    cargo.args(["test", "-p", "tdp-core", "--release", "--lib", "--target-dir", "target/loom"]);
-    cmd::run(cargo.args(["--", "loom_model"]).env("RUSTFLAGS", "--cfg loom"))
+    cmd::run(loom_test().args(["--lib", "--", "loom_model"]))
 }
 
 /// The kernel's formatting and lints (its own workspace and target), then the Bochs runs with their

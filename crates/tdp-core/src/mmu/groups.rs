@@ -341,18 +341,25 @@ mod loom_model {
         builder
     }
 
+    /// `faults` faults of group 0 in a row on this thread while another thread makes `writes` writes in
+    /// a row; returns what each fault read.
+    fn faults_against_writes(faults: usize, writes: usize) -> alloc::vec::Vec<u64> {
+        let vm = vm();
+        let writer = {
+            let vm = Arc::clone(&vm);
+            thread::spawn(move || (0..writes).for_each(|_| write(&vm)))
+        };
+        let seen = (0..faults).map(|_| fault(&vm)).collect();
+        writer.join().expect("the writer finishes");
+        seen
+    }
+
     /// One fault against one writer: the fault reads before or after the write, never during it.
     #[test]
     fn fault_against_writer() {
         builder().check(|| {
-            let vm = vm();
-            let writer = {
-                let vm = Arc::clone(&vm);
-                thread::spawn(move || write(&vm))
-            };
-            let seen = fault(&vm);
-            writer.join().expect("the writer finishes");
-            assert!(seen <= 1);
+            let seen = faults_against_writes(1, 1);
+            assert!(seen[0] <= 1);
         });
     }
 
@@ -361,17 +368,8 @@ mod loom_model {
     #[test]
     fn fault_against_two_writes() {
         builder().check(|| {
-            let vm = vm();
-            let writer = {
-                let vm = Arc::clone(&vm);
-                thread::spawn(move || {
-                    write(&vm);
-                    write(&vm);
-                })
-            };
-            let seen = fault(&vm);
-            writer.join().expect("the writer finishes");
-            assert!(seen <= 2);
+            let seen = faults_against_writes(1, 2);
+            assert!(seen[0] <= 2);
         });
     }
 
@@ -381,14 +379,8 @@ mod loom_model {
     #[test]
     fn two_faults_against_writer() {
         builder().check(|| {
-            let vm = vm();
-            let writer = {
-                let vm = Arc::clone(&vm);
-                thread::spawn(move || write(&vm))
-            };
-            let first = fault(&vm);
-            let second = fault(&vm);
-            writer.join().expect("the writer finishes");
+            let seen = faults_against_writes(2, 1);
+            let (first, second) = (seen[0], seen[1]);
             assert!(first <= second && second <= 1, "reads go forward: {first} then {second}");
         });
     }

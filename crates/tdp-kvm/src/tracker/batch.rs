@@ -157,7 +157,7 @@ struct Hot {
     bucket: usize,
 }
 
-/// Where a harvest's entries come from: a vCPU's ring, or a list (tests).
+/// Where a harvest's entries come from: a vCPU's ring, or (in tests) a list.
 pub(crate) trait Entries {
     /// Hands every entry to `f`, in order; returns how many.
     fn each(self, f: impl FnMut(DirtyEntry)) -> usize;
@@ -170,6 +170,7 @@ impl Entries for &mut DirtyRing {
     }
 }
 
+#[cfg(test)]
 impl Entries for &[DirtyEntry] {
     #[inline]
     fn each(self, mut f: impl FnMut(DirtyEntry)) -> usize {

@@ -319,15 +319,20 @@ impl SlotDirty {
 
     fn densify(&mut self) {
         if let Pages::Sparse(list) = &self.set {
-            let mut words = vec![0u64; words_for(self.pages) as usize];
-            for p in list.iter().map(|&p| u64::from(p)) {
-                if let Some(w) = words.get_mut((p / PAGES_PER_WORD) as usize) {
-                    *w |= 1 << (p % PAGES_PER_WORD);
-                }
-            }
-            self.set = Pages::Dense { words, count: list.len() as u64 };
+            self.set = Pages::Dense { words: sparse_words(list, self.pages), count: list.len() as u64 };
         }
     }
+}
+
+/// The bitmap of a sparse list of a slot of `pages` pages: bit `p % 64` of word `p / 64` for each `p`.
+fn sparse_words(list: &[u32], pages: u64) -> Vec<u64> {
+    let mut words = vec![0u64; usize::try_from(words_for(pages)).unwrap_or(0)];
+    for p in list.iter().map(|&p| u64::from(p)) {
+        if let Some(w) = words.get_mut((p / PAGES_PER_WORD) as usize) {
+            *w |= 1 << (p % PAGES_PER_WORD);
+        }
+    }
+    words
 }
 
 /// Dirty pages per memslot, keyed by [`RingSlot`].

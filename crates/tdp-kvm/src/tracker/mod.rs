@@ -50,11 +50,11 @@ use crate::vmm_bitmap::VmmBitmap;
 use stats::{Counters, VcpuCounters, add, get};
 
 pub(crate) struct SlotState {
-    pub(crate) spec: SlotSpec,
+    spec: SlotSpec,
     /// The reusable `KVM_GET_DIRTY_LOG` buffer (bitmap modes only).
-    pub(crate) buf: Option<Mutex<DirtyLogBuffer>>,
+    buf: Option<Mutex<DirtyLogBuffer>>,
     /// The VMM's own writes into the slot ([`DirtyTracker::attach_vmm_bitmap`]).
-    pub(crate) vmm: Option<VmmBitmap>,
+    vmm: Option<VmmBitmap>,
 }
 
 /// What a collect reuses from one call to the next.

@@ -64,6 +64,11 @@ pub(crate) fn sort(v: &mut Vec<u32>, pages: u64, scratch: &mut Scratch) {
     let (mut sorted, mut outside) = (true, false);
     let mut prev = v.first().copied().unwrap_or(0);
     // One read of the list: every pass's counts, whether it is sorted, whether any offset is outside.
+    let mut note = |x: u32| {
+        sorted &= prev <= x;
+        outside |= (x >> top_shift) as usize >= buckets;
+        prev = x;
+    };
     let count = |row: &mut [u32], digit: usize| {
         if let Some(c) = row.get_mut(digit) {
             *c += 1;
@@ -73,18 +78,14 @@ pub(crate) fn sort(v: &mut Vec<u32>, pages: u64, scratch: &mut Scratch) {
     match passes {
         1 => v.iter().for_each(|&x| {
             count(counts, digit(x, 0));
-            sorted &= prev <= x;
-            outside |= (x >> top_shift) as usize >= buckets;
-            prev = x;
+            note(x);
         }),
         2 => {
             let (a, b) = counts.split_at_mut(buckets);
             v.iter().for_each(|&x| {
                 count(a, digit(x, 0));
                 count(b, digit(x, width));
-                sorted &= prev <= x;
-                outside |= (x >> top_shift) as usize >= buckets;
-                prev = x;
+                note(x);
             });
         }
         _ => {
@@ -94,9 +95,7 @@ pub(crate) fn sort(v: &mut Vec<u32>, pages: u64, scratch: &mut Scratch) {
                 count(a, digit(x, 0));
                 count(b, digit(x, width));
                 count(c, digit(x, 2 * width));
-                sorted &= prev <= x;
-                outside |= (x >> top_shift) as usize >= buckets;
-                prev = x;
+                note(x);
             });
         }
     }

@@ -126,15 +126,7 @@ impl SlotDirty {
     pub fn to_words(&self) -> Vec<u64> {
         match &self.set {
             Pages::Dense { words, .. } => words.clone(),
-            Pages::Sparse(list) => {
-                let mut words = vec![0u64; usize::try_from(words_for(self.pages)).unwrap_or(0)];
-                for p in list.iter().map(|&p| u64::from(p)) {
-                    if let Some(w) = words.get_mut((p / PAGES_PER_WORD) as usize) {
-                        *w |= 1 << (p % PAGES_PER_WORD);
-                    }
-                }
-                words
-            }
+            Pages::Sparse(list) => super::sparse_words(list, self.pages),
         }
     }
 
