@@ -180,7 +180,8 @@ impl Entries for &[DirtyEntry] {
 }
 
 /// Moves the batch into `set`: each slot's offsets sorted, each once, into the slot's set. Entries of a
-/// slot unregistered since they were validated are dropped, with the slot. Leaves the batch empty.
+/// slot unregistered since they were validated are dropped, with the slot; offsets past the end of a slot
+/// registered again, smaller, under the same id since then are dropped too. Leaves the batch empty.
 pub(crate) fn publish(slots: &BTreeMap<u32, SlotState>, set: &mut DirtySets, batch: &mut Batch) {
     let Batch { buckets, sort } = batch;
     for (key, offsets) in buckets {

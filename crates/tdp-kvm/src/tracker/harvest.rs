@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use std::sync::atomic::Ordering;
 
@@ -41,21 +42,15 @@ impl DirtyTracker {
             // Copied out (into reused memory), so the vCPU list is not read-locked while a ring is locked.
             vcpus.clear();
             vcpus.extend(read(&self.vcpus, "vcpus")?.iter().cloned());
-            for v in vcpus.iter() {
-                let Some(ring) = &v.ring else { continue };
-                let mut ring = lock(ring, "ring")?;
-                let slots = read(&self.slots, "slots")?;
-                let n = self.take(&slots, entries, &mut *ring);
-                add(&v.counters.harvested, n as u64);
-                self.note_full(&ring, n);
-                add(&self.counters.harvested, n as u64);
-                // Published ring by ring: if a later ring or the reset fails, these are in `fresh`,
-                // which the caller moves to the pending set.
-                publish(&slots, fresh, entries);
-            }
+            let taken = self.take_rings(entries, vcpus);
             vcpus.clear();
-            let reset = reset_dirty_rings(self.vm.as_fd())?;
-            add(&self.counters.reset_entries, u64::from(reset));
+            // Every ring, then the reset, then one sort per slot of all the rings' entries (published ring
+            // by ring, a slot's set would be sorted and merged once per vCPU). Published even if a ring or
+            // the reset failed: what was taken goes to `fresh`, which the caller moves to the pending set
+            // on error.
+            let reset = taken.and_then(|()| self.reset_rings());
+            publish(&*read(&self.slots, "slots")?, fresh, entries);
+            reset?;
         }
         if plan.bitmap {
             let slots = read(&self.slots, "slots")?;
@@ -71,6 +66,20 @@ impl DirtyTracker {
                     clear_whole_slot(self.vm.as_fd(), key, s.spec.pages, buf.words())?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Takes every ring's entries in `vcpus` into `batch`.
+    fn take_rings(&self, batch: &mut Batch, vcpus: &[Arc<VcpuState>]) -> Result<()> {
+        for v in vcpus {
+            let Some(ring) = &v.ring else { continue };
+            let mut ring = lock(ring, "ring")?;
+            let slots = read(&self.slots, "slots")?;
+            let n = self.take(&slots, batch, &mut *ring);
+            add(&v.counters.harvested, n as u64);
+            self.note_full(&ring, n);
+            add(&self.counters.harvested, n as u64);
         }
         Ok(())
     }
@@ -112,15 +121,26 @@ impl DirtyTracker {
         add(&v.counters.ring_full_exits, 1);
         // Reset before publishing: a collect that takes these pages from the pending set must find them
         // re-protected. If the reset fails, publish anyway (they were harvested) and report the error.
-        let reset = reset_dirty_rings(self.vm.as_fd());
+        let reset = self.reset_rings();
         {
             let slots = read(&self.slots, "slots")?;
             let mut pending = lock(&self.pending, "pending")?;
             publish(&slots, &mut pending, scratch);
         }
+        Ok((n, reset?, before))
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`, counted: the entries KVM reports resetting, and the time the call took
+    /// (see [`TrackerStats::reset_time`]).
+    ///
+    /// [`TrackerStats::reset_time`]: super::TrackerStats::reset_time
+    fn reset_rings(&self) -> Result<u32> {
+        let start = Instant::now();
+        let reset = reset_dirty_rings(self.vm.as_fd());
+        add(&self.counters.reset_nanos, u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
         let reset = reset?;
         add(&self.counters.reset_entries, u64::from(reset));
-        Ok((n, reset, before))
+        Ok(reset)
     }
 
     /// Counts a harvest that emptied a completely full ring (see [`TrackerStats::full_rings`]).

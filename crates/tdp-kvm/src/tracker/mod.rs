@@ -469,6 +469,7 @@ impl DirtyTracker {
     /// let rate = tracker.stats()?.rate_since(&before);
     /// assert_eq!(rate.pages, 256);
     /// assert!(rate.per_vcpu.is_none(), "bitmap: VM-wide figures only");
+    /// assert!(tracker.stats()?.reset_time.is_zero(), "no ring to reset");
     /// # Ok(()) }
     /// ```
     pub fn stats(&self) -> Result<TrackerStats> {
@@ -488,6 +489,7 @@ impl DirtyTracker {
             invalid_slot: get(&self.counters.invalid_slot),
             invalid_offset: get(&self.counters.invalid_offset),
             reset_entries: get(&self.counters.reset_entries),
+            reset_time: std::time::Duration::from_nanos(get(&self.counters.reset_nanos)),
             full_rings: get(&self.counters.full_rings),
         })
     }

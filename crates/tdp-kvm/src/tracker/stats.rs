@@ -25,6 +25,7 @@ pub(crate) struct Counters {
     pub(crate) invalid_slot: AtomicU64,
     pub(crate) invalid_offset: AtomicU64,
     pub(crate) reset_entries: AtomicU64,
+    pub(crate) reset_nanos: AtomicU64,
     pub(crate) full_rings: AtomicU64,
 }
 
@@ -67,6 +68,10 @@ pub struct TrackerStats {
     pub invalid_offset: u64,
     /// Entries KVM reported resetting (`KVM_RESET_DIRTY_RINGS`' answers, summed).
     pub reset_entries: u64,
+    /// Time spent in `KVM_RESET_DIRTY_RINGS` (by collects and at ring-full exits): KVM's re-protection of
+    /// the harvested pages, which is most of a ring collect's time. A collect's time minus this is the
+    /// tracker's own work.
+    pub reset_time: Duration,
     /// Harvests that found a ring entirely full: the producer went past its soft limit and its reserve,
     /// so it may have overwritten entries (pages lost). Always 0 on a healthy KVM.
     pub full_rings: u64,
@@ -162,6 +167,7 @@ mod tests {
             invalid_slot: 0,
             invalid_offset: 0,
             reset_entries: 0,
+            reset_time: Duration::ZERO,
             full_rings: 0,
         };
         let rate = snap(t0 + Duration::from_secs(2), 300, 100).rate_since(&snap(t0, 100, 100));

@@ -101,6 +101,11 @@ pub struct RingBench {
     /// Microseconds per raw collect ([`DirtyRing::harvest`] of vCPU 1's ring into a list, then
     /// [`tdp_kvm::reset_dirty_rings`]).
     pub raw_samples: Vec<f64>,
+    /// Of each of `tracker_samples`, the microseconds spent in `KVM_RESET_DIRTY_RINGS`
+    /// ([`TrackerStats::reset_time`](tdp_kvm::TrackerStats::reset_time)).
+    pub tracker_reset_samples: Vec<f64>,
+    /// Of each of `raw_samples`, the microseconds spent in `KVM_RESET_DIRTY_RINGS`.
+    pub raw_reset_samples: Vec<f64>,
 }
 
 /// Collects of each ring per round. The two collectors' kernel parts vary by tens of µs from collect to
@@ -132,6 +137,8 @@ impl RingBench {
             iteration: 1,
             tracker_samples: Vec::new(),
             raw_samples: Vec::new(),
+            tracker_reset_samples: Vec::new(),
+            raw_reset_samples: Vec::new(),
         };
         // The first batches fault in the guest's page tables and code; collect them away untimed.
         for vcpu in [TRACKER_VCPU, RAW_VCPU] {
@@ -141,24 +148,29 @@ impl RingBench {
         Some(bench)
     }
 
-    /// Collects vCPU `vcpu`'s ring; returns the time the collector took (µs) and the offsets it found (in
-    /// ring order, repeats kept, for the raw ring). Each collector is timed until it holds its result:
-    /// the tracker's sets, the raw ring's list. Reading the sets into a list for the check, and dropping
-    /// either result, are not timed.
-    fn collect(&mut self, vcpu: usize) -> (f64, Vec<u64>) {
+    /// Collects vCPU `vcpu`'s ring; returns the time the collector took and, of that, the time in
+    /// `KVM_RESET_DIRTY_RINGS` (µs), and the offsets it found (in ring order, repeats kept, for the raw
+    /// ring). Each collector is timed until it holds its result: the tracker's sets, the raw ring's list.
+    /// Reading the sets into a list for the check, and dropping either result, are not timed.
+    fn collect(&mut self, vcpu: usize) -> (f64, f64, Vec<u64>) {
         if vcpu == TRACKER_VCPU {
+            let before = self.tracker.stats().expect("tracker stats").reset_time;
             let start = Instant::now();
             let sets = self.tracker.collect().expect("ring collect");
             let micros = start.elapsed().as_secs_f64() * 1e6;
-            (micros, std::hint::black_box(sets).iter().flat_map(|s| s.offsets()).collect())
+            let reset = self.tracker.stats().expect("tracker stats").reset_time.saturating_sub(before);
+            let offsets = std::hint::black_box(sets).iter().flat_map(|s| s.offsets()).collect();
+            (micros, reset.as_secs_f64() * 1e6, offsets)
         } else {
             let start = Instant::now();
             let mut offsets = Vec::with_capacity(DIRTY as usize);
             self.raw.harvest(usize::MAX, |e| offsets.push(e.offset));
+            let reset_start = Instant::now();
             let reset = tdp_kvm::reset_dirty_rings(self.vm.vm_fd()).expect("KVM_RESET_DIRTY_RINGS");
-            let micros = start.elapsed().as_secs_f64() * 1e6;
+            let end = Instant::now();
             assert_eq!(u64::from(reset), offsets.len() as u64, "KVM reset every harvested entry");
-            (micros, std::hint::black_box(offsets))
+            let micros = |d: std::time::Duration| d.as_secs_f64() * 1e6;
+            (micros(end - start), micros(end - reset_start), std::hint::black_box(offsets))
         }
     }
 
@@ -170,8 +182,14 @@ impl RingBench {
         let orders = if reversed { [backward, forward] } else { [forward, backward] };
         for vcpu in orders.into_iter().take(RING_PAIRS).flatten() {
             self.iteration = one_batch(&self.vm, &mut self.vcpus[vcpu], self.iteration);
-            let (micros, mut offsets) = self.collect(vcpu);
-            if vcpu == TRACKER_VCPU { &mut self.tracker_samples } else { &mut self.raw_samples }.push(micros);
+            let (micros, reset, mut offsets) = self.collect(vcpu);
+            let (all, kernel) = if vcpu == TRACKER_VCPU {
+                (&mut self.tracker_samples, &mut self.tracker_reset_samples)
+            } else {
+                (&mut self.raw_samples, &mut self.raw_reset_samples)
+            };
+            all.push(micros);
+            kernel.push(reset);
             offsets.sort_unstable();
             offsets.dedup();
             check_count(
