@@ -44,13 +44,14 @@ impl DirtyTracker {
             vcpus.extend(read(&self.vcpus, "vcpus")?.iter().cloned());
             let taken = self.take_rings(entries, vcpus);
             vcpus.clear();
-            // Every ring, then the reset, then one sort per slot of all the rings' entries (published ring
-            // by ring, a slot's set would be sorted and merged once per vCPU). Published even if a ring or
-            // the reset failed: what was taken goes to `fresh`, which the caller moves to the pending set
-            // on error.
-            let reset = taken.and_then(|()| self.reset_rings());
+            // Every ring, then one sort per slot of all the rings' entries (published ring by ring, a
+            // slot's set would be sorted and merged once per vCPU), while they are still in the near caches
+            // (after KVM's reset they are not: about 1 us more per 1000 entries, measured). Published even
+            // if a ring failed: what was taken goes to `fresh`, which the caller moves to the pending set
+            // on error. The reset comes before the caller sees `fresh`.
             publish(&*read(&self.slots, "slots")?, fresh, entries);
-            reset?;
+            taken?;
+            self.reset_rings()?;
         }
         if plan.bitmap {
             let slots = read(&self.slots, "slots")?;
