@@ -9,7 +9,7 @@
 use tdp_core::addr::RingSlot;
 use tdp_core::dirty_bitmap::{BitmapError, PAGES_PER_WORD, dirty_offsets};
 
-use super::{DirtySets, DirtyTracker, lock, read};
+use super::{DirtyTracker, SlotDirty, read};
 use crate::error::{Error, Result};
 use crate::vmm_bitmap::VmmBitmap;
 
@@ -48,11 +48,10 @@ impl DirtyTracker {
         if let Some(old) = s.vmm.replace(bitmap.clone())
             && !old.same_bits(bitmap)
         {
-            let mut pending = lock(&self.pending, "pending")?;
-            let dst = pending.add_slot(slot, s.spec.guest_base, s.spec.pages);
             let mut offsets = Vec::new();
             old.take(|w, bits| push_offsets(&mut offsets, w, bits));
-            dst.extend_sorted(&offsets);
+            self.pending
+                .add(|p| p.add_slot(slot, s.spec.guest_base, s.spec.pages).extend_sorted(&offsets))?;
         }
         Ok(())
     }
@@ -100,22 +99,17 @@ impl DirtyTracker {
             }
         }
         let n = offsets.len() as u64;
-        lock(&self.pending, "pending")?.add_slot(slot, s.spec.guest_base, pages).extend_sorted(&offsets);
+        self.pending.add(|p| p.add_slot(slot, s.spec.guest_base, pages).extend_sorted(&offsets))?;
         Ok(n)
     }
+}
 
-    /// Takes every attached VMM bitmap into `fresh` (a collect, after KVM's harvest). `offsets` is scratch.
-    pub(super) fn take_vmm_bitmaps(&self, fresh: &mut DirtySets, offsets: &mut Vec<u64>) -> Result<()> {
-        let slots = read(&self.slots, "slots")?;
-        for s in slots.values() {
-            let Some(bitmap) = &s.vmm else { continue };
-            offsets.clear();
-            bitmap.take(|w, bits| push_offsets(offsets, w, bits));
-            if !offsets.is_empty() {
-                fresh.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages).extend_sorted(offsets);
-            }
-        }
-        Ok(())
+/// Takes a slot's VMM bitmap into its set (a collect). `offsets` is scratch.
+pub(super) fn take_vmm_bitmap(bitmap: &VmmBitmap, set: &mut SlotDirty, offsets: &mut Vec<u64>) {
+    offsets.clear();
+    bitmap.take(|w, bits| push_offsets(offsets, w, bits));
+    if !offsets.is_empty() {
+        set.extend_sorted(offsets);
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use tdp_core::dirty_ring::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_MASK};
 
 use super::batch::{Batch, Entries, publish};
+use super::external::take_vmm_bitmap;
 use super::stats::{add, get};
 use super::{DirtySets, DirtyTracker, SlotState, TrackingMode, VcpuState, lock, read};
 use crate::bitmap::{clear_whole_slot, get_dirty_log};
@@ -22,19 +23,24 @@ use crate::error::{Error, Result};
 use crate::ring::{DirtyRing, reset_dirty_rings};
 
 impl DirtyTracker {
-    /// Harvests every source into `fresh` (slots added first) and re-protects. `entries` is scratch for
-    /// ring entries, `vcpus` for the list of vCPUs (left empty).
+    /// Harvests every source into `fresh` and re-protects: first each slot's set, with the writes its VMM
+    /// bitmap recorded, then KVM's. `entries` is scratch for ring entries, `vcpus` for the list of vCPUs
+    /// (left empty), `offsets` for a VMM bitmap's pages.
     pub(super) fn harvest_all(
         &self,
         fresh: &mut DirtySets,
         entries: &mut Batch,
         vcpus: &mut Vec<Arc<VcpuState>>,
+        offsets: &mut Vec<u64>,
     ) -> Result<()> {
         let plan = Plan::of(self.mode);
         {
             let slots = read(&self.slots, "slots")?;
             for s in slots.values() {
-                fresh.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages);
+                let set = fresh.add_slot(s.spec.key(), s.spec.guest_base, s.spec.pages);
+                if let Some(bitmap) = &s.vmm {
+                    take_vmm_bitmap(bitmap, set, offsets);
+                }
             }
         }
         if plan.rings {
@@ -125,8 +131,7 @@ impl DirtyTracker {
         let reset = self.reset_rings();
         {
             let slots = read(&self.slots, "slots")?;
-            let mut pending = lock(&self.pending, "pending")?;
-            publish(&slots, &mut pending, scratch);
+            self.pending.add(|pending| publish(&slots, pending, scratch))?;
         }
         Ok((n, reset?, before))
     }

@@ -26,6 +26,7 @@ mod chunked;
 mod dirty_set;
 mod external;
 mod harvest;
+mod pending;
 mod radix;
 mod stats;
 mod types;
@@ -86,7 +87,7 @@ pub struct DirtyTracker {
     mode: TrackingMode,
     slots: RwLock<BTreeMap<u32, SlotState>>,
     vcpus: RwLock<Vec<Arc<VcpuState>>>,
-    pending: Mutex<DirtySets>,
+    pending: pending::Pending,
     /// Serialises collects; holds the scratch a collect fills before it publishes.
     collect: Mutex<Scratch>,
     counters: Counters,
@@ -156,7 +157,7 @@ impl DirtyTracker {
             mode,
             slots: RwLock::new(BTreeMap::new()),
             vcpus: RwLock::new(Vec::new()),
-            pending: Mutex::new(DirtySets::default()),
+            pending: pending::Pending::default(),
             collect: Mutex::new(Scratch::default()),
             counters: Counters::default(),
         })
@@ -224,7 +225,7 @@ impl DirtyTracker {
                 return Err(Error::SlotConflict { slot: key, existing: other.key(), why });
             }
         }
-        lock(&self.pending, "pending")?.add_slot(key, spec.guest_base, spec.pages);
+        self.pending.lock()?.add_slot(key, spec.guest_base, spec.pages);
         slots.insert(key.raw(), SlotState { spec, buf, vmm: None });
         Ok(())
     }
@@ -255,7 +256,7 @@ impl DirtyTracker {
         if slots.remove(&slot.raw()).is_none() {
             return Err(Error::SlotNotRegistered { slot });
         }
-        Ok(lock(&self.pending, "pending")?.remove_slot(slot))
+        Ok(self.pending.lock()?.remove_slot(slot))
     }
 
     /// The registered slots, by ascending `as_id << 16 | id`.
@@ -373,19 +374,13 @@ impl DirtyTracker {
         let Scratch { fresh, entries, offsets, vcpus } = &mut *scratch;
         fresh.clear();
         entries.clear();
-        if let Err(e) =
-            self.harvest_all(fresh, entries, vcpus).and_then(|()| self.take_vmm_bitmaps(fresh, offsets))
-        {
+        if let Err(e) = self.harvest_all(fresh, entries, vcpus, offsets) {
             // Nothing is lost: what was taken from KVM goes to the pending set for the next collect.
-            lock(&self.pending, "pending")?.merge(fresh);
+            self.pending.add(|pending| pending.merge(fresh))?;
             fresh.clear();
             return Err(e);
         }
-        {
-            let mut pending = lock(&self.pending, "pending")?;
-            fresh.merge(&pending);
-            pending.clear();
-        }
+        self.pending.take_into(fresh)?;
         let n = fresh.total();
         if out.has_no_slots() {
             // The same result as merging into nothing, without copying every set (`collect`'s case).
@@ -419,16 +414,17 @@ impl DirtyTracker {
     /// ```
     pub fn restore(&self, sets: &DirtySets) -> Result<u64> {
         let slots = read(&self.slots, "slots")?;
-        let mut pending = lock(&self.pending, "pending")?;
-        let mut n = 0;
-        for set in sets.iter() {
-            if let Some(s) = slots.get(&set.slot().raw()) {
-                let dst = pending.add_slot(set.slot(), s.spec.guest_base, s.spec.pages);
-                dst.merge(set);
-                n += set.offsets().take_while(|&p| p < s.spec.pages).count() as u64;
+        self.pending.add(|pending| {
+            let mut n = 0;
+            for set in sets.iter() {
+                if let Some(s) = slots.get(&set.slot().raw()) {
+                    let dst = pending.add_slot(set.slot(), s.spec.guest_base, s.spec.pages);
+                    dst.merge(set);
+                    n += set.offsets().take_while(|&p| p < s.spec.pages).count() as u64;
+                }
             }
-        }
-        Ok(n)
+            n
+        })
     }
 
     /// Pages waiting in the pending set (harvested at ring-full exits or restored, not collected yet).
@@ -449,7 +445,7 @@ impl DirtyTracker {
     /// # Ok(()) }
     /// ```
     pub fn pending_pages(&self) -> Result<u64> {
-        Ok(lock(&self.pending, "pending")?.total())
+        Ok(self.pending.lock()?.total())
     }
 
     /// A snapshot of the counters; two snapshots give a [`DirtyRate`] ([`TrackerStats::rate_since`]).
