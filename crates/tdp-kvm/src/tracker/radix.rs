@@ -22,6 +22,9 @@
 const SMALL: usize = 64;
 /// The widest digit: its counters (2048 of 4 bytes) stay in the L1 cache.
 const MAX_DIGIT_BITS: u32 = 11;
+/// The most passes a 32-bit offset needs.
+const MAX_PASSES: usize = u32::BITS.div_ceil(MAX_DIGIT_BITS) as usize;
+const _: () = assert!(MAX_PASSES == 3, "the count and prefix loops handle one to three passes");
 
 /// Scratch memory for [`sort`], kept from call to call so that a sort writes no more of it than it uses.
 #[derive(Debug, Default)]
@@ -109,17 +112,47 @@ pub(crate) fn sort(v: &mut Vec<u32>, pages: u64, scratch: &mut Scratch) {
     if scratch.placed.len() < n {
         scratch.placed.resize(n, 0);
     }
+    // A pass whose entries all have the same digit would only copy: skipped.
+    let mut skip = [false; MAX_PASSES];
+    for (s, row) in skip.iter_mut().zip(scratch.counts.chunks_exact(buckets)) {
+        *s = row.contains(&(n as u32));
+    }
+    // Every row's counts become its digits' starts, all rows in one loop: their running sums are
+    // independent chains, which the CPU runs side by side (row after row, each would wait on its own).
+    let start = |c: &mut u32, next: &mut u32| {
+        let k = *c;
+        *c = *next;
+        *next += k;
+    };
+    let counts = scratch.counts.as_mut_slice();
+    match passes {
+        1 => {
+            let mut a = 0;
+            counts.iter_mut().for_each(|c| start(c, &mut a));
+        }
+        2 => {
+            let (ra, rb) = counts.split_at_mut(buckets);
+            let (mut a, mut b) = (0, 0);
+            for (x, y) in ra.iter_mut().zip(rb) {
+                start(x, &mut a);
+                start(y, &mut b);
+            }
+        }
+        _ => {
+            let (ra, rest) = counts.split_at_mut(buckets);
+            let (rb, rc) = rest.split_at_mut(buckets);
+            let (mut a, mut b, mut c) = (0, 0, 0);
+            for ((x, y), z) in ra.iter_mut().zip(rb.iter_mut()).zip(rc) {
+                start(x, &mut a);
+                start(y, &mut b);
+                start(z, &mut c);
+            }
+        }
+    }
     let mut in_v = true;
     for (pass, row) in scratch.counts.chunks_exact_mut(buckets).enumerate() {
-        // Every entry has the same digit: the pass would only copy.
-        if row.contains(&(n as u32)) {
+        if skip.get(pass).copied().unwrap_or(true) {
             continue;
-        }
-        let mut next = 0;
-        for c in row.iter_mut() {
-            let k = *c;
-            *c = next;
-            next += k;
         }
         let shift = pass as u32 * width;
         let (src, dst) =
