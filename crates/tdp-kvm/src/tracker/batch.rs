@@ -287,13 +287,15 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Whatever the ring holds (several slots, interleaved; unknown slots; offsets past their slot;
-        /// repeats; more entries than a chunk), a harvest then a publish leave each slot's set equal to
-        /// its pages before plus the valid entries, and count every bad entry once.
+        /// Whatever the rings hold (several slots, interleaved; unknown slots; offsets past their slot;
+        /// repeats; more entries than a chunk), taking them all (one to three rings, as a collect does)
+        /// then one publish leave each slot's set equal to its pages before plus the valid entries, and
+        /// count every bad entry once.
         #[test]
         fn i4_i5_take_and_publish_match_a_reference_set(
             slots_case in slot_cases(),
             raw in proptest::collection::vec((0usize..5, proptest::num::u64::ANY, 0u8..4), 0..600),
+            rings in 1usize..4,
         ) {
             use std::collections::{BTreeMap as Map, BTreeSet};
             // Later duplicates of an id are dropped, as `register_slot` would refuse them.
@@ -336,7 +338,14 @@ mod tests {
                 })
                 .collect();
             let mut batch = Batch::default();
-            proptest::prop_assert_eq!(batch.take(&slots, entries.as_slice()), (entries.len(), invalid));
+            let (mut taken, mut skipped) = (0, Invalid::default());
+            for ring in entries.chunks(entries.len().div_ceil(rings).max(1)) {
+                let (n, bad) = batch.take(&slots, ring);
+                taken += n;
+                skipped.slot += bad.slot;
+                skipped.offset += bad.offset;
+            }
+            proptest::prop_assert_eq!((taken, skipped), (entries.len(), invalid));
             publish(&slots, &mut sets, &mut batch);
             proptest::prop_assert!(batch.pending().is_empty());
             for (key, pages) in want {
