@@ -105,7 +105,8 @@ pub fn vcpu_thread(
 }
 
 /// Waits until both vCPUs have finished `BATCHES_PER_ITERATION` more batches than at `start`, or one of
-/// them has stopped (its error is reported when it is joined), calling `poll` between looks.
+/// them has stopped (its error is reported when it is joined), calling `poll` before each look (so at
+/// least once).
 pub fn wait_for_batches(
     vm: &GuestVm,
     gate: &BatchGate,
@@ -114,6 +115,7 @@ pub fn wait_for_batches(
 ) -> Result<(), String> {
     let deadline = Instant::now() + PHASE_DEADLINE;
     loop {
+        poll()?;
         let done = (0..2).all(|i| {
             vm.vcpu_stats(i).map(|s| s.batches >= start[i] + BATCHES_PER_ITERATION).unwrap_or(false)
         });
@@ -123,7 +125,6 @@ pub fn wait_for_batches(
         if Instant::now() > deadline {
             return Err(format!("vCPUs made no progress in {PHASE_DEADLINE:?}"));
         }
-        poll()?;
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -323,8 +324,14 @@ pub fn run(r: &Run) -> Result<Option<Report>, Box<dyn std::error::Error + Send +
                 let start = [0, 1].map(|i| vm.vcpu_stats(i).map(|s| s.batches).unwrap_or(0));
                 let mut sets = DirtySets::default();
                 let unlogged = unlogged_iteration == Some(iteration);
+                // With the ring, live collects start once each vCPU has had a ring-full exit: each
+                // vCPU's batches of an iteration dirty more pages than its ring holds, so without
+                // collects both rings fill in the first iteration, whatever the scheduler does, and the
+                // ring-full harvests then race the collects.
+                let rings_filled = !matches!(mode, Mode::Ring { .. })
+                    || ring_full_seen.iter().all(|seen| seen.load(Ordering::Relaxed) > 0);
                 wait_for_batches(&vm, &gate, start, || {
-                    if live && !unlogged {
+                    if live && !unlogged && rings_filled {
                         tracker.collect_into(&mut sets).map_err(|e| format!("live collect: {e}"))?;
                         report.live_collects += 1;
                     }
