@@ -189,13 +189,14 @@ pub(crate) fn probe_readable(ptr: *const u8) -> Result<bool, Error> {
 pub(crate) fn prefetch(start: *const u8, bytes: usize) {
     // From the start of `start`'s cache line, so that the last line is not missed.
     let skew = start as usize % 64;
+    let first = start.wrapping_sub(skew);
     #[cfg(target_arch = "x86_64")]
     for offset in (0..bytes.saturating_add(skew)).step_by(64) {
-        let line = start.wrapping_sub(skew).wrapping_add(offset).cast::<i8>();
+        let line = first.wrapping_add(offset).cast::<i8>();
         // SAFETY: PREFETCHT0 (SSE, which every x86-64 CPU has) does not dereference its operand in the
         // architectural sense: it never faults and changes no state a program can observe.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (start, bytes);
+    let _ = (first, bytes);
 }

@@ -81,14 +81,19 @@ impl DirtyTracker {
     fn take_rings(&self, batch: &mut Batch, vcpus: &[Arc<VcpuState>]) -> Result<()> {
         for v in vcpus {
             let Some(ring) = &v.ring else { continue };
-            let mut ring = lock(ring, "ring")?;
-            let slots = read(&self.slots, "slots")?;
-            let n = self.take(&slots, batch, &mut *ring);
-            add(&v.counters.harvested, n as u64);
-            self.note_full(&ring, n);
-            add(&self.counters.harvested, n as u64);
+            self.take_ring(v, &mut *lock(ring, "ring")?, batch)?;
         }
         Ok(())
+    }
+
+    /// Takes vCPU `v`'s ring (locked by the caller) into `batch` and counts what it took; returns how many
+    /// entries the ring gave.
+    fn take_ring(&self, v: &VcpuState, ring: &mut DirtyRing, batch: &mut Batch) -> Result<usize> {
+        let n = self.take(&*read(&self.slots, "slots")?, batch, &mut *ring);
+        add(&v.counters.harvested, n as u64);
+        self.note_full(ring, n);
+        add(&self.counters.harvested, n as u64);
+        Ok(n)
     }
 
     /// Takes one harvest's entries into `batch`, under one `slots` guard, and returns how many `entries`
@@ -118,13 +123,7 @@ impl DirtyTracker {
         let mut ring = lock(ring, "ring")?;
         let before = get(&v.counters.harvested);
         scratch.clear();
-        let n = {
-            let slots = read(&self.slots, "slots")?;
-            self.take(&slots, scratch, &mut *ring)
-        };
-        self.note_full(&ring, n);
-        add(&v.counters.harvested, n as u64);
-        add(&self.counters.harvested, n as u64);
+        let n = self.take_ring(v, &mut ring, scratch)?;
         add(&v.counters.ring_full_exits, 1);
         // Reset before publishing: a collect that takes these pages from the pending set must find them
         // re-protected. If the reset fails, publish anyway (they were harvested) and report the error.
